@@ -1,0 +1,173 @@
+"""The model card (model/README.md): Hub metadata plus what was done, with the run's numbers.
+
+Metadata goes through huggingface_hub's ModelCardData so the Hub parses it as it expects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .modeling import resolve_model_path
+from .recipe import Recipe, dump
+from .runstate import RunDir
+
+log = logging.getLogger("alignpress")
+
+CITATIONS = """```bibtex
+@inproceedings{rafailov2023direct,
+  title     = {Direct Preference Optimization: Your Language Model is Secretly a Reward Model},
+  author    = {Rafailov, Rafael and Sharma, Archit and Mitchell, Eric and Ermon, Stefano and Manning, Christopher D. and Finn, Chelsea},
+  booktitle = {Advances in Neural Information Processing Systems},
+  year      = {2023}
+}
+@misc{vonwerra2020trl,
+  title        = {TRL: Transformer Reinforcement Learning},
+  author       = {von Werra, Leandro and others},
+  howpublished = {\\url{https://github.com/huggingface/trl}},
+  year         = {2020}
+}
+```"""
+
+
+def is_hub_id(name: str) -> bool:
+    return not name.startswith(("builtin:", ".", "/", "~")) and name.count("/") == 1 and not Path(name).exists()
+
+
+def base_license(recipe: Recipe) -> str | None:
+    """The base model's card license: from its local README.md, or from the Hub when reachable."""
+    try:
+        path = Path(resolve_model_path(recipe))
+        if path.is_dir():
+            readme = path / "README.md"
+            return ModelCard.load(readme).data.license if readme.exists() else None
+        return ModelCard.load(recipe.model.name_or_path).data.license
+    except Exception:  # noqa: BLE001 - offline or no card: the recipe must say
+        return None
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return "–" if x is None else str(x)
+
+
+def metadata(recipe: Recipe, relation: str = "finetune") -> ModelCardData:
+    c = recipe.card
+    license_ = c.license or base_license(recipe) or "other"
+    tags = list(dict.fromkeys(["dpo", "trl", "alignpress", *(["lora"] if recipe.lora.enabled else []), *c.tags]))
+    data: dict[str, Any] = {
+        "license": license_,
+        "library_name": "peft" if relation == "adapter" else "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": tags,
+    }
+    if is_hub_id(recipe.model.name_or_path):
+        data["base_model"] = recipe.model.name_or_path
+        data["base_model_relation"] = relation
+    if is_hub_id(recipe.data.dataset):
+        data["datasets"] = [recipe.data.dataset]
+    if c.language:
+        data["language"] = c.language
+    return ModelCardData(**data)
+
+
+def render_model_card(recipe: Recipe, run_dir: RunDir, relation: str = "finetune") -> str:
+    stats = _read(run_dir.data / "stats.json") or {}
+    evals = _read(run_dir.metrics / "eval.json")
+    manifest = run_dir.load()
+    versions = manifest.get("versions", {})
+    train_info = manifest.get("stages", {}).get("train", {})
+    repo = recipe.publish.repo_id or f"<namespace>/{recipe.name}"
+    r, d, t, lo = recipe, recipe.dpo, recipe.train, recipe.lora
+
+    lines = [f"# {recipe.name}", ""]
+    if recipe.card.description or recipe.description:
+        lines += [recipe.card.description or recipe.description or "", ""]
+    what = f"LoRA (r={lo.r}, alpha={lo.alpha:g}, dropout={lo.dropout:g}, modules {lo.target_modules})" if lo.enabled else "full fine-tuning"
+    quant = " on a 4-bit NF4 base (QLoRA)" if r.model.load_in_4bit else ""
+    lines += [
+        "## What was done",
+        "",
+        f"`{r.model.name_or_path}`" + (f" (revision `{r.model.revision}`)" if r.model.revision else "")
+        + f" aligned with Direct Preference Optimization (TRL `DPOTrainer`, loss `{d.loss_type}`, beta {d.beta:g}) "
+        f"on `{r.data.dataset}` ({stats.get('format', '?')} format), with {what}{quant}."
+        + (" The adapter was merged into the base weights." if lo.enabled and relation != "adapter" else ""),
+        f"Built with alignpress recipe `{r.name}`, run `{manifest.get('run_id', '?')}`.",
+        "",
+        "## Hyperparameters",
+        "",
+        "| setting | value |",
+        "| --- | --- |",
+    ]
+    for k, v in [
+        ("beta", d.beta), ("loss_type", d.loss_type), ("max_length", d.max_length), ("learning_rate", t.learning_rate),
+        ("lr_scheduler_type", t.lr_scheduler_type), ("warmup_steps", t.warmup_steps), ("num_train_epochs", t.num_train_epochs),
+        ("max_steps", t.max_steps), ("per_device_train_batch_size", t.per_device_train_batch_size),
+        ("gradient_accumulation_steps", t.gradient_accumulation_steps), ("optim", t.optim), ("seed", t.seed),
+    ]:
+        lines.append(f"| {k} | {_fmt(v)} |")
+
+    lines += ["", "## Data", ""]
+    for split, info in (stats.get("splits") or {}).items():
+        removed = ", ".join(f"{f['filter']}: {f['removed']}" for f in info["filters"] if f["removed"]) or "none"
+        lines.append(f"- {split}: {info['loaded']} rows loaded, {info['kept']} kept (removed — {removed})")
+    tokens = (stats.get("tokens") or {}).get("train") or {}
+    if tokens.get("pairs"):
+        lines.append(
+            f"- training tokens: prompt median {_fmt(tokens['prompt']['median'])}, chosen median {_fmt(tokens['chosen']['median'])}, "
+            f"rejected median {_fmt(tokens['rejected']['median'])}; {tokens['tokens_per_epoch']} tokens per epoch"
+        )
+
+    lines += ["", "## Training results", ""]
+    lines.append("| metric | value |")
+    lines.append("| --- | --- |")
+    for k in ("global_step", "train_runtime_s", "final_loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+        if k in train_info:
+            lines.append(f"| {k} | {_fmt(train_info[k])} |")
+
+    lines += ["", "## Evaluation (held-out pairs)", ""]
+    if evals:
+        lines += [
+            f"{evals['n_pairs']} held-out pairs, {evals['n_generations']} greedy generations; behaviour = {evals['behaviour_measure']}.",
+            "",
+            "| metric | base | aligned |",
+            "| --- | --- | --- |",
+        ]
+        for k in ("preference_accuracy", "behaviour", "mean_logp_margin", "mean_generation_words"):
+            lines.append(f"| {k} | {_fmt(evals['base'].get(k))} | {_fmt(evals['aligned'].get(k))} |")
+        lines.append(f"| reward_accuracy (implicit DPO reward) | – | {_fmt(evals['aligned'].get('reward_accuracy'))} |")
+    else:
+        lines.append("Not evaluated.")
+
+    lines += [
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'tok = AutoTokenizer.from_pretrained("{repo}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
+        'messages = [{"role": "user", "content": "What is 7 plus 5?"}]',
+        "inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
+        "out = model.generate(**inputs, max_new_tokens=64)",
+        'print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+        "```",
+        "",
+        "## Framework versions",
+        "",
+    ]
+    lines += [f"- {k}: {v}" for k, v in versions.items() if v]
+    lines += ["", "## Recipe", "", "```yaml", dump(recipe).rstrip(), "```", "", "## Citations", "", CITATIONS, ""]
+    # Built as text, not through a Jinja template: a recipe's chat template may contain '{{'.
+    content = f"---\n{metadata(recipe, relation).to_yaml()}\n---\n\n" + "\n".join(lines)
+    return str(ModelCard(content))

@@ -1,0 +1,107 @@
+"""Stage 4, export: merge the adapter into the base, save a standalone model, and check it.
+
+Reads: the base model, adapter/ (or full/), metrics and data stats for the card.
+Writes: model/ — safetensors weights, config, generation config, tokenizer with its chat
+template, and README.md (the model card).
+
+Checks, each an error when it fails:
+- the merged model's logits equal the adapter model's on probe inputs (within
+  export.check_tolerance, computed in float32);
+- they differ from the base model's (a merge that changed nothing is an error);
+- the saved folder loads with AutoModelForCausalLM/AutoTokenizer, gives the same logits
+  (within the saved dtype's rounding) and generates through the chat template.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from . import card
+from .errors import StageFailed
+from .evaluate import generate
+from .modeling import load_model, load_tokenizer, pick_device, resolve_model_path
+from .prepare import read_jsonl
+from .recipe import Recipe
+from .runstate import RunDir
+
+log = logging.getLogger("alignpress")
+
+# Max abs logit difference expected from rounding float32 weights to each saved dtype, for the reload check.
+RELOAD_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.5, "float16": 0.05}
+
+
+def probe_batch(tok, rows: list[dict], n: int = 4):
+    seqs = [tok.apply_chat_template(r["messages"]["prompt"] + r["messages"]["chosen"], tokenize=True, return_dict=True)["input_ids"] for r in rows[:n]]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+    return ids, attn
+
+
+@torch.no_grad()
+def logits(model, ids, attn):
+    device = next(model.parameters()).device
+    out = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
+    return out * attn.to(device).unsqueeze(-1)  # ignore padded positions
+
+
+def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
+    device = pick_device(recipe)
+    base_path = resolve_model_path(recipe)
+    tok = load_tokenizer(recipe, base_path)
+    rows = read_jsonl(run_dir.data / "eval.jsonl") or read_jsonl(run_dir.data / "train.jsonl")
+    ids, attn = probe_batch(tok, rows)
+
+    # Merge in float32 from an unquantized base: merging into 4-bit weights would round the adapter away.
+    base = load_model(recipe, base_path, device=device, dtype=torch.float32, tokenizer=tok).eval()
+    base_logits = logits(base, ids, attn)
+    if recipe.lora.enabled:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base, str(run_dir.adapter)).eval()
+        adapter_logits = logits(model, ids, attn)
+        merged = model.merge_and_unload()
+    else:
+        merged = load_model(recipe, str(run_dir.full), device=device, dtype=torch.float32, tokenizer=tok).eval()
+        adapter_logits = logits(merged, ids, attn)
+    merged_logits = logits(merged, ids, attn)
+
+    merge_error = (merged_logits - adapter_logits).abs().max().item()
+    change = (merged_logits - base_logits).abs().max().item()
+    checks = {"merge_max_abs_diff": merge_error, "change_from_base_max_abs_diff": change}
+    log.info("export checks: merged vs adapter %.2e (tolerance %.0e), merged vs base %.3e", merge_error, recipe.export.check_tolerance, change)
+    if merge_error > recipe.export.check_tolerance:
+        raise StageFailed(f"merged model's logits differ from the adapter model's by {merge_error:.3g} (> export.check_tolerance {recipe.export.check_tolerance:g})")
+    if change <= 1e-6:
+        raise StageFailed("the merged model gives the same logits as the base model: training or the merge changed nothing")
+
+    dtype = getattr(torch, recipe.export.dtype)
+    merged = merged.to(dtype)
+    tmp = run_dir.partial(run_dir.model)
+    merged.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    (tmp / "README.md").write_text(card.render_model_card(recipe, run_dir))
+    del base, merged
+
+    # Reload the folder exactly as a user would.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32).to(device).eval()
+    reloaded_tok = AutoTokenizer.from_pretrained(str(tmp))
+    reload_diff = (logits(reloaded, ids, attn) - merged_logits).abs().max().item()
+    checks["reload_max_abs_diff"] = reload_diff
+    if reload_diff > RELOAD_TOLERANCE[recipe.export.dtype]:
+        raise StageFailed(f"the saved model's logits differ from the merged model's by {reload_diff:.3g} after reload")
+    sample = generate(reloaded, reloaded_tok, [rows[0]["messages"]["prompt"]], max_new_tokens=min(recipe.eval.max_new_tokens, 32), batch_size=1)[0]
+    if not sample:
+        raise StageFailed("the saved model generated an empty answer through its chat template")
+    checks["sample_generation"] = sample
+    run_dir.commit(tmp, run_dir.model)
+    log.info("exported %s (%s); sample answer: %r", run_dir.model, recipe.export.dtype, sample)
+    return checks

@@ -1,0 +1,183 @@
+"""Loading the base model and tokenizer the way every stage needs them.
+
+The loading code is the real transformers path (`from_pretrained` on a Hub id or a folder);
+`builtin:` names are folders alignpress builds itself (the demo's tiny model) and then loads
+through that same path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import AlignpressError
+from .recipe import Recipe
+
+log = logging.getLogger("alignpress")
+
+PAD_TOKEN = "<|pad|>"
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("ALIGNPRESS_HOME", Path.home() / ".cache" / "alignpress"))
+
+
+def resolve_model_path(recipe: Recipe) -> str:
+    """A local folder or a Hub id for `model.name_or_path`; builds builtin models on first use."""
+    name = recipe.model.name_or_path
+    if name.startswith("builtin:"):
+        from .demo import build_builtin_model
+
+        return str(build_builtin_model(name.removeprefix("builtin:"), cache_home() / "models"))
+    for candidate in (Path(name).expanduser(), Path(recipe.resolve_path(name))):
+        if candidate.is_dir():
+            if not (candidate / "config.json").exists():
+                raise AlignpressError(f"{candidate} has no config.json: not a transformers model folder", source=recipe.source, field="model.name_or_path")
+            return str(candidate)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise AlignpressError(f"model folder {name!r} does not exist", source=recipe.source, field="model.name_or_path")
+    return name  # a Hub id
+
+
+def pick_device(recipe: Recipe) -> str:
+    want = recipe.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise AlignpressError("train.device is cuda but no CUDA GPU is visible", source=recipe.source, field="train.device")
+    if want == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return want
+
+
+def pick_dtype(recipe: Recipe, device: str) -> torch.dtype:
+    name = recipe.model.dtype
+    if name == "auto":
+        if device == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if device == "cpu" and name == "float16":
+        raise AlignpressError("float16 training is not supported on the CPU; use float32 or bfloat16", source=recipe.source, field="model.dtype")
+    return getattr(torch, name)
+
+
+def preflight(recipe: Recipe) -> None:
+    """Environment checks that must fail before any data or model is loaded."""
+    if recipe.model.load_in_4bit:
+        if not torch.cuda.is_available():
+            raise AlignpressError(
+                "4-bit QLoRA needs a CUDA GPU (bitsandbytes); this machine has none. "
+                "Set model.load_in_4bit: false (e.g. --set model.load_in_4bit=false) to train in 16/32-bit",
+                source=recipe.source,
+                field="model.load_in_4bit",
+            )
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise AlignpressError("4-bit QLoRA needs the bitsandbytes package: pip install bitsandbytes", source=recipe.source, field="model.load_in_4bit") from None
+    pick_dtype(recipe, pick_device(recipe))
+
+
+def _hub_error(recipe: Recipe, name: str, e: Exception) -> AlignpressError:
+    return AlignpressError(
+        f"could not load {name!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+        "Check the Hub id and revision, your network, and HF_TOKEN for gated models",
+        source=recipe.source,
+        field="model.name_or_path",
+    )
+
+
+def load_tokenizer(recipe: Recipe, path: str | None = None):
+    """The model's tokenizer, with a chat template and a pad token that is not the eos token.
+
+    Padding with the eos token lets a collator or generation mask hide the real end of an answer,
+    so the model never learns to stop; alignpress gives the tokenizer a distinct pad token.
+    """
+    from transformers import AutoTokenizer
+
+    path = path or resolve_model_path(recipe)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - every loading failure gets the same clear message
+        raise _hub_error(recipe, recipe.model.name_or_path, e) from None
+    if recipe.model.chat_template:
+        tok.chat_template = recipe.model.chat_template
+    if not getattr(tok, "chat_template", None):
+        raise AlignpressError(
+            f"the tokenizer of {recipe.model.name_or_path!r} has no chat template; set model.chat_template in the recipe",
+            source=recipe.source,
+            field="model.chat_template",
+        )
+    if tok.eos_token is None:
+        raise AlignpressError("the tokenizer has no eos token", source=recipe.source, field="model.name_or_path")
+    fix_pad_token(tok)
+    tok.padding_side = "left"  # generation pads on the left; TRL's collator pads by length, not by id
+    return tok
+
+
+def fix_pad_token(tok) -> str:
+    """Make pad distinct from eos. Returns what was done, for the log."""
+    if tok.pad_token is not None and tok.pad_token_id != tok.eos_token_id:
+        return "kept"
+    if tok.unk_token is not None and tok.unk_token_id != tok.eos_token_id:
+        tok.pad_token = tok.unk_token
+        return "unk"
+    tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    return "added"
+
+
+def stop_token_ids(tok, model=None) -> list[int]:
+    """Token ids that end an answer: the generation config's eos ids plus the tokenizer's eos."""
+    ids: list[int] = []
+    if model is not None and getattr(model, "generation_config", None) is not None:
+        eos = model.generation_config.eos_token_id
+        ids.extend(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tok.eos_token_id not in ids:
+        ids.append(tok.eos_token_id)
+    return ids
+
+
+def load_model(recipe: Recipe, path: str, *, device: str, dtype: torch.dtype, quantized: bool = False, tokenizer=None):
+    """AutoModelForCausalLM from `path`, on `device`; resizes embeddings if the tokenizer gained a pad token."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": recipe.model.trust_remote_code}
+    if recipe.model.revision and not Path(path).is_dir():
+        kwargs["revision"] = recipe.model.revision
+    if recipe.model.attn_implementation:
+        kwargs["attn_implementation"] = recipe.model.attn_implementation
+    if quantized:
+        from transformers import BitsAndBytesConfig
+
+        # The seed's QLoRA settings: NF4 with double quantisation, compute in the training dtype.
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise _hub_error(recipe, recipe.model.name_or_path, e) from None
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    if tokenizer is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if model.generation_config is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if not quantized:
+        model.to(device)
+    return model
+
+
+def base_model_revision(recipe: Recipe, path: str) -> str | None:
+    """The commit the base was loaded from, when it came from the Hub cache; None for local folders."""
+    if Path(path).is_dir():
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(path, revision=recipe.model.revision).sha
+    except Exception:  # noqa: BLE001 - offline: the revision asked for is the best we know
+        return recipe.model.revision

@@ -1,0 +1,495 @@
+"""The recipe: a YAML file that says everything about one alignment run.
+
+Every section is a dataclass; every field documents its meaning, unit and default in its
+`help`. Loading checks unknown keys (with a suggestion), types and ranges, then the rules that
+tie fields together. Errors name the file (or the `--set` flag) and the dotted field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import AlignpressError
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
+    """A dataclass field with its documentation attached."""
+    meta = {"help": help}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+DATA_FORMATS = ("auto", "capybara", "conversational", "standard", "implicit", "hh", "system_question")
+
+
+@dataclass
+class ModelSection:
+    name_or_path: str = _f(help="Base model: a Hub id (org/name), a local folder, or builtin:NAME for the models alignpress builds (demo).")
+    revision: str | None = _f(None, help="Hub revision (branch, tag or commit) to load; recorded in run.json.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f("auto", help="Training dtype. auto = bfloat16 on a GPU that supports it, float32 on the CPU.")
+    load_in_4bit: bool = _f(False, help="QLoRA: load the base in 4-bit NF4 (bitsandbytes, CUDA only). Export reloads the base unquantized.")
+    attn_implementation: str | None = _f(None, help="transformers attention backend (eager, sdpa, flash_attention_2); None = library default.")
+    trust_remote_code: bool = _f(False, help="Allow model code from the Hub repo. Off unless you trust the repo.")
+    chat_template: str | None = _f(None, help="Jinja chat template to use instead of the tokenizer's own.")
+
+
+@dataclass
+class FilterSection:
+    min: dict[str, float] = _f({}, help="Keep rows whose column >= value, e.g. {rating_chosen: 4.5}.")
+    max: dict[str, float] = _f({}, help="Keep rows whose column <= value, e.g. {rating_rejected: 2.5}.")
+    max_messages: int | None = _f(None, help="Keep rows whose chosen conversation (prompt + answer) has at most this many messages.")
+    max_tokens: int | None = _f(None, help="Keep rows whose prompt + longer answer is at most this many tokens after the chat template.")
+    drop_empty: bool = _f(True, help="Drop rows with an empty chosen or rejected answer.")
+    drop_identical: bool = _f(True, help="Drop rows whose chosen and rejected answers are the same text.")
+    drop_duplicates: bool = _f(True, help="Drop repeated (prompt, chosen, rejected) triples, keeping the first.")
+
+
+@dataclass
+class DataSection:
+    dataset: str = _f(help="Hub dataset id, or a local .jsonl/.json/.parquet/.csv file (relative paths are relative to the recipe file).")
+    split: str = _f("train", help="Split to train on, with optional slice: train, train[300:2500], train[:90%].")
+    eval_split: str | None = _f(None, help="Split (with slice) held out for evaluation, e.g. train[:300]. Exclusive with eval_fraction.")
+    eval_fraction: float | None = _f(None, help="Fraction of the filtered training rows held out for evaluation (seeded).")
+    format: str = _f("auto", help=f"Preference layout: one of {', '.join(DATA_FORMATS)}. auto detects it.")
+    config_name: str | None = _f(None, help="Hub dataset configuration name, if the dataset has several.")
+    max_train_rows: int | None = _f(None, help="Use at most this many training rows after filtering (seeded shuffle); None = all.")
+    max_eval_rows: int | None = _f(None, help="Use at most this many evaluation rows after filtering.")
+    seed: int = _f(42, help="Seed for shuffles and the eval_fraction split.")
+    filters: FilterSection = field(default_factory=FilterSection, metadata={"help": "Row filters, applied in the order listed."})
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = _f(True, help="Train a LoRA adapter (true) or fine-tune every weight (false).")
+    r: int = _f(16, help="LoRA rank.")
+    alpha: float = _f(32, help="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = _f(0.05, help="Dropout on the LoRA input, in [0, 1).")
+    target_modules: list[str] | str = _f("all-linear", help="Modules to adapt: all-linear or a list of module names.")
+
+
+@dataclass
+class DPOSection:
+    beta: float = _f(0.1, help="DPO beta: strength of the KL pull towards the reference model (> 0).")
+    loss_type: str | list[str] = _f("sigmoid", help="TRL loss_type: sigmoid (standard DPO), ipo, hinge, robust, ...; a list combines several (e.g. [sigmoid, sft] = RPO).")
+    loss_weights: list[float] | None = _f(None, help="Weights for a list of loss types (TRL loss_weights); None = 1.0 each.")
+    label_smoothing: float = _f(0.0, help="Conservative DPO label smoothing, in [0, 0.5).")
+    max_length: int = _f(1024, help="Truncate prompt + answer to this many tokens (TRL max_length).")
+    truncation_mode: Literal["keep_start", "keep_end"] = _f("keep_start", help="Which end to keep when truncating.")
+    precompute_ref_log_probs: bool = _f(False, help="Compute reference log-probs once before training (saves a forward per step).")
+
+
+@dataclass
+class TrainSection:
+    learning_rate: float = _f(5e-6, help="Peak learning rate.")
+    lr_scheduler_type: str = _f("cosine", help="transformers scheduler name: cosine, linear, constant, ...")
+    warmup_steps: int = _f(0, help="Linear warm-up steps.")
+    num_train_epochs: float = _f(1.0, help="Epochs over the training rows (ignored when max_steps > 0).")
+    max_steps: int = _f(-1, help="Stop after this many optimizer steps; -1 = use num_train_epochs.")
+    per_device_train_batch_size: int = _f(2, help="Pairs per device per forward.")
+    per_device_eval_batch_size: int = _f(4, help="Pairs per device per forward in evaluation.")
+    gradient_accumulation_steps: int = _f(1, help="Forwards per optimizer step.")
+    gradient_checkpointing: bool = _f(False, help="Recompute activations in backward to save memory.")
+    optim: str = _f("adamw_torch", help="transformers optimizer name (adamw_torch, paged_adamw_32bit, ...).")
+    weight_decay: float = _f(0.0, help="AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, help="Gradient clipping norm.")
+    seed: int = _f(42, help="Training seed (adapter init, data order).")
+    logging_steps: int = _f(1, help="Log metrics to metrics/train.jsonl every N steps.")
+    save_steps: int = _f(50, help="Save a checkpoint every N optimizer steps.")
+    save_total_limit: int | None = _f(2, help="Keep at most this many checkpoints.")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", help="Where to train: auto = cuda when available.")
+
+
+@dataclass
+class EvalSection:
+    enabled: bool = _f(True, help="Run the evaluate stage.")
+    max_rows: int | None = _f(200, help="Score at most this many held-out pairs.")
+    generation_rows: int = _f(32, help="Greedy-generate for this many held-out prompts (behaviour measure).")
+    max_new_tokens: int = _f(64, help="Generation length cap in the behaviour measure.")
+    behaviour_pattern: str | None = _f(None, help="Regex a generation must match to count as the chosen behaviour; None = closer to the chosen than the rejected answer.")
+    batch_size: int = _f(8, help="Pairs per forward when scoring.")
+
+
+@dataclass
+class ExportSection:
+    merge: bool = _f(True, help="Merge the LoRA adapter into the base and save a full model in model/.")
+    dtype: Literal["bfloat16", "float16", "float32"] = _f("bfloat16", help="dtype of the saved model.")
+    check_tolerance: float = _f(1e-3, help="Max abs logit difference allowed between merged and adapter model (float32 probe).")
+
+
+@dataclass
+class CardSection:
+    license: str | None = _f(None, help="License for the card; None = inherit the base model's license.")
+    language: list[str] = _f([], help="Language codes for the card metadata.")
+    tags: list[str] = _f([], help="Extra tags (dpo, trl, alignpress are always added).")
+    description: str | None = _f(None, help="A paragraph for the card's introduction.")
+
+
+@dataclass
+class PublishSection:
+    repo_id: str | None = _f(None, help="Hub repo to push to (namespace/name). None = do not push.")
+    private: bool = _f(True, help="Create the repo private. Refuses to push to an existing public repo when true.")
+    push: Literal["model", "adapter", "both"] = _f("model", help="What to push: the merged model, the adapter, or both.")
+    adapter_repo_id: str | None = _f(None, help="Repo for the adapter; None = branch `adapter` of repo_id.")
+    tag: str | None = _f(None, help="Tag to create on the pushed commit; None = the run id.")
+    allow_update: bool = _f(False, help="Allow pushing to a repo that already exists.")
+    commit_message: str | None = _f(None, help="Commit message; None = one naming the recipe and run id.")
+
+
+@dataclass
+class Recipe:
+    name: str = _f(help="Run name; the default output folder is outputs/<name>/.")
+    model: ModelSection = field(metadata={"help": "The base model."})
+    data: DataSection = field(metadata={"help": "Preference data and filters."})
+    lora: LoraSection = field(default_factory=LoraSection, metadata={"help": "LoRA adapter or full fine-tuning."})
+    dpo: DPOSection = field(default_factory=DPOSection, metadata={"help": "DPO settings, with TRL's names."})
+    train: TrainSection = field(default_factory=TrainSection, metadata={"help": "Optimizer and schedule."})
+    eval: EvalSection = field(default_factory=EvalSection, metadata={"help": "Held-out evaluation."})
+    export: ExportSection = field(default_factory=ExportSection, metadata={"help": "Merge and save."})
+    card: CardSection = field(default_factory=CardSection, metadata={"help": "Model card metadata."})
+    publish: PublishSection = field(default_factory=PublishSection, metadata={"help": "Hub upload."})
+    description: str | None = _f(None, help="What this recipe is for (shown in validate and the card).")
+
+    # Where the recipe came from; not a YAML field.
+    source: str = field(default="<recipe>", metadata={"internal": True}, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+    def resolve_path(self, value: str) -> str:
+        """A path written in the recipe, relative to the recipe file's folder."""
+        p = Path(value).expanduser()
+        if p.is_absolute() or self.source.startswith("<"):
+            return str(p)
+        return str((Path(self.source).parent / p).resolve())
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override, type-check and validate a recipe file."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise AlignpressError("recipe file not found", source=source)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise AlignpressError(f"not valid YAML: {e}", source=source) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise AlignpressError("a recipe must be a mapping of sections", source=source)
+    raw.setdefault("name", path.stem)
+    overridden: set[str] = set()
+    for item in overrides or []:
+        key = apply_override(raw, item)
+        overridden.add(key)
+
+    def src(field_path: str) -> str:
+        hit = [k for k in overridden if field_path == k or field_path.startswith(k + ".") or k.startswith(field_path + ".")]
+        return f"--set {hit[0]}" if hit else source
+
+    recipe = _build(Recipe, raw, "", src)
+    recipe.source = source
+    validate(recipe, src)
+    return recipe
+
+
+def apply_override(raw: dict, item: str) -> str:
+    """Apply one `--set a.b.c=value` to the raw recipe dict; the value is parsed as YAML."""
+    if "=" not in item:
+        raise AlignpressError(f"--set expects key=value, got {item!r}")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    # Check the path against the schema now so a typo names the flag, not a missing field later.
+    cls: Any = Recipe
+    for i, part in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+        if part not in names:
+            prefix = ".".join(parts[:i])
+            raise AlignpressError(_unknown(part, names, prefix), source=f"--set {key}")
+        hint = _hints(cls)[part]
+        if i < len(parts) - 1:
+            if dataclasses.is_dataclass(hint):
+                cls = hint
+            elif typing.get_origin(hint) is dict:
+                if i != len(parts) - 2:
+                    raise AlignpressError("too many dotted parts", source=f"--set {key}")
+                break
+            else:
+                raise AlignpressError(f"'{'.'.join(parts[: i + 1])}' is not a section", source=f"--set {key}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+    return key
+
+
+def _hints(cls: Any) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unknown(key: str, names: typing.Iterable[str], prefix: str) -> str:
+    where = f"'{prefix}.{key}'" if prefix else f"'{key}'"
+    close = difflib.get_close_matches(key, list(names), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known fields: {', '.join(sorted(names))}"
+    return f"unknown field {where}{hint}"
+
+
+def _build(cls: Any, raw: Any, prefix: str, src: typing.Callable[[str], str]) -> Any:
+    where = prefix or "<top level>"
+    if not isinstance(raw, dict):
+        raise AlignpressError(f"expected a mapping, got {type(raw).__name__}", source=src(prefix), field=where)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    for key in raw:
+        if key not in fields:
+            raise AlignpressError(_unknown(str(key), fields, prefix), source=src(_join(prefix, str(key))))
+    hints = _hints(cls)
+    kwargs = {}
+    for name, f in fields.items():
+        dotted = _join(prefix, name)
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise AlignpressError(f"required field is missing ({f.metadata.get('help', '')})", source=src(dotted), field=dotted)
+            continue
+        kwargs[name] = _coerce(hints[name], raw[name], dotted, src)
+    return cls(**kwargs)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of names to {_type_name(typing.get_args(tp)[1])}"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(tp: Any, value: Any, dotted: str, src: typing.Callable[[str], str]) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, dotted, src)
+    try:
+        return _check(tp, value)
+    except (TypeError, ValueError):
+        shown = value if not isinstance(value, str) else repr(value)
+        raise AlignpressError(f"expected {_type_name(tp)}, got {shown}", source=src(dotted), field=dotted) from None
+
+
+def _check(tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _check(arg, value)
+            except (TypeError, ValueError):
+                continue
+        raise TypeError
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ValueError
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError
+        (inner,) = typing.get_args(tp)
+        return [_check(inner, v) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError
+        _, inner = typing.get_args(tp)
+        return {str(k): _check(inner, v) for k, v in value.items()}
+    if tp is type(None):
+        if value is None:
+            return None
+        raise TypeError
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is int:
+        if isinstance(value, bool):
+            raise TypeError
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            return int(value)
+        raise TypeError
+    if tp is float:
+        # PyYAML reads 5e-6 (no dot) as a string: accept numeric strings for number fields.
+        if isinstance(value, bool):
+            raise TypeError
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            return float(value)
+        raise TypeError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError
+    raise TypeError
+
+
+# ---------------------------------------------------------------------------------------------
+# Range checks and cross-field rules
+
+_REPO_PART = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
+_SPLIT = re.compile(r"^[A-Za-z0-9_.-]+(\[\s*[-+]?\d*%?\s*:\s*[-+]?\d*%?\s*\])?$")
+
+
+def check_repo_id(repo_id: str) -> str | None:
+    """The Hub's rules for namespace/name; returns what is wrong, or None."""
+    parts = repo_id.split("/")
+    if len(parts) != 2:
+        return "expected namespace/name (exactly one '/')"
+    for part in parts:
+        if not _REPO_PART.match(part):
+            return (f"'{part}' is not a valid Hub name: use letters, digits, '-', '_', '.', at most 96 characters, "
+                    "no '--' or '..', not starting or ending with '-' or '.'")
+    if parts[1].endswith(".git"):
+        return "a repo name cannot end with .git"
+    return None
+
+
+def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>") -> None:
+    def fail(field_path: str, msg: str) -> typing.NoReturn:
+        raise AlignpressError(msg, source=src(field_path), field=field_path)
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", r.name):
+        fail("name", f"{r.name!r}: use letters, digits, '.', '_', '-' (it names the output folder)")
+    if not r.model.name_or_path.strip():
+        fail("model.name_or_path", "must not be empty")
+    if r.data.format not in DATA_FORMATS:
+        fail("data.format", f"unknown format {r.data.format!r}; expected one of {', '.join(DATA_FORMATS)}")
+    for name in ("split", "eval_split"):
+        value = getattr(r.data, name)
+        if value is not None and not _SPLIT.match(value):
+            fail(f"data.{name}", f"{value!r} is not a split name with an optional [start:end] slice")
+    if r.data.eval_split and r.data.eval_fraction is not None:
+        fail("data.eval_fraction", "set either data.eval_split or data.eval_fraction, not both")
+    if r.data.eval_fraction is not None and not 0 < r.data.eval_fraction < 1:
+        fail("data.eval_fraction", f"must be between 0 and 1, got {r.data.eval_fraction}")
+    positive_ints = {
+        "data.filters.max_messages": r.data.filters.max_messages,
+        "data.filters.max_tokens": r.data.filters.max_tokens,
+        "data.max_train_rows": r.data.max_train_rows,
+        "data.max_eval_rows": r.data.max_eval_rows,
+        "lora.r": r.lora.r,
+        "dpo.max_length": r.dpo.max_length,
+        "train.per_device_train_batch_size": r.train.per_device_train_batch_size,
+        "train.per_device_eval_batch_size": r.train.per_device_eval_batch_size,
+        "train.gradient_accumulation_steps": r.train.gradient_accumulation_steps,
+        "train.logging_steps": r.train.logging_steps,
+        "train.save_steps": r.train.save_steps,
+        "eval.max_rows": r.eval.max_rows,
+        "eval.max_new_tokens": r.eval.max_new_tokens,
+        "eval.batch_size": r.eval.batch_size,
+    }
+    for name, value in positive_ints.items():
+        if value is not None and value < 1:
+            fail(name, f"must be at least 1, got {value}")
+    if r.data.filters.max_messages is not None and r.data.filters.max_messages < 2:
+        fail("data.filters.max_messages", "must be at least 2 (one prompt and one answer)")
+    if r.eval.generation_rows < 0:
+        fail("eval.generation_rows", f"must be 0 or more, got {r.eval.generation_rows}")
+    types_ = [r.dpo.loss_type] if isinstance(r.dpo.loss_type, str) else r.dpo.loss_type
+    if not types_:
+        fail("dpo.loss_type", "must name at least one loss type")
+    if r.dpo.loss_weights is not None and len(r.dpo.loss_weights) != len(types_):
+        fail("dpo.loss_weights", f"has {len(r.dpo.loss_weights)} weights for {len(types_)} loss types")
+    if r.dpo.beta <= 0:
+        fail("dpo.beta", f"must be > 0, got {r.dpo.beta}")
+    if not 0 <= r.dpo.label_smoothing < 0.5:
+        fail("dpo.label_smoothing", f"must be in [0, 0.5), got {r.dpo.label_smoothing}")
+    if r.train.learning_rate < 0:
+        fail("train.learning_rate", f"must be >= 0, got {r.train.learning_rate}")
+    if r.train.max_steps == 0 or r.train.max_steps < -1:
+        fail("train.max_steps", f"must be -1 (use epochs) or at least 1, got {r.train.max_steps}")
+    if r.train.max_steps == -1 and r.train.num_train_epochs <= 0:
+        fail("train.num_train_epochs", f"must be > 0, got {r.train.num_train_epochs}")
+    if r.train.warmup_steps < 0:
+        fail("train.warmup_steps", f"must be >= 0, got {r.train.warmup_steps}")
+    if not 0 <= r.lora.dropout < 1:
+        fail("lora.dropout", f"must be in [0, 1), got {r.lora.dropout}")
+    if r.lora.alpha <= 0:
+        fail("lora.alpha", f"must be > 0, got {r.lora.alpha}")
+    if isinstance(r.lora.target_modules, str) and r.lora.target_modules != "all-linear":
+        fail("lora.target_modules", f"write 'all-linear' or a list of module names, got {r.lora.target_modules!r}")
+    if r.model.load_in_4bit and not r.lora.enabled:
+        fail("model.load_in_4bit", "4-bit training needs a LoRA adapter (lora.enabled: true)")
+    if r.eval.behaviour_pattern is not None:
+        try:
+            re.compile(r.eval.behaviour_pattern)
+        except re.error as e:
+            fail("eval.behaviour_pattern", f"not a valid regex: {e}")
+    if not r.lora.enabled and r.publish.push in ("adapter", "both"):
+        fail("publish.push", "there is no adapter to push when lora.enabled is false")
+    for name in ("repo_id", "adapter_repo_id"):
+        value = getattr(r.publish, name)
+        if value is not None:
+            problem = check_repo_id(value)
+            if problem:
+                fail(f"publish.{name}", f"{value!r}: {problem}")
+    if r.publish.tag is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", r.publish.tag):
+        fail("publish.tag", f"{r.publish.tag!r} is not a valid tag name")
+
+
+# ---------------------------------------------------------------------------------------------
+# Documentation, generated from the schema (used by `entrypoint.py schema` and the README)
+
+
+def describe(cls: Any = Recipe, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted field, type, default, help) for every field, recursively."""
+    rows = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        dotted = _join(prefix, f.name)
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, dotted))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "required"
+        rows.append((dotted, _type_name(tp), default, f.metadata.get("help", "")))
+    return rows
+
+
+def dump(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, width=100)

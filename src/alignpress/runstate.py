@@ -1,0 +1,191 @@
+"""The output folder and its manifest, run.json.
+
+A stage is finished only when run.json says `done`; a stage writes into `<name>.partial/` and
+renames it into place just before it is marked done, so a crash never leaves a folder that
+looks finished. run.json is replaced atomically on every update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import AlignpressError
+
+STAGES = ("prepare", "train", "evaluate", "export", "publish")
+LIBRARIES = ("alignpress", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "huggingface_hub", "deepspeed", "bitsandbytes", "tokenizers", "safetensors")
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (a reader sees the old file or the new one, never half of one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def library_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class RunDir:
+    """The output folder of one recipe run."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.manifest_path = self.root / "run.json"
+
+    # Layout, documented in the README
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def full(self) -> Path:
+        return self.root / "full"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics"
+
+    def ensure_writable(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-test-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise AlignpressError(f"output folder is not writable: {e.strerror or e}", source=str(self.root)) from None
+
+    # Manifest
+    def load(self) -> dict[str, Any]:
+        if not self.manifest_path.exists():
+            return {}
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError as e:
+            raise AlignpressError(f"run.json is not valid JSON ({e}); move it away to start over", source=str(self.manifest_path)) from None
+
+    def save(self, manifest: dict[str, Any]) -> None:
+        write_json(self.manifest_path, manifest)
+
+    def update(self, **fields: Any) -> dict[str, Any]:
+        m = self.load()
+        m.update(fields)
+        self.save(m)
+        return m
+
+    def init(self, recipe_name: str, recipe_file: str) -> dict[str, Any]:
+        m = self.load()
+        if not m:
+            m = {
+                "run_id": f"{recipe_name}-{_dt.datetime.now(_dt.timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}",
+                "recipe": recipe_name,
+                "recipe_file": recipe_file,
+                "created": now(),
+                "stages": {s: {"status": "pending"} for s in STAGES},
+                "warnings": [],
+            }
+        m["versions"] = library_versions()
+        self.save(m)
+        return m
+
+    def status(self, stage: str) -> str:
+        return self.load().get("stages", {}).get(stage, {}).get("status", "pending")
+
+    def is_done(self, stage: str) -> bool:
+        return self.status(stage) == "done"
+
+    def set_stage(self, stage: str, **fields: Any) -> None:
+        m = self.load()
+        m.setdefault("stages", {}).setdefault(stage, {}).update(fields)
+        self.save(m)
+
+    def invalidate_from(self, stage: str) -> None:
+        """Mark `stage` and every later stage pending (their inputs changed)."""
+        m = self.load()
+        later = STAGES[STAGES.index(stage):]
+        for s in later:
+            m.setdefault("stages", {})[s] = {"status": "pending"}
+        self.save(m)
+
+    def warn(self, message: str) -> None:
+        m = self.load()
+        if message not in m.setdefault("warnings", []):
+            m["warnings"].append(message)
+            self.save(m)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[dict[str, Any]]:
+        """Run a stage: marks it running, then done with its timing, or failed with the error."""
+        started = time.time()
+        self.set_stage(name, status="running", started=now(), error=None)
+        info: dict[str, Any] = {}
+        try:
+            yield info
+        except BaseException as e:
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            self.set_stage(name, status=status, finished=now(), seconds=round(time.time() - started, 2), error=str(e)[:2000])
+            raise
+        self.set_stage(name, status="done", finished=now(), seconds=round(time.time() - started, 2), **info)
+
+    # Staged folders
+    def partial(self, final: Path) -> Path:
+        """A fresh scratch folder to build `final` in."""
+        tmp = final.with_name(final.name + ".partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit(self, tmp: Path, final: Path) -> None:
+        """Move a finished scratch folder into place, replacing an older one."""
+        if final.exists():
+            old = final.with_name(final.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
