@@ -80,13 +80,28 @@ def metadata(recipe: Recipe, relation: str = "finetune") -> ModelCardData:
     return ModelCardData(**data)
 
 
-def render_model_card(recipe: Recipe, run_dir: RunDir, relation: str = "finetune") -> str:
+def render_model_card(
+    recipe: Recipe,
+    run_dir: RunDir,
+    relation: str = "finetune",
+    *,
+    data: ModelCardData | None = None,
+    repo_id: str | None = None,
+    revision: str | None = None,
+) -> str:
+    """The card as Markdown with its metadata block.
+
+    publish renders the card again for the repo it pushes to: `repo_id` and `revision` (a branch)
+    go into the usage snippet, and `data` (the exported card's metadata, adjusted for an adapter)
+    replaces metadata(), so the published card never depends on a network lookup.
+    """
     stats = _read(run_dir.data / "stats.json") or {}
     evals = _read(run_dir.metrics / "eval.json")
     manifest = run_dir.load()
     versions = manifest.get("versions", {})
     train_info = manifest.get("stages", {}).get("train", {})
-    repo = recipe.publish.repo_id or f"<namespace>/{recipe.name}"
+    repo = repo_id or recipe.publish.repo_id or f"<namespace>/{recipe.name}"
+    rev = f', revision="{revision}"' if revision and revision != "main" else ""
     r, d, t, lo = recipe, recipe.dpo, recipe.train, recipe.lora
 
     lines = [f"# {recipe.name}", ""]
@@ -155,8 +170,8 @@ def render_model_card(recipe: Recipe, run_dir: RunDir, relation: str = "finetune
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f'tok = AutoTokenizer.from_pretrained("{repo}")',
-        f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
+        f'tok = AutoTokenizer.from_pretrained("{repo}"{rev})',
+        f'model = AutoModelForCausalLM.from_pretrained("{repo}"{rev})',
         'messages = [{"role": "user", "content": "What is 7 plus 5?"}]',
         "inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
         "out = model.generate(**inputs, max_new_tokens=64)",
@@ -169,5 +184,5 @@ def render_model_card(recipe: Recipe, run_dir: RunDir, relation: str = "finetune
     lines += [f"- {k}: {v}" for k, v in versions.items() if v]
     lines += ["", "## Recipe", "", "```yaml", dump(recipe).rstrip(), "```", "", "## Citations", "", CITATIONS, ""]
     # Built as text, not through a Jinja template: a recipe's chat template may contain '{{'.
-    content = f"---\n{metadata(recipe, relation).to_yaml()}\n---\n\n" + "\n".join(lines)
+    content = f"---\n{(data or metadata(recipe, relation)).to_yaml()}\n---\n\n" + "\n".join(lines)
     return str(ModelCard(content))

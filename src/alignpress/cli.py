@@ -107,11 +107,11 @@ def execute(args: argparse.Namespace) -> int:
     from .modeling import preflight
 
     run_dir = RunDir(args.output_dir or Path("outputs") / recipe.name)
-    run_dir.ensure_writable()
+    preflight(recipe)  # before anything is written: a refused run leaves no folder behind
     if args.restart:
         _restart(run_dir)
     _check_same_recipe(recipe, run_dir)
-    preflight(recipe)
+    run_dir.ensure_writable()
     run_dir.init(recipe.name, str(args.recipe))
     (run_dir.root / "recipe.resolved.yaml").write_text(dump(recipe))
 

@@ -1,0 +1,96 @@
+"""Rendering through the model's own chat template, for the Phi-3 and Gemma formats.
+
+The tiny tokenizers reproduce the formats in shared/reference/models-and-data.md: Phi-3's
+'<|role|>\\n{content}<|end|>\\n' turns with eos after the last turn and specials that strip the
+whitespace to their right; Gemma's bos + '<start_of_turn>{role}\\n{content}<end_of_turn>\\n' with
+'model' for the assistant.
+"""
+
+import pytest
+from jinja2.exceptions import TemplateError
+
+from alignpress.modeling import load_tokenizer
+from alignpress.prepare import render_pair
+from alignpress.recipe import DataSection, ModelSection, Recipe
+
+PAIR = {
+    "prompt": [{"role": "user", "content": "What is 2 plus 3?"}],
+    "chosen": [{"role": "assistant", "content": "The answer is 5."}],
+    "rejected": [{"role": "assistant", "content": "Maybe 6."}],
+}
+
+
+def recipe_for(folder) -> Recipe:
+    return Recipe(name="t", model=ModelSection(name_or_path=str(folder)), data=DataSection(dataset="x.jsonl"))
+
+
+def tokens(tok, ids):
+    return tok.convert_ids_to_tokens(ids)
+
+
+def test_phi3_rendering_exact(tiny_phi3):
+    tok = load_tokenizer(recipe_for(tiny_phi3))
+    row = render_pair(tok, PAIR)
+    assert row["prompt"] == "<|user|>\nWhat is 2 plus 3?<|end|>\n<|assistant|>\n"
+    # One <|end|> and one eos: nothing is appended by hand.
+    assert row["chosen"] == "The answer is 5.<|end|>\n<|endoftext|>"
+    assert row["rejected"] == "Maybe 6.<|end|>\n<|endoftext|>"
+    full = tok.apply_chat_template(PAIR["prompt"] + PAIR["chosen"], tokenize=True, return_dict=True)["input_ids"]
+    n = row["prompt_tokens"]
+    # The specials eat the newline after them, as Phi-3's do; the answer starts right after <|assistant|>.
+    assert tokens(tok, full[:n])[0] == "<|user|>" and tokens(tok, full[:n])[-2:] == ["<|end|>", "<|assistant|>"]
+    assert "".join(tokens(tok, full[n:])).replace("Ġ", " ") == "The answer is 5.<|end|><|endoftext|>"
+    assert full[-1] == tok.eos_token_id
+    assert row["chosen_tokens"] == len(full) - n
+
+
+def test_phi3_pad_is_not_eos(tiny_phi3):
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tiny_phi3).pad_token == "<|endoftext|>"  # as Phi-3 ships it
+    tok = load_tokenizer(recipe_for(tiny_phi3))
+    assert tok.pad_token == "<unk>" and tok.pad_token_id != tok.eos_token_id
+
+
+def test_gemma_rendering_exact(tiny_gemma):
+    tok = load_tokenizer(recipe_for(tiny_gemma))
+    row = render_pair(tok, PAIR)
+    assert row["prompt"] == "<bos><start_of_turn>user\nWhat is 2 plus 3?<end_of_turn>\n<start_of_turn>model\n"
+    assert row["chosen"] == "The answer is 5.<end_of_turn>\n"
+    full = tok.apply_chat_template(PAIR["prompt"] + PAIR["chosen"], tokenize=True, return_dict=True)["input_ids"]
+    # Exactly one bos: the template writes it and tokenizing the template's output adds none.
+    assert full.count(tok.bos_token_id) == 1 and full[0] == tok.bos_token_id
+    n = row["prompt_tokens"]
+    assert tok.decode(full[:n]) == row["prompt"] and tok.decode(full[n:]) == row["chosen"]
+    assert tokens(tok, full[:n])[-7:] == ["<start_of_turn>", "m", "o", "d", "e", "l", "Ċ"]
+    assert tokens(tok, full)[-2:] == ["<end_of_turn>", "Ċ"]
+    assert tok.pad_token == "<pad>"
+
+
+def test_gemma_refuses_system_turns(tiny_gemma):
+    tok = load_tokenizer(recipe_for(tiny_gemma))
+    pair = dict(PAIR, prompt=[{"role": "system", "content": "Be brief."}] + PAIR["prompt"])
+    with pytest.raises(TemplateError, match="System role not supported"):
+        render_pair(tok, pair)
+
+
+@pytest.mark.parametrize("kind", ["tiny_phi3", "tiny_gemma"])
+def test_token_counts_match_trl(kind, request, tmp_path):
+    """Our prompt/answer boundary and counts are the ones TRL's DPOTrainer trains on."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    folder = request.getfixturevalue(kind)
+    tok = load_tokenizer(recipe_for(folder))
+    pairs = [PAIR, {"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "Hello there"}],
+                    "chosen": [{"role": "assistant", "content": "Hi!"}], "rejected": [{"role": "assistant", "content": "What do you want"}]}]
+    ours = [render_pair(tok, p) for p in pairs]
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    args = DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_length=None, per_device_train_batch_size=2)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tok)
+    for pair, mine, theirs in zip(pairs, ours, trainer.train_dataset):
+        assert (mine["prompt_tokens"], mine["chosen_tokens"], mine["rejected_tokens"]) == (len(theirs["prompt_ids"]), len(theirs["chosen_ids"]), len(theirs["rejected_ids"]))
+        full = tok.apply_chat_template(pair["prompt"] + pair["chosen"], tokenize=True, return_dict=True)["input_ids"]
+        assert theirs["prompt_ids"] + theirs["chosen_ids"] == full
+        assert theirs["chosen_ids"][-1] == (tok.eos_token_id if kind == "tiny_phi3" else tok.convert_tokens_to_ids("Ċ"))

@@ -1,0 +1,191 @@
+"""The README's demo through the real entry point: artifacts, numbers, resume, export checks, card."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+from conftest import ROOT, cli
+
+STAGES = ["prepare", "train", "evaluate", "export", "publish"]
+
+
+def load(path):
+    return json.loads(path.read_text())
+
+
+def test_demo_artifacts(demo_run):
+    out, proc = demo_run
+    for rel in ["recipe.resolved.yaml", "data/train.jsonl", "data/eval.jsonl", "data/stats.json", "adapter/adapter_model.safetensors",
+                "adapter/adapter_config.json", "model/model.safetensors", "model/config.json", "model/generation_config.json",
+                "model/tokenizer.json", "model/README.md", "metrics/train.jsonl", "metrics/eval.json", "run.json"]:
+        assert (out / rel).is_file(), rel
+    assert (out / "model/chat_template.jinja").is_file() or "chat_template" in (out / "model/tokenizer_config.json").read_text()
+    manifest = load(out / "run.json")
+    assert [manifest["stages"][s]["status"] for s in STAGES] == ["done"] * 5
+    assert manifest["base_model"]["id"] == "builtin:tiny-phi3-arithmetic"
+    assert len(manifest["data_fingerprint"]) == 64
+    for lib in ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "huggingface_hub"):
+        assert manifest["versions"][lib], lib
+    assert manifest["stages"]["publish"]["pushed"] is False
+    assert "no publish.repo_id: skipped the push; the finished model is in" in proc.stdout
+    assert not list(out.glob("*.partial"))
+
+
+def test_demo_data_counts(demo_run):
+    stats = load(demo_run[0] / "data/stats.json")
+    assert stats["format"] == "capybara"
+    assert stats["splits"]["train"]["loaded"] == 540 and stats["splits"]["eval"]["loaded"] == 100
+    removed = {f["filter"]: f["removed"] for f in stats["splits"]["train"]["filters"]}
+    # The shipped data plants rows for each filter (alignpress.demo.data.make_rows).
+    assert removed["rating_chosen >= 4.5"] == 13 and removed["more than 2 messages"] == 13
+    assert removed["chosen identical to rejected"] == 14 and removed["longer than 64 tokens"] == 0
+    assert stats["splits"]["train"]["kept"] == len((demo_run[0] / "data/train.jsonl").read_text().splitlines())
+
+
+def test_demo_alignment_is_measurable(demo_run):
+    """DPO must change held-out preference and behaviour, not only the training reward."""
+    ev = load(demo_run[0] / "metrics/eval.json")
+    base, aligned = ev["base"], ev["aligned"]
+    assert ev["n_pairs"] == 90 and ev["n_generations"] == 64
+    for side in (base, aligned):
+        assert 0.0 <= side["preference_accuracy"] <= 1.0 and 0.0 <= side["behaviour"] <= 1.0
+    assert base["behaviour"] <= 0.1, base  # the base hedges
+    assert aligned["behaviour"] >= 0.9, aligned  # the aligned model states the answer
+    assert base["preference_accuracy"] <= 0.5 and aligned["preference_accuracy"] >= 0.9
+    assert aligned["reward_accuracy"] >= 0.9 and aligned["mean_reward_margin"] > 0
+    assert aligned["mean_logp_margin"] > base["mean_logp_margin"]
+    sample = ev["samples"][0]
+    assert sample["base"].startswith("I am not sure") and sample["aligned"].startswith("The answer is")
+
+
+def test_train_metrics_logged(demo_run):
+    lines = [json.loads(x) for x in (demo_run[0] / "metrics/train.jsonl").read_text().splitlines()]
+    steps = [x["step"] for x in lines if "loss" in x]
+    assert steps == sorted(set(steps)) and steps[0] == 5
+    assert all(k in lines[0] for k in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "learning_rate"))
+    assert lines[-1]["step"] == load(demo_run[0] / "run.json")["stages"]["train"]["global_step"]
+
+
+def test_exported_model_loads_and_generates(demo_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = demo_run[0] / "model"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert tok.pad_token_id != tok.eos_token_id
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is 3 plus 4?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=16, do_sample=False)
+    assert tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip().startswith("The answer is")
+    checks = load(demo_run[0] / "run.json")["stages"]["export"]
+    assert checks["merge_max_abs_diff"] <= 1e-4 and checks["change_from_base_max_abs_diff"] > 1.0
+
+
+def test_model_card(demo_run):
+    card = ModelCard.load(demo_run[0] / "model/README.md")
+    data = card.data.to_dict()
+    assert data["license"] == "mit"  # inherited from the base model's card
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
+    assert data["tags"] == ["dpo", "trl", "alignpress", "lora", "demo", "arithmetic"]
+    assert data["language"] == ["en"]
+    assert "base_model" not in data  # a builtin base is not a Hub id
+    for heading in ("## What was done", "## Hyperparameters", "## Data", "## Training results", "## Evaluation (held-out pairs)", "## Usage", "## Framework versions", "## Recipe", "## Citations"):
+        assert heading in card.text, heading
+    ev = load(demo_run[0] / "metrics/eval.json")
+    assert f"| preference_accuracy | {ev['base']['preference_accuracy']:.4g} | {ev['aligned']['preference_accuracy']:.4g} |" in card.text
+
+
+def test_card_metadata_for_a_hub_base(tmp_path):
+    from alignpress.card import metadata
+    from alignpress.recipe import load_recipe
+
+    r = load_recipe(ROOT / "recipes/gemma-2b-it-capybara.yaml")
+    assert metadata(r).to_dict() == {
+        "base_model": "google/gemma-2b-it",
+        "base_model_relation": "finetune",
+        "datasets": ["argilla/distilabel-capybara-dpo-7k-binarized"],
+        "language": ["en"],
+        "library_name": "transformers",
+        "license": "gemma",
+        "pipeline_tag": "text-generation",
+        "tags": ["dpo", "trl", "alignpress", "lora"],
+    }
+    assert metadata(r, relation="adapter").to_dict()["library_name"] == "peft"
+
+
+def test_rerun_skips_finished_stages(demo_copy):
+    before = (demo_copy / "model/model.safetensors").stat().st_mtime_ns
+    proc = cli("run", "recipes/demo.yaml", "--output-dir", demo_copy)
+    assert proc.returncode == 0, proc.stderr
+    for stage in STAGES:
+        assert f"== {stage}: already done, skipping" in proc.stderr
+    assert (demo_copy / "model/model.safetensors").stat().st_mtime_ns == before
+
+
+def test_different_recipe_in_same_folder_refused(demo_copy):
+    proc = cli("run", "recipes/demo.yaml", "--output-dir", demo_copy, "--set", "dpo.beta=0.3")
+    assert proc.returncode == 2
+    assert "holds a run of a different recipe (sections dpo differ)" in proc.stderr
+
+
+def test_merge_that_changed_nothing_is_an_error(demo_copy):
+    """An adapter whose LoRA B matrices are zero changes nothing: export must refuse it."""
+    from safetensors.torch import load_file, save_file
+
+    path = demo_copy / "adapter/adapter_model.safetensors"
+    weights = load_file(path)
+    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in weights.items()}, path)
+    old_model = (demo_copy / "model/model.safetensors").read_bytes()
+    proc = cli("export", "recipes/demo.yaml", "--output-dir", demo_copy)
+    assert proc.returncode == 3
+    assert "error: the merged model gives the same logits as the base model" in proc.stderr
+    manifest = load(demo_copy / "run.json")
+    assert manifest["stages"]["export"]["status"] == "failed"
+    assert manifest["stages"]["publish"]["status"] == "pending"
+    assert (demo_copy / "model/model.safetensors").read_bytes() == old_model  # the old export is untouched
+
+
+def test_stage_needs_its_inputs(tmp_path):
+    proc = cli("train", "recipes/demo.yaml", "--output-dir", tmp_path / "fresh")
+    assert proc.returncode == 2
+    assert "stage train needs prepare to be done first (run.json says pending)" in proc.stderr
+
+
+def test_resume_after_kill(tmp_path, demo_run):
+    """kill -9 during training, run again: it resumes from the newest checkpoint, not step 0."""
+    out = tmp_path / "killed"
+    args = ["--output-dir", str(out), "--set", "train.save_steps=10"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py"), "run", "recipes/demo.yaml", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "checkpoints/checkpoint-20/trainer_state.json").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    manifest = load(out / "run.json")
+    assert manifest["stages"]["train"]["status"] == "running"  # killed: never marked done
+    assert not (out / "adapter").exists()
+
+    again = cli("run", "recipes/demo.yaml", *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "prepare: already done, skipping" in again.stderr
+    resumed = load(out / "run.json")["stages"]["train"]["resumed_from_step"]
+    assert resumed >= 20
+    assert f"resuming training from {out}/checkpoints/checkpoint-{resumed}" in again.stderr
+    steps = [json.loads(x)["step"] for x in (out / "metrics/train.jsonl").read_text().splitlines()]
+    assert len(steps) == len(set(steps)), "metrics logged twice for the same step"
+    # Same data order, scheduler and RNG: the resumed adapter matches the uninterrupted demo's.
+    from safetensors.torch import load_file
+
+    a = load_file(out / "adapter/adapter_model.safetensors")
+    b = load_file(demo_run[0] / "adapter/adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4

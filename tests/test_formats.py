@@ -1,0 +1,88 @@
+"""Every supported preference layout normalises to the same conversational triple."""
+
+import pytest
+
+from alignpress.errors import AlignpressError
+from alignpress.formats import RowError, check_columns, detect_format, normalise_row, parse_hh
+
+U = lambda text: {"role": "user", "content": text}  # noqa: E731
+A = lambda text: {"role": "assistant", "content": text}  # noqa: E731
+S = lambda text: {"role": "system", "content": text}  # noqa: E731
+
+# One row per layout (shapes from shared/reference/models-and-data.md), all meaning the same pair.
+ROWS = {
+    "capybara": {
+        "source": "x", "prompt": "Hi?", "rating_chosen": 5, "rating_rejected": 1,
+        "chosen": [U("Hi?"), A("Hello!")], "rejected": [U("Hi?"), A("Go away.")],
+    },
+    "conversational": {"prompt": [U("Hi?")], "chosen": [A("Hello!")], "rejected": [A("Go away.")]},
+    "standard": {"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."},
+    "implicit": {"chosen": [U("Hi?"), A("Hello!")], "rejected": [U("Hi?"), A("Go away.")]},
+    "hh": {"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi?\n\nAssistant: Go away."},
+    "system_question": {"system": "", "question": "Hi?", "chosen": "Hello!", "rejected": "Go away."},
+}
+EXPECTED = {"prompt": [U("Hi?")], "chosen": [A("Hello!")], "rejected": [A("Go away.")]}
+
+
+@pytest.mark.parametrize("fmt", sorted(ROWS))
+def test_detect_and_normalise(fmt):
+    row = ROWS[fmt]
+    assert detect_format(list(row), row) == fmt
+    assert normalise_row(fmt, row) == EXPECTED
+
+
+def test_ultrafeedback_layout_is_capybara():
+    # UltraFeedback: string prompt, whole conversations in chosen/rejected, plus messages and scores.
+    row = {"prompt": "Hi?", "prompt_id": "1", "chosen": [U("Hi?"), A("Hello!")], "rejected": [U("Hi?"), A("Go away.")],
+           "messages": [U("Hi?"), A("Hello!")], "score_chosen": 8.0, "score_rejected": 3.0}
+    assert detect_format(list(row), row) == "capybara"
+    assert normalise_row("capybara", row) == EXPECTED
+
+
+def test_multi_turn_capybara_keeps_history_in_prompt():
+    row = {"prompt": "x", "chosen": [U("a"), A("b"), U("c"), A("good")], "rejected": [U("a"), A("b"), U("c"), A("bad")]}
+    assert normalise_row("capybara", row) == {"prompt": [U("a"), A("b"), U("c")], "chosen": [A("good")], "rejected": [A("bad")]}
+
+
+def test_system_question_with_system_prompt():
+    row = {"system": "Be brief.", "question": "Hi?", "chosen": "Hello!", "rejected": "Go away."}
+    assert normalise_row("system_question", row)["prompt"] == [S("Be brief."), U("Hi?")]
+
+
+def test_hh_multi_turn():
+    text = "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d"
+    assert parse_hh(text) == [U("a"), A("b"), U("c"), A("d")]
+
+
+def test_implicit_strings_use_shared_prefix():
+    row = {"chosen": "Q: 2+2? A: 4", "rejected": "Q: 2+2? A: 5"}
+    assert normalise_row("implicit", row) == {"prompt": [U("Q: 2+2? A: ")], "chosen": [A("4")], "rejected": [A("5")]}
+
+
+@pytest.mark.parametrize(
+    "fmt, row, reason",
+    [
+        ("capybara", {"prompt": "p", "chosen": [U("a"), A("b")], "rejected": [U("DIFFERENT"), A("c")]}, "differ before the last answer"),
+        ("capybara", {"prompt": "p", "chosen": [U("a")], "rejected": [U("a")]}, "last message of chosen and rejected must be the assistant"),
+        ("conversational", {"prompt": [{"role": "robot", "content": "x"}], "chosen": [A("b")], "rejected": [A("c")]}, "role 'robot'"),
+        ("conversational", {"prompt": [U("a")], "chosen": [U("b")], "rejected": [A("c")]}, "chosen must be exactly one assistant message"),
+        ("hh", {"chosen": "Human: no leading blank line", "rejected": "x"}, "HH transcript has text before"),
+    ],
+)
+def test_malformed_rows(fmt, row, reason):
+    with pytest.raises(RowError, match=reason):
+        normalise_row(fmt, row)
+
+
+def test_unknown_layout_is_a_clear_error():
+    with pytest.raises(AlignpressError, match=r"cannot tell the preference format from the columns \['answer', 'text'\]"):
+        detect_format(["text", "answer"], {"text": "a", "answer": "b"})
+
+
+def test_missing_columns_named():
+    with pytest.raises(AlignpressError) as e:
+        check_columns("system_question", ["system", "chosen"], "data.jsonl")
+    assert str(e.value) == (
+        "data.jsonl: field 'data.format': format 'system_question' needs columns question, chosen, rejected; "
+        "missing question, rejected (the data has: chosen, system)"
+    )

@@ -1,0 +1,139 @@
+"""The recipe schema: every shipped recipe validates; every kind of mistake names its file and field."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignpress.errors import AlignpressError
+from alignpress.recipe import Recipe, check_repo_id, describe, load_recipe
+from conftest import ROOT, cli
+
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
+
+
+def test_recipes_are_found():
+    names = {p.name for p in RECIPES}
+    assert {"demo.yaml", "phi3-mini-capybara.yaml", "gemma-2b-it-capybara.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.name == yaml.safe_load(path.read_text()).get("name", path.stem)
+
+
+def test_seed_recipes_reproduce_the_notebooks():
+    phi3 = load_recipe(ROOT / "recipes/phi3-mini-capybara.yaml")
+    gemma = load_recipe(ROOT / "recipes/gemma-2b-it-capybara.yaml")
+    # Facts from shared/reference/models-and-data.md (the seeds' training setup).
+    assert (phi3.data.split, phi3.data.eval_split) == ("train[300:2500]", "train[:300]")
+    assert (gemma.data.split, gemma.data.eval_split) == ("train[500:]", "train[:500]")
+    assert phi3.data.filters.min == {"rating_chosen": 4.5} and gemma.data.filters.min == {"rating_chosen": 4.0}
+    for r in (phi3, gemma):
+        assert r.data.filters.max == {"rating_rejected": 2.5}
+        assert r.data.filters.max_messages == 2
+        assert (r.lora.r, r.lora.alpha, r.lora.dropout, r.lora.target_modules) == (16, 32.0, 0.05, "all-linear")
+        assert r.model.load_in_4bit is True
+        assert (r.train.learning_rate, r.train.lr_scheduler_type, r.train.warmup_steps) == (5e-6, "cosine", 2)
+        assert (r.train.num_train_epochs, r.dpo.beta, r.dpo.max_length) == (6.0, 0.1, 2048)
+        assert r.train.optim == "paged_adamw_32bit" and r.train.gradient_checkpointing
+        assert r.publish.private is True
+    assert (phi3.train.per_device_train_batch_size, phi3.train.gradient_accumulation_steps) == (2, 2)
+    assert (gemma.train.per_device_train_batch_size, gemma.train.gradient_accumulation_steps) == (1, 3)
+    assert (phi3.card.license, gemma.card.license) == ("mit", "gemma")
+
+
+def test_overrides_are_typed():
+    r = load_recipe(ROOT / "recipes/demo.yaml", ["train.learning_rate=1e-5", "dpo.beta=0.25", "lora.target_modules=[q_proj, v_proj]", "data.filters.min.rating_chosen=3"])
+    assert r.train.learning_rate == 1e-5 and isinstance(r.train.learning_rate, float)
+    assert r.dpo.beta == 0.25
+    assert r.lora.target_modules == ["q_proj", "v_proj"]
+    assert r.data.filters.min == {"rating_chosen": 3.0}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+BASE = "name: t\nmodel: {name_or_path: x/y}\ndata: {dataset: d.jsonl}\n"
+
+
+@pytest.mark.parametrize(
+    "extra, overrides, expected",
+    [
+        ("dpo: {betta: 0.1}\n", [], "field 'dpo.betta'... unknown field 'dpo.betta'; did you mean 'beta'?"),
+        ("dpo: {beta: fast}\n", [], "field 'dpo.beta': expected a number, got 'fast'"),
+        ("dpo: {beta: 0}\n", [], "field 'dpo.beta': must be > 0, got 0.0"),
+        ("train: {per_device_train_batch_size: 1.5}\n", [], "field 'train.per_device_train_batch_size': expected an integer, got 1.5"),
+        ("model: {name_or_path: x/y, load_in_4bit: yes please}\n", [], "field 'model.load_in_4bit': expected true or false, got 'yes please'"),
+        ("data: {dataset: d.jsonl, format: csvish}\n", [], "field 'data.format': unknown format 'csvish'"),
+        ("data: {dataset: d.jsonl, eval_split: 'train[:10]', eval_fraction: 0.1}\n", [], "field 'data.eval_fraction': set either"),
+        ("publish: {repo_id: 'no-namespace'}\n", [], "field 'publish.repo_id': 'no-namespace': expected namespace/name"),
+        ("publish: {repo_id: 'me/bad--name'}\n", [], "field 'publish.repo_id': 'me/bad--name': 'bad--name' is not a valid Hub name"),
+        ("", ["dpo.bta=0.2"], "--set dpo.bta: unknown field 'dpo.bta'; did you mean 'beta'?"),
+        ("", ["dpo.beta=abc"], "--set dpo.beta: field 'dpo.beta': expected a number, got 'abc'"),
+        ("", ["train.max_steps=0"], "--set train.max_steps: field 'train.max_steps': must be -1"),
+        ("lora: {enabled: false}\nmodel: {name_or_path: x/y, load_in_4bit: true}\n", [], "field 'model.load_in_4bit': 4-bit training needs a LoRA adapter"),
+        ("dpo: {loss_type: [sigmoid, sft], loss_weights: [1.0]}\n", [], "field 'dpo.loss_weights': has 1 weights for 2 loss types"),
+    ],
+)
+def test_bad_recipes_name_file_and_field(tmp_path, extra, overrides, expected):
+    # Later keys win in YAML mappings, so `extra` may redefine a section of BASE.
+    text = BASE + extra
+    data = yaml.safe_load(text)
+    path = write(tmp_path, yaml.safe_dump(data))
+    with pytest.raises(AlignpressError) as e:
+        load_recipe(path, overrides)
+    message = str(e.value)
+    if not overrides:
+        assert message.startswith(f"{path}: "), message
+    for part in expected.split("..."):
+        assert part.strip() in message, message
+
+
+def test_missing_required_field(tmp_path):
+    path = write(tmp_path, "name: t\nmodel: {name_or_path: x/y}\n")
+    with pytest.raises(AlignpressError, match=r"r\.yaml: field 'data': required field is missing"):
+        load_recipe(path)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(AlignpressError, match="nope.yaml: recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(AlignpressError, match="r.yaml: not valid YAML"):
+        load_recipe(write(tmp_path, "model: [unclosed\n"))
+
+
+def test_repo_id_rules():
+    assert check_repo_id("alice/my-model.v2") is None
+    assert check_repo_id("alice/-bad") is not None
+    assert check_repo_id("alice/a..b") is not None
+    assert check_repo_id("a/b/c") is not None
+    assert check_repo_id("alice/x.git") is not None
+    assert check_repo_id("alice/" + "x" * 97) is not None
+
+
+def test_every_field_is_documented():
+    rows = describe(Recipe)
+    undocumented = [dotted for dotted, _, _, help_ in rows if not help_]
+    assert undocumented == []
+    assert ("dpo.beta", "a number", "0.1") == rows[[r[0] for r in rows].index("dpo.beta")][:3]
+
+
+def test_validate_command_prints_resolved_recipe():
+    proc = cli("validate", "recipes/demo.yaml", "--set", "dpo.beta=0.2")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "# recipes/demo.yaml: valid"
+    resolved = yaml.safe_load(proc.stdout)
+    assert resolved["dpo"]["beta"] == 0.2 and resolved["name"] == "demo"
+
+
+def test_validate_command_bad_input_exit_code(tmp_path):
+    path = write(tmp_path, BASE + "train: {learning_rate: lots}\n")
+    proc = cli("validate", path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {path}: field 'train.learning_rate': expected a number, got 'lots'"
