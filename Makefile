@@ -4,7 +4,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all test-slow lint clean venv
+SKY_VENV  := .venv-sky
+SKY_STAMP := $(SKY_VENV)/.installed
+
+.PHONY: demo test test-container check-sky clean venv
 
 venv: $(STAMP)
 
@@ -16,11 +19,25 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
+# SkyPilot is the launcher, not part of the job: skypilot 0.14.1 pins click<8.2 and
+# huggingface_hub 2.4 needs click>=8.4.2, so it gets its own environment (requirements-sky.lock).
+$(SKY_STAMP): requirements-sky.lock
+	test -x $(SKY_VENV)/bin/python || $(PYTHON) -m venv $(SKY_VENV)
+	$(SKY_VENV)/bin/python -m pip install -q -r requirements-sky.lock
+	touch $@
+
 demo: $(STAMP)
 	$(PY) entrypoint.py run recipes/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) $(SKY_STAMP)
 	$(PY) -m pytest -q
+
+# Builds the Docker image with podman on a local Debian base and runs the demo inside it (~3 min warm, more cold).
+test-container: $(STAMP)
+	$(PY) -m pytest -q -m container
+
+check-sky: $(SKY_STAMP)
+	$(SKY_VENV)/bin/python sky/check_tasks.py
 
 clean:
 	rm -rf outputs .pytest_cache

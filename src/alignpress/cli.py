@@ -44,19 +44,28 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_same_recipe(recipe: Recipe, run_dir: RunDir) -> None:
-    """Refuse to mix two different recipes in one output folder (publish settings may change)."""
+    """Refuse to mix two recipes in one output folder.
+
+    The prepared data depends on `name`, `model` and `data`: those may never change. Training
+    settings may change until training has started (checkpoints or a trained stage exist);
+    `publish` may always change.
+    """
     path = run_dir.root / "recipe.resolved.yaml"
     if not path.exists():
         return
     old = yaml.safe_load(path.read_text()) or {}
     new = recipe.to_dict()
     changed = sorted(k for k in set(old) | set(new) if k != "publish" and old.get(k) != new.get(k))
-    if changed:
+    trained = run_dir.checkpoints.exists() or any(run_dir.is_done(s) for s in STAGES[1:-1])
+    blocking = [k for k in changed if k in ("name", "model", "data") or trained]
+    if blocking:
         raise AlignpressError(
-            f"this folder holds a run of a different recipe (sections {', '.join(changed)} differ); "
+            f"this folder holds a run of a different recipe (sections {', '.join(blocking)} differ); "
             "use another --output-dir, or --restart to start over here",
             source=str(path),
         )
+    if changed and run_dir.is_done("prepare"):
+        log.info("recipe sections %s changed before training started: later stages will use the new settings", ", ".join(changed))
 
 
 def _restart(run_dir: RunDir) -> None:
@@ -97,7 +106,52 @@ def _run_stage(name: str, recipe: Recipe, run_dir: RunDir) -> None:
     log.info("== %s done in %.1f s", name, time.time() - started)
 
 
-def execute(args: argparse.Namespace) -> int:
+def _distributed():
+    """accelerate's process state under `accelerate launch`/torchrun; None for a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def _on_main(state, fn) -> None:
+    """Run `fn` on the main process only; the others wait, and fail with the same error if it fails."""
+    from accelerate.utils import broadcast_object_list
+
+    error = None
+    if state is None or state.is_main_process:
+        try:
+            fn()
+        except BaseException as e:
+            error = e
+    if state is not None:
+        payload = [None if error is None else (str(error), getattr(error, "exit_code", 1))]
+        broadcast_object_list(payload, from_process=0)
+        if payload[0] is not None and error is None:
+            err = AlignpressError(f"the main process failed: {payload[0][0]}")
+            err.exit_code = payload[0][1]
+            raise err
+    if error is not None:
+        raise error
+
+
+def _relaunch(recipe: Recipe, argv: list[str]) -> int:
+    """Run this same command under `accelerate launch` with the recipe's config."""
+    import subprocess
+
+    from .recipe import accelerate_config_path
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config_path(recipe))]
+    if recipe.train.num_processes:
+        cmd += ["--num_processes", str(recipe.train.num_processes)]
+    cmd += [str(Path(__file__).resolve().parents[2] / "entrypoint.py"), *argv]
+    log.info("relaunching under accelerate: %s", " ".join(cmd))
+    # The marker stops the child from relaunching itself (a 1-process launch sets WORLD_SIZE=1).
+    return subprocess.call(cmd, env=dict(os.environ, ALIGNPRESS_LAUNCHED="1"))
+
+
+def execute(args: argparse.Namespace, argv: list[str]) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "validate":
         print(f"# {args.recipe}: valid")
@@ -106,31 +160,50 @@ def execute(args: argparse.Namespace) -> int:
 
     from .modeling import preflight
 
-    run_dir = RunDir(args.output_dir or Path("outputs") / recipe.name)
+    state = _distributed()
+    main = state is None or state.is_main_process
+    run_dir = RunDir(args.output_dir or Path("outputs") / recipe.name, writer=main)
     preflight(recipe)  # before anything is written: a refused run leaves no folder behind
-    if args.restart:
+    if args.restart and main:
         _restart(run_dir)
     _check_same_recipe(recipe, run_dir)
-    run_dir.ensure_writable()
-    run_dir.init(recipe.name, str(args.recipe))
-    (run_dir.root / "recipe.resolved.yaml").write_text(dump(recipe))
+    if main:
+        run_dir.ensure_writable()
+    launched = state is not None or os.environ.get("ALIGNPRESS_LAUNCHED") == "1"
+    if recipe.train.accelerate_config and not launched and args.command in ("run", "train"):
+        return _relaunch(recipe, argv)
+    if main:
+        run_dir.init(recipe.name, str(args.recipe))
+        resolved = run_dir.root / "recipe.resolved.yaml"
+        resolved.with_name(".recipe.resolved.yaml.tmp").write_text(dump(recipe))
+        os.replace(resolved.with_name(".recipe.resolved.yaml.tmp"), resolved)
+    if state is not None:
+        state.wait_for_everyone()
+
+    def stage(name: str) -> None:
+        # Data prep, evaluation, export and publishing run once; training runs on every process.
+        if name == "train":
+            _run_stage(name, recipe, run_dir)
+        else:
+            _on_main(state, lambda: _run_stage(name, recipe, run_dir))
 
     if args.command == "run":
-        for stage in STAGES:
-            if run_dir.is_done(stage):
-                log.info("== %s: already done, skipping", stage)
+        for name in STAGES:
+            if run_dir.is_done(name):
+                log.info("== %s: already done, skipping", name)
                 continue
-            _run_stage(stage, recipe, run_dir)
+            stage(name)
         log.info("finished: %s", run_dir.root)
     else:
         later = STAGES[STAGES.index(args.command) + 1 :]
-        if later and run_dir.is_done(args.command):
+        if later and run_dir.is_done(args.command) and main:
             run_dir.invalidate_from(later[0])
-        _run_stage(args.command, recipe, run_dir)
+        stage(args.command)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("ALIGNPRESS_LOG", "INFO"), format="[alignpress] %(message)s", stream=sys.stderr)
     if args.command == "schema":
@@ -138,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{dotted}  ({tp}; default {default})\n    {help_}")
         return 0
     try:
-        return execute(args)
+        return execute(args, argv)
     except AlignpressError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -23,3 +23,9 @@ class StageFailed(AlignpressError):
     """A stage ran but its result failed a check (for example a merge that changed nothing)."""
 
     exit_code = 3
+
+
+class Preempted(AlignpressError):
+    """SIGTERM (a spot preemption notice) stopped training after saving a checkpoint."""
+
+    exit_code = 143

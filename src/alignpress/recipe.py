@@ -105,8 +105,11 @@ class TrainSection:
     seed: int = _f(42, help="Training seed (adapter init, data order).")
     logging_steps: int = _f(1, help="Log metrics to metrics/train.jsonl every N steps.")
     save_steps: int = _f(50, help="Save a checkpoint every N optimizer steps.")
+    save_minutes: float | None = _f(None, help="Also save a checkpoint when this many minutes have passed since the last one (spot instances).")
     save_total_limit: int | None = _f(2, help="Keep at most this many checkpoints.")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", help="Where to train: auto = cuda when available.")
+    accelerate_config: str | None = _f(None, help="Multi-GPU/DeepSpeed: a config name in recipes/accelerate/ (ddp, zero2, zero3-offload) or a path; `run` relaunches itself under `accelerate launch` with it.")
+    num_processes: int | None = _f(None, help="Processes for accelerate_config (default: the config's, else one per visible GPU).")
 
 
 @dataclass
@@ -117,6 +120,10 @@ class EvalSection:
     max_new_tokens: int = _f(64, help="Generation length cap in the behaviour measure.")
     behaviour_pattern: str | None = _f(None, help="Regex a generation must match to count as the chosen behaviour; None = closer to the chosen than the rejected answer.")
     batch_size: int = _f(8, help="Pairs per forward when scoring.")
+    prompts: list[str] = _f([], help="Extra user prompts generated greedily by the base and the aligned model, side by side in metrics/report.md and the card (the eval split's first generation_rows prompts are always shown).")
+    judge: str | None = _f(None, help="Reward model that judges base vs aligned generations (any sequence-classification model with one output: Hub id or local folder); gives a win rate with a 95% interval. None = no judge.")
+    gate_min_gain: float | None = _f(None, help="Publish gate: refuse to publish unless aligned held-out preference accuracy minus the base's is at least this (e.g. 0.05). None = no such check.")
+    gate_max_kl: float | None = _f(None, help="Publish gate: refuse to publish when the KL estimate from the base (nats per answer, metrics/eval.json aligned.kl_estimate) exceeds this. None = no such check.")
 
 
 @dataclass
@@ -382,6 +389,17 @@ def check_repo_id(repo_id: str) -> str | None:
     return None
 
 
+def accelerate_config_path(r: Recipe) -> Path | None:
+    """train.accelerate_config as a file: a name in <recipe folder>/accelerate/, or a path."""
+    value = r.train.accelerate_config
+    if value is None:
+        return None
+    candidates = [Path(r.resolve_path(value))]
+    if "/" not in value and not value.endswith((".yaml", ".yml")):
+        candidates.insert(0, Path(r.resolve_path(f"accelerate/{value}.yaml")))
+    return next((p for p in candidates if p.is_file()), None)
+
+
 def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>") -> None:
     def fail(field_path: str, msg: str) -> typing.NoReturn:
         raise AlignpressError(msg, source=src(field_path), field=field_path)
@@ -438,6 +456,14 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
         fail("train.max_steps", f"must be -1 (use epochs) or at least 1, got {r.train.max_steps}")
     if r.train.max_steps == -1 and r.train.num_train_epochs <= 0:
         fail("train.num_train_epochs", f"must be > 0, got {r.train.num_train_epochs}")
+    if r.train.accelerate_config is not None and accelerate_config_path(r) is None:
+        folder = Path(r.resolve_path("accelerate"))
+        known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml"))) if folder.is_dir() else "none"
+        fail("train.accelerate_config", f"no accelerate config {r.train.accelerate_config!r} (names in {folder}: {known}; or give a path to a .yaml file)")
+    if r.train.num_processes is not None and r.train.num_processes < 1:
+        fail("train.num_processes", f"must be at least 1, got {r.train.num_processes}")
+    if r.train.save_minutes is not None and r.train.save_minutes <= 0:
+        fail("train.save_minutes", f"must be > 0, got {r.train.save_minutes}")
     if r.train.warmup_steps < 0:
         fail("train.warmup_steps", f"must be >= 0, got {r.train.warmup_steps}")
     if not 0 <= r.lora.dropout < 1:
@@ -453,6 +479,21 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
             re.compile(r.eval.behaviour_pattern)
         except re.error as e:
             fail("eval.behaviour_pattern", f"not a valid regex: {e}")
+    for i, prompt in enumerate(r.eval.prompts):
+        if not prompt.strip():
+            fail("eval.prompts", f"prompt {i + 1} is empty")
+    if r.eval.judge is not None and not r.eval.judge.strip():
+        fail("eval.judge", "must name a reward model (Hub id or folder), or be null")
+    if r.eval.gate_min_gain is not None and not -1 <= r.eval.gate_min_gain <= 1:
+        fail("eval.gate_min_gain", f"must be between -1 and 1 (a difference of two accuracies), got {r.eval.gate_min_gain}")
+    if r.eval.gate_max_kl is not None and r.eval.gate_max_kl < 0:
+        fail("eval.gate_max_kl", f"must be >= 0 (a KL divergence), got {r.eval.gate_max_kl}")
+    if not r.eval.enabled:
+        for name in ("gate_min_gain", "gate_max_kl", "judge"):
+            if getattr(r.eval, name) is not None:
+                fail(f"eval.{name}", "needs the evaluate stage: eval.enabled is false")
+    if r.eval.gate_max_kl is not None and r.eval.generation_rows == 0:
+        fail("eval.gate_max_kl", "the KL estimate needs greedy generations: set eval.generation_rows >= 1")
     if not r.lora.enabled and r.publish.push in ("adapter", "both"):
         fail("publish.push", "there is no adapter to push when lora.enabled is false")
     for name in ("repo_id", "adapter_repo_id"):

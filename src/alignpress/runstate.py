@@ -59,9 +59,11 @@ def file_sha256(path: Path) -> str:
 class RunDir:
     """The output folder of one recipe run."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, writer: bool = True):
         self.root = Path(root)
         self.manifest_path = self.root / "run.json"
+        # Under a multi-process launch only the main process writes the manifest.
+        self.writer = writer
 
     # Layout, documented in the README
     @property
@@ -107,7 +109,8 @@ class RunDir:
             raise AlignpressError(f"run.json is not valid JSON ({e}); move it away to start over", source=str(self.manifest_path)) from None
 
     def save(self, manifest: dict[str, Any]) -> None:
-        write_json(self.manifest_path, manifest)
+        if self.writer:
+            write_json(self.manifest_path, manifest)
 
     def update(self, **fields: Any) -> dict[str, Any]:
         m = self.load()
@@ -164,7 +167,7 @@ class RunDir:
         try:
             yield info
         except BaseException as e:
-            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) or getattr(e, "exit_code", None) == 143 else "failed"
             self.set_stage(name, status=status, finished=now(), seconds=round(time.time() - started, 2), error=str(e)[:2000])
             raise
         self.set_stage(name, status="done", finished=now(), seconds=round(time.time() - started, 2), **info)

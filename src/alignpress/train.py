@@ -13,10 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
-from .errors import AlignpressError
+from .errors import AlignpressError, Preempted
+from .health import HealthCallback
 from .modeling import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
 from .prepare import read_jsonl
 from .recipe import Recipe
@@ -28,14 +32,25 @@ CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 
 
 def checkpoint_is_complete(path: Path) -> bool:
+    """All files present and readable to the end: trainer state parses, safetensors headers and
+    sizes agree, torch's zip files have their central directory (written last)."""
+    from safetensors import safe_open
+
     if not all((path / name).is_file() and (path / name).stat().st_size > 0 for name in CHECKPOINT_FILES):
         return False
     weights = list(path.glob("adapter_model.safetensors")) + list(path.glob("model*.safetensors"))
-    if not weights or any(w.stat().st_size == 0 for w in weights):
+    if not weights:
         return False
     try:
         json.loads((path / "trainer_state.json").read_text())
-    except (json.JSONDecodeError, OSError):
+        for w in weights:
+            with safe_open(str(w), framework="pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)  # checks each tensor's byte range lies inside the file
+        for name in ("optimizer.pt", "scheduler.pt"):
+            with zipfile.ZipFile(path / name) as z:
+                z.namelist()
+    except Exception:  # noqa: BLE001 - any unreadable part makes the checkpoint unusable
         return False
     return True
 
@@ -56,11 +71,11 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return None
 
 
-def _metrics_callback(path: Path, resume_step: int):
+def _metrics_callback(path: Path, resume_step: int, truncate: bool = True):
     from transformers import TrainerCallback
 
     # Lines from an interrupted run past the checkpoint we resume from will be logged again.
-    if path.exists():
+    if truncate and path.exists():
         kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
         path.write_text("".join(line + "\n" for line in kept))
 
@@ -76,6 +91,47 @@ def _metrics_callback(path: Path, resume_step: int):
                 f.write(json.dumps(entry) + "\n")
 
     return MetricsToJsonl()
+
+
+class SpotSafety:
+    """Checkpoints every `save_minutes` and on SIGTERM (the preemption notice), then stops."""
+
+    def __init__(self, save_minutes: float | None):
+        from transformers import TrainerCallback
+
+        self.every = save_minutes * 60 if save_minutes else None
+        self.last_save = time.monotonic()
+        self.sigterm = False
+        outer = self
+
+        class _Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if outer.sigterm:
+                    control.should_save = True
+                    control.should_training_stop = True
+                elif outer.every and time.monotonic() - outer.last_save >= outer.every:
+                    control.should_save = True
+
+            def on_save(self, args, state, control, **kwargs):
+                outer.last_save = time.monotonic()
+
+        self.callback = _Callback()
+
+    def __enter__(self):
+        def handler(signum, frame):
+            log.warning("SIGTERM received: saving a checkpoint after this step, then stopping")
+            self.sigterm = True
+
+        try:
+            self._previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
 
 
 def dpo_config(recipe: Recipe, run_dir: RunDir, device: str, dtype) -> Any:
@@ -163,21 +219,25 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     resume = latest_checkpoint(run_dir.checkpoints)
     resume_step = json.loads((resume / "trainer_state.json").read_text())["global_step"] if resume else 0
     run_dir.metrics.mkdir(parents=True, exist_ok=True)
-    callback = _metrics_callback(run_dir.metrics / "train.jsonl", resume_step)
+    callback = _metrics_callback(run_dir.metrics / "train.jsonl", resume_step, truncate=run_dir.writer)
 
+    spot = SpotSafety(recipe.train.save_minutes)
     trainer = DPOTrainer(
         model=model,
         args=args,
         train_dataset=to_dataset(rows),
         processing_class=tok,
         peft_config=peft_config,
-        callbacks=[callback],
+        callbacks=[callback, spot.callback, HealthCallback(recipe, run_dir)],
     )
     if resume:
         log.info("resuming training from %s (step %d)", resume, resume_step)
     else:
         log.info("training: %d pairs, %s, %s on %s", len(rows), "LoRA r=%d" % recipe.lora.r if recipe.lora.enabled else "full fine-tuning", dtype, device)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    with spot:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if spot.sigterm:
+        raise Preempted(f"stopped by SIGTERM at step {trainer.state.global_step}; a checkpoint was saved in {run_dir.checkpoints}. Run the same command again to resume")
 
     history = [json.loads(line) for line in (run_dir.metrics / "train.jsonl").read_text().splitlines() if line.strip()]
     losses = [h["loss"] for h in history if "loss" in h]
@@ -196,6 +256,9 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
         "final_loss": losses[-1] if losses else None,
     }
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    summary["world_size"] = trainer.args.world_size
+    summary["deepspeed_zero_stage"] = plugin.zero_stage if plugin is not None else None
     last = next((h for h in reversed(history) if "rewards/accuracies" in h), {})
     for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
         if key in last:

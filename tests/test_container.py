@@ -1,0 +1,83 @@
+"""The job image, built with podman and run like a batch job: the offline demo, end to end.
+
+    make test-container        # = pytest -m container
+
+Builds the Dockerfile on a local Debian base (scripts/podman-base.sh makes it; CUDA bases cannot be
+pulled here) with the CPU torch wheel, runs `run recipes/demo.yaml` in a container with no network
+and a host folder mounted at /outputs, then checks what the job left there. Takes a few minutes
+(the first build about two); later builds reuse podman's layer cache.
+"""
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.container
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE = os.environ.get("ALIGNPRESS_TEST_IMAGE", "localhost/alignpress:test")
+BASE_IMAGE = os.environ.get("ALIGNPRESS_TEST_BASE_IMAGE", "localhost/debian-base:bookworm")
+WHEELS = Path("/opt/wheels")  # the CPU torch wheel on these machines
+CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+STAGES = ("prepare", "train", "evaluate", "export", "publish")
+
+
+@pytest.fixture(scope="module")
+def podman(request):
+    """Environment and base flags for podman on this machine (see scripts/podman-base.sh)."""
+    if "container" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("builds the image with podman: run `make test-container` (pytest -m container)")
+    setup = subprocess.run(["bash", str(REPO / "scripts" / "podman-base.sh")], capture_output=True, text=True,
+                           timeout=900, env={**os.environ, "BASE_IMAGE": BASE_IMAGE})
+    assert setup.returncode == 0, setup.stderr
+    conf = setup.stdout.strip().splitlines()[-1]
+    return {**os.environ, "CONTAINERS_CONF": conf}
+
+
+@pytest.fixture(scope="module")
+def image(podman):
+    cmd = ["podman", "build", "--runtime", "runc", "--network", "host",
+           "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "-t", IMAGE]
+    if WHEELS.is_dir():
+        cmd += ["-v", f"{WHEELS}:{WHEELS}:ro", "--build-arg", f"PIP_FIND_LINKS={WHEELS}"]
+    if CA_BUNDLE.is_file():
+        cmd += ["--secret", f"id=pipca,src={CA_BUNDLE}"]
+    start = time.monotonic()
+    build = subprocess.run([*cmd, str(REPO)], capture_output=True, text=True, timeout=1800, env=podman)
+    assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
+    print(f"podman build {IMAGE}: {time.monotonic() - start:.0f} s")
+    return IMAGE
+
+
+def podman_run(env, image, *args, volumes=(), timeout=1800):
+    cmd = ["podman", "run", "--rm", "--runtime", "runc", "--network", "none"]
+    for host, inside in volumes:
+        cmd += ["-v", f"{host}:{inside}"]
+    return subprocess.run([*cmd, image, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_validate_demo_recipe_in_container(podman, image):
+    proc = podman_run(podman, image, "validate", "recipes/demo.yaml", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_demo_runs_offline_in_container(podman, image, tmp_path):
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    proc = podman_run(podman, image, "run", "recipes/demo.yaml", "--output-dir", "/outputs/demo",
+                      volumes=[(outputs, "/outputs")])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    demo = outputs / "demo"
+    manifest = json.loads((demo / "run.json").read_text())
+    statuses = {name: stage.get("status") for name, stage in manifest["stages"].items()}
+    assert statuses == {name: "done" for name in STAGES}
+    config = json.loads((demo / "model" / "config.json").read_text())
+    assert config.get("model_type")
+    assert (demo / "model" / "README.md").read_text().strip()
+    metrics = json.loads((demo / "metrics" / "eval.json").read_text())
+    assert {"base", "aligned"} <= set(metrics)
+
