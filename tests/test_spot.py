@@ -1,0 +1,81 @@
+"""Spot-safe training: SIGTERM saves and exits non-zero; incomplete checkpoints are skipped."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from safetensors.torch import load_file
+
+from alignpress.train import checkpoint_is_complete, latest_checkpoint
+from conftest import ROOT, cli
+
+
+def adapter_diff(a, b):
+    x, y = load_file(a / "adapter/adapter_model.safetensors"), load_file(b / "adapter/adapter_model.safetensors")
+    assert x.keys() == y.keys()
+    return max((x[k] - y[k]).abs().max().item() for k in x)
+
+
+def test_sigterm_saves_and_resumes(tmp_path, demo_run):
+    out = tmp_path / "spot"
+    args = ["run", "recipes/demo.yaml", "--output-dir", str(out), "--set", "train.logging_steps=1"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py"), *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "metrics/train.jsonl").exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    assert "error: stopped by SIGTERM at step" in err
+    stage = json.loads((out / "run.json").read_text())["stages"]["train"]
+    assert stage["status"] == "interrupted"
+    saved = latest_checkpoint(out / "checkpoints")
+    assert saved is not None and int(saved.name.split("-")[1]) < 53
+    assert not (out / "adapter").exists()
+
+    again = cli("run", "recipes/demo.yaml", "--output-dir", out, "--set", "train.logging_steps=1")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming training from {saved}" in again.stderr
+    assert adapter_diff(out, demo_run[0]) < 1e-4
+
+
+def test_corrupt_newest_checkpoint_is_skipped(tmp_path, demo_run):
+    out = tmp_path / "corrupt"
+    shutil.copytree(demo_run[0], out)
+    ckpts = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert [p.name for p in ckpts] == ["checkpoint-40", "checkpoint-53"]
+    assert checkpoint_is_complete(ckpts[-1])
+    weights = ckpts[-1] / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated upload
+    assert not checkpoint_is_complete(ckpts[-1])
+    assert latest_checkpoint(out / "checkpoints") == ckpts[0]
+    optimizer = ckpts[0] / "optimizer.pt"
+    saved = optimizer.read_bytes()
+    optimizer.write_bytes(saved[: len(saved) // 2])
+    assert latest_checkpoint(out / "checkpoints") is None
+    optimizer.write_bytes(saved)
+
+    # Train again from the surviving checkpoint: it reaches the uninterrupted result.
+    manifest = json.loads((out / "run.json").read_text())
+    for s in ("train", "evaluate", "export", "publish"):
+        manifest["stages"][s] = {"status": "pending"}
+    (out / "run.json").write_text(json.dumps(manifest))
+    shutil.rmtree(out / "adapter")
+    proc = cli("train", "recipes/demo.yaml", "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"skipping incomplete checkpoint {ckpts[-1]}" in proc.stderr
+    assert f"resuming training from {ckpts[0]} (step 40)" in proc.stderr
+    assert adapter_diff(out, demo_run[0]) < 1e-4
+
+
+def test_output_folder_not_writable(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = cli("run", "recipes/demo.yaml", "--output-dir", blocker / "out")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {blocker / 'out'}: output folder is not writable")
