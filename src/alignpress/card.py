@@ -60,6 +60,64 @@ def _fmt(x: Any) -> str:
     return "–" if x is None else str(x)
 
 
+CARD_SAMPLES = 5  # side-by-side generations shown in the card; metrics/report.md has them all
+
+
+def evaluation_lines(evals: dict[str, Any]) -> list[str]:
+    """The card's evaluation section from metrics/eval.json: before/after numbers, judge, gate, samples."""
+    from .evaluate import _cell, number_rows
+
+    base, aligned = evals["base"], evals["aligned"]
+    lines = [
+        f"{evals['n_pairs']} held-out pairs, {evals['n_generations']} greedy generations; behaviour = {evals['behaviour_measure']}. "
+        "Base = the model before alignment (DPO's reference); implicit reward = beta * (log pi - log pi_ref).",
+        "",
+        "| metric | base | aligned | better | meaning |",
+        "| --- | --- | --- | --- | --- |",
+        *number_rows(evals),
+        "",
+    ]
+    if aligned.get("kl_estimate") is not None:
+        lines += [f"KL estimate: {evals.get('kl_method', 'see alignpress.evaluate')}.", ""]
+    j = evals.get("judge")
+    if j:
+        lines += [
+            f"Judge `{j['model']}` (a reward model) on {j['n']} prompts: aligned wins {j['wins']}, ties {j['ties']}, loses {j['losses']}; "
+            f"win rate **{_fmt(j['win_rate'])}** (95% CI {_fmt(j['ci95'][0])}–{_fmt(j['ci95'][1])}).",
+            "",
+        ]
+    g = evals.get("gate")
+    if g:
+        if g["passed"]:
+            lines += [f"Publish gate passed: preference accuracy gain {_fmt(g['preference_accuracy_gain'])} (minimum {_fmt(g['min_gain'])}), "
+                      f"KL estimate {_fmt(g['kl_estimate'])} (limit {_fmt(g['max_kl'])}).", ""]
+        else:
+            lines += ["Publish gate failed: " + "; ".join(r["reason"] for r in g["reasons"]) + ".", ""]
+    shown = [s for s in evals.get("samples", [])[:CARD_SAMPLES]] + list(evals.get("prompt_samples") or [])
+    if shown:
+        lines += ["### Side-by-side greedy generations", "", "| prompt | base | aligned |", "| --- | --- | --- |"]
+        lines += [f"| {_cell(s['prompt'])} | {_cell(s['base'])} | {_cell(s['aligned'])} |" for s in shown]
+        lines.append("")
+    return lines
+
+
+def plot_lines(run_dir: RunDir, relation: str) -> list[str]:
+    """Images for the plots the run made; export copies them next to the card (top level of model/, which
+    publish uploads). The adapter's repo gets no PNGs, so its card links none."""
+    from .plots import BEFORE_AFTER, TRAIN_CURVES, folder
+
+    if relation == "adapter":
+        return []
+    found = [(alt, name) for alt, name in (("training curves", TRAIN_CURVES), ("base vs aligned on held-out data", BEFORE_AFTER))
+             if (folder(run_dir) / name).exists()]
+    if not found:
+        return []
+    lines = ["", "### Plots", ""]
+    for alt, name in found:
+        lines += [f"![{alt}]({name})", ""]
+    return lines
+
+
 def metadata(recipe: Recipe, relation: str = "finetune") -> ModelCardData:
     c = recipe.card
     license_ = c.license or base_license(recipe) or "other"
@@ -151,17 +209,10 @@ def render_model_card(
 
     lines += ["", "## Evaluation (held-out pairs)", ""]
     if evals:
-        lines += [
-            f"{evals['n_pairs']} held-out pairs, {evals['n_generations']} greedy generations; behaviour = {evals['behaviour_measure']}.",
-            "",
-            "| metric | base | aligned |",
-            "| --- | --- | --- |",
-        ]
-        for k in ("preference_accuracy", "behaviour", "mean_logp_margin", "mean_generation_words"):
-            lines.append(f"| {k} | {_fmt(evals['base'].get(k))} | {_fmt(evals['aligned'].get(k))} |")
-        lines.append(f"| reward_accuracy (implicit DPO reward) | – | {_fmt(evals['aligned'].get('reward_accuracy'))} |")
+        lines += evaluation_lines(evals)
     else:
         lines.append("Not evaluated.")
+    lines += plot_lines(run_dir, relation)
 
     lines += [
         "",

@@ -1,33 +1,79 @@
 """Stage 3, evaluate: the base (reference) model against the aligned model on held-out pairs.
 
-Reads: data/eval.jsonl, the base model, adapter/ (or full/).
-Writes: metrics/eval.json with top-level `base` and `aligned`, each holding
-- preference_accuracy: share of held-out pairs whose chosen answer has a higher summed
-  log-probability than the rejected one (higher is better);
-- behaviour: share of greedy generations showing the chosen behaviour: matching
-  eval.behaviour_pattern when the recipe gives one, else closer (word-overlap F1) to the
-  chosen answer than to the rejected one (higher is better);
-- mean_logp_chosen, mean_logp_rejected, mean_logp_margin, mean_generation_words;
-and for `aligned` also reward_accuracy and mean_reward_margin: DPO's implicit reward
-beta * (log pi(y|x) - log pi_ref(y|x)), chosen against rejected.
+Reads: data/eval.jsonl, the base model, adapter/ (or full/), metrics/train.jsonl (for the plots),
+and eval.judge (a reward model) when the recipe names one.
+Writes: metrics/eval.json, metrics/report.md (the numbers and the side-by-side generations), and
+plots/ (train_curves.png, eval_before_after.png; see alignpress.plots).
+
+metrics/eval.json, schema version 2 (every number is a mean over the held-out pairs or prompts;
+"up" / "down" say which way it moves when alignment works):
+
+- n_pairs: held-out pairs scored (eval.max_rows at most); n_generations: held-out prompts
+  generated greedily (eval.generation_rows); beta: dpo.beta; behaviour_measure: in words.
+- base, aligned: one block per model, the same fields:
+  - preference_accuracy (up): share of pairs whose chosen answer has a higher summed log-probability
+    log pi(y|x) than the rejected one;
+  - behaviour (up): share of greedy generations showing the chosen behaviour: matching
+    eval.behaviour_pattern when set, else closer (word-overlap F1) to the chosen answer than to the
+    rejected one;
+  - mean_logp_chosen, mean_logp_rejected: summed log-probability of the chosen / rejected answer
+    (nats; chosen should not fall: when both fall the model is unlearning the data);
+    mean_logp_margin (up): chosen minus rejected;
+  - mean_generation_words, mean_generation_tokens: length of the greedy answers (end token not
+    counted); DPO tends to lengthen answers, so watch for a jump;
+  - eos_rate (stay near 1): share of greedy answers that ended with an end-of-turn token within
+    eval.max_new_tokens; 0 means the model never stops.
+- aligned only:
+  - reward_accuracy (up): share of pairs where DPO's implicit reward
+    r(y) = beta * (log pi(y|x) - log pi_ref(y|x)) ranks chosen above rejected;
+    mean_reward_margin (up): mean r(chosen) - r(rejected); mean_reward_chosen, mean_reward_rejected:
+    the two rewards (rejected should fall; chosen ideally rises or stays near 0);
+  - kl_estimate (small; 0 = unchanged): estimated KL(pi || pi_ref) in nats per answer: for each
+    held-out generation prompt x and the aligned model's greedy answer y, the sum over answer
+    positions t of the exact next-token KL, sum_v pi(v|x,y<t) * (log pi(v|x,y<t) - log pi_ref(v|x,y<t)),
+    averaged over prompts. Always >= 0. An estimate: the chain rule gives the true sequence KL when y
+    is sampled from pi; here y is the greedy answer. kl_per_token: the same per answer token;
+  - logratio_estimate, logratio_per_token: the plain Monte-Carlo form on the same answers,
+    log pi(y|x) - log pi_ref(y|x) (positive = the aligned model finds its own answer more likely than
+    the base does); noisier, can be negative.
+- kl_method: the KL estimator in words.
+- samples: the first n_generations held-out prompts: prompt, base, aligned (greedy answers),
+  chosen (the data's chosen answer), and judge_base / judge_aligned scores with a judge.
+- prompt_samples: the same for eval.prompts (prompt, base, aligned[, judge_*]).
+- judge: null, or {model, n, wins, ties, losses, win_rate, ci95, mean_score_base,
+  mean_score_aligned, method}: the reward model scores both greedy answers for every prompt in
+  samples and prompt_samples; win_rate (up; 0.5 = no difference) = (wins + ties / 2) / n, with a
+  95% Wilson score interval.
+- gate: null, or the publish gate's verdict (alignpress.gate): min_gain, max_kl,
+  preference_accuracy_gain, kl_estimate, passed, reasons.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import statistics
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 
+from .errors import AlignpressError
 from .modeling import load_model, load_tokenizer, pick_device, resolve_model_path, stop_token_ids
 from .prepare import read_jsonl
 from .recipe import Recipe
 from .runstate import RunDir, write_json
 
 log = logging.getLogger("alignpress")
+
+SCHEMA_VERSION = 2
+KL_METHOD = (
+    "sum over the aligned model's greedy answer of the exact next-token KL(pi || pi_ref), nats per answer, "
+    "mean over held-out prompts (an estimate: exact when answers are sampled from pi)"
+)
 
 
 def _ids(tok, messages, gen=False) -> list[int]:
@@ -73,21 +119,48 @@ def answer_logps(model, tok, rows: list[dict], which: str, *, batch_size: int, m
     return out
 
 
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    answer_ids: list[int]  # up to and including the first stop token
+    stopped: bool  # ended with a stop token (eos / end-of-turn) within max_new_tokens
+    text: str
+
+    @property
+    def n_tokens(self) -> int:
+        """Answer length without the stop token."""
+        return len(self.answer_ids) - int(self.stopped)
+
+
 @torch.no_grad()
-def generate(model, tok, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers for each prompt, through the chat template."""
+def generate_ids(model, tok, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int) -> list[Generation]:
+    """Greedy answers for each prompt through the chat template, with their token ids."""
     device = next(model.parameters()).device
     tok.padding_side = "left"
-    outs: list[str] = []
     stops = stop_token_ids(tok, model)
+    out: list[Generation] = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
         texts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in chunk]
         # The template already wrote bos where the model wants it.
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id)
-        outs.extend(tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
-    return [o.strip() for o in outs]
+        width = enc["input_ids"].shape[1]
+        for j in range(len(chunk)):
+            prompt = enc["input_ids"][j][enc["attention_mask"][j].bool()].tolist()
+            answer, stopped = [], False
+            for t in gen[j, width:].tolist():
+                answer.append(t)
+                if t in stops:
+                    stopped = True
+                    break
+            out.append(Generation(prompt, answer, stopped, tok.decode(answer, skip_special_tokens=True).strip()))
+    return out
+
+
+def generate(model, tok, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answers for each prompt, through the chat template."""
+    return [g.text for g in generate_ids(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)]
 
 
 def _words(text: str) -> list[str]:
@@ -113,34 +186,200 @@ def shows_chosen_behaviour(generation: str, row: dict, pattern: str | None) -> b
     return overlap_f1(generation, chosen) > overlap_f1(generation, rejected)
 
 
-def _mean(values: list[float]) -> float:
-    return round(statistics.fmean(values), 6) if values else float("nan")
+def _mean(values: list[float]) -> float | None:
+    return round(statistics.fmean(values), 6) if values else None
 
 
-def score(model, tok, rows, gen_rows, recipe: Recipe) -> dict[str, Any]:
+class Policies:
+    """The base (reference) and the aligned model, loaded once: a LoRA adapter on the base (base =
+    adapter disabled) or, for full fine-tuning, both models side by side."""
+
+    def __init__(self, recipe: Recipe, run_dir: RunDir, device: str, dtype, tok):
+        base_path = resolve_model_path(recipe)
+        self.lora = recipe.lora.enabled
+        base = load_model(recipe, base_path, device=device, dtype=dtype, tokenizer=tok).eval()
+        if self.lora:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(base, str(run_dir.adapter)).eval()
+        else:
+            self.base = base
+            self.model = load_model(recipe, str(run_dir.full), device=device, dtype=dtype, tokenizer=tok).eval()
+
+    @contextlib.contextmanager
+    def use(self, side: str) -> Iterator[Any]:
+        if side == "aligned":
+            yield self.model
+        elif self.lora:
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            yield self.base
+
+
+@torch.no_grad()
+def divergence(policies: Policies, tok, gens: list[Generation], *, batch_size: int) -> list[tuple[float, float, int]]:
+    """(summed next-token KL(pi || pi_ref), log pi(y|x) - log pi_ref(y|x), answer tokens) for each answer y."""
+    out: list[tuple[float, float, int]] = []
+    for i in range(0, len(gens), batch_size):
+        chunk = gens[i : i + batch_size]
+        seqs = [g.prompt_ids + g.answer_ids for g in chunk]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+        attn = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, s in enumerate(seqs):
+            ids[j, : len(s)] = torch.tensor(s)
+            attn[j, : len(s)] = 1
+        logps: dict[str, list[torch.Tensor]] = {}
+        for side in ("aligned", "base"):
+            with policies.use(side) as model:
+                device = next(model.parameters()).device
+                logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
+                # Only the positions that predict answer tokens, in float32.
+                logps[side] = [
+                    torch.log_softmax(logits[j, len(g.prompt_ids) - 1 : len(g.prompt_ids) - 1 + len(g.answer_ids)].float(), dim=-1)
+                    for j, g in enumerate(chunk)
+                ]
+                del logits
+        for g, a, r in zip(chunk, logps["aligned"], logps["base"]):
+            if not g.answer_ids:
+                out.append((0.0, 0.0, 0))
+                continue
+            kl = (a.exp() * (a - r)).sum(-1).clamp_min(0).sum().item()
+            target = torch.tensor(g.answer_ids, device=a.device).unsqueeze(-1)
+            ratio = (a.gather(-1, target) - r.gather(-1, target)).sum().item()
+            out.append((kl, ratio, len(g.answer_ids)))
+    return out
+
+
+def score(model, tok, rows, gen_rows, recipe: Recipe, extra_prompts: list[list[dict]] | None = None) -> dict[str, Any]:
     e = recipe.eval
     chosen = answer_logps(model, tok, rows, "chosen", batch_size=e.batch_size, max_length=recipe.dpo.max_length)
     rejected = answer_logps(model, tok, rows, "rejected", batch_size=e.batch_size, max_length=recipe.dpo.max_length)
-    gens = generate(model, tok, [r["messages"]["prompt"] for r in gen_rows], max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
-    hits = [shows_chosen_behaviour(g, r, e.behaviour_pattern) for g, r in zip(gens, gen_rows)]
+    prompts = [r["messages"]["prompt"] for r in gen_rows] + list(extra_prompts or [])
+    all_gens = generate_ids(model, tok, prompts, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+    gens, extra = all_gens[: len(gen_rows)], all_gens[len(gen_rows) :]
+    hits = [shows_chosen_behaviour(g.text, r, e.behaviour_pattern) for g, r in zip(gens, gen_rows)]
     return {
         "preference_accuracy": _mean([float(c > r) for c, r in zip(chosen, rejected)]),
         "behaviour": _mean([float(h) for h in hits]),
         "mean_logp_chosen": _mean(chosen),
         "mean_logp_rejected": _mean(rejected),
         "mean_logp_margin": _mean([c - r for c, r in zip(chosen, rejected)]),
-        "mean_generation_words": _mean([float(len(_words(g))) for g in gens]),
+        "mean_generation_words": _mean([float(len(_words(g.text))) for g in gens]),
+        "mean_generation_tokens": _mean([float(g.n_tokens) for g in gens]),
+        "eos_rate": _mean([float(g.stopped) for g in gens]),
         "_chosen": chosen,
         "_rejected": rejected,
-        "_generations": gens,
+        "_generations": [g.text for g in gens],
+        "_gens": gens,
+        "_extra": [g.text for g in extra],
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# The judge: a reward model scores base and aligned answers
+
+
+def wilson(p: float, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval for a proportion p observed over n trials."""
+    if n == 0:
+        return [0.0, 1.0]
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(max(p * (1 - p) / n + z * z / (4 * n * n), 0.0)) / denom
+    return [round(max(0.0, centre - half), 6), round(min(1.0, centre + half), 6)]
+
+
+def _judge_path(recipe: Recipe) -> str:
+    name = recipe.eval.judge or ""
+    for candidate in (Path(name).expanduser(), Path(recipe.resolve_path(name))):
+        if candidate.is_dir():
+            return str(candidate)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise AlignpressError(f"judge folder {name!r} does not exist", source=recipe.source, field="eval.judge")
+    return name  # a Hub id
+
+
+def load_judge(recipe: Recipe, device: str, dtype):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = _judge_path(recipe)
+    try:
+        jtok = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
+        judge = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, trust_remote_code=recipe.model.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - every loading failure gets the same clear message
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise AlignpressError(
+            f"could not load the judge {recipe.eval.judge!r} as a sequence-classification model: {type(e).__name__}: {first}",
+            source=recipe.source, field="eval.judge",
+        ) from None
+    if judge.config.num_labels != 1:
+        raise AlignpressError(
+            f"the judge {recipe.eval.judge!r} has {judge.config.num_labels} outputs; a reward model has one (num_labels=1)",
+            source=recipe.source, field="eval.judge",
+        )
+    return judge.to(device).eval(), jtok
+
+
+@torch.no_grad()
+def judge_scores(judge, jtok, conversations: list[list[dict]]) -> list[float]:
+    """The reward model's score for each conversation (prompt messages + one assistant answer), one at a time
+    (no padding, so any model finds the last token the same way)."""
+    device = next(judge.parameters()).device
+    limit = min(getattr(jtok, "model_max_length", 4096) or 4096, 8192)
+    out = []
+    for messages in conversations:
+        if getattr(jtok, "chat_template", None):
+            text = jtok.apply_chat_template(messages, tokenize=False)
+            enc = jtok(text, add_special_tokens=False, truncation=True, max_length=limit, return_tensors="pt")
+        else:  # an older reward model: (question, answer) as a text pair
+            question = "\n\n".join(m["content"] for m in messages[:-1])
+            enc = jtok(question, messages[-1]["content"], truncation=True, max_length=limit, return_tensors="pt")
+        enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        out.append(judge(**enc).logits[0, 0].float().item())
+    return out
+
+
+def run_judge(recipe: Recipe, device: str, dtype, prompts: list[list[dict]], base: list[str], aligned: list[str]) -> tuple[dict[str, Any], list[float], list[float]]:
+    judge, jtok = load_judge(recipe, device, dtype)
+    convo = lambda p, a: p + [{"role": "assistant", "content": a}]  # noqa: E731
+    sb = judge_scores(judge, jtok, [convo(p, a) for p, a in zip(prompts, base)])
+    sa = judge_scores(judge, jtok, [convo(p, a) for p, a in zip(prompts, aligned)])
+    del judge
+    wins = sum(a > b for a, b in zip(sa, sb))
+    ties = sum(a == b for a, b in zip(sa, sb))
+    n = len(sa)
+    rate = (wins + ties / 2) / n if n else None
+    info = {
+        "model": recipe.eval.judge,
+        "n": n,
+        "wins": wins,
+        "ties": ties,
+        "losses": n - wins - ties,
+        "win_rate": round(rate, 6) if rate is not None else None,
+        "ci95": wilson(rate, n) if rate is not None else None,
+        "mean_score_base": _mean(sb),
+        "mean_score_aligned": _mean(sa),
+        "method": "the reward model scores the base and the aligned greedy answer to each prompt; aligned wins when its score is higher; "
+        "win_rate = (wins + ties/2) / n with a 95% Wilson score interval",
+    }
+    return info, sb, sa
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
 def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
+    from . import gate, health, plots
+
+    e = recipe.eval
     rows = read_jsonl(run_dir.data / "eval.jsonl")
-    if recipe.eval.max_rows is not None:
-        rows = rows[: recipe.eval.max_rows]
-    gen_rows = rows[: recipe.eval.generation_rows]
+    if e.max_rows is not None:
+        rows = rows[: e.max_rows]
+    gen_rows = rows[: e.generation_rows]
+    extra_prompts = [[{"role": "user", "content": p}] for p in e.prompts]
     device = pick_device(recipe)
     base_path = resolve_model_path(recipe)
     # Score in float32: small log-prob differences decide preference accuracy.
@@ -148,45 +387,186 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     tok = load_tokenizer(recipe, base_path)
     torch.manual_seed(recipe.train.seed)
 
-    if recipe.lora.enabled:
-        from peft import PeftModel
-
-        base = load_model(recipe, base_path, device=device, dtype=dtype, tokenizer=tok)
-        model = PeftModel.from_pretrained(base, str(run_dir.adapter)).eval()
-        with model.disable_adapter():
-            base_scores = score(model, tok, rows, gen_rows, recipe)
-        aligned_scores = score(model, tok, rows, gen_rows, recipe)
-    else:
-        base = load_model(recipe, base_path, device=device, dtype=dtype, tokenizer=tok).eval()
-        base_scores = score(base, tok, rows, gen_rows, recipe)
-        del base
-        model = load_model(recipe, str(run_dir.full), device=device, dtype=dtype, tokenizer=tok).eval()
-        aligned_scores = score(model, tok, rows, gen_rows, recipe)
+    policies = Policies(recipe, run_dir, device, dtype, tok)
+    scores = {}
+    for side in ("base", "aligned"):
+        with policies.use(side) as model:
+            scores[side] = score(model, tok, rows, gen_rows, recipe, extra_prompts)
+    base_scores, aligned_scores = scores["base"], scores["aligned"]
 
     beta = recipe.dpo.beta
-    rewards = [
-        beta * ((pc - rc) - (pr - rr))
-        for pc, pr, rc, rr in zip(aligned_scores["_chosen"], aligned_scores["_rejected"], base_scores["_chosen"], base_scores["_rejected"])
-    ]
+    rc = [beta * (pc - bc) for pc, bc in zip(aligned_scores["_chosen"], base_scores["_chosen"])]
+    rr = [beta * (pr - br) for pr, br in zip(aligned_scores["_rejected"], base_scores["_rejected"])]
+    rewards = [c - r for c, r in zip(rc, rr)]
     aligned_scores["reward_accuracy"] = _mean([float(x > 0) for x in rewards])
     aligned_scores["mean_reward_margin"] = _mean(rewards)
+    aligned_scores["mean_reward_chosen"] = _mean(rc)
+    aligned_scores["mean_reward_rejected"] = _mean(rr)
+
+    div = divergence(policies, tok, aligned_scores["_gens"], batch_size=e.batch_size)
+    tokens = sum(n for _, _, n in div)
+    aligned_scores["kl_estimate"] = _mean([k for k, _, _ in div])
+    aligned_scores["kl_per_token"] = round(sum(k for k, _, _ in div) / tokens, 6) if tokens else None
+    aligned_scores["logratio_estimate"] = _mean([x for _, x, _ in div])
+    aligned_scores["logratio_per_token"] = round(sum(x for _, x, _ in div) / tokens, 6) if tokens else None
+    del policies
+
     samples = [
         {"prompt": r["messages"]["prompt"][-1]["content"], "base": b, "aligned": a, "chosen": r["messages"]["chosen"][0]["content"]}
         for r, b, a in zip(gen_rows, base_scores["_generations"], aligned_scores["_generations"])
     ]
+    prompt_samples = [{"prompt": p, "base": b, "aligned": a} for p, b, a in zip(e.prompts, base_scores["_extra"], aligned_scores["_extra"])]
+    judge_info = None
+    if e.judge:
+        prompts = [r["messages"]["prompt"] for r in gen_rows] + extra_prompts
+        judged = samples + prompt_samples
+        judge_info, sb, sa = run_judge(recipe, device, dtype, prompts, [s["base"] for s in judged], [s["aligned"] for s in judged])
+        for s, b, a in zip(judged, sb, sa):
+            s["judge_base"], s["judge_aligned"] = round(b, 6), round(a, 6)
+
     public = lambda s: {k: v for k, v in s.items() if not k.startswith("_")}  # noqa: E731
     result = {
+        "schema_version": SCHEMA_VERSION,
         "n_pairs": len(rows),
         "n_generations": len(gen_rows),
-        "behaviour_measure": f"matches /{recipe.eval.behaviour_pattern}/" if recipe.eval.behaviour_pattern else "closer to the chosen than the rejected answer (word-overlap F1)",
+        "beta": beta,
+        "behaviour_measure": f"matches /{e.behaviour_pattern}/" if e.behaviour_pattern else "closer to the chosen than the rejected answer (word-overlap F1)",
+        "kl_method": KL_METHOD,
         "base": public(base_scores),
         "aligned": public(aligned_scores),
+        "judge": judge_info,
+        "gate": None,
         "samples": samples,
+        "prompt_samples": prompt_samples,
     }
+    verdict = gate.verdict(recipe, result)
+    result["gate"] = verdict
     write_json(run_dir.metrics / "eval.json", result)
+
     b, a = result["base"], result["aligned"]
+    if gen_rows and a["eos_rate"] == 0:
+        msg = health.eos_warning("held-out prompts", len(gen_rows), e.max_new_tokens)
+        log.warning("%s", msg)
+        run_dir.warn(msg)
+    if verdict and not verdict["passed"]:
+        log.warning("publish gate will refuse this run: %s", "; ".join(f"{r['field']}: {r['reason']}" for r in verdict["reasons"]))
+    made = plots.write_all(run_dir)
+    write_report(run_dir, result, recipe)
     log.info(
-        "eval on %d pairs / %d generations: preference accuracy %.3f -> %.3f, behaviour %.3f -> %.3f",
-        len(rows), len(gen_rows), b["preference_accuracy"], a["preference_accuracy"], b["behaviour"], a["behaviour"],
+        "eval on %d pairs / %d generations: preference accuracy %s -> %s, behaviour %s -> %s, KL estimate %s%s",
+        len(rows), len(gen_rows), _show(b["preference_accuracy"]), _show(a["preference_accuracy"]), _show(b["behaviour"]), _show(a["behaviour"]),
+        _show(a["kl_estimate"]), f", judge win rate {_show(judge_info['win_rate'])} (95% CI {judge_info['ci95']})" if judge_info else "",
     )
-    return {"preference_accuracy": [b["preference_accuracy"], a["preference_accuracy"]], "behaviour": [b["behaviour"], a["behaviour"]]}
+    out = {
+        "preference_accuracy": [b["preference_accuracy"], a["preference_accuracy"]],
+        "behaviour": [b["behaviour"], a["behaviour"]],
+        "kl_estimate": a["kl_estimate"],
+        "plots": [str(p.relative_to(run_dir.root)) for p in made],
+    }
+    if judge_info:
+        out["judge_win_rate"] = judge_info["win_rate"]
+    if verdict:
+        out["gate_passed"] = verdict["passed"]
+    return out
+
+
+def _show(x: Any) -> str:
+    return "–" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def _cell(text: Any) -> str:
+    """Text for one Markdown table cell."""
+    s = "–" if text is None else str(text)
+    return s.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", "<br>") or " "
+
+
+# The rows of the report's and the card's number table: (key, what it is, better when).
+TABLE = [
+    ("preference_accuracy", "held-out pairs with log p(chosen) > log p(rejected)", "higher"),
+    ("behaviour", "greedy answers showing the chosen behaviour", "higher"),
+    ("mean_logp_chosen", "mean log-prob of the chosen answers (nats)", "not falling"),
+    ("mean_logp_rejected", "mean log-prob of the rejected answers (nats)", "lower"),
+    ("mean_logp_margin", "chosen minus rejected log-prob", "higher"),
+    ("reward_accuracy", "pairs the implicit DPO reward ranks right", "higher"),
+    ("mean_reward_margin", "implicit reward, chosen minus rejected", "higher"),
+    ("mean_reward_chosen", "implicit reward of the chosen answers", "≥ 0"),
+    ("mean_reward_rejected", "implicit reward of the rejected answers", "lower"),
+    ("kl_estimate", "KL(aligned ‖ base) per answer, nats (estimate)", "small"),
+    ("kl_per_token", "the same per answer token", "small"),
+    ("mean_generation_tokens", "greedy answer length, tokens", "no big jump"),
+    ("mean_generation_words", "greedy answer length, words", "no big jump"),
+    ("eos_rate", "greedy answers that stop with an end token", "≈ 1"),
+]
+
+
+def number_rows(ev: dict[str, Any]) -> list[str]:
+    """Markdown rows `| metric | base | aligned | better |` for the keys present in eval.json."""
+    rows = []
+    for key, what, better in TABLE:
+        b, a = ev["base"].get(key), ev["aligned"].get(key)
+        if b is None and a is None:
+            continue
+        rows.append(f"| {key} | {_show(b)} | {_show(a)} | {better} | {what} |")
+    return rows
+
+
+def write_report(run_dir: RunDir, ev: dict[str, Any], recipe: Recipe) -> Path:
+    """metrics/report.md: the numbers, the judge, the gate, training warnings and the side-by-side generations."""
+    manifest = run_dir.load()
+    lines = [
+        f"# Evaluation report: {recipe.name}",
+        "",
+        f"Run `{manifest.get('run_id', '?')}`. Base (reference) model `{recipe.model.name_or_path}` against the aligned model, "
+        f"on {ev['n_pairs']} held-out pairs and {ev['n_generations']} greedy generations "
+        f"(at most {recipe.eval.max_new_tokens} new tokens). Behaviour = {ev['behaviour_measure']}. "
+        "Every field is explained in the docstring of `alignpress.evaluate` and in the README (Metrics).",
+        "",
+        "| metric | base | aligned | better | meaning |",
+        "| --- | --- | --- | --- | --- |",
+        *number_rows(ev),
+        "",
+        f"KL estimate: {ev['kl_method']}.",
+        "",
+    ]
+    j = ev.get("judge")
+    if j:
+        lines += [
+            "## Judge",
+            "",
+            f"`{j['model']}` scored both answers to {j['n']} prompts: aligned wins {j['wins']}, ties {j['ties']}, loses {j['losses']}; "
+            f"win rate **{_show(j['win_rate'])}** (95% CI {_show(j['ci95'][0])}–{_show(j['ci95'][1])}); "
+            f"mean score base {_show(j['mean_score_base'])}, aligned {_show(j['mean_score_aligned'])}.",
+            "",
+        ]
+    g = ev.get("gate")
+    if g:
+        lines += ["## Publish gate", ""]
+        if g["passed"]:
+            lines.append(f"Passed (min gain {_show(g['min_gain'])}, max KL {_show(g['max_kl'])}): "
+                         f"preference accuracy gain {_show(g['preference_accuracy_gain'])}, KL estimate {_show(g['kl_estimate'])}.")
+        else:
+            lines.append("**Refused: publish will push nothing.**")
+            lines += [f"- `{r['field']}`: {r['reason']}" for r in g["reasons"]]
+        lines.append("")
+    warnings = [w for w in manifest.get("warnings", []) if "health" in w]
+    if warnings:
+        lines += ["## Training health warnings", "", *[f"- {w}" for w in warnings], ""]
+    if (run_dir.root / "plots").is_dir():
+        pics = sorted(p.name for p in (run_dir.root / "plots").glob("*.png"))
+        if pics:
+            lines += ["## Plots", "", *[f"![{p[:-4]}](../plots/{p})" for p in pics], ""]
+    for title, samples, chosen in (("Side-by-side generations (held-out prompts)", ev["samples"], True),
+                                   ("Side-by-side generations (eval.prompts)", ev.get("prompt_samples") or [], False)):
+        if not samples:
+            continue
+        judged = "judge_base" in samples[0]
+        head = ["prompt", "base", "aligned"] + (["chosen (data)"] if chosen else []) + (["judge base", "judge aligned"] if judged else [])
+        lines += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        for s in samples:
+            cells = [s["prompt"], s["base"], s["aligned"]] + ([s.get("chosen")] if chosen else [])
+            cells += [_show(s.get("judge_base")), _show(s.get("judge_aligned"))] if judged else []
+            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        lines.append("")
+    path = run_dir.metrics / "report.md"
+    path.write_text("\n".join(lines))
+    return path

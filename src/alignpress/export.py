@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import card
+from . import card, plots
 from .errors import StageFailed
 from .evaluate import generate
 from .modeling import load_model, load_tokenizer, pick_device, resolve_model_path
@@ -86,6 +86,7 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     tmp = run_dir.partial(run_dir.model)
     merged.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
+    plots.copy_into(run_dir, tmp)  # train_curves.png, eval_before_after.png: the card links them
     (tmp / "README.md").write_text(card.render_model_card(recipe, run_dir))
     del base, merged
 
