@@ -189,3 +189,11 @@ def test_resume_after_kill(tmp_path, demo_run):
     b = load_file(demo_run[0] / "adapter/adapter_model.safetensors")
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_changed_eval_settings_rerun_evaluate_only(demo_copy):
+    proc = cli("run", "recipes/demo.yaml", "--output-dir", demo_copy, "--set", "eval.generation_rows=8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stages from evaluate on will run again" in proc.stderr
+    assert "== train: already done, skipping" in proc.stderr
+    assert json.loads((demo_copy / "metrics/eval.json").read_text())["n_generations"] == 8

@@ -43,29 +43,38 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# Sections whose change only re-runs later stages (the earliest stage each one affects).
+RERUN_FROM = {"eval": "evaluate", "export": "export", "card": "export", "publish": "publish"}
+
+
 def _check_same_recipe(recipe: Recipe, run_dir: RunDir) -> None:
     """Refuse to mix two recipes in one output folder.
 
     The prepared data depends on `name`, `model` and `data`: those may never change. Training
-    settings may change until training has started (checkpoints or a trained stage exist);
-    `publish` may always change.
+    settings may change until training has started (checkpoints or a trained stage exist).
+    `eval`, `export`, `card` and `publish` may always change: the stages they feed run again.
     """
     path = run_dir.root / "recipe.resolved.yaml"
     if not path.exists():
         return
     old = yaml.safe_load(path.read_text()) or {}
     new = recipe.to_dict()
-    changed = sorted(k for k in set(old) | set(new) if k != "publish" and old.get(k) != new.get(k))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     trained = run_dir.checkpoints.exists() or any(run_dir.is_done(s) for s in STAGES[1:-1])
-    blocking = [k for k in changed if k in ("name", "model", "data") or trained]
+    blocking = [k for k in changed if k in ("name", "model", "data") or (trained and k not in RERUN_FROM)]
     if blocking:
         raise AlignpressError(
             f"this folder holds a run of a different recipe (sections {', '.join(blocking)} differ); "
             "use another --output-dir, or --restart to start over here",
             source=str(path),
         )
-    if changed and run_dir.is_done("prepare"):
-        log.info("recipe sections %s changed before training started: later stages will use the new settings", ", ".join(changed))
+    rerun = [RERUN_FROM[k] for k in changed if k in RERUN_FROM and run_dir.is_done(RERUN_FROM[k])]
+    if rerun and run_dir.writer:
+        first = min(rerun, key=STAGES.index)
+        log.info("recipe sections %s changed: stages from %s on will run again", ", ".join(changed), first)
+        run_dir.invalidate_from(first)
+    elif changed:
+        log.info("recipe sections %s changed before the stages that use them ran", ", ".join(changed))
 
 
 def _restart(run_dir: RunDir) -> None:
