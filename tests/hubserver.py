@@ -441,10 +441,11 @@ class HubServer:
     def port(self) -> int:
         return int(self.url.rsplit(":", 1)[1])
 
-    def start(self) -> HubServer:
+    def start(self, port: int = 0) -> HubServer:
+        """Serve on 127.0.0.1:``port`` (0: a free port) from a background thread."""
         if self._httpd is not None:
             return self
-        self._httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
+        self._httpd = _HTTPServer(("127.0.0.1", port), _Handler)
         self._httpd.hub = self  # type: ignore[attr-defined]
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="hubserver", daemon=True
@@ -1553,6 +1554,42 @@ def _parse_front_matter(raw: bytes) -> dict | None:
     return out
 
 
+def main(argv: list[str] | None = None) -> None:
+    """Serve a test Hub until Ctrl-C: ``python tests/hubserver.py [--port N] [--cas-dir DIR]``.
+
+    Prints the environment that points the real client (and ``entrypoint.py publish``) at it; on
+    Ctrl-C prints every repo with its commits, tags and files. State lives in memory only.
+    """
+    import argparse
+    import signal
+    import sys
+
+    ap = argparse.ArgumentParser(description="Serve a Hugging Face Hub-compatible test server on 127.0.0.1.")
+    ap.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one)")
+    ap.add_argument("--cas-dir", help="folder for the Xet CAS (default: a temporary folder, removed on exit)")
+    args = ap.parse_args(argv)
+
+    def stop(signum: int, frame: Any) -> None:  # `kill` stops it as Ctrl-C does, with the summary
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    server = HubServer(cas_dir=args.cas_dir).start(args.port)
+    print(f"test Hub serving on {server.url} (users: {TEST_USER} with org {TEST_ORG}, {OTHER_USER}); Ctrl-C stops it", flush=True)
+    print(f"export HF_ENDPOINT={server.url} HF_TOKEN={TEST_TOKEN}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for repo_id in server.repo_ids():
+            refs = ", ".join(f"{k}={v[:8]}" for k, v in {**server.branches(repo_id), **server.tags(repo_id)}.items())
+            print(f"{repo_id} ({'private' if server.is_private(repo_id) else 'public'}; {refs}; {len(server.commits(repo_id))} commits on main)", file=sys.stderr)
+            for path, size in sorted(server.files(repo_id).items()):
+                print(f"  {path} {size}", file=sys.stderr)
+        server.stop()
+
+
 __all__ = [
     "GITATTRIBUTES",
     "INVALID_TOKEN",
@@ -1571,3 +1608,7 @@ __all__ = [
     "git_blob_oid",
     "lfs_pointer",
 ]
+
+
+if __name__ == "__main__":
+    main()

@@ -27,14 +27,16 @@ For the demo that is README.md, alignpress.json, chat_template.jinja, config.jso
 generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json.
 
 Order of work; every refusal happens before anything is uploaded:
+0. the publish gate (gate.check: eval.gate_min_gain / eval.gate_max_kl);
 1. collect the files and scan each one fully for secrets (Hugging Face, AWS, GitHub, Slack and
    OpenAI-style keys, private key blocks, the current token itself, and in text files and
    safetensors headers `password: ...`-style assignments); a hit refuses the push naming the
    file and the kind of secret, never the secret; no request has been sent at that point;
 2. whoami: the token is valid and may write to the namespace;
 3. an existing repo: public while publish.private is true -> refused; not this run's (see
-   below) and publish.allow_update false -> refused; the revision tag already names other
-   files -> refused;
+   below) and publish.allow_update false -> refused; the tag already names a commit with
+   other model files -> refused (when only README.md differs, e.g. other publish settings in
+   the card's recipe, the tag moves to the new commit);
 4. one commit per destination (create_commit with explicit operations, parent_commit = the
    head it was planned against): files whose sha256 (LFS) or git blob id (regular) equal the
    remote's are left out, allow-listed remote files the folder no longer has are deleted; no
@@ -70,7 +72,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from . import card
+from . import card, gate
 from .errors import AlignpressError, StageFailed
 from .recipe import Recipe
 from .runstate import RunDir
@@ -89,9 +91,11 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", *TOKENIZER_
 NEVER = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "training_args*", "optimizer*", "scheduler*", "rng_state*", "trainer_state.json")
 # Remote files this stage owns: deleted from the pushed revision when the folder no longer has them.
 MANAGED = (*MODEL_FILES, *ADAPTER_FILES, "README.md", MARKER)
+CARD_FILES = ("README.md", MARKER)  # generated at publish time; the rest is the model itself
 
 RETRY_WAITS: tuple[float, ...] = (2.0, 5.0)  # seconds between attempts of one destination push
-RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# 412: the branch moved between planning and committing; the next attempt plans again.
+RETRY_STATUSES = frozenset({408, 412, 429, 500, 502, 503, 504})
 LFS_THRESHOLD = 10 * 1024 * 1024  # the Hub stores files this large through LFS whatever their name
 TEXT_SCAN_LIMIT = 64 * 1024 * 1024  # files up to this size are scanned in one piece
 NEWLINE = b"\n"
@@ -169,7 +173,9 @@ def collect(folder: Path, patterns: tuple[str, ...]) -> tuple[list[Path], list[s
         raise AlignpressError(f"nothing to push: {folder} does not exist (run the earlier stages first)", source=str(folder))
     keep, left = [], []
     for p in sorted(folder.iterdir()):
-        if p.is_file() and p.name != "README.md" and _allowed(p.name, patterns):
+        if p.name == "README.md":  # the card is rendered again for the repo it goes to
+            continue
+        if p.is_file() and _allowed(p.name, patterns):
             keep.append(p)
         else:
             left.append(p.name + ("/" if p.is_dir() else ""))
@@ -187,21 +193,16 @@ def plan(recipe: Recipe, run_dir: RunDir, token: str) -> list[Destination]:
     dests = []
     if p.push in ("model", "both"):
         d = Destination("model", p.repo_id, "main", tag, p.commit_message or f"alignpress {recipe.name}: model from run {run_id}", "")
-        files, left = collect(run_dir.model, MODEL_FILES)
         text = card.render_model_card(recipe, run_dir, "finetune", data=exported, repo_id=d.repo_id)
-        dests.append(_fill(d, files, left, text, marker, manifest))
+        dests.append(_fill(d, run_dir.model, MODEL_FILES, text, marker, manifest))
     if p.push in ("adapter", "both"):
         separate = p.adapter_repo_id not in (None, p.repo_id)
         repo = p.adapter_repo_id if separate else p.repo_id
         branch = "adapter" if p.push == "both" and not separate else "main"
-        d = Destination(
-            "adapter", repo, branch, tag if branch == "main" else f"{tag}-adapter",
-            (p.commit_message or f"alignpress {recipe.name}: adapter from run {run_id}") + (" (adapter)" if p.commit_message else ""), "",
-            card_library="peft",
-        )
-        files, left = collect(run_dir.adapter, ADAPTER_FILES)
+        message = f"{p.commit_message} (adapter)" if p.commit_message else f"alignpress {recipe.name}: adapter from run {run_id}"
+        d = Destination("adapter", repo, branch, tag if branch == "main" else f"{tag}-adapter", message, "", card_library="peft")
         text = card.render_model_card(recipe, run_dir, "adapter", data=adapter_card_data(exported), repo_id=repo, revision=branch)
-        dests.append(_fill(d, files, left, text, marker, manifest))
+        dests.append(_fill(d, run_dir.adapter, ADAPTER_FILES, text, marker, manifest))
     findings = [f for d in dests for u in d.files.values() if (f := scan(u, token))]
     if findings:
         raise AlignpressError(
@@ -212,7 +213,14 @@ def plan(recipe: Recipe, run_dir: RunDir, token: str) -> list[Destination]:
     return dests
 
 
-def _fill(d: Destination, files: list[Path], left: list[str], card_text: str, marker: bytes, manifest: dict) -> Destination:
+def _fill(d: Destination, folder: Path, patterns: tuple[str, ...], card_text: str, marker: bytes, manifest: dict) -> Destination:
+    """Hash the folder's allow-listed files and the generated ones into `d`."""
+    files, left = collect(folder, patterns)
+    names = {f.name for f in files}
+    needed = {"adapter_config.json", "adapter_model.safetensors"} if d.kind == "adapter" else {"config.json"}
+    if not needed <= names or not any(n.endswith(".safetensors") for n in names):
+        missing = ", ".join(sorted(needed - names)) or "safetensors weights"
+        raise AlignpressError(f"nothing to push: no {missing} here (run the earlier stages again)", source=str(folder))
     for path in files:
         d.files[path.name] = _hashed(path.name, source=path)
     d.files["README.md"] = _hashed("README.md", data=card_text.encode())
@@ -248,7 +256,7 @@ def adapter_card_data(data):
 
 
 def _hashed(name: str, *, source: Path | None = None, data: bytes | None = None) -> Upload:
-    sha, size = hashlib.sha256(), 0
+    sha = hashlib.sha256()
     size = source.stat().st_size if source else len(data or b"")
     git = hashlib.sha1(b"blob %d\0" % size) if size < LFS_THRESHOLD else None
     for chunk in _chunks(source, data):
@@ -272,37 +280,48 @@ def _chunks(source: Path | None, data: bytes | None, size: int = 8 << 20):
 
 
 def scan(u: Upload, token: str | None) -> str | None:
-    """What looks like a secret in an upload: 'FILE: KIND at line N' (never the secret), or None."""
+    """What looks like a secret in an upload: 'FILE: KIND at line N' (never the secret), or None.
+
+    Files up to TEXT_SCAN_LIMIT are scanned in one piece, text files (no NUL byte in their first
+    8 KiB) for assignments too; larger ones are streamed for the token and the fixed patterns.
+    A safetensors file's JSON header (its __metadata__ can hold any string) is scanned as text.
+    """
     literal = token.encode() if token else None
+    if u.path.endswith(".safetensors"):
+        header = _safetensors_header(u)
+        if header and (hit := _scan_blob(header, literal, assignments=True)):
+            return f"{u.shown}: {hit[0]} in its safetensors header"
     if u.size <= TEXT_SCAN_LIMIT:
         blob = u.data if u.data is not None else u.source.read_bytes()  # type: ignore[union-attr]
         text = b"\0" not in blob[:8192]
-        hit = _scan_blob(blob, literal, assignments=text)
-        if hit is None and u.path.endswith(".safetensors") and len(blob) > 8:
-            n = int.from_bytes(blob[:8], "little")
-            if 0 < n <= len(blob) - 8:
-                header_hit = _scan_blob(blob[8 : 8 + n], literal, assignments=True)
-                hit = (header_hit[0], "in its safetensors header") if header_hit else None
-        if hit:
-            kind, where = hit
-            if text and isinstance(where, int):
-                where = f"at line {blob.count(NEWLINE, 0, where) + 1}"
-            elif isinstance(where, int):
-                where = f"at byte {where}"
-            return f"{u.shown}: {kind} {where}"
+        if hit := _scan_blob(blob, literal, assignments=text):
+            where = f"at line {blob.count(NEWLINE, 0, hit[1]) + 1}" if text else f"at byte {hit[1]}"
+            return f"{u.shown}: {hit[0]} {where}"
         return None
-    # Large (binary) files: stream, with an overlap so a secret across two blocks is still seen.
+    # Large files: streamed, with an overlap so that a secret across two blocks is still seen.
     overlap, offset, tail = 4096, 0, b""
     for block in _chunks(u.source, None):
-        hit = _scan_blob(tail + block, literal, assignments=False)
-        if hit:
+        if hit := _scan_blob(tail + block, literal, assignments=False):
             return f"{u.shown}: {hit[0]} at byte {offset - len(tail) + hit[1]}"
         offset += len(block)
         tail = block[-overlap:]
     return None
 
 
-def _scan_blob(blob: bytes, literal: bytes | None, assignments: bool) -> tuple[str, Any] | None:
+def _safetensors_header(u: Upload) -> bytes | None:
+    """The JSON header of a safetensors file: 8 bytes little-endian length, then the JSON."""
+    head = next(_chunks(u.source, u.data, size=8), b"")[:8]
+    n = int.from_bytes(head, "little") if len(head) == 8 else 0
+    if not 0 < n <= min(u.size - 8, 100 << 20):
+        return None
+    if u.data is not None:
+        return u.data[8 : 8 + n]
+    with open(u.source, "rb") as f:  # type: ignore[arg-type]
+        f.seek(8)
+        return f.read(n)
+
+
+def _scan_blob(blob: bytes, literal: bytes | None, assignments: bool) -> tuple[str, int] | None:
     if literal and (pos := blob.find(literal)) >= 0:
         return "the Hub token in use", pos
     for kind, pattern in SECRET_PATTERNS:
@@ -324,22 +343,21 @@ def _scan_blob(blob: bytes, literal: bytes | None, assignments: bool) -> tuple[s
 class Hub:
     """HfApi calls with this stage's retries and one-line errors that never hold the token."""
 
-    def __init__(self, token: str, run_dir: RunDir, rerun: str):
+    def __init__(self, token: str, rerun: str):
         from huggingface_hub import HfApi
 
         # huggingface_hub fixes its default endpoint at import time: read HF_ENDPOINT now.
         self.api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token, library_name="alignpress")
         self.token = token
-        self.rerun = rerun
-        self.run_dir = run_dir
+        self.rerun = rerun  # what to do after a failure, appended to its message
         self.tmp = tempfile.TemporaryDirectory(prefix="alignpress-publish-")
 
     def close(self) -> None:
         self.tmp.cleanup()
 
-    def call(self, what: str, fn: Callable[[], T], retry: bool = False) -> T:
-        """Run `fn`; with `retry`, again after each of RETRY_WAITS on a transient failure."""
-        waits = list(RETRY_WAITS) if retry else []
+    def call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run `fn`, again after each of RETRY_WAITS on a transient failure; `what` names it in errors."""
+        waits = list(RETRY_WAITS)
         attempt = 0
         while True:
             attempt += 1
@@ -348,6 +366,7 @@ class Hub:
             except AlignpressError:
                 raise
             except Exception as e:  # noqa: BLE001 - every failure becomes one clear line below
+                log.debug("publish: %s failed", what, exc_info=True)
                 if waits and _transient(e):
                     wait = waits.pop(0)
                     log.warning("publish: %s failed (%s); retrying in %g s", what, self._describe(e), wait)
@@ -394,7 +413,7 @@ def _transient(e: Exception) -> bool:
 
 def check_identity(hub: Hub, dests: list[Destination]) -> str:
     """whoami: the token is valid and may write to every namespace this push targets."""
-    me = hub.call("checking the token (whoami)", hub.api.whoami, retry=True)
+    me = hub.call("checking the token (whoami)", hub.api.whoami)
     role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
     if role == "read":
         raise AlignpressError(f"the token of '{me['name']}' is read-only: create a token with write access (https://huggingface.co/settings/tokens)")
@@ -445,8 +464,8 @@ def _marker_run_id(hub: Hub, repo_id: str, revision: str, files: dict[str, Any])
         return None
 
 
-def check_repo(hub: Hub, recipe: Recipe, run_id: str, repo_id: str, dests: list[Destination]) -> bool:
-    """Refuse an existing repo we must not push to; returns whether the repo exists."""
+def check_repo(hub: Hub, recipe: Recipe, run_id: str, repo_id: str, dests: list[Destination]) -> None:
+    """Refuse an existing repo this push must not touch (visibility, ownership, tag)."""
     from huggingface_hub.errors import RepositoryNotFoundError
 
     def info():
@@ -455,9 +474,9 @@ def check_repo(hub: Hub, recipe: Recipe, run_id: str, repo_id: str, dests: list[
         except RepositoryNotFoundError:
             return None
 
-    found = hub.call(f"looking up {repo_id}", info, retry=True)
+    found = hub.call(f"looking up {repo_id}", info)
     if found is None:
-        return False
+        return
     p = recipe.publish
     if p.private and not found.private:
         raise AlignpressError(
@@ -465,15 +484,17 @@ def check_repo(hub: Hub, recipe: Recipe, run_id: str, repo_id: str, dests: list[
             "(repo Settings), or set publish.private: false to publish publicly",
             field="publish.private",
         )
-    refs = hub.call(f"listing the branches and tags of {repo_id}", lambda: hub.api.list_repo_refs(repo_id), retry=True)
+    if found.private and not p.private:
+        log.warning("publish: %s is private and stays private (publish.private false changes no existing repo)", repo_id)
+    refs = hub.call(f"listing the branches and tags of {repo_id}", lambda: hub.api.list_repo_refs(repo_id))
     branches = {b.name: b.target_commit for b in refs.branches}
     tags = {t.name: t.target_commit for t in refs.tags}
     revisions = ["main", *[d.branch for d in dests if d.branch in branches and d.branch != "main"]]
     ours, empty = False, True
     for rev in revisions:
-        files = hub.call(f"listing the files of {repo_id}@{rev}", lambda rev=rev: tree(hub, repo_id, rev), retry=True)
+        files = hub.call(f"listing the files of {repo_id}@{rev}", lambda rev=rev: tree(hub, repo_id, rev))
         empty = empty and set(files) <= {".gitattributes"}
-        got = hub.call(f"reading {MARKER} of {repo_id}@{rev}", lambda rev=rev, files=files: _marker_run_id(hub, repo_id, rev, files), retry=True)
+        got = hub.call(f"reading {MARKER} of {repo_id}@{rev}", lambda rev=rev, files=files: _marker_run_id(hub, repo_id, rev, files))
         ours = ours or got == run_id
     if not (ours or empty or p.allow_update):
         raise AlignpressError(
@@ -483,15 +504,16 @@ def check_repo(hub: Hub, recipe: Recipe, run_id: str, repo_id: str, dests: list[
         )
     for d in dests:
         if d.tag in tags:
-            remote = hub.call(f"listing the files of {repo_id}@{d.tag}", lambda d=d: tree(hub, repo_id, tags[d.tag]), retry=True)
+            remote = hub.call(f"listing the files of {repo_id}@{d.tag}", lambda d=d: tree(hub, repo_id, tags[d.tag]))
             changed, stale = differences(d, remote)
-            if changed or stale:
+            # A new card alone (e.g. other publish settings in its recipe) is the same model: the tag moves.
+            other = [u.path for u in changed if u.path not in CARD_FILES] + [p for p in stale if p not in CARD_FILES]
+            if other:
                 raise AlignpressError(
-                    f"the tag '{d.tag}' of {repo_id} already names a commit with other files ({', '.join([u.path for u in changed] + stale)}): "
+                    f"the tag '{d.tag}' of {repo_id} already names a commit with other files ({', '.join(other)}): "
                     "set publish.tag to a new name",
                     field="publish.tag",
                 )
-    return True
 
 
 def push(hub: Hub, d: Destination, private: bool) -> dict[str, Any]:
@@ -499,16 +521,17 @@ def push(hub: Hub, d: Destination, private: bool) -> dict[str, Any]:
     from huggingface_hub import CommitOperationDelete
 
     api, repo = hub.api, d.repo_id
-    hub.call(f"creating {repo}", lambda: _ensure_repo(hub, repo, private), retry=True)
-    refs = hub.call(f"listing the branches and tags of {repo}", lambda: api.list_repo_refs(repo), retry=True)
-    before = {b.name: b.target_commit for b in refs.branches}.get(d.branch)
+    hub.call(f"creating {repo}", lambda: _ensure_repo(hub, repo, private))
+    refs = hub.call(f"listing the branches and tags of {repo}", lambda: api.list_repo_refs(repo))
+    # What the branch and the tag named before: a commit that is neither was made by this push.
+    before = ({b.name: b.target_commit for b in refs.branches}.get(d.branch), {t.name: t.target_commit for t in refs.tags}.get(d.tag))
 
     def attempt() -> str:
         refs = api.list_repo_refs(repo)
         branches = {b.name: b.target_commit for b in refs.branches}
         tags = {t.name: t.target_commit for t in refs.tags}
-        if d.tag in tags:  # check_repo made sure it names exactly these files
-            return tags[d.tag]
+        if d.tag in tags and differences(d, tree(hub, repo, tags[d.tag])) == ([], []):
+            return tags[d.tag]  # this exact push is already tagged: nothing to do
         if d.branch not in branches:  # the adapter branch starts empty: from the repo's first commit
             first = api.list_repo_commits(repo, revision="main")[-1].commit_id
             api.create_branch(repo, branch=d.branch, revision=first, exist_ok=True)
@@ -521,11 +544,11 @@ def push(hub: Hub, d: Destination, private: bool) -> dict[str, Any]:
             ops = [u.operation() for u in changed] + [CommitOperationDelete(path_in_repo=p) for p in stale]
             info = api.create_commit(repo, ops, commit_message=d.message, commit_description=d.description, revision=d.branch, parent_commit=head)
             commit = info.oid
-        _tag(hub, d, commit)
+        _tag(hub, d, commit, tags.get(d.tag))
         return commit
 
-    commit = hub.call(f"pushing the {d.kind} to {repo}@{d.branch}", attempt, retry=True)
-    return {"commit": commit, "new_commit": commit != before}
+    commit = hub.call(f"pushing the {d.kind} to {repo}@{d.branch}", attempt)
+    return {"commit": commit, "new_commit": commit not in before}
 
 
 def _ensure_repo(hub: Hub, repo_id: str, private: bool) -> None:
@@ -553,9 +576,15 @@ def _ensure_repo(hub: Hub, repo_id: str, private: bool) -> None:
         raise StageFailed(f"{repo_id} appeared while this push was starting (409 Conflict on create). {hub.rerun}") from None
 
 
-def _tag(hub: Hub, d: Destination, commit: str) -> None:
+def _tag(hub: Hub, d: Destination, commit: str, existing: str | None) -> None:
+    """Tag `commit`; a tag on an older commit of the same model (check_repo: only the card differs) moves."""
     from huggingface_hub.errors import HfHubHTTPError
 
+    if existing == commit:
+        return
+    if existing is not None:
+        log.info("publish %s: moving tag %s of %s from %s to %s (only the card changed)", d.kind, d.tag, d.repo_id, existing[:8], commit[:8])
+        hub.api.delete_tag(d.repo_id, tag=d.tag)
     try:
         hub.api.create_tag(d.repo_id, tag=d.tag, revision=commit, tag_message=d.message)
     except HfHubHTTPError as e:
@@ -566,21 +595,22 @@ def _tag(hub: Hub, d: Destination, commit: str) -> None:
             raise AlignpressError(f"the tag '{d.tag}' of {d.repo_id} was just created on another commit: set publish.tag to a new name", field="publish.tag") from None
 
 
-def verify(hub: Hub, d: Destination, commit: str, private: bool) -> None:
-    """The pushed revision holds exactly the uploaded files; the card reads back; the flags hold."""
+def verify(hub: Hub, d: Destination, commit: str, private: bool) -> bool:
+    """The pushed revision holds exactly the uploaded files, the card reads back, the tag and the
+    private flag hold; returns whether the repo is private."""
     from huggingface_hub import ModelCard
 
     repo = d.repo_id
-    remote = hub.call(f"listing the pushed files of {repo}", lambda: tree(hub, repo, commit), retry=True)
+    remote = hub.call(f"listing the pushed files of {repo}", lambda: tree(hub, repo, commit))
     changed, stale = differences(d, remote)
     problems = [f"{u.path} is {'missing' if u.path not in remote else 'different'}" for u in changed] + [f"{p} should not be there" for p in stale]
-    tags = {t.name: t.target_commit for t in hub.call(f"listing the tags of {repo}", lambda: hub.api.list_repo_refs(repo), retry=True).tags}
+    tags = {t.name: t.target_commit for t in hub.call(f"listing the tags of {repo}", lambda: hub.api.list_repo_refs(repo)).tags}
     if tags.get(d.tag) != commit:
         problems.append(f"tag {d.tag} points at {tags.get(d.tag)}, not {commit}")
-    info = hub.call(f"looking up {repo}", lambda: hub.api.repo_info(repo), retry=True)
+    info = hub.call(f"looking up {repo}", lambda: hub.api.repo_info(repo))
     if private and not info.private:
         problems.append("the repo is public although publish.private is true")
-    path = hub.call(f"downloading the card of {repo}", lambda: hub.api.hf_hub_download(repo, "README.md", revision=commit, cache_dir=hub.tmp.name), retry=True)
+    path = hub.call(f"downloading the card of {repo}", lambda: hub.api.hf_hub_download(repo, "README.md", revision=commit, cache_dir=hub.tmp.name))
     readme = Path(path).read_bytes()
     if readme != d.files["README.md"].data:
         problems.append("README.md reads back different")
@@ -590,6 +620,7 @@ def verify(hub: Hub, d: Destination, commit: str, private: bool) -> None:
             problems.append(f"the card's metadata reads back wrong (library_name {data.library_name!r}, tags {data.tags})")
     if problems:
         raise StageFailed(f"verification of {repo}@{commit[:8]} failed: {'; '.join(problems)}. {hub.rerun}")
+    return bool(info.private)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -612,13 +643,18 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     if constants.HF_HUB_OFFLINE:
         raise AlignpressError(f"HF_HUB_OFFLINE is set, so nothing can be pushed: unset it and run publish again (the finished model is in {run_dir.model})")
 
+    gate.check(recipe, run_dir)  # eval.gate_*: a model the evaluation failed is never pushed
+
     manifest = run_dir.load()
     rerun = (
         f"Nothing is lost: the finished model is in {run_dir.model}; run "
         f"`entrypoint.py publish {manifest.get('recipe_file', 'RECIPE')} --output-dir {run_dir.root}` (with the same --set flags) to finish the push"
     )
     dests = plan(recipe, run_dir, token)  # refuses before any request when a file holds a secret
-    hub = Hub(token, run_dir, rerun)
+    for name in ("httpx2", "httpx"):  # their INFO line per request drowns the stage's own messages
+        if logging.getLogger(name).level == logging.NOTSET:
+            logging.getLogger(name).setLevel(logging.WARNING)
+    hub = Hub(token, rerun)
     try:
         user = check_identity(hub, dests)
         for repo_id in dict.fromkeys(d.repo_id for d in dests):
@@ -626,14 +662,14 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
         results = []
         for d in dests:
             out = push(hub, d, p.private)
-            verify(hub, d, out["commit"], p.private)
+            private = verify(hub, d, out["commit"], p.private)
             url = f"{hub.api.endpoint.rstrip('/')}/{d.repo_id}" + (f"/tree/{d.branch}" if d.branch != "main" else "")
             results.append({
-                "kind": d.kind, "repo_id": d.repo_id, "url": url, "branch": d.branch, "tag": d.tag, "private": p.private,
+                "kind": d.kind, "repo_id": d.repo_id, "url": url, "branch": d.branch, "tag": d.tag, "private": private,
                 "commit": out["commit"], "new_commit": out["new_commit"], "files": {u.path: u.size for u in sorted(d.files.values(), key=lambda u: u.path)},
             })
             what = "pushed" if out["new_commit"] else "already up to date, no new commit"
-            print(f"{d.kind}: {what}: {url} (tag {d.tag}, commit {out['commit'][:8]}, {len(d.files)} files, {'private' if p.private else 'public'})", flush=True)
+            print(f"{d.kind}: {what}: {url} (tag {d.tag}, commit {out['commit'][:8]}, {len(d.files)} files, {'private' if private else 'public'})", flush=True)
     finally:
         hub.close()
     return {"pushed": True, "user": user, "destinations": results}
