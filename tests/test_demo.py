@@ -94,7 +94,7 @@ def test_model_card(demo_run):
     assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
     assert data["tags"] == ["dpo", "trl", "alignpress", "lora", "demo", "arithmetic"]
     assert data["language"] == ["en"]
-    assert "base_model" not in data  # a builtin base is not a Hub id
+    assert "base_model" not in data and "datasets" not in data  # a builtin base and a local file are not Hub ids
     for heading in ("## What was done", "## Hyperparameters", "## Data", "## Training results", "## Evaluation (held-out pairs)", "## Usage", "## Framework versions", "## Recipe", "## Citations"):
         assert heading in card.text, heading
     ev = load(demo_run[0] / "metrics/eval.json")

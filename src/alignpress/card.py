@@ -34,8 +34,13 @@ CITATIONS = """```bibtex
 ```"""
 
 
-def is_hub_id(name: str) -> bool:
-    return not name.startswith(("builtin:", ".", "/", "~")) and name.count("/") == 1 and not Path(name).exists()
+def is_hub_id(name: str, recipe: Recipe | None = None) -> bool:
+    """namespace/name that is not a local path (relative paths are resolved against the recipe too)."""
+    if name.startswith(("builtin:", ".", "/", "~")) or name.count("/") != 1 or Path(name).exists():
+        return False
+    if recipe is not None and Path(recipe.resolve_path(name)).exists():
+        return False
+    return Path(name).suffix.lower() not in (".jsonl", ".json", ".parquet", ".csv")
 
 
 def base_license(recipe: Recipe) -> str | None:
@@ -128,10 +133,10 @@ def metadata(recipe: Recipe, relation: str = "finetune") -> ModelCardData:
         "pipeline_tag": "text-generation",
         "tags": tags,
     }
-    if is_hub_id(recipe.model.name_or_path):
+    if is_hub_id(recipe.model.name_or_path, recipe):
         data["base_model"] = recipe.model.name_or_path
         data["base_model_relation"] = relation
-    if is_hub_id(recipe.data.dataset):
+    if is_hub_id(recipe.data.dataset, recipe):
         data["datasets"] = [recipe.data.dataset]
     if c.language:
         data["language"] = c.language

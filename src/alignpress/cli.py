@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from . import plan
 from .errors import AlignpressError
 from .recipe import Recipe, describe, dump, load_recipe
 from .runstate import STAGES, RunDir
@@ -40,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--output-dir", help="output folder (default outputs/<recipe name>)")
             sp.add_argument("--restart", action="store_true", help="start over: forget finished stages and checkpoints in the output folder")
     sub.add_parser("schema", help="print every recipe field with its type, default and meaning")
+    plan.add_parser(sub)
     return p
 
 
@@ -161,6 +163,8 @@ def _relaunch(recipe: Recipe, argv: list[str]) -> int:
 
 
 def execute(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.command == "plan":
+        return plan.main(args)
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "validate":
         print(f"# {args.recipe}: valid")

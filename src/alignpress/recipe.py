@@ -146,7 +146,7 @@ class PublishSection:
     repo_id: str | None = _f(None, help="Hub repo to push to (namespace/name). None = do not push.")
     private: bool = _f(True, help="Create the repo private. Refuses to push to an existing public repo when true.")
     push: Literal["model", "adapter", "both"] = _f("model", help="What to push: the merged model, the adapter, or both.")
-    adapter_repo_id: str | None = _f(None, help="Repo for the adapter; None = branch `adapter` of repo_id.")
+    adapter_repo_id: str | None = _f(None, help="Repo for the adapter; None = the `adapter` branch of repo_id (push: both) or repo_id itself (push: adapter).")
     tag: str | None = _f(None, help="Tag to create on the pushed commit; None = the run id.")
     allow_update: bool = _f(False, help="Allow pushing to a repo that already exists.")
     commit_message: str | None = _f(None, help="Commit message; None = one naming the recipe and run id.")

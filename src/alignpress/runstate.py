@@ -162,7 +162,9 @@ class RunDir:
     def stage(self, name: str) -> Iterator[dict[str, Any]]:
         """Run a stage: marks it running, then done with its timing, or failed with the error."""
         started = time.time()
-        self.set_stage(name, status="running", started=now(), error=None)
+        m = self.load()
+        m.setdefault("stages", {})[name] = {"status": "running", "started": now()}  # drop a previous attempt's results
+        self.save(m)
         info: dict[str, Any] = {}
         try:
             yield info

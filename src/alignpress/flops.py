@@ -1,0 +1,420 @@
+"""Arithmetic of a DPO run: model FLOPs, a GPU memory estimate, padding. No model is loaded.
+
+Used by `entrypoint.py plan` (before any GPU is rented) and by `benchmarks/bench_dpo.py` (to turn
+measured step times into model FLOPs utilisation). Everything here is plain arithmetic on the
+architecture's shapes, so it can be checked by hand (tests/test_plan.py does).
+
+FLOPs (model FLOPs, the MFU convention: useful work only, no recomputation, padding excluded).
+A multiply-add is 2 FLOPs. For one training sequence of L tokens whose last k tokens are the answer:
+
+  matmul  = 2 * P_body * L            P_body = weights of the decoder layers' linear layers
+  attn    = 4 * d_attn * layers * C(L) C(L) = query-key pairs under the causal mask (and sliding
+                                      window): sum over positions i of min(i + 1, window);
+                                      QK^T and AV are 2 FLOPs per pair per attention channel each
+  head    = 2 * vocab * hidden * k    TRL 1.16 projects only the scored (answer) positions
+                                      through the LM head (its fused, chunked log-prob head)
+  lora    = 2 * P_lora * L            adapter matmuls (x @ A, then @ B)
+
+  policy forward   = matmul + attn + head + lora
+  policy backward  = LoRA: matmul + 2 * attn + head + 2 * lora
+                       (gradients flow through the frozen weights to reach earlier adapters: one
+                       matmul per frozen weight for the activation gradient, none for its weight
+                       gradient; attention's backward is twice its forward; the adapters get both
+                       their activation and weight gradients)
+                     full fine-tuning: 2 * (matmul + attn + head)   (the familiar "6N" total)
+  reference forward = matmul + attn + head   (adapters disabled; none when the reference
+                                              log-probs are precomputed: then it runs once,
+                                              before training, and is counted separately)
+
+So with LoRA a token costs about 6 * P_body FLOPs (2 policy forward + 2 policy backward +
+2 reference forward), the same as full fine-tuning without a reference model. Gradient
+checkpointing recomputes the policy forward (another 2 * P_body per token): that is hardware
+work, not model work, and is left out of MFU.
+
+Memory: see `memory_estimate`; it is an estimate to be checked against the benchmark's measured
+peaks (benchmarks/results/*.json), and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+GiB = 1024**3
+
+
+# ---------------------------------------------------------------------------------------------
+# Architectures
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The shapes of a decoder-only transformer that FLOPs and memory depend on."""
+
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied_embeddings: bool
+    fused_projections: bool = False  # Phi-3: one qkv_proj and one gate_up_proj per layer
+    sliding_window: int | None = None
+
+    @property
+    def d_attn(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def d_kv(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linears(self) -> list[tuple[str, int, int]]:
+        """(name, in_features, out_features) of every linear layer in one decoder layer."""
+        h, a, kv, i = self.hidden, self.d_attn, self.d_kv, self.intermediate
+        if self.fused_projections:
+            return [("qkv_proj", h, a + 2 * kv), ("o_proj", a, h), ("gate_up_proj", h, 2 * i), ("down_proj", i, h)]
+        return [("q_proj", h, a), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", a, h), ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)]
+
+    @property
+    def body_params(self) -> int:
+        """Weights of the decoder layers' linear layers (what the matmul FLOPs and 4-bit quantisation see)."""
+        return self.layers * sum(n_in * n_out for _, n_in, n_out in self.linears())
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def norm_params(self) -> int:
+        return (2 * self.layers + 1) * self.hidden
+
+    @property
+    def total_params(self) -> int:
+        head = 0 if self.tied_embeddings else self.vocab * self.hidden
+        return self.body_params + self.embedding_params + head + self.norm_params
+
+    def lora_params(self, r: int, targets: list[str] | str = "all-linear") -> int:
+        """Trainable adapter weights: r * (in + out) for each adapted linear layer (never the LM head)."""
+        chosen = [(n_in, n_out) for name, n_in, n_out in self.linears() if targets == "all-linear" or _targets(name, targets)]
+        return self.layers * sum(r * (n_in + n_out) for n_in, n_out in chosen)
+
+
+def _targets(name: str, targets: list[str]) -> bool:
+    # peft matches module names by suffix; a recipe written for separate projections (q_proj, ...)
+    # still adapts Phi-3's fused ones only if it names them.
+    return name in targets
+
+
+def arch_from_config(config: Any, name: str = "") -> Arch:
+    """An Arch from a transformers config object or a config.json dict."""
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    hidden = get("hidden_size")
+    heads = get("num_attention_heads")
+    model_type = get("model_type", "") or ""
+    return Arch(
+        name=name or model_type,
+        hidden=hidden,
+        layers=get("num_hidden_layers"),
+        heads=heads,
+        kv_heads=get("num_key_value_heads") or heads,
+        head_dim=get("head_dim") or hidden // heads,
+        intermediate=get("intermediate_size"),
+        vocab=get("vocab_size"),
+        tied_embeddings=bool(get("tie_word_embeddings", False)),
+        fused_projections=model_type == "phi3",
+        sliding_window=get("sliding_window") if model_type in ("phi3", "mistral") else None,
+    )
+
+
+# From the models' public configs (facts in shared/reference/models-and-data.md), so that `plan`
+# works for the seed recipes without downloading anything.
+KNOWN_ARCHS = {
+    "microsoft/Phi-3-mini-4k-instruct": Arch("Phi-3-mini", hidden=3072, layers=32, heads=32, kv_heads=32, head_dim=96, intermediate=8192, vocab=32064, tied_embeddings=False, fused_projections=True, sliding_window=2047),
+    "google/gemma-2b-it": Arch("Gemma-2b", hidden=2048, layers=18, heads=8, kv_heads=1, head_dim=256, intermediate=16384, vocab=256000, tied_embeddings=True),
+}
+KNOWN_ARCHS["google/gemma-2b"] = KNOWN_ARCHS["google/gemma-2b-it"]
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def causal_pairs(length: int, window: int | None = None) -> int:
+    """Query-key pairs a causal (optionally sliding-window) attention computes for one sequence."""
+    if window is None or length <= window:
+        return length * (length + 1) // 2
+    return window * (window + 1) // 2 + (length - window) * window
+
+
+def sequence_flops(arch: Arch, length: int, completion: int, *, lora_r: int | None = 16, lora_targets: list[str] | str = "all-linear", reference: bool = True) -> dict[str, float]:
+    """Model FLOPs of one training sequence (see the module docstring for every term).
+
+    length: tokens in the sequence (prompt + answer, after truncation); completion: answer tokens
+    (the positions scored through the LM head); lora_r: None for full fine-tuning; reference:
+    False when the reference log-probs are precomputed.
+    """
+    matmul = 2.0 * arch.body_params * length
+    attn = 4.0 * arch.d_attn * arch.layers * causal_pairs(length, arch.sliding_window)
+    head = 2.0 * arch.vocab * arch.hidden * completion
+    if lora_r is None:
+        forward = matmul + attn + head
+        backward = 2 * forward
+    else:
+        lora = 2.0 * arch.lora_params(lora_r, lora_targets) * length
+        forward = matmul + attn + head + lora
+        backward = matmul + 2 * attn + head + 2 * lora
+    ref = (matmul + attn + head) if reference else 0.0
+    return {"policy_forward": forward, "policy_backward": backward, "reference_forward": ref, "total": forward + backward + ref}
+
+
+def flops_per_token(arch: Arch, seq_len: int, completion_fraction: float = 0.5, **kw: Any) -> float:
+    """Average model FLOPs per non-padding token for sequences of `seq_len` tokens."""
+    return sequence_flops(arch, seq_len, round(seq_len * completion_fraction), **kw)["total"] / seq_len
+
+
+def truncate_pair(prompt: int, chosen: int, rejected: int, max_length: int | None) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """(length, completion) of the chosen and rejected sequences TRL builds from one pair.
+
+    TRL 1.16 (keep_start): each of prompt+chosen and prompt+rejected is cut to max_length, and a
+    pair whose prompt alone fills max_length is dropped (returns None).
+    """
+    if max_length is not None and prompt >= max_length:
+        return None
+    out = []
+    for answer in (chosen, rejected):
+        length = prompt + answer if max_length is None else min(prompt + answer, max_length)
+        out.append((length, length - prompt))
+    return out[0], out[1]
+
+
+def dataset_flops(arch: Arch, pairs: list[tuple[int, int, int]], max_length: int | None, **kw: Any) -> dict[str, float]:
+    """FLOPs and non-padding tokens of one pass over `pairs` of (prompt, chosen, rejected) token counts."""
+    totals = {"policy_forward": 0.0, "policy_backward": 0.0, "reference_forward": 0.0, "total": 0.0, "tokens": 0, "pairs": 0, "dropped_pairs": 0}
+    for p, c, r in pairs:
+        seqs = truncate_pair(p, c, r, max_length)
+        if seqs is None:
+            totals["dropped_pairs"] += 1
+            continue
+        totals["pairs"] += 1
+        for length, completion in seqs:
+            f = sequence_flops(arch, length, completion, **kw)
+            for k in ("policy_forward", "policy_backward", "reference_forward", "total"):
+                totals[k] += f[k]
+            totals["tokens"] += length
+    return totals
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+# NF4 with double quantisation (bitsandbytes, the seed's QLoRA): 4 bits per weight, an 8-bit absmax
+# per block of 64 weights, and an fp32 constant per 256 of those blocks.
+NF4_BYTES_PER_PARAM = (4 + 8 / 64 + 32 / (64 * 256)) / 8
+# TRL's fused LM head works in tiles of 4,096 tokens x 32,768 vocabulary entries (trl 1.16:
+# kernels/chunked_logprob.py TOKEN_CHUNK_SIZE, trainer/utils.py _CHUNKED_LOGPROB_CHUNK_SIZE).
+LM_HEAD_TILE = (4096, 32768)
+CUDA_CONTEXT_GIB = 1.0  # CUDA context + cuBLAS workspace: not in torch's allocator statistics (assumption)
+FRAGMENTATION = 0.10  # allocator fragmentation margin on top of the estimate (assumption)
+OPTIMIZER_STATE_BYTES = {"8bit": 2, "32bit": 8}  # Adam m and v per trainable parameter
+
+
+def activation_bytes_per_token_layer(arch: Arch, dtype_bytes: int = 2) -> int:
+    """Estimated bytes one decoder layer keeps for backward, per token (flash/SDPA attention).
+
+    Counted tensors: two RMSNorms (input, fp32 copy, output: about 4 x hidden each), q/k before
+    and after RoPE, v and the attention output (3 x d_attn + 3 x d_kv), and the gated MLP's gate,
+    up, activation and product (4 x intermediate). LoRA's rank-r intermediates are negligible, and
+    TRL disables dropout (so LoRA dropout keeps no copy). An estimate, to be calibrated against
+    the benchmark's measured peaks.
+    """
+    return dtype_bytes * (8 * arch.hidden + 3 * arch.d_attn + 3 * arch.d_kv + 4 * arch.intermediate)
+
+
+@dataclass
+class MemorySettings:
+    """What the memory estimate depends on, read from a recipe by `settings_from_recipe`."""
+
+    weights: str = "bf16"  # nf4 | bf16 | fp32
+    lora_r: int | None = 16  # None = full fine-tuning
+    lora_targets: list[str] | str = "all-linear"
+    optimizer_bits: str = "32bit"
+    gradient_checkpointing: bool = False
+    micro_batch_pairs: int = 2
+    seq_len: int = 2048  # the longest sequence a micro-batch may hold (rows pad to it)
+    precompute_ref: bool = False
+    attn_implementation: str | None = None
+
+
+def memory_estimate(arch: Arch, s: MemorySettings) -> dict[str, Any]:
+    """Peak GPU memory of one training step, by component (bytes), with the formula of each."""
+    weight_bytes = {"nf4": None, "bf16": 2, "fp32": 4}[s.weights]
+    head_params = 0 if arch.tied_embeddings else arch.vocab * arch.hidden
+    other_params = arch.embedding_params + head_params + arch.norm_params
+    parts: dict[str, float] = {}
+    if s.weights == "nf4":
+        # peft's prepare_model_for_kbit_training casts every parameter that is not 4-bit
+        # (embeddings, LM head, norms) to fp32.
+        parts["weights"] = arch.body_params * NF4_BYTES_PER_PARAM + other_params * 4
+    else:
+        parts["weights"] = arch.total_params * weight_bytes
+    opt = OPTIMIZER_STATE_BYTES["8bit" if "8bit" in s.optimizer_bits else "32bit"]
+    if s.lora_r is not None:
+        n = arch.lora_params(s.lora_r, s.lora_targets)
+        # Adapters: fp32 under bf16 training (peft upcasts them), bf16 under QLoRA (TRL casts them).
+        p = 2 if s.weights == "nf4" else 4
+        parts["trainable_states"] = n * (p + p + opt)
+    else:
+        # Full fine-tuning: gradients in the weights' dtype, Adam states in the weights' dtype
+        # (torch AdamW), and a reference copy of the model unless its log-probs are precomputed.
+        parts["trainable_states"] = arch.total_params * weight_bytes * 3
+        if not s.precompute_ref:
+            parts["reference_model"] = arch.total_params * weight_bytes
+    tokens = 2 * s.micro_batch_pairs * s.seq_len  # chosen + rejected rows, padded to seq_len
+    per_layer = activation_bytes_per_token_layer(arch)
+    if s.gradient_checkpointing:
+        # each layer's input (bf16) is kept; one layer's activations are rebuilt at a time
+        parts["activations"] = tokens * (arch.layers * 2 * arch.hidden + per_layer)
+    else:
+        parts["activations"] = tokens * arch.layers * per_layer
+    if s.attn_implementation == "eager":
+        # eager attention keeps the scores and the probabilities: rows x heads x L^2 (bf16 each)
+        rows = 2 * s.micro_batch_pairs
+        layers_kept = 1 if s.gradient_checkpointing else arch.layers
+        parts["activations"] += rows * arch.heads * s.seq_len**2 * 2 * 2 * layers_kept
+    # Fused LM head: a logits tile for the forward and one for the backward, the gathered hidden
+    # states (bf16) and their gradient (fp32), for at most every token of the micro-batch.
+    tile = min(tokens, LM_HEAD_TILE[0]) * min(arch.vocab, LM_HEAD_TILE[1]) * 2
+    parts["lm_head"] = 2 * tile + tokens * arch.hidden * (2 + 4)
+    subtotal = sum(parts.values())
+    total = subtotal * (1 + FRAGMENTATION) + CUDA_CONTEXT_GIB * GiB
+    return {
+        "parts_gib": {k: v / GiB for k, v in parts.items()},
+        "subtotal_gib": subtotal / GiB,
+        "total_gib": total / GiB,
+        "micro_batch_tokens": tokens,
+        # What older TRL (the seed notebook's) materialised instead of tiles: fp32 logits for every
+        # position of chosen and rejected rows. For reference only; TRL 1.16 never builds it.
+        "full_logits_gib": tokens * arch.vocab * 4 / GiB,
+        "settings": asdict(s),
+        "status": "estimate: not measured",
+        "formula": (
+            f"(weights + trainable states + activations + LM head) x {1 + FRAGMENTATION:.2f} fragmentation margin "
+            f"+ {CUDA_CONTEXT_GIB:g} GiB CUDA context; activations for {2 * s.micro_batch_pairs} rows x {s.seq_len} tokens"
+        ),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Padding and lengths
+
+
+def padding_fraction(rows: list[int], batch_pairs: int, *, seed: int = 0, sort: bool = False) -> float:
+    """Share of padded positions when pairs are batched `batch_pairs` at a time.
+
+    rows: for each pair, (chosen_len, rejected_len) flattened as [c0, r0, c1, r1, ...]. Each
+    micro-batch pads its 2 * batch_pairs rows to the longest one (TRL's collator).
+    sort=True approximates length grouping (neighbours by length share a batch).
+    """
+    pairs = [(rows[i], rows[i + 1]) for i in range(0, len(rows) - 1, 2)]
+    order = list(range(len(pairs)))
+    if sort:
+        order.sort(key=lambda i: max(pairs[i]))
+    else:
+        random.Random(seed).shuffle(order)
+    real = padded = 0
+    for start in range(0, len(order), batch_pairs):
+        batch = [pairs[i] for i in order[start : start + batch_pairs]]
+        longest = max(max(p) for p in batch)
+        real += sum(sum(p) for p in batch)
+        padded += longest * 2 * len(batch)
+    return 1 - real / padded if padded else 0.0
+
+
+@dataclass
+class LengthDistribution:
+    """A capybara-like distribution of (prompt, chosen, rejected) token counts (an assumption).
+
+    Target (shared/reference/models-and-data.md, from arXiv 2410.20305): median about 1,160
+    tokens a pair, prompt about 1.6 x the answer, a long tail past 3,500. Read here as: a pair
+    is prompt + chosen + rejected, and the ratio is prompt / mean(chosen, rejected). Prompt and
+    answers are independent lognormals (medians and sigmas below, tuned by simulation so the
+    realised statistics hit the targets; `describe` prints what a sample realises).
+    """
+
+    prompt_median: float = 470.0
+    prompt_sigma: float = 0.9
+    answer_median: float = 275.0
+    answer_sigma: float = 0.6
+    scale: float = 1.0  # multiplies every length (the CPU smoke test uses a small scale)
+    minimum: int = 2
+    maximum: int = 8000
+
+    def sample(self, n: int, seed: int) -> list[tuple[int, int, int]]:
+        rng = random.Random(seed)
+
+        def draw(median, sigma):
+            value = math.exp(rng.gauss(math.log(median * self.scale), sigma))
+            return int(min(max(round(value), self.minimum), self.maximum * self.scale))
+
+        return [(draw(self.prompt_median, self.prompt_sigma), draw(self.answer_median, self.answer_sigma), draw(self.answer_median, self.answer_sigma)) for _ in range(n)]
+
+    @staticmethod
+    def describe(pairs: list[tuple[int, int, int]], tail: int = 3500) -> dict[str, float]:
+        totals = sorted(p + c + r for p, c, r in pairs)
+        ratios = sorted(p / ((c + r) / 2) for p, c, r in pairs)
+
+        def q(values, f):
+            return values[min(len(values) - 1, int(f * len(values)))]
+
+        return {
+            "pairs": len(pairs),
+            "median_pair_tokens": q(totals, 0.5),
+            "median_prompt_to_answer": round(q(ratios, 0.5), 2),
+            "p95_pair_tokens": q(totals, 0.95),
+            "p99_pair_tokens": q(totals, 0.99),
+            "max_pair_tokens": totals[-1],
+            f"share_over_{tail}": round(sum(t > tail for t in totals) / len(totals), 4),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables shipped with alignpress (src/alignpress/data/)
+
+
+def load_table(name: str) -> dict[str, Any]:
+    """gpus.json, gpu_prices.json or throughput.json."""
+    return json.loads((Path(__file__).parent / "data" / name).read_text())
+
+
+def gpu_for_device(device_name: str, total_gib: float) -> str | None:
+    """The gpus.json key for a CUDA device (torch.cuda.get_device_name, total memory), or None."""
+    for key, info in load_table("gpus.json")["gpus"].items():
+        if any(n in device_name for n in info["device_names"]) and total_gib <= info.get("max_memory_gib_for_name", 1e9):
+            return key
+    return None
+
+
+__all__ = [
+    "Arch",
+    "KNOWN_ARCHS",
+    "LengthDistribution",
+    "MemorySettings",
+    "arch_from_config",
+    "causal_pairs",
+    "dataset_flops",
+    "flops_per_token",
+    "gpu_for_device",
+    "load_table",
+    "memory_estimate",
+    "padding_fraction",
+    "sequence_flops",
+    "truncate_pair",
+]

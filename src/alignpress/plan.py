@@ -1,0 +1,412 @@
+"""`entrypoint.py plan RECIPE`: what a run will cost, before any GPU is rented.
+
+Reads: the recipe, the prepared data's token counts (OUTPUT/data/stats.json and, when present,
+the per-pair counts in data/train.jsonl; or --tokens-from), the architecture (the model folder's
+config.json, alignpress.flops.KNOWN_ARCHS, or the Hub's config.json), the throughput model
+(src/alignpress/data/throughput.json, replaced by measurements in benchmarks/results/*.json
+when they cover the GPU and the recipe's settings) and a dated price table
+(src/alignpress/data/gpu_prices.json, or --prices FILE). Loads no model weights, needs no GPU.
+
+Prints: tokens, FLOPs (alignpress.flops), a memory estimate for --gpu (refused, exit 2, when it
+will not fit; a warning above 90%), and for A100-40GB, A100-80GB and H100-80GB the projected
+training time and its cost on-demand and on spot. Everything not measured says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .errors import AlignpressError
+from .flops import KNOWN_ARCHS, Arch, LengthDistribution, MemorySettings, arch_from_config, dataset_flops, load_table, memory_estimate, padding_fraction, truncate_pair
+from .recipe import Recipe, load_recipe
+
+PLAN_GPUS = ("A100-40GB", "A100-80GB", "H100-80GB")
+BENCH_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+BENCH_SCHEMA = "alignpress-bench/1"
+WARN_SHARE = 0.9  # warn when the estimate uses more than this share of the GPU's memory
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def resolve_arch(recipe: Recipe, run_root: Path | None) -> tuple[Arch, str]:
+    """The model's shapes and where they came from; never loads weights."""
+    name = recipe.model.name_or_path
+    folders = []
+    if run_root is not None and (run_root / "run.json").exists():
+        path = (json.loads((run_root / "run.json").read_text()).get("base_model") or {}).get("path")
+        if path:
+            folders.append(Path(path))
+    if name.startswith("builtin:"):
+        from .demo import VERSION
+        from .modeling import cache_home
+
+        folders.append(cache_home() / "models" / f"{name.removeprefix('builtin:')}-v{VERSION}")
+    folders += [Path(name).expanduser(), Path(recipe.resolve_path(name))]
+    for folder in folders:
+        if (folder / "config.json").is_file():
+            return arch_from_config(json.loads((folder / "config.json").read_text()), name), str(folder / "config.json")
+    if name in KNOWN_ARCHS:
+        return KNOWN_ARCHS[name], "alignpress.flops.KNOWN_ARCHS (from the model's public config)"
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(name, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - offline or unknown: one clear message
+        raise AlignpressError(f"cannot read the architecture of {name!r} ({type(e).__name__}); run prepare first (it records the model folder) or check the network", source=recipe.source, field="model.name_or_path") from None
+    return arch_from_config(config, name), f"config.json of {name} (Hub)"
+
+
+def load_tokens(recipe: Recipe, run_root: Path, tokens_from: str | None) -> dict[str, Any]:
+    """Token counts of the training split: stats.json, plus per-pair counts from train.jsonl if present."""
+    if tokens_from:
+        p = Path(tokens_from)
+        candidates = [p] if p.is_file() else [p / "stats.json", p / "data" / "stats.json"]
+    else:
+        candidates = [run_root / "data" / "stats.json"]
+    stats_path = next((c for c in candidates if c.is_file()), None)
+    if stats_path is None:
+        raise AlignpressError(
+            f"no token counts: {candidates[0]} does not exist. Run `entrypoint.py prepare {recipe.source}` first "
+            "(it needs no GPU), or give --tokens-from STATS_JSON",
+            source=recipe.source,
+        )
+    try:
+        train = json.loads(stats_path.read_text())["tokens"]["train"]
+        train["tokens_per_epoch"], train["pairs"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise AlignpressError(f"not a data/stats.json written by prepare ({type(e).__name__}: {e})", source=str(stats_path)) from None
+    out: dict[str, Any] = {"stats": train, "source": str(stats_path), "rows": None}
+    rows_path = stats_path.parent / "train.jsonl"
+    if rows_path.is_file():
+        rows = []
+        with open(rows_path) as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    rows.append((r["prompt_tokens"], r["chosen_tokens"], r["rejected_tokens"]))
+        if len(rows) == train["pairs"]:
+            out["rows"] = rows
+            out["rows_source"] = str(rows_path)
+    return out
+
+
+def load_prices(path: str | None) -> tuple[dict[str, Any], str]:
+    if path is None:
+        return load_table("gpu_prices.json"), "src/alignpress/data/gpu_prices.json"
+    try:
+        table = json.loads(Path(path).read_text())
+        table["gpus"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise AlignpressError(f"not a price table like src/alignpress/data/gpu_prices.json ({type(e).__name__}: {e})", source=path) from None
+    return table, path
+
+
+def recipe_settings(recipe: Recipe) -> dict[str, Any]:
+    """The levers a benchmark variant records, as this recipe sets them (for matching measurements)."""
+    return {
+        "load_in_4bit": recipe.model.load_in_4bit,
+        "gradient_checkpointing": recipe.train.gradient_checkpointing,
+        "per_device_train_batch_size": recipe.train.per_device_train_batch_size,
+        "gradient_accumulation_steps": recipe.train.gradient_accumulation_steps,
+        "precompute_ref_log_probs": recipe.dpo.precompute_ref_log_probs,
+        "attn_implementation": recipe.model.attn_implementation or "sdpa (default)",
+        "group_by_length": False,
+        "liger": False,
+    }
+
+
+def measured_mfu(arch: Arch, recipe: Recipe, gpu: str, dirs: list[Path]) -> tuple[float, str] | None:
+    """A measured MFU for this architecture, GPU and recipe settings from benchmark results, newest first."""
+    want = recipe_settings(recipe)
+    keys = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")
+    files = sorted((f for d in dirs if d.is_dir() for f in d.glob("*.json")), key=lambda f: f.name, reverse=True)
+    for f in files:
+        try:
+            report = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if report.get("schema") != BENCH_SCHEMA:
+            continue
+        for run in report.get("runs", []):
+            if run.get("device", {}).get("gpu") != gpu:
+                continue
+            shape = run["architecture"] | {"model_type": "phi3" if run["architecture"].get("config") == "Phi3Config" else ""}
+            if any(getattr(arch_from_config(shape), k) != getattr(arch, k) for k in keys):
+                continue
+            for v in run.get("variants", []):
+                got = v.get("settings", {})
+                if v.get("status") == "ok" and v["results"].get("mfu") and all(got.get(k) == want[k] for k in want):
+                    return v["results"]["mfu"], f"measured: {f.name}, variant {v['name']}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+def project(train_flops: float, precompute_flops: float, peak_tflops: float, mfu: float, precompute_mfu: float, prices: dict[str, Any]) -> dict[str, Any]:
+    """Seconds = FLOPs / (peak FLOP/s x MFU); dollars = GPU-hours x the price per GPU-hour of each tier."""
+    train_s = train_flops / (peak_tflops * 1e12 * mfu)
+    pre_s = precompute_flops / (peak_tflops * 1e12 * precompute_mfu) if precompute_flops else 0.0
+    hours = (train_s + pre_s) / 3600
+    out: dict[str, Any] = {"train_s": train_s, "precompute_s": pre_s, "gpu_hours": hours}
+    for tier in ("on_demand", "spot"):
+        offer = prices.get(tier)
+        out[f"usd_{tier}"] = hours * offer["usd"] if offer else None
+    return out
+
+
+def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from: str | None = None, prices: str | None = None, bench_dirs: list[Path] | None = None) -> dict[str, Any]:
+    gpus = load_table("gpus.json")["gpus"]
+    if gpu not in gpus:
+        raise AlignpressError(f"unknown GPU {gpu!r}; known: {', '.join(gpus)}")
+    arch, arch_source = resolve_arch(recipe, run_root)
+    data = load_tokens(recipe, run_root, tokens_from)
+    price_table, price_source = load_prices(prices)
+    throughput = load_table("throughput.json")
+    t, d = recipe.train, recipe.dpo
+    lora_r = recipe.lora.r if recipe.lora.enabled else None
+    kw = {"lora_r": lora_r, "lora_targets": recipe.lora.target_modules}
+    notes: list[str] = []
+
+    # Tokens and FLOPs of one epoch
+    stats = data["stats"]
+    if data["rows"] is not None:
+        pairs_in = data["rows"]
+        notes.append(f"per-pair token counts from {data['rows_source']} (truncated to dpo.max_length as TRL does)")
+    else:
+        # Only the summary: one pair of the mean shape stands for every pair (attention, which
+        # grows with the square of the length, is then underestimated for long-tailed data).
+        mean = (round(stats["prompt"]["mean"]), round(stats["chosen"]["mean"]), round(stats["rejected"]["mean"]))
+        pairs_in = [mean] * stats["pairs"]
+        notes.append(f"only {data['source']}: FLOPs from the mean pair ({mean[0]} prompt, {mean[1]} chosen, {mean[2]} rejected tokens)")
+    train_epoch = dataset_flops(arch, pairs_in, d.max_length, reference=not d.precompute_ref_log_probs, **kw)
+    if data["rows"] is None:
+        train_epoch["tokens"] = stats["tokens_per_epoch"]  # exact count from prepare (not truncated)
+    kept_pairs = train_epoch["pairs"]
+    if kept_pairs == 0:
+        raise AlignpressError(f"every training pair's prompt is at least dpo.max_length ({d.max_length}) tokens: TRL would drop them all", source=recipe.source, field="dpo.max_length")
+    processes = t.num_processes or 1
+    pairs_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * processes
+    if t.max_steps > 0:
+        epochs = t.max_steps * pairs_per_step / kept_pairs
+        steps = t.max_steps
+    else:
+        epochs = t.num_train_epochs
+        steps = math.ceil(epochs * math.ceil(kept_pairs / pairs_per_step))
+    precompute = d.precompute_ref_log_probs
+    pre_flops = dataset_flops(arch, pairs_in, d.max_length, **kw)["reference_forward"] if precompute else 0.0
+    run_flops = train_epoch["total"] * epochs + pre_flops
+    run_tokens = train_epoch["tokens"] * epochs
+
+    # Memory: the worst micro-batch pads every row to the longest sequence the data allows
+    if data["rows"] is not None:
+        lengths = [length for p, c, r in pairs_in if (s := truncate_pair(p, c, r, d.max_length)) for length, _ in s]
+        longest = max(lengths)
+    else:
+        longest = stats["prompt"]["max"] + max(stats["chosen"]["max"], stats["rejected"]["max"])
+        longest = min(longest, d.max_length) if d.max_length else longest
+    weights = "nf4" if recipe.model.load_in_4bit else ("fp32" if recipe.model.dtype == "float32" else "bf16")
+    settings = MemorySettings(
+        weights=weights,
+        lora_r=lora_r,
+        lora_targets=recipe.lora.target_modules,
+        optimizer_bits="8bit" if "8bit" in t.optim else "32bit",
+        gradient_checkpointing=t.gradient_checkpointing,
+        micro_batch_pairs=t.per_device_train_batch_size,
+        seq_len=longest,
+        precompute_ref=precompute,
+        attn_implementation=recipe.model.attn_implementation,
+    )
+    mem = memory_estimate(arch, settings)
+
+    # Padding, for the throughput estimate
+    if data["rows"] is not None:
+        flat = [x for p, c, r in pairs_in if (s := truncate_pair(p, c, r, d.max_length)) for x in (s[0][0], s[1][0])]
+        pad_source = "the prepared pairs, seeded random batches"
+    else:
+        dist = LengthDistribution(prompt_median=stats["prompt"]["median"], answer_median=(stats["chosen"]["median"] + stats["rejected"]["median"]) / 2)
+        flat = [x for p, c, r in dist.sample(2000, t.seed) if (s := truncate_pair(p, c, r, d.max_length)) for x in (s[0][0], s[1][0])]
+        pad_source = "a lognormal with the data's medians (alignpress.flops.LengthDistribution), seeded random batches"
+    padding = padding_fraction(flat, t.per_device_train_batch_size, seed=t.seed)
+
+    # Throughput model (estimate) and its factors
+    factors = {"base": throughput["base_mfu"]}
+    if t.gradient_checkpointing:
+        factors["gradient_checkpointing"] = train_epoch["total"] / (train_epoch["total"] + train_epoch["policy_forward"])
+    if recipe.model.load_in_4bit:
+        factors["load_in_4bit"] = throughput["load_in_4bit_factor"]
+    factors["padding"] = 1 - padding
+    estimated = math.prod(factors.values())
+    pre_mfu = throughput["base_mfu"] * factors.get("load_in_4bit", 1.0) * factors["padding"]
+
+    rows = []
+    for name in dict.fromkeys([*PLAN_GPUS, gpu]):
+        info = gpus[name]
+        found = measured_mfu(arch, recipe, name, bench_dirs if bench_dirs is not None else [BENCH_RESULTS])
+        mfu, source = found if found else (estimated, "estimate: not measured")
+        price = price_table["gpus"].get(name, {})
+        cost = project(train_epoch["total"] * epochs, pre_flops, info["peak_bf16_tflops"], mfu, pre_mfu, price)
+        train_s, pre_s, gpu_hours = cost["train_s"], cost["precompute_s"], cost["gpu_hours"]
+        row = {
+            "gpu": name,
+            "memory_gib": info["memory_gib"],
+            "estimate_gib": mem["total_gib"],
+            "fits": mem["total_gib"] <= info["memory_gib"],
+            "tight": WARN_SHARE * info["memory_gib"] < mem["total_gib"] <= info["memory_gib"],
+            "peak_bf16_tflops": info["peak_bf16_tflops"],
+            "mfu": mfu,
+            "mfu_source": source,
+            "tokens_per_s": run_tokens / train_s,
+            "precompute_s": pre_s,
+            "gpu_hours": gpu_hours,
+            "wall_hours": gpu_hours / processes,
+        }
+        for tier in ("on_demand", "spot"):
+            row[f"usd_{tier}"] = cost[f"usd_{tier}"]
+            row[f"price_{tier}"] = price.get(tier)
+        rows.append(row)
+
+    chosen = next(r for r in rows if r["gpu"] == gpu)
+    warnings = []
+    if chosen["tight"]:
+        warnings.append(f"the memory estimate ({mem['total_gib']:.1f} GiB) is above {WARN_SHARE:.0%} of the {gpu}'s {gpus[gpu]['memory_gib']} GiB: an out-of-memory error is possible")
+    if processes > 1:
+        notes.append(f"{processes} processes (train.num_processes): wall time assumes perfect scaling; cost counts every GPU")
+    return {
+        "recipe": recipe.name,
+        "source": recipe.source,
+        "status": "estimate: not measured" if any(r["mfu_source"].startswith("estimate") for r in rows) else "measured throughput",
+        "model": {"id": recipe.model.name_or_path, "arch": asdict(arch), "arch_source": arch_source, "params": arch.total_params, "lora_params": arch.lora_params(lora_r, recipe.lora.target_modules) if lora_r else None},
+        "data": {"source": data["source"], "pairs": stats["pairs"], "pairs_kept": kept_pairs, "dropped_pairs": train_epoch["dropped_pairs"], "tokens_per_epoch": train_epoch["tokens"], "longest_sequence": longest, "padding_fraction": padding, "padding_source": pad_source},
+        "run": {
+            "epochs": epochs,
+            "optimizer_steps": steps,
+            "tokens": run_tokens,
+            "flops": run_flops,
+            "flops_per_token": train_epoch["total"] / train_epoch["tokens"],
+            "policy_forward_per_token": train_epoch["policy_forward"] / train_epoch["tokens"],
+            "policy_backward_per_token": train_epoch["policy_backward"] / train_epoch["tokens"],
+            "reference_forward_per_token": train_epoch["reference_forward"] / train_epoch["tokens"],
+            "precompute_flops": pre_flops,
+        },
+        "memory": mem | {"gpu": gpu},
+        "throughput": {"estimated_mfu": estimated, "factors": factors, "assumptions": {k: v for k, v in throughput.items() if not isinstance(v, (int, float))}},
+        "gpus": rows,
+        "prices": {"file": price_source, "as_of": price_table.get("as_of")},
+        "warnings": warnings,
+        "notes": notes,
+        "refuse": None if chosen["fits"] else (
+            f"the memory estimate ({mem['total_gib']:.1f} GiB) exceeds the {gpu}'s {gpus[gpu]['memory_gib']} GiB. "
+            "Choose a larger GPU (--gpu), or lower the peak: train.gradient_checkpointing=true, a smaller "
+            "train.per_device_train_batch_size (raise gradient_accumulation_steps to keep the pairs per step), "
+            "a smaller dpo.max_length, or model.load_in_4bit=true"
+        ),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def _si(x: float, unit: str = "") -> str:
+    """3.82 B, 25.2 M, 512 k: three significant figures, no exponent."""
+    for scale, prefix in ((1e9, "G" if unit else "B"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}".rstrip()
+
+
+def _usd(x: float | None) -> str:
+    return "n/a" if x is None else f"${x:,.2f}"
+
+
+def format_plan(p: dict[str, Any]) -> str:
+    m, data, run, mem = p["model"], p["data"], p["run"], p["memory"]
+    arch = m["arch"]
+    lora = f"LoRA r={mem['settings']['lora_r']}: {_si(m['lora_params'])} trainable" if m["lora_params"] else "full fine-tuning"
+    parts = mem["parts_gib"]
+    s = mem["settings"]
+    weights = {"nf4": "4-bit NF4", "bf16": "bf16", "fp32": "fp32"}[s["weights"]]
+    lines = [
+        f"plan      {p['recipe']}  ({p['source']})",
+        f"model     {m['id']}: {arch['name']}, {_si(m['params'])} parameters, {arch['layers']} layers; {lora}  [{m['arch_source']}]",
+        f"data      {data['pairs_kept']:,} pairs, {data['tokens_per_epoch']:,} tokens/epoch (non-padding, chosen + rejected rows)  [{data['source']}]",
+    ]
+    if data["dropped_pairs"]:
+        lines.append(f"          {data['dropped_pairs']:,} pairs dropped by TRL: their prompt alone fills dpo.max_length")
+    lines += [
+        f"run       {run['epochs']:g} epochs = {run['tokens']:,.0f} tokens, {run['optimizer_steps']:,} optimizer steps",
+        f"FLOPs     {_si(run['flops_per_token'], 'FLOP')}/token (policy forward {_si(run['policy_forward_per_token'], 'FLOP')} + backward {_si(run['policy_backward_per_token'], 'FLOP')} + reference forward {_si(run['reference_forward_per_token'], 'FLOP')})"
+        f" = {run['flops']:.3e} FLOPs for the run" + (f" (incl. {run['precompute_flops']:.3e} precomputing reference log-probs)" if run["precompute_flops"] else ""),
+        f"memory    {mem['total_gib']:.1f} GiB estimated peak (not measured) for {s['micro_batch_pairs']} pair{'s' if s['micro_batch_pairs'] != 1 else ''}"
+        f" = {2 * s['micro_batch_pairs']} rows x {s['seq_len']:,} tokens, {weights}" + (", gradient checkpointing" if s["gradient_checkpointing"] else ", no gradient checkpointing"),
+        "          = (" + " + ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in parts.items()) + f" = {mem['subtotal_gib']:.2f} GiB) x 1.10 + 1 GiB CUDA context",
+    ]
+    if mem["full_logits_gib"] >= 1:
+        lines.append(f"          (TRL 1.16 scores tokens through the LM head in tiles; the seed's TRL built these rows' fp32 logits whole: {mem['full_logits_gib']:.1f} GiB more)")
+    lines += [
+        "",
+        f"{'GPU':<10} {'memory':<18} {'throughput':<40} {'time':>8}  {'on-demand':<22} spot",
+    ]
+    for r in p["gpus"]:
+        fit = "ok" if r["fits"] and not r["tight"] else ("tight" if r["fits"] else "NO")
+        src = "measured" if r["mfu_source"].startswith("measured") else "estimate"
+        through = f"{r['tokens_per_s']:,.0f} tok/s (MFU {r['mfu']:.3f}, {src})"
+        od, sp = r["price_on_demand"], r["price_spot"]
+        cost_od = f"{_usd(r['usd_on_demand'])} @ ${od['usd']:.2f}/h" if od else "n/a"
+        cost_sp = f"{_usd(r['usd_spot'])} @ ${sp['usd']:.2f}/h" if sp else "n/a"
+        memory = f"{r['estimate_gib']:.1f}/{r['memory_gib']} GiB {fit}"
+        lines.append(f"{r['gpu']:<10} {memory:<18} {through:<40} {r['wall_hours']:>6.2f} h  {cost_od:<22} {cost_sp}".rstrip())
+    f = p["throughput"]["factors"]
+    lines += [
+        "",
+        "throughput: " + ("measured MFU where a row says so; otherwise " if p["status"] != "estimate: not measured" or any(r["mfu_source"].startswith("measured") for r in p["gpus"]) else "")
+        + "estimate, not measured: MFU = " + " x ".join(f"{v:.3f} {k.replace('_', ' ')}" for k, v in f.items())
+        + " (src/alignpress/data/throughput.json; replace with `make bench` on a GPU)",
+        f"padding:   {data['padding_fraction']:.3f} of the positions, from {data['padding_source']}",
+        f"prices:    {p['prices']['file']} (as of {p['prices']['as_of']}; each price's provider, source and date are in the file); override with --prices FILE",
+        "time:      training only, one process per GPU; model loading, evaluation, export and upload come on top",
+    ]
+    for r in p["gpus"]:
+        if r["mfu_source"].startswith("measured"):
+            lines.append(f"           {r['gpu']}: {r['mfu_source']}")
+    lines += [f"note:      {n}" for n in p["notes"]]
+    lines += [f"warning:   {w}" for w in p["warnings"]]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line (hooked into cli.py)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    gpus = list(load_table("gpus.json")["gpus"])
+    sp = subparsers.add_parser("plan", help="tokens, FLOPs, memory, time and cost of a recipe before renting a GPU; loads no model")
+    sp.add_argument("recipe", help="recipe YAML file")
+    sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field (dotted path)")
+    sp.add_argument("--output-dir", help="the run's output folder, where prepare wrote data/ (default outputs/<recipe name>)")
+    sp.add_argument("--gpu", default="A100-40GB", choices=gpus, help="GPU the memory check refuses or warns for (default A100-40GB)")
+    sp.add_argument("--tokens-from", metavar="STATS_JSON", help="token counts from this data/stats.json (or a folder holding one) instead of the output folder's")
+    sp.add_argument("--prices", metavar="FILE", help="price table to use instead of src/alignpress/data/gpu_prices.json (same layout)")
+    sp.add_argument("--bench-results", metavar="DIR", action="append", help="benchmark results folder(s) to take measured MFU from (default benchmarks/results)")
+    sp.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return sp
+
+
+def main(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    root = Path(args.output_dir) if args.output_dir else Path("outputs") / recipe.name
+    dirs = [Path(d) for d in args.bench_results] if args.bench_results else None
+    p = plan(recipe, root, gpu=args.gpu, tokens_from=args.tokens_from, prices=args.prices, bench_dirs=dirs)
+    print(json.dumps(p, indent=1, default=str) if args.json else format_plan(p))
+    if p["refuse"]:
+        raise AlignpressError(p["refuse"], source=recipe.source)
+    return 0

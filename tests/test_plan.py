@@ -1,0 +1,281 @@
+"""`entrypoint.py plan` and its arithmetic (alignpress.flops), checked against hand-computed cases.
+
+Shapes of Phi-3-mini and Gemma-2b come from shared/reference/models-and-data.md (the models'
+public configs). The throughput and prices used here are test inputs, not measurements.
+"""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import cli
+from alignpress.flops import (
+    KNOWN_ARCHS,
+    NF4_BYTES_PER_PARAM,
+    Arch,
+    GiB,
+    MemorySettings,
+    causal_pairs,
+    dataset_flops,
+    flops_per_token,
+    memory_estimate,
+    padding_fraction,
+    sequence_flops,
+    truncate_pair,
+)
+from alignpress.plan import project
+
+# hidden 8, 2 layers, 2 heads x 4 dims (d_attn 8), 1 key/value head (d_kv 4), MLP 16, vocab 32
+ROOT = Path(__file__).resolve().parents[1]
+TOY = Arch("toy", hidden=8, layers=2, heads=2, kv_heads=1, head_dim=4, intermediate=16, vocab=32, tied_embeddings=False)
+PHI3 = KNOWN_ARCHS["microsoft/Phi-3-mini-4k-instruct"]
+GEMMA = KNOWN_ARCHS["google/gemma-2b-it"]
+
+
+def test_parameter_counts_by_hand():
+    # per layer: q 8x8=64, k 8x4=32, v 32, o 64, gate 8x16=128, up 128, down 128 -> 576
+    assert TOY.body_params == 2 * 576
+    # embeddings 32x8, untied head 32x8, norms (2 per layer + final) x 8
+    assert TOY.total_params == 1152 + 256 + 256 + 40
+    # LoRA r=2: 2 x (in + out) per linear: q 32, k 24, v 24, o 32, gate 48, up 48, down 48 -> 256 a layer
+    assert TOY.lora_params(2) == 2 * 256
+    assert TOY.lora_params(2, ["q_proj", "v_proj"]) == 2 * (32 + 24)
+    # Phi-3-mini: per layer qkv 3072x9216 + o 3072x3072 + gate_up 3072x16384 + down 8192x3072
+    per_layer = 3072 * 9216 + 3072 * 3072 + 3072 * 16384 + 8192 * 3072
+    assert PHI3.body_params == 32 * per_layer == 3_623_878_656
+    assert PHI3.total_params == 3_623_878_656 + 2 * 32064 * 3072 + 65 * 3072  # "about 3.8B"
+    assert PHI3.lora_params(16) == 32 * 16 * ((3072 + 9216) + (3072 + 3072) + (3072 + 16384) + (8192 + 3072)) == 25_165_824
+    # Gemma-2b: q 2048x2048, k and v 2048x256, o 2048x2048, gate/up 2048x16384, down 16384x2048; tied
+    per_layer = 2 * 2048 * 2048 + 2 * 2048 * 256 + 3 * 2048 * 16384
+    assert GEMMA.total_params == 18 * per_layer + 256000 * 2048 + 37 * 2048 == 2_506_172_416  # "about 2.5B"
+
+
+def test_parameter_counts_match_real_models():
+    """The formulas count what transformers builds and what peft adapts (fused Phi-3, separate Gemma)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GemmaConfig, GemmaForCausalLM, Phi3Config, Phi3ForCausalLM
+
+    from alignpress.flops import arch_from_config
+
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64)
+    for cls, config in [
+        (Phi3ForCausalLM, Phi3Config(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **ids)),
+        (GemmaForCausalLM, GemmaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16, **ids)),
+    ]:
+        arch = arch_from_config(config)
+        model = cls(config)
+        assert arch.total_params == sum(p.numel() for p in model.parameters())
+        model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
+        assert arch.lora_params(2) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_sequence_flops_by_hand():
+    # 4 tokens, the last 2 the answer, LoRA r=2, reference forward on
+    matmul = 2 * 1152 * 4  # 9,216
+    attn = 4 * 8 * 2 * (1 + 2 + 3 + 4)  # 640: 4 x d_attn x layers x causal query-key pairs
+    head = 2 * 32 * 8 * 2  # 1,024: LM head on the 2 scored positions
+    lora = 2 * 512 * 4  # 4,096
+    f = sequence_flops(TOY, 4, 2, lora_r=2)
+    assert f["policy_forward"] == matmul + attn + head + lora == 14_976
+    assert f["policy_backward"] == matmul + 2 * attn + head + 2 * lora == 19_712
+    assert f["reference_forward"] == matmul + attn + head == 10_880
+    assert f["total"] == 45_568
+    assert flops_per_token(TOY, 4, 0.5, lora_r=2) == 45_568 / 4
+    # full fine-tuning: backward is twice the forward ("6N"); precomputed reference: no reference forward
+    full = sequence_flops(TOY, 4, 2, lora_r=None)
+    assert (full["policy_forward"], full["policy_backward"], full["total"]) == (10_880, 21_760, 43_520)
+    assert sequence_flops(TOY, 4, 2, lora_r=2, reference=False)["total"] == 45_568 - 10_880
+
+
+def test_causal_pairs_and_sliding_window():
+    assert causal_pairs(4) == 10
+    assert causal_pairs(5, window=3) == 1 + 2 + 3 + 3 + 3
+    assert causal_pairs(3, window=3) == causal_pairs(3)
+
+
+def test_truncation_follows_trl():
+    # keep_start: prompt + answer cut to max_length; a prompt that fills max_length drops the pair
+    assert truncate_pair(5, 3, 10, max_length=10) == ((8, 3), (10, 5))
+    assert truncate_pair(10, 3, 3, max_length=10) is None
+    assert truncate_pair(10, 3, 3, max_length=None) == ((13, 3), (13, 3))
+    totals = dataset_flops(TOY, [(2, 2, 2), (9, 1, 1)], max_length=4, lora_r=2)
+    assert totals["pairs"] == 1 and totals["dropped_pairs"] == 1 and totals["tokens"] == 8
+    assert totals["total"] == 2 * 45_568
+
+
+def test_memory_components_by_hand():
+    s = MemorySettings(weights="bf16", lora_r=2, gradient_checkpointing=False, micro_batch_pairs=1, seq_len=4)
+    est = memory_estimate(TOY, s)
+    parts = {k: v * GiB for k, v in est["parts_gib"].items()}
+    per_layer = 2 * (8 * 8 + 3 * 8 + 3 * 4 + 4 * 16)  # bytes per token per layer: 328
+    tokens = 2 * 1 * 4  # chosen + rejected row, 4 tokens each
+    assert parts["weights"] == pytest.approx(1704 * 2)
+    assert parts["trainable_states"] == pytest.approx(512 * (4 + 4 + 8))  # fp32 adapter, grad, Adam m and v
+    assert parts["activations"] == pytest.approx(tokens * 2 * per_layer)
+    assert parts["lm_head"] == pytest.approx(2 * (8 * 32 * 2) + tokens * 8 * (2 + 4))
+    subtotal = 3408 + 8192 + 5248 + 1408
+    assert est["subtotal_gib"] * GiB == pytest.approx(subtotal)
+    assert est["total_gib"] == pytest.approx(subtotal * 1.1 / GiB + 1.0)
+
+    ckpt = memory_estimate(TOY, MemorySettings(weights="nf4", lora_r=2, gradient_checkpointing=True, micro_batch_pairs=1, seq_len=4))
+    parts = {k: v * GiB for k, v in ckpt["parts_gib"].items()}
+    # 4-bit linears; embeddings, head and norms cast to fp32 by prepare_model_for_kbit_training
+    assert NF4_BYTES_PER_PARAM == pytest.approx((4 + 0.125 + 32 / 16384) / 8)
+    assert parts["weights"] == pytest.approx(1152 * NF4_BYTES_PER_PARAM + (256 + 256 + 40) * 4)
+    assert parts["trainable_states"] == pytest.approx(512 * (2 + 2 + 8))  # bf16 adapters under QLoRA
+    assert parts["activations"] == pytest.approx(tokens * (2 * 2 * 8 + per_layer))  # layer inputs + one layer
+
+
+def test_memory_estimate_grows_with_the_levers():
+    seed = MemorySettings(weights="nf4", gradient_checkpointing=True, micro_batch_pairs=2, seq_len=2048)
+    no_ckpt = MemorySettings(weights="bf16", gradient_checkpointing=False, micro_batch_pairs=4, seq_len=2048)
+    assert memory_estimate(PHI3, seed)["total_gib"] < 40 < 80 < memory_estimate(PHI3, no_ckpt)["total_gib"]
+
+
+def test_padding_fraction_by_hand():
+    # pairs (chosen, rejected): (4, 2) and (1, 1); one batch of both pads 4 rows to 4 tokens
+    assert padding_fraction([4, 2, 1, 1], batch_pairs=2) == pytest.approx(1 - 8 / 16)
+    # one pair a batch: rows pad to their own pair's longest
+    assert padding_fraction([4, 2, 1, 1], batch_pairs=1) == pytest.approx(1 - 8 / (8 + 2))
+
+
+def test_time_and_cost_by_hand():
+    # 3.6e15 FLOPs at 100 TFLOP/s peak and MFU 0.5: 72 s = 0.02 GPU-hours; $2.00/h -> $0.04
+    out = project(3.6e15, 0.0, 100, 0.5, 0.5, {"on_demand": {"usd": 2.00}, "spot": {"usd": 0.5}})
+    assert out["train_s"] == pytest.approx(72)
+    assert out["gpu_hours"] == pytest.approx(0.02)
+    assert out["usd_on_demand"] == pytest.approx(0.04)
+    assert out["usd_spot"] == pytest.approx(0.01)
+    # a precompute pass of 1.8e15 FLOPs at MFU 0.25 adds 72 s more; a missing tier costs None
+    out = project(3.6e15, 1.8e15, 100, 0.5, 0.25, {"on_demand": {"usd": 2.00}})
+    assert out["gpu_hours"] == pytest.approx(0.04) and out["usd_spot"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+# A synthetic data/stats.json for the Phi-3 seed recipe (its data cannot be downloaded here).
+STATS = {"tokens": {"train": {"pairs": 1000, "prompt": {"mean": 500, "median": 470, "max": 1200}, "chosen": {"mean": 300, "median": 275, "max": 800}, "rejected": {"mean": 300, "median": 275, "max": 800}, "tokens_per_epoch": 1000 * (2 * 500 + 300 + 300)}}}
+
+
+@pytest.fixture
+def phi3_out(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "stats.json").write_text(json.dumps(STATS))
+    return tmp_path
+
+
+def test_plan_phi3_with_synthetic_stats(phi3_out):
+    proc = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--bench-results", phi3_out / "none")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "1,000 pairs, 1,600,000 tokens/epoch" in out
+    assert "6 epochs = 9,600,000 tokens, 1,500 optimizer steps" in out  # 1,000 pairs / (2 x 2) a step x 6
+    # FLOPs per token, by hand, for the mean pair: chosen and rejected rows of 800 tokens, 300 scored
+    body, attn_pairs = 3_623_878_656, 800 * 801 // 2  # 800 tokens: inside the 2,047-token sliding window
+    matmul, attn, head, lora = 2 * body * 800, 4 * 3072 * 32 * attn_pairs, 2 * 32064 * 3072 * 300, 2 * 25_165_824 * 800
+    per_row = (matmul + attn + head + lora) + (matmul + 2 * attn + head + 2 * lora) + (matmul + attn + head)
+    per_token = per_row / 800
+    assert f"{per_token / 1e9:.3g} GFLOP/token" in out
+    run_flops = per_token * 9_600_000
+    assert f"= {run_flops:.3e} FLOPs for the run" in out
+    # Time and cost: each row's hours x its price (default price table), on A100-40GB
+    row = next(line for line in out.splitlines() if line.startswith("A100-40GB"))
+    mfu = float(re.search(r"MFU ([\d.]+), estimate", row).group(1))
+    hours = float(re.search(r"([\d.]+) h ", row).group(1))
+    assert hours == pytest.approx(run_flops / (312e12 * mfu) / 3600, abs=0.006)
+    prices = json.loads((ROOT / "src/alignpress/data/gpu_prices.json").read_text())
+    usd = prices["gpus"]["A100-40GB"]["on_demand"]["usd"]
+    cost = float(re.search(r"\$([\d.,]+) @ \$" + re.escape(f"{usd:.2f}"), row).group(1))
+    assert cost == pytest.approx(hours * usd, rel=0.01)
+    assert "estimate, not measured" in out and "7.6/40 GiB ok" in out
+    for gpu in ("A100-40GB", "A100-80GB", "H100-80GB"):
+        assert re.search(rf"^{gpu} ", out, re.M)
+
+
+def test_plan_json_is_consistent(phi3_out):
+    proc = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--json", "--bench-results", phi3_out / "none")
+    p = json.loads(proc.stdout)
+    assert p["status"] == "estimate: not measured" and p["memory"]["status"] == "estimate: not measured"
+    assert p["run"]["tokens"] == 9_600_000
+    for row in p["gpus"]:
+        assert row["gpu_hours"] == pytest.approx(p["run"]["flops"] / (row["peak_bf16_tflops"] * 1e12 * row["mfu"]) / 3600)
+        assert row["usd_on_demand"] == pytest.approx(row["gpu_hours"] * row["price_on_demand"]["usd"])
+        assert row["usd_spot"] == pytest.approx(row["gpu_hours"] * row["price_spot"]["usd"])
+    f = p["throughput"]["factors"]
+    assert p["throughput"]["estimated_mfu"] == pytest.approx(math.prod(f.values()))
+    assert f["gradient_checkpointing"] == pytest.approx(0.75, abs=0.01)  # 6N model / 8N hardware with LoRA
+
+
+def test_plan_refuses_what_will_not_fit(phi3_out):
+    args = ["plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--set", "model.load_in_4bit=false", "--set", "train.gradient_checkpointing=false", "--set", "train.per_device_train_batch_size=8"]
+    proc = cli(*args)
+    assert proc.returncode == 2
+    assert "exceeds the A100-40GB's 40 GiB" in proc.stderr and "gradient_checkpointing" in proc.stderr
+    assert "NO" in proc.stdout  # the table still prints
+    # the same run with checkpointing fits on an 80 GB card
+    proc = cli(*args[:-4], "--set", "train.per_device_train_batch_size=8", "--gpu", "A100-80GB")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_plan_needs_prepared_data(tmp_path):
+    proc = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", tmp_path)
+    assert proc.returncode == 2
+    assert "Run `entrypoint.py prepare" in proc.stderr and "--tokens-from" in proc.stderr
+    proc = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", tmp_path, "--tokens-from", tmp_path / "nothing.json")
+    assert proc.returncode == 2
+
+
+def test_plan_prices_override_and_measured_mfu(phi3_out, tmp_path):
+    prices = {"as_of": "test", "gpus": {"A100-40GB": {"on_demand": {"usd": 1.0}}}}
+    (tmp_path / "prices.json").write_text(json.dumps(prices))
+    # A benchmark results file as bench_dpo.py writes it (test data, not a measurement)
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    settings = {"load_in_4bit": True, "gradient_checkpointing": True, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "precompute_ref_log_probs": False, "attn_implementation": "sdpa (default)", "group_by_length": False, "liger": False}
+    arch = {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064, "sliding_window": 2047, "config": "Phi3Config"}
+    report = {"schema": "alignpress-bench/1", "runs": [{"model": "phi3-mini", "architecture": arch, "device": {"gpu": "H100-80GB"}, "variants": [{"name": "seed", "status": "ok", "settings": settings, "results": {"mfu": 0.25}}]}]}
+    (bench / "H100-80GB-2099-01-01.json").write_text(json.dumps(report))
+    proc = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--prices", tmp_path / "prices.json", "--bench-results", bench, "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["gpu"]: r for r in json.loads(proc.stdout)["gpus"]}
+    assert rows["A100-40GB"]["usd_on_demand"] == pytest.approx(rows["A100-40GB"]["gpu_hours"] * 1.0)
+    assert rows["A100-40GB"]["usd_spot"] is None and rows["A100-80GB"]["usd_on_demand"] is None
+    assert rows["H100-80GB"]["mfu"] == 0.25 and rows["H100-80GB"]["mfu_source"].startswith("measured: H100-80GB-2099-01-01.json")
+    assert rows["A100-40GB"]["mfu_source"] == "estimate: not measured"
+    # a recipe with other settings does not take that measurement
+    proc = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--bench-results", bench, "--json", "--set", "train.gradient_checkpointing=false")
+    rows = {r["gpu"]: r for r in json.loads(proc.stdout)["gpus"]}
+    assert rows["H100-80GB"]["mfu_source"] == "estimate: not measured"
+
+
+def test_plan_demo_after_prepare(demo_copy):
+    """The demo's prepared folder: per-pair counts from data/train.jsonl, the built model's config.json."""
+    proc = cli("plan", "recipes/demo.yaml", "--output-dir", demo_copy, "--json")
+    assert proc.returncode == 0, proc.stderr
+    p = json.loads(proc.stdout)
+    stats = json.loads((demo_copy / "data" / "stats.json").read_text())["tokens"]["train"]
+    # the demo filters to 64 tokens and trains at max_length 64: nothing is truncated
+    assert p["data"]["tokens_per_epoch"] == stats["tokens_per_epoch"]
+    assert p["data"]["pairs_kept"] == stats["pairs"]
+    assert p["model"]["arch_source"].endswith("config.json")
+    config = json.loads(open(p["model"]["arch_source"]).read())
+    assert p["model"]["arch"]["hidden"] == config["hidden_size"]
+    text = cli("plan", "recipes/demo.yaml", "--output-dir", demo_copy).stdout
+    assert f"{stats['pairs']:,} pairs, {stats['tokens_per_epoch']:,} tokens/epoch" in text
+    assert "per-pair token counts from" in text
+
+
+def test_plan_loads_no_weights(phi3_out):
+    """plan is arithmetic: it never imports torch (fast, and nothing to load on a laptop)."""
+    code = "import sys, alignpress.cli as c; c.main(['plan', 'recipes/phi3-mini-capybara.yaml', '--output-dir', sys.argv[1]]); print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code, str(phi3_out)], capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False"
