@@ -72,7 +72,7 @@ def evaluation_lines(evals: dict[str, Any]) -> list[str]:
     """The card's evaluation section from metrics/eval.json: before/after numbers, judge, gate, samples."""
     from .evaluate import _cell, number_rows
 
-    base, aligned = evals["base"], evals["aligned"]
+    aligned = evals["aligned"]
     lines = [
         f"{evals['n_pairs']} held-out pairs, {evals['n_generations']} greedy generations; behaviour = {evals['behaviour_measure']}. "
         "Base = the model before alignment (DPO's reference); implicit reward = beta * (log pi - log pi_ref).",

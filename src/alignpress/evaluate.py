@@ -62,6 +62,7 @@ from typing import Any, Iterator
 import torch
 
 from .errors import AlignpressError
+from .formats import common_prefix
 from .modeling import load_model, load_tokenizer, pick_device, resolve_model_path, stop_token_ids
 from .prepare import read_jsonl
 from .recipe import Recipe
@@ -80,15 +81,6 @@ def _ids(tok, messages, gen=False) -> list[int]:
     return tok.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True, return_dict=True)["input_ids"]
 
 
-def _prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 @torch.no_grad()
 def answer_logps(model, tok, rows: list[dict], which: str, *, batch_size: int, max_length: int) -> list[float]:
     """Summed log-probability of each row's `which` answer given its prompt, tokenised as TRL does."""
@@ -98,7 +90,7 @@ def answer_logps(model, tok, rows: list[dict], which: str, *, batch_size: int, m
         m = r["messages"]
         p = _ids(tok, m["prompt"], gen=True)
         full = _ids(tok, m["prompt"] + m[which])
-        n = _prefix(p, full)
+        n = common_prefix(p, full)
         full = full[:max_length]
         seqs.append((full, min(n, len(full))))
     out: list[float] = []

@@ -134,7 +134,8 @@ def parse_hh(text: str) -> list[Message]:
     return msgs
 
 
-def _common_prefix(a: str, b: str) -> int:
+def common_prefix(a, b) -> int:
+    """Length of the shared beginning of two sequences (strings or token-id lists)."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -159,7 +160,7 @@ def normalise_row(fmt: str, row: dict[str, Any]) -> dict[str, list[Message]]:
     if fmt == "implicit":
         c, r = row["chosen"], row["rejected"]
         if isinstance(c, str) and isinstance(r, str):
-            n = _common_prefix(c, r)
+            n = common_prefix(c, r)
             if n == 0:
                 raise RowError("implicit-prompt strings share no prefix to use as the prompt")
             return {

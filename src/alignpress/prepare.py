@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AlignpressError
-from .formats import RowError, check_columns, detect_format, normalise_row
+from .formats import RowError, check_columns, common_prefix, detect_format, normalise_row
 from .recipe import Recipe
 from .runstate import RunDir, write_json
 
@@ -86,15 +86,6 @@ def _first_line(e: Exception) -> str:
 # Rendering
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def render_pair(tok, pair: dict[str, list[dict]]) -> dict[str, Any]:
     """Render one normalised pair through the chat template, with TRL's prompt/answer boundary."""
 
@@ -106,7 +97,7 @@ def render_pair(tok, pair: dict[str, list[dict]]) -> dict[str, Any]:
 
     prompt, chosen, rejected = pair["prompt"], pair["chosen"], pair["rejected"]
     p_ids, c_ids, r_ids = ids(prompt, gen=True), ids(prompt + chosen), ids(prompt + rejected)
-    n = min(_common_prefix(p_ids, c_ids), _common_prefix(p_ids, r_ids))
+    n = min(common_prefix(p_ids, c_ids), common_prefix(p_ids, r_ids))
     p_text, c_text, r_text = text(prompt, gen=True), text(prompt + chosen), text(prompt + rejected)
     cut = len(p_text) if c_text.startswith(p_text) and r_text.startswith(p_text) else 0
     return {
