@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 SKY_VENV  := .venv-sky
 SKY_STAMP := $(SKY_VENV)/.installed
 
-.PHONY: demo test test-container check-sky clean venv
+.PHONY: demo test test-container check-sky bench bench-smoke clean venv
 
 venv: $(STAMP)
 
@@ -35,6 +35,15 @@ test: $(STAMP) $(SKY_STAMP)
 # Builds the Docker image with podman on a local Debian base and runs the demo inside it (~3 min warm, more cold).
 test-container: $(STAMP)
 	$(PY) -m pytest -q -m container
+
+# GPU: every variant for both seed models -> benchmarks/results/<gpu>-<date>.json and .md
+bench: $(STAMP)
+	$(PY) benchmarks/bench_dpo.py --model phi3-mini
+	$(PY) benchmarks/bench_dpo.py --model gemma-2b
+
+# CPU: the harness on a tiny model (also run by the test suite); results to a temporary folder
+bench-smoke: $(STAMP)
+	$(PY) benchmarks/bench_dpo.py --smoke --out $${TMPDIR:-/tmp}/alignpress-bench-smoke
 
 check-sky: $(SKY_STAMP)
 	$(SKY_VENV)/bin/python sky/check_tasks.py

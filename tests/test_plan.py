@@ -190,7 +190,7 @@ def test_plan_phi3_with_synthetic_stats(phi3_out):
     row = next(line for line in out.splitlines() if line.startswith("A100-40GB"))
     mfu = float(re.search(r"MFU ([\d.]+), estimate", row).group(1))
     hours = float(re.search(r"([\d.]+) h ", row).group(1))
-    assert hours == pytest.approx(run_flops / (312e12 * mfu) / 3600, abs=0.006)
+    assert hours == pytest.approx(run_flops / (312e12 * mfu) / 3600, rel=0.01)  # MFU and hours are printed rounded
     prices = json.loads((ROOT / "src/alignpress/data/gpu_prices.json").read_text())
     usd = prices["gpus"]["A100-40GB"]["on_demand"]["usd"]
     cost = float(re.search(r"\$([\d.,]+) @ \$" + re.escape(f"{usd:.2f}"), row).group(1))

@@ -1,0 +1,580 @@
+#!/usr/bin/env python3
+"""DPO training throughput and memory: N steps of the real TRL DPOTrainer per variant.
+
+    python benchmarks/bench_dpo.py --model phi3-mini --steps 20                # every variant, GPU
+    python benchmarks/bench_dpo.py --model gemma-2b --variant seed --variant tuned
+    python benchmarks/bench_dpo.py --smoke                                     # tiny model, CPU, CI
+
+The model is the real architecture (Phi-3-mini or Gemma-2b config) with random weights: speed does
+not depend on weight values. The data are synthetic token ids with a capybara-like length
+distribution (alignpress.flops.LengthDistribution, seeded), written as words of a word-level
+tokenizer so that TRL's own tokenisation and collator run unchanged. Each variant is a named
+set of levers applied to the model's seed recipe (recipes/*.yaml) and runs in its own process
+(clean GPU memory, and Liger's kernels patch model classes globally). Training goes through
+alignpress's own DPOConfig (alignpress.train.dpo_config) and model loading (alignpress.modeling).
+
+Reported per variant, over the steps after the warm-up: non-padding tokens per second (chosen
+and rejected rows), pairs (samples) per second, model FLOPs utilisation (alignpress.flops: policy
+forward and backward, reference forward; recomputation and padding excluded) against the GPU's
+peak dense BF16 FLOP/s (src/alignpress/data/gpus.json; null on the CPU or an unknown GPU),
+padding fraction, and peak memory (torch.cuda.max_memory_allocated; on the CPU the process's peak
+RSS, which is not comparable). Writes benchmarks/results/<device>-<date>.json and .md (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from alignpress.flops import (  # noqa: E402
+    GiB,
+    LengthDistribution,
+    MemorySettings,
+    arch_from_config,
+    gpu_for_device,
+    load_table,
+    memory_estimate,
+    sequence_flops,
+    truncate_pair,
+)
+
+SCHEMA = "alignpress-bench/1"
+
+# name -> (seed recipe, config kwargs, transformers config class)
+MODELS: dict[str, dict[str, Any]] = {
+    "phi3-mini": {
+        "recipe": "recipes/phi3-mini-capybara.yaml",
+        "config": "Phi3Config",
+        # microsoft/Phi-3-mini-4k-instruct (shared/reference/models-and-data.md)
+        "kwargs": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5, sliding_window=2047, tie_word_embeddings=False),
+    },
+    "gemma-2b": {
+        "recipe": "recipes/gemma-2b-it-capybara.yaml",
+        "config": "GemmaConfig",
+        # google/gemma-2b-it (shared/reference/models-and-data.md)
+        "kwargs": dict(hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8, num_key_value_heads=1, head_dim=256, vocab_size=256000, max_position_embeddings=8192, rope_theta=10000.0, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True),
+    },
+    "tiny": {
+        "recipe": "recipes/phi3-mini-capybara.yaml",
+        "config": "Phi3Config",
+        "kwargs": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, vocab_size=512, max_position_embeddings=512, tie_word_embeddings=False),
+    },
+}
+
+# Each variant: the seed recipe plus one lever (or, for `tuned`, all of them). `set` holds recipe
+# overrides; `trl` holds DPOConfig fields alignpress recipes do not expose (yet).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "seed": {"about": "the seed notebook: its recipe as is (QLoRA 4-bit, checkpointing, paged AdamW, random batches)"},
+    "bf16-lora": {"about": "seed, bf16 base instead of 4-bit", "set": ["model.load_in_4bit=false"]},
+    "batch": {"about": "seed, one micro-batch of batch x accumulation pairs (same pairs per optimizer step)", "batch": True},
+    "group-by-length": {"about": "seed, length-grouped batches (less padding)", "trl": {"train_sampling_strategy": "group_by_length"}},
+    "no-checkpointing": {"about": "seed, gradient checkpointing off", "set": ["train.gradient_checkpointing=false"]},
+    "liger": {"about": "seed, Liger kernels (RMSNorm, RoPE, SwiGLU/GeGLU)", "trl": {"use_liger_kernel": True}, "needs": "liger"},
+    "flash-attn": {"about": "seed, FlashAttention 2", "set": ["model.attn_implementation=flash_attention_2"], "needs": "flash_attn"},
+    "eager-attn": {"about": "seed, eager attention (what SDPA, the default, saves)", "set": ["model.attn_implementation=eager"]},
+    "precompute-ref": {"about": "seed, reference log-probs computed once before training", "set": ["dpo.precompute_ref_log_probs=true"]},
+    "tuned": {"about": "bf16 LoRA, one micro-batch per step, length grouping, precomputed reference, FlashAttention 2 and Liger when available, checkpointing only when the memory estimate needs it", "tuned": True},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic data and model
+
+
+def length_distribution(smoke: bool) -> LengthDistribution:
+    # The smoke test keeps the shape of the distribution at 1/16 of the lengths.
+    return LengthDistribution(scale=1 / 16) if smoke else LengthDistribution()
+
+
+def synthetic_pairs(n: int, seed: int, smoke: bool) -> list[tuple[int, int, int]]:
+    """(prompt, chosen, rejected) token counts, answers counting the eos TRL appends."""
+    return [(p, max(c, 2), max(r, 2)) for p, c, r in length_distribution(smoke).sample(n, seed)]
+
+
+def word_tokenizer(vocab: int):
+    """One token per whitespace-separated word w<id>; pad, eos, unk first. No bos is added."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    words.update({f"w{i}": i for i in range(3, vocab)})
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def text_dataset(pairs: list[tuple[int, int, int]], vocab: int, seed: int, with_length: bool):
+    """TRL's standard format: prompt, chosen and rejected strings of random words.
+
+    The answers leave one token for the eos TRL appends, so TRL's token counts equal `pairs`.
+    """
+    import random
+
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+
+    def words(n: int) -> str:
+        return " ".join(f"w{rng.randrange(3, vocab)}" for _ in range(n))
+
+    rows = []
+    for p, c, r in pairs:
+        row = {"prompt": words(p), "chosen": " " + words(c - 1), "rejected": " " + words(r - 1)}
+        if with_length:
+            row["length"] = p + max(c, r)
+        rows.append(row)
+    return Dataset.from_list(rows)
+
+
+def model_folder(name: str) -> Path:
+    """A saved random-weight model with the word tokenizer, built on first use."""
+    import torch
+    import transformers
+
+    from alignpress.modeling import cache_home
+
+    spec = MODELS[name]
+    folder = cache_home() / "bench-models" / f"{name}-v1"
+    if (folder / ".complete").exists():
+        return folder
+    config = getattr(transformers, spec["config"])(**spec["kwargs"], pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    tmp = folder.with_name(folder.name + f".partial-{os.getpid()}")
+    model.save_pretrained(tmp)
+    word_tokenizer(config.vocab_size).save_pretrained(tmp)
+    del model
+    (tmp / ".complete").write_text("random weights, seed 0\n")
+    os.replace(tmp, folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# One variant (runs in its own process)
+
+
+class CountingCollator:
+    """Wraps TRL's DataCollatorForPreference and records every training micro-batch it builds."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.recording = False  # off while TRL precomputes reference log-probs in __init__
+        self.batches: list[dict[str, Any]] = []
+        self.precompute_tokens = 0
+
+    def __call__(self, examples):
+        out = self.inner(examples)
+        real = int(out["attention_mask"].sum())
+        if not self.recording:
+            self.precompute_tokens += real
+            return out
+        self.batches.append(
+            {
+                "rows": int(out["input_ids"].shape[0]),
+                "seq_len": int(out["input_ids"].shape[1]),
+                "real_tokens": real,
+                "pairs": [[len(e["prompt_ids"]), len(e["chosen_ids"]), len(e["rejected_ids"])] for e in examples],
+            }
+        )
+        return out
+
+
+def availability(need: str | None, device: str) -> str | None:
+    """None when a lever can run here, else why not."""
+    if need == "liger":
+        if device != "cuda":
+            return "Liger kernels need a CUDA GPU (Triton)"
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError:
+            return "liger-kernel is not installed (pip install liger-kernel)"
+    if need == "flash_attn":
+        from transformers.utils import is_flash_attn_2_available
+
+        if device != "cuda" or not is_flash_attn_2_available():
+            return "flash-attn 2 is not installed or there is no CUDA GPU (pip install flash-attn)"
+    return None
+
+
+def bitsandbytes_problem(device: str) -> str | None:
+    if device != "cuda":
+        return "bitsandbytes needs a CUDA GPU"
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return "bitsandbytes is not installed"
+    return None
+
+
+def plan_variant(name: str, model: str, device: str, smoke: bool) -> tuple[list[str], dict[str, Any], list[str], str | None]:
+    """Recipe overrides, extra DPOConfig fields, notes, and a skip reason (or None) for a variant."""
+    from alignpress.recipe import load_recipe
+
+    spec = VARIANTS[name]
+    base = load_recipe(ROOT / MODELS[model]["recipe"])
+    sets: list[str] = ["publish.repo_id=null", "eval.enabled=false"]
+    trl: dict[str, Any] = dict(spec.get("trl", {}))
+    notes: list[str] = []
+    if smoke:
+        sets += ["dpo.max_length=128", "train.device=cpu"]
+    skip = availability(spec.get("needs"), device)
+    if skip:
+        return sets, trl, notes, skip
+    sets += spec.get("set", [])
+    batch, accumulation = base.train.per_device_train_batch_size, base.train.gradient_accumulation_steps
+    if spec.get("batch") or spec.get("tuned"):
+        sets += [f"train.per_device_train_batch_size={batch * accumulation}", "train.gradient_accumulation_steps=1"]
+    if spec.get("tuned"):
+        sets += ["model.load_in_4bit=false", "dpo.precompute_ref_log_probs=true"]
+        trl["train_sampling_strategy"] = "group_by_length"
+        if availability("flash_attn", device) is None:
+            sets.append("model.attn_implementation=flash_attention_2")
+        if availability("liger", device) is None:
+            trl["use_liger_kernel"] = True
+        sets.append(f"train.gradient_checkpointing={str(needs_checkpointing(model, batch * accumulation, base.dpo.max_length, device)).lower()}")
+        sets.append("train.optim=" + ("adamw_torch_fused" if device == "cuda" else "adamw_torch"))
+    recipe = load_recipe(ROOT / MODELS[model]["recipe"], sets)
+    problem = bitsandbytes_problem(device)
+    if recipe.model.load_in_4bit and problem:
+        sets.append("model.load_in_4bit=false")
+        notes.append(f"4-bit NF4 unavailable here ({problem}): ran with an unquantized base (bf16 on a GPU, float32 on the CPU)")
+    if any(k in recipe.train.optim for k in ("paged", "bnb", "8bit")) and problem:
+        sets.append("train.optim=adamw_torch")
+        notes.append(f"{recipe.train.optim} unavailable here ({problem}): ran adamw_torch")
+    if trl.get("train_sampling_strategy") == "group_by_length":
+        # TRL drops every column the model does not take before the sampler reads the lengths.
+        trl["remove_unused_columns"] = False
+    return sets, trl, notes, None
+
+
+def needs_checkpointing(model: str, batch_pairs: int, max_length: int, device: str) -> bool:
+    """Whether the memory estimate for a bf16 LoRA micro-batch exceeds this GPU without checkpointing."""
+    if device != "cuda":
+        return False
+    import torch
+
+    arch = arch_from_config(MODELS[model]["kwargs"] | {"model_type": "phi3" if MODELS[model]["config"] == "Phi3Config" else "gemma"})
+    est = memory_estimate(arch, MemorySettings(weights="bf16", lora_r=16, gradient_checkpointing=False, micro_batch_pairs=batch_pairs, seq_len=max_length, precompute_ref=True))
+    return est["total_gib"] > torch.cuda.get_device_properties(0).total_memory / GiB
+
+
+def device_info(device: str) -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        total = props.total_memory / GiB
+        gpu = gpu_for_device(props.name, total)
+        peak = load_table("gpus.json")["gpus"][gpu]["peak_bf16_tflops"] if gpu else None
+        return {"kind": "cuda", "name": props.name, "gpu": gpu, "memory_gib": round(total, 2), "peak_bf16_tflops": peak}
+    return {"kind": "cpu", "name": platform.processor() or platform.machine(), "gpu": None, "memory_gib": None, "peak_bf16_tflops": None, "cpu_threads": torch.get_num_threads()}
+
+
+def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed: int, smoke: bool) -> dict[str, Any]:
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from alignpress.modeling import load_model, pick_device, pick_dtype
+    from alignpress.recipe import load_recipe
+    from alignpress.runstate import RunDir
+    from alignpress.train import dpo_config
+
+    device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
+    info = device_info(device)
+    out: dict[str, Any] = {"name": name, "about": VARIANTS[name]["about"], "device": info}
+    sets, trl_extra, notes, skip = plan_variant(name, model, device, smoke)
+    if skip:
+        return {**out, "status": "skipped", "reason": skip}
+    folder = model_folder(model)
+    recipe = load_recipe(ROOT / MODELS[model]["recipe"], [*sets, f"model.name_or_path={folder}"])
+    t, m, d = recipe.train, recipe.model, recipe.dpo
+    settings = {
+        "load_in_4bit": m.load_in_4bit,
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "per_device_train_batch_size": t.per_device_train_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "precompute_ref_log_probs": d.precompute_ref_log_probs,
+        "attn_implementation": m.attn_implementation or "sdpa (default)",
+        "group_by_length": trl_extra.get("train_sampling_strategy") == "group_by_length",
+        "liger": bool(trl_extra.get("use_liger_kernel")),
+        "optim": t.optim,
+        "max_length": d.max_length,
+        "lora_r": recipe.lora.r if recipe.lora.enabled else None,
+    }
+    out.update(settings=settings, notes=notes, overrides=sets, trl_args=trl_extra)
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(folder)
+    dtype = pick_dtype(recipe, pick_device(recipe))
+    net = load_model(recipe, str(folder), device=device, dtype=dtype, quantized=m.load_in_4bit, tokenizer=tok)
+    peft_config = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout, target_modules=recipe.lora.target_modules, task_type="CAUSAL_LM")
+    if m.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        net = prepare_model_for_kbit_training(net, use_gradient_checkpointing=t.gradient_checkpointing)
+
+    pairs = synthetic_pairs(pool, seed, smoke)
+    dataset = text_dataset(pairs, tok.vocab_size, seed, with_length=settings["group_by_length"])
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+    args = dpo_config(recipe, RunDir(work), device, dtype)
+    args = dataclasses.replace(args, max_steps=steps, save_strategy="no", logging_steps=1, disable_tqdm=True, **trl_extra)
+    collator = CountingCollator(DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=d.max_length, truncation_mode=d.truncation_mode))
+    step_ends: list[float] = []
+    losses: list[float] = []
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            collator.recording = True
+            sync()
+            step_ends.append(time.perf_counter())  # index 0: the start of step 1
+
+        def on_step_end(self, *a, **k):
+            sync()
+            step_ends.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **k):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    started = time.perf_counter()
+    trainer = DPOTrainer(model=net, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config, data_collator=collator, callbacks=[Timer()])
+    setup_s = time.perf_counter() - started
+    trainer.train()
+
+    ga = t.gradient_accumulation_steps
+    done = len(step_ends) - 1
+    if done < steps or done <= warmup:
+        return {**out, "status": "failed", "reason": f"only {done} of {steps} steps ran"}
+    timed = collator.batches[warmup * ga : steps * ga]
+    arch = arch_from_config(net.config)
+    results = summarise(timed, step_ends[steps] - step_ends[warmup], arch, settings, info["peak_bf16_tflops"] if device == "cuda" else None)
+    estimate = memory_estimate(
+        arch,
+        MemorySettings(
+            weights="nf4" if m.load_in_4bit else ("bf16" if dtype == torch.bfloat16 else "fp32"),
+            lora_r=settings["lora_r"],
+            optimizer_bits="8bit" if "8bit" in t.optim else "32bit",
+            gradient_checkpointing=t.gradient_checkpointing,
+            micro_batch_pairs=t.per_device_train_batch_size,
+            seq_len=max(b["seq_len"] for b in collator.batches),
+            precompute_ref=d.precompute_ref_log_probs,
+            attn_implementation=m.attn_implementation,
+        ),
+    )
+    results.update(
+        steps_timed=steps - warmup,
+        **peak_memory(device),
+        # alignpress.flops.memory_estimate before its margin and CUDA context: compare with peak_memory_gib
+        estimated_peak_gib=round(estimate["subtotal_gib"], 3) if device == "cuda" else None,
+        setup_s=round(setup_s, 2),
+        precompute_tokens=collator.precompute_tokens,
+        loss_first=losses[0] if losses else None,
+        loss_last=losses[-1] if losses else None,
+    )
+    return {**out, "status": "ok", "results": results, "batches": timed}
+
+
+def summarise(batches: list[dict[str, Any]], seconds: float, arch, settings: dict[str, Any], peak_tflops: float | None) -> dict[str, Any]:
+    """Throughput of the timed micro-batches: tokens from the attention masks, FLOPs from the pairs."""
+    tokens = sum(b["real_tokens"] for b in batches)
+    padded = sum(b["rows"] * b["seq_len"] for b in batches)
+    pairs = sum(len(b["pairs"]) for b in batches)
+    flops = 0.0
+    for b in batches:
+        for p, c, r in b["pairs"]:
+            for length, completion in truncate_pair(p, c, r, settings["max_length"]):
+                flops += sequence_flops(arch, length, completion, lora_r=settings["lora_r"], reference=not settings["precompute_ref_log_probs"])["total"]
+    achieved = flops / seconds / 1e12
+    return {
+        "seconds": round(seconds, 4),
+        "pairs": pairs,
+        "tokens": tokens,
+        "padded_tokens": padded,
+        "padding_fraction": round(1 - tokens / padded, 4),
+        "tokens_per_s": round(tokens / seconds, 2),
+        "samples_per_s": round(pairs / seconds, 4),
+        "model_flops": flops,
+        "achieved_tflops": round(achieved, 4),
+        "mfu": round(achieved / peak_tflops, 4) if peak_tflops else None,
+    }
+
+
+def peak_memory(device: str) -> dict[str, Any]:
+    import resource
+
+    import torch
+
+    if device == "cuda":
+        return {"peak_memory_gib": round(torch.cuda.max_memory_allocated() / GiB, 3), "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GiB, 3), "peak_memory_kind": "cuda max_memory_allocated"}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+    return {"peak_memory_gib": round(rss, 3), "peak_memory_kind": "cpu peak RSS of the whole process (not GPU memory; not comparable)"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration and report
+
+
+def run_all(args) -> dict[str, Any]:
+    names = args.variant or list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    variants = []
+    for name in names:
+        with tempfile.TemporaryDirectory() as tmp:
+            part = Path(tmp) / "variant.json"
+            cmd = [sys.executable, __file__, "--worker", name, "--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup), "--pool", str(args.pool), "--seed", str(args.seed), "--worker-out", str(part)]
+            if args.smoke:
+                cmd.append("--smoke")
+            print(f"[bench] {args.model} / {name} ...", file=sys.stderr, flush=True)
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout, cwd=ROOT)
+            except subprocess.TimeoutExpired:
+                variants.append({"name": name, "status": "failed", "reason": f"timed out after {args.variant_timeout} s"})
+                continue
+            if proc.returncode != 0 or not part.exists():
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+                oom = "out of memory" in proc.stderr.lower()
+                variants.append({"name": name, "status": "failed", "reason": ("CUDA out of memory: " if oom else "") + tail[0][:300]})
+                continue
+            variants.append(json.loads(part.read_text()))
+        v = variants[-1]
+        print(f"[bench]   {v['status']}" + (f": {v.get('reason')}" if v["status"] != "ok" else f": {v['results']['tokens_per_s']:.1f} tokens/s"), file=sys.stderr, flush=True)
+    device = next((v["device"] for v in variants if v.get("device")), {"kind": "unknown", "name": "unknown", "gpu": None})
+    sample = synthetic_pairs(args.pool, args.seed, args.smoke)
+    return {
+        "model": args.model,
+        "architecture": MODELS[args.model]["kwargs"] | {"config": MODELS[args.model]["config"]},
+        "seed_recipe": MODELS[args.model]["recipe"],
+        "steps": args.steps,
+        "warmup_steps": args.warmup,
+        "device": device,
+        "data": {
+            "pool_pairs": args.pool,
+            "seed": args.seed,
+            "distribution": dataclasses.asdict(length_distribution(args.smoke)),
+            "realized": LengthDistribution.describe(sample),
+        },
+        "variants": variants,
+    }
+
+
+def device_slug(device: dict[str, Any]) -> str:
+    if device.get("gpu"):
+        return device["gpu"]
+    if device.get("kind") == "cpu":
+        return "cpu"
+    return "".join(ch if ch.isalnum() else "-" for ch in device.get("name", "unknown")).strip("-")
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# DPO benchmark: {report['device_slug']}, {report['created'][:10]}", ""]
+    lines.append(f"Device: {report['runs'][0]['device'].get('name')}. Measured with benchmarks/bench_dpo.py; schema {SCHEMA}.")
+    for run in report["runs"]:
+        real = run["data"]["realized"]
+        lines += [
+            "",
+            f"## {run['model']} ({run['steps']} steps, {run['warmup_steps']} warm-up; seed recipe {run['seed_recipe']})",
+            "",
+            f"Synthetic data: {real['pairs']} pairs, median {real['median_pair_tokens']} tokens a pair (prompt + chosen + rejected), "
+            f"prompt/answer median {real['median_prompt_to_answer']}, p95 {real['p95_pair_tokens']}, max {real['max_pair_tokens']}.",
+            "",
+            "| variant | status | tokens/s | pairs/s | MFU | padding | peak memory (GiB) | vs seed |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        base = next((v["results"]["tokens_per_s"] for v in run["variants"] if v["name"] == "seed" and v["status"] == "ok"), None)
+        for v in run["variants"]:
+            if v["status"] != "ok":
+                lines.append(f"| {v['name']} | {v['status']}: {v.get('reason', '')} | | | | | | |")
+                continue
+            r = v["results"]
+            mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "n/a"
+            speed = f"{r['tokens_per_s'] / base:.2f}x" if base else ""
+            lines.append(f"| {v['name']} | ok | {r['tokens_per_s']:,.0f} | {r['samples_per_s']:.3f} | {mfu} | {r['padding_fraction']:.3f} | {r['peak_memory_gib']:.2f} | {speed} |")
+        notes: dict[str, list[str]] = {}
+        for v in run["variants"]:
+            for n in v.get("notes", []):
+                notes.setdefault(n, []).append(v["name"])
+        if notes:
+            lines += ["", "Notes:", *(f"- {n} ({', '.join(names)})" for n, names in notes.items())]
+        if run["device"].get("kind") == "cpu":
+            lines += ["", "CPU run: MFU is not reported and peak memory is the process's peak RSS, not GPU memory."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run: dict[str, Any], out: Path) -> Path:
+    """Merge this run into <out>/<device>-<date>.json (one run per model) and rewrite the .md."""
+    out.mkdir(parents=True, exist_ok=True)
+    slug = device_slug(run["device"])
+    created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    path = out / f"{slug}-{created[:10]}.json"
+    report = json.loads(path.read_text()) if path.exists() else {"schema": SCHEMA, "device_slug": slug, "runs": []}
+    from alignpress.runstate import library_versions
+
+    report.update(created=created, libraries=library_versions())
+    report["runs"] = [r for r in report["runs"] if r["model"] != run["model"]] + [run]
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    path.with_suffix(".md").write_text(markdown(report))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=list(MODELS), default="phi3-mini")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (default 20; smoke 3)")
+    p.add_argument("--warmup", type=int, default=None, help="steps left out of the timing (default 3; smoke 1)")
+    p.add_argument("--variant", action="append", help=f"repeatable; default all: {', '.join(VARIANTS)}")
+    p.add_argument("--pool", type=int, default=None, help="synthetic pairs in the dataset (default 256; smoke 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--smoke", action="store_true", help="tiny model on the CPU, short lengths: checks the harness, measures nothing useful")
+    p.add_argument("--variant-timeout", type=int, default=3600)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.model = "tiny" if args.model == "phi3-mini" else args.model
+    args.steps = args.steps or (3 if args.smoke else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
+    args.pool = args.pool or (64 if args.smoke else 256)
+    if args.warmup >= args.steps:
+        p.error("--warmup must be smaller than --steps")
+    if args.worker:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        result = run_variant(args.worker, args.model, args.steps, args.warmup, args.pool, args.seed, args.smoke)
+        args.worker_out.write_text(json.dumps(result))
+        return 0
+    run = run_all(args)
+    path = write_report(run, args.out)
+    print(path.with_suffix(".md").read_text())
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+    return 0 if all(v["status"] != "failed" for v in run["variants"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

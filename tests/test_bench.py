@@ -1,0 +1,99 @@
+"""The benchmark harness's CPU smoke mode: a tiny Phi-3 model, 3 steps, 2 variants, real DPOTrainer.
+
+It measures nothing useful (2 shared CPU cores); it keeps benchmarks/bench_dpo.py from rotting and
+checks its bookkeeping: tokens counted from the attention masks equal the synthetic pairs' lengths.
+"""
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_dpo  # noqa: E402
+from alignpress.flops import sequence_flops, truncate_pair  # noqa: E402
+
+RESULT_KEYS = {"steps_timed", "seconds", "pairs", "tokens", "padded_tokens", "padding_fraction", "tokens_per_s", "samples_per_s", "model_flops", "achieved_tflops", "mfu", "peak_memory_gib", "peak_memory_kind", "setup_s"}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, alignpress_home):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_dpo.py"), "--smoke", "--steps", "3", "--variant", "seed", "--variant", "tuned", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted(out.glob("cpu-*.json"))
+    assert len(files) == 1
+    return json.loads(files[0].read_text()), files[0], proc
+
+
+def test_smoke_report_layout(smoke):
+    report, path, proc = smoke
+    assert report["schema"] == "alignpress-bench/1" and report["libraries"]["trl"]
+    (run,) = report["runs"]
+    assert run["model"] == "tiny" and run["steps"] == 3 and run["warmup_steps"] == 1
+    assert run["device"]["kind"] == "cpu"
+    assert [v["name"] for v in run["variants"]] == ["seed", "tuned"]
+    assert {"median_pair_tokens", "median_prompt_to_answer", "p95_pair_tokens"} <= set(run["data"]["realized"])
+    md = path.with_suffix(".md").read_text()
+    assert "| seed | ok |" in md and "| tuned | ok |" in md and "MFU is not reported" in md
+    assert md in proc.stdout
+
+
+def test_smoke_values_are_sane(smoke):
+    report, _, _ = smoke
+    for v in report["runs"][0]["variants"]:
+        assert v["status"] == "ok", v
+        r = v["results"]
+        assert RESULT_KEYS <= set(r)
+        assert r["steps_timed"] == 2 and r["seconds"] > 0
+        assert r["tokens_per_s"] > 0 and r["samples_per_s"] > 0
+        assert 0 <= r["padding_fraction"] < 1
+        assert r["mfu"] is None and "RSS" in r["peak_memory_kind"]  # CPU: no MFU, no GPU memory
+        assert r["pairs"] == 2 * v["settings"]["per_device_train_batch_size"] * v["settings"]["gradient_accumulation_steps"]
+    seed, tuned = report["runs"][0]["variants"]
+    assert seed["settings"]["gradient_checkpointing"] and not seed["settings"]["precompute_ref_log_probs"]
+    assert any("4-bit NF4 unavailable here" in n for n in seed["notes"])  # said, not hidden
+    assert tuned["settings"]["group_by_length"] and tuned["settings"]["precompute_ref_log_probs"]
+    assert tuned["settings"]["per_device_train_batch_size"] == 4 and tuned["settings"]["gradient_accumulation_steps"] == 1
+    assert tuned["results"]["precompute_tokens"] > 0
+
+
+def test_tokens_equal_the_synthetic_lengths(smoke):
+    """Non-padding tokens (from attention masks) = the lengths of the synthetic pairs in those batches."""
+    report, _, _ = smoke
+    run = report["runs"][0]
+    pool = Counter(bench_dpo.synthetic_pairs(run["data"]["pool_pairs"], run["data"]["seed"], smoke=True))
+    for v in run["variants"]:
+        max_length = v["settings"]["max_length"]
+        expected = flops = 0
+        for batch in v["batches"]:
+            rows = 0
+            for p, c, r in batch["pairs"]:
+                assert pool[(p, c, r)] > 0, (p, c, r)  # TRL tokenised the synthetic text to exactly these counts
+                for length, completion in truncate_pair(p, c, r, max_length):
+                    expected += length
+                    rows += length
+                    flops += sequence_flops(bench_dpo.arch_from_config(bench_dpo.MODELS["tiny"]["kwargs"] | {"model_type": "phi3"}), length, completion, lora_r=16, reference=not v["settings"]["precompute_ref_log_probs"])["total"]
+            assert batch["real_tokens"] == rows
+            assert batch["rows"] * batch["seq_len"] >= rows
+        assert v["results"]["tokens"] == expected
+        assert v["results"]["model_flops"] == pytest.approx(flops)
+
+
+def test_synthetic_distribution_matches_the_reference():
+    """Median about 1,160 tokens a pair, prompt about 1.6 x the answer, a tail past 3,500 (seeded)."""
+    from alignpress.flops import LengthDistribution
+
+    d = LengthDistribution.describe(bench_dpo.synthetic_pairs(20000, 0, smoke=False))
+    assert 1100 <= d["median_pair_tokens"] <= 1220
+    assert 1.45 <= d["median_prompt_to_answer"] <= 1.75
+    assert d["share_over_3500"] > 0.01 and d["max_pair_tokens"] > 3500
+    assert bench_dpo.synthetic_pairs(50, 3, smoke=False) == bench_dpo.synthetic_pairs(50, 3, smoke=False)
