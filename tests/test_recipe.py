@@ -94,6 +94,16 @@ def test_bad_recipes_name_file_and_field(tmp_path, extra, overrides, expected):
         assert part.strip() in message, message
 
 
+def test_missing_accelerate_config_named_before_any_gpu_time():
+    with pytest.raises(AlignpressError) as e:
+        load_recipe(ROOT / "recipes/demo.yaml", ["train.accelerate_config=zero4"])
+    assert str(e.value) == (
+        f"--set train.accelerate_config: field 'train.accelerate_config': no accelerate config 'zero4' "
+        f"(names in {ROOT / 'recipes/accelerate'}: ddp, zero2, zero3-offload; or give a path to a .yaml file)"
+    )
+    assert load_recipe(ROOT / "recipes/demo.yaml", ["train.accelerate_config=zero3-offload"]).train.accelerate_config == "zero3-offload"
+
+
 def test_missing_required_field(tmp_path):
     path = write(tmp_path, "name: t\nmodel: {name_or_path: x/y}\n")
     with pytest.raises(AlignpressError, match=r"r\.yaml: field 'data': required field is missing"):
