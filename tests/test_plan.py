@@ -29,13 +29,21 @@ from alignpress.flops import (
     sequence_flops,
     truncate_pair,
 )
-from alignpress.plan import project
+from alignpress.plan import project, recommend
 
 # hidden 8, 2 layers, 2 heads x 4 dims (d_attn 8), 1 key/value head (d_kv 4), MLP 16, vocab 32
 ROOT = Path(__file__).resolve().parents[1]
 TOY = Arch("toy", hidden=8, layers=2, heads=2, kv_heads=1, head_dim=4, intermediate=16, vocab=32, tied_embeddings=False)
 PHI3 = KNOWN_ARCHS["microsoft/Phi-3-mini-4k-instruct"]
 GEMMA = KNOWN_ARCHS["google/gemma-2b-it"]
+GPUS = json.loads((ROOT / "src/alignpress/data/gpus.json").read_text())["gpus"]
+PRICES = json.loads((ROOT / "src/alignpress/data/gpu_prices.json").read_text())["gpus"]
+
+
+@pytest.fixture(autouse=True)
+def no_sky(monkeypatch):
+    """The dated table, whatever SkyPilot catalog this machine has cached (tests that want it set it)."""
+    monkeypatch.setenv("ALIGNPRESS_SKY_PYTHON", "none")
 
 
 def test_parameter_counts_by_hand():
@@ -191,12 +199,11 @@ def test_plan_phi3_with_synthetic_stats(phi3_out):
     mfu = float(re.search(r"MFU ([\d.]+), estimate", row).group(1))
     hours = float(re.search(r"([\d.]+) h ", row).group(1))
     assert hours == pytest.approx(run_flops / (312e12 * mfu) / 3600, rel=0.01)  # MFU and hours are printed rounded
-    prices = json.loads((ROOT / "src/alignpress/data/gpu_prices.json").read_text())
-    usd = prices["gpus"]["A100-40GB"]["on_demand"]["usd"]
+    usd = PRICES["A100-40GB"]["on_demand_usd"]
     cost = float(re.search(r"\$([\d.,]+) @ \$" + re.escape(f"{usd:.2f}"), row).group(1))
     assert cost == pytest.approx(hours * usd, rel=0.01)
     assert "estimate, not measured" in out and "7.6/40 GiB ok" in out
-    for gpu in ("A100-40GB", "A100-80GB", "H100-80GB"):
+    for gpu in GPUS:
         assert re.search(rf"^{gpu} ", out, re.M)
 
 
@@ -207,8 +214,10 @@ def test_plan_json_is_consistent(phi3_out):
     assert p["run"]["tokens"] == 9_600_000
     for row in p["gpus"]:
         assert row["gpu_hours"] == pytest.approx(p["run"]["flops"] / (row["peak_bf16_tflops"] * 1e12 * row["mfu"]) / 3600)
-        assert row["usd_on_demand"] == pytest.approx(row["gpu_hours"] * row["price_on_demand"]["usd"])
-        assert row["usd_spot"] == pytest.approx(row["gpu_hours"] * row["price_spot"]["usd"])
+        assert row["usd_on_demand"] == pytest.approx(row["gpu_hours"] * PRICES[row["gpu"]]["on_demand_usd"])
+        spot = PRICES[row["gpu"]]["spot_usd"]
+        assert row["usd_spot"] == (None if spot is None else pytest.approx(row["gpu_hours"] * spot))
+        assert row["price_on_demand"]["provider"] == PRICES[row["gpu"]]["provider"]
     f = p["throughput"]["factors"]
     assert p["throughput"]["estimated_mfu"] == pytest.approx(math.prod(f.values()))
     assert f["gradient_checkpointing"] == pytest.approx(0.75, abs=0.01)  # 6N model / 8N hardware with LoRA
@@ -234,7 +243,7 @@ def test_plan_needs_prepared_data(tmp_path):
 
 
 def test_plan_prices_override_and_measured_mfu(phi3_out, tmp_path):
-    prices = {"as_of": "test", "gpus": {"A100-40GB": {"on_demand": {"usd": 1.0}}}}
+    prices = {"gpus": {"A100-40GB": {"provider": "Test cloud", "as_of": "2099-01-01", "on_demand_usd": 1.0, "spot_usd": None}}}
     (tmp_path / "prices.json").write_text(json.dumps(prices))
     # A benchmark results file as bench_dpo.py writes it (test data, not a measurement)
     bench = tmp_path / "bench"
@@ -279,3 +288,192 @@ def test_plan_loads_no_weights(phi3_out):
     proc = subprocess.run([sys.executable, "-c", code, str(phi3_out)], capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "False"
+
+
+# ---------------------------------------------------------------------------------------------
+# Prices, GPUs and the recommendation
+
+
+def test_price_table_one_offer_per_gpu():
+    """Each row is one offer: one provider and date, both prices from it, spot below on-demand."""
+    assert list(PRICES) == list(GPUS)  # a price for every GPU plan knows
+    for name, row in PRICES.items():
+        assert isinstance(row["provider"], str) and row["provider"], name
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", row["as_of"]), name
+        assert row["source"].startswith(("http", "SkyPilot")), name
+        assert {"on_demand", "spot"}.isdisjoint(row), name  # no per-tier sub-entries (they mixed providers)
+        assert row["on_demand_usd"] > 0, name
+        if row["spot_usd"] is not None:
+            assert 0 < row["spot_usd"] < row["on_demand_usd"], name
+    for name, info in GPUS.items():
+        assert info["memory_gib"] > 0 and info["peak_bf16_tflops"] > 0 and info["sky_name"] and info["source"], name
+
+
+def row(gpu, fits=True, tight=False, hours=1.0, od=None, spot=None):
+    price = lambda usd: None if usd is None else {"usd": usd, "provider": "P"}
+    return {"gpu": gpu, "fits": fits, "tight": tight, "wall_hours": hours, "usd_on_demand": None if od is None else hours * od,
+            "usd_spot": None if spot is None else hours * spot, "price_on_demand": price(od), "price_spot": price(spot)}
+
+
+def test_recommend_by_hand():
+    rows = [
+        row("small", fits=False, hours=1.0, od=0.10, spot=0.05),  # cheapest, but does not fit
+        row("tight", fits=True, tight=True, hours=1.0, od=0.20, spot=0.06),  # above 90% of its memory
+        row("mid", hours=2.0, od=1.00, spot=0.30),  # 2 h: $2.00 on-demand, $0.60 spot
+        row("big", hours=0.5, od=3.00, spot=1.50),  # 0.5 h: $1.50 on-demand, $0.75 spot
+        row("nospot", hours=0.25, od=8.00),  # 0.25 h: $2.00 on-demand, no spot
+    ]
+    rec = recommend(rows)
+    assert rec["on_demand"]["gpu"] == "big" and rec["on_demand"]["usd"] == pytest.approx(1.50) and rec["on_demand"]["wall_hours"] == 0.5
+    assert rec["spot"]["gpu"] == "mid" and rec["spot"]["usd"] == pytest.approx(0.60) and rec["spot"]["price"]["usd"] == 0.30
+    # equal cost: the faster GPU
+    rec = recommend([row("slow", hours=2.0, od=1.0), row("fast", hours=1.0, od=2.0)])
+    assert rec["on_demand"]["gpu"] == "fast" and rec["spot"] is None
+    assert recommend([row("x", fits=False, od=1.0)]) == {"on_demand": None, "spot": None}
+
+
+def prices_file(tmp_path, prices):
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps({"gpus": {g: {"provider": "Test cloud", "as_of": "2099-01-01", "on_demand_usd": od, "spot_usd": sp} for g, (od, sp) in prices.items()}}))
+    return path
+
+
+def test_plan_recommends_the_cheapest_gpu_that_fits(phi3_out, tmp_path):
+    # bf16 without checkpointing: the estimate is above the L4's, A10G's, L40S's and A100-40GB's memory
+    args = ["plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--bench-results", phi3_out / "none", "--gpu", "A100-80GB",
+            "--set", "model.load_in_4bit=false", "--set", "train.gradient_checkpointing=false"]
+    prices = prices_file(tmp_path, {"L4": (0.01, 0.005), "A100-80GB": (4.0, 1.0), "H100-80GB": (9.0, 2.0), "H200": (10.0, None)})
+    proc = cli(*args, "--prices", prices, "--json")
+    assert proc.returncode == 0, proc.stderr
+    p = json.loads(proc.stdout)
+    rows = {r["gpu"]: r for r in p["gpus"]}
+    assert not rows["L4"]["fits"] and not rows["L40S"]["fits"] and not rows["A100-40GB"]["fits"]
+    assert rows["A100-80GB"]["fits"] and not rows["A100-80GB"]["tight"]
+    # same MFU on both (estimate): H100's 989.4 / 312 TFLOP/s makes it 3.17x faster; 4.0 x h vs 9.0 x h / 3.17
+    h = rows["A100-80GB"]["wall_hours"]
+    assert rows["H100-80GB"]["wall_hours"] == pytest.approx(h * 312 / 989.4)
+    assert 9.0 * 312 / 989.4 < 4.0  # H100 is cheaper on-demand: $2.84 per A100-hour of work
+    assert 2.0 * 312 / 989.4 < 1.0  # and on spot: $0.63
+    rec = p["recommendation"]
+    assert rec["on_demand"]["gpu"] == "H100-80GB" and rec["on_demand"]["usd"] == pytest.approx(h * 312 / 989.4 * 9.0)
+    assert rec["spot"]["gpu"] == "H100-80GB" and rec["spot"]["usd"] == pytest.approx(h * 312 / 989.4 * 2.0)
+    text = cli(*args, "--prices", prices).stdout
+    hours = h * 312 / 989.4
+    assert f"recommend on-demand: H100-80GB, {hours:.2f} h, ${hours * 9.0:,.2f} (Test cloud: $9/h as of 2099-01-01)" in text
+    assert f"recommend spot:      H100-80GB, {hours:.2f} h, ${hours * 2.0:,.2f} (Test cloud: $2/h as of 2099-01-01)" in text
+    # a dearer H100: the A100-80GB wins, at its own hours
+    prices = prices_file(tmp_path, {"A100-80GB": (4.0, 1.0), "H100-80GB": (13.0, 4.0)})
+    rec = json.loads(cli(*args, "--prices", prices, "--json").stdout)["recommendation"]
+    assert (rec["on_demand"]["gpu"], rec["spot"]["gpu"]) == ("A100-80GB", "A100-80GB")
+    assert rec["on_demand"]["usd"] == pytest.approx(4.0 * h) and rec["spot"]["usd"] == pytest.approx(1.0 * h)
+
+
+def test_plan_default_prices_recommendation(phi3_out):
+    """The shipped table on the Phi-3 seed (4-bit): every GPU fits; each tier's pick is the cheapest row."""
+    proc = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--bench-results", phi3_out / "none", "--json")
+    p = json.loads(proc.stdout)
+    for tier in ("on_demand", "spot"):
+        priced = [r for r in p["gpus"] if r[f"usd_{tier}"] is not None and r["fits"] and not r["tight"]]
+        best = min(priced, key=lambda r: r[f"usd_{tier}"])
+        assert p["recommendation"][tier]["gpu"] == best["gpu"]
+        assert p["recommendation"][tier]["price"]["provider"] == PRICES[best["gpu"]]["provider"]
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"as_of": "2099-01-01", "on_demand_usd": 1.0}, "field 'gpus.L4.provider': missing"),
+    ({"provider": "X", "as_of": "2099-01-01", "on_demand_usd": "1.0"}, "field 'gpus.L4.on_demand_usd': must be a positive number"),
+    ({"provider": "X", "as_of": "2099-01-01", "on_demand_usd": None, "spot_usd": None}, "field 'gpus.L4': needs on_demand_usd or spot_usd"),
+])
+def test_plan_rejects_a_bad_price_file(phi3_out, tmp_path, entry, message):
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps({"gpus": {"L4": entry}}))
+    proc = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--prices", path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().startswith(f"error: {path}: {message}"), proc.stderr
+    path.write_text(json.dumps({"gpus": {"V100": {"provider": "X", "as_of": "2099-01-01", "on_demand_usd": 1.0}}}))
+    proc = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--prices", path)
+    assert proc.returncode == 2 and f"error: {path}: field 'gpus.V100': unknown GPU; known: L4, A10G" in proc.stderr
+
+
+def test_plan_sky_prices_fall_back_to_the_table(phi3_out, tmp_path, monkeypatch):
+    base = ["plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--bench-results", phi3_out / "none", "--json"]
+    monkeypatch.setenv("ALIGNPRESS_SKY_PYTHON", str(tmp_path / "no-such-python"))
+    p = json.loads(cli(*base, "--prices", "sky").stdout)
+    assert f"SkyPilot catalog not used (no SkyPilot environment at {tmp_path / 'no-such-python'}): prices from the dated table" in p["notes"]
+    assert p["prices"]["file"] == "src/alignpress/data/gpu_prices.json"
+    assert {r["gpu"]: r["price_on_demand"]["usd"] for r in p["gpus"]} == {g: PRICES[g]["on_demand_usd"] for g in GPUS}
+    # a SkyPilot environment but no cached catalog (a fresh HOME): the default does not try the network
+    monkeypatch.setenv("ALIGNPRESS_SKY_PYTHON", sys.executable)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    p = json.loads(cli(*base).stdout)
+    assert any(n.startswith("SkyPilot catalog not used (no SkyPilot catalog cached under ~/.sky/catalogs") for n in p["notes"])
+    # --prices table never asks SkyPilot
+    p = json.loads(cli(*base, "--prices", "table").stdout)
+    assert not any("SkyPilot" in n for n in p["notes"])
+
+
+SKY_PYTHON = ROOT / ".venv-sky" / "bin" / "python"
+
+
+@pytest.mark.skipif(not SKY_PYTHON.exists(), reason="no SkyPilot environment (.venv-sky) in this checkout")
+def test_plan_reads_skypilots_cached_catalog(phi3_out, tmp_path, monkeypatch):
+    """The real SkyPilot 0.14.1 (.venv-sky) reads a catalog file written here in its v8 layout.
+
+    The rows are test data, not prices: SkyPilot downloads its catalogs from the internet, which
+    this machine cannot reach, so what the real catalogs hold (and the refresh) is untested.
+    """
+    catalog = tmp_path / ".sky" / "catalogs" / "v8" / "aws"
+    catalog.mkdir(parents=True)
+    info = "\"{'Gpus': [{'Name': 'L4', 'Manufacturer': 'NVIDIA', 'Count': 1, 'MemoryInfo': {'SizeInMiB': 22888}}], 'TotalGpuMemoryInMiB': 22888}\""
+    catalog.joinpath("vms.csv").write_text(
+        "InstanceType,AcceleratorName,AcceleratorCount,vCPUs,MemoryGiB,GpuInfo,Price,SpotPrice,Region,AvailabilityZone,Arch\n"
+        f"g6.xlarge,L4,1.0,4.0,16.0,{info},0.5,0.2,us-east-1,use1-az1,x86_64\n"
+        f"g6.xlarge,L4,1.0,4.0,16.0,{info},0.6,0.1,us-west-2,usw2-az1,x86_64\n"
+        f"g6.2xlarge,L4,1.0,8.0,32.0,{info},0.7,0.3,us-east-1,use1-az1,x86_64\n"
+    )
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("ALIGNPRESS_SKY_PYTHON", str(SKY_PYTHON))
+    monkeypatch.delenv("SKY_RUNTIME_DIR", raising=False)
+    proc = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--bench-results", phi3_out / "none", "--json")
+    assert proc.returncode == 0, proc.stderr
+    p = json.loads(proc.stdout)
+    rows = {r["gpu"]: r for r in p["gpus"]}
+    # the cheapest on-demand offer, with that same row's spot price (not the cheaper spot of another region)
+    assert rows["L4"]["price_on_demand"] | {"as_of": None} == {"usd": 0.5, "provider": "AWS", "product": "g6.xlarge", "region": "us-east-1", "as_of": None}
+    assert rows["L4"]["price_spot"]["usd"] == 0.2
+    assert rows["A100-40GB"]["price_on_demand"]["usd"] == PRICES["A100-40GB"]["on_demand_usd"]  # not in that catalog: the table
+    assert p["notes"][0] == "prices from SkyPilot's catalog for L4; from the dated table for A10G, L40S, A100-40GB, A100-80GB, H100-80GB, H200"
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare and plan on a machine without a GPU
+
+
+def test_prepare_and_plan_a_4bit_recipe_without_cuda(tmp_path, tiny_phi3):
+    """Counting tokens needs only the tokenizer: a 4-bit recipe prepares and plans without CUDA."""
+    import torch
+
+    from test_prepare import make_recipe
+
+    recipe = make_recipe(tmp_path, tiny_phi3, model__load_in_4bit=True)
+    out = tmp_path / "out"
+    proc = cli("prepare", recipe, "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads((out / "data/stats.json").read_text())["tokens"]["train"]
+    proc = cli("plan", recipe, "--output-dir", out, "--json", "--bench-results", tmp_path / "none")
+    assert proc.returncode == 0, proc.stderr
+    p = json.loads(proc.stdout)
+    assert p["data"]["tokens_per_epoch"] == stats["tokens_per_epoch"] and p["data"]["pairs_kept"] == stats["pairs"] == 6
+    assert p["memory"]["settings"]["weights"] == "nf4"
+    assert p["model"]["arch_source"] == str(tiny_phi3 / "config.json")
+    # the same with 4-bit set on the command line (the seed recipes may be bf16)
+    (tmp_path / "plain").mkdir()
+    plain = make_recipe(tmp_path / "plain", tiny_phi3)
+    proc = cli("prepare", plain, "--output-dir", tmp_path / "out2", "--set", "model.load_in_4bit=true")
+    assert proc.returncode == 0, proc.stderr
+    if not torch.cuda.is_available():
+        # training still refuses at the door, before touching the prepared data
+        proc = cli("train", recipe, "--output-dir", out)
+        assert proc.returncode == 2
+        assert f"error: {recipe}: field 'model.load_in_4bit': 4-bit QLoRA needs a CUDA GPU" in proc.stderr
+        assert (out / "data/stats.json").exists()

@@ -176,7 +176,7 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
     state = _distributed()
     main = state is None or state.is_main_process
     run_dir = RunDir(args.output_dir or Path("outputs") / recipe.name, writer=main)
-    preflight(recipe)  # before anything is written: a refused run leaves no folder behind
+    preflight(recipe, needs_gpu=args.command != "prepare")  # before anything is written: a refused run leaves no folder behind
     if args.restart and main:
         _restart(run_dir)
     _check_same_recipe(recipe, run_dir)

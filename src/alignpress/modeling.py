@@ -63,8 +63,14 @@ def pick_dtype(recipe: Recipe, device: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def preflight(recipe: Recipe) -> None:
-    """Environment checks that must fail before any data or model is loaded."""
+def preflight(recipe: Recipe, needs_gpu: bool = True) -> None:
+    """Environment checks that must fail before any data or model is loaded.
+
+    needs_gpu=False (prepare): only the tokenizer is loaded, so a 4-bit or CUDA recipe can count
+    its tokens on a machine without a GPU; the stages that load the model check.
+    """
+    if not needs_gpu:
+        return
     if recipe.model.load_in_4bit:
         if not torch.cuda.is_available():
             raise AlignpressError(

@@ -4,12 +4,14 @@ Reads: the recipe, the prepared data's token counts (OUTPUT/data/stats.json and,
 the per-pair counts in data/train.jsonl; or --tokens-from), the architecture (the model folder's
 config.json, alignpress.flops.KNOWN_ARCHS, or the Hub's config.json), the throughput model
 (src/alignpress/data/throughput.json, replaced by measurements in benchmarks/results/*.json
-when they cover the GPU and the recipe's settings) and a dated price table
-(src/alignpress/data/gpu_prices.json, or --prices FILE). Loads no model weights, needs no GPU.
+when they cover the GPU and the recipe's settings) and prices: SkyPilot's own catalog when the
+launcher environment (.venv-sky) has one cached, else the dated table
+(src/alignpress/data/gpu_prices.json), or --prices FILE. Loads no model weights, needs no GPU.
 
 Prints: tokens, FLOPs (alignpress.flops), a memory estimate for --gpu (refused, exit 2, when it
-will not fit; a warning above 90%), and for A100-40GB, A100-80GB and H100-80GB the projected
-training time and its cost on-demand and on spot. Everything not measured says so.
+will not fit; a warning above 90%), for every GPU in src/alignpress/data/gpus.json the projected
+training time and its cost on-demand and on spot, and the cheapest GPU that fits for each.
+Everything not measured says so.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,6 @@ from .errors import AlignpressError
 from .flops import KNOWN_ARCHS, Arch, LengthDistribution, MemorySettings, arch_from_config, dataset_flops, load_table, memory_estimate, padding_fraction, truncate_pair
 from .recipe import Recipe, load_recipe
 
-PLAN_GPUS = ("A100-40GB", "A100-80GB", "H100-80GB")
 BENCH_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 BENCH_SCHEMA = "alignpress-bench/1"
 WARN_SHARE = 0.9  # warn when the estimate uses more than this share of the GPU's memory
@@ -97,15 +99,142 @@ def load_tokens(recipe: Recipe, run_root: Path, tokens_from: str | None) -> dict
     return out
 
 
-def load_prices(path: str | None) -> tuple[dict[str, Any], str]:
-    if path is None:
-        return load_table("gpu_prices.json"), "src/alignpress/data/gpu_prices.json"
+TIERS = ("on_demand", "spot")
+SKY_CLOUDS = ("aws", "gcp")  # clouds whose SkyPilot catalog `plan` reads when cached
+
+
+def load_prices(choice: str | None, gpus: dict[str, Any]) -> tuple[dict[str, Any], str, list[str]]:
+    """The price table, where it came from, and notes.
+
+    choice: None (auto: SkyPilot's catalog when the launcher environment has one cached, else the
+    dated table), "table", "sky", or a FILE in the layout of src/alignpress/data/gpu_prices.json.
+    """
+    if choice not in (None, "table", "sky"):
+        try:
+            table = json.loads(Path(choice).read_text())
+            table["gpus"].items()
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise AlignpressError(f"not a price table like src/alignpress/data/gpu_prices.json ({type(e).__name__}: {e})", source=choice) from None
+        check_prices(table, gpus, choice)
+        return table, choice, []
+    table = load_table("gpu_prices.json")
+    if choice == "table":
+        return table, "src/alignpress/data/gpu_prices.json", []
+    python, why = sky_python()
+    if python is not None and choice is None and not sky_catalog_cached():
+        python, why = None, "no SkyPilot catalog cached under ~/.sky/catalogs (`sky launch` or `sky show-gpus` fetches one)"
+    offers, error = sky_offers(python) if python is not None else ([], why)
+    merged, used = merge_sky_offers(table, offers, gpus)
+    if not used:
+        return table, "src/alignpress/data/gpu_prices.json", [f"SkyPilot catalog not used ({error or 'it lists none of these GPUs'}): prices from the dated table"]
+    rest = [g for g in gpus if g not in used and g in table["gpus"]]
+    notes = [f"prices from SkyPilot's catalog for {', '.join(used)}" + (f"; from the dated table for {', '.join(rest)}" if rest else "")]
+    return merged, "SkyPilot catalog (~/.sky/catalogs) + src/alignpress/data/gpu_prices.json", notes
+
+
+def check_prices(table: dict[str, Any], gpus: dict[str, Any], source: str) -> None:
+    """Each entry: one provider, one date, an on-demand and/or a spot price (USD per GPU-hour)."""
+    for name, entry in table["gpus"].items():
+        field = f"gpus.{name}"
+        if name not in gpus:
+            raise AlignpressError(f"unknown GPU; known: {', '.join(gpus)}", source=source, field=field)
+        if not isinstance(entry, dict):
+            raise AlignpressError("must be a mapping with provider, as_of, on_demand_usd and spot_usd", source=source, field=field)
+        for key in ("provider", "as_of"):
+            if not isinstance(entry.get(key), str) or not entry[key]:
+                raise AlignpressError("missing: each price names one provider and the date it was read", source=source, field=f"{field}.{key}")
+        for tier in TIERS:
+            value = entry.get(f"{tier}_usd")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise AlignpressError(f"must be a positive number of USD per GPU-hour or null, not {value!r}", source=source, field=f"{field}.{tier}_usd")
+        if entry.get("on_demand_usd") is None and entry.get("spot_usd") is None:
+            raise AlignpressError("needs on_demand_usd or spot_usd", source=source, field=field)
+
+
+def offer_prices(entry: dict[str, Any] | None) -> dict[str, Any]:
+    """{tier: {"usd": price, provider, product, region, as_of} or None} for one GPU's offer."""
+    out: dict[str, Any] = {}
+    for tier in TIERS:
+        usd = (entry or {}).get(f"{tier}_usd")
+        out[tier] = None if usd is None else {"usd": usd} | {k: entry.get(k) for k in ("provider", "product", "region", "as_of")}
+    return out
+
+
+def sky_python() -> tuple[str | None, str]:
+    """The launcher environment's python with SkyPilot: $ALIGNPRESS_SKY_PYTHON, else ./.venv-sky."""
+    value = os.environ.get("ALIGNPRESS_SKY_PYTHON")
+    if value is not None and value.strip().lower() in ("", "none", "0"):
+        return None, "ALIGNPRESS_SKY_PYTHON turns it off"
+    path = Path(value) if value else Path(__file__).resolve().parents[2] / ".venv-sky" / "bin" / "python"
+    return (str(path), "") if path.exists() else (None, f"no SkyPilot environment at {path}")
+
+
+def sky_catalog_cached() -> bool:
+    home = Path(os.environ.get("SKY_RUNTIME_DIR") or Path.home()).expanduser()
+    return any((home / ".sky" / "catalogs" / "v8" / cloud / "vms.csv").is_file() for cloud in SKY_CLOUDS)
+
+
+# Runs inside the SkyPilot environment (its own python): one-GPU offers with both prices of each
+# row. The catalog's date is its file's mtime, read before SkyPilot may try to refresh it.
+SKY_SCRIPT = """
+import datetime, json, math, os, sys
+from sky import catalog
+from sky.catalog import common
+out, errors = [], []
+for cloud in sys.argv[1:]:
+    path = common.get_catalog_path(cloud + "/vms.csv")
+    if not os.path.exists(path):
+        continue
+    date = datetime.date.fromtimestamp(os.path.getmtime(path)).isoformat()
     try:
-        table = json.loads(Path(path).read_text())
-        table["gpus"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise AlignpressError(f"not a price table like src/alignpress/data/gpu_prices.json ({type(e).__name__}: {e})", source=path) from None
-    return table, path
+        found = catalog.list_accelerators(gpus_only=True, quantity_filter=1, clouds=cloud, all_regions=True)
+    except Exception as e:
+        errors.append(cloud + ": " + type(e).__name__)
+        continue
+    num = lambda x: None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+    for name, infos in found.items():
+        for i in infos:
+            out.append({"accelerator": name, "cloud": cloud, "instance_type": i.instance_type, "count": num(i.accelerator_count),
+                        "on_demand_usd": num(i.price), "spot_usd": num(i.spot_price), "region": i.region, "as_of": date, "catalog": path})
+print(json.dumps({"offers": out, "errors": errors}))
+"""
+
+
+def sky_offers(python: str, timeout: float = 120) -> tuple[list[dict[str, Any]], str]:
+    """One-GPU offers from SkyPilot's cached catalogs, or ([], why not)."""
+    import subprocess
+
+    try:
+        proc = subprocess.run([python, "-c", SKY_SCRIPT, *SKY_CLOUDS], capture_output=True, text=True, timeout=timeout)
+        result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 and proc.stdout.strip() else None
+    except (OSError, subprocess.TimeoutExpired, ValueError) as e:
+        return [], f"{type(e).__name__} running {python}"
+    if result is None:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return [], f"{python} failed: {tail[:200]}"
+    return result["offers"], "; ".join(result["errors"])
+
+
+def merge_sky_offers(table: dict[str, Any], offers: list[dict[str, Any]], gpus: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The dated table with each GPU SkyPilot prices replaced by its cheapest on-demand offer (that row's spot price too)."""
+    merged = {**table, "gpus": dict(table["gpus"])}
+    used = []
+    for name, info in gpus.items():
+        mine = [o for o in offers if o["accelerator"] == info.get("sky_name") and o["count"] == 1 and o["on_demand_usd"]]
+        if not mine:
+            continue
+        best = min(mine, key=lambda o: (o["on_demand_usd"], o["spot_usd"] if o["spot_usd"] is not None else math.inf))
+        merged["gpus"][name] = {
+            "provider": {"aws": "AWS", "gcp": "Google Cloud"}.get(best["cloud"], best["cloud"]),
+            "product": best["instance_type"],
+            "region": best["region"],
+            "on_demand_usd": best["on_demand_usd"],
+            "spot_usd": best["spot_usd"],
+            "as_of": best["as_of"],
+            "source": f"SkyPilot catalog {best['catalog']} (the file's date)",
+        }
+        used.append(name)
+    return merged, used
 
 
 def recipe_settings(recipe: Recipe) -> dict[str, Any]:
@@ -157,9 +286,19 @@ def project(train_flops: float, precompute_flops: float, peak_tflops: float, mfu
     pre_s = precompute_flops / (peak_tflops * 1e12 * precompute_mfu) if precompute_flops else 0.0
     hours = (train_s + pre_s) / 3600
     out: dict[str, Any] = {"train_s": train_s, "precompute_s": pre_s, "gpu_hours": hours}
-    for tier in ("on_demand", "spot"):
+    for tier in TIERS:
         offer = prices.get(tier)
         out[f"usd_{tier}"] = hours * offer["usd"] if offer else None
+    return out
+
+
+def recommend(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """For each tier, the cheapest GPU whose memory estimate fits with 10% to spare (ties: the faster)."""
+    out: dict[str, Any] = {}
+    for tier in TIERS:
+        ok = [r for r in rows if r["fits"] and not r["tight"] and r[f"usd_{tier}"] is not None]
+        best = min(ok, key=lambda r: (r[f"usd_{tier}"], r["wall_hours"]), default=None)
+        out[tier] = None if best is None else {"gpu": best["gpu"], "usd": best[f"usd_{tier}"], "wall_hours": best["wall_hours"], "price": best[f"price_{tier}"]}
     return out
 
 
@@ -169,12 +308,12 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
         raise AlignpressError(f"unknown GPU {gpu!r}; known: {', '.join(gpus)}")
     arch, arch_source = resolve_arch(recipe, run_root)
     data = load_tokens(recipe, run_root, tokens_from)
-    price_table, price_source = load_prices(prices)
+    price_table, price_source, price_notes = load_prices(prices, gpus)
     throughput = load_table("throughput.json")
     t, d = recipe.train, recipe.dpo
     lora_r = recipe.lora.r if recipe.lora.enabled else None
     kw = {"lora_r": lora_r, "lora_targets": recipe.lora.target_modules}
-    notes: list[str] = []
+    notes: list[str] = list(price_notes)
 
     # Tokens and FLOPs of one epoch
     stats = data["stats"]
@@ -248,11 +387,11 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
     pre_mfu = throughput["base_mfu"] * factors.get("load_in_4bit", 1.0) * factors["padding"]
 
     rows = []
-    for name in dict.fromkeys([*PLAN_GPUS, gpu]):
+    for name in gpus:
         info = gpus[name]
         found = measured_mfu(arch, recipe, name, bench_dirs if bench_dirs is not None else [BENCH_RESULTS])
         mfu, source = found if found else (estimated, "estimate: not measured")
-        price = price_table["gpus"].get(name, {})
+        price = offer_prices(price_table["gpus"].get(name))
         cost = project(train_epoch["total"] * epochs, pre_flops, info["peak_bf16_tflops"], mfu, pre_mfu, price)
         train_s, pre_s, gpu_hours = cost["train_s"], cost["precompute_s"], cost["gpu_hours"]
         row = {
@@ -269,9 +408,9 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
             "gpu_hours": gpu_hours,
             "wall_hours": gpu_hours / processes,
         }
-        for tier in ("on_demand", "spot"):
+        for tier in TIERS:
             row[f"usd_{tier}"] = cost[f"usd_{tier}"]
-            row[f"price_{tier}"] = price.get(tier)
+            row[f"price_{tier}"] = price[tier]
         rows.append(row)
 
     chosen = next(r for r in rows if r["gpu"] == gpu)
@@ -300,7 +439,8 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
         "memory": mem | {"gpu": gpu},
         "throughput": {"estimated_mfu": estimated, "factors": factors, "assumptions": {k: v for k, v in throughput.items() if not isinstance(v, (int, float))}},
         "gpus": rows,
-        "prices": {"file": price_source, "as_of": price_table.get("as_of")},
+        "prices": {"file": price_source},
+        "recommendation": recommend(rows),
         "warnings": warnings,
         "notes": notes,
         "refuse": None if chosen["fits"] else (
@@ -354,7 +494,7 @@ def format_plan(p: dict[str, Any]) -> str:
         lines.append(f"          (TRL 1.16 scores tokens through the LM head in tiles; the seed's TRL built these rows' fp32 logits whole: {mem['full_logits_gib']:.1f} GiB more)")
     lines += [
         "",
-        f"{'GPU':<10} {'memory':<18} {'throughput':<40} {'time':>8}  {'on-demand':<22} spot",
+        f"{'GPU':<10} {'memory':<19} {'throughput':<40} {'time':>8}  {'on-demand':<22} spot",
     ]
     for r in p["gpus"]:
         fit = "ok" if r["fits"] and not r["tight"] else ("tight" if r["fits"] else "NO")
@@ -363,8 +503,9 @@ def format_plan(p: dict[str, Any]) -> str:
         od, sp = r["price_on_demand"], r["price_spot"]
         cost_od = f"{_usd(r['usd_on_demand'])} @ ${od['usd']:.2f}/h" if od else "n/a"
         cost_sp = f"{_usd(r['usd_spot'])} @ ${sp['usd']:.2f}/h" if sp else "n/a"
-        memory = f"{r['estimate_gib']:.1f}/{r['memory_gib']} GiB {fit}"
-        lines.append(f"{r['gpu']:<10} {memory:<18} {through:<40} {r['wall_hours']:>6.2f} h  {cost_od:<22} {cost_sp}".rstrip())
+        memory = f"{r['estimate_gib']:.1f}/{r['memory_gib']:g} GiB {fit}"
+        lines.append(f"{r['gpu']:<10} {memory:<19} {through:<40} {r['wall_hours']:>6.2f} h  {cost_od:<22} {cost_sp}".rstrip())
+    lines += ["", *format_recommendation(p["recommendation"])]
     f = p["throughput"]["factors"]
     lines += [
         "",
@@ -372,7 +513,7 @@ def format_plan(p: dict[str, Any]) -> str:
         + "estimate, not measured: MFU = " + " x ".join(f"{v:.3f} {k.replace('_', ' ')}" for k, v in f.items())
         + " (src/alignpress/data/throughput.json; replace with `make bench` on a GPU)",
         f"padding:   {data['padding_fraction']:.3f} of the positions, from {data['padding_source']}",
-        f"prices:    {p['prices']['file']} (as of {p['prices']['as_of']}; each price's provider, source and date are in the file); override with --prices FILE",
+        f"prices:    {p['prices']['file']}: one-GPU machines, each row's on-demand and spot price from one provider and date (in --json: price_on_demand, price_spot); override with --prices table|sky|FILE",
         "time:      training only, one process per GPU; model loading, evaluation, export and upload come on top",
     ]
     for r in p["gpus"]:
@@ -381,6 +522,20 @@ def format_plan(p: dict[str, Any]) -> str:
     lines += [f"note:      {n}" for n in p["notes"]]
     lines += [f"warning:   {w}" for w in p["warnings"]]
     return "\n".join(lines)
+
+
+def format_recommendation(rec: dict[str, Any]) -> list[str]:
+    """One line per tier: the GPU, its projected time and cost, and whose price that is."""
+    lines = []
+    for tier, label in (("on_demand", "on-demand"), ("spot", "spot")):
+        r = rec[tier]
+        if r is None:
+            lines.append(f"recommend {label + ':':<11}none: no priced GPU fits the memory estimate with 10% to spare")
+            continue
+        pr = r["price"]
+        where = ", ".join(str(x) for x in (pr.get("provider"), pr.get("product"), pr.get("region")) if x)
+        lines.append(f"recommend {label + ':':<11}{r['gpu']}, {r['wall_hours']:.2f} h, {_usd(r['usd'])} ({where}: ${pr['usd']:.4g}/h as of {pr.get('as_of')})")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,7 +550,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sp.add_argument("--output-dir", help="the run's output folder, where prepare wrote data/ (default outputs/<recipe name>)")
     sp.add_argument("--gpu", default="A100-40GB", choices=gpus, help="GPU the memory check refuses or warns for (default A100-40GB)")
     sp.add_argument("--tokens-from", metavar="STATS_JSON", help="token counts from this data/stats.json (or a folder holding one) instead of the output folder's")
-    sp.add_argument("--prices", metavar="FILE", help="price table to use instead of src/alignpress/data/gpu_prices.json (same layout)")
+    sp.add_argument("--prices", metavar="table|sky|FILE", help="prices: `table` (src/alignpress/data/gpu_prices.json), `sky` (SkyPilot's catalog via .venv-sky or $ALIGNPRESS_SKY_PYTHON, else the table) or a FILE in the table's layout; default: SkyPilot's catalog when one is cached, else the table")
     sp.add_argument("--bench-results", metavar="DIR", action="append", help="benchmark results folder(s) to take measured MFU from (default benchmarks/results)")
     sp.add_argument("--json", action="store_true", help="print the plan as JSON")
     return sp
