@@ -449,31 +449,31 @@ def test_plan_reads_skypilots_cached_catalog(phi3_out, tmp_path, monkeypatch):
 # prepare and plan on a machine without a GPU
 
 
+@pytest.mark.slow  # three runs of the entry point (about 55 s on 2 busy cores)
 def test_prepare_and_plan_a_4bit_recipe_without_cuda(tmp_path, tiny_phi3):
-    """Counting tokens needs only the tokenizer: a 4-bit recipe prepares and plans without CUDA."""
+    """Counting tokens needs only the tokenizer: a 4-bit recipe prepares and plans without CUDA.
+
+    4-bit comes from --set, as a user turns a bf16 seed recipe into QLoRA.
+    """
     import torch
 
     from test_prepare import make_recipe
 
-    recipe = make_recipe(tmp_path, tiny_phi3, model__load_in_4bit=True)
+    recipe = make_recipe(tmp_path, tiny_phi3)
     out = tmp_path / "out"
-    proc = cli("prepare", recipe, "--output-dir", out)
+    four_bit = ["--output-dir", out, "--set", "model.load_in_4bit=true"]
+    proc = cli("prepare", recipe, *four_bit)
     assert proc.returncode == 0, proc.stderr
     stats = json.loads((out / "data/stats.json").read_text())["tokens"]["train"]
-    proc = cli("plan", recipe, "--output-dir", out, "--json", "--bench-results", tmp_path / "none")
+    proc = cli("plan", recipe, *four_bit, "--json", "--bench-results", tmp_path / "none")
     assert proc.returncode == 0, proc.stderr
     p = json.loads(proc.stdout)
     assert p["data"]["tokens_per_epoch"] == stats["tokens_per_epoch"] and p["data"]["pairs_kept"] == stats["pairs"] == 6
     assert p["memory"]["settings"]["weights"] == "nf4"
     assert p["model"]["arch_source"] == str(tiny_phi3 / "config.json")
-    # the same with 4-bit set on the command line (the seed recipes may be bf16)
-    (tmp_path / "plain").mkdir()
-    plain = make_recipe(tmp_path / "plain", tiny_phi3)
-    proc = cli("prepare", plain, "--output-dir", tmp_path / "out2", "--set", "model.load_in_4bit=true")
-    assert proc.returncode == 0, proc.stderr
     if not torch.cuda.is_available():
-        # training still refuses at the door, before touching the prepared data
-        proc = cli("train", recipe, "--output-dir", out)
+        # training still refuses at the door, and leaves the prepared data alone
+        proc = cli("train", recipe, *four_bit)
         assert proc.returncode == 2
         assert f"error: {recipe}: field 'model.load_in_4bit': 4-bit QLoRA needs a CUDA GPU" in proc.stderr
-        assert (out / "data/stats.json").exists()
+        assert json.loads((out / "data/stats.json").read_text())["tokens"]["train"] == stats
