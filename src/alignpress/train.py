@@ -286,9 +286,22 @@ def to_dataset(rows: list[dict[str, Any]], with_length: bool = False):
     for r in rows:
         row = {k: r["messages"][k] for k in ("prompt", "chosen", "rejected")}
         if with_length:
-            row["length"] = r["prompt_tokens"] + max(r["chosen_tokens"], r["rejected_tokens"])
+            row["length"] = pair_length(r["prompt_tokens"], r["chosen_tokens"], r["rejected_tokens"])
         out.append(row)
     return Dataset.from_list(out)
+
+
+def pair_length(prompt: int, chosen: int, rejected: int) -> int:
+    """The padded length a pair's rows need: prompt + the longer answer (tokens)."""
+    return prompt + max(chosen, rejected)
+
+
+def precompute_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows longest first, so that TRL's precompute pass (its DataLoader keeps the dataset's order)
+    batches neighbours by length and pads little. Training order is unaffected: the sampler
+    (random or length-grouped) permutes the rows with the seed either way. Stable, so a resumed
+    run builds the same dataset (same fingerprint, stored log-probs found)."""
+    return sorted(rows, key=lambda r: -pair_length(r["prompt_tokens"], r["chosen_tokens"], r["rejected_tokens"]))
 
 
 def ref_logps_folder(run_dir: RunDir, rows: list[dict[str, Any]]) -> Path:
@@ -306,9 +319,9 @@ def training_dataset(rows: list[dict[str, Any]], run_dir: RunDir, systems: dict[
     to a temporary folder and a resumed run would compute them again; a dataset saved under
     ref_logps/<data digest>/ keeps them with the run.
     """
-    dataset = to_dataset(rows, with_length=systems["group_by_length"])
     if not systems["precompute_ref_log_probs"]:
-        return dataset
+        return to_dataset(rows, with_length=systems["group_by_length"])
+    dataset = to_dataset(precompute_order(rows), with_length=systems["group_by_length"])
     from datasets import load_from_disk
 
     folder = ref_logps_folder(run_dir, rows)
