@@ -60,3 +60,34 @@ def test_precompute_auto_follows_the_epochs(demo_run, tmp_path):
     assert systems["precompute_ref_log_probs"] is False
     assert systems["precompute_ref_log_probs_decision"]["reason"].startswith("off: 0.0")
     assert not (out / "ref_logps").exists()
+
+
+def test_auto_checkpointing_on_a_fake_gpu():
+    """resolve_systems feeds the estimate the recipe's micro-batch, the data's longest row and the
+    levers as they will run (here no liger-kernel installed: Liger off, so no Liger saving)."""
+    import torch
+    from transformers import Phi3Config
+
+    from alignpress.flops import KNOWN_ARCHS, MemorySettings, memory_estimate
+    from alignpress.recipe import load_recipe
+    from alignpress.train import resolve_systems
+    from conftest import ROOT
+
+    phi3 = Phi3Config(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, sliding_window=2047)
+    recipe = load_recipe(ROOT / "recipes/phi3-mini-capybara.yaml")
+    rows = [{"prompt_tokens": 500, "chosen_tokens": 300, "rejected_tokens": 200}] * 99 + [{"prompt_tokens": 900, "chosen_tokens": 100, "rejected_tokens": 3000}]
+    # the longest row: 900 + 3,000 cut to max_length 2,048; 4 pairs a micro-batch; reference precomputed (6 epochs)
+    liger = resolve_systems(recipe, rows, "cuda", torch.bfloat16, None, config=phi3, gpu_gib=1000)["use_liger_kernel"]
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        assert liger is False  # this machine: not installed, so not counted
+    expected = memory_estimate(KNOWN_ARCHS["microsoft/Phi-3-mini-4k-instruct"], MemorySettings(micro_batch_pairs=4, seq_len=2048, precompute_ref=True, liger=liger))["total_gib"]
+    for gpu_gib, on in ((expected + 0.01, False), (expected - 0.01, True)):
+        s = resolve_systems(recipe, rows, "cuda", torch.bfloat16, None, config=phi3, gpu_gib=gpu_gib)
+        assert s["precompute_ref_log_probs"] is True
+        assert s["gradient_checkpointing"] is on
+        assert s["gradient_checkpointing_decision"]["estimate_without_gib"] == round(expected, 2)
+    # set explicitly, nothing is decided
+    s = resolve_systems(load_recipe(ROOT / "recipes/phi3-mini-capybara.yaml", ["train.gradient_checkpointing=true"]), rows, "cuda", torch.bfloat16, None, config=phi3, gpu_gib=500)
+    assert s["gradient_checkpointing"] is True and "gradient_checkpointing_decision" not in s

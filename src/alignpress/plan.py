@@ -320,7 +320,13 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
         measured = found[2] if found else None
         mfu, source = found[:2] if found else (math.prod(mfu_factors(row_ckpt).values()), "estimate: not measured")
         price = price_table["gpus"].get(name, {})
-        cost = project(train_epoch["total"] * epochs, pre_flops, info["peak_bf16_tflops"], mfu, pre_mfu, price)
+        row_pre_mfu, pre_source = pre_mfu, "estimate: not measured"
+        if pre_flops and measured and measured.get("precompute_tokens") and measured.get("setup_s"):
+            # the measured pass: its tokens over the trainer setup it ran in (an upper bound on its time)
+            rate = measured["precompute_tokens"] / measured["setup_s"]
+            row_pre_mfu = rate * (pre_flops / train_epoch["tokens"]) / (info["peak_bf16_tflops"] * 1e12)
+            pre_source = f"measured: {rate:,.0f} tokens/s ({measured['precompute_tokens']:,} tokens in {measured['setup_s']} s of setup)"
+        cost = project(train_epoch["total"] * epochs, pre_flops, info["peak_bf16_tflops"], mfu, row_pre_mfu, price)
         train_s, pre_s, gpu_hours = cost["train_s"], cost["precompute_s"], cost["gpu_hours"]
         row = {
             "gpu": name,
@@ -335,6 +341,7 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
             "mfu_source": source,
             "tokens_per_s": run_tokens / train_s,
             "precompute_s": pre_s,
+            "precompute_source": pre_source if pre_flops else None,
             "gpu_hours": gpu_hours,
             "wall_hours": gpu_hours / processes,
         }
@@ -449,6 +456,8 @@ def format_plan(p: dict[str, Any]) -> str:
             m = r["measured"] or {}
             at = f": {m['tokens_per_s']:,.0f} tokens/s, MFU {m['mfu']:.4f}, peak {m['peak_memory_gib']:.2f} GiB on the benchmark's synthetic data" if m.get("tokens_per_s") else ""
             lines.append(f"           {r['gpu']}: {r['mfu_source']}{at}")
+            if (r.get("precompute_source") or "").startswith("measured"):
+                lines.append(f"           {r['gpu']}: precompute pass {r['precompute_source'].removeprefix('measured: ')}: {r['precompute_s'] / 60:.1f} min for this data")
     lines += [f"note:      {n}" for n in p["notes"]]
     lines += [f"warning:   {w}" for w in p["warnings"]]
     return "\n".join(lines)

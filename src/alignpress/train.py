@@ -202,10 +202,12 @@ def resolve_systems(recipe: Recipe, rows: list[dict[str, Any]], device: str, dty
             attn_implementation=m.attn_implementation,
             liger=liger,
         )
-        if config is None:
-            decision = {"gradient_checkpointing": False, "reason": "no model config to estimate from: off"}
-        else:
-            decision = checkpointing_decision(arch_from_config(config), settings, gpu_gib if device == "cuda" else None)
+        try:
+            arch = arch_from_config(config)
+            decision = checkpointing_decision(arch, settings, gpu_gib if device == "cuda" else None)
+        except (TypeError, AttributeError) as e:  # a config without the usual decoder shapes
+            on = device == "cuda"
+            decision = {"gradient_checkpointing": on, "reason": f"{'on' if on else 'off'}: no memory estimate for this model's config ({type(e).__name__})"}
         out["gradient_checkpointing"] = decision.pop("gradient_checkpointing")
         out["gradient_checkpointing_decision"] = decision
     else:
