@@ -300,9 +300,10 @@ def pair_length(prompt: int, chosen: int, rejected: int) -> int:
 
 def precompute_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows longest first, so that TRL's precompute pass (its DataLoader keeps the dataset's order)
-    batches neighbours by length and pads little. Training order is unaffected: the sampler
-    (random or length-grouped) permutes the rows with the seed either way. Stable, so a resumed
-    run builds the same dataset (same fingerprint, stored log-probs found)."""
+    batches neighbours by length and pads little. Training stays as random: the sampler (random
+    or length-grouped) permutes the rows with the seed either way (another permutation than
+    without precompute, not a sorted one). Stable, so a resumed run builds the same dataset (same
+    fingerprint, stored log-probs found)."""
     return sorted(rows, key=lambda r: -pair_length(r["prompt_tokens"], r["chosen_tokens"], r["rejected_tokens"]))
 
 
