@@ -36,11 +36,12 @@ WORKDIR /app
 
 # Dependencies first, so a code change does not reinstall them. The pipca secret is the build
 # machine's CA bundle, for builds behind a TLS-inspecting proxy; without it pip uses its own.
-COPY requirements.lock ./
+COPY requirements.lock requirements-gpu.lock ./
 RUN --mount=type=secret,id=pipca \
     if [ -s /run/secrets/pipca ]; then export PIP_CERT=/run/secrets/pipca; fi \
     && if [ -z "$PIP_FIND_LINKS" ]; then unset PIP_FIND_LINKS; fi \
-    && pip install -r requirements.lock
+    && pip install -r requirements.lock \
+    && pip install --no-deps -r requirements-gpu.lock
 
 COPY entrypoint.py ./
 COPY src/ src/

@@ -8,10 +8,11 @@
 The model is the real architecture (Phi-3-mini or Gemma-2b config) with random weights: speed does
 not depend on weight values. The data are synthetic token ids with a capybara-like length
 distribution (alignpress.flops.LengthDistribution, seeded), written as words of a word-level
-tokenizer so that TRL's own tokenisation and collator run unchanged. Each variant is a named
-set of levers applied to the model's seed recipe (recipes/*.yaml) and runs in its own process
-(clean GPU memory, and Liger's kernels patch model classes globally). Training goes through
-alignpress's own DPOConfig (alignpress.train.dpo_config) and model loading (alignpress.modeling).
+tokenizer so that TRL's own tokenisation and collator run unchanged. Each variant is a list of
+recipe overrides on the model's recipe (recipes/*.yaml; `seed` = the seed's systems settings
+documented in its header) and runs in its own process (clean GPU memory, and Liger's kernels
+patch model classes globally). Training goes through alignpress's own lever decisions
+(alignpress.train.resolve_systems), DPOConfig (alignpress.train.dpo_config) and model loading.
 
 Reported per variant, over the steps after the warm-up: non-padding tokens per second (chosen
 and rejected rows), pairs (samples) per second, model FLOPs utilisation (alignpress.flops: policy
@@ -73,20 +74,37 @@ MODELS: dict[str, dict[str, Any]] = {
     },
 }
 
-# Each variant: the seed recipe plus one lever (or, for `tuned`, all of them). `set` holds recipe
-# overrides; `trl` holds DPOConfig fields alignpress recipes do not expose (yet).
+# Each variant is a list of recipe overrides (`--set`), so every lever is a recipe field that a
+# user can set the same way. `seed`: the seed notebook's systems settings, read from the seed
+# recipe's header (the documented `--set` list); one lever each on top of it; `tuned`: the shipped
+# recipe as is (its `auto` fields decided as `run` decides them: checkpointing from the memory
+# estimate and this GPU, precompute from the recipe's epochs); and tuned minus one lever.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "seed": {"about": "the seed notebook: its recipe as is (QLoRA 4-bit, checkpointing, paged AdamW, random batches)"},
-    "bf16-lora": {"about": "seed, bf16 base instead of 4-bit", "set": ["model.load_in_4bit=false"]},
-    "batch": {"about": "seed, one micro-batch of batch x accumulation pairs (same pairs per optimizer step)", "batch": True},
-    "group-by-length": {"about": "seed, length-grouped batches (less padding)", "trl": {"train_sampling_strategy": "group_by_length"}},
-    "no-checkpointing": {"about": "seed, gradient checkpointing off", "set": ["train.gradient_checkpointing=false"]},
-    "liger": {"about": "seed, Liger kernels (RMSNorm, RoPE, SwiGLU/GeGLU)", "trl": {"use_liger_kernel": True}, "needs": "liger"},
-    "flash-attn": {"about": "seed, FlashAttention 2", "set": ["model.attn_implementation=flash_attention_2"], "needs": "flash_attn"},
-    "eager-attn": {"about": "seed, eager attention (what SDPA, the default, saves)", "set": ["model.attn_implementation=eager"]},
-    "precompute-ref": {"about": "seed, reference log-probs computed once before training", "set": ["dpo.precompute_ref_log_probs=true"]},
-    "tuned": {"about": "bf16 LoRA, one micro-batch per step, length grouping, precomputed reference, FlashAttention 2 and Liger when available, checkpointing only when the memory estimate needs it", "tuned": True},
+    "seed": {"about": "the seed notebook's systems settings (QLoRA 4-bit, checkpointing, paged AdamW, random batches), the --set list in the recipe header", "base": "seed"},
+    "bf16-lora": {"about": "seed, bf16 base instead of 4-bit", "base": "seed", "set": ["model.load_in_4bit=false"]},
+    "batch": {"about": "seed, one micro-batch of batch x accumulation pairs (same pairs per optimizer step)", "base": "seed", "batch": True},
+    "group-by-length": {"about": "seed, length-grouped batches (less padding)", "base": "seed", "set": ["train.group_by_length=true"]},
+    "no-checkpointing": {"about": "seed, gradient checkpointing off", "base": "seed", "set": ["train.gradient_checkpointing=false"]},
+    "liger": {"about": "seed, Liger kernels (RMSNorm, RoPE, SwiGLU/GeGLU)", "base": "seed", "set": ["train.use_liger_kernel=true"], "needs": "liger"},
+    "fused-adamw": {"about": "seed, fused AdamW (torch) instead of paged AdamW (bitsandbytes)", "base": "seed", "set": ["train.optim=adamw_torch_fused"]},
+    "flash-attn": {"about": "seed, FlashAttention 2", "base": "seed", "set": ["model.attn_implementation=flash_attention_2"], "needs": "flash_attn"},
+    "eager-attn": {"about": "seed, eager attention (what SDPA, the default, saves)", "base": "seed", "set": ["model.attn_implementation=eager"]},
+    "precompute-ref": {"about": "seed, reference log-probs computed once before training", "base": "seed", "set": ["dpo.precompute_ref_log_probs=true"]},
+    "tuned": {"about": "the shipped recipe as is: bf16 LoRA, one micro-batch, length grouping, Liger, fused AdamW, precompute and checkpointing auto", "base": "recipe"},
+    "tuned-noref": {"about": "tuned, reference forward each step (no precompute)", "base": "recipe", "set": ["dpo.precompute_ref_log_probs=false"]},
+    "tuned-ckpt": {"about": "tuned-noref with gradient checkpointing (what auto picks on a small GPU)", "base": "recipe", "set": ["dpo.precompute_ref_log_probs=false", "train.gradient_checkpointing=true"]},
+    "tuned-noliger": {"about": "tuned-noref without Liger", "base": "recipe", "set": ["dpo.precompute_ref_log_probs=false", "train.use_liger_kernel=false"], "needs": "liger"},
+    "tuned-nogroup": {"about": "tuned-noref without length grouping", "base": "recipe", "set": ["dpo.precompute_ref_log_probs=false", "train.group_by_length=false"]},
+    "tuned-flash": {"about": "tuned-noref with FlashAttention 2", "base": "recipe", "set": ["dpo.precompute_ref_log_probs=false", "model.attn_implementation=flash_attention_2"], "needs": "flash_attn"},
 }
+
+
+def seed_sets(recipe_path: Path) -> list[str]:
+    """The seed notebook's systems settings: the `--set` list documented in the recipe's header."""
+    for line in recipe_path.read_text().splitlines():
+        if line.startswith("#   --set "):
+            return [a for a in line.removeprefix("#").split() if a != "--set"]
+    raise SystemExit(f"{recipe_path}: no '#   --set ...' line with the seed's systems settings in its header")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,12 +193,14 @@ class CountingCollator:
         self.recording = False  # off while TRL precomputes reference log-probs in __init__
         self.batches: list[dict[str, Any]] = []
         self.precompute_tokens = 0
+        self.precompute_padded = 0
 
     def __call__(self, examples):
         out = self.inner(examples)
         real = int(out["attention_mask"].sum())
         if not self.recording:
             self.precompute_tokens += real
+            self.precompute_padded += int(out["input_ids"].numel())
             return out
         self.batches.append(
             {
@@ -220,34 +240,26 @@ def bitsandbytes_problem(device: str) -> str | None:
     return None
 
 
-def plan_variant(name: str, model: str, device: str, smoke: bool) -> tuple[list[str], dict[str, Any], list[str], str | None]:
-    """Recipe overrides, extra DPOConfig fields, notes, and a skip reason (or None) for a variant."""
+def plan_variant(name: str, model: str, device: str, smoke: bool) -> tuple[list[str], list[str], str | None]:
+    """Recipe overrides, notes, and a skip reason (or None) for a variant."""
     from alignpress.recipe import load_recipe
 
     spec = VARIANTS[name]
-    base = load_recipe(ROOT / MODELS[model]["recipe"])
+    path = ROOT / MODELS[model]["recipe"]
     sets: list[str] = ["publish.repo_id=null", "eval.enabled=false"]
-    trl: dict[str, Any] = dict(spec.get("trl", {}))
     notes: list[str] = []
     if smoke:
         sets += ["dpo.max_length=128", "train.device=cpu"]
     skip = availability(spec.get("needs"), device)
     if skip:
-        return sets, trl, notes, skip
+        return sets, notes, skip
+    if spec["base"] == "seed":
+        sets += seed_sets(path)
     sets += spec.get("set", [])
-    batch, accumulation = base.train.per_device_train_batch_size, base.train.gradient_accumulation_steps
-    if spec.get("batch") or spec.get("tuned"):
-        sets += [f"train.per_device_train_batch_size={batch * accumulation}", "train.gradient_accumulation_steps=1"]
-    if spec.get("tuned"):
-        sets += ["model.load_in_4bit=false", "dpo.precompute_ref_log_probs=true"]
-        trl["train_sampling_strategy"] = "group_by_length"
-        if availability("flash_attn", device) is None:
-            sets.append("model.attn_implementation=flash_attention_2")
-        if availability("liger", device) is None:
-            trl["use_liger_kernel"] = True
-        sets.append(f"train.gradient_checkpointing={str(needs_checkpointing(model, batch * accumulation, base.dpo.max_length, device)).lower()}")
-        sets.append("train.optim=" + ("adamw_torch_fused" if device == "cuda" else "adamw_torch"))
-    recipe = load_recipe(ROOT / MODELS[model]["recipe"], sets)
+    if spec.get("batch"):
+        base = load_recipe(path, sets)
+        sets += [f"train.per_device_train_batch_size={base.train.per_device_train_batch_size * base.train.gradient_accumulation_steps}", "train.gradient_accumulation_steps=1"]
+    recipe = load_recipe(path, sets)
     problem = bitsandbytes_problem(device)
     if recipe.model.load_in_4bit and problem:
         sets.append("model.load_in_4bit=false")
@@ -255,21 +267,7 @@ def plan_variant(name: str, model: str, device: str, smoke: bool) -> tuple[list[
     if any(k in recipe.train.optim for k in ("paged", "bnb", "8bit")) and problem:
         sets.append("train.optim=adamw_torch")
         notes.append(f"{recipe.train.optim} unavailable here ({problem}): ran adamw_torch")
-    if trl.get("train_sampling_strategy") == "group_by_length":
-        # TRL drops every column the model does not take before the sampler reads the lengths.
-        trl["remove_unused_columns"] = False
-    return sets, trl, notes, None
-
-
-def needs_checkpointing(model: str, batch_pairs: int, max_length: int, device: str) -> bool:
-    """Whether the memory estimate for a bf16 LoRA micro-batch exceeds this GPU without checkpointing."""
-    if device != "cuda":
-        return False
-    import torch
-
-    arch = arch_from_config(MODELS[model]["kwargs"] | {"model_type": "phi3" if MODELS[model]["config"] == "Phi3Config" else "gemma"})
-    est = memory_estimate(arch, MemorySettings(weights="bf16", lora_r=16, gradient_checkpointing=False, micro_batch_pairs=batch_pairs, seq_len=max_length, precompute_ref=True))
-    return est["total_gib"] > torch.cuda.get_device_properties(0).total_memory / GiB
+    return sets, notes, None
 
 
 def device_info(device: str) -> dict[str, Any]:
@@ -296,49 +294,62 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
     from alignpress.modeling import load_model, pick_device, pick_dtype
     from alignpress.recipe import load_recipe
     from alignpress.runstate import RunDir
-    from alignpress.train import dpo_config
+    from alignpress.train import dpo_config, precompute_order, resolve_systems
 
     device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
     info = device_info(device)
-    out: dict[str, Any] = {"name": name, "about": VARIANTS[name]["about"], "device": info}
-    sets, trl_extra, notes, skip = plan_variant(name, model, device, smoke)
+    out: dict[str, Any] = {"name": name, "about": VARIANTS[name]["about"], "model": model, "device": info}
+    sets, notes, skip = plan_variant(name, model, device, smoke)
     if skip:
         return {**out, "status": "skipped", "reason": skip}
     folder = model_folder(model)
     recipe = load_recipe(ROOT / MODELS[model]["recipe"], [*sets, f"model.name_or_path={folder}"])
     t, m, d = recipe.train, recipe.model, recipe.dpo
+    pairs = synthetic_pairs(pool, seed, smoke)
+    rows = [{"prompt_tokens": p, "chosen_tokens": c, "rejected_tokens": r} for p, c, r in pairs]
+    dtype = pick_dtype(recipe, pick_device(recipe))
+    gpu_gib = torch.cuda.mem_get_info()[0] / GiB if device == "cuda" else None
+    import transformers
+
+    config = getattr(transformers, MODELS[model]["config"])(**MODELS[model]["kwargs"])
+    # The levers as `run` would use them: auto fields decided from this GPU and the recipe's epochs
+    systems = resolve_systems(recipe, rows, device, dtype, None, config=config, gpu_gib=gpu_gib)
+    for key in ("use_liger_kernel", "gradient_checkpointing", "precompute_ref_log_probs"):
+        why = systems.get(f"{key}_reason") or systems.get(f"{key}_decision", {}).get("reason")
+        if why:
+            notes.append(f"{key}: {why}")
     settings = {
         "load_in_4bit": m.load_in_4bit,
-        "gradient_checkpointing": t.gradient_checkpointing,
+        "gradient_checkpointing": systems["gradient_checkpointing"],
         "per_device_train_batch_size": t.per_device_train_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "precompute_ref_log_probs": d.precompute_ref_log_probs,
+        "precompute_ref_log_probs": systems["precompute_ref_log_probs"],
         "attn_implementation": m.attn_implementation or "sdpa (default)",
-        "group_by_length": trl_extra.get("train_sampling_strategy") == "group_by_length",
-        "liger": bool(trl_extra.get("use_liger_kernel")),
+        "group_by_length": systems["group_by_length"],
+        "liger": systems["use_liger_kernel"],
         "optim": t.optim,
         "max_length": d.max_length,
         "lora_r": recipe.lora.r if recipe.lora.enabled else None,
     }
-    out.update(settings=settings, notes=notes, overrides=sets, trl_args=trl_extra)
+    out.update(settings=settings, notes=notes, overrides=sets, systems=systems)
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(folder)
-    dtype = pick_dtype(recipe, pick_device(recipe))
     net = load_model(recipe, str(folder), device=device, dtype=dtype, quantized=m.load_in_4bit, tokenizer=tok)
     peft_config = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout, target_modules=recipe.lora.target_modules, task_type="CAUSAL_LM")
     if m.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
-        net = prepare_model_for_kbit_training(net, use_gradient_checkpointing=t.gradient_checkpointing)
+        net = prepare_model_for_kbit_training(net, use_gradient_checkpointing=settings["gradient_checkpointing"])
 
-    pairs = synthetic_pairs(pool, seed, smoke)
+    if settings["precompute_ref_log_probs"]:  # the order `run` gives TRL's precompute pass (alignpress.train.precompute_order)
+        pairs = [(r["prompt_tokens"], r["chosen_tokens"], r["rejected_tokens"]) for r in precompute_order(rows)]
     dataset = text_dataset(pairs, tok.vocab_size, seed, with_length=settings["group_by_length"])
     work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
-    args = dpo_config(recipe, RunDir(work), device, dtype)
-    args = dataclasses.replace(args, max_steps=steps, save_strategy="no", logging_steps=1, disable_tqdm=True, **trl_extra)
+    args = dpo_config(recipe, RunDir(work), device, dtype, systems)
+    args = dataclasses.replace(args, max_steps=steps, save_strategy="no", logging_steps=1, disable_tqdm=True)
     collator = CountingCollator(DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=d.max_length, truncation_mode=d.truncation_mode))
     step_ends: list[float] = []
     losses: list[float] = []
@@ -379,11 +390,12 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
             weights="nf4" if m.load_in_4bit else ("bf16" if dtype == torch.bfloat16 else "fp32"),
             lora_r=settings["lora_r"],
             optimizer_bits="8bit" if "8bit" in t.optim else "32bit",
-            gradient_checkpointing=t.gradient_checkpointing,
+            gradient_checkpointing=settings["gradient_checkpointing"],
             micro_batch_pairs=t.per_device_train_batch_size,
             seq_len=max(b["seq_len"] for b in collator.batches),
-            precompute_ref=d.precompute_ref_log_probs,
+            precompute_ref=settings["precompute_ref_log_probs"],
             attn_implementation=m.attn_implementation,
+            liger=settings["liger"],
         ),
     )
     results.update(
@@ -391,8 +403,10 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
         **peak_memory(device),
         # alignpress.flops.memory_estimate before its margin and CUDA context: compare with peak_memory_gib
         estimated_peak_gib=round(estimate["subtotal_gib"], 3) if device == "cuda" else None,
+        longest_seq_len=max(b["seq_len"] for b in collator.batches),  # warm-up included: what the estimate used
         setup_s=round(setup_s, 2),
         precompute_tokens=collator.precompute_tokens,
+        precompute_padding_fraction=round(1 - collator.precompute_tokens / collator.precompute_padded, 4) if collator.precompute_padded else None,
         loss_first=losses[0] if losses else None,
         loss_last=losses[-1] if losses else None,
     )

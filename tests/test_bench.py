@@ -25,7 +25,7 @@ RESULT_KEYS = {"steps_timed", "seconds", "pairs", "tokens", "padded_tokens", "pa
 def smoke(tmp_path_factory, alignpress_home):
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_dpo.py"), "--smoke", "--steps", "3", "--variant", "seed", "--variant", "tuned", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "bench_dpo.py"), "--smoke", "--steps", "3", "--variant", "seed", "--variant", "tuned", "--variant", "liger", "--out", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -40,16 +40,18 @@ def test_smoke_report_layout(smoke):
     (run,) = report["runs"]
     assert run["model"] == "tiny" and run["steps"] == 3 and run["warmup_steps"] == 1
     assert run["device"]["kind"] == "cpu"
-    assert [v["name"] for v in run["variants"]] == ["seed", "tuned"]
+    assert [v["name"] for v in run["variants"]] == ["seed", "tuned", "liger"]
     assert {"median_pair_tokens", "median_prompt_to_answer", "p95_pair_tokens"} <= set(run["data"]["realized"])
     md = path.with_suffix(".md").read_text()
     assert "| seed | ok |" in md and "| tuned | ok |" in md and "MFU is not reported" in md
+    assert "| liger | skipped: Liger kernels need a CUDA GPU (Triton) |" in md  # Liger is CUDA-only: said, not hidden
+    assert "[bench] tiny / liger ...\n[bench]   skipped: Liger kernels need a CUDA GPU (Triton)\n" in proc.stderr
     assert md in proc.stdout
 
 
 def test_smoke_values_are_sane(smoke):
     report, _, _ = smoke
-    for v in report["runs"][0]["variants"]:
+    for v in report["runs"][0]["variants"][:2]:
         assert v["status"] == "ok", v
         r = v["results"]
         assert RESULT_KEYS <= set(r)
@@ -58,12 +60,18 @@ def test_smoke_values_are_sane(smoke):
         assert 0 <= r["padding_fraction"] < 1
         assert r["mfu"] is None and "RSS" in r["peak_memory_kind"]  # CPU: no MFU, no GPU memory
         assert r["pairs"] == 2 * v["settings"]["per_device_train_batch_size"] * v["settings"]["gradient_accumulation_steps"]
-    seed, tuned = report["runs"][0]["variants"]
+    seed, tuned, liger = report["runs"][0]["variants"]
     assert seed["settings"]["gradient_checkpointing"] and not seed["settings"]["precompute_ref_log_probs"]
+    assert (seed["settings"]["per_device_train_batch_size"], seed["settings"]["gradient_accumulation_steps"]) == (2, 2)
     assert any("4-bit NF4 unavailable here" in n for n in seed["notes"])  # said, not hidden
+    # tuned = the shipped recipe, its auto fields decided as `run` decides them (CPU: no checkpointing, no Liger)
     assert tuned["settings"]["group_by_length"] and tuned["settings"]["precompute_ref_log_probs"]
+    assert not tuned["settings"]["gradient_checkpointing"] and not tuned["settings"]["liger"] and tuned["settings"]["optim"] == "adamw_torch_fused"
+    assert "use_liger_kernel: off: Liger's kernels are Triton code for CUDA GPUs; this run is on the CPU" in tuned["notes"]
+    assert "precompute_ref_log_probs: on: 6 epochs > 5.45, where one precompute pass is repaid by faster steps" in tuned["notes"]
     assert tuned["settings"]["per_device_train_batch_size"] == 4 and tuned["settings"]["gradient_accumulation_steps"] == 1
     assert tuned["results"]["precompute_tokens"] > 0
+    assert liger["status"] == "skipped" and liger["reason"] == "Liger kernels need a CUDA GPU (Triton)"
 
 
 def test_tokens_equal_the_synthetic_lengths(smoke):
@@ -71,7 +79,7 @@ def test_tokens_equal_the_synthetic_lengths(smoke):
     report, _, _ = smoke
     run = report["runs"][0]
     pool = Counter(bench_dpo.synthetic_pairs(run["data"]["pool_pairs"], run["data"]["seed"], smoke=True))
-    for v in run["variants"]:
+    for v in run["variants"][:2]:
         max_length = v["settings"]["max_length"]
         expected = flops = 0
         for batch in v["batches"]:
@@ -97,3 +105,58 @@ def test_synthetic_distribution_matches_the_reference():
     assert 1.45 <= d["median_prompt_to_answer"] <= 1.75
     assert d["share_over_3500"] > 0.01 and d["max_pair_tokens"] > 3500
     assert bench_dpo.synthetic_pairs(50, 3, smoke=False) == bench_dpo.synthetic_pairs(50, 3, smoke=False)
+
+
+def test_every_lever_is_a_recipe_field_and_has_a_variant():
+    """Variants are recipe overrides only; each lever appears alone on the seed and removed from tuned."""
+    from alignpress.recipe import load_recipe
+
+    levers = {"model.load_in_4bit", "train.use_liger_kernel", "train.group_by_length", "train.gradient_checkpointing", "dpo.precompute_ref_log_probs", "model.attn_implementation", "train.optim"}
+    alone = {kv.split("=")[0] for v in bench_dpo.VARIANTS.values() if v["base"] == "seed" for kv in v.get("set", [])}
+    assert levers <= alone | {"train.per_device_train_batch_size"}
+    removed = {kv.split("=")[0] for v in bench_dpo.VARIANTS.values() if v["base"] == "recipe" for kv in v.get("set", [])}
+    assert {"dpo.precompute_ref_log_probs", "train.gradient_checkpointing", "train.use_liger_kernel", "train.group_by_length", "model.attn_implementation"} <= removed
+    for model in ("phi3-mini", "gemma-2b"):
+        path = ROOT / bench_dpo.MODELS[model]["recipe"]
+        for name, v in bench_dpo.VARIANTS.items():
+            sets = (bench_dpo.seed_sets(path) if v["base"] == "seed" else []) + v.get("set", [])
+            load_recipe(path, sets)  # every override is a valid recipe field and value
+
+
+def test_seed_variant_reproduces_the_measured_seed_settings():
+    """The recipe header's seed --set list gives the settings the H200 seed runs recorded."""
+    from alignpress.recipe import load_recipe
+
+    results = ROOT / "benchmarks" / "results" / "2026-11-26-h200"
+    for model, measured in (("phi3-mini", "phi3-seed.json"), ("gemma-2b", "gemma-seed.json")):
+        path = ROOT / bench_dpo.MODELS[model]["recipe"]
+        r = load_recipe(path, bench_dpo.seed_sets(path))
+        got = json.loads((results / measured).read_text())["settings"]
+        mine = {"load_in_4bit": r.model.load_in_4bit, "gradient_checkpointing": r.train.gradient_checkpointing, "per_device_train_batch_size": r.train.per_device_train_batch_size, "gradient_accumulation_steps": r.train.gradient_accumulation_steps, "precompute_ref_log_probs": r.dpo.precompute_ref_log_probs, "attn_implementation": r.model.attn_implementation or "sdpa (default)", "group_by_length": r.train.group_by_length, "liger": r.train.use_liger_kernel, "optim": r.train.optim, "max_length": r.dpo.max_length, "lora_r": r.lora.r}
+        assert mine == got
+
+
+def test_precompute_pass_goes_longest_first(smoke):
+    """The tuned run's precompute batches follow alignpress.train.precompute_order: padding by hand."""
+    from alignpress.train import precompute_order
+
+    report, _, _ = smoke
+    run = report["runs"][0]
+    tuned = run["variants"][1]
+    max_length, batch = tuned["settings"]["max_length"], tuned["systems"]["precompute_ref_batch_size"]
+    pairs = bench_dpo.synthetic_pairs(run["data"]["pool_pairs"], run["data"]["seed"], smoke=True)
+
+    def padding(order):
+        kept = [s for p, c, r in order if (s := truncate_pair(p, c, r, max_length))]  # TRL drops prompt-filled pairs
+        real = padded = 0
+        for i in range(0, len(kept), batch):
+            rows = [length for pair in kept[i : i + batch] for length, _ in pair]
+            real += sum(rows)
+            padded += len(rows) * max(rows)
+        return real, 1 - real / padded
+
+    rows = [{"prompt_tokens": p, "chosen_tokens": c, "rejected_tokens": r} for p, c, r in pairs]
+    real, sorted_padding = padding([(x["prompt_tokens"], x["chosen_tokens"], x["rejected_tokens"]) for x in precompute_order(rows)])
+    assert tuned["results"]["precompute_tokens"] == real
+    assert tuned["results"]["precompute_padding_fraction"] == round(sorted_padding, 4)
+    assert sorted_padding < padding(pairs)[1] / 2  # the data's own order pads more than twice as much

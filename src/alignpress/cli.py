@@ -80,7 +80,7 @@ def _check_same_recipe(recipe: Recipe, run_dir: RunDir) -> None:
 
 
 def _restart(run_dir: RunDir) -> None:
-    for name in ("data", "checkpoints", "adapter", "full", "model", "metrics", "run.json", "recipe.resolved.yaml"):
+    for name in ("data", "checkpoints", "adapter", "full", "model", "metrics", "ref_logps", "run.json", "recipe.resolved.yaml"):
         p = run_dir.root / name
         if p.is_dir():
             shutil.rmtree(p)

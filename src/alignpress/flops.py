@@ -31,8 +31,10 @@ So with LoRA a token costs about 6 * P_body FLOPs (2 policy forward + 2 policy b
 checkpointing recomputes the policy forward (another 2 * P_body per token): that is hardware
 work, not model work, and is left out of MFU.
 
-Memory: see `memory_estimate`; it is an estimate to be checked against the benchmark's measured
-peaks (benchmarks/results/*.json), and says so.
+Memory: see `memory_estimate`; an estimate fitted to, and tested against, the benchmark's measured
+peaks (benchmarks/results/2026-11-26-h200/: within 10% of every measured row, tests/test_plan.py).
+`checkpointing_decision` and `precompute_decision` turn it and the measured throughputs into the
+run-time choices behind `train.gradient_checkpointing: auto` and `dpo.precompute_ref_log_probs: auto`.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -221,21 +223,33 @@ NF4_BYTES_PER_PARAM = (4 + 8 / 64 + 32 / (64 * 256)) / 8
 # TRL's fused LM head works in tiles of 4,096 tokens x 32,768 vocabulary entries (trl 1.16:
 # kernels/chunked_logprob.py TOKEN_CHUNK_SIZE, trainer/utils.py _CHUNKED_LOGPROB_CHUNK_SIZE).
 LM_HEAD_TILE = (4096, 32768)
+# Liger's fused RMSNorm (no fp32 copy kept) and SwiGLU/GeGLU (the activation recomputed in backward)
+# keep fewer activations. Fitted, bf16 elements per token per layer saved = 3.4 x hidden + 0.45 x
+# intermediate, to the two measured no-checkpointing Liger peaks (H200, 2026-11-26: Phi-3-mini
+# batch 4 x 2,048: 68.09-68.30 GiB; Gemma-2b batch 3 x 2,048: 36.12 GiB); two coefficients from two
+# measurements, rounded up so the estimate stays above both. Without Liger the formula below was
+# already within 0.5% (Phi-3-mini 82.26 estimated, 81.84 measured).
+LIGER_SAVED_PER_HIDDEN = 3.4
+LIGER_SAVED_PER_INTERMEDIATE = 0.45
 CUDA_CONTEXT_GIB = 1.0  # CUDA context + cuBLAS workspace: not in torch's allocator statistics (assumption)
 FRAGMENTATION = 0.10  # allocator fragmentation margin on top of the estimate (assumption)
 OPTIMIZER_STATE_BYTES = {"8bit": 2, "32bit": 8}  # Adam m and v per trainable parameter
 
 
-def activation_bytes_per_token_layer(arch: Arch, dtype_bytes: int = 2) -> int:
+def activation_bytes_per_token_layer(arch: Arch, dtype_bytes: int = 2, liger: bool = False) -> float:
     """Estimated bytes one decoder layer keeps for backward, per token (flash/SDPA attention).
 
     Counted tensors: two RMSNorms (input, fp32 copy, output: about 4 x hidden each), q/k before
     and after RoPE, v and the attention output (3 x d_attn + 3 x d_kv), and the gated MLP's gate,
     up, activation and product (4 x intermediate). LoRA's rank-r intermediates are negligible, and
     TRL disables dropout (so LoRA dropout keeps no copy). An estimate, to be calibrated against
-    the benchmark's measured peaks.
+    the benchmark's measured peaks. liger: minus what Liger's kernels do not keep (fitted, see
+    LIGER_SAVED_PER_HIDDEN).
     """
-    return dtype_bytes * (8 * arch.hidden + 3 * arch.d_attn + 3 * arch.d_kv + 4 * arch.intermediate)
+    elements = 8 * arch.hidden + 3 * arch.d_attn + 3 * arch.d_kv + 4 * arch.intermediate
+    if liger:
+        elements -= LIGER_SAVED_PER_HIDDEN * arch.hidden + LIGER_SAVED_PER_INTERMEDIATE * arch.intermediate
+    return dtype_bytes * elements
 
 
 @dataclass
@@ -251,6 +265,7 @@ class MemorySettings:
     seq_len: int = 2048  # the longest sequence a micro-batch may hold (rows pad to it)
     precompute_ref: bool = False
     attn_implementation: str | None = None
+    liger: bool = False  # Liger kernels (train.use_liger_kernel): fewer activations kept
 
 
 def memory_estimate(arch: Arch, s: MemorySettings) -> dict[str, Any]:
@@ -278,10 +293,14 @@ def memory_estimate(arch: Arch, s: MemorySettings) -> dict[str, Any]:
         if not s.precompute_ref:
             parts["reference_model"] = arch.total_params * weight_bytes
     tokens = 2 * s.micro_batch_pairs * s.seq_len  # chosen + rejected rows, padded to seq_len
-    per_layer = activation_bytes_per_token_layer(arch)
+    per_layer = activation_bytes_per_token_layer(arch, liger=s.liger)
+    # Under QLoRA, peft's fp32 embeddings and norms make the residual stream fp32 (the 4-bit linears
+    # cast their inputs back to bf16); measured: the seed's 7.71 GiB (Phi-3) and 5.38 GiB (Gemma)
+    # were 1.67 and 0.75 GiB above a bf16-stream estimate.
+    stream_bytes = 4 if s.weights in ("nf4", "fp32") else 2
     if s.gradient_checkpointing:
-        # each layer's input (bf16) is kept; one layer's activations are rebuilt at a time
-        parts["activations"] = tokens * (arch.layers * 2 * arch.hidden + per_layer)
+        # each layer's input is kept; one layer's activations are rebuilt at a time
+        parts["activations"] = tokens * (arch.layers * stream_bytes * arch.hidden + per_layer)
     else:
         parts["activations"] = tokens * arch.layers * per_layer
     if s.attn_implementation == "eager":
@@ -291,8 +310,9 @@ def memory_estimate(arch: Arch, s: MemorySettings) -> dict[str, Any]:
         parts["activations"] += rows * arch.heads * s.seq_len**2 * 2 * 2 * layers_kept
     # Fused LM head: a logits tile for the forward and one for the backward, the gathered hidden
     # states (bf16) and their gradient (fp32), for at most every token of the micro-batch.
-    tile = min(tokens, LM_HEAD_TILE[0]) * min(arch.vocab, LM_HEAD_TILE[1]) * 2
-    parts["lm_head"] = 2 * tile + tokens * arch.hidden * (2 + 4)
+    # The head computes in its weights' dtype: fp32 under QLoRA (peft casts it), bf16 otherwise.
+    tile = min(tokens, LM_HEAD_TILE[0]) * min(arch.vocab, LM_HEAD_TILE[1]) * stream_bytes
+    parts["lm_head"] = 2 * tile + tokens * arch.hidden * (stream_bytes + 4)
     subtotal = sum(parts.values())
     total = subtotal * (1 + FRAGMENTATION) + CUDA_CONTEXT_GIB * GiB
     return {
@@ -310,6 +330,55 @@ def memory_estimate(arch: Arch, s: MemorySettings) -> dict[str, Any]:
             f"+ {CUDA_CONTEXT_GIB:g} GiB CUDA context; activations for {2 * s.micro_batch_pairs} rows x {s.seq_len} tokens"
         ),
     }
+
+
+def checkpointing_decision(arch: Arch, s: MemorySettings, gpu_gib: float | None) -> dict[str, Any]:
+    """`train.gradient_checkpointing: auto`: on only when the estimate without it exceeds `gpu_gib`.
+
+    gpu_gib: the GPU memory this process may use (free memory before the model is loaded); None
+    when there is no CUDA GPU (then off: CPU memory is not the limit this guards). Returns the
+    decision, both estimates (total, with the fragmentation margin and CUDA context) and a
+    sentence for the log and run.json.
+    """
+    off = memory_estimate(arch, replace(s, gradient_checkpointing=False))["total_gib"]
+    on = memory_estimate(arch, replace(s, gradient_checkpointing=True))["total_gib"]
+    out = {"estimate_without_gib": round(off, 2), "estimate_with_gib": round(on, 2), "gpu_gib": None if gpu_gib is None else round(gpu_gib, 2)}
+    shape = f"{2 * s.micro_batch_pairs} rows x {s.seq_len} tokens"
+    if gpu_gib is None:
+        return out | {"gradient_checkpointing": False, "reason": "no CUDA GPU: off"}
+    if off <= gpu_gib:
+        return out | {"gradient_checkpointing": False, "reason": f"off: the estimate without it ({off:.1f} GiB for {shape}) fits the GPU's {gpu_gib:.1f} GiB"}
+    reason = f"on: the estimate without it ({off:.1f} GiB for {shape}) exceeds the GPU's {gpu_gib:.1f} GiB; with it {on:.1f} GiB"
+    if on > gpu_gib:
+        reason += " (still above: lower train.per_device_train_batch_size or dpo.max_length)"
+    return out | {"gradient_checkpointing": True, "reason": reason}
+
+
+# Measured on one H200 (benchmarks/results/2026-11-26-h200/, Phi-3-mini bf16 LoRA, batch 4, Liger,
+# length grouping): training steps with the reference forward each step ran 8,882 tokens/s, with
+# precomputed reference log-probs 12,669 tokens/s, and the precompute pass itself 205,625 tokens
+# in 37.7 s of trainer setup = 5,456 tokens/s (an upper bound on its time: setup also tokenises).
+PRECOMPUTE_RATES = {"with_reference": 8882.0, "precomputed": 12669.0, "precompute_pass": 205625 / 37.69}
+
+
+def precompute_decision(epochs: float, stored: bool = False, rates: dict[str, float] | None = None) -> dict[str, Any]:
+    """`dpo.precompute_ref_log_probs: auto`: precompute when it saves time over the whole run.
+
+    Per token of one epoch, precomputing costs 1 / pass rate once and saves
+    1 / with_reference - 1 / precomputed every epoch, so it pays from
+    epochs > (1 / pass) / (1 / with_reference - 1 / precomputed): 5.45 epochs with the measured
+    rates (assumed to carry over to other GPUs and models in ratio). Log-probs already stored in the
+    output folder (a resumed run) cost nothing, so then it is always on.
+    """
+    r = rates or PRECOMPUTE_RATES
+    saved = 1 / r["with_reference"] - 1 / r["precomputed"]
+    break_even = (1 / r["precompute_pass"]) / saved if saved > 0 else math.inf
+    out = {"epochs": round(epochs, 3), "break_even_epochs": round(break_even, 2)}
+    if stored:
+        return out | {"precompute_ref_log_probs": True, "reason": "on: this data's reference log-probs are already stored in the output folder"}
+    if epochs > break_even:
+        return out | {"precompute_ref_log_probs": True, "reason": f"on: {epochs:g} epochs > {break_even:.2f}, where one precompute pass is repaid by faster steps"}
+    return out | {"precompute_ref_log_probs": False, "reason": f"off: {epochs:g} epochs <= {break_even:.2f}, too few to repay one precompute pass"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,6 +478,8 @@ __all__ = [
     "MemorySettings",
     "arch_from_config",
     "causal_pairs",
+    "checkpointing_decision",
+    "precompute_decision",
     "dataset_flops",
     "flops_per_token",
     "gpu_for_device",

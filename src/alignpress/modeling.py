@@ -86,6 +86,17 @@ def preflight(recipe: Recipe, needs_gpu: bool = True) -> None:
     pick_dtype(recipe, pick_device(recipe))
 
 
+def liger_problem(device: str) -> str | None:
+    """Why Liger's kernels (train.use_liger_kernel) cannot run here, or None when they can."""
+    if device != "cuda":
+        return "Liger's kernels are Triton code for CUDA GPUs; this run is on the CPU"
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return "the liger-kernel package is not installed (pip install -r requirements-gpu.lock)"
+    return None
+
+
 def _hub_error(recipe: Recipe, name: str, e: Exception) -> AlignpressError:
     return AlignpressError(
         f"could not load {name!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "

@@ -20,12 +20,12 @@ import argparse
 import json
 import math
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import AlignpressError
-from .flops import KNOWN_ARCHS, Arch, LengthDistribution, MemorySettings, arch_from_config, dataset_flops, load_table, memory_estimate, padding_fraction, truncate_pair
+from .flops import KNOWN_ARCHS, Arch, LengthDistribution, MemorySettings, arch_from_config, checkpointing_decision, dataset_flops, load_table, memory_estimate, padding_fraction, precompute_decision, truncate_pair
 from .recipe import Recipe, load_recipe
 
 BENCH_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
@@ -237,24 +237,39 @@ def merge_sky_offers(table: dict[str, Any], offers: list[dict[str, Any]], gpus: 
     return merged, used
 
 
-def recipe_settings(recipe: Recipe) -> dict[str, Any]:
-    """The levers a benchmark variant records, as this recipe sets them (for matching measurements)."""
+def recipe_settings(recipe: Recipe, gradient_checkpointing: bool, precompute: bool) -> dict[str, Any]:
+    """The levers a benchmark variant records, as this recipe sets them (for matching measurements).
+
+    gradient_checkpointing and precompute: the recipe's values with `auto` already decided.
+    """
     return {
         "load_in_4bit": recipe.model.load_in_4bit,
-        "gradient_checkpointing": recipe.train.gradient_checkpointing,
+        "gradient_checkpointing": gradient_checkpointing,
         "per_device_train_batch_size": recipe.train.per_device_train_batch_size,
         "gradient_accumulation_steps": recipe.train.gradient_accumulation_steps,
-        "precompute_ref_log_probs": recipe.dpo.precompute_ref_log_probs,
+        "precompute_ref_log_probs": precompute,
         "attn_implementation": recipe.model.attn_implementation or "sdpa (default)",
-        "group_by_length": False,
-        "liger": False,
+        "group_by_length": recipe.train.group_by_length,
+        "liger": recipe.train.use_liger_kernel,
+        "optim": recipe.train.optim,
+        "max_length": recipe.dpo.max_length,
+        "lora_r": recipe.lora.r if recipe.lora.enabled else None,
     }
 
 
-def measured_mfu(arch: Arch, recipe: Recipe, gpu: str, dirs: list[Path]) -> tuple[float, str] | None:
-    """A measured MFU for this architecture, GPU and recipe settings from benchmark results, newest first."""
-    want = recipe_settings(recipe)
-    keys = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")
+# Settings every result file records; the later ones (optim, max_length, lora_r) are compared
+# when a file has them.
+CORE_SETTINGS = ("load_in_4bit", "gradient_checkpointing", "per_device_train_batch_size", "gradient_accumulation_steps", "precompute_ref_log_probs", "attn_implementation", "group_by_length", "liger")
+
+
+def load_measurements(dirs: list[Path]) -> list[dict[str, Any]]:
+    """Every ok variant in benchmark results, newest file first: {file, gpu, arch, variant}.
+
+    Two layouts: bench_dpo.py's report files (<dir>/*.json, schema alignpress-bench/1 with runs[]),
+    and folders of worker files (one variant object each, as `bench_dpo.py --worker` writes them)
+    with an index.json naming each file's model (e.g. benchmarks/results/2026-11-26-h200/).
+    """
+    found: list[dict[str, Any]] = []
     files = sorted((f for d in dirs if d.is_dir() for f in d.glob("*.json")), key=lambda f: f.name, reverse=True)
     for f in files:
         try:
@@ -264,15 +279,37 @@ def measured_mfu(arch: Arch, recipe: Recipe, gpu: str, dirs: list[Path]) -> tupl
         if report.get("schema") != BENCH_SCHEMA:
             continue
         for run in report.get("runs", []):
-            if run.get("device", {}).get("gpu") != gpu:
-                continue
             shape = run["architecture"] | {"model_type": "phi3" if run["architecture"].get("config") == "Phi3Config" else ""}
-            if any(getattr(arch_from_config(shape), k) != getattr(arch, k) for k in keys):
-                continue
             for v in run.get("variants", []):
-                got = v.get("settings", {})
-                if v.get("status") == "ok" and v["results"].get("mfu") and all(got.get(k) == want[k] for k in want):
-                    return v["results"]["mfu"], f"measured: {f.name}, variant {v['name']}"
+                found.append({"file": f.name, "gpu": run.get("device", {}).get("gpu"), "arch": arch_from_config(shape), "variant": v})
+    indexes = sorted((i for d in dirs if d.is_dir() for i in d.glob("*/index.json")), key=lambda i: i.parent.name, reverse=True)
+    for index_path in indexes:
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, ValueError):
+            continue
+        for name, meta in index.get("files", {}).items():
+            try:
+                v = json.loads((index_path.parent / name).read_text())
+            except (OSError, ValueError):
+                continue
+            arch = KNOWN_ARCHS.get(meta.get("model", ""))
+            if arch is not None:
+                found.append({"file": f"{index_path.parent.name}/{name}", "gpu": v.get("device", {}).get("gpu"), "arch": arch, "variant": v})
+    return [m for m in found if m["variant"].get("status") == "ok"]
+
+
+def measured_mfu(arch: Arch, want: dict[str, Any], gpu: str, dirs: list[Path]) -> tuple[float, str, dict[str, Any]] | None:
+    """A measured MFU for this architecture, GPU and settings (recipe_settings) from benchmark results."""
+    keys = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")
+    for m in load_measurements(dirs):
+        if m["gpu"] != gpu or any(getattr(m["arch"], k) != getattr(arch, k) for k in keys):
+            continue
+        v = m["variant"]
+        got = v.get("settings", {})
+        if v["results"].get("mfu") and all(k in got for k in CORE_SETTINGS) and all(got[k] == want[k] for k in want if k in got):
+            r = v["results"]
+            return r["mfu"], f"measured: {m['file']}, variant {v['name']}", r
     return None
 
 
@@ -326,7 +363,8 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
         mean = (round(stats["prompt"]["mean"]), round(stats["chosen"]["mean"]), round(stats["rejected"]["mean"]))
         pairs_in = [mean] * stats["pairs"]
         notes.append(f"only {data['source']}: FLOPs from the mean pair ({mean[0]} prompt, {mean[1]} chosen, {mean[2]} rejected tokens)")
-    train_epoch = dataset_flops(arch, pairs_in, d.max_length, reference=not d.precompute_ref_log_probs, **kw)
+    full_epoch = dataset_flops(arch, pairs_in, d.max_length, reference=True, **kw)
+    train_epoch = dict(full_epoch)
     if data["rows"] is None:
         train_epoch["tokens"] = stats["tokens_per_epoch"]  # exact count from prepare (not truncated)
     kept_pairs = train_epoch["pairs"]
@@ -340,8 +378,16 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
     else:
         epochs = t.num_train_epochs
         steps = math.ceil(epochs * math.ceil(kept_pairs / pairs_per_step))
-    precompute = d.precompute_ref_log_probs
-    pre_flops = dataset_flops(arch, pairs_in, d.max_length, **kw)["reference_forward"] if precompute else 0.0
+    if d.precompute_ref_log_probs == "auto":
+        decision = precompute_decision(epochs)
+        precompute = decision["precompute_ref_log_probs"]
+        notes.append(f"dpo.precompute_ref_log_probs auto: {decision['reason']}")
+    else:
+        precompute = d.precompute_ref_log_probs
+    if precompute:  # the reference forward leaves the steps and runs once, before training
+        train_epoch["total"] -= train_epoch["reference_forward"]
+        train_epoch["reference_forward"] = 0.0
+    pre_flops = full_epoch["reference_forward"] if precompute else 0.0
     run_flops = train_epoch["total"] * epochs + pre_flops
     run_tokens = train_epoch["tokens"] * epochs
 
@@ -358,13 +404,25 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
         lora_r=lora_r,
         lora_targets=recipe.lora.target_modules,
         optimizer_bits="8bit" if "8bit" in t.optim else "32bit",
-        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing=t.gradient_checkpointing is True,
         micro_batch_pairs=t.per_device_train_batch_size,
         seq_len=longest,
         precompute_ref=precompute,
         attn_implementation=recipe.model.attn_implementation,
+        liger=t.use_liger_kernel,
     )
-    mem = memory_estimate(arch, settings)
+
+    def checkpointing_for(name: str) -> tuple[bool, str | None]:
+        """train.gradient_checkpointing on this GPU: as set, or `auto` decided as train does at run time."""
+        if t.gradient_checkpointing != "auto":
+            return t.gradient_checkpointing, None
+        decision = checkpointing_decision(arch, settings, gpus[name]["memory_gib"])
+        return decision["gradient_checkpointing"], decision["reason"]
+
+    ckpt, ckpt_reason = checkpointing_for(gpu)
+    if ckpt_reason:
+        notes.append(f"train.gradient_checkpointing auto on the {gpu}: {ckpt_reason}")
+    mem = memory_estimate(arch, replace(settings, gradient_checkpointing=ckpt))
 
     # Padding, for the throughput estimate
     if data["rows"] is not None:
@@ -374,37 +432,55 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
         dist = LengthDistribution(prompt_median=stats["prompt"]["median"], answer_median=(stats["chosen"]["median"] + stats["rejected"]["median"]) / 2)
         flat = [x for p, c, r in dist.sample(2000, t.seed) if (s := truncate_pair(p, c, r, d.max_length)) for x in (s[0][0], s[1][0])]
         pad_source = "a lognormal with the data's medians (alignpress.flops.LengthDistribution), seeded random batches"
-    padding = padding_fraction(flat, t.per_device_train_batch_size, seed=t.seed)
+    padding = padding_fraction(flat, t.per_device_train_batch_size, seed=t.seed, sort=t.group_by_length)
+    if t.group_by_length:
+        pad_source = pad_source.replace("seeded random batches", "length-grouped batches (train.group_by_length)")
 
     # Throughput model (estimate) and its factors
-    factors = {"base": throughput["base_mfu"]}
-    if t.gradient_checkpointing:
-        factors["gradient_checkpointing"] = train_epoch["total"] / (train_epoch["total"] + train_epoch["policy_forward"])
-    if recipe.model.load_in_4bit:
-        factors["load_in_4bit"] = throughput["load_in_4bit_factor"]
-    factors["padding"] = 1 - padding
+    def mfu_factors(checkpointing: bool) -> dict[str, float]:
+        factors = {"base": throughput["base_mfu"]}
+        if checkpointing:
+            factors["gradient_checkpointing"] = train_epoch["total"] / (train_epoch["total"] + train_epoch["policy_forward"])
+        if recipe.model.load_in_4bit:
+            factors["load_in_4bit"] = throughput["load_in_4bit_factor"]
+        factors["padding"] = 1 - padding
+        return factors
+
+    factors = mfu_factors(ckpt)
     estimated = math.prod(factors.values())
     pre_mfu = throughput["base_mfu"] * factors.get("load_in_4bit", 1.0) * factors["padding"]
 
     rows = []
     for name in gpus:
         info = gpus[name]
-        found = measured_mfu(arch, recipe, name, bench_dirs if bench_dirs is not None else [BENCH_RESULTS])
-        mfu, source = found if found else (estimated, "estimate: not measured")
+        row_ckpt = checkpointing_for(name)[0]
+        row_mem = mem if name == gpu else memory_estimate(arch, replace(settings, gradient_checkpointing=row_ckpt))
+        found = measured_mfu(arch, recipe_settings(recipe, row_ckpt, precompute), name, bench_dirs if bench_dirs is not None else [BENCH_RESULTS])
+        measured = found[2] if found else None
+        mfu, source = found[:2] if found else (math.prod(mfu_factors(row_ckpt).values()), "estimate: not measured")
         price = offer_prices(price_table["gpus"].get(name))
-        cost = project(train_epoch["total"] * epochs, pre_flops, info["peak_bf16_tflops"], mfu, pre_mfu, price)
+        row_pre_mfu, pre_source = pre_mfu, "estimate: not measured"
+        if pre_flops and measured and measured.get("precompute_tokens") and measured.get("setup_s"):
+            # the measured pass: its tokens over the trainer setup it ran in (an upper bound on its time)
+            rate = measured["precompute_tokens"] / measured["setup_s"]
+            row_pre_mfu = rate * (pre_flops / train_epoch["tokens"]) / (info["peak_bf16_tflops"] * 1e12)
+            pre_source = f"measured: {rate:,.0f} tokens/s ({measured['precompute_tokens']:,} tokens in {measured['setup_s']} s of setup)"
+        cost = project(train_epoch["total"] * epochs, pre_flops, info["peak_bf16_tflops"], mfu, row_pre_mfu, price)
         train_s, pre_s, gpu_hours = cost["train_s"], cost["precompute_s"], cost["gpu_hours"]
         row = {
             "gpu": name,
             "memory_gib": info["memory_gib"],
-            "estimate_gib": mem["total_gib"],
-            "fits": mem["total_gib"] <= info["memory_gib"],
-            "tight": WARN_SHARE * info["memory_gib"] < mem["total_gib"] <= info["memory_gib"],
+            "estimate_gib": row_mem["total_gib"],
+            "fits": row_mem["total_gib"] <= info["memory_gib"],
+            "tight": WARN_SHARE * info["memory_gib"] < row_mem["total_gib"] <= info["memory_gib"],
+            "gradient_checkpointing": row_ckpt,
+            "measured": None if measured is None else {k: measured.get(k) for k in ("tokens_per_s", "mfu", "peak_memory_gib", "setup_s", "precompute_tokens")},
             "peak_bf16_tflops": info["peak_bf16_tflops"],
             "mfu": mfu,
             "mfu_source": source,
             "tokens_per_s": run_tokens / train_s,
             "precompute_s": pre_s,
+            "precompute_source": pre_source if pre_flops else None,
             "gpu_hours": gpu_hours,
             "wall_hours": gpu_hours / processes,
         }
@@ -518,7 +594,11 @@ def format_plan(p: dict[str, Any]) -> str:
     ]
     for r in p["gpus"]:
         if r["mfu_source"].startswith("measured"):
-            lines.append(f"           {r['gpu']}: {r['mfu_source']}")
+            m = r["measured"] or {}
+            at = f": {m['tokens_per_s']:,.0f} tokens/s, MFU {m['mfu']:.4f}, peak {m['peak_memory_gib']:.2f} GiB on the benchmark's synthetic data" if m.get("tokens_per_s") else ""
+            lines.append(f"           {r['gpu']}: {r['mfu_source']}{at}")
+            if (r.get("precompute_source") or "").startswith("measured"):
+                lines.append(f"           {r['gpu']}: precompute pass {r['precompute_source'].removeprefix('measured: ')}: {r['precompute_s'] / 60:.1f} min for this data")
     lines += [f"note:      {n}" for n in p["notes"]]
     lines += [f"warning:   {w}" for w in p["warnings"]]
     return "\n".join(lines)

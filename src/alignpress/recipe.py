@@ -85,7 +85,8 @@ class DPOSection:
     label_smoothing: float = _f(0.0, help="Conservative DPO label smoothing, in [0, 0.5).")
     max_length: int = _f(1024, help="Truncate prompt + answer to this many tokens (TRL max_length).")
     truncation_mode: Literal["keep_start", "keep_end"] = _f("keep_start", help="Which end to keep when truncating.")
-    precompute_ref_log_probs: bool = _f(False, help="Compute reference log-probs once before training (saves a forward per step).")
+    precompute_ref_log_probs: Literal["auto"] | bool = _f("auto", help="Compute reference log-probs once before training (saves a forward per step) and keep them in the output folder for resumed runs. auto = when the run is long enough to repay the pass (alignpress.flops.precompute_decision: about 5.4 epochs on the measured GPU), or when this data's log-probs are already stored.")
+    precompute_ref_batch_size: int | None = _f(None, help="Pairs per forward in the precompute pass (TRL precompute_ref_batch_size); None = train.per_device_train_batch_size. The pass needs no activations for backward, so it can take a larger batch.")
 
 
 @dataclass
@@ -98,7 +99,9 @@ class TrainSection:
     per_device_train_batch_size: int = _f(2, help="Pairs per device per forward.")
     per_device_eval_batch_size: int = _f(4, help="Pairs per device per forward in evaluation.")
     gradient_accumulation_steps: int = _f(1, help="Forwards per optimizer step.")
-    gradient_checkpointing: bool = _f(False, help="Recompute activations in backward to save memory.")
+    gradient_checkpointing: Literal["auto"] | bool = _f("auto", help="Recompute activations in backward to save memory (about 25% slower with LoRA). auto = on only when the memory estimate without it does not fit the GPU present (decided at run time, logged and recorded in run.json); off on the CPU.")
+    use_liger_kernel: bool = _f(False, help="Liger's Triton kernels (RMSNorm, RoPE, SwiGLU/GeGLU; TRL use_liger_kernel): less activation memory and faster steps on a CUDA GPU. Needs liger-kernel (requirements-gpu.lock); ignored with a logged warning on the CPU.")
+    group_by_length: bool = _f(False, help="Batch pairs of similar length (transformers LengthGroupedSampler) to cut padding; the data order is still seeded.")
     optim: str = _f("adamw_torch", help="transformers optimizer name (adamw_torch, paged_adamw_32bit, ...).")
     weight_decay: float = _f(0.0, help="AdamW weight decay.")
     max_grad_norm: float = _f(1.0, help="Gradient clipping norm.")
@@ -427,6 +430,7 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
         "dpo.max_length": r.dpo.max_length,
         "train.per_device_train_batch_size": r.train.per_device_train_batch_size,
         "train.per_device_eval_batch_size": r.train.per_device_eval_batch_size,
+        "dpo.precompute_ref_batch_size": r.dpo.precompute_ref_batch_size,
         "train.gradient_accumulation_steps": r.train.gradient_accumulation_steps,
         "train.logging_steps": r.train.logging_steps,
         "train.save_steps": r.train.save_steps,

@@ -10,9 +10,12 @@ optimizer and scheduler) and continues from it; half-written checkpoints are ski
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
+import shutil
 import signal
 import time
 import zipfile
@@ -134,11 +137,98 @@ class SpotSafety:
         return False
 
 
-def dpo_config(recipe: Recipe, run_dir: RunDir, device: str, dtype) -> Any:
+def longest_sequence(rows: list[dict[str, Any]], max_length: int | None) -> int:
+    """The longest chosen or rejected row TRL will build from prepared rows (truncated as TRL does)."""
+    from .flops import truncate_pair
+
+    longest = 1
+    for r in rows:
+        seqs = truncate_pair(r["prompt_tokens"], r["chosen_tokens"], r["rejected_tokens"], max_length)
+        if seqs:
+            longest = max(longest, seqs[0][0], seqs[1][0])
+    return longest
+
+
+def run_epochs(recipe: Recipe, pairs: int) -> float:
+    """Epochs this run trains for: num_train_epochs, or what max_steps makes of the data."""
+    t = recipe.train
+    if t.max_steps <= 0:
+        return t.num_train_epochs
+    world = t.num_processes or int(os.environ.get("WORLD_SIZE", "1"))
+    return t.max_steps * t.per_device_train_batch_size * t.gradient_accumulation_steps * world / max(pairs, 1)
+
+
+def resolve_systems(recipe: Recipe, rows: list[dict[str, Any]], device: str, dtype, run_dir: RunDir | None, config: Any = None, gpu_gib: float | None = None) -> dict[str, Any]:
+    """The speed levers as this run uses them: `auto` fields decided, each choice with its reason.
+
+    config: the model's transformers config (for the memory estimate); gpu_gib: free GPU memory
+    (None = read it from torch on CUDA). Logged, and recorded in run.json (train.systems).
+    """
+    import torch
+
+    from .flops import MemorySettings, arch_from_config, checkpointing_decision, precompute_decision
+    from .modeling import liger_problem
+
+    t, d, m = recipe.train, recipe.dpo, recipe.model
+    out: dict[str, Any] = {"device": device, "attn_implementation": m.attn_implementation or "sdpa (default)", "optim": t.optim, "group_by_length": t.group_by_length}
+
+    liger = t.use_liger_kernel
+    if liger and (problem := liger_problem(device)):
+        liger = False
+        out["use_liger_kernel_reason"] = f"off: {problem}"
+    out["use_liger_kernel"] = liger
+
+    stored = bool(run_dir is not None and rows and (ref_logps_folder(run_dir, rows) / STORED_MARK).exists())
+    if d.precompute_ref_log_probs == "auto":
+        decision = precompute_decision(run_epochs(recipe, len(rows)), stored=stored)
+        out["precompute_ref_log_probs"] = decision.pop("precompute_ref_log_probs")
+        out["precompute_ref_log_probs_decision"] = decision
+    else:
+        out["precompute_ref_log_probs"] = d.precompute_ref_log_probs
+    if out["precompute_ref_log_probs"]:
+        out["precompute_ref_batch_size"] = d.precompute_ref_batch_size or t.per_device_train_batch_size
+
+    if t.gradient_checkpointing == "auto":
+        if device == "cuda" and gpu_gib is None:
+            gpu_gib = torch.cuda.mem_get_info()[0] / 1024**3  # free memory, before the model is loaded
+        settings = MemorySettings(
+            weights="nf4" if m.load_in_4bit else ("fp32" if dtype == torch.float32 else "bf16"),
+            lora_r=recipe.lora.r if recipe.lora.enabled else None,
+            lora_targets=recipe.lora.target_modules,
+            optimizer_bits="8bit" if "8bit" in t.optim else "32bit",
+            micro_batch_pairs=t.per_device_train_batch_size,
+            seq_len=longest_sequence(rows, d.max_length),
+            precompute_ref=out["precompute_ref_log_probs"],
+            attn_implementation=m.attn_implementation,
+            liger=liger,
+        )
+        try:
+            arch = arch_from_config(config)
+            decision = checkpointing_decision(arch, settings, gpu_gib if device == "cuda" else None)
+        except (TypeError, AttributeError) as e:  # a config without the usual decoder shapes
+            on = device == "cuda"
+            decision = {"gradient_checkpointing": on, "reason": f"{'on' if on else 'off'}: no memory estimate for this model's config ({type(e).__name__})"}
+        out["gradient_checkpointing"] = decision.pop("gradient_checkpointing")
+        out["gradient_checkpointing_decision"] = decision
+    else:
+        out["gradient_checkpointing"] = t.gradient_checkpointing
+    return out
+
+
+def log_systems(systems: dict[str, Any]) -> None:
+    for key in ("gradient_checkpointing", "precompute_ref_log_probs", "use_liger_kernel"):
+        why = systems.get(f"{key}_decision", {}).get("reason") or systems.get(f"{key}_reason")
+        (log.warning if key == "use_liger_kernel" and why else log.info)("%s: %s%s", key, systems[key], f" ({why})" if why else "")
+
+
+def dpo_config(recipe: Recipe, run_dir: RunDir, device: str, dtype, systems: dict[str, Any] | None = None) -> Any:
+    """TRL's DPOConfig for the recipe; `systems` (resolve_systems) gives the levers' run-time values."""
     import torch
     from trl import DPOConfig
 
     t, d = recipe.train, recipe.dpo
+    if systems is None:
+        systems = resolve_systems(recipe, [], device, dtype, None)
     return DPOConfig(
         output_dir=str(run_dir.checkpoints),
         # DPO (TRL names)
@@ -148,7 +238,8 @@ def dpo_config(recipe: Recipe, run_dir: RunDir, device: str, dtype) -> Any:
         label_smoothing=d.label_smoothing,
         max_length=d.max_length,
         truncation_mode=d.truncation_mode,
-        precompute_ref_log_probs=d.precompute_ref_log_probs,
+        precompute_ref_log_probs=systems["precompute_ref_log_probs"],
+        precompute_ref_batch_size=systems.get("precompute_ref_batch_size"),
         # optimisation
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
@@ -158,8 +249,13 @@ def dpo_config(recipe: Recipe, run_dir: RunDir, device: str, dtype) -> Any:
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing=systems["gradient_checkpointing"],
         optim=t.optim,
+        use_liger_kernel=systems["use_liger_kernel"],
+        # Length grouping reads the `length` column (training_dataset); TRL's default column
+        # pruning would drop it, so unused columns are kept (its collator ignores them).
+        train_sampling_strategy="group_by_length" if systems["group_by_length"] else "random",
+        remove_unused_columns=not systems["group_by_length"],
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         seed=t.seed,
@@ -181,10 +277,78 @@ def dpo_config(recipe: Recipe, run_dir: RunDir, device: str, dtype) -> Any:
     )
 
 
-def to_dataset(rows: list[dict[str, Any]]):
+STORED_MARK = ".complete"
+
+
+def to_dataset(rows: list[dict[str, Any]], with_length: bool = False):
+    """TRL's conversational columns; `length` (prompt + longer answer, in tokens) for length grouping."""
     from datasets import Dataset
 
-    return Dataset.from_list([{k: r["messages"][k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    out = []
+    for r in rows:
+        row = {k: r["messages"][k] for k in ("prompt", "chosen", "rejected")}
+        if with_length:
+            row["length"] = pair_length(r["prompt_tokens"], r["chosen_tokens"], r["rejected_tokens"])
+        out.append(row)
+    return Dataset.from_list(out)
+
+
+def pair_length(prompt: int, chosen: int, rejected: int) -> int:
+    """The padded length a pair's rows need: prompt + the longer answer (tokens)."""
+    return prompt + max(chosen, rejected)
+
+
+def precompute_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows longest first, so that TRL's precompute pass (its DataLoader keeps the dataset's order)
+    batches neighbours by length and pads little. Training stays as random: the sampler (random
+    or length-grouped) permutes the rows with the seed either way (another permutation than
+    without precompute, not a sorted one). Stable, so a resumed run builds the same dataset (same
+    fingerprint, stored log-probs found)."""
+    return sorted(rows, key=lambda r: -pair_length(r["prompt_tokens"], r["chosen_tokens"], r["rejected_tokens"]))
+
+
+def ref_logps_folder(run_dir: RunDir, rows: list[dict[str, Any]]) -> Path:
+    """Where this data's precomputed reference log-probs live: keyed by the training rows' content."""
+    digest = hashlib.sha256("\n".join(json.dumps(r, sort_keys=True) for r in rows).encode()).hexdigest()[:16]
+    return run_dir.root / "ref_logps" / digest
+
+
+def training_dataset(rows: list[dict[str, Any]], run_dir: RunDir, systems: dict[str, Any]):
+    """The training Dataset; with precomputed reference log-probs, one stored in the output folder.
+
+    TRL 1.16 caches its tokenisation and the precomputed log-probs (columns ref_chosen_logps and
+    ref_rejected_logps, keyed by the dataset's fingerprint and a hash of the reference weights) as
+    Arrow files next to the dataset's own files. An in-memory dataset has none, so they would go
+    to a temporary folder and a resumed run would compute them again; a dataset saved under
+    ref_logps/<data digest>/ keeps them with the run.
+    """
+    if not systems["precompute_ref_log_probs"]:
+        return to_dataset(rows, with_length=systems["group_by_length"])
+    dataset = to_dataset(precompute_order(rows), with_length=systems["group_by_length"])
+    from datasets import load_from_disk
+
+    folder = ref_logps_folder(run_dir, rows)
+    with _main_process_first():
+        if not (folder / "dataset_info.json").exists() and run_dir.writer:
+            if folder.parent.is_dir():
+                for old in folder.parent.iterdir():  # another data version's: training redoes them
+                    shutil.rmtree(old, ignore_errors=True)
+            tmp = folder.with_name(folder.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            dataset.save_to_disk(str(tmp))
+            os.replace(tmp, folder)
+    return load_from_disk(str(folder))
+
+
+def _main_process_first():
+    """accelerate's main_process_first under a multi-process launch; nothing otherwise."""
+    from contextlib import nullcontext
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return nullcontext()
+    from accelerate import PartialState
+
+    return PartialState().main_process_first()
 
 
 def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
@@ -197,7 +361,16 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     rows = read_jsonl(run_dir.data / "train.jsonl")
     if not rows:
         raise AlignpressError("data/train.jsonl is empty; re-run prepare", source=str(run_dir.data / "train.jsonl"))
+    import torch
+
+    from .modeling import liger_problem
+
+    if recipe.train.use_liger_kernel and device == "cuda" and (problem := liger_problem(device)):
+        raise AlignpressError(problem, source=recipe.source, field="train.use_liger_kernel")
+    gpu_gib = torch.cuda.mem_get_info()[0] / 1024**3 if device == "cuda" else None  # before the weights land
     model = load_model(recipe, base_path, device=device, dtype=dtype, quantized=recipe.model.load_in_4bit, tokenizer=tok)
+    systems = resolve_systems(recipe, rows, device, dtype, run_dir, config=model.config, gpu_gib=gpu_gib)
+    log_systems(systems)
 
     peft_config = None
     if recipe.lora.enabled:
@@ -213,9 +386,12 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
         if recipe.model.load_in_4bit:
             from peft import prepare_model_for_kbit_training
 
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=systems["gradient_checkpointing"])
 
-    args = dpo_config(recipe, run_dir, device, dtype)
+    args = dpo_config(recipe, run_dir, device, dtype, systems)
+    dataset = training_dataset(rows, run_dir, systems)
+    cached = set(Path(dataset.cache_files[0]["filename"]).parent.glob("cache-*.arrow")) if dataset.cache_files else set()
+    started = time.monotonic()
     resume = latest_checkpoint(run_dir.checkpoints)
     resume_step = json.loads((resume / "trainer_state.json").read_text())["global_step"] if resume else 0
     run_dir.metrics.mkdir(parents=True, exist_ok=True)
@@ -225,11 +401,18 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     trainer = DPOTrainer(
         model=model,
         args=args,
-        train_dataset=to_dataset(rows),
+        train_dataset=dataset,
         processing_class=tok,
         peft_config=peft_config,
         callbacks=[callback, spot.callback, HealthCallback(recipe, run_dir)],
     )
+    if systems["precompute_ref_log_probs"]:
+        folder = Path(dataset.cache_files[0]["filename"]).parent
+        new_files = set(folder.glob("cache-*.arrow")) - cached
+        systems["precompute"] = {"folder": str(folder), "reused": not new_files, "setup_s": round(time.monotonic() - started, 2)}
+        if run_dir.writer:
+            (folder / STORED_MARK).write_text("reference log-probs cached here by TRL (cache-*.arrow)\n")
+        log.info("reference log-probs %s %s (trainer setup %.1f s)", "reused from" if not new_files else "computed and stored in", folder, systems["precompute"]["setup_s"])
     if resume:
         log.info("resuming training from %s (step %d)", resume, resume_step)
     else:
@@ -255,6 +438,7 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
         "resumed_from_step": resume_step,
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
         "final_loss": losses[-1] if losses else None,
+        "systems": systems,
     }
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     summary["world_size"] = trainer.args.world_size

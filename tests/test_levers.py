@@ -1,0 +1,93 @@
+"""The speed levers through the real entry point on the demo: recorded decisions, stored log-probs.
+
+Liger needs CUDA, so on the CPU the run ignores it with a logged reason; checkpointing `auto` is
+off without a GPU (its GPU decision is unit-tested with fake memory sizes in test_plan.py).
+"""
+
+import json
+import shutil
+
+from conftest import cli
+
+LEVERS = ["--set", "train.use_liger_kernel=true", "--set", "train.group_by_length=true", "--set", "dpo.precompute_ref_log_probs=true", "--set", "train.max_steps=3", "--set", "eval.enabled=false"]
+
+
+def prepared_copy(demo_run, tmp_path):
+    """The demo's prepared data in a fresh folder: training settings may still change there."""
+    src, out = demo_run[0], tmp_path / "levers"
+    out.mkdir()
+    shutil.copytree(src / "data", out / "data")
+    shutil.copy(src / "recipe.resolved.yaml", out / "recipe.resolved.yaml")
+    manifest = json.loads((src / "run.json").read_text())
+    manifest["stages"] = {"prepare": manifest["stages"]["prepare"]}
+    (out / "run.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_levers_are_recorded_and_precomputed_log_probs_survive_a_resume(demo_run, tmp_path):
+    out = prepared_copy(demo_run, tmp_path)
+    proc = cli("train", "recipes/demo.yaml", "--output-dir", out, *LEVERS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "use_liger_kernel: False (off: Liger's kernels are Triton code for CUDA GPUs; this run is on the CPU)" in proc.stderr
+    assert "gradient_checkpointing: False (no CUDA GPU: off)" in proc.stderr
+    systems = json.loads((out / "run.json").read_text())["stages"]["train"]["systems"]
+    assert systems["group_by_length"] is True and systems["precompute_ref_log_probs"] is True and systems["use_liger_kernel"] is False
+    assert systems["precompute_ref_batch_size"] == 8  # the demo's per_device_train_batch_size
+    assert systems["precompute"]["reused"] is False
+    (folder,) = (out / "ref_logps").iterdir()
+    assert systems["precompute"]["folder"] == str(folder) and f"reference log-probs computed and stored in {folder}" in proc.stderr
+    assert (folder / ".complete").exists() and list(folder.glob("cache-*.arrow"))
+
+    # A preempted run (the stage interrupted, as SIGTERM leaves it; test_spot.py does the real one)
+    # comes back: the stored log-probs are reused, and `auto` now chooses them even for 1 epoch.
+    manifest = json.loads((out / "run.json").read_text())
+    manifest["stages"]["train"]["status"] = "interrupted"
+    (out / "run.json").write_text(json.dumps(manifest))
+    shutil.rmtree(out / "adapter")
+    again = cli("train", "recipes/demo.yaml", "--output-dir", out, *LEVERS)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"reference log-probs reused from {folder}" in again.stderr
+    systems = json.loads((out / "run.json").read_text())["stages"]["train"]["systems"]
+    assert systems["precompute"]["reused"] is True
+
+
+def test_precompute_auto_follows_the_epochs(demo_run, tmp_path):
+    out = prepared_copy(demo_run, tmp_path)
+    proc = cli("train", "recipes/demo.yaml", "--output-dir", out, "--set", "train.max_steps=2", "--set", "eval.enabled=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    systems = json.loads((out / "run.json").read_text())["stages"]["train"]["systems"]
+    # 2 steps x 8 pairs of the demo's training rows is far below 5.45 epochs
+    assert systems["precompute_ref_log_probs"] is False
+    assert systems["precompute_ref_log_probs_decision"]["reason"].startswith("off: 0.0")
+    assert not (out / "ref_logps").exists()
+
+
+def test_auto_checkpointing_on_a_fake_gpu():
+    """resolve_systems feeds the estimate the recipe's micro-batch, the data's longest row and the
+    levers as they will run (here no liger-kernel installed: Liger off, so no Liger saving)."""
+    import torch
+    from transformers import Phi3Config
+
+    from alignpress.flops import KNOWN_ARCHS, MemorySettings, memory_estimate
+    from alignpress.recipe import load_recipe
+    from alignpress.train import resolve_systems
+    from conftest import ROOT
+
+    phi3 = Phi3Config(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, sliding_window=2047)
+    recipe = load_recipe(ROOT / "recipes/phi3-mini-capybara.yaml")
+    rows = [{"prompt_tokens": 500, "chosen_tokens": 300, "rejected_tokens": 200}] * 99 + [{"prompt_tokens": 900, "chosen_tokens": 100, "rejected_tokens": 3000}]
+    # the longest row: 900 + 3,000 cut to max_length 2,048; 4 pairs a micro-batch; reference precomputed (6 epochs)
+    liger = resolve_systems(recipe, rows, "cuda", torch.bfloat16, None, config=phi3, gpu_gib=1000)["use_liger_kernel"]
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        assert liger is False  # this machine: not installed, so not counted
+    expected = memory_estimate(KNOWN_ARCHS["microsoft/Phi-3-mini-4k-instruct"], MemorySettings(micro_batch_pairs=4, seq_len=2048, precompute_ref=True, liger=liger))["total_gib"]
+    for gpu_gib, on in ((expected + 0.01, False), (expected - 0.01, True)):
+        s = resolve_systems(recipe, rows, "cuda", torch.bfloat16, None, config=phi3, gpu_gib=gpu_gib)
+        assert s["precompute_ref_log_probs"] is True
+        assert s["gradient_checkpointing"] is on
+        assert s["gradient_checkpointing_decision"]["estimate_without_gib"] == round(expected, 2)
+    # set explicitly, nothing is decided
+    s = resolve_systems(load_recipe(ROOT / "recipes/phi3-mini-capybara.yaml", ["train.gradient_checkpointing=true"]), rows, "cuda", torch.bfloat16, None, config=phi3, gpu_gib=500)
+    assert s["gradient_checkpointing"] is True and "gradient_checkpointing_decision" not in s
