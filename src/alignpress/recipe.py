@@ -76,7 +76,7 @@ class SourceSection:
 @dataclass
 class DataSection:
     dataset: str | None = _f(None, help="Hub dataset id, or a local .jsonl/.json/.parquet/.csv file (relative paths are relative to the recipe file). Exclusive with data.datasets; one of the two is required.")
-    datasets: list[SourceSection] = _f([], help="Several sources mixed into one training set (see SourceSection fields: data.datasets[].*); exclusive with data.dataset.")
+    datasets: list[SourceSection] = _f([], help="Several sources mixed into one training set, each with the fields data.datasets[].*; exclusive with data.dataset.")
     split: str = _f("train", help="Split to train on, with optional slice: train, train[300:2500], train[:90%].")
     eval_split: str | None = _f(None, help="Split (with slice) held out for evaluation, e.g. train[:300]. Exclusive with eval_fraction.")
     eval_fraction: float | None = _f(None, help="Fraction of the filtered training rows held out for evaluation (seeded).")
