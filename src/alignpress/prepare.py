@@ -224,6 +224,10 @@ EXAMPLE_ROWS = 3
 STORED_ROWS = 20
 
 
+def _examples(rows: list[int]) -> str:
+    return ", ".join(map(str, rows[:EXAMPLE_ROWS])) + (", …" if len(rows) > EXAMPLE_ROWS else "")
+
+
 class DroppedRows:
     """Rows dropped for a reason (malformed, refused by the chat template): reason -> row indices."""
 
@@ -247,8 +251,7 @@ class DroppedRows:
         """'reason (8 rows: 0, 1, 2, …); other reason (1 row: 5)'"""
         parts = []
         for reason, rows in self.by_reason.items():
-            shown = ", ".join(map(str, rows[:EXAMPLE_ROWS])) + (", …" if len(rows) > EXAMPLE_ROWS else "")
-            parts.append(f"{reason} ({len(rows)} row{'s' if len(rows) != 1 else ''}: {shown})")
+            parts.append(f"{reason} ({len(rows)} row{'s' if len(rows) != 1 else ''}: {_examples(rows)})")
         return "; ".join(parts)
 
 
@@ -410,9 +413,20 @@ class Source:
 
     def stats(self) -> dict[str, Any]:
         s = self.spec
-        return {"field": self.prefix, "dataset": s.dataset, "file": self.train.label, "config_name": s.config_name, "split": s.split,
-                "eval_split": s.eval_split, "format": self.fmt, "format_source": self.how, "format_rows_checked": self.detect_rows, "columns": dict(s.columns),
-                "fraction": s.fraction, "max_rows": s.max_rows}
+        return {
+            "field": self.prefix,
+            "dataset": s.dataset,
+            "file": self.train.label,
+            "config_name": s.config_name,
+            "split": s.split,
+            "eval_split": s.eval_split,
+            "format": self.fmt,
+            "format_source": self.how,
+            "format_rows_checked": self.detect_rows,
+            "columns": dict(s.columns),
+            "fraction": s.fraction,
+            "max_rows": s.max_rows,
+        }
 
 
 def load_source(recipe: Recipe, prefix: str, spec: SourceSection) -> Source:
@@ -428,7 +442,7 @@ def load_source(recipe: Recipe, prefix: str, spec: SourceSection) -> Source:
         how, checked = "detected", len(sample)
         others = {f: rows for f, rows in seen.items() if f != fmt}
         if others:
-            detail = "; ".join(f"{len(rows)} look like {f} (rows {', '.join(str(train.offset + i) for i in rows[:EXAMPLE_ROWS])}{', …' if len(rows) > EXAMPLE_ROWS else ''})" for f, rows in others.items())
+            detail = "; ".join(f"{len(rows)} look like {f} (rows {_examples([train.offset + i for i in rows])})" for f, rows in others.items())
             log.warning("%s: format %s fits %d of the first %d rows; %s; they are checked as %s rows", train.label, fmt, len(seen[fmt]), len(sample), detail, fmt)
     else:
         fmt, how, checked = spec.format, "from the recipe", 0
@@ -480,7 +494,7 @@ def run(recipe: Recipe, run_dir: RunDir, tok) -> dict[str, Any]:
             rows = [r for i, r in enumerate(rows) if i not in chosen]
             eval_report = SplitReport(len(held))
             train_report.record(f"held out for evaluation ({fraction:g}, seed {d.seed})", len(rows) + len(held), len(rows))
-        cap = src.spec.max_rows if src.spec.max_rows is not None else (round(len(rows) * src.spec.fraction) if src.spec.fraction is not None else None)
+        cap = src.spec.max_rows if src.spec.max_rows is not None else (max(1, round(len(rows) * src.spec.fraction)) if src.spec.fraction is not None else None)
         if cap is not None and len(rows) > cap:
             before = len(rows)
             rows = _sample(rows, cap, d.seed)
