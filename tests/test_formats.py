@@ -1,5 +1,7 @@
 """Every supported preference layout normalises to the same conversational triple."""
 
+import re
+
 import pytest
 
 from alignpress.errors import AlignpressError
@@ -27,7 +29,7 @@ EXPECTED = {"prompt": [U("Hi?")], "chosen": [A("Hello!")], "rejected": [A("Go aw
 @pytest.mark.parametrize("fmt", sorted(ROWS))
 def test_detect_and_normalise(fmt):
     row = ROWS[fmt]
-    assert detect_format(list(row), row) == fmt
+    assert detect_format(list(row), [row]) == (fmt, {fmt: [0]})
     assert normalise_row(fmt, row) == EXPECTED
 
 
@@ -35,7 +37,7 @@ def test_ultrafeedback_layout_is_capybara():
     # UltraFeedback: string prompt, whole conversations in chosen/rejected, plus messages and scores.
     row = {"prompt": "Hi?", "prompt_id": "1", "chosen": [U("Hi?"), A("Hello!")], "rejected": [U("Hi?"), A("Go away.")],
            "messages": [U("Hi?"), A("Hello!")], "score_chosen": 8.0, "score_rejected": 3.0}
-    assert detect_format(list(row), row) == "capybara"
+    assert detect_format(list(row), [row])[0] == "capybara"
     assert normalise_row("capybara", row) == EXPECTED
 
 
@@ -75,8 +77,56 @@ def test_malformed_rows(fmt, row, reason):
 
 
 def test_unknown_layout_is_a_clear_error():
-    with pytest.raises(AlignpressError, match=r"cannot tell the preference format from the columns \['answer', 'text'\]"):
-        detect_format(["text", "answer"], {"text": "a", "answer": "b"})
+    with pytest.raises(AlignpressError) as e:
+        detect_format(["query", "answer"], [{"query": "a", "answer": "b"}], source="d.csv")
+    assert str(e.value) == (
+        "d.csv: cannot tell the preference format from the columns ['answer', 'query']: missing chosen, rejected. "
+        "Every layout needs chosen and rejected (plus prompt, or question); rename them with a column mapping "
+        "(data.datasets[].columns) or set data.format to one of: capybara, conversational, standard, implicit, hh, system_question"
+    )
+
+
+@pytest.mark.parametrize(
+    "columns, what",
+    [
+        (["prompt", "completion", "label"], "unpaired preference data (prompt, completion, label: TRL's KTO layout)"),
+        (["messages"], "conversations for supervised fine-tuning (a messages column)"),
+        (["text"], "supervised fine-tuning data (prompt/completion or text)"),
+    ],
+)
+def test_layouts_that_are_not_pairs(columns, what):
+    with pytest.raises(AlignpressError, match=re.escape(f"hold {what}, not preference pairs")):
+        detect_format(columns, [dict.fromkeys(columns, "x")])
+
+
+def test_detection_uses_every_given_row_and_reports_disagreement():
+    rows = [ROWS["capybara"]] * 3 + [{**ROWS["capybara"], "chosen": "Hello!", "rejected": "Go away."}]
+    assert detect_format(list(ROWS["capybara"]), rows) == ("capybara", {"capybara": [0, 1, 2], "standard": [3]})
+
+
+def test_wrong_value_type_names_row_and_column():
+    rows = [{"prompt": "Hi?", "chosen": 5, "rejected": 1}, {"prompt": "Hi?", "chosen": 6, "rejected": 2}]
+    with pytest.raises(AlignpressError) as e:
+        detect_format(["prompt", "chosen", "rejected"], rows, source="d.parquet")
+    assert str(e.value) == (
+        "d.parquet: row 0, column 'chosen': an integer (5); a preference layout needs text or a list of "
+        "{role, content} messages there (checked 2 rows, none fits a layout)"
+    )
+
+
+@pytest.mark.parametrize(
+    "chosen, reason",
+    [
+        ([{"role": "bot", "content": "x"}, A("y")], "chosen has a message with role 'bot'; expected one of system, user, assistant"),
+        ([U("x"), {"role": "assistant"}], "chosen has a message without 'content'"),
+        ([U("x"), {"role": "assistant", "content": 3}], "chosen has a message whose content is an integer (3), not text"),
+        ("text", "chosen is text ('text'), not a list of {role, content} messages"),
+    ],
+)
+def test_malformed_messages_say_why(chosen, reason):
+    with pytest.raises(RowError) as e:
+        normalise_row("capybara", {"prompt": "p", "chosen": chosen, "rejected": [U("x"), A("z")]})
+    assert str(e.value) == reason
 
 
 def test_missing_columns_named():

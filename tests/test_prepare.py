@@ -133,14 +133,14 @@ def test_everything_filtered_out(tmp_path, tiny_phi3):
 def test_filter_on_missing_column(tmp_path, tiny_phi3):
     recipe = make_recipe(tmp_path, tiny_phi3, data__filters={"min": {"score_chosen": 4}})
     out = tmp_path / "out"
-    assert_refused(cli("prepare", recipe, "--output-dir", out), out, "field 'data.filters.min.score_chosen': column 'score_chosen' is not in the data")
+    assert_refused(cli("prepare", recipe, "--output-dir", out), out, f"{recipe}: field 'data.filters.min.score_chosen': column 'score_chosen' is not in {tmp_path / 'pairs.jsonl'} (its columns: chosen, prompt, rating_chosen, rating_rejected, rejected, source)")
 
 
 def test_unknown_format(tmp_path, tiny_phi3):
-    rows = [{"text": "a", "label": 1}]
+    rows = [{"query": "a", "label": 1}]
     recipe = make_recipe(tmp_path, tiny_phi3, rows=rows)
     out = tmp_path / "out"
-    assert_refused(cli("prepare", recipe, "--output-dir", out), out, "field 'data.format': cannot tell the preference format from the columns ['label', 'text']")
+    assert_refused(cli("prepare", recipe, "--output-dir", out), out, f"error: {tmp_path / 'pairs.jsonl'}: cannot tell the preference format from the columns ['label', 'query']: missing chosen, rejected.")
 
 
 def test_forced_format_missing_columns(tmp_path, tiny_phi3):

@@ -13,7 +13,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from .modeling import resolve_model_path
-from .recipe import Recipe, dump
+from .recipe import Recipe, data_sources, dump
 from .runstate import RunDir
 
 log = logging.getLogger("alignpress")
@@ -136,8 +136,9 @@ def metadata(recipe: Recipe, relation: str = "finetune") -> ModelCardData:
     if is_hub_id(recipe.model.name_or_path, recipe):
         data["base_model"] = recipe.model.name_or_path
         data["base_model_relation"] = relation
-    if is_hub_id(recipe.data.dataset, recipe):
-        data["datasets"] = [recipe.data.dataset]
+    hub_data = [s.dataset for _, s in data_sources(recipe.data) if is_hub_id(s.dataset, recipe)]
+    if hub_data:
+        data["datasets"] = list(dict.fromkeys(hub_data))
     if c.language:
         data["language"] = c.language
     return ModelCardData(**data)
@@ -177,7 +178,7 @@ def render_model_card(
         "",
         f"`{r.model.name_or_path}`" + (f" (revision `{r.model.revision}`)" if r.model.revision else "")
         + f" aligned with Direct Preference Optimization (TRL `DPOTrainer`, loss `{d.loss_type}`, beta {d.beta:g}) "
-        f"on `{r.data.dataset}` ({stats.get('format', '?')} format), with {what}{quant}."
+        f"on {', '.join(f'`{s.dataset}`' for _, s in data_sources(r.data))} ({stats.get('format', '?')} format), with {what}{quant}."
         + (" The adapter was merged into the base weights." if lo.enabled and relation != "adapter" else ""),
         f"Built with alignpress recipe `{r.name}`, run `{manifest.get('run_id', '?')}`.",
         "",

@@ -34,66 +34,161 @@ REQUIRED_COLUMNS = {
 }
 
 
+# Every column a layout reads (the required ones, plus system_question's optional system prompt).
+LAYOUT_COLUMNS = {**REQUIRED_COLUMNS, "system_question": ("system", "question", "chosen", "rejected")}
+
+# Format detection classifies this many leading rows by their value types; rows that disagree
+# with the majority are reported (and then checked as rows of the majority's format).
+DETECT_ROWS = 1000
+
+
 class RowError(ValueError):
     """One row cannot be normalised; the message says why."""
-
-
-def _is_messages(value: Any) -> bool:
-    return isinstance(value, list) and len(value) > 0 and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
 
 
 def _looks_hh(text: Any) -> bool:
     return isinstance(text, str) and "\n\nHuman:" in text and "\n\nAssistant:" in text
 
 
-def detect_format(columns: list[str], first_row: dict[str, Any]) -> str:
-    """Pick the layout from the column names and the types in the first row."""
+def describe_value(value: Any) -> str:
+    """A short phrase for a value's type, for error messages: 'an integer (5)', 'a list of str'."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({value})"
+    if isinstance(value, int):
+        return f"an integer ({value})"
+    if isinstance(value, float):
+        return f"a number ({value:g})"
+    if isinstance(value, str):
+        return f"text ({value[:40]!r})"
+    if isinstance(value, dict):
+        return "a mapping (" + ", ".join(sorted(map(str, value))[:5]) + ")"
+    if isinstance(value, list):
+        if not value:
+            return "an empty list"
+        kinds = sorted({type(v).__name__ for v in value})
+        return f"a list of {'/'.join(kinds)}"
+    return type(value).__name__
+
+
+def _kind(value: Any) -> str | None:
+    """'text', 'messages' (a non-empty list of mappings: the normaliser checks each message), or None."""
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        return "messages"
+    return None
+
+
+def classify_row(columns: set[str], row: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(layout, None) for a row whose value types fit a layout, else (None, the column that fits none)."""
+    if {"question", "chosen", "rejected"} <= columns:
+        for c in ("question", "chosen", "rejected"):
+            if _kind(row[c]) is None or (c == "question" and _kind(row[c]) != "text"):
+                return None, c
+        return "system_question", None
+    if {"prompt", "chosen", "rejected"} <= columns:
+        p, c, r = (_kind(row[k]) for k in ("prompt", "chosen", "rejected"))
+        if p is None:
+            return None, "prompt"
+        if c is None:
+            return None, "chosen"
+        if r is None:
+            return None, "rejected"
+        if p == "messages":
+            return "conversational", None
+        return ("capybara" if c == "messages" else "standard"), None
+    if {"chosen", "rejected"} <= columns:
+        for c in ("chosen", "rejected"):
+            if _kind(row[c]) is None:
+                return None, c
+        return ("hh" if _looks_hh(row["chosen"]) else "implicit"), None
+    raise ValueError("classify_row needs chosen and rejected columns")
+
+
+def _not_pairs(columns: set[str]) -> str | None:
+    """A known layout that is not paired preferences (so cannot be mixed into DPO pairs), or None."""
+    if {"prompt", "completion", "label"} <= columns:
+        return "unpaired preference data (prompt, completion, label: TRL's KTO layout)"
+    if "messages" in columns or "conversations" in columns:
+        return "conversations for supervised fine-tuning (a messages column)"
+    if {"prompt", "completion"} <= columns or "text" in columns:
+        return "supervised fine-tuning data (prompt/completion or text)"
+    return None
+
+
+def detect_format(columns: list[str], rows: dict[str, Any] | list[dict[str, Any]], source: str | None = None) -> tuple[str, dict[str, list[int]]]:
+    """Pick the layout from the column names and the value types of the given leading rows.
+
+    Returns the majority layout and, for every layout seen, the row indices that had it.
+    `source` (the data file or dataset) goes into the errors.
+    """
     cols = set(columns)
-    if {"question", "chosen", "rejected"} <= cols:
-        return "system_question"
-    if {"prompt", "chosen", "rejected"} <= cols:
-        prompt, chosen = first_row["prompt"], first_row["chosen"]
-        if _is_messages(prompt):
-            return "conversational"
-        if isinstance(prompt, str) and _is_messages(chosen):
-            return "capybara"
-        if isinstance(prompt, str) and isinstance(chosen, str):
-            return "standard"
-    elif {"chosen", "rejected"} <= cols:
-        chosen = first_row["chosen"]
-        if _looks_hh(chosen):
-            return "hh"
-        if _is_messages(chosen) or isinstance(chosen, str):
-            return "implicit"
-    raise AlignpressError(
-        "cannot tell the preference format from the columns "
-        f"{sorted(cols)}; expected prompt/chosen/rejected, chosen/rejected, or system/question/chosen/rejected. "
-        "Set data.format to one of: " + ", ".join(REQUIRED_COLUMNS),
-        field="data.format",
-    )
+    rows = [rows] if isinstance(rows, dict) else rows
+    if not {"chosen", "rejected"} <= cols:
+        what = _not_pairs(cols)
+        if what:
+            raise AlignpressError(
+                f"the columns {sorted(cols)} hold {what}, not preference pairs; DPO needs a chosen and a rejected answer in every row, "
+                "so this cannot be used or mixed with pairs",
+                source=source,
+            )
+        missing = ", ".join(c for c in ("chosen", "rejected") if c not in cols)
+        raise AlignpressError(
+            f"cannot tell the preference format from the columns {sorted(cols)}: missing {missing}. Every layout needs chosen "
+            "and rejected (plus prompt, or question); rename them with a column mapping (data.datasets[].columns) "
+            "or set data.format to one of: " + ", ".join(REQUIRED_COLUMNS),
+            source=source,
+        )
+    seen: dict[str, list[int]] = {}
+    first_bad: tuple[int, str] | None = None
+    for i, row in enumerate(rows):
+        fmt, bad = classify_row(cols, row)
+        if fmt:
+            seen.setdefault(fmt, []).append(i)
+        elif first_bad is None:
+            first_bad = (i, bad)
+    if not seen:
+        i, col = first_bad if first_bad else (0, "chosen")
+        value = rows[i][col] if rows else None
+        wanted = "text" if col == "question" else "text or a list of {role, content} messages"
+        raise AlignpressError(
+            f"row {i}, column {col!r}: {describe_value(value)}; a preference layout needs {wanted} there "
+            f"(checked {len(rows)} row{'s' if len(rows) != 1 else ''}, none fits a layout)",
+            source=source,
+        )
+    fmt = max(seen, key=lambda f: len(seen[f]))
+    return fmt, seen
 
 
-def check_columns(fmt: str, columns: list[str], source: str) -> None:
+def check_columns(fmt: str, columns: list[str], source: str, field: str = "data.format", data: str | None = None) -> None:
     missing = [c for c in REQUIRED_COLUMNS[fmt] if c not in columns]
     if missing:
+        where = f" in {data}" if data else ""
         raise AlignpressError(
-            f"format {fmt!r} needs columns {', '.join(REQUIRED_COLUMNS[fmt])}; missing {', '.join(missing)} "
+            f"format {fmt!r} needs columns {', '.join(REQUIRED_COLUMNS[fmt])}; missing {', '.join(missing)}{where} "
             f"(the data has: {', '.join(sorted(columns))})",
             source=source,
-            field="data.format",
+            field=field,
         )
 
 
 def _messages(value: Any, what: str) -> list[Message]:
-    if not _is_messages(value):
-        raise RowError(f"{what} is not a list of {{role, content}} messages")
+    if not isinstance(value, list) or not value:
+        raise RowError(f"{what} is {describe_value(value)}, not a list of {{role, content}} messages")
     out = []
     for m in value:
+        if not isinstance(m, dict):
+            raise RowError(f"{what} has a message that is {describe_value(m)}, not a {{role, content}} mapping")
+        for key in ("role", "content"):
+            if key not in m:
+                raise RowError(f"{what} has a message without {key!r}")
         role, content = m["role"], m["content"]
         if role not in ROLES:
             raise RowError(f"{what} has a message with role {role!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(content, str):
-            raise RowError(f"{what} has a message whose content is not text")
+            raise RowError(f"{what} has a message whose content is {describe_value(content)}, not text")
         out.append({"role": role, "content": content})
     return out
 

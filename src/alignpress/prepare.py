@@ -12,6 +12,7 @@ the two token sequences first differ.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AlignpressError
-from .formats import RowError, check_columns, common_prefix, detect_format, normalise_row
-from .recipe import Recipe
+from .formats import DETECT_ROWS, RowError, check_columns, common_prefix, describe_value, detect_format, normalise_row
+from .recipe import DATA_COLUMNS, FilterSection, Recipe, SourceSection, data_sources
 from .runstate import RunDir, write_json
 
 log = logging.getLogger("alignpress")
@@ -34,47 +35,116 @@ LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".cs
 # Loading
 
 
-def load_split(recipe: Recipe, split: str, field_name: str):
-    """A `datasets.Dataset` for one split (with slice) of a local file or a Hub dataset."""
+@dataclasses.dataclass
+class Rows:
+    """One loaded split of one source: its rows as dicts, and where they came from (for messages)."""
+
+    label: str  # the data file, or the Hub dataset id: the `FILE` of data errors
+    split: str
+    offset: int  # index of rows[0] in the file or Hub split, so messages give the row's own index
+    columns: list[str]  # as the layout sees them (after the column mapping)
+    rows: list[dict[str, Any]]
+    file_columns: list[str] = dataclasses.field(default_factory=list)  # as in the data (filters may name these)
+
+    def where(self, i: int) -> str:
+        return f"row {self.offset + i}"
+
+
+def load_split(recipe: Recipe, src: SourceSection, prefix: str, split: str, field_name: str) -> Rows:
+    """One split (with slice) of a local file or a Hub dataset, as Rows with the source's column mapping applied."""
     import datasets
 
-    name = recipe.data.dataset
+    name = src.dataset
+    ds_field = f"{prefix}.dataset"
     path = Path(recipe.resolve_path(name))
     suffix = "".join(path.suffixes[-1:]).lower()
     is_local = path.exists() or suffix in LOCAL_BUILDERS or name.startswith((".", "/", "~"))
+    base = split.split("[")[0]
     datasets.disable_progress_bars()
     if is_local:
+        label = str(path)
         if not path.exists():
-            raise AlignpressError(f"data file {name!r} not found (resolved to {path})", source=recipe.source, field="data.dataset")
+            raise AlignpressError(f"data file {name!r} not found (resolved to {path})", source=recipe.source, field=ds_field)
         if path.is_dir():
             files = sorted(p for p in path.iterdir() if p.suffix.lower() in LOCAL_BUILDERS)
             if not files:
-                raise AlignpressError(f"folder {path} has no .jsonl/.json/.parquet/.csv files", source=recipe.source, field="data.dataset")
+                raise AlignpressError(f"folder {path} has no .jsonl/.json/.parquet/.csv files", source=recipe.source, field=ds_field)
             suffix = files[0].suffix.lower()
             data_files = [str(p) for p in files if p.suffix.lower() == suffix]
         else:
             if suffix not in LOCAL_BUILDERS:
-                raise AlignpressError(f"unsupported data file type {suffix!r}; use .jsonl, .json, .parquet or .csv", source=recipe.source, field="data.dataset")
+                raise AlignpressError(f"unsupported data file type {suffix!r}; use .jsonl, .json, .parquet or .csv", source=recipe.source, field=ds_field)
             data_files = [str(path)]
-        if not split.split("[")[0] == "train":
+        if not base == "train":
             raise AlignpressError(f"a local file has one split, 'train'; got {split!r}", source=recipe.source, field=field_name)
         try:
-            return datasets.load_dataset(LOCAL_BUILDERS[suffix], data_files={"train": data_files}, split=split)
+            ds = datasets.load_dataset(LOCAL_BUILDERS[suffix], data_files={"train": data_files}, split="train")
         except Exception as e:  # noqa: BLE001
-            raise AlignpressError(f"could not read {path}: {type(e).__name__}: {_first_line(e)}", source=recipe.source, field="data.dataset") from None
-    try:
-        return datasets.load_dataset(name, recipe.data.config_name, split=split)
-    except ValueError as e:
-        if "split" in str(e).lower():
+            raise AlignpressError(f"could not read {path}: {type(e).__name__}: {_first_line(e)}", source=recipe.source, field=ds_field) from None
+    else:
+        label = name if base == "train" else f"{name} (split {base})"
+        try:
+            ds = datasets.load_dataset(name, src.config_name, split=base)
+        except ValueError as e:
+            if "split" in str(e).lower():
+                raise AlignpressError(f"{split!r}: {_first_line(e)}", source=recipe.source, field=field_name) from None
+            raise AlignpressError(f"could not load Hub dataset {name!r}: {_first_line(e)}", source=recipe.source, field=ds_field) from None
+        except Exception as e:  # noqa: BLE001 - offline, missing, gated: one clear message
+            raise AlignpressError(
+                f"could not load Hub dataset {name!r}: {type(e).__name__}: {_first_line(e)}. "
+                f"Check the id, your network (HF_HUB_OFFLINE), and HF_TOKEN for gated datasets; or point {ds_field} at a local file",
+                source=recipe.source,
+                field=ds_field,
+            ) from None
+    # Slice here rather than in load_dataset, so every message can give a row's index in the whole split.
+    offset = 0
+    if "[" in split:
+        try:
+            (instr,) = datasets.ReadInstruction.from_spec(split).to_absolute({base: len(ds)})
+        except (ValueError, AssertionError) as e:
             raise AlignpressError(f"{split!r}: {_first_line(e)}", source=recipe.source, field=field_name) from None
-        raise AlignpressError(f"could not load Hub dataset {name!r}: {_first_line(e)}", source=recipe.source, field="data.dataset") from None
-    except Exception as e:  # noqa: BLE001 - offline, missing, gated: one clear message
-        raise AlignpressError(
-            f"could not load Hub dataset {name!r}: {type(e).__name__}: {_first_line(e)}. "
-            "Check the id, your network (HF_HUB_OFFLINE), and HF_TOKEN for gated datasets; or point data.dataset at a local file",
-            source=recipe.source,
-            field="data.dataset",
-        ) from None
+        offset = instr.from_
+        ds = ds.select(range(instr.from_, instr.to))
+    loaded = Rows(label, split, offset, list(ds.column_names), _to_rows(ds, label, offset), list(ds.column_names))
+    return _map_columns(recipe, src, prefix, loaded)
+
+
+def _to_rows(ds, label: str, offset: int) -> list[dict[str, Any]]:
+    """The rows as dicts; text that is not UTF-8 (Arrow stores it undecoded) is named by row and column."""
+    try:
+        return ds.to_list()
+    except UnicodeDecodeError:
+        for i in range(len(ds)):
+            for column in ds.column_names:
+                try:
+                    ds.select_columns([column])[i]
+                except UnicodeDecodeError as e:
+                    bad = e.object[e.start : e.start + 1]
+                    raise AlignpressError(
+                        f"row {offset + i}, column {column!r}: not UTF-8 text (byte 0x{bad.hex()} at byte {e.start} of the value); save the file as UTF-8",
+                        source=label,
+                    ) from None
+        raise
+
+
+def _map_columns(recipe: Recipe, src: SourceSection, prefix: str, data: Rows) -> Rows:
+    """Copy each mapped column to its layout name (`columns: {prompt: question}`); the originals stay for filters."""
+    if not src.columns:
+        return data
+    for key, column in src.columns.items():
+        if column not in data.columns:
+            raise AlignpressError(
+                f"column {column!r} is not in {data.label} (its columns: {', '.join(sorted(data.columns))})",
+                source=recipe.source,
+                field=f"{prefix}.columns.{key}",
+            )
+    for row in data.rows:
+        values = {key: row[column] for key, column in src.columns.items()}
+        row.update(values)
+    # A mapped-from column with a layout name (question -> prompt) must not also be read as itself.
+    moved = {c for c in src.columns.values() if c in DATA_COLUMNS and c not in src.columns}
+    data.columns = list(dict.fromkeys([c for c in data.columns if c not in moved] + list(src.columns)))
+    return data
 
 
 def _first_line(e: Exception) -> str:
@@ -137,83 +207,162 @@ class SplitReport:
         self.loaded = loaded
         self.filters: list[dict[str, Any]] = []
 
-    def record(self, name: str, before: int, after: int, example: str | None = None) -> None:
+    def record(self, name: str, before: int, after: int, example: str | None = None, rows: dict[str, list[int]] | None = None) -> None:
         entry: dict[str, Any] = {"filter": name, "removed": before - after}
         if example and before != after:
             entry["example"] = example
+        if rows:
+            entry["rows"] = rows
         self.filters.append(entry)
 
     def as_dict(self, kept: int) -> dict[str, Any]:
         return {"loaded": self.loaded, "filters": self.filters, "kept": kept}
 
 
-def _threshold(rows, recipe: Recipe, report: SplitReport, columns: list[str]):
-    for kind, table in (("min", recipe.data.filters.min), ("max", recipe.data.filters.max)):
-        for column, bound in table.items():
-            if column not in columns:
-                raise AlignpressError(
-                    f"column {column!r} is not in the data (columns: {', '.join(sorted(columns))})",
-                    source=recipe.source,
-                    field=f"data.filters.{kind}.{column}",
-                )
-            before = len(rows)
-            if kind == "min":
-                rows = [r for r in rows if r[column] is not None and r[column] >= bound]
-            else:
-                rows = [r for r in rows if r[column] is not None and r[column] <= bound]
-            report.record(f"{column} {'>=' if kind == 'min' else '<='} {bound:g}", before, len(rows))
-    return rows
+# Rows named per reason in warnings, errors and stats.json.
+EXAMPLE_ROWS = 3
+STORED_ROWS = 20
 
 
-def process_split(recipe: Recipe, tok, ds, fmt: str, report: SplitReport) -> list[dict[str, Any]]:
-    f = recipe.data.filters
-    columns = list(ds.column_names)
-    rows = ds.to_list()
-    rows = _threshold(rows, recipe, report, columns)
+def _examples(rows: list[int]) -> str:
+    return ", ".join(map(str, rows[:EXAMPLE_ROWS])) + (", …" if len(rows) > EXAMPLE_ROWS else "")
 
-    pairs, bad = [], None
-    for r in rows:
+
+class DroppedRows:
+    """Rows dropped for a reason (malformed, refused by the chat template): reason -> row indices."""
+
+    def __init__(self) -> None:
+        self.by_reason: dict[str, list[int]] = {}
+
+    def add(self, reason: str, row: int) -> None:
+        self.by_reason.setdefault(reason, []).append(row)
+
+    def __len__(self) -> int:
+        return sum(map(len, self.by_reason.values()))
+
+    @property
+    def first(self) -> str | None:
+        return next(iter(self.by_reason), None)
+
+    def stored(self) -> dict[str, list[int]]:
+        return {reason: rows[:STORED_ROWS] for reason, rows in self.by_reason.items()}
+
+    def summary(self) -> str:
+        """'reason (8 rows: 0, 1, 2, …); other reason (1 row: 5)'"""
+        parts = []
+        for reason, rows in self.by_reason.items():
+            parts.append(f"{reason} ({len(rows)} row{'s' if len(rows) != 1 else ''}: {_examples(rows)})")
+        return "; ".join(parts)
+
+
+def _number(value: Any, data: Rows, i: int, column: str, field: str) -> float | None:
+    """A filter column's value as a number; numeric text counts (a CSV column with one word in it is all text)."""
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, str):
         try:
-            pairs.append(normalise_row(fmt, r))
+            return float(value)
+        except ValueError:
+            pass
+    raise AlignpressError(f"{data.where(i)}, column {column!r}: {describe_value(value)} is not a number, and the filter {field} compares numbers", source=data.label)
+
+
+def _threshold(items, data: Rows, filters: FilterSection, filters_field: str, report: SplitReport, recipe: Recipe):
+    for kind, table in (("min", filters.min), ("max", filters.max)):
+        for column, bound in table.items():
+            if column not in data.columns and column not in data.file_columns:
+                raise AlignpressError(
+                    f"column {column!r} is not in {data.label} (its columns: {', '.join(sorted(set(data.columns) | set(data.file_columns)))})",
+                    source=recipe.source,
+                    field=f"{filters_field}.{kind}.{column}",
+                )
+            values = {i: _number(r[column], data, i, column, f"{filters_field}.{kind}.{column}") for i, r in items}
+            before = len(items)
+            if kind == "min":
+                items = [(i, r) for i, r in items if values[i] is not None and values[i] >= bound]
+            else:
+                items = [(i, r) for i, r in items if values[i] is not None and values[i] <= bound]
+            report.record(f"{column} {'>=' if kind == 'min' else '<='} {bound:g}", before, len(items))
+    return items
+
+
+def process_split(recipe: Recipe, tok, data: Rows, fmt: str, filters: FilterSection, filters_field: str, report: SplitReport) -> list[dict[str, Any]]:
+    """Filter, normalise and render one split of one source. Every dropped row that is malformed or
+    refused by the chat template is reported with its index and reason; too many of them refuse the data."""
+    f = filters
+    items = list(zip(range(len(data.rows)), data.rows))
+    items = _threshold(items, data, f, filters_field, report, recipe)
+    checked = len(items)
+
+    pairs, malformed = [], DroppedRows()
+    for i, r in items:
+        try:
+            pairs.append((i, normalise_row(fmt, r)))
         except RowError as e:
-            bad = bad or str(e)
-    report.record(f"malformed for format {fmt}", len(rows), len(pairs), bad)
+            malformed.add(str(e), data.offset + i)
+    report.record(f"malformed for format {fmt}", len(items), len(pairs), malformed.first, malformed.stored())
+    if malformed:
+        log.warning("%s, %s: dropped %d malformed row(s) for format %s: %s", data.label, data.split, len(malformed), fmt, malformed.summary())
 
     if f.max_messages is not None:
         before = len(pairs)
-        pairs = [p for p in pairs if len(p["prompt"]) + 1 <= f.max_messages]
+        pairs = [(i, p) for i, p in pairs if len(p["prompt"]) + 1 <= f.max_messages]
         report.record(f"more than {f.max_messages} messages", before, len(pairs))
     if f.drop_empty:
         before = len(pairs)
-        pairs = [p for p in pairs if p["chosen"][0]["content"].strip() and p["rejected"][0]["content"].strip()]
+        pairs = [(i, p) for i, p in pairs if p["chosen"][0]["content"].strip() and p["rejected"][0]["content"].strip()]
         report.record("empty answer", before, len(pairs))
     if f.drop_identical:
         before = len(pairs)
-        pairs = [p for p in pairs if p["chosen"][0]["content"].strip() != p["rejected"][0]["content"].strip()]
+        pairs = [(i, p) for i, p in pairs if p["chosen"][0]["content"].strip() != p["rejected"][0]["content"].strip()]
         report.record("chosen identical to rejected", before, len(pairs))
     if f.drop_duplicates:
         before, seen, kept = len(pairs), set(), []
-        for p in pairs:
+        for i, p in pairs:
             key = json.dumps(p, sort_keys=True)
             if key not in seen:
                 seen.add(key)
-                kept.append(p)
+                kept.append((i, p))
         pairs = kept
         report.record("duplicate pair", before, len(pairs))
 
-    rendered, bad = [], None
-    for p in pairs:
+    rendered, refused = [], DroppedRows()
+    for i, p in pairs:
         try:
             rendered.append(render_pair(tok, p))
         except Exception as e:  # noqa: BLE001 - the template refused this conversation (e.g. a system turn for Gemma)
-            bad = bad or f"{type(e).__name__}: {e}"
-    report.record("rejected by the chat template", len(pairs), len(rendered), bad)
+            refused.add(f"{type(e).__name__}: {_first_line(e)}", data.offset + i)
+    report.record("rejected by the chat template", len(pairs), len(rendered), refused.first, refused.stored())
+    if refused:
+        log.warning("%s, %s: the chat template refused %d row(s): %s", data.label, data.split, len(refused), refused.summary())
+
+    limit = recipe.data.max_malformed_fraction
+    unusable = len(malformed) + len(refused)
+    if checked and unusable / checked > limit:
+        reasons = "; ".join(x for x in (malformed.summary(), refused.summary()) if x)
+        raise AlignpressError(
+            f"{unusable} of {checked} rows of split {data.split!r} cannot be used, more than data.max_malformed_fraction "
+            f"({limit:g}) allows: {reasons}",
+            source=data.label,
+        )
 
     if f.max_tokens is not None:
         before = len(rendered)
         rendered = [r for r in rendered if r["prompt_tokens"] + max(r["chosen_tokens"], r["rejected_tokens"]) <= f.max_tokens]
         report.record(f"longer than {f.max_tokens} tokens", before, len(rendered))
     return rendered
+
+
+def _merge_reports(reports: list[SplitReport], kept: int) -> dict[str, Any]:
+    """Several sources' reports as one: rows loaded and removed by each filter, summed by filter name."""
+    merged: dict[str, dict[str, Any]] = {}
+    for report in reports:
+        for x in report.filters:
+            entry = merged.setdefault(x["filter"], {"filter": x["filter"], "removed": 0})
+            entry["removed"] += x["removed"]
+            if "example" in x and "example" not in entry:
+                entry["example"] = x["example"]
+    return {"loaded": sum(r.loaded for r in reports), "filters": list(merged.values()), "kept": kept}
 
 
 def _token_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -249,79 +398,172 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 # The stage
 
 
+@dataclasses.dataclass
+class Source:
+    """One entry of data.datasets (or the single data.dataset), loaded and with its format known."""
+
+    prefix: str  # the recipe field of this source: data or data.datasets[i]
+    spec: SourceSection
+    train: Rows
+    eval: Rows | None
+    fmt: str
+    how: str
+    filters_field: str
+    detect_rows: int  # rows whose value types format detection checked (0: the recipe named the format)
+
+    def stats(self) -> dict[str, Any]:
+        s = self.spec
+        return {
+            "field": self.prefix,
+            "dataset": s.dataset,
+            "file": self.train.label,
+            "config_name": s.config_name,
+            "split": s.split,
+            "eval_split": s.eval_split,
+            "format": self.fmt,
+            "format_source": self.how,
+            "format_rows_checked": self.detect_rows,
+            "columns": dict(s.columns),
+            "fraction": s.fraction,
+            "max_rows": s.max_rows,
+        }
+
+
+def load_source(recipe: Recipe, prefix: str, spec: SourceSection) -> Source:
+    """Load a source's splits and settle its format; every data error names the file, row and column."""
+    split_field, eval_field = _field(recipe, prefix, "split"), _field(recipe, prefix, "eval_split")
+    train = load_split(recipe, spec, prefix, spec.split, split_field)
+    evals = load_split(recipe, spec, prefix, spec.eval_split, eval_field) if spec.eval_split else None
+    if not train.rows:
+        raise AlignpressError(f"split {spec.split!r} of {train.label} has no rows", source=recipe.source, field=split_field)
+    if spec.format == "auto":
+        sample = train.rows[:DETECT_ROWS]
+        fmt, seen = detect_format(train.columns, sample, source=train.label)
+        how, checked = "detected", len(sample)
+        others = {f: rows for f, rows in seen.items() if f != fmt}
+        if others:
+            detail = "; ".join(f"{len(rows)} look like {f} (rows {_examples([train.offset + i for i in rows])})" for f, rows in others.items())
+            log.warning("%s: format %s fits %d of the first %d rows; %s; they are checked as %s rows", train.label, fmt, len(seen[fmt]), len(sample), detail, fmt)
+    else:
+        fmt, how, checked = spec.format, "from the recipe", 0
+        check_columns(fmt, train.columns, recipe.source, field=_field(recipe, prefix, "format"), data=train.label)
+    if evals is not None:
+        check_columns(fmt, evals.columns, recipe.source, field=eval_field, data=f"{evals.label} split {spec.eval_split!r}")
+    own_filters = prefix != "data" and recipe.data.datasets[_index(prefix)].filters is not None
+    return Source(prefix, spec, train, evals, fmt, how, f"{prefix}.filters" if own_filters else "data.filters", checked)
+
+
+def _index(prefix: str) -> int:
+    return int(prefix.split("[")[1].rstrip("]"))
+
+
+def _field(recipe: Recipe, prefix: str, name: str) -> str:
+    """The recipe field a source's setting came from: its own, or the data.* default it inherited."""
+    if prefix == "data" or getattr(recipe.data.datasets[_index(prefix)], name) is not None:
+        return f"{prefix}.{name}"
+    return f"data.{name}"
+
+
+def _sample(rows: list, n: int, seed: int) -> list:
+    keep = sorted(random.Random(seed).sample(range(len(rows)), n))
+    return [rows[i] for i in keep]
+
+
 def run(recipe: Recipe, run_dir: RunDir, tok) -> dict[str, Any]:
     d = recipe.data
-    train_ds = load_split(recipe, d.split, "data.split")
-    eval_ds = load_split(recipe, d.eval_split, "data.eval_split") if d.eval_split else None
-    columns = list(train_ds.column_names)
-    if len(train_ds) == 0:
-        raise AlignpressError(f"split {d.split!r} has no rows", source=recipe.source, field="data.split")
-    if d.format == "auto":
-        fmt, how = detect_format(columns, train_ds[0]), "detected"
-    else:
-        fmt, how = d.format, "from the recipe"
-    check_columns(fmt, columns, recipe.source)
-    log.info("data: %s, %d rows in %s; format %s (%s)", d.dataset, len(train_ds), d.split, fmt, how)
+    # Load every source and settle its format before rendering anything: bad input fails first.
+    sources = [load_source(recipe, prefix, spec) for prefix, spec in data_sources(d)]
+    for src in sources:
+        how = f"detected from {src.detect_rows} rows" if src.detect_rows else src.how
+        log.info("data: %s, %d rows in %s; format %s (%s)", src.spec.dataset, len(src.train.rows), src.spec.split, src.fmt, how)
 
-    train_report = SplitReport(len(train_ds))
-    train = process_split(recipe, tok, train_ds, fmt, train_report)
-    if eval_ds is not None:
-        eval_report = SplitReport(len(eval_ds))
-        evals = process_split(recipe, tok, eval_ds, fmt, eval_report)
-    else:
-        fraction = d.eval_fraction if d.eval_fraction is not None else 0.1
-        order = list(range(len(train)))
-        random.Random(d.seed).shuffle(order)
-        n_eval = max(1, round(len(train) * fraction)) if len(train) > 1 else 0
-        held = set(order[:n_eval])
-        evals = [r for i, r in enumerate(train) if i in held]
-        train = [r for i, r in enumerate(train) if i not in held]
-        eval_report = SplitReport(len(evals))
-        train_report.record(f"held out for evaluation ({fraction:g}, seed {d.seed})", len(train) + len(evals), len(train))
-
-    # A prompt seen in training says nothing about held-out behaviour.
-    eval_prompts = {json.dumps(r["messages"]["prompt"], sort_keys=True) for r in evals}
-    before = len(train)
-    train = [r for r in train if json.dumps(r["messages"]["prompt"], sort_keys=True) not in eval_prompts]
-    train_report.record("prompt also in the eval split", before, len(train))
-
-    for rows, cap, report in ((train, d.max_train_rows, train_report), (evals, d.max_eval_rows, eval_report)):
+    fraction = d.eval_fraction if d.eval_fraction is not None else 0.1
+    train_reports, eval_reports, train, evals = [], [], [], []
+    for k, src in enumerate(sources):
+        train_report = SplitReport(len(src.train.rows))
+        rows = process_split(recipe, tok, src.train, src.fmt, src.spec.filters, src.filters_field, train_report)
+        if src.eval is not None:
+            eval_report = SplitReport(len(src.eval.rows))
+            held = process_split(recipe, tok, src.eval, src.fmt, src.spec.filters, src.filters_field, eval_report)
+        else:
+            order = list(range(len(rows)))
+            random.Random(d.seed).shuffle(order)
+            n_eval = max(1, round(len(rows) * fraction)) if len(rows) > 1 else 0
+            chosen = set(order[:n_eval])
+            held = [r for i, r in enumerate(rows) if i in chosen]
+            rows = [r for i, r in enumerate(rows) if i not in chosen]
+            eval_report = SplitReport(len(held))
+            train_report.record(f"held out for evaluation ({fraction:g}, seed {d.seed})", len(rows) + len(held), len(rows))
+        cap = src.spec.max_rows if src.spec.max_rows is not None else (max(1, round(len(rows) * src.spec.fraction)) if src.spec.fraction is not None else None)
         if cap is not None and len(rows) > cap:
-            rng = random.Random(d.seed)
-            keep = sorted(rng.sample(range(len(rows)), cap))
             before = len(rows)
-            rows[:] = [rows[i] for i in keep]
+            rows = _sample(rows, cap, d.seed)
+            what = f"max_rows {src.spec.max_rows}" if src.spec.max_rows is not None else f"fraction {src.spec.fraction:g}"
+            train_report.record(f"over the source's {what}", before, len(rows))
+        train += [(k, r) for r in rows]
+        evals += [(k, r) for r in held]
+        train_reports.append(train_report)
+        eval_reports.append(eval_report)
+
+    # Steps on the merged rows, recorded once.
+    train_after, eval_after = SplitReport(0), SplitReport(0)
+    # A prompt seen in training says nothing about held-out behaviour.
+    eval_prompts = {json.dumps(r["messages"]["prompt"], sort_keys=True) for _, r in evals}
+    before = len(train)
+    train = [(k, r) for k, r in train if json.dumps(r["messages"]["prompt"], sort_keys=True) not in eval_prompts]
+    train_after.record("prompt also in the eval split", before, len(train))
+
+    for rows, cap, report in ((train, d.max_train_rows, train_after), (evals, d.max_eval_rows, eval_after)):
+        if cap is not None and len(rows) > cap:
+            before = len(rows)
+            rows[:] = _sample(rows, cap, d.seed)
             report.record(f"over the row cap ({cap})", before, len(rows))
 
+    train_total = _merge_reports(train_reports + [train_after], len(train))
+    eval_total = _merge_reports(eval_reports + [eval_after], len(evals))
     if not train:
-        steps = "; ".join(f"{x['filter']}: -{x['removed']}" for x in train_report.filters if x["removed"])
+        steps = "; ".join(f"{x['filter']}: -{x['removed']}" for x in train_total["filters"] if x["removed"])
         raise AlignpressError(
-            f"no training rows left after filtering ({train_report.loaded} loaded; {steps})",
+            f"no training rows left after filtering ({train_total['loaded']} loaded; {steps})",
             source=recipe.source,
             field="data.filters",
         )
     if not evals:
         log.warning("no evaluation rows: the evaluate stage will have nothing to score")
 
+    per_source = []
+    for k, src in enumerate(sources):
+        entry = src.stats()
+        entry["splits"] = {"train": train_reports[k].as_dict(sum(1 for j, _ in train if j == k)),
+                           "eval": eval_reports[k].as_dict(sum(1 for j, _ in evals if j == k))}
+        per_source.append(entry)
+    train = [r for _, r in train]
+    evals = [r for _, r in evals]
+
     tmp = run_dir.partial(run_dir.data)
     write_jsonl(tmp / "train.jsonl", train)
     write_jsonl(tmp / "eval.jsonl", evals)
     fingerprint = hashlib.sha256((tmp / "train.jsonl").read_bytes() + b"\0" + (tmp / "eval.jsonl").read_bytes()).hexdigest()
+    formats = list(dict.fromkeys(src.fmt for src in sources))
     stats = {
-        "dataset": d.dataset,
-        "format": fmt,
-        "format_source": how,
-        "splits": {"train": train_report.as_dict(len(train)), "eval": eval_report.as_dict(len(evals))},
+        "dataset": sources[0].spec.dataset if len(sources) == 1 else [src.spec.dataset for src in sources],
+        "format": ", ".join(formats),
+        "format_source": sources[0].how if len(sources) == 1 else "per source",
+        "splits": {"train": train_total, "eval": eval_total},
+        "sources": per_source,
         "tokens": {"train": _token_stats(train), "eval": _token_stats(evals)},
         "fingerprint": fingerprint,
     }
     write_json(tmp / "stats.json", stats)
     run_dir.commit(tmp, run_dir.data)
 
-    for split, report in (("train", train_report), ("eval", eval_report)):
-        for x in report.filters:
+    for split, report in (("train", train_total), ("eval", eval_total)):
+        for x in report["filters"]:
             if x["removed"]:
                 log.info("  %s: removed %d (%s)", split, x["removed"], x["filter"])
+    if len(sources) > 1:
+        for entry in per_source:
+            log.info("  %s (%s): %d training, %d eval pairs", entry["field"], entry["dataset"], entry["splits"]["train"]["kept"], entry["splits"]["eval"]["kept"])
     log.info("data: %d training pairs, %d eval pairs written to %s", len(train), len(evals), run_dir.data)
     print(show_pair(tok, train[0]), flush=True)
-    return {"format": fmt, "train_pairs": len(train), "eval_pairs": len(evals), "fingerprint": fingerprint}
+    return {"format": stats["format"], "train_pairs": len(train), "eval_pairs": len(evals), "fingerprint": fingerprint}

@@ -54,9 +54,29 @@ class FilterSection:
     drop_duplicates: bool = _f(True, help="Drop repeated (prompt, chosen, rejected) triples, keeping the first.")
 
 
+# The columns a layout reads; data.datasets[].columns maps these names to a source's own columns.
+DATA_COLUMNS = ("prompt", "chosen", "rejected", "system", "question")
+
+
+@dataclass
+class SourceSection:
+    """One entry of data.datasets. Unset fields (null) take the value of the same field in `data`."""
+
+    dataset: str = _f(help="Hub dataset id, or a local .jsonl/.json/.parquet/.csv file or folder (relative to the recipe file).")
+    split: str | None = _f(None, help="Split (with slice) to train on; null = data.split.")
+    eval_split: str | None = _f(None, help="Split (with slice) held out for evaluation; null = data.eval_split; when neither is set, data.eval_fraction of this source's filtered rows is held out.")
+    config_name: str | None = _f(None, help="Hub dataset configuration name.")
+    format: str | None = _f(None, help="Preference layout of this source; null = data.format.")
+    columns: dict[str, str] = _f({}, help=f"Column mapping for layouts not in the format table: {{layout column: this source's column}}, layout columns being {', '.join(DATA_COLUMNS)}. E.g. {{prompt: question, chosen: good, rejected: bad}}.")
+    filters: FilterSection | None = _f(None, help="Row filters for this source; null = data.filters. When given they replace data.filters for this source (unset fields take their defaults).")
+    fraction: float | None = _f(None, help="Use this fraction, in (0, 1], of this source's filtered training rows (seeded sample); exclusive with max_rows.")
+    max_rows: int | None = _f(None, help="Use at most this many of this source's filtered training rows (seeded sample); exclusive with fraction.")
+
+
 @dataclass
 class DataSection:
-    dataset: str = _f(help="Hub dataset id, or a local .jsonl/.json/.parquet/.csv file (relative paths are relative to the recipe file).")
+    dataset: str | None = _f(None, help="Hub dataset id, or a local .jsonl/.json/.parquet/.csv file (relative paths are relative to the recipe file). Exclusive with data.datasets; one of the two is required.")
+    datasets: list[SourceSection] = _f([], help="Several sources mixed into one training set, each with the fields data.datasets[].*; exclusive with data.dataset.")
     split: str = _f("train", help="Split to train on, with optional slice: train, train[300:2500], train[:90%].")
     eval_split: str | None = _f(None, help="Split (with slice) held out for evaluation, e.g. train[:300]. Exclusive with eval_fraction.")
     eval_fraction: float | None = _f(None, help="Fraction of the filtered training rows held out for evaluation (seeded).")
@@ -65,6 +85,7 @@ class DataSection:
     max_train_rows: int | None = _f(None, help="Use at most this many training rows after filtering (seeded shuffle); None = all.")
     max_eval_rows: int | None = _f(None, help="Use at most this many evaluation rows after filtering.")
     seed: int = _f(42, help="Seed for shuffles and the eval_fraction split.")
+    max_malformed_fraction: float = _f(0.05, help="Refuse the data when more than this fraction of a split's rows (per source, after the min/max filters) is malformed or refused by the chat template; such rows are otherwise dropped and reported.")
     filters: FilterSection = field(default_factory=FilterSection, metadata={"help": "Row filters, applied in the order listed."})
 
 
@@ -210,7 +231,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         overridden.add(key)
 
     def src(field_path: str) -> str:
-        hit = [k for k in overridden if field_path == k or field_path.startswith(k + ".") or k.startswith(field_path + ".")]
+        hit = [k for k in overridden if field_path == k or field_path.startswith((k + ".", k + "[")) or k.startswith(field_path + ".")]
         return f"--set {hit[0]}" if hit else source
 
     recipe = _build(Recipe, raw, "", src)
@@ -309,6 +330,16 @@ def _type_name(tp: Any) -> str:
 def _coerce(tp: Any, value: Any, dotted: str, src: typing.Callable[[str], str]) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value if value is not None else {}, dotted, src)
+    args = typing.get_args(tp)
+    # A section that may be null (data.datasets[].filters), or a list of sections (data.datasets).
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and any(dataclasses.is_dataclass(a) for a in args):
+        if value is None and type(None) in args:
+            return None
+        return _build(next(a for a in args if dataclasses.is_dataclass(a)), value, dotted, src)
+    if typing.get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]):
+        if not isinstance(value, list):
+            raise AlignpressError(f"expected a list of mappings, got {value!r}", source=src(dotted), field=dotted)
+        return [_build(args[0], v, f"{dotted}[{i}]", src) for i, v in enumerate(value)]
     try:
         return _check(tp, value)
     except (TypeError, ValueError):
@@ -443,6 +474,7 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
             fail(name, f"must be at least 1, got {value}")
     if r.data.filters.max_messages is not None and r.data.filters.max_messages < 2:
         fail("data.filters.max_messages", "must be at least 2 (one prompt and one answer)")
+    validate_data(r, fail)
     if r.eval.generation_rows < 0:
         fail("eval.generation_rows", f"must be 0 or more, got {r.eval.generation_rows}")
     types_ = [r.dpo.loss_type] if isinstance(r.dpo.loss_type, str) else r.dpo.loss_type
@@ -510,6 +542,84 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
         fail("publish.tag", f"{r.publish.tag!r} is not a valid tag name")
 
 
+def data_sources(d: DataSection) -> list[tuple[str, SourceSection]]:
+    """Every data source with the fields it inherits from `data` filled in, and its field prefix.
+
+    The single-source form (data.dataset) is one source whose fields are data.split,
+    data.eval_split, data.config_name, data.format and data.filters.
+    """
+    if not d.datasets:
+        one = SourceSection(dataset=d.dataset or "", split=d.split, eval_split=d.eval_split, config_name=d.config_name, format=d.format, filters=d.filters)
+        return [("data", one)]
+    out = []
+    for i, s in enumerate(d.datasets):
+        resolved = dataclasses.replace(
+            s,
+            split=s.split if s.split is not None else d.split,
+            eval_split=s.eval_split if s.eval_split is not None else d.eval_split,
+            format=s.format if s.format is not None else d.format,
+            filters=s.filters if s.filters is not None else d.filters,
+        )
+        out.append((f"data.datasets[{i}]", resolved))
+    return out
+
+
+def validate_data(r: Recipe, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
+    """The data section's own rules: one of dataset/datasets, and each source's fields."""
+    from .formats import LAYOUT_COLUMNS
+
+    d = r.data
+    if d.dataset is None and not d.datasets:
+        fail("data.dataset", "required: name one dataset (data.dataset) or several (data.datasets)")
+    if d.dataset is not None and d.datasets:
+        fail("data.datasets", "set either data.dataset (one source) or data.datasets (several), not both")
+    if d.dataset is not None and not d.dataset.strip():
+        fail("data.dataset", "must not be empty")
+    if not 0 <= d.max_malformed_fraction <= 1:
+        fail("data.max_malformed_fraction", f"must be between 0 and 1, got {d.max_malformed_fraction}")
+    seen: dict[tuple, str] = {}
+    for prefix, s in data_sources(d):
+        if prefix == "data":
+            continue
+        if not s.dataset.strip():
+            fail(f"{prefix}.dataset", "must not be empty")
+        for name in ("split", "eval_split"):
+            value = getattr(s, name)
+            if value is not None and not _SPLIT.match(value):
+                fail(f"{prefix}.{name}", f"{value!r} is not a split name with an optional [start:end] slice")
+        if s.format not in DATA_FORMATS:
+            fail(f"{prefix}.format", f"unknown format {s.format!r}; expected one of {', '.join(DATA_FORMATS)}")
+        targets: dict[str, str] = {}
+        for key, column in s.columns.items():
+            if key not in DATA_COLUMNS:
+                fail(f"{prefix}.columns.{key}", f"unknown layout column {key!r}; map one of {', '.join(DATA_COLUMNS)} to a column of the source")
+            if s.format != "auto" and key not in LAYOUT_COLUMNS[s.format]:
+                fail(f"{prefix}.columns.{key}", f"format {s.format!r} reads no {key!r} column (it reads {', '.join(LAYOUT_COLUMNS[s.format])})")
+            if not column.strip():
+                fail(f"{prefix}.columns.{key}", "must name a column of the source")
+            if column in targets:
+                fail(f"{prefix}.columns.{key}", f"column {column!r} is already mapped to {targets[column]!r}")
+            targets[column] = key
+        if s.fraction is not None and not 0 < s.fraction <= 1:
+            fail(f"{prefix}.fraction", f"must be in (0, 1], got {s.fraction}")
+        if s.max_rows is not None and s.max_rows < 1:
+            fail(f"{prefix}.max_rows", f"must be at least 1, got {s.max_rows}")
+        if s.fraction is not None and s.max_rows is not None:
+            fail(f"{prefix}.max_rows", "set either fraction or max_rows for a source, not both")
+        own = d.datasets[int(prefix.split("[")[1].rstrip("]"))].filters
+        if own is not None:
+            for name, low in (("max_messages", 2), ("max_tokens", 1)):
+                value = getattr(own, name)
+                if value is not None and value < low:
+                    fail(f"{prefix}.filters.{name}", f"must be at least {low}, got {value}")
+        key = (s.dataset, s.config_name, s.split)
+        if key in seen:
+            fail(prefix, f"the same dataset, config and split as {seen[key]} ({s.dataset!r}, {s.split!r})")
+        seen[key] = prefix
+    if d.datasets and d.eval_fraction is not None and all(s.eval_split for _, s in data_sources(d)):
+        fail("data.eval_fraction", "every source has an eval_split, so there is nothing to hold a fraction out of")
+
+
 # ---------------------------------------------------------------------------------------------
 # Documentation, generated from the schema (used by `entrypoint.py schema` and the README)
 
@@ -525,6 +635,10 @@ def describe(cls: Any = Recipe, prefix: str = "") -> list[tuple[str, str, str, s
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             rows.extend(describe(tp, dotted))
+            continue
+        if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            rows.append((dotted, "a list of sections", "[]", f.metadata.get("help", "")))
+            rows.extend(describe(typing.get_args(tp)[0], dotted + "[]"))
             continue
         if f.default is not dataclasses.MISSING:
             default = repr(f.default)

@@ -1,0 +1,215 @@
+"""Bad data through the real entry point: every error names the file, the row and the column, and why.
+
+Each file is built here (raw bytes, CSV, parquet); nothing may be marked done or left in data/.
+"""
+
+import json
+
+import pytest
+import yaml
+
+from conftest import cli
+
+
+def conv(q, a, system=None):
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+
+def capy(i, system=None, **extra):
+    q = f"Question {i}?"
+    return {"prompt": q, "chosen": conv(q, f"Good answer {i}.", system), "rejected": conv(q, f"Bad answer {i}.", system), **extra}
+
+
+def standard(i, **extra):
+    return {"prompt": f"Question {i}?", "chosen": f"Good answer {i}.", "rejected": f"Bad answer {i}.", **extra}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def recipe_for(tmp_path, model_dir, data_path, **data):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "model": {"name_or_path": str(model_dir)}, "data": {"dataset": data_path.name, **data}}))
+    return path
+
+
+def refused(proc, out, message):
+    """Exit 2, the last line is exactly `message`, and nothing is marked done or written to data/."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == message
+    assert not (out / "data").exists()
+    assert not (out / "data.partial").exists()
+    if (out / "run.json").exists():
+        stages = json.loads((out / "run.json").read_text())["stages"]
+        assert stages["prepare"]["status"] == "failed"
+        assert all(s["status"] != "done" for s in stages.values())
+
+
+def test_jsonl_with_bytes_that_are_not_utf8(tmp_path, tiny_phi3):
+    data = tmp_path / "pairs.jsonl"
+    lines = [json.dumps(standard(i)).encode() for i in range(6)]
+    lines[3] = lines[3].replace(b"Good answer 3.", b"Good\xff answer 3.")
+    data.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out"
+    proc = cli("prepare", recipe_for(tmp_path, tiny_phi3, data), "--output-dir", out)
+    refused(proc, out, f"error: {data}: row 3, column 'chosen': not UTF-8 text (byte 0xff at byte 4 of the value); save the file as UTF-8")
+
+
+def test_rating_column_holding_text(tmp_path, tiny_phi3):
+    import pandas as pd
+
+    rows = [standard(i, rating_chosen="5.0") for i in range(6)]
+    rows[2]["rating_chosen"] = "high"
+    data = tmp_path / "pairs.csv"
+    pd.DataFrame(rows).to_csv(data, index=False)
+    out = tmp_path / "out"
+    recipe = recipe_for(tmp_path, tiny_phi3, data, filters={"min": {"rating_chosen": 4.5}})
+    # Through `run`: refused in prepare, before any training.
+    proc = cli("run", recipe, "--output-dir", out)
+    refused(proc, out, f"error: {data}: row 2, column 'rating_chosen': text ('high') is not a number, and the filter data.filters.min.rating_chosen compares numbers")
+    assert not (out / "checkpoints").exists() and not (out / "adapter").exists()
+
+
+def test_csv_without_rejected(tmp_path, tiny_phi3):
+    import pandas as pd
+
+    data = tmp_path / "pairs.csv"
+    pd.DataFrame([standard(i) for i in range(6)]).drop(columns=["rejected"]).to_csv(data, index=False)
+    out = tmp_path / "out"
+    proc = cli("prepare", recipe_for(tmp_path, tiny_phi3, data), "--output-dir", out)
+    refused(
+        proc,
+        out,
+        f"error: {data}: cannot tell the preference format from the columns ['chosen', 'prompt']: missing rejected. Every layout needs "
+        "chosen and rejected (plus prompt, or question); rename them with a column mapping (data.datasets[].columns) or set data.format "
+        "to one of: capybara, conversational, standard, implicit, hh, system_question",
+    )
+
+
+def test_parquet_with_an_integer_chosen_column(tmp_path, tiny_phi3):
+    import pandas as pd
+
+    data = tmp_path / "pairs.parquet"
+    pd.DataFrame([{"prompt": f"Q{i}?", "chosen": i, "rejected": i + 1} for i in range(6)]).to_parquet(data)
+    out = tmp_path / "out"
+    proc = cli("prepare", recipe_for(tmp_path, tiny_phi3, data), "--output-dir", out)
+    refused(
+        proc,
+        out,
+        f"error: {data}: row 0, column 'chosen': an integer (0); a preference layout needs text or a list of {{role, content}} "
+        "messages there (checked 6 rows, none fits a layout)",
+    )
+
+
+def test_prompt_that_is_a_list_of_strings(tmp_path, tiny_phi3):
+    data = write_jsonl(tmp_path / "pairs.jsonl", [standard(i, prompt=[f"Q{i}?", "more"]) for i in range(6)])
+    out = tmp_path / "out"
+    proc = cli("prepare", recipe_for(tmp_path, tiny_phi3, data), "--output-dir", out)
+    refused(
+        proc,
+        out,
+        f"error: {data}: row 0, column 'prompt': a list of str; a preference layout needs text or a list of {{role, content}} "
+        "messages there (checked 6 rows, none fits a layout)",
+    )
+
+
+def _bot(i):
+    row = capy(i)
+    row["chosen"][1]["role"] = "bot"
+    return row
+
+
+def _no_content(i):
+    row = capy(i)
+    del row["chosen"][1]["content"]
+    return row
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (_bot, "chosen has a message with role 'bot'; expected one of system, user, assistant"),
+        (_no_content, "chosen has a message without 'content'"),
+    ],
+    ids=["role-bot", "no-content"],
+)
+def test_every_row_malformed_says_why(tmp_path, tiny_phi3, make, reason):
+    data = write_jsonl(tmp_path / "pairs.jsonl", [make(i) for i in range(8)])
+    out = tmp_path / "out"
+    proc = cli("prepare", recipe_for(tmp_path, tiny_phi3, data), "--output-dir", out)
+    refused(
+        proc,
+        out,
+        f"error: {data}: 8 of 8 rows of split 'train' cannot be used, more than data.max_malformed_fraction (0.05) allows: "
+        f"{reason} (8 rows: 0, 1, 2, …)",
+    )
+    # The reason is printed as a warning too, not only in the error.
+    assert f"{data}, train: dropped 8 malformed row(s) for format capybara: {reason} (8 rows: 0, 1, 2, …)" in proc.stderr
+
+
+def test_gemma_with_only_system_turns(tmp_path, tiny_gemma):
+    data = write_jsonl(tmp_path / "pairs.jsonl", [capy(i, system="Be brief.") for i in range(8)])
+    out = tmp_path / "out"
+    proc = cli("prepare", recipe_for(tmp_path, tiny_gemma, data), "--output-dir", out)
+    refused(
+        proc,
+        out,
+        f"error: {data}: 8 of 8 rows of split 'train' cannot be used, more than data.max_malformed_fraction (0.05) allows: "
+        "TemplateError: System role not supported (8 rows: 0, 1, 2, …)",
+    )
+    assert f"{data}, train: the chat template refused 8 row(s): TemplateError: System role not supported (8 rows: 0, 1, 2, …)" in proc.stderr
+
+
+def mixed_rows():
+    """20 good capybara rows, one row of plain strings (another layout), one with a system turn Gemma refuses."""
+    rows = [capy(i) for i in range(20)]
+    rows.append(standard(20))
+    rows.append(capy(21, system="Be brief."))
+    return rows
+
+
+def test_a_few_bad_rows_are_dropped_with_row_and_reason(tmp_path, tiny_gemma):
+    data = write_jsonl(tmp_path / "pairs.jsonl", mixed_rows())
+    out = tmp_path / "out"
+    proc = cli("prepare", recipe_for(tmp_path, tiny_gemma, data, max_malformed_fraction=0.1), "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Detection looked at every row (up to 1000) and names the one that disagrees.
+    assert f"{data}: format capybara fits 21 of the first 22 rows; 1 look like standard (rows 20); they are checked as capybara rows" in proc.stderr
+    assert f"{data}, train: dropped 1 malformed row(s) for format capybara: chosen is text ('Good answer 20.'), not a list of {{role, content}} messages (1 row: 20)" in proc.stderr
+    assert f"{data}, train: the chat template refused 1 row(s): TemplateError: System role not supported (1 row: 21)" in proc.stderr
+    stats = json.loads((out / "data/stats.json").read_text())
+    (source,) = stats["sources"]
+    assert source["format"] == "capybara" and source["format_source"] == "detected" and source["format_rows_checked"] == 22
+    steps = {f["filter"]: f for f in source["splits"]["train"]["filters"]}
+    assert steps["malformed for format capybara"]["removed"] == 1
+    assert steps["malformed for format capybara"]["rows"] == {"chosen is text ('Good answer 20.'), not a list of {role, content} messages": [20]}
+    assert steps["rejected by the chat template"]["removed"] == 1
+    assert steps["rejected by the chat template"]["rows"] == {"TemplateError: System role not supported": [21]}
+    assert stats["splits"]["train"]["kept"] + stats["splits"]["eval"]["kept"] == 20
+
+    # The default bound (5%) refuses the same file, naming both reasons.
+    out2 = tmp_path / "out2"
+    proc = cli("prepare", tmp_path / "recipe.yaml", "--set", "data.max_malformed_fraction=0.05", "--output-dir", out2)
+    refused(
+        proc,
+        out2,
+        f"error: {data}: 2 of 22 rows of split 'train' cannot be used, more than data.max_malformed_fraction (0.05) allows: "
+        "chosen is text ('Good answer 20.'), not a list of {role, content} messages (1 row: 20); "
+        "TemplateError: System role not supported (1 row: 21)",
+    )
+    # A re-run of prepare on data that got worse is refused and leaves the finished data/ as it was.
+    before = {p.name: p.read_bytes() for p in (out / "data").iterdir()}
+    write_jsonl(data, mixed_rows() + [_bot(22), _bot(23)])
+    proc = cli("prepare", tmp_path / "recipe.yaml", "--output-dir", out)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {data}: 4 of 24 rows of split 'train' cannot be used, more than data.max_malformed_fraction (0.1) allows: "
+        "chosen is text ('Good answer 20.'), not a list of {role, content} messages (1 row: 20); "
+        "chosen has a message with role 'bot'; expected one of system, user, assistant (2 rows: 22, 23); "
+        "TemplateError: System role not supported (1 row: 21)"
+    )
+    assert {p.name: p.read_bytes() for p in (out / "data").iterdir()} == before
+    assert not (out / "data.partial").exists()
+    assert json.loads((out / "run.json").read_text())["stages"]["prepare"]["status"] == "failed"
