@@ -222,13 +222,19 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     callback = _metrics_callback(run_dir.metrics / "train.jsonl", resume_step, truncate=run_dir.writer)
 
     spot = SpotSafety(recipe.train.save_minutes)
-    trainer = DPOTrainer(
+    trainer_class, extra = DPOTrainer, {}
+    if recipe.dpo.prefix_sharing:
+        from .prefix_dpo import PrefixSharedDPOTrainer
+
+        trainer_class, extra = PrefixSharedDPOTrainer, {"pairs_per_row": recipe.dpo.pairs_per_row}
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=to_dataset(rows),
         processing_class=tok,
         peft_config=peft_config,
         callbacks=[callback, spot.callback, HealthCallback(recipe, run_dir)],
+        **extra,
     )
     if resume:
         log.info("resuming training from %s (step %d)", resume, resume_step)
