@@ -86,6 +86,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "eager-attn": {"about": "seed, eager attention (what SDPA, the default, saves)", "set": ["model.attn_implementation=eager"]},
     "precompute-ref": {"about": "seed, reference log-probs computed once before training", "set": ["dpo.precompute_ref_log_probs=true"]},
     "tuned": {"about": "bf16 LoRA, one micro-batch per step, length grouping, precomputed reference, FlashAttention 2 and Liger when available, checkpointing only when the memory estimate needs it", "tuned": True},
+    # Prefix-shared DPO (alignpress.prefix_dpo): tokens/s and MFU stay counted on TRL's tokens for the same pairs.
+    "tuned-prefix": {"about": "tuned, prefix-shared DPO (each prompt computed once; SDPA, not FlashAttention)", "tuned": True, "prefix": 1},
+    "tuned-prefix-packed": {"about": "tuned-prefix, two pairs packed per row (block-diagonal mask, less padding)", "tuned": True, "prefix": 2},
 }
 
 
@@ -190,6 +193,8 @@ class CountingCollator:
                 "pairs": [[len(e["prompt_ids"]), len(e["chosen_ids"]), len(e["rejected_ids"])] for e in examples],
             }
         )
+        if "shared_input_ids" in out:  # prefix-shared: what actually runs is the packed rows
+            self.batches[-1].update(rows=int(out["shared_input_ids"].shape[0]), seq_len=int(out["shared_input_ids"].shape[1]), computed_tokens=int((out["shared_segment_ids"] >= 0).sum()))
         return out
 
 
@@ -241,7 +246,9 @@ def plan_variant(name: str, model: str, device: str, smoke: bool) -> tuple[list[
     if spec.get("tuned"):
         sets += ["model.load_in_4bit=false", "dpo.precompute_ref_log_probs=true"]
         trl["train_sampling_strategy"] = "group_by_length"
-        if availability("flash_attn", device) is None:
+        if spec.get("prefix"):
+            sets += ["dpo.prefix_sharing=true", f"dpo.pairs_per_row={spec['prefix']}"]
+        elif availability("flash_attn", device) is None:
             sets.append("model.attn_implementation=flash_attention_2")
         if availability("liger", device) is None:
             trl["use_liger_kernel"] = True
@@ -319,6 +326,8 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
         "optim": t.optim,
         "max_length": d.max_length,
         "lora_r": recipe.lora.r if recipe.lora.enabled else None,
+        "prefix_sharing": d.prefix_sharing,
+        "pairs_per_row": d.pairs_per_row,
     }
     out.update(settings=settings, notes=notes, overrides=sets, trl_args=trl_extra)
 
@@ -362,7 +371,15 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
                 losses.append(float(logs["loss"]))
 
     started = time.perf_counter()
-    trainer = DPOTrainer(model=net, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config, data_collator=collator, callbacks=[Timer()])
+    if d.prefix_sharing:
+        # The prefix-shared trainer builds its own collator (and precomputes with it): count around it afterwards.
+        from alignpress.prefix_dpo import PrefixSharedDPOTrainer
+
+        trainer = PrefixSharedDPOTrainer(net, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config, callbacks=[Timer()], pairs_per_row=d.pairs_per_row)
+        collator = trainer.data_collator = CountingCollator(trainer.data_collator)
+        collator.precompute_tokens = None  # its precompute pass ran inside the constructor, uncounted
+    else:
+        trainer = DPOTrainer(model=net, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config, data_collator=collator, callbacks=[Timer()])
     setup_s = time.perf_counter() - started
     trainer.train()
 
@@ -402,6 +419,8 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
 def summarise(batches: list[dict[str, Any]], seconds: float, arch, settings: dict[str, Any], peak_tflops: float | None) -> dict[str, Any]:
     """Throughput of the timed micro-batches: tokens from the attention masks, FLOPs from the pairs."""
     tokens = sum(b["real_tokens"] for b in batches)
+    # Prefix-shared runs compute fewer tokens than TRL's `tokens`, which stay the numerator of tokens/s and MFU.
+    computed = sum(b.get("computed_tokens", b["real_tokens"]) for b in batches)
     padded = sum(b["rows"] * b["seq_len"] for b in batches)
     pairs = sum(len(b["pairs"]) for b in batches)
     flops = 0.0
@@ -415,7 +434,8 @@ def summarise(batches: list[dict[str, Any]], seconds: float, arch, settings: dic
         "pairs": pairs,
         "tokens": tokens,
         "padded_tokens": padded,
-        "padding_fraction": round(1 - tokens / padded, 4),
+        "computed_tokens": computed,
+        "padding_fraction": round(1 - computed / padded, 4),
         "tokens_per_s": round(tokens / seconds, 2),
         "samples_per_s": round(pairs / seconds, 4),
         "model_flops": flops,
@@ -479,9 +499,20 @@ def run_all(args) -> dict[str, Any]:
             "seed": args.seed,
             "distribution": dataclasses.asdict(length_distribution(args.smoke)),
             "realized": LengthDistribution.describe(sample),
+            "prefix_sharing": prefix_savings(sample, args.model, args.smoke),
         },
         "variants": variants,
     }
+
+
+def prefix_savings(pairs: list[tuple[int, int, int]], model: str, smoke: bool) -> dict[str, Any]:
+    """Share of TRL's non-padding tokens that prefix sharing does not compute, at the seed recipe's max_length."""
+    from alignpress.prefix_dpo import token_savings
+    from alignpress.recipe import load_recipe
+
+    dpo = load_recipe(ROOT / MODELS[model]["recipe"]).dpo
+    max_length = 128 if smoke else dpo.max_length
+    return {"max_length": max_length, **token_savings(pairs, max_length, dpo.truncation_mode)}
 
 
 def device_slug(device: dict[str, Any]) -> str:
@@ -503,6 +534,8 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             f"Synthetic data: {real['pairs']} pairs, median {real['median_pair_tokens']} tokens a pair (prompt + chosen + rejected), "
             f"prompt/answer median {real['median_prompt_to_answer']}, p95 {real['p95_pair_tokens']}, max {real['max_pair_tokens']}.",
+            *([f"Prefix sharing computes {1 - run['data']['prefix_sharing']['saved_fraction']:.1%} of TRL's non-padding tokens for these pairs "
+               f"(max length {run['data']['prefix_sharing']['max_length']}); tokens/s and MFU count TRL's tokens in every variant."] if run["data"].get("prefix_sharing") else []),
             "",
             "| variant | status | tokens/s | pairs/s | MFU | padding | peak memory (GiB) | vs seed |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",

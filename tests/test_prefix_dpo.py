@@ -220,3 +220,25 @@ def test_train_stage_same_losses(tmp_path):
         assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
         assert y["logps/chosen"] == pytest.approx(x["logps/chosen"], abs=1e-4)
         assert y["num_tokens"] == x["num_tokens"]  # TRL's count of non-padding tokens, the same in both
+
+
+@pytest.mark.slow
+def test_benchmark_variants_smoke(tmp_path):
+    """bench_dpo.py's prefix-shared variants run in smoke mode; tokens/s counts TRL's tokens, not the fewer computed."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_dpo.py"), "--smoke", "--steps", "2", "--variant", "tuned-prefix-packed", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = json.loads(next(tmp_path.glob("cpu-*.json")).read_text())["runs"]
+    (v,) = run["variants"]
+    assert v["status"] == "ok" and v["settings"]["prefix_sharing"] and v["settings"]["pairs_per_row"] == 2
+    r = v["results"]
+    assert r["tokens"] == sum(b["real_tokens"] for b in v["batches"])
+    assert r["computed_tokens"] < r["tokens"] and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"], rel=1e-3)
+    saving = run["data"]["prefix_sharing"]
+    assert saving["max_length"] == 128 and 0.2 < saving["saved_fraction"] < 0.5
+    assert "Prefix sharing computes" in proc.stdout
