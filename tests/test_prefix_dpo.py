@@ -68,6 +68,9 @@ def build(cls, kind, lora, tmp, attn="sdpa", precompute=False, **kw):
                     p.normal_(0, 0.5)
     else:
         trainer = cls(model=model, ref_model=None if precompute else fresh_model(kind, tok, attn), args=args, train_dataset=Dataset.from_list(ROWS), processing_class=tok, **extra)
+    if args.gradient_checkpointing:  # as Trainer.train does; these tests call compute_loss directly
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+        assert trainer.model.get_base_model().model.gradient_checkpointing
     trainer.model.train()
     return trainer
 
@@ -107,19 +110,19 @@ def assert_same(standard, shared):
 
 
 CASES = {
-    # kind, LoRA, truncation, pairs per row, loss types, attention
-    "phi3-window-full-keep_start-packed3": ("phi3-window", False, "keep_start", 3, ["sigmoid"], "sdpa"),
-    "phi3-window-lora-keep_end": ("phi3-window", True, "keep_end", 1, ["sigmoid", "sft"], "sdpa"),
-    "phi3-window-lora-eager-packed2": ("phi3-window", True, "keep_start", 2, ["ipo"], "eager"),
-    "gemma-lora-keep_start-packed6": ("gemma", True, "keep_start", 6, ["sigmoid", "sft"], "sdpa"),
-    "gemma-full-keep_end-packed4": ("gemma", False, "keep_end", 4, ["sigmoid"], "sdpa"),
+    # kind, LoRA, truncation, pairs per row, loss types, attention, other DPOConfig fields
+    "phi3-window-full-keep_start-packed3": ("phi3-window", False, "keep_start", 3, ["sigmoid"], "sdpa", {}),
+    "phi3-window-lora-keep_end-checkpointing": ("phi3-window", True, "keep_end", 1, ["sigmoid", "sft"], "sdpa", {"gradient_checkpointing": True}),
+    "phi3-window-lora-eager-packed2": ("phi3-window", True, "keep_start", 2, ["ipo"], "eager", {}),
+    "gemma-lora-keep_start-packed6": ("gemma", True, "keep_start", 6, ["sigmoid", "sft"], "sdpa", {}),
+    "gemma-full-keep_end-packed4-multiple8": ("gemma", False, "keep_end", 4, ["sigmoid"], "sdpa", {"pad_to_multiple_of": 8}),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_same_numbers_as_trl(case, tmp_path):
-    kind, lora, mode, per_row, losses, attn = CASES[case]
-    kw = dict(max_length=40, truncation_mode=mode, loss_type=losses, beta=0.1)
+    kind, lora, mode, per_row, losses, attn, other = CASES[case]
+    kw = dict(max_length=40, truncation_mode=mode, loss_type=losses, beta=0.1, **other)
     standard = step(build(DPOTrainer, kind, lora, tmp_path / "a", attn=attn, **kw))
     shared = step(build(PrefixSharedDPOTrainer, kind, lora, tmp_path / "b", attn=attn, pairs_per_row=per_row, **kw))
     assert_same(standard, shared)
@@ -127,6 +130,7 @@ def test_same_numbers_as_trl(case, tmp_path):
     # run, and packed rows hold fewer token slots than TRL's padded ones.
     assert standard["batch"]["input_ids"].shape[1] == 40
     assert shared["batch"]["shared_input_ids"].shape[0] == -(-len(ROWS) // per_row)
+    assert shared["batch"]["shared_input_ids"].shape[1] % other.get("pad_to_multiple_of", 1) == 0
     assert (shared["batch"]["shared_segment_ids"] >= 0).sum() < standard["batch"]["attention_mask"].sum()
     if per_row > 1:
         assert shared["batch"]["shared_input_ids"].numel() < standard["batch"]["input_ids"].numel()

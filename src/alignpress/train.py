@@ -239,7 +239,8 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     if resume:
         log.info("resuming training from %s (step %d)", resume, resume_step)
     else:
-        log.info("training: %d pairs, %s, %s on %s", len(rows), "LoRA r=%d" % recipe.lora.r if recipe.lora.enabled else "full fine-tuning", dtype, device)
+        log.info("training: %d pairs, %s, %s on %s%s", len(rows), "LoRA r=%d" % recipe.lora.r if recipe.lora.enabled else "full fine-tuning", dtype, device,
+                 f", prefix-shared ({recipe.dpo.pairs_per_row} pairs a row)" if recipe.dpo.prefix_sharing else "")
     with spot:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if spot.sigterm:
