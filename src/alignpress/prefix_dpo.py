@@ -32,7 +32,9 @@ Attention backends: SDPA (the default) and eager take the 4-D mask as it is (tra
 masking_utils returns a 4-D mask unchanged, so sliding windows are applied here, from the
 config). FlashAttention cannot express the branch mask and is refused at recipe validation.
 The mask is dense (rows x length x length), and SDPA computes attention over the whole row, so
-packing many pairs into one row trades padding for masked-out attention work.
+packing many pairs into one row trades padding for masked-out attention work. TRL caches
+precomputed reference log-probs by dataset and weights only, so a run may reuse the standard
+path's cache file: the values agree (tests/test_prefix_dpo.py), so that is harmless.
 """
 
 from __future__ import annotations
