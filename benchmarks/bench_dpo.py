@@ -96,6 +96,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "tuned-noliger": {"about": "tuned-noref without Liger", "base": "recipe", "set": ["dpo.precompute_ref_log_probs=false", "train.use_liger_kernel=false"], "needs": "liger"},
     "tuned-nogroup": {"about": "tuned-noref without length grouping", "base": "recipe", "set": ["dpo.precompute_ref_log_probs=false", "train.group_by_length=false"]},
     "tuned-flash": {"about": "tuned-noref with FlashAttention 2", "base": "recipe", "set": ["dpo.precompute_ref_log_probs=false", "model.attn_implementation=flash_attention_2"], "needs": "flash_attn"},
+    # Prefix-shared DPO (alignpress.prefix_dpo): tokens/s and MFU stay counted on TRL's tokens for the same pairs.
+    "tuned-prefix": {"about": "tuned, prefix-shared DPO (each prompt computed once; SDPA or eager attention)", "base": "recipe", "set": ["dpo.prefix_sharing=true", "dpo.pairs_per_row=1"]},
+    "tuned-prefix-packed": {"about": "tuned-prefix, two pairs packed per row (block-diagonal mask, less padding)", "base": "recipe", "set": ["dpo.prefix_sharing=true", "dpo.pairs_per_row=2"]},
 }
 
 
@@ -210,6 +213,8 @@ class CountingCollator:
                 "pairs": [[len(e["prompt_ids"]), len(e["chosen_ids"]), len(e["rejected_ids"])] for e in examples],
             }
         )
+        if "shared_input_ids" in out:  # prefix-shared: what actually runs is the packed rows
+            self.batches[-1].update(rows=int(out["shared_input_ids"].shape[0]), seq_len=int(out["shared_input_ids"].shape[1]), computed_tokens=int((out["shared_segment_ids"] >= 0).sum()))
         return out
 
 
@@ -330,6 +335,8 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
         "optim": t.optim,
         "max_length": d.max_length,
         "lora_r": recipe.lora.r if recipe.lora.enabled else None,
+        "prefix_sharing": d.prefix_sharing,
+        "pairs_per_row": d.pairs_per_row,
     }
     out.update(settings=settings, notes=notes, overrides=sets, systems=systems)
 
@@ -373,7 +380,15 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
                 losses.append(float(logs["loss"]))
 
     started = time.perf_counter()
-    trainer = DPOTrainer(model=net, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config, data_collator=collator, callbacks=[Timer()])
+    if d.prefix_sharing:
+        # The prefix-shared trainer builds its own collator (and precomputes with it): count around it afterwards.
+        from alignpress.prefix_dpo import PrefixSharedDPOTrainer
+
+        trainer = PrefixSharedDPOTrainer(net, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config, callbacks=[Timer()], pairs_per_row=d.pairs_per_row)
+        collator = trainer.data_collator = CountingCollator(trainer.data_collator)
+        collator.precompute_tokens = None  # its precompute pass ran inside the constructor, uncounted
+    else:
+        trainer = DPOTrainer(model=net, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config, data_collator=collator, callbacks=[Timer()])
     setup_s = time.perf_counter() - started
     trainer.train()
 
@@ -416,6 +431,8 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
 def summarise(batches: list[dict[str, Any]], seconds: float, arch, settings: dict[str, Any], peak_tflops: float | None) -> dict[str, Any]:
     """Throughput of the timed micro-batches: tokens from the attention masks, FLOPs from the pairs."""
     tokens = sum(b["real_tokens"] for b in batches)
+    # Prefix-shared runs compute fewer tokens than TRL's `tokens`, which stay the numerator of tokens/s and MFU.
+    computed = sum(b.get("computed_tokens", b["real_tokens"]) for b in batches)
     padded = sum(b["rows"] * b["seq_len"] for b in batches)
     pairs = sum(len(b["pairs"]) for b in batches)
     flops = 0.0
@@ -429,7 +446,8 @@ def summarise(batches: list[dict[str, Any]], seconds: float, arch, settings: dic
         "pairs": pairs,
         "tokens": tokens,
         "padded_tokens": padded,
-        "padding_fraction": round(1 - tokens / padded, 4),
+        "computed_tokens": computed,
+        "padding_fraction": round(1 - computed / padded, 4),
         "tokens_per_s": round(tokens / seconds, 2),
         "samples_per_s": round(pairs / seconds, 4),
         "model_flops": flops,
@@ -493,9 +511,20 @@ def run_all(args) -> dict[str, Any]:
             "seed": args.seed,
             "distribution": dataclasses.asdict(length_distribution(args.smoke)),
             "realized": LengthDistribution.describe(sample),
+            "prefix_sharing": prefix_savings(sample, args.model, args.smoke),
         },
         "variants": variants,
     }
+
+
+def prefix_savings(pairs: list[tuple[int, int, int]], model: str, smoke: bool) -> dict[str, Any]:
+    """Share of TRL's non-padding tokens that prefix sharing does not compute, at the seed recipe's max_length."""
+    from alignpress.prefix_dpo import token_savings
+    from alignpress.recipe import load_recipe
+
+    dpo = load_recipe(ROOT / MODELS[model]["recipe"]).dpo
+    max_length = 128 if smoke else dpo.max_length
+    return {"max_length": max_length, **token_savings(pairs, max_length, dpo.truncation_mode)}
 
 
 def device_slug(device: dict[str, Any]) -> str:
@@ -517,6 +546,8 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             f"Synthetic data: {real['pairs']} pairs, median {real['median_pair_tokens']} tokens a pair (prompt + chosen + rejected), "
             f"prompt/answer median {real['median_prompt_to_answer']}, p95 {real['p95_pair_tokens']}, max {real['max_pair_tokens']}.",
+            *([f"Prefix sharing computes {1 - run['data']['prefix_sharing']['saved_fraction']:.1%} of TRL's non-padding tokens for these pairs "
+               f"(max length {run['data']['prefix_sharing']['max_length']}); tokens/s and MFU count TRL's tokens in every variant."] if run["data"].get("prefix_sharing") else []),
             "",
             "| variant | status | tokens/s | pairs/s | MFU | padding | peak memory (GiB) | vs seed |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",

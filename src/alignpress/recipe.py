@@ -108,6 +108,8 @@ class DPOSection:
     truncation_mode: Literal["keep_start", "keep_end"] = _f("keep_start", help="Which end to keep when truncating.")
     precompute_ref_log_probs: Literal["auto"] | bool = _f("auto", help="Compute reference log-probs once before training (saves a forward per step) and keep them in the output folder for resumed runs. auto = when the run is long enough to repay the pass (alignpress.flops.precompute_decision: about 5.4 epochs on the measured GPU), or when this data's log-probs are already stored.")
     precompute_ref_batch_size: int | None = _f(None, help="Pairs per forward in the precompute pass (TRL precompute_ref_batch_size); None = train.per_device_train_batch_size. The pass needs no activations for backward, so it can take a larger batch.")
+    prefix_sharing: bool = _f(False, help="Prefix-shared DPO (alignpress.prefix_dpo): each pair runs as one sequence [prompt | chosen | rejected] with a mask that hides the chosen answer from the rejected one, so the prompt is computed once, not twice; same numbers as TRL's path. Needs attention sdpa or eager.")
+    pairs_per_row: int = _f(1, help="With prefix_sharing: pack this many pairs into one row (block-diagonal mask) instead of padding every pair to the longest; 1 = one pair a row.")
 
 
 @dataclass
@@ -482,6 +484,12 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
         fail("dpo.loss_type", "must name at least one loss type")
     if r.dpo.loss_weights is not None and len(r.dpo.loss_weights) != len(types_):
         fail("dpo.loss_weights", f"has {len(r.dpo.loss_weights)} weights for {len(types_)} loss types")
+    if r.dpo.pairs_per_row < 1:
+        fail("dpo.pairs_per_row", f"must be at least 1, got {r.dpo.pairs_per_row}")
+    if r.dpo.pairs_per_row > 1 and not r.dpo.prefix_sharing:
+        fail("dpo.pairs_per_row", "packing pairs into rows needs dpo.prefix_sharing: true")
+    if r.dpo.prefix_sharing and r.model.attn_implementation not in (None, "sdpa", "eager"):
+        fail("dpo.prefix_sharing", f"needs model.attn_implementation sdpa or eager (a custom attention mask); {r.model.attn_implementation!r} cannot express it")
     if r.dpo.beta <= 0:
         fail("dpo.beta", f"must be > 0, got {r.dpo.beta}")
     if not 0 <= r.dpo.label_smoothing < 0.5:

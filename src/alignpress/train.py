@@ -398,13 +398,19 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     callback = _metrics_callback(run_dir.metrics / "train.jsonl", resume_step, truncate=run_dir.writer)
 
     spot = SpotSafety(recipe.train.save_minutes)
-    trainer = DPOTrainer(
+    trainer_class, extra = DPOTrainer, {}
+    if recipe.dpo.prefix_sharing:
+        from .prefix_dpo import PrefixSharedDPOTrainer
+
+        trainer_class, extra = PrefixSharedDPOTrainer, {"pairs_per_row": recipe.dpo.pairs_per_row}
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=dataset,
         processing_class=tok,
         peft_config=peft_config,
         callbacks=[callback, spot.callback, HealthCallback(recipe, run_dir)],
+        **extra,
     )
     if systems["precompute_ref_log_probs"]:
         folder = Path(dataset.cache_files[0]["filename"]).parent
@@ -416,7 +422,8 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     if resume:
         log.info("resuming training from %s (step %d)", resume, resume_step)
     else:
-        log.info("training: %d pairs, %s, %s on %s", len(rows), "LoRA r=%d" % recipe.lora.r if recipe.lora.enabled else "full fine-tuning", dtype, device)
+        log.info("training: %d pairs, %s, %s on %s%s", len(rows), "LoRA r=%d" % recipe.lora.r if recipe.lora.enabled else "full fine-tuning", dtype, device,
+                 f", prefix-shared ({recipe.dpo.pairs_per_row} pairs a row)" if recipe.dpo.prefix_sharing else "")
     with spot:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if spot.sigterm:

@@ -1,0 +1,255 @@
+"""Prefix-shared DPO (dpo.prefix_sharing) gives TRL's numbers: log-probs, loss, metrics, gradients.
+
+Each comparison builds TRL's DPOTrainer and PrefixSharedDPOTrainer on identical fresh tiny models
+(float32, CPU) and the same batch of pairs of very different lengths, some cut by max_length, and
+compares everything within 1e-5.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import cli
+from datasets import Dataset
+from transformers import Gemma2Config, Gemma2ForCausalLM, GemmaConfig, GemmaForCausalLM, Phi3Config, Phi3ForCausalLM
+from trl import DPOConfig, DPOTrainer
+
+from alignpress.prefix_dpo import PrefixSharedCollator, PrefixSharedDPOTrainer, token_savings
+from alignpress.tiny import gemma_tokenizer, phi3_tokenizer
+
+TOL = 1e-5
+# Summed log-probs reach ~150, where float32's spacing is 1.5e-5: there the sums may differ in the last bit.
+RTOL = 1e-6
+WORDS = "The quick brown fox jumps over the lazy dog . What is the capital of France ? Paris".split()
+
+
+def words(n, offset):
+    return " ".join(WORDS[(i * 7 + offset) % len(WORDS)] for i in range(n))
+
+
+# (prompt, chosen, rejected) words: a long prompt with short answers, a short prompt with long
+# answers, answers of very different lengths, a one-word prompt, and pairs max_length=40 cuts.
+SHAPES = [(3, 1, 25), (30, 4, 2), (10, 20, 20), (1, 2, 3), (18, 30, 6), (6, 6, 6)]
+ROWS = [{"prompt": [{"role": "user", "content": words(p, i)}], "chosen": [{"role": "assistant", "content": words(c, i + 3)}],
+         "rejected": [{"role": "assistant", "content": words(r, i + 5)}]} for i, (p, c, r) in enumerate(SHAPES)]
+
+
+def tokenizer(kind):
+    return phi3_tokenizer() if kind.startswith("phi3") else gemma_tokenizer()
+
+
+def fresh_model(kind, tok, attn="sdpa"):
+    """The same weights every call. phi3-window: Phi-3 with a sliding window of 8, far shorter than the sequences."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=256, pad_token_id=tok.pad_token_id)
+    if kind.startswith("phi3"):
+        model = Phi3ForCausalLM(Phi3Config(**common, num_key_value_heads=2, sliding_window=8 if kind == "phi3-window" else None, attn_implementation=attn))
+    elif kind == "gemma2":
+        # Gemma-2: sliding and full layers alternate (one mask each), attention and final logits soft-capped.
+        model = Gemma2ForCausalLM(Gemma2Config(**common, num_key_value_heads=1, head_dim=16, sliding_window=8, attn_logit_softcapping=5.0, final_logit_softcapping=3.0, attn_implementation=attn))
+    else:
+        model = GemmaForCausalLM(GemmaConfig(**common, num_key_value_heads=1, head_dim=16, attn_implementation=attn))
+    model.train()
+    return model
+
+
+def build(cls, kind, lora, tmp, attn="sdpa", precompute=False, **kw):
+    from peft import LoraConfig
+
+    tok = tokenizer(kind)
+    extra = {"pairs_per_row": kw.pop("pairs_per_row")} if cls is PrefixSharedDPOTrainer else {}
+    kw.setdefault("gradient_checkpointing", False)  # TRL's default is on; one case turns it on
+    args = DPOConfig(output_dir=str(tmp), per_device_train_batch_size=len(ROWS), use_cpu=True, report_to="none", precompute_ref_log_probs=precompute, **kw)
+    model = fresh_model(kind, tok, attn)
+    if lora:
+        peft = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+        torch.manual_seed(1)
+        trainer = cls(model=model, args=args, train_dataset=Dataset.from_list(ROWS), processing_class=tok, peft_config=peft, **extra)
+        # A fresh adapter is the identity; give it weights so the policy differs from the reference.
+        torch.manual_seed(2)
+        with torch.no_grad():
+            for name, p in trainer.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+    else:
+        trainer = cls(model=model, ref_model=None if precompute else fresh_model(kind, tok, attn), args=args, train_dataset=Dataset.from_list(ROWS), processing_class=tok, **extra)
+    if args.gradient_checkpointing:  # as Trainer.train does; these tests call compute_loss directly
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+        assert trainer.model.is_gradient_checkpointing
+    trainer.model.train()
+    return trainer
+
+
+def policy_logps(trainer, inputs):
+    """Per-pair policy log-probs, computed the way DPOTrainer._compute_loss does."""
+    kwargs = {k: v for k, v in inputs.items() if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+    logps = trainer.model(**kwargs, labels=labels, fused_lm_head=True, use_cache=False).log_probs.sum(dim=1)
+    return logps.chunk(2)
+
+
+def step(trainer):
+    """One batch of every pair: policy and reference log-probs, loss, logged metrics, gradients."""
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+    inputs = trainer._prepare_inputs(batch)
+    with torch.no_grad():
+        policy = torch.cat(policy_logps(trainer, inputs))
+        reference = torch.cat(trainer.compute_ref_log_probs(trainer.model, inputs))
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    return {"policy": policy, "reference": reference, "loss": loss.detach(), "grads": grads, "metrics": metrics, "batch": batch}
+
+
+def assert_same(standard, shared):
+    torch.testing.assert_close(shared["policy"], standard["policy"], atol=TOL, rtol=RTOL)
+    torch.testing.assert_close(shared["reference"], standard["reference"], atol=TOL, rtol=RTOL)
+    torch.testing.assert_close(shared["loss"], standard["loss"], atol=TOL, rtol=0)
+    assert standard["grads"].keys() == shared["grads"].keys() and standard["grads"]
+    for name, g in standard["grads"].items():
+        torch.testing.assert_close(shared["grads"][name], g, atol=TOL, rtol=0, msg=name)
+    assert standard["metrics"].keys() == shared["metrics"].keys()
+    for key, value in standard["metrics"].items():
+        assert shared["metrics"][key] == pytest.approx(value, abs=TOL, rel=RTOL), key
+
+
+CASES = {
+    # kind, LoRA, truncation, pairs per row, loss types, attention, other DPOConfig fields
+    "phi3-window-full-keep_start-packed3": ("phi3-window", False, "keep_start", 3, ["sigmoid"], "sdpa", {}),
+    "phi3-window-lora-keep_end-checkpointing": ("phi3-window", True, "keep_end", 1, ["sigmoid", "sft"], "sdpa", {"gradient_checkpointing": True}),
+    "phi3-window-lora-eager-packed2": ("phi3-window", True, "keep_start", 2, ["ipo"], "eager", {}),
+    "gemma-lora-keep_start-packed6": ("gemma", True, "keep_start", 6, ["sigmoid", "sft"], "sdpa", {}),
+    "gemma2-softcap-window-lora-eager-packed3": ("gemma2", True, "keep_start", 3, ["sigmoid"], "eager", {}),
+    "gemma-full-keep_end-packed4-multiple8": ("gemma", False, "keep_end", 4, ["sigmoid"], "sdpa", {"pad_to_multiple_of": 8}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_same_numbers_as_trl(case, tmp_path):
+    kind, lora, mode, per_row, losses, attn, other = CASES[case]
+    kw = dict(max_length=40, truncation_mode=mode, loss_type=losses, beta=0.1, **other)
+    standard = step(build(DPOTrainer, kind, lora, tmp_path / "a", attn=attn, **kw))
+    shared = step(build(PrefixSharedDPOTrainer, kind, lora, tmp_path / "b", attn=attn, pairs_per_row=per_row, **kw))
+    assert_same(standard, shared)
+    # The batch really was cut and really was shared: TRL's rows reach max_length, fewer real tokens
+    # run, and packed rows hold fewer token slots than TRL's padded ones.
+    assert standard["batch"]["input_ids"].shape[1] == 40
+    assert shared["batch"]["shared_input_ids"].shape[0] == -(-len(ROWS) // per_row)
+    assert shared["batch"]["shared_input_ids"].shape[1] % other.get("pad_to_multiple_of", 1) == 0
+    assert (shared["batch"]["shared_segment_ids"] >= 0).sum() < standard["batch"]["attention_mask"].sum()
+    if per_row > 1:
+        assert shared["batch"]["shared_input_ids"].numel() < standard["batch"]["input_ids"].numel()
+    assert abs(standard["metrics"]["rewards/margins"]) > 1e-3 or not lora  # the adapter moved the policy
+
+
+def test_sliding_window_bites():
+    """Without the window the tiny Phi-3's log-probs change: the window in the tests above is exercised."""
+    tok = phi3_tokenizer()
+    ids = torch.tensor([tok(words(30, 0))["input_ids"]])
+    with torch.no_grad():
+        windowed = fresh_model("phi3-window", tok)(input_ids=ids).logits
+        full = fresh_model("phi3", tok)(input_ids=ids).logits
+    assert ids.shape[1] > 8 and (windowed - full).abs().max() > 1e-3
+
+
+def test_precomputed_reference(tmp_path):
+    import datasets
+
+    kw = dict(max_length=40, truncation_mode="keep_start", loss_type=["sigmoid"], beta=0.1)
+    # The precompute cache is keyed by the dataset and the weights, identical here: caching off so
+    # the prefix-shared trainer computes its own.
+    datasets.disable_caching()
+    try:
+        standard = build(DPOTrainer, "gemma", True, tmp_path / "a", precompute=True, **kw)
+        shared = build(PrefixSharedDPOTrainer, "gemma", True, tmp_path / "b", precompute=True, pairs_per_row=3, **kw)
+    finally:
+        datasets.enable_caching()
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        a, b = torch.tensor(standard.train_dataset[column]), torch.tensor(shared.train_dataset[column])
+        torch.testing.assert_close(b, a, atol=TOL, rtol=RTOL)
+    assert_same(step(standard), step(shared))
+
+
+def test_collator_layout():
+    """Two pairs packed in one row: prompt once, last prompt token repeated per branch, positions restart."""
+    collator = PrefixSharedCollator(pad_token_id=0, max_length=None, pairs_per_row=2)
+    out = collator([{"prompt_ids": [11, 12, 13], "chosen_ids": [14, 15], "rejected_ids": [16]},
+                    {"prompt_ids": [21], "chosen_ids": [22], "rejected_ids": [23, 24]}])
+    # TRL's own padded batch is there unchanged (its loss reads it) ...
+    assert out["input_ids"].tolist() == [[11, 12, 13, 14, 15], [21, 22, 0, 0, 0], [11, 12, 13, 16, 0], [21, 23, 24, 0, 0]]
+    # ... and the packed row: the longer pair first, then the other (no padding: one row).
+    assert out["shared_input_ids"].tolist() == [[11, 12, 13, 14, 15, 13, 16, 21, 22, 21, 23, 24]]
+    assert out["shared_position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3, 0, 1, 0, 1, 2]]
+    assert out["shared_branch_ids"].tolist() == [[0, 0, 1, 1, 1, 2, 2, 1, 1, 2, 2, 2]]
+    assert out["shared_segment_ids"].tolist() == [[0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1]]
+    assert out["shared_labels"].tolist() == [[-100, -100, 14, 15, -100, 16, -100, 22, -100, 23, 24, -100]]
+    # Targets index TRL's [4 rows, 4 columns] log-prob layout: row 0 col 2 predicts 14, row 2 col 2 predicts 16.
+    assert out["shared_targets"].tolist() == [[-1, -1, 2, 3, -1, 10, -1, 4, -1, 12, 13, -1]]
+
+
+def test_token_savings():
+    # No cut: 15 + 13 standard tokens, 15 + 13 - 9 computed (the prompt once, its last token twice).
+    assert token_savings([(10, 5, 3)], None) == {"pairs": 1, "standard_tokens": 28, "prefix_shared_tokens": 19, "saved_fraction": 0.3214}
+    # keep_start at 12: 12 + 12 vs 12 + 12 - 9; the pair whose prompt fills max_length is dropped, as TRL does.
+    assert token_savings([(10, 5, 3), (12, 1, 1)], 12) == {"pairs": 1, "standard_tokens": 24, "prefix_shared_tokens": 15, "saved_fraction": 0.375}
+    # keep_end cutting the prompt differently for the two answers: nothing is shared.
+    assert token_savings([(10, 5, 3)], 12, "keep_end")["saved_fraction"] == 0.0
+
+
+def test_recipe_refuses_unsupported(tmp_path):
+    proc = cli("validate", "recipes/demo.yaml", "--set", "dpo.pairs_per_row=4")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: --set dpo.pairs_per_row: field 'dpo.pairs_per_row': packing pairs into rows needs dpo.prefix_sharing: true"
+    proc = cli("validate", "recipes/demo.yaml", "--set", "dpo.prefix_sharing=true", "--set", "model.attn_implementation=flash_attention_2")
+    assert proc.returncode == 2
+    assert "field 'dpo.prefix_sharing': needs model.attn_implementation sdpa or eager" in proc.stderr
+
+
+@pytest.mark.slow
+def test_train_stage_same_losses(tmp_path):
+    """entrypoint.py train with the switch on gives the per-step losses of the switch off (same data order)."""
+    sets = ["--set", "data.max_train_rows=24", "--set", "eval.enabled=false", "--set", "train.max_steps=3", "--set", "train.logging_steps=1"]
+    off = tmp_path / "off"
+    proc = cli("prepare", "recipes/demo.yaml", "--output-dir", off, *sets)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    on = tmp_path / "on"
+    shutil.copytree(off, on)
+    proc = cli("train", "recipes/demo.yaml", "--output-dir", off, *sets)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = cli("train", "recipes/demo.yaml", "--output-dir", on, *sets, "--set", "dpo.prefix_sharing=true", "--set", "dpo.pairs_per_row=4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    def history(folder):
+        logged = [json.loads(line) for line in (folder / "metrics/train.jsonl").read_text().splitlines()]
+        return [h for h in logged if "loss" in h]
+
+    a, b = history(off), history(on)
+    assert [h["step"] for h in a] == [h["step"] for h in b] == [1, 2, 3]
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
+        assert y["logps/chosen"] == pytest.approx(x["logps/chosen"], abs=1e-4)
+        assert y["num_tokens"] == x["num_tokens"]  # TRL's count of non-padding tokens, the same in both
+
+
+@pytest.mark.slow
+def test_benchmark_variants_smoke(tmp_path):
+    """bench_dpo.py's prefix-shared variants run in smoke mode; tokens/s counts TRL's tokens, not the fewer computed."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_dpo.py"), "--smoke", "--steps", "2", "--variant", "tuned-prefix-packed", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = json.loads(next(tmp_path.glob("cpu-*.json")).read_text())["runs"]
+    (v,) = run["variants"]
+    assert v["status"] == "ok" and v["settings"]["prefix_sharing"] and v["settings"]["pairs_per_row"] == 2
+    r = v["results"]
+    assert r["tokens"] == sum(b["real_tokens"] for b in v["batches"])
+    assert r["computed_tokens"] < r["tokens"] and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"], rel=1e-3)
+    saving = run["data"]["prefix_sharing"]
+    assert saving["max_length"] == 128 and 0.2 < saving["saved_fraction"] < 0.5
+    assert "Prefix sharing computes" in proc.stdout
