@@ -167,7 +167,12 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
         return plan.main(args)
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "validate":
+        from .checks import check_model, check_training_settings
+
+        check_training_settings(recipe)
+        note = check_model(recipe, local_only=True)
         print(f"# {args.recipe}: valid")
+        print(f"# {note}")
         print(dump(recipe), end="")
         return 0
 
@@ -176,7 +181,8 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
     state = _distributed()
     main = state is None or state.is_main_process
     run_dir = RunDir(args.output_dir or Path("outputs") / recipe.name, writer=main)
-    preflight(recipe)  # before anything is written: a refused run leaves no folder behind
+    # Before anything is written: a refused run leaves no folder behind.
+    preflight(recipe, model_checks=args.command in ("run", "prepare", "train"))
     if args.restart and main:
         _restart(run_dir)
     _check_same_recipe(recipe, run_dir)

@@ -63,8 +63,10 @@ def pick_dtype(recipe: Recipe, device: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def preflight(recipe: Recipe) -> None:
-    """Environment checks that must fail before any data or model is loaded."""
+def preflight(recipe: Recipe, model_checks: bool = False) -> None:
+    """Environment checks that must fail before any data or model is loaded: the GPU and 4-bit
+    needs, TRL's and transformers' judgement of the training settings, and with model_checks the
+    model's shape from its config (checks.py; for a Hub model this fetches config.json)."""
     if recipe.model.load_in_4bit:
         if not torch.cuda.is_available():
             raise AlignpressError(
@@ -78,6 +80,11 @@ def preflight(recipe: Recipe) -> None:
         except ImportError:
             raise AlignpressError("4-bit QLoRA needs the bitsandbytes package: pip install bitsandbytes", source=recipe.source, field="model.load_in_4bit") from None
     pick_dtype(recipe, pick_device(recipe))
+    from .checks import check_model, check_training_settings
+
+    check_training_settings(recipe)
+    if model_checks:
+        log.info("%s", check_model(recipe))
 
 
 def _hub_error(recipe: Recipe, name: str, e: Exception) -> AlignpressError:

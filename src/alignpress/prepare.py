@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import AlignpressError
 from .formats import RowError, check_columns, common_prefix, detect_format, normalise_row
-from .recipe import Recipe
+from .recipe import Recipe, token_cap
 from .runstate import RunDir, write_json
 
 log = logging.getLogger("alignpress")
@@ -209,10 +209,10 @@ def process_split(recipe: Recipe, tok, ds, fmt: str, report: SplitReport) -> lis
             bad = bad or f"{type(e).__name__}: {e}"
     report.record("rejected by the chat template", len(pairs), len(rendered), bad)
 
-    if f.max_tokens is not None:
-        before = len(rendered)
-        rendered = [r for r in rendered if r["prompt_tokens"] + max(r["chosen_tokens"], r["rejected_tokens"]) <= f.max_tokens]
-        report.record(f"longer than {f.max_tokens} tokens", before, len(rendered))
+    cap = token_cap(recipe)  # data.filters.max_tokens, else dpo.max_length: TRL never cuts a kept pair
+    before = len(rendered)
+    rendered = [r for r in rendered if r["prompt_tokens"] + max(r["chosen_tokens"], r["rejected_tokens"]) <= cap]
+    report.record(f"longer than {cap} tokens", before, len(rendered))
     return rendered
 
 

@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from .checks import check_truncation
 from .errors import AlignpressError, Preempted
 from .health import HealthCallback
 from .modeling import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
@@ -181,6 +182,20 @@ def dpo_config(recipe: Recipe, run_dir: RunDir, device: str, dtype) -> Any:
     )
 
 
+def lora_config(recipe: Recipe, **override: Any):
+    """PEFT's LoraConfig from the recipe (also used by checks.py on the meta-device model)."""
+    from peft import LoraConfig
+
+    kwargs = dict(
+        r=recipe.lora.r,
+        lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout,
+        target_modules=recipe.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return LoraConfig(**{**kwargs, **override})
+
+
 def to_dataset(rows: list[dict[str, Any]]):
     from datasets import Dataset
 
@@ -197,19 +212,12 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     rows = read_jsonl(run_dir.data / "train.jsonl")
     if not rows:
         raise AlignpressError("data/train.jsonl is empty; re-run prepare", source=str(run_dir.data / "train.jsonl"))
+    truncated = check_truncation(recipe, rows)  # before the model loads: dpo.max_length may have changed since prepare
     model = load_model(recipe, base_path, device=device, dtype=dtype, quantized=recipe.model.load_in_4bit, tokenizer=tok)
 
     peft_config = None
     if recipe.lora.enabled:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            r=recipe.lora.r,
-            lora_alpha=recipe.lora.alpha,
-            lora_dropout=recipe.lora.dropout,
-            target_modules=recipe.lora.target_modules,
-            task_type="CAUSAL_LM",
-        )
+        peft_config = lora_config(recipe)
         if recipe.model.load_in_4bit:
             from peft import prepare_model_for_kbit_training
 
@@ -255,6 +263,7 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
         "resumed_from_step": resume_step,
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
         "final_loss": losses[-1] if losses else None,
+        "truncated_pairs": truncated,
     }
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     summary["world_size"] = trainer.args.world_size
