@@ -8,8 +8,9 @@
   sequence training sees against the model's positions and sliding window.
 - Truncation: how many prepared pairs TRL would cut at dpo.max_length (at the start of training).
 
-`validate` runs the first two (the model check only when the config is on this machine);
-every stage command runs the first, and run/prepare/train also the second, before writing anything.
+`validate` runs the first two (the model check only when the config is on this machine); the
+commands that lead to training (run, prepare, train) run both before writing anything, and train
+checks truncation before loading the model.
 """
 
 from __future__ import annotations
@@ -252,8 +253,8 @@ def _check_lengths(recipe: Recipe, config, arch: str) -> int:
     layer_types = getattr(text, "layer_types", None) or []
     every_layer_slides = not layer_types or all(t == "sliding_attention" for t in layer_types)
     if window and every_layer_slides and longest > window:
-        raise _fail(recipe, field, f"training sequences of up to {longest} tokens are longer than {arch}'s attention window of {window} "
-                                   f"tokens (config sliding_window): the end of a long pair would not see the start of its prompt; "
+        raise _fail(recipe, field, f"training sequences of up to {longest} tokens are longer than {arch}'s sliding attention window of {window} "
+                                   f"tokens (config sliding_window): the end of a long answer would not attend to the start of its prompt; "
                                    f"{fix} to at most {window}")
     return longest
 

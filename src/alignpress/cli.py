@@ -1,7 +1,8 @@
 """Command line: `entrypoint.py COMMAND RECIPE [--set key=value ...] [--output-dir DIR]`.
 
 `run` runs every stage in order, skipping the ones run.json marks done; a stage command runs
-that stage alone, reading what the earlier stages wrote. `validate` loads no model.
+that stage alone, reading what the earlier stages wrote. `validate` loads no weights (the
+model's shape is checked on the meta device).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in [
         ("run", "run every stage (skips finished ones, resumes training)"),
-        ("validate", "check the recipe and print it resolved; loads no model"),
+        ("validate", "check the recipe (with TRL's and transformers' own rules) and print it resolved; loads no weights"),
         *[(s, f"run the {s} stage alone") for s in STAGES],
     ]:
         sp = sub.add_parser(name, help=help_)
@@ -182,7 +183,7 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
     main = state is None or state.is_main_process
     run_dir = RunDir(args.output_dir or Path("outputs") / recipe.name, writer=main)
     # Before anything is written: a refused run leaves no folder behind.
-    preflight(recipe, model_checks=args.command in ("run", "prepare", "train"))
+    preflight(recipe, training=args.command in ("run", "prepare", "train"))
     if args.restart and main:
         _restart(run_dir)
     _check_same_recipe(recipe, run_dir)

@@ -63,10 +63,11 @@ def pick_dtype(recipe: Recipe, device: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def preflight(recipe: Recipe, model_checks: bool = False) -> None:
+def preflight(recipe: Recipe, training: bool = False) -> None:
     """Environment checks that must fail before any data or model is loaded: the GPU and 4-bit
-    needs, TRL's and transformers' judgement of the training settings, and with model_checks the
-    model's shape from its config (checks.py; for a Hub model this fetches config.json)."""
+    needs; and for the commands that lead to training (training=True), TRL's and transformers'
+    judgement of the training settings and the model's shape from its config (checks.py; for a
+    Hub model this fetches config.json)."""
     if recipe.model.load_in_4bit:
         if not torch.cuda.is_available():
             raise AlignpressError(
@@ -82,8 +83,8 @@ def preflight(recipe: Recipe, model_checks: bool = False) -> None:
     pick_dtype(recipe, pick_device(recipe))
     from .checks import check_model, check_training_settings
 
-    check_training_settings(recipe)
-    if model_checks:
+    if training:
+        check_training_settings(recipe)
         log.info("%s", check_model(recipe))
 
 
