@@ -109,9 +109,9 @@ def check_training_settings(recipe: Recipe) -> None:
     _check_name(recipe, "train.optim", recipe.train.optim, [o.value for o in OptimizerNames],
                 f"an optimizer of transformers {transformers.__version__}")
 
-    # Building TrainingArguments sets up accelerate's process state; under a multi-process launch
-    # that state is the launch's own, so only a single process (validate, the launching parent) builds it.
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    # Building TrainingArguments sets up accelerate's process state; under `accelerate launch` that
+    # state is the launch's own, so only a plain process (validate, the parent that relaunches) builds it.
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ALIGNPRESS_LAUNCHED") == "1":
         return
     from .runstate import RunDir
     from .train import dpo_config
