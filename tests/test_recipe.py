@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from alignpress.errors import AlignpressError
-from alignpress.recipe import Recipe, check_repo_id, describe, load_recipe
+from alignpress.recipe import Recipe, check_repo_id, describe, load_recipe, token_cap
 from conftest import ROOT, cli
 
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
@@ -40,6 +40,7 @@ def test_seed_recipes_reproduce_the_notebooks():
         assert (r.train.learning_rate, r.train.lr_scheduler_type, r.train.warmup_steps) == (5e-6, "cosine", 2)
         assert (r.train.num_train_epochs, r.dpo.beta, r.dpo.max_length) == (6.0, 0.1, 2048)
         assert r.publish.private is True
+        assert (r.eval.gate_min_gain, r.eval.gate_max_kl) == (0.02, 50.0)  # a run that changed nothing is not published
     assert (phi3.train.per_device_train_batch_size, phi3.train.gradient_accumulation_steps) == (4, 1)  # the seed's 2 x 2 pairs a step
     assert (gemma.train.per_device_train_batch_size, gemma.train.gradient_accumulation_steps) == (3, 1)  # the seed's 1 x 3
     # The seed notebooks' own systems settings, as each header documents them
@@ -50,6 +51,14 @@ def test_seed_recipes_reproduce_the_notebooks():
         assert (seed.train.per_device_train_batch_size, seed.train.gradient_accumulation_steps) == (batch, accumulation)
         assert not seed.train.use_liger_kernel and not seed.train.group_by_length and seed.dpo.precompute_ref_log_probs is False
     assert (phi3.card.license, gemma.card.license) == ("mit", "gemma")
+    # Phi-3's seed capped rows (3,800 characters, here 1,024 tokens); Gemma's had no cap: prepare keeps
+    # its pairs within dpo.max_length, so TRL cuts none.
+    assert (token_cap(phi3), token_cap(gemma)) == (1024, 2048)
+
+
+def test_a_cap_above_max_length_is_allowed_with_a_truncation_budget():
+    r = load_recipe(ROOT / "recipes/demo.yaml", ["data.filters.max_tokens=128", "dpo.max_truncated_fraction=0.1"])
+    assert (token_cap(r), r.dpo.max_length) == (128, 64)
 
 
 def test_overrides_are_typed():
@@ -86,6 +95,15 @@ BASE = "name: t\nmodel: {name_or_path: x/y}\ndata: {dataset: d.jsonl}\n"
         ("", ["train.max_steps=0"], "--set train.max_steps: field 'train.max_steps': must be -1"),
         ("lora: {enabled: false}\nmodel: {name_or_path: x/y, load_in_4bit: true}\n", [], "field 'model.load_in_4bit': 4-bit training needs a LoRA adapter"),
         ("dpo: {loss_type: [sigmoid, sft], loss_weights: [1.0]}\n", [], "field 'dpo.loss_weights': has 1 weights for 2 loss types"),
+        ("dpo: {beta: .nan}\n", [], "field 'dpo.beta': must be a finite number, got nan"),
+        ("data: {dataset: d.jsonl, filters: {min: {rating_chosen: -.inf}}}\n", [], "field 'data.filters.min': must be a finite number, got -inf"),
+        ("", ["eval.gate_max_kl=inf"], "--set eval.gate_max_kl: field 'eval.gate_max_kl': must be a finite number, got inf"),
+        ("lora: {target_modules: []}\n", [], "field 'lora.target_modules': the list is empty: name at least one module (e.g. [q_proj, v_proj]) or write all-linear"),
+        ("lora: {target_modules: [q_proj, '']}\n", [], "field 'lora.target_modules': a module name is empty"),
+        ("data: {dataset: d.jsonl, filters: {max_tokens: 2048}}\ndpo: {max_length: 1024}\n", [],
+         "field 'data.filters.max_tokens': 2048 is more than dpo.max_length (1024): TRL would cut the pairs in between, losing the end of their "
+         "answers; lower it (or leave it unset: prepare then keeps pairs within dpo.max_length), or allow some cut pairs with dpo.max_truncated_fraction"),
+        ("", ["dpo.max_truncated_fraction=1.5"], "--set dpo.max_truncated_fraction: field 'dpo.max_truncated_fraction': must be in [0, 1), got 1.5"),
     ],
 )
 def test_bad_recipes_name_file_and_field(tmp_path, extra, overrides, expected):

@@ -98,6 +98,8 @@ def evaluation_lines(evals: dict[str, Any]) -> list[str]:
                       f"KL estimate {_fmt(g['kl_estimate'])} (limit {_fmt(g['max_kl'])}).", ""]
         else:
             lines += ["Publish gate failed: " + "; ".join(r["reason"] for r in g["reasons"]) + ".", ""]
+    else:
+        lines += ["No publish gate was set (eval.gate_min_gain, eval.gate_max_kl): nothing checked that this model improved on the base before it was published.", ""]
     shown = [s for s in evals.get("samples", [])[:CARD_SAMPLES]] + list(evals.get("prompt_samples") or [])
     if shown:
         lines += ["### Side-by-side greedy generations", "", "| prompt | base | aligned |", "| --- | --- | --- |"]

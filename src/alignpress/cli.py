@@ -1,7 +1,8 @@
 """Command line: `entrypoint.py COMMAND RECIPE [--set key=value ...] [--output-dir DIR]`.
 
 `run` runs every stage in order, skipping the ones run.json marks done; a stage command runs
-that stage alone, reading what the earlier stages wrote. `validate` loads no model.
+that stage alone, reading what the earlier stages wrote. `validate` loads no weights (the
+model's shape is checked on the meta device).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in [
         ("run", "run every stage (skips finished ones, resumes training)"),
-        ("validate", "check the recipe and print it resolved; loads no model"),
+        ("validate", "check the recipe (with TRL's and transformers' own rules) and print it resolved; loads no weights"),
         *[(s, f"run the {s} stage alone") for s in STAGES],
     ]:
         sp = sub.add_parser(name, help=help_)
@@ -167,7 +168,12 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
         return plan.main(args)
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "validate":
+        from .checks import check_model, check_training_settings
+
+        check_training_settings(recipe)
+        note = check_model(recipe, local_only=True)
         print(f"# {args.recipe}: valid")
+        print(f"# {note}")
         print(dump(recipe), end="")
         return 0
 
@@ -176,7 +182,9 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
     state = _distributed()
     main = state is None or state.is_main_process
     run_dir = RunDir(args.output_dir or Path("outputs") / recipe.name, writer=main)
-    preflight(recipe, needs_gpu=args.command != "prepare")  # before anything is written: a refused run leaves no folder behind
+    # Before anything is written: a refused run leaves no folder behind. prepare loads only the
+    # tokenizer, so it needs no GPU (a 4-bit recipe can count its tokens on a laptop).
+    preflight(recipe, needs_gpu=args.command != "prepare", training=args.command in ("run", "prepare", "train"))
     if args.restart and main:
         _restart(run_dir)
     _check_same_recipe(recipe, run_dir)

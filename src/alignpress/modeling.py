@@ -63,12 +63,16 @@ def pick_dtype(recipe: Recipe, device: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def preflight(recipe: Recipe, needs_gpu: bool = True) -> None:
-    """Environment checks that must fail before any data or model is loaded.
+def preflight(recipe: Recipe, needs_gpu: bool = True, training: bool = False) -> None:
+    """Environment checks that must fail before any data or model is loaded: the GPU and 4-bit
+    needs (needs_gpu=False for prepare, which loads only the tokenizer); and for the commands that
+    lead to training (training=True), TRL's and transformers' judgement of the training settings
+    and the model's shape from its config (checks.py; for a Hub model this fetches config.json)."""
+    from .checks import check_model, check_training_settings
 
-    needs_gpu=False (prepare): only the tokenizer is loaded, so a 4-bit or CUDA recipe can count
-    its tokens on a machine without a GPU; the stages that load the model check.
-    """
+    if training:
+        check_training_settings(recipe)
+        log.info("%s", check_model(recipe))
     if not needs_gpu:
         return
     if recipe.model.load_in_4bit:
@@ -83,7 +87,10 @@ def preflight(recipe: Recipe, needs_gpu: bool = True) -> None:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise AlignpressError("4-bit QLoRA needs the bitsandbytes package: pip install bitsandbytes", source=recipe.source, field="model.load_in_4bit") from None
-    pick_dtype(recipe, pick_device(recipe))
+    device = pick_device(recipe)
+    pick_dtype(recipe, device)
+    if recipe.train.use_liger_kernel and device == "cuda" and (problem := liger_problem(device)):
+        raise AlignpressError(problem, source=recipe.source, field="train.use_liger_kernel")
 
 
 def liger_problem(device: str) -> str | None:

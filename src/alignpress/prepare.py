@@ -23,7 +23,7 @@ from typing import Any
 
 from .errors import AlignpressError
 from .formats import DETECT_ROWS, RowError, check_columns, common_prefix, describe_value, detect_format, normalise_row
-from .recipe import DATA_COLUMNS, FilterSection, Recipe, SourceSection, data_sources
+from .recipe import DATA_COLUMNS, FilterSection, Recipe, SourceSection, data_sources, token_cap
 from .runstate import RunDir, write_json
 
 log = logging.getLogger("alignpress")
@@ -346,10 +346,10 @@ def process_split(recipe: Recipe, tok, data: Rows, fmt: str, filters: FilterSect
             source=data.label,
         )
 
-    if f.max_tokens is not None:
-        before = len(rendered)
-        rendered = [r for r in rendered if r["prompt_tokens"] + max(r["chosen_tokens"], r["rejected_tokens"]) <= f.max_tokens]
-        report.record(f"longer than {f.max_tokens} tokens", before, len(rendered))
+    cap = token_cap(recipe, filters)  # the filters' max_tokens, else dpo.max_length: TRL never cuts a kept pair
+    before = len(rendered)
+    rendered = [r for r in rendered if r["prompt_tokens"] + max(r["chosen_tokens"], r["rejected_tokens"]) <= cap]
+    report.record(f"longer than {cap} tokens", before, len(rendered))
     return rendered
 
 

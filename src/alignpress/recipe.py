@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -48,7 +49,7 @@ class FilterSection:
     min: dict[str, float] = _f({}, help="Keep rows whose column >= value, e.g. {rating_chosen: 4.5}.")
     max: dict[str, float] = _f({}, help="Keep rows whose column <= value, e.g. {rating_rejected: 2.5}.")
     max_messages: int | None = _f(None, help="Keep rows whose chosen conversation (prompt + answer) has at most this many messages.")
-    max_tokens: int | None = _f(None, help="Keep rows whose prompt + longer answer is at most this many tokens after the chat template.")
+    max_tokens: int | None = _f(None, help="Keep rows whose prompt + longer answer is at most this many tokens after the chat template. None = dpo.max_length, so TRL never cuts a pair; a larger cap needs dpo.max_truncated_fraction.")
     drop_empty: bool = _f(True, help="Drop rows with an empty chosen or rejected answer.")
     drop_identical: bool = _f(True, help="Drop rows whose chosen and rejected answers are the same text.")
     drop_duplicates: bool = _f(True, help="Drop repeated (prompt, chosen, rejected) triples, keeping the first.")
@@ -106,6 +107,7 @@ class DPOSection:
     label_smoothing: float = _f(0.0, help="Conservative DPO label smoothing, in [0, 0.5).")
     max_length: int = _f(1024, help="Truncate prompt + answer to this many tokens (TRL max_length).")
     truncation_mode: Literal["keep_start", "keep_end"] = _f("keep_start", help="Which end to keep when truncating.")
+    max_truncated_fraction: float = _f(0.0, help="Share of training pairs allowed to be longer than max_length (TRL cuts them, losing the end of the answer and its end-of-turn token). Checked when training starts; 0 = none.")
     precompute_ref_log_probs: Literal["auto"] | bool = _f("auto", help="Compute reference log-probs once before training (saves a forward per step) and keep them in the output folder for resumed runs. auto = when the run is long enough to repay the pass (alignpress.flops.precompute_decision: about 5.4 epochs on the measured GPU), or when this data's log-probs are already stored.")
     precompute_ref_batch_size: int | None = _f(None, help="Pairs per forward in the precompute pass (TRL precompute_ref_batch_size); None = train.per_device_train_batch_size. The pass needs no activations for backward, so it can take a larger batch.")
     prefix_sharing: bool = _f(False, help="Prefix-shared DPO (alignpress.prefix_dpo): each pair runs as one sequence [prompt | chosen | rejected] with a mask that hides the chosen answer from the rejected one, so the prompt is computed once, not twice; same numbers as TRL's path. Needs attention sdpa or eager.")
@@ -200,6 +202,10 @@ class Recipe:
         out.pop("source")
         return out
 
+    def where(self, field_path: str) -> str:
+        """The file or `--set` flag a field's value came from, for error messages."""
+        return _where(getattr(self, "_overridden", ()), self.source, field_path)
+
     def resolve_path(self, value: str) -> str:
         """A path written in the recipe, relative to the recipe file's folder."""
         p = Path(value).expanduser()
@@ -233,13 +239,18 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         overridden.add(key)
 
     def src(field_path: str) -> str:
-        hit = [k for k in overridden if field_path == k or field_path.startswith((k + ".", k + "[")) or k.startswith(field_path + ".")]
-        return f"--set {hit[0]}" if hit else source
+        return _where(overridden, source, field_path)
 
     recipe = _build(Recipe, raw, "", src)
     recipe.source = source
+    recipe._overridden = sorted(overridden)  # not a field: for Recipe.where in later checks
     validate(recipe, src)
     return recipe
+
+
+def _where(overridden: typing.Iterable[str], source: str, field_path: str) -> str:
+    hit = [k for k in overridden if field_path == k or field_path.startswith((k + ".", k + "[")) or k.startswith(field_path + ".")]
+    return f"--set {hit[0]}" if hit else source
 
 
 def apply_override(raw: dict, item: str) -> str:
@@ -343,10 +354,25 @@ def _coerce(tp: Any, value: Any, dotted: str, src: typing.Callable[[str], str]) 
             raise AlignpressError(f"expected a list of mappings, got {value!r}", source=src(dotted), field=dotted)
         return [_build(args[0], v, f"{dotted}[{i}]", src) for i, v in enumerate(value)]
     try:
-        return _check(tp, value)
+        checked = _check(tp, value)
     except (TypeError, ValueError):
         shown = value if not isinstance(value, str) else repr(value)
         raise AlignpressError(f"expected {_type_name(tp)}, got {shown}", source=src(dotted), field=dotted) from None
+    # nan and inf parse as numbers (YAML .nan/.inf, or the strings) but no field means them.
+    bad = [v for v in _numbers(checked) if not math.isfinite(v)]
+    if bad:
+        raise AlignpressError(f"must be a finite number, got {bad[0]}", source=src(dotted), field=dotted)
+    return checked
+
+
+def _numbers(value: Any) -> list[float]:
+    if isinstance(value, float):
+        return [value]
+    if isinstance(value, list):
+        return [x for v in value for x in _numbers(v)]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _numbers(v)]
+    return []
 
 
 def _check(tp: Any, value: Any) -> Any:
@@ -436,6 +462,19 @@ def accelerate_config_path(r: Recipe) -> Path | None:
     return next((p for p in candidates if p.is_file()), None)
 
 
+def token_cap(r: Recipe, filters: FilterSection | None = None) -> int:
+    """The longest pair (prompt + longer answer, in tokens) prepare keeps: the filters' max_tokens
+    (a source's own filters, else data.filters), or dpo.max_length when unset, so that TRL's
+    max_length never cuts an answer by default."""
+    filters = filters or r.data.filters
+    return filters.max_tokens if filters.max_tokens is not None else r.dpo.max_length
+
+
+def longest_sequence(r: Recipe) -> int:
+    """The longest sequence training can see: the token cap, cut at dpo.max_length."""
+    return min(token_cap(r), r.dpo.max_length)
+
+
 def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>") -> None:
     def fail(field_path: str, msg: str) -> typing.NoReturn:
         raise AlignpressError(msg, source=src(field_path), field=field_path)
@@ -516,6 +555,19 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
         fail("lora.alpha", f"must be > 0, got {r.lora.alpha}")
     if isinstance(r.lora.target_modules, str) and r.lora.target_modules != "all-linear":
         fail("lora.target_modules", f"write 'all-linear' or a list of module names, got {r.lora.target_modules!r}")
+    if isinstance(r.lora.target_modules, list):
+        if not r.lora.target_modules:
+            fail("lora.target_modules", "the list is empty: name at least one module (e.g. [q_proj, v_proj]) or write all-linear")
+        for name in r.lora.target_modules:
+            if not name.strip():
+                fail("lora.target_modules", "a module name is empty")
+    if not 0 <= r.dpo.max_truncated_fraction < 1:
+        fail("dpo.max_truncated_fraction", f"must be in [0, 1), got {r.dpo.max_truncated_fraction}")
+    cap = r.data.filters.max_tokens
+    if cap is not None and cap > r.dpo.max_length and r.dpo.max_truncated_fraction == 0:
+        fail("data.filters.max_tokens", f"{cap} is more than dpo.max_length ({r.dpo.max_length}): TRL would cut the pairs in between, "
+                                        "losing the end of their answers; lower it (or leave it unset: prepare then keeps pairs within "
+                                        "dpo.max_length), or allow some cut pairs with dpo.max_truncated_fraction")
     if r.model.load_in_4bit and not r.lora.enabled:
         fail("model.load_in_4bit", "4-bit training needs a LoRA adapter (lora.enabled: true)")
     if r.eval.behaviour_pattern is not None:

@@ -22,6 +22,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from .checks import check_truncation
 from .errors import AlignpressError, Preempted
 from .health import HealthCallback
 from .modeling import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
@@ -280,6 +281,20 @@ def dpo_config(recipe: Recipe, run_dir: RunDir, device: str, dtype, systems: dic
 STORED_MARK = ".complete"
 
 
+def lora_config(recipe: Recipe, **override: Any):
+    """PEFT's LoraConfig from the recipe (also used by checks.py on the meta-device model)."""
+    from peft import LoraConfig
+
+    kwargs = dict(
+        r=recipe.lora.r,
+        lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout,
+        target_modules=recipe.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return LoraConfig(**{**kwargs, **override})
+
+
 def to_dataset(rows: list[dict[str, Any]], with_length: bool = False):
     """TRL's conversational columns; `length` (prompt + longer answer, in tokens) for length grouping."""
     from datasets import Dataset
@@ -361,12 +376,10 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     rows = read_jsonl(run_dir.data / "train.jsonl")
     if not rows:
         raise AlignpressError("data/train.jsonl is empty; re-run prepare", source=str(run_dir.data / "train.jsonl"))
+    truncated = check_truncation(recipe, rows)  # before the model loads: dpo.max_length may have changed since prepare
     import torch
 
-    from .modeling import liger_problem
-
-    if recipe.train.use_liger_kernel and device == "cuda" and (problem := liger_problem(device)):
-        raise AlignpressError(problem, source=recipe.source, field="train.use_liger_kernel")
+    # train.use_liger_kernel without the package on CUDA is refused by modeling.preflight, before prepare.
     gpu_gib = torch.cuda.mem_get_info()[0] / 1024**3 if device == "cuda" else None  # before the weights land
     model = load_model(recipe, base_path, device=device, dtype=dtype, quantized=recipe.model.load_in_4bit, tokenizer=tok)
     systems = resolve_systems(recipe, rows, device, dtype, run_dir, config=model.config, gpu_gib=gpu_gib)
@@ -374,15 +387,7 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
 
     peft_config = None
     if recipe.lora.enabled:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            r=recipe.lora.r,
-            lora_alpha=recipe.lora.alpha,
-            lora_dropout=recipe.lora.dropout,
-            target_modules=recipe.lora.target_modules,
-            task_type="CAUSAL_LM",
-        )
+        peft_config = lora_config(recipe)
         if recipe.model.load_in_4bit:
             from peft import prepare_model_for_kbit_training
 
@@ -446,6 +451,7 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
         "final_loss": losses[-1] if losses else None,
         "systems": systems,
+        "truncated_pairs": truncated,
     }
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     summary["world_size"] = trainer.args.world_size

@@ -1,0 +1,298 @@
+"""Checks that must fail before any data is prepared or any GPU time is spent.
+
+- Training settings: the names TRL and transformers accept (loss types, schedulers, optimizers),
+  read from the installed libraries, then the real `DPOConfig` built from the recipe by the same
+  function training uses, so each of their own checks runs at the door.
+- The model's shape: the architecture built from its config on PyTorch's meta device (no
+  weights, no memory): LoRA target modules, the attention implementation, and the longest
+  sequence training sees against the model's positions and sliding window.
+- Truncation: how many prepared pairs TRL would cut at dpo.max_length (at the start of training).
+
+`validate` runs the first two (the model check only when the config is on this machine); the
+commands that lead to training (run, prepare, train) run both before writing anything, and train
+checks truncation before loading the model.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import copy
+import difflib
+import functools
+import inspect
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import AlignpressError
+from .recipe import Recipe, longest_sequence, token_cap
+
+log = logging.getLogger("alignpress")
+
+
+def _fail(recipe: Recipe, field: str, message: str) -> AlignpressError:
+    return AlignpressError(message, source=recipe.where(field), field=field)
+
+
+def _did_you_mean(value: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(value, known, n=1, cutoff=0.75)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Library warnings and log lines about a configuration we only check, never run."""
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers.logging.set_verbosity(level)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training settings
+
+
+@functools.cache
+def trl_loss_types() -> tuple[str, ...]:
+    """The loss types the installed TRL computes: the `loss_type == "..."` branches of
+    DPOTrainer (TRL 1.16 has no list of them; its DPOConfig accepts any string and the trainer
+    fails at the first training step on an unknown one)."""
+    from trl import DPOTrainer
+
+    tree = ast.parse(inspect.getsource(inspect.getmodule(DPOTrainer)))
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Compare) and isinstance(node.left, ast.Name) and node.left.id == "loss_type"
+                and len(node.ops) == 1 and isinstance(node.ops[0], ast.Eq)
+                and isinstance(node.comparators[0], ast.Constant) and isinstance(node.comparators[0].value, str)):
+            if node.comparators[0].value not in found:
+                found.append(node.comparators[0].value)
+    return tuple(found)
+
+
+def _check_name(recipe: Recipe, field: str, value: str, known: list[str], what: str) -> None:
+    if value not in known:
+        hint = _did_you_mean(value, known) or f" (known: {', '.join(known)})"
+        raise _fail(recipe, field, f"{value!r} is not {what}{hint}")
+
+
+def check_training_settings(recipe: Recipe) -> None:
+    """Names against the installed libraries, then the real DPOConfig (TrainingArguments) built
+    from the recipe with the device flags neutral (CPU, float32): no GPU needed, nothing written."""
+    import torch
+    import transformers
+    import trl
+    from transformers import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    known_losses = list(trl_loss_types())
+    types_ = [recipe.dpo.loss_type] if isinstance(recipe.dpo.loss_type, str) else recipe.dpo.loss_type
+    if known_losses:  # an empty list means TRL changed how it dispatches: let DPOConfig judge
+        for name in types_:
+            _check_name(recipe, "dpo.loss_type", name, known_losses, f"a loss type of TRL {trl.__version__}")
+    _check_name(recipe, "train.lr_scheduler_type", recipe.train.lr_scheduler_type, [s.value for s in SchedulerType],
+                f"a learning-rate scheduler of transformers {transformers.__version__}")
+    _check_name(recipe, "train.optim", recipe.train.optim, [o.value for o in OptimizerNames],
+                f"an optimizer of transformers {transformers.__version__}")
+
+    # Building TrainingArguments sets up accelerate's process state; under `accelerate launch` that
+    # state is the launch's own, so only a plain process (validate, the parent that relaunches) builds it.
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ALIGNPRESS_LAUNCHED") == "1":
+        return
+    from .runstate import RunDir
+    from .train import dpo_config
+
+    try:
+        with _quiet():
+            dpo_config(recipe, RunDir(Path("outputs") / recipe.name), "cpu", torch.float32)
+    except Exception as e:  # noqa: BLE001 - every refusal of TRL/transformers names the field it concerns
+        raise _fail(recipe, _field_named_in(str(e)) or "dpo", f"TRL {trl.__version__} refuses the training settings: {_first_line(e)}") from None
+
+
+def _field_named_in(message: str) -> str | None:
+    """The recipe field (dpo.* and train.* use TRL's names) that a library error message mentions."""
+    import dataclasses
+    import re
+
+    from .recipe import DPOSection, TrainSection
+
+    hits = []
+    for section, cls in (("dpo", DPOSection), ("train", TrainSection)):
+        for f in dataclasses.fields(cls):
+            m = re.search(rf"\b{re.escape(f.name)}\b", message)
+            if m:
+                hits.append((m.start(), f"{section}.{f.name}"))
+    return min(hits)[1] if hits else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's shape, on the meta device
+
+
+def _local_config(recipe: Recipe, local_only: bool) -> tuple[Any, str] | None:
+    """(config, where it came from), or None when it is not on this machine and local_only is set."""
+    from transformers import AutoConfig
+
+    from .modeling import _hub_error, cache_home, resolve_model_path
+
+    name = recipe.model.name_or_path
+    if name.startswith("builtin:") and local_only:
+        from .demo import BUILTINS, VERSION
+
+        folder = cache_home() / "models" / f"{name.removeprefix('builtin:')}-v{VERSION}"
+        if name.removeprefix("builtin:") not in BUILTINS or not (folder / ".complete").exists():
+            return None  # built on first use by run/prepare, which check it then
+        path = str(folder)
+    else:
+        path = resolve_model_path(recipe)
+    kwargs: dict[str, Any] = {"trust_remote_code": recipe.model.trust_remote_code}
+    if not Path(path).is_dir():
+        kwargs.update(revision=recipe.model.revision, local_files_only=local_only)
+    try:
+        with _quiet():
+            return AutoConfig.from_pretrained(path, **kwargs), path
+    except Exception as e:  # noqa: BLE001
+        if local_only and not Path(path).is_dir():
+            return None
+        raise _hub_error(recipe, name, e) from None
+
+
+def _meta_model(recipe: Recipe, config, attn: str | None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"trust_remote_code": recipe.model.trust_remote_code}
+    if attn:
+        kwargs["attn_implementation"] = attn
+    with _quiet(), torch.device("meta"):
+        # A copy: from_config records the attention implementation in the config it is given.
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config), **kwargs)
+
+
+def _check_attention(recipe: Recipe, config, arch: str):
+    """The meta model with the recipe's attention implementation; transformers decides whether
+    the name exists, its package is installed and this architecture supports it."""
+    attn = recipe.model.attn_implementation
+    try:
+        return _meta_model(recipe, config, attn)
+    except Exception as e:  # noqa: BLE001
+        if not attn:
+            raise _fail(recipe, "model.name_or_path", f"transformers cannot build {arch} from its config: {_first_line(e)}") from None
+        try:
+            _meta_model(recipe, config, None)
+        except Exception as e2:  # noqa: BLE001 - the config itself is the problem
+            raise _fail(recipe, "model.name_or_path", f"transformers cannot build {arch} from its config: {_first_line(e2)}") from None
+        raise _fail(recipe, "model.attn_implementation", f"{attn!r} cannot be used for {arch} with the installed libraries: {_first_line(e)}") from None
+
+
+def _probe_attention(recipe: Recipe) -> None:
+    """Without the model's config: is the attention implementation a name transformers knows,
+    with its package installed? Checked on a tiny Llama (which supports every kind) on the meta device."""
+    from transformers import LlamaConfig
+
+    attn = recipe.model.attn_implementation
+    if not attn:
+        return
+    probe = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1)
+    try:
+        _meta_model(recipe, probe, attn)
+    except Exception as e:  # noqa: BLE001
+        raise _fail(recipe, "model.attn_implementation", f"{attn!r} cannot be used with the installed libraries: {_first_line(e)}") from None
+
+
+def _check_lora(recipe: Recipe, model, arch: str) -> list[str]:
+    """Every listed target module matches a module of the model (PEFT's own matching), and PEFT
+    can wrap them; returns the names of the adapted modules."""
+    from peft import get_peft_model
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from .train import lora_config
+
+    config = lora_config(recipe)
+    names = [n for n, _ in model.named_modules() if n]
+    if isinstance(recipe.lora.target_modules, list):
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "in_features")})
+        for target in recipe.lora.target_modules:
+            one = lora_config(recipe, target_modules=[target])
+            if not any(check_target_module_exists(one, n) for n in names):
+                raise _fail(recipe, "lora.target_modules", f"{target!r} matches no module of {arch}{_did_you_mean(target, linear)} "
+                                                           f"(its linear layers: {', '.join(linear)})")
+    try:
+        with _quiet():
+            peft_model = get_peft_model(model, config, low_cpu_mem_usage=True)
+    except Exception as e:  # noqa: BLE001
+        raise _fail(recipe, "lora.target_modules", f"PEFT cannot adapt {arch} with these target modules: {_first_line(e)}") from None
+    return sorted({n.rsplit(".", 1)[-1] for n, m in peft_model.named_modules() if hasattr(m, "lora_A")})
+
+
+def _check_lengths(recipe: Recipe, config, arch: str) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    longest = longest_sequence(recipe)
+    # Blame the setting that makes the longest sequence what it is.
+    field = "data.filters.max_tokens" if token_cap(recipe) < recipe.dpo.max_length else "dpo.max_length"
+    fix = "set dpo.max_length (or data.filters.max_tokens, which prepare keeps pairs within)"
+    positions = getattr(text, "max_position_embeddings", None)
+    if positions and longest > positions:
+        raise _fail(recipe, field, f"training sequences of up to {longest} tokens exceed {arch}'s {positions} positions "
+                                   f"(config max_position_embeddings); {fix} to at most {positions}")
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None) or []
+    every_layer_slides = not layer_types or all(t == "sliding_attention" for t in layer_types)
+    if window and every_layer_slides and longest > window:
+        raise _fail(recipe, field, f"training sequences of up to {longest} tokens are longer than {arch}'s sliding attention window of {window} "
+                                   f"tokens (config sliding_window): the end of a long answer would not attend to the start of its prompt; "
+                                   f"{fix} to at most {window}")
+    return longest
+
+
+def check_model(recipe: Recipe, local_only: bool = False) -> str:
+    """Checks that need the model's shape, from its config alone. Returns a line saying what was
+    checked, or why it was deferred (local_only: the config is not on this machine)."""
+    found = _local_config(recipe, local_only)
+    if found is None:
+        _probe_attention(recipe)
+        return (f"model checks deferred: the config of {recipe.model.name_or_path!r} is not on this machine "
+                "(run, prepare and train check LoRA targets, attention and lengths before anything else)")
+    config, where = found
+    arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+    model = _check_attention(recipe, config, arch)
+    longest = _check_lengths(recipe, config, arch)
+    parts = [f"model checks passed on {arch} (config from {where}, meta device)"]
+    if recipe.lora.enabled:
+        parts.append(f"LoRA on {', '.join(_check_lora(recipe, model, arch))}")
+    parts.append(f"attention {model.config._attn_implementation}")
+    parts.append(f"sequences up to {longest} tokens")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Truncation, from the prepared pairs' token counts
+
+
+def check_truncation(recipe: Recipe, rows: list[dict[str, Any]]) -> int:
+    """The number of training pairs TRL would cut at dpo.max_length; refuses more than
+    dpo.max_truncated_fraction of them (dpo.max_length may have changed since prepare ran)."""
+    limit = recipe.dpo.max_length
+    cut = sum(1 for r in rows if r["prompt_tokens"] + max(r["chosen_tokens"], r["rejected_tokens"]) > limit)
+    if rows and cut / len(rows) > recipe.dpo.max_truncated_fraction:
+        raise _fail(recipe, "dpo.max_length", f"{cut} of {len(rows)} prepared training pairs ({cut / len(rows):.1%}) are longer than "
+                                              f"{limit} tokens and TRL would cut their answers (dpo.max_truncated_fraction allows "
+                                              f"{recipe.dpo.max_truncated_fraction:.1%}); run the prepare stage again (it keeps pairs within "
+                                              "dpo.max_length), raise dpo.max_length, or raise dpo.max_truncated_fraction")
+    if cut:
+        log.warning("%d of %d training pairs are longer than dpo.max_length (%d tokens): TRL cuts their answers", cut, len(rows), limit)
+    return cut

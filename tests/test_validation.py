@@ -1,0 +1,250 @@
+"""Values that used to pass `validate` and crash on the GPU: refused at the door by TRL's and
+transformers' own rules and by the model's shape (meta device), before anything is written.
+
+Most cases call alignpress.cli.main in this process (the function entrypoint.py calls), so TRL is
+imported once; `test_entrypoint_*` run entrypoint.py itself as a user would.
+"""
+
+import dataclasses
+import json
+import re
+import shutil
+
+import pytest
+import trl
+import yaml
+
+from alignpress.checks import check_model, check_training_settings, check_truncation, trl_loss_types
+from alignpress.cli import main
+from alignpress.recipe import load_recipe
+from conftest import ROOT, cli
+
+DATA = ROOT / "recipes/data/arithmetic-capybara.jsonl"
+PHI3_LINEAR = "down_proj, gate_up_proj, lm_head, o_proj, qkv_proj"
+
+
+def write_recipe(tmp_path, model_dir, **sections):
+    recipe = {
+        "name": "t",
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"dataset": str(DATA), "split": "train[100:160]", "eval_split": "train[:20]",
+                 "filters": {"max_messages": 2, "max_tokens": 64}},
+        "dpo": {"max_length": 64},
+        "train": {"max_steps": 2, "per_device_train_batch_size": 2},
+        "eval": {"max_rows": 8, "generation_rows": 2, "max_new_tokens": 8},
+    }
+    for name, values in sections.items():
+        recipe.setdefault(name, {}).update(values)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def call(capsys, *args):
+    rc = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+# (override, field, message after "field 'FIELD': ") for the nine cases of issue 11 and neighbours.
+CASES = [
+    ("dpo.loss_type=sigmoidd", "dpo.loss_type", f"'sigmoidd' is not a loss type of TRL {trl.__version__}; did you mean 'sigmoid'?"),
+    ("dpo.loss_type=[sigmoid,rpo_bogus]", "dpo.loss_type", f"'rpo_bogus' is not a loss type of TRL {trl.__version__} (known: {', '.join(trl_loss_types())})"),
+    ("train.lr_scheduler_type=cosin", "train.lr_scheduler_type", "'cosin' is not a learning-rate scheduler of transformers {tf}; did you mean 'cosine'?"),
+    ("train.optim=paged_adamw_32", "train.optim", "'paged_adamw_32' is not an optimizer of transformers {tf}; did you mean 'paged_adamw_32bit'?"),
+    ("lora.target_modules=[]", "lora.target_modules", "the list is empty: name at least one module (e.g. [q_proj, v_proj]) or write all-linear"),
+    ("lora.target_modules=[q_projj]", "lora.target_modules", f"'q_projj' matches no module of Phi3ForCausalLM; did you mean 'qkv_proj'? (its linear layers: {PHI3_LINEAR})"),
+    ("lora.target_modules=[qkv_proj,gate_projj]", "lora.target_modules", f"'gate_projj' matches no module of Phi3ForCausalLM; did you mean 'gate_up_proj'? (its linear layers: {PHI3_LINEAR})"),
+    ("model.attn_implementation=flash_attention_3", "model.attn_implementation",
+     "'flash_attention_3' cannot be used for Phi3ForCausalLM with the installed libraries: FlashAttention3 has been toggled on, "
+     "but it cannot be used due to the following error: the package for FlashAttention3 doesn't seem to be installed."),
+    ("dpo.beta=nan", "dpo.beta", "must be a finite number, got nan"),
+    ("train.learning_rate=inf", "train.learning_rate", "must be a finite number, got inf"),
+    ("dpo.loss_weights=[1.0,.inf]", "dpo.loss_weights", "must be a finite number, got inf"),
+    # Rules that only the library knows, reported from DPOConfig itself with the field it names.
+    ("train.lr_scheduler_type=reduce_lr_on_plateau", "train.lr_scheduler_type",
+     f"TRL {trl.__version__} refuses the training settings: lr_scheduler_type reduce_lr_on_plateau requires an eval strategy"),
+    ("dpo.max_length=8192", "dpo.max_length",
+     "training sequences of up to 64 tokens exceed Phi3ForCausalLM's 4096 positions (config max_position_embeddings); "
+     "set dpo.max_length (or data.filters.max_tokens, which prepare keeps pairs within) to at most 4096"),
+]
+
+
+@pytest.mark.parametrize("override, field, message", CASES, ids=[c[0] for c in CASES])
+def test_validate_and_run_refuse_at_the_door(tmp_path, tiny_phi3, capsys, override, field, message):
+    import transformers
+
+    if override == "dpo.max_length=8192":  # the cap follows: the longest pair is 8192 tokens
+        recipe = write_recipe(tmp_path, tiny_phi3, data={"filters": {"max_messages": 2}})
+        message = message.replace("up to 64", "up to 8192")
+    else:
+        recipe = write_recipe(tmp_path, tiny_phi3)
+    expected = f"error: --set {override.split('=')[0]}: field '{field}': " + message.replace("{tf}", transformers.__version__)
+
+    rc, out, err = call(capsys, "validate", recipe, "--set", override)
+    assert (rc, out, err.strip()) == (2, "", expected)
+
+    output = tmp_path / "out"
+    rc, out, err = call(capsys, "run", recipe, "--set", override, "--output-dir", output)
+    assert (rc, err.strip().splitlines()[-1]) == (2, expected)
+    assert not output.exists()  # no data/, no checkpoints/, no run.json marking anything done
+
+
+def test_entrypoint_validate_and_run_exit_2(tmp_path, tiny_phi3):
+    recipe = write_recipe(tmp_path, tiny_phi3)
+    proc = cli("validate", recipe, "--set", "dpo.loss_type=sigmoidd")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == f"error: --set dpo.loss_type: field 'dpo.loss_type': 'sigmoidd' is not a loss type of TRL {trl.__version__}; did you mean 'sigmoid'?"
+    out = tmp_path / "out"
+    proc = cli("run", recipe, "--set", "lora.target_modules=[q_projj]", "--output-dir", out)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --set lora.target_modules: field 'lora.target_modules': 'q_projj' matches no module")
+    assert not out.exists()
+
+
+def test_a_mistake_in_the_file_names_the_file(tmp_path, tiny_gemma, capsys):
+    recipe = write_recipe(tmp_path, tiny_gemma, lora={"target_modules": ["q_proj", "v_projj"]})
+    rc, out, err = call(capsys, "validate", recipe)
+    assert rc == 2
+    assert err.strip() == (f"error: {recipe}: field 'lora.target_modules': 'v_projj' matches no module of GemmaForCausalLM; did you mean 'v_proj'? "
+                           "(its linear layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj)")
+
+
+def test_validate_reports_the_model_checks(tmp_path, tiny_phi3, tiny_gemma, capsys):
+    rc, out, err = call(capsys, "validate", write_recipe(tmp_path, tiny_phi3), "--set", "model.attn_implementation=eager")
+    assert rc == 0, err
+    assert out.splitlines()[1] == (f"# model checks passed on Phi3ForCausalLM (config from {tiny_phi3}, meta device); "
+                                   "LoRA on down_proj, gate_up_proj, o_proj, qkv_proj; attention eager; sequences up to 64 tokens")
+    rc, out, err = call(capsys, "validate", write_recipe(tmp_path, tiny_gemma, lora={"target_modules": ["q_proj", "v_proj"]}))
+    assert rc == 0, err
+    assert out.splitlines()[1] == (f"# model checks passed on GemmaForCausalLM (config from {tiny_gemma}, meta device); "
+                                   "LoRA on q_proj, v_proj; attention sdpa; sequences up to 64 tokens")
+
+
+def test_hub_model_not_on_this_machine_is_deferred_but_attention_still_checked(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, "someone/not-cached-model")
+    rc, out, err = call(capsys, "validate", recipe)
+    assert rc == 0, err
+    assert out.splitlines()[1] == ("# model checks deferred: the config of 'someone/not-cached-model' is not on this machine "
+                                   "(run, prepare and train check LoRA targets, attention and lengths before anything else)")
+    # Without the config, the attention name and its package are checked on a probe architecture.
+    rc, out, err = call(capsys, "validate", recipe, "--set", "model.attn_implementation=flash_attention_3")
+    assert rc == 2
+    assert err.strip() == ("error: --set model.attn_implementation: field 'model.attn_implementation': 'flash_attention_3' cannot be used with the "
+                           "installed libraries: FlashAttention3 has been toggled on, but it cannot be used due to the following error: "
+                           "the package for FlashAttention3 doesn't seem to be installed.")
+    # run needs the config before anything else; offline it names the model field and writes nothing.
+    out_dir = tmp_path / "out"
+    rc, out, err = call(capsys, "run", recipe, "--output-dir", out_dir)
+    assert rc == 2 and "field 'model.name_or_path': could not load 'someone/not-cached-model'" in err
+    assert not out_dir.exists()
+
+
+def test_sliding_window_against_the_longest_sequence(tmp_path, tiny_phi3, capsys):
+    model = tmp_path / "windowed"
+    shutil.copytree(tiny_phi3, model)
+    config = json.loads((model / "config.json").read_text())
+    config["sliding_window"] = 48
+    (model / "config.json").write_text(json.dumps(config))
+    recipe = write_recipe(tmp_path, model, dpo={"max_length": 128})  # the 64-token cap sets the longest sequence
+    rc, out, err = call(capsys, "validate", recipe)
+    assert rc == 2
+    assert err.strip() == (f"error: {recipe}: field 'data.filters.max_tokens': training sequences of up to 64 tokens are longer than "
+                           "Phi3ForCausalLM's sliding attention window of 48 tokens (config sliding_window): the end of a long answer "
+                           "would not attend to the start of its prompt; set dpo.max_length (or data.filters.max_tokens, which prepare "
+                           "keeps pairs within) to at most 48")
+    rc, out, err = call(capsys, "validate", recipe, "--set", "data.filters.max_tokens=48")
+    assert rc == 0, err
+
+
+def test_seed_recipes_on_the_real_architectures(tmp_path):
+    """Configs with the sizes in shared/reference/models-and-data.md (no weights: meta device)."""
+    from transformers import GemmaConfig, Phi3Config
+
+    Phi3Config(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+               max_position_embeddings=4096, sliding_window=2047, architectures=["Phi3ForCausalLM"]).save_pretrained(tmp_path / "phi3")
+    GemmaConfig(vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8, num_key_value_heads=1,
+                head_dim=256, max_position_embeddings=8192, architectures=["GemmaForCausalLM"]).save_pretrained(tmp_path / "gemma")
+    phi3 = load_recipe(ROOT / "recipes/phi3-mini-capybara.yaml", [f"model.name_or_path={tmp_path / 'phi3'}"])
+    gemma = load_recipe(ROOT / "recipes/gemma-2b-it-capybara.yaml", [f"model.name_or_path={tmp_path / 'gemma'}"])
+    assert check_model(phi3, local_only=True).endswith("LoRA on down_proj, gate_up_proj, o_proj, qkv_proj; attention sdpa; sequences up to 1024 tokens")
+    assert check_model(gemma, local_only=True).endswith("LoRA on down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj; attention sdpa; sequences up to 2048 tokens")
+    # Without its 1,024-token cap, Phi-3's seed would train 2,048-token pairs on a 2,047-token window.
+    uncapped = load_recipe(ROOT / "recipes/phi3-mini-capybara.yaml", [f"model.name_or_path={tmp_path / 'phi3'}", "data.filters.max_tokens=null"])
+    with pytest.raises(Exception, match=r"field 'dpo.max_length': training sequences of up to 2048 tokens are longer than Phi3ForCausalLM's sliding attention window of 2047"):
+        check_model(uncapped, local_only=True)
+
+
+def test_loss_types_are_trls_own():
+    """Read from DPOTrainer's dispatch; the same names DPOConfig's help lists for TRL 1.16."""
+    from trl import DPOConfig
+
+    help_ = next(f for f in dataclasses.fields(DPOConfig) if f.name == "loss_type").metadata["help"]
+    documented = re.findall(r"`'([a-z_]+)'`", help_.split("If multiple")[0])
+    assert sorted(trl_loss_types()) == sorted(documented)
+    assert {"sigmoid", "ipo", "sft", "robust"} <= set(trl_loss_types())
+
+
+@pytest.mark.parametrize("path", ["recipes/demo.yaml", "recipes/phi3-mini-capybara.yaml", "recipes/gemma-2b-it-capybara.yaml"])
+def test_shipped_recipes_pass_the_library_checks(path):
+    check_training_settings(load_recipe(ROOT / path))
+
+
+def rows(*lengths):
+    return [{"prompt_tokens": p, "chosen_tokens": c, "rejected_tokens": r} for p, c, r in lengths]
+
+
+def test_truncation_count_and_limit(tmp_path):
+    recipe = load_recipe(ROOT / "recipes/demo.yaml", ["dpo.max_length=10", "data.filters.max_tokens=null"])
+    assert check_truncation(recipe, rows((5, 5, 4), (4, 3, 3))) == 0
+    with pytest.raises(Exception) as e:
+        check_truncation(recipe, rows((5, 5, 4), (4, 3, 3), (8, 1, 3)))
+    assert str(e.value) == ("--set dpo.max_length: field 'dpo.max_length': 1 of 3 prepared training pairs (33.3%) are longer than 10 tokens and "
+                            "TRL would cut their answers (dpo.max_truncated_fraction allows 0.0%); run the prepare stage again (it keeps pairs "
+                            "within dpo.max_length), raise dpo.max_length, or raise dpo.max_truncated_fraction")
+    allowed = load_recipe(ROOT / "recipes/demo.yaml", ["dpo.max_length=10", "data.filters.max_tokens=null", "dpo.max_truncated_fraction=0.5"])
+    assert check_truncation(allowed, rows((5, 5, 4), (4, 3, 3), (8, 1, 3))) == 1
+
+
+def test_prepare_keeps_pairs_within_max_length_and_train_refuses_a_shorter_one(tmp_path, tiny_phi3, capsys):
+    # No data.filters.max_tokens: prepare's cap is dpo.max_length (40 tokens).
+    recipe = write_recipe(tmp_path, tiny_phi3, data={"filters": {"max_messages": 2}}, dpo={"max_length": 40})
+    out = tmp_path / "out"
+    rc, _, err = call(capsys, "prepare", recipe, "--output-dir", out)
+    assert rc == 0, err
+    stats = json.loads((out / "data/stats.json").read_text())
+    filters = {f["filter"]: f["removed"] for f in stats["splits"]["train"]["filters"]}
+    assert "longer than 40 tokens" in filters
+    train = [json.loads(line) for line in (out / "data/train.jsonl").read_text().splitlines()]
+    longest = max(r["prompt_tokens"] + max(r["chosen_tokens"], r["rejected_tokens"]) for r in train)
+    assert longest <= 40
+    # dpo settings may change before training starts; a shorter max_length would cut prepared pairs.
+    over = sum(1 for r in train if r["prompt_tokens"] + max(r["chosen_tokens"], r["rejected_tokens"]) > longest - 1)
+    rc, _, err = call(capsys, "train", recipe, "--set", f"dpo.max_length={longest - 1}", "--output-dir", out)
+    assert rc == 2
+    assert err.strip().splitlines()[-1] == (
+        f"error: --set dpo.max_length: field 'dpo.max_length': {over} of {len(train)} prepared training pairs ({over / len(train):.1%}) "
+        f"are longer than {longest - 1} tokens and TRL would cut their answers (dpo.max_truncated_fraction allows 0.0%); run the prepare "
+        "stage again (it keeps pairs within dpo.max_length), raise dpo.max_length, or raise dpo.max_truncated_fraction")
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["stages"]["prepare"]["status"] == "done" and manifest["stages"]["train"]["status"] != "done"
+    assert not (out / "checkpoints").exists()
+
+
+def test_seed_recipes_have_a_gate_and_the_card_says_whether_one_was_set():
+    from alignpress import gate
+    from alignpress.card import evaluation_lines
+
+    for path in ("recipes/phi3-mini-capybara.yaml", "recipes/gemma-2b-it-capybara.yaml"):
+        r = load_recipe(ROOT / path)
+        assert (r.eval.gate_min_gain, r.eval.gate_max_kl) == (0.02, 50.0)
+    seed = load_recipe(ROOT / "recipes/phi3-mini-capybara.yaml")
+    unchanged = {"n_pairs": 300, "n_generations": 32, "behaviour_measure": "closer to chosen",
+                 "base": {"preference_accuracy": 0.61}, "aligned": {"preference_accuracy": 0.61, "kl_estimate": 0.0}}
+    verdict = gate.verdict(seed, unchanged)
+    assert verdict["passed"] is False and verdict["reasons"][0]["field"] == "eval.gate_min_gain"  # a run that changed nothing
+    lines = evaluation_lines({**unchanged, "gate": verdict})
+    assert "Publish gate failed: the aligned model does not beat the base on held-out preference accuracy by 0.02: 0.6100 -> 0.6100 (gain +0.0000)." in lines
+    lines = evaluation_lines({**unchanged, "gate": None})
+    assert ("No publish gate was set (eval.gate_min_gain, eval.gate_max_kl): nothing checked that this model improved on the base "
+            "before it was published.") in lines
