@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import shutil
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import AlignpressError
+
+log = logging.getLogger("alignpress")
 
 STAGES = ("prepare", "train", "evaluate", "export", "publish")
 LIBRARIES = ("alignpress", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "huggingface_hub", "deepspeed", "bitsandbytes", "tokenizers", "safetensors")
@@ -34,8 +38,40 @@ def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (a reader sees the old file or the new one, never half of one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave a stray temporary file
+        raise
+
+
+def disk_full(error: BaseException) -> bool:
+    """True when `error` (or one it was raised from) is a full disk. torch.save and safetensors
+    report it in their own words, so their messages are matched too."""
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        text = str(error)
+        if "No space left on device" in text or "file write failed" in text or "Disk quota exceeded" in text:
+            return True
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return False
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def space_left(folder: Path) -> str:
+    """'0.0 MB free of 1.0 MB' for the disk holding `folder`."""
+    try:
+        usage = shutil.disk_usage(folder)
+    except OSError:
+        return "free space unknown"
+    return f"{_mb(usage.free)} free of {_mb(usage.total)}"
 
 
 def library_versions() -> dict[str, str | None]:
@@ -170,9 +206,41 @@ class RunDir:
             yield info
         except BaseException as e:
             status = "interrupted" if isinstance(e, KeyboardInterrupt) or getattr(e, "exit_code", None) == 143 else "failed"
-            self.set_stage(name, status=status, finished=now(), seconds=round(time.time() - started, 2), error=str(e)[:2000])
+            if disk_full(e):
+                self.drop_partials()  # scratch space is never finished work; freeing it lets run.json be written
+            try:
+                self.set_stage(name, status=status, finished=now(), seconds=round(time.time() - started, 2), error=str(e)[:2000])
+            except OSError as write_error:
+                # Even run.json cannot be written (a full disk): it still says `running`, which a re-run
+                # treats as not done, so the state stays consistent. Report the first error, not this one.
+                log.warning("could not mark stage %s %s in %s: %s", name, status, self.manifest_path, write_error.strerror or write_error)
             raise
         self.set_stage(name, status="done", finished=now(), seconds=round(time.time() - started, 2), **info)
+
+    def drop_partials(self) -> None:
+        """Remove unfinished scratch folders (`NAME.partial`) left by a failed stage."""
+        for p in self.root.glob("*.partial"):
+            shutil.rmtree(p, ignore_errors=True)
+
+    # Results kept until their replacement is finished (`--restart`)
+    def set_aside(self, path: Path) -> None:
+        """Move `path` to `path.previous` so a redo starts without it but nothing finished is lost
+        if the redo fails; `drop_aside` removes it once the redo is done. An existing `.previous`
+        is the older, finished one: it is kept and `path` (an unfinished redo's) is dropped."""
+        if not path.exists():
+            return
+        aside = path.with_name(path.name + ".previous")
+        if aside.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        else:
+            os.replace(path, aside)
+
+    def drop_aside(self, path: Path) -> None:
+        aside = path.with_name(path.name + ".previous")
+        if aside.is_dir():
+            shutil.rmtree(aside)
+        elif aside.exists():
+            aside.unlink()
 
     # Staged folders
     def partial(self, final: Path) -> Path:
