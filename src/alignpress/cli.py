@@ -19,7 +19,7 @@ from . import plan
 from .errors import AlignpressError
 from .lock import FolderLock
 from .recipe import Recipe, describe, dump, load_recipe
-from .runstate import STAGES, RunDir, disk_full, space_left
+from .runstate import STAGES, RunDir, disk_full
 
 log = logging.getLogger("alignpress")
 
@@ -273,8 +273,8 @@ def _unexpected(error: Exception, args: argparse.Namespace) -> str:
     import traceback
 
     run_dir = getattr(args, "run_dir", None)
-    if run_dir is not None and disk_full(error):
-        return f"{run_dir.root}: no space left on device ({space_left(run_dir.root)}{_checkpoint_size(run_dir)}); free some space, then run the same command again to resume"
+    if run_dir is not None and disk_full(error, run_dir.root):
+        return str(run_dir.disk_full_error())
     short = str(error).strip().splitlines()[0] if str(error).strip() else ""
     short = f"{type(error).__name__}: {short}"[:300]
     text = "".join(traceback.format_exception(error))
@@ -285,17 +285,7 @@ def _unexpected(error: Exception, args: argparse.Namespace) -> str:
     path = run_dir.root / "logs" / f"{stage}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}{'' if rank == '0' else '-rank' + rank}.log"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"alignpress {' '.join(sys.argv[1:2])} {getattr(args, 'recipe', '')}: {short}\n\n{text}")
+        path.write_text(f"alignpress {args.command} {getattr(args, 'recipe', '')}: {short}\n\n{text}")
     except OSError as e:
         return f"{short} (the traceback could not be written to {path}: {e.strerror or e})\n{text}"
     return f"{short} (see {path})"
-
-
-def _checkpoint_size(run_dir: RunDir) -> str:
-    """', a checkpoint takes 12.3 MB' when one was saved: about what each save needs."""
-    ckpts = [p for p in run_dir.checkpoints.glob("checkpoint-*") if p.is_dir()] if run_dir.checkpoints.is_dir() else []
-    if not ckpts:
-        return ""
-    newest = max(ckpts, key=lambda p: p.stat().st_mtime)
-    size = sum(f.stat().st_size for f in newest.rglob("*") if f.is_file())
-    return f"; a checkpoint takes {size / 2**20:.1f} MB"

@@ -98,13 +98,15 @@ class FolderLock:
         return True
 
     def _beat(self) -> None:
+        text = json.dumps(self._payload())
         tmp = self.path.with_name(f".{LOCK_NAME}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps(self._payload()))
+            tmp.write_text(text)
             os.replace(tmp, self.path)
         except OSError:
             tmp.unlink(missing_ok=True)
-            raise
+            # Some bucket mounts cannot rename: overwrite in place (a reader retries a half-written file).
+            self.path.write_text(text)
 
     def _stale_reason(self, holder: dict) -> str | None:
         age = time.time() - float(holder.get("heartbeat", 0))

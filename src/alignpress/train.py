@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import signal
 import time
 import zipfile
@@ -26,7 +27,7 @@ from .health import HealthCallback
 from .modeling import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
 from .prepare import read_jsonl
 from .recipe import Recipe
-from .runstate import RunDir
+from .runstate import DiskFull, RunDir, disk_full, disk_full_message, written
 
 log = logging.getLogger("alignpress")
 
@@ -103,12 +104,20 @@ class _ResumeFailed(Exception):
         self.checkpoint = checkpoint
 
 
+def _step(line: str) -> int | None:
+    """The step of one train.jsonl line; None for a line cut short (a crash or a full disk mid-write)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
 def _metrics_callback(path: Path, resume_step: int, truncate: bool = True):
     from transformers import TrainerCallback
 
     # Lines from an interrupted run past the checkpoint we resume from will be logged again.
     if truncate and path.exists():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        kept = [line for line in path.read_text().splitlines() if _step(line) is not None and _step(line) <= resume_step]
         path.write_text("".join(line + "\n" for line in kept))
 
     class MetricsToJsonl(TrainerCallback):
@@ -241,6 +250,18 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
             log.warning("resuming from %s failed (%s); falling back to %s", e.checkpoint, e, candidates[0])
 
 
+def _drop_incomplete(run_dir: RunDir) -> DiskFull:
+    """After a full disk: remove the checkpoint that could not be written (never a complete one),
+    so the failure can be recorded and the next save has room; returns the error to raise."""
+    dropped = []
+    for p in run_dir.checkpoints.glob("checkpoint-*"):
+        if p.is_dir() and not checkpoint_is_complete(p):
+            dropped.append(written(p))
+            log.warning("removing %s: the disk filled while it was written", p)
+            shutil.rmtree(p, ignore_errors=True)
+    return disk_full_message(run_dir.root, dropped) if dropped else run_dir.disk_full_error()
+
+
 def _free_memory() -> None:
     import gc
 
@@ -307,6 +328,8 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
         try:
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         except Exception as e:
+            if disk_full(e, run_dir.root) and run_dir.writer:
+                raise _drop_incomplete(run_dir) from e
             if resume is not None and not started and not isinstance(e, AlignpressError):
                 log.debug("resume from %s failed", resume, exc_info=True)
                 raise _ResumeFailed(resume, e) from e
