@@ -52,7 +52,7 @@ def test_silent_lock_is_waited_for_then_taken_over(tmp_path, monkeypatch):
     """A holder on another machine that missed its beats (a preempted spot VM): a recovered job waits
     until the heartbeat is older than the timeout, then takes over."""
     monkeypatch.setenv("ALIGNPRESS_LOCK_TIMEOUT", "25")
-    monkeypatch.delenv("ALIGNPRESS_LOCK_TOKEN", raising=False)
+    monkeypatch.delenv("ALIGNPRESS_LAUNCHED", raising=False)
     plant(tmp_path, host="spot-vm-1", pid=4242, heartbeat=time.time() - 22)
     lock = FolderLock(tmp_path, "run recipes/demo.yaml")
     started = time.time()
@@ -61,9 +61,8 @@ def test_silent_lock_is_waited_for_then_taken_over(tmp_path, monkeypatch):
         assert 2.5 <= time.time() - started < 10
         held = json.loads((tmp_path / LOCK_NAME).read_text())
         assert held["token"] == lock.token and held["pid"] == os.getpid()
-        # Another taker (same host, live pid, fresh beat) is refused; the token in the environment is
-        # how an `accelerate launch` child inherits the lock, so this one must not see it.
-        monkeypatch.delenv("ALIGNPRESS_LOCK_TOKEN")
+        # Another taker (same host, live pid, fresh beat) is refused. The token in the environment
+        # hands the lock to the children of an `accelerate launch` relaunch only (ALIGNPRESS_LAUNCHED=1).
         with pytest.raises(Exception, match="another alignpress process is writing to this folder"):
             FolderLock(tmp_path, "train x").acquire()
     finally:

@@ -97,6 +97,30 @@ def test_train_restart_keeps_old_results_until_replaced(demo_copy, demo_run):
 
 
 @pytest.mark.slow
+def test_run_restart_keeps_finished_results_until_replaced(demo_copy):
+    """`run --restart` redoes every stage, but a failure on the way (here SIGTERM in training)
+    leaves every finished result of the old run in place."""
+    out = demo_copy
+    old = {name: tree(out / name) for name in ("data", "adapter", "model", "checkpoints")}
+    eval_json = (out / "metrics/eval.json").read_bytes()
+    args = ["run", "recipes/demo.yaml", "--output-dir", str(out), "--restart", "--set", "train.logging_steps=1"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py"), *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "metrics/train.jsonl.previous").exists() and (out / "metrics/train.jsonl").exists()):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    assert "--restart: stages from prepare on will run again; finished results stay until replaced" in err
+    assert statuses(out) == ["done", "interrupted", "pending", "pending", "pending"]
+    assert tree(out / "data") == old["data"]  # prepared again: the same bytes, swapped in
+    assert tree(out / "adapter") == old["adapter"] and tree(out / "model") == old["model"]
+    assert tree(out / "checkpoints.previous") == old["checkpoints"]
+    assert (out / "metrics/eval.json").read_bytes() == eval_json
+
+
+@pytest.mark.slow
 def test_resume_falls_back_when_a_checkpoint_fails_to_load(demo_copy, demo_run):
     """checkpoint-53 passes every file check but its optimizer state is not this optimizer's:
     the Trainer fails loading it, and training resumes from checkpoint-40 instead."""

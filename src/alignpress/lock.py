@@ -93,8 +93,11 @@ class FolderLock:
         try:
             os.write(fd, json.dumps(self._payload()).encode())
             os.fsync(fd)
-        finally:
+        except BaseException:
             os.close(fd)
+            self.path.unlink(missing_ok=True)  # an empty lock (full disk) would block others until the timeout
+            raise
+        os.close(fd)
         return True
 
     def _beat(self) -> None:
@@ -126,7 +129,7 @@ class FolderLock:
 
     # Taking and giving back
     def acquire(self) -> None:
-        inherited = os.environ.get(TOKEN_ENV)
+        inherited = os.environ.get(TOKEN_ENV) if os.environ.get("ALIGNPRESS_LAUNCHED") == "1" else None
         if inherited:
             holder = self._read() or {}
             if holder.get("token") != inherited:

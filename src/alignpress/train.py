@@ -328,6 +328,10 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
         try:
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         except Exception as e:
+            for cb in trainer.callback_handler.callbacks:  # so the error line is the last one printed
+                if getattr(cb, "training_bar", None) is not None:
+                    cb.training_bar.close()
+                    cb.training_bar = None
             if disk_full(e, run_dir.root) and run_dir.writer:
                 raise _drop_incomplete(run_dir) from e
             if resume is not None and not started and not isinstance(e, AlignpressError):
