@@ -94,3 +94,29 @@ def test_second_run_on_the_same_folder_is_refused(demo_copy):
     assert [x["step"] for x in lines if "loss" in x] == list(range(1, 107))  # every step once: nobody else trained here
     assert tree(out / "data") == data
     assert not (out / LOCK_NAME).exists()
+
+
+def test_holder_that_lost_the_lock_stops(tmp_path):
+    """A holder whose lock was taken over (its heartbeat stalled) exits 2 at its next beat instead of
+    writing beside the new holder. A fast heartbeat keeps this short."""
+    script = f"""
+import json, sys, time
+sys.path.insert(0, {str(ROOT / 'src')!r})
+from pathlib import Path
+from alignpress import lock
+lock.HEARTBEAT_S = 0.2
+held = lock.FolderLock(Path({str(tmp_path)!r}), "run recipes/demo.yaml")
+held.acquire()
+record = json.loads(held.path.read_text())
+record.update(host="spot-vm-2", pid=777, token="newer", command="run recipes/demo.yaml", started=1795000000.0)
+held.path.write_text(json.dumps(record))
+time.sleep(5)
+print("still running")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout == ""
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {tmp_path}: lost the output folder lock to host spot-vm-2, pid 777, `run recipes/demo.yaml` since 2026-11-18 11:06:40 UTC, last heartbeat "), last
+    assert last.endswith(" s ago; stopping"), last
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == "newer"  # the new holder's lock stays
