@@ -19,7 +19,7 @@ from . import plan
 from .errors import AlignpressError
 from .lock import FolderLock
 from .recipe import Recipe, describe, dump, load_recipe
-from .runstate import STAGES, RunDir, disk_full
+from .runstate import STAGES, RunDir, disk_full, write_text
 
 log = logging.getLogger("alignpress")
 
@@ -139,9 +139,11 @@ def _distributed():
     """accelerate's process state under `accelerate launch`/torchrun; None for a single process."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    # Without cpu=True a CPU-only launch (gloo) is seen as one process and every rank thinks it is the main one.
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def _on_main(state, fn) -> None:
@@ -219,9 +221,7 @@ def _execute_locked(args: argparse.Namespace, argv: list[str], recipe: Recipe, r
         return _relaunch(recipe, argv)
     if main:
         run_dir.init(recipe.name, str(args.recipe))
-        resolved = run_dir.root / "recipe.resolved.yaml"
-        resolved.with_name(".recipe.resolved.yaml.tmp").write_text(dump(recipe))
-        os.replace(resolved.with_name(".recipe.resolved.yaml.tmp"), resolved)
+        write_text(run_dir.root / "recipe.resolved.yaml", dump(recipe))
     if state is not None:
         state.wait_for_everyone()
 

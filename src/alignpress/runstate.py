@@ -36,10 +36,15 @@ def now() -> str:
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (a reader sees the old file or the new one, never half of one)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically through a temporary file that a failure never leaves behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+        tmp.write_text(text)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk must not leave a stray temporary file
