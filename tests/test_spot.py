@@ -50,8 +50,16 @@ def test_corrupt_newest_checkpoint_is_skipped(tmp_path, demo_run):
     ckpts = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     assert [p.name for p in ckpts] == ["checkpoint-40", "checkpoint-53"]
     assert checkpoint_is_complete(ckpts[-1])
-    weights = ckpts[-1] / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-100])  # truncated upload
+    # Every file the resume reads counts: a truncated upload of any of them makes it incomplete.
+    for name in ("adapter_model.safetensors", "scheduler.pt", "training_args.bin", "trainer_state.json"):
+        saved_file = (ckpts[-1] / name).read_bytes()
+        (ckpts[-1] / name).write_bytes(saved_file[:-100])
+        assert not checkpoint_is_complete(ckpts[-1]), name
+        (ckpts[-1] / name).write_bytes(saved_file)
+    assert checkpoint_is_complete(ckpts[-1])
+    # The reported case: rng_state.pth cut short (Trainer._load_rng_state failed with OSError 22).
+    rng = ckpts[-1] / "rng_state.pth"
+    rng.write_bytes(rng.read_bytes()[:-1000])
     assert not checkpoint_is_complete(ckpts[-1])
     assert latest_checkpoint(out / "checkpoints") == ckpts[0]
     optimizer = ckpts[0] / "optimizer.pt"
@@ -70,6 +78,7 @@ def test_corrupt_newest_checkpoint_is_skipped(tmp_path, demo_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"skipping incomplete checkpoint {ckpts[-1]}" in proc.stderr
     assert f"resuming training from {ckpts[0]} (step 40)" in proc.stderr
+    assert json.loads((out / "run.json").read_text())["stages"]["train"]["status"] == "done"
     assert adapter_diff(out, demo_run[0]) < 1e-4
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,8 +18,9 @@ import yaml
 
 from . import plan
 from .errors import AlignpressError
+from .lock import FolderLock
 from .recipe import Recipe, describe, dump, load_recipe
-from .runstate import STAGES, RunDir
+from .runstate import STAGES, RunDir, disk_full, write_text
 
 log = logging.getLogger("alignpress")
 
@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field (dotted path), e.g. --set dpo.beta=0.2")
         if name != "validate":
             sp.add_argument("--output-dir", help="output folder (default outputs/<recipe name>)")
-            sp.add_argument("--restart", action="store_true", help="start over: forget finished stages and checkpoints in the output folder")
+            sp.add_argument("--restart", action="store_true", help="redo this stage (run: every stage) from scratch, training without resuming; later stages run again. Old results stay until replaced")
     sub.add_parser("schema", help="print every recipe field with its type, default and meaning")
     plan.add_parser(sub)
     return p
@@ -50,12 +50,18 @@ def _parser() -> argparse.ArgumentParser:
 RERUN_FROM = {"eval": "evaluate", "export": "export", "card": "export", "publish": "publish"}
 
 
-def _check_same_recipe(recipe: Recipe, run_dir: RunDir) -> None:
+def _first_stage(section: str) -> str:
+    """The earliest stage a recipe section feeds."""
+    return "prepare" if section in ("name", "model", "data") else RERUN_FROM.get(section, "train")
+
+
+def _check_same_recipe(recipe: Recipe, run_dir: RunDir, restart_from: str | None = None) -> None:
     """Refuse to mix two recipes in one output folder.
 
     The prepared data depends on `name`, `model` and `data`: those may never change. Training
     settings may change until training has started (checkpoints or a trained stage exist).
     `eval`, `export`, `card` and `publish` may always change: the stages they feed run again.
+    With `--restart` from a stage, sections that only feed that stage or later ones may change.
     """
     path = run_dir.root / "recipe.resolved.yaml"
     if not path.exists():
@@ -64,11 +70,14 @@ def _check_same_recipe(recipe: Recipe, run_dir: RunDir) -> None:
     new = recipe.to_dict()
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     trained = run_dir.checkpoints.exists() or any(run_dir.is_done(s) for s in STAGES[1:-1])
-    blocking = [k for k in changed if k in ("name", "model", "data") or (trained and k not in RERUN_FROM)]
+    redone = STAGES[STAGES.index(restart_from):] if restart_from else ()
+    blocking = [k for k in changed if _first_stage(k) not in redone and (k in ("name", "model", "data") or (trained and k not in RERUN_FROM))]
     if blocking:
+        first = min((_first_stage(k) for k in blocking), key=STAGES.index)
+        again = "run --restart" if first == "prepare" else f"{first} --restart"
         raise AlignpressError(
             f"this folder holds a run of a different recipe (sections {', '.join(blocking)} differ); "
-            "use another --output-dir, or --restart to start over here",
+            f"use another --output-dir, or `{again}` to redo it here",
             source=str(path),
         )
     rerun = [RERUN_FROM[k] for k in changed if k in RERUN_FROM and run_dir.is_done(RERUN_FROM[k])]
@@ -80,13 +89,17 @@ def _check_same_recipe(recipe: Recipe, run_dir: RunDir) -> None:
         log.info("recipe sections %s changed before the stages that use them ran", ", ".join(changed))
 
 
-def _restart(run_dir: RunDir) -> None:
-    for name in ("data", "checkpoints", "adapter", "full", "model", "metrics", "ref_logps", "run.json", "recipe.resolved.yaml"):
-        p = run_dir.root / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+def _restart(run_dir: RunDir, first: str) -> None:
+    """Mark `first` and later stages pending; nothing finished is deleted here. Each stage replaces
+    its own folder when it finishes (NAME.partial swapped in). Training must not resume, so its
+    checkpoints and step log move aside to NAME.previous, dropped once the new training is done."""
+    if not run_dir.manifest_path.exists():
+        return
+    log.info("--restart: stages from %s on will run again; finished results stay until replaced", first)
+    run_dir.invalidate_from(first)
+    if STAGES.index(first) <= STAGES.index("train"):
+        run_dir.set_aside(run_dir.checkpoints)
+        run_dir.set_aside(run_dir.metrics / "train.jsonl")
 
 
 def _run_stage(name: str, recipe: Recipe, run_dir: RunDir) -> None:
@@ -98,6 +111,7 @@ def _run_stage(name: str, recipe: Recipe, run_dir: RunDir) -> None:
         run_dir.set_stage(name, status="done", skipped="eval.enabled is false")
         return
     started = time.time()
+    run_dir.current_stage = name
     log.info("== %s", name)
     with run_dir.stage(name) as info:
         if name == "prepare":
@@ -115,6 +129,10 @@ def _run_stage(name: str, recipe: Recipe, run_dir: RunDir) -> None:
         else:
             out = publish.run(recipe, run_dir)
         info.update(out)
+    if name == "train" and run_dir.writer:
+        # The new training replaced what --restart set aside.
+        run_dir.drop_aside(run_dir.checkpoints)
+        run_dir.drop_aside(run_dir.metrics / "train.jsonl")
     log.info("== %s done in %.1f s", name, time.time() - started)
 
 
@@ -122,9 +140,11 @@ def _distributed():
     """accelerate's process state under `accelerate launch`/torchrun; None for a single process."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    # Without cpu=True a CPU-only launch (gloo) is seen as one process and every rank thinks it is the main one.
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def _on_main(state, fn) -> None:
@@ -185,19 +205,31 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
     # Before anything is written: a refused run leaves no folder behind. prepare loads only the
     # tokenizer, so it needs no GPU (a 4-bit recipe can count its tokens on a laptop).
     preflight(recipe, needs_gpu=args.command != "prepare", training=args.command in ("run", "prepare", "train"))
-    if args.restart and main:
-        _restart(run_dir)
-    _check_same_recipe(recipe, run_dir)
-    if main:
-        run_dir.ensure_writable()
+    args.run_dir = run_dir  # for the error log of an unexpected failure (main)
+    restart_from = ("prepare" if args.command == "run" else args.command) if args.restart else None
+    need = NEEDS.get(args.command)
+    if need and not run_dir.is_done(need):
+        # Before the lock, --restart or anything else touches the folder.
+        raise AlignpressError(f"stage {args.command} needs {need} to be done first (run.json says {run_dir.status(need)})", source=str(run_dir.manifest_path))
+    lock = FolderLock(run_dir.root, command=f"{args.command} {args.recipe}")
+    _on_main(state, lambda: (run_dir.ensure_writable(), lock.acquire()))
+    try:
+        return _execute_locked(args, argv, recipe, run_dir, state, restart_from)
+    finally:
+        lock.release()
+
+
+def _execute_locked(args: argparse.Namespace, argv: list[str], recipe: Recipe, run_dir: RunDir, state, restart_from: str | None) -> int:
+    main = state is None or state.is_main_process
+    _check_same_recipe(recipe, run_dir, restart_from)
     launched = state is not None or os.environ.get("ALIGNPRESS_LAUNCHED") == "1"
+    if restart_from and main and os.environ.get("ALIGNPRESS_LAUNCHED") != "1":  # a relaunched child's parent did it
+        _restart(run_dir, restart_from)
     if recipe.train.accelerate_config and not launched and args.command in ("run", "train"):
         return _relaunch(recipe, argv)
     if main:
         run_dir.init(recipe.name, str(args.recipe))
-        resolved = run_dir.root / "recipe.resolved.yaml"
-        resolved.with_name(".recipe.resolved.yaml.tmp").write_text(dump(recipe))
-        os.replace(resolved.with_name(".recipe.resolved.yaml.tmp"), resolved)
+        write_text(run_dir.root / "recipe.resolved.yaml", dump(recipe))
     if state is not None:
         state.wait_for_everyone()
 
@@ -217,7 +249,7 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
         log.info("finished: %s", run_dir.root)
     else:
         later = STAGES[STAGES.index(args.command) + 1 :]
-        if later and run_dir.is_done(args.command) and main:
+        if later and run_dir.is_done(args.command) and main and not restart_from:
             run_dir.invalidate_from(later[0])
         stage(args.command)
     return 0
@@ -239,3 +271,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - anything unexpected: one line here, the traceback in a log file
+        print(f"error: {_unexpected(e, args)}", file=sys.stderr)
+        return 1
+
+
+def _unexpected(error: Exception, args: argparse.Namespace) -> str:
+    """Say what failed in one line; the full traceback goes to <output>/logs/<stage>-<time>.log."""
+    import traceback
+
+    run_dir = getattr(args, "run_dir", None)
+    if run_dir is not None and disk_full(error, run_dir.root):
+        return str(run_dir.disk_full_error())
+    short = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    short = f"{type(error).__name__}: {short}"[:300]
+    text = "".join(traceback.format_exception(error))
+    if run_dir is None:
+        return f"{short}\n{text}"  # no output folder yet: the traceback has nowhere else to go
+    stage = getattr(run_dir, "current_stage", None) or args.command
+    rank = os.environ.get("RANK", "0")
+    path = run_dir.root / "logs" / f"{stage}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}{'' if rank == '0' else '-rank' + rank}.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"alignpress {args.command} {getattr(args, 'recipe', '')}: {short}\n\n{text}")
+    except OSError as e:
+        return f"{short} (the traceback could not be written to {path}: {e.strerror or e})\n{text}"
+    return f"{short} (see {path})"

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import shutil
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import AlignpressError
+
+log = logging.getLogger("alignpress")
 
 STAGES = ("prepare", "train", "evaluate", "export", "publish")
 LIBRARIES = ("alignpress", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "huggingface_hub", "deepspeed", "bitsandbytes", "tokenizers", "safetensors")
@@ -32,10 +36,79 @@ def now() -> str:
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (a reader sees the old file or the new one, never half of one)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically through a temporary file that a failure never leaves behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave a stray temporary file
+        raise
+
+
+# torch.save's C++ writer reports a short write in its own words ("unexpected pos 8512 vs 8406",
+# "PytorchStreamWriter failed writing file"), without errno; such an error on a nearly full disk is one.
+WRITER_FAILURES = ("inline_container.cc", "PytorchStreamWriter", "file write failed")
+LOW_SPACE = 64 << 20
+
+
+def disk_full(error: BaseException | None, folder: Path | None = None) -> bool:
+    """True when `error` (or one it was raised from) is a full disk (ENOSPC or EDQUOT), or a
+    torch writer failure while `folder`'s disk has less than 64 MB left."""
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(error)
+        if "No space left on device" in text or "Disk quota exceeded" in text:
+            return True
+        if folder is not None and any(w in text for w in WRITER_FAILURES):
+            try:
+                return shutil.disk_usage(folder).free < LOW_SPACE
+            except OSError:
+                return False
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return False
+
+
+class DiskFull(AlignpressError):
+    """The output folder's disk filled up: not bad input, so exit 1 like other runtime failures."""
+
+    exit_code = 1
+
+
+def folder_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def written(folder: Path) -> str:
+    """'model.partial' or 'checkpoint-20 (0.7 MB written)': what a full disk interrupted."""
+    size = folder_size(folder)
+    return f"{folder.name} ({_mb(size)} written)" if size >= 50_000 else folder.name
+
+
+def disk_full_message(root: Path, removed: list[str]) -> DiskFull:
+    where = f" while writing {', '.join(removed)}; removed it, " if removed else "; "
+    return DiskFull(f"no space left on device{where}{space_left(root)} now; free some space, then run the same command again to resume", source=str(root))
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def space_left(folder: Path) -> str:
+    """'0.0 MB free of 1.0 MB' for the disk holding `folder`."""
+    try:
+        usage = shutil.disk_usage(folder)
+    except OSError:
+        return "free space unknown"
+    return f"{_mb(usage.free)} free of {_mb(usage.total)}"
 
 
 def library_versions() -> dict[str, str | None]:
@@ -170,9 +243,46 @@ class RunDir:
             yield info
         except BaseException as e:
             status = "interrupted" if isinstance(e, KeyboardInterrupt) or getattr(e, "exit_code", None) == 143 else "failed"
-            self.set_stage(name, status=status, finished=now(), seconds=round(time.time() - started, 2), error=str(e)[:2000])
+            error = self.disk_full_error() if not isinstance(e, DiskFull) and disk_full(e, self.root) else e
+            try:
+                self.set_stage(name, status=status, finished=now(), seconds=round(time.time() - started, 2), error=str(error)[:2000])
+            except OSError as write_error:
+                # Even run.json cannot be written (a full disk): it still says `running`, which a re-run
+                # treats as not done, so the state stays consistent. Report the first error, not this one.
+                log.warning("could not mark stage %s %s in %s: %s", name, status, self.manifest_path, write_error.strerror or write_error)
+            if error is not e:
+                raise error from e
             raise
         self.set_stage(name, status="done", finished=now(), seconds=round(time.time() - started, 2), **info)
+
+    def disk_full_error(self) -> DiskFull:
+        """The one-line error for a full disk. Unfinished scratch folders (`NAME.partial`) are
+        removed first: they are never finished work, and the room lets run.json be written."""
+        parts = []
+        for p in sorted(self.root.glob("*.partial")):
+            parts.append(written(p))
+            shutil.rmtree(p, ignore_errors=True)
+        return disk_full_message(self.root, parts)
+
+    # Results kept until their replacement is finished (`--restart`)
+    def set_aside(self, path: Path) -> None:
+        """Move `path` to `path.previous` so a redo starts without it but nothing finished is lost
+        if the redo fails; `drop_aside` removes it once the redo is done. An existing `.previous`
+        is the older, finished one: it is kept and `path` (an unfinished redo's) is dropped."""
+        if not path.exists():
+            return
+        aside = path.with_name(path.name + ".previous")
+        if aside.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        else:
+            os.replace(path, aside)
+
+    def drop_aside(self, path: Path) -> None:
+        aside = path.with_name(path.name + ".previous")
+        if aside.is_dir():
+            shutil.rmtree(aside)
+        elif aside.exists():
+            aside.unlink()
 
     # Staged folders
     def partial(self, final: Path) -> Path:

@@ -5,7 +5,9 @@ Writes: checkpoints/checkpoint-N/ every train.save_steps, metrics/train.jsonl (o
 logged step), and at the end adapter/ (LoRA, with the tokenizer) or full/ (full fine-tuning).
 
 Resume: a re-run picks the newest complete checkpoint (one with trainer state, weights,
-optimizer and scheduler) and continues from it; half-written checkpoints are skipped.
+optimizer and scheduler, and every file the Trainer reads back readable to its end) and continues
+from it; half-written checkpoints are skipped. If resuming from it still fails before the first
+step, the previous complete checkpoint is tried.
 """
 
 from __future__ import annotations
@@ -28,16 +30,23 @@ from .health import HealthCallback
 from .modeling import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
 from .prepare import read_jsonl
 from .recipe import Recipe
-from .runstate import RunDir
+from .runstate import DiskFull, RunDir, disk_full, disk_full_message, written
 
 log = logging.getLogger("alignpress")
 
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 
 
+# Files torch.save wrote (a zip archive): optimizer, scheduler, scaler.pt, rng_state*.pth (read by
+# Trainer._load_rng_state), training_args.bin, and DeepSpeed's shards in global_step*/.
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+FULL_CHECK_BYTES = 64 << 20  # smaller zips are CRC-checked in full; bigger ones by their directory
+
+
 def checkpoint_is_complete(path: Path) -> bool:
-    """All files present and readable to the end: trainer state parses, safetensors headers and
-    sizes agree, torch's zip files have their central directory (written last)."""
+    """All required files present and every file readable to the end: JSON parses, safetensors
+    headers and sizes agree, torch's zip files have their central directory (written last) and,
+    when small, intact contents."""
     from safetensors import safe_open
 
     if not all((path / name).is_file() and (path / name).stat().st_size > 0 for name in CHECKPOINT_FILES):
@@ -46,33 +55,64 @@ def checkpoint_is_complete(path: Path) -> bool:
     if not weights:
         return False
     try:
-        json.loads((path / "trainer_state.json").read_text())
-        for w in weights:
-            with safe_open(str(w), framework="pt") as f:
-                for key in f.keys():
-                    f.get_slice(key)  # checks each tensor's byte range lies inside the file
-        for name in ("optimizer.pt", "scheduler.pt"):
-            with zipfile.ZipFile(path / name) as z:
-                z.namelist()
+        for f in sorted(path.rglob("*")):
+            if not f.is_file():
+                continue
+            if f.stat().st_size == 0:
+                return False
+            if f.suffix == ".json":
+                json.loads(f.read_text())
+            elif f.suffix == ".safetensors":
+                with safe_open(str(f), framework="pt") as st:
+                    for key in st.keys():
+                        st.get_slice(key)  # checks each tensor's byte range lies inside the file
+            elif f.suffix in TORCH_SUFFIXES:
+                with zipfile.ZipFile(f) as z:
+                    if f.stat().st_size <= FULL_CHECK_BYTES and z.testzip() is not None:
+                        return False
     except Exception:  # noqa: BLE001 - any unreadable part makes the checkpoint unusable
         return False
     return True
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    """Newest complete checkpoint-N in `folder`, skipping incomplete or corrupt ones."""
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoint-N folders in `folder`, newest first; incomplete ones are logged and skipped."""
     if not folder.is_dir():
-        return None
+        return []
     found = []
     for p in folder.glob("checkpoint-*"):
         suffix = p.name.removeprefix("checkpoint-")
         if suffix.isdigit():
             found.append((int(suffix), p))
+    complete = []
     for step, p in sorted(found, reverse=True):
         if checkpoint_is_complete(p):
-            return p
-        log.warning("skipping incomplete checkpoint %s", p)
-    return None
+            complete.append(p)
+        else:
+            log.warning("skipping incomplete checkpoint %s", p)
+    return complete
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """Newest complete checkpoint-N in `folder`, skipping incomplete or corrupt ones."""
+    found = complete_checkpoints(folder)
+    return found[0] if found else None
+
+
+class _ResumeFailed(Exception):
+    """Loading a checkpoint failed before the first training step."""
+
+    def __init__(self, checkpoint: Path, error: BaseException):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.checkpoint = checkpoint
+
+
+def _step(line: str) -> int | None:
+    """The step of one train.jsonl line; None for a line cut short (a crash or a full disk mid-write)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return None
 
 
 def _metrics_callback(path: Path, resume_step: int, truncate: bool = True):
@@ -80,7 +120,7 @@ def _metrics_callback(path: Path, resume_step: int, truncate: bool = True):
 
     # Lines from an interrupted run past the checkpoint we resume from will be logged again.
     if truncate and path.exists():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        kept = [line for line in path.read_text().splitlines() if _step(line) is not None and _step(line) <= resume_step]
         path.write_text("".join(line + "\n" for line in kept))
 
     class MetricsToJsonl(TrainerCallback):
@@ -367,16 +407,58 @@ def _main_process_first():
 
 
 def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
+    rows = read_jsonl(run_dir.data / "train.jsonl")
+    if not rows:
+        raise AlignpressError("data/train.jsonl is empty; re-run prepare", source=str(run_dir.data / "train.jsonl"))
+    truncated = check_truncation(recipe, rows)  # before the model loads: dpo.max_length may have changed since prepare
+    candidates = complete_checkpoints(run_dir.checkpoints)
+    failures = []
+    while True:
+        resume = candidates.pop(0) if candidates else None
+        try:
+            return {**_train(recipe, run_dir, rows, resume), "truncated_pairs": truncated}
+        except _ResumeFailed as e:
+            failures.append(f"{e.checkpoint.name}: {e}")
+            _free_memory()
+            if not candidates:
+                raise AlignpressError(
+                    f"no checkpoint could be resumed ({'; '.join(failures)[:1500]}); `train --restart` trains from the start "
+                    "(the checkpoints are kept aside until it finishes)",
+                    source=str(run_dir.checkpoints),
+                ) from None
+            log.warning("resuming from %s failed (%s); falling back to %s", e.checkpoint, e, candidates[0])
+
+
+def _drop_incomplete(run_dir: RunDir) -> DiskFull:
+    """After a full disk: remove the checkpoint that could not be written (never a complete one),
+    so the failure can be recorded and the next save has room; returns the error to raise."""
+    dropped = []
+    for p in run_dir.checkpoints.glob("checkpoint-*"):
+        if p.is_dir() and not checkpoint_is_complete(p):
+            dropped.append(written(p))
+            log.warning("removing %s: the disk filled while it was written", p)
+            shutil.rmtree(p, ignore_errors=True)
+    return disk_full_message(run_dir.root, dropped) if dropped else run_dir.disk_full_error()
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: Path | None) -> dict[str, Any]:
+    from transformers import TrainerCallback
     from trl import DPOTrainer
 
     device = pick_device(recipe)
     dtype = pick_dtype(recipe, device)
     base_path = resolve_model_path(recipe)
     tok = load_tokenizer(recipe, base_path)
-    rows = read_jsonl(run_dir.data / "train.jsonl")
-    if not rows:
-        raise AlignpressError("data/train.jsonl is empty; re-run prepare", source=str(run_dir.data / "train.jsonl"))
-    truncated = check_truncation(recipe, rows)  # before the model loads: dpo.max_length may have changed since prepare
     import torch
 
     # train.use_liger_kernel without the package on CUDA is refused by modeling.preflight, before prepare.
@@ -396,13 +478,20 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     args = dpo_config(recipe, run_dir, device, dtype, systems)
     dataset = training_dataset(rows, run_dir, systems)
     cached = set(Path(dataset.cache_files[0]["filename"]).parent.glob("cache-*.arrow")) if dataset.cache_files else set()
-    started = time.monotonic()
-    resume = latest_checkpoint(run_dir.checkpoints)
+    setup_started = time.monotonic()
     resume_step = json.loads((resume / "trainer_state.json").read_text())["global_step"] if resume else 0
     run_dir.metrics.mkdir(parents=True, exist_ok=True)
     callback = _metrics_callback(run_dir.metrics / "train.jsonl", resume_step, truncate=run_dir.writer)
 
     spot = SpotSafety(recipe.train.save_minutes)
+    started = []
+
+    class FirstStep(TrainerCallback):
+        """Marks the end of checkpoint loading: the Trainer reads every file before the first step."""
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            started.append(True)
+
     trainer_class, extra = DPOTrainer, {}
     if recipe.dpo.prefix_sharing:
         from .prefix_dpo import PrefixSharedDPOTrainer
@@ -414,13 +503,13 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
         train_dataset=dataset,
         processing_class=tok,
         peft_config=peft_config,
-        callbacks=[callback, spot.callback, HealthCallback(recipe, run_dir)],
+        callbacks=[callback, spot.callback, HealthCallback(recipe, run_dir), FirstStep()],
         **extra,
     )
     if systems["precompute_ref_log_probs"]:
         folder = Path(dataset.cache_files[0]["filename"]).parent
         new_files = set(folder.glob("cache-*.arrow")) - cached
-        systems["precompute"] = {"folder": str(folder), "reused": not new_files, "setup_s": round(time.monotonic() - started, 2)}
+        systems["precompute"] = {"folder": str(folder), "reused": not new_files, "setup_s": round(time.monotonic() - setup_started, 2)}
         if run_dir.writer:
             (folder / STORED_MARK).write_text("reference log-probs cached here by TRL (cache-*.arrow)\n")
         log.info("reference log-probs %s %s (trainer setup %.1f s)", "reused from" if not new_files else "computed and stored in", folder, systems["precompute"]["setup_s"])
@@ -430,7 +519,19 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
         log.info("training: %d pairs, %s, %s on %s%s", len(rows), "LoRA r=%d" % recipe.lora.r if recipe.lora.enabled else "full fine-tuning", dtype, device,
                  f", prefix-shared ({recipe.dpo.pairs_per_row} pairs a row)" if recipe.dpo.prefix_sharing else "")
     with spot:
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        except Exception as e:
+            for cb in trainer.callback_handler.callbacks:  # so the error line is the last one printed
+                if getattr(cb, "training_bar", None) is not None:
+                    cb.training_bar.close()
+                    cb.training_bar = None
+            if disk_full(e, run_dir.root) and run_dir.writer:
+                raise _drop_incomplete(run_dir) from e
+            if resume is not None and not started and not isinstance(e, AlignpressError):
+                log.debug("resume from %s failed", resume, exc_info=True)
+                raise _ResumeFailed(resume, e) from e
+            raise
     if spot.sigterm:
         raise Preempted(f"stopped by SIGTERM at step {trainer.state.global_step}; a checkpoint was saved in {run_dir.checkpoints}. Run the same command again to resume")
 
@@ -451,7 +552,6 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
         "final_loss": losses[-1] if losses else None,
         "systems": systems,
-        "truncated_pairs": truncated,
     }
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     summary["world_size"] = trainer.args.world_size

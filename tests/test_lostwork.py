@@ -1,0 +1,189 @@
+"""Nothing finished is lost: --restart redoes only its stage, checkpoints that cannot be resumed are
+passed over, a full disk and unexpected failures end in one line with the state kept consistent."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignpress.train import checkpoint_is_complete, latest_checkpoint
+from conftest import ROOT, cli
+from test_spot import adapter_diff
+
+STAGES = ["prepare", "train", "evaluate", "export", "publish"]
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with its sha256: to show a folder is byte-identical."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def statuses(out: Path) -> list[str]:
+    stages = json.loads((out / "run.json").read_text())["stages"]
+    return [stages[s]["status"] for s in STAGES]
+
+
+def set_pending(out: Path, *names: str) -> None:
+    manifest = json.loads((out / "run.json").read_text())
+    for s in names:
+        manifest["stages"][s] = {"status": "pending"}
+    (out / "run.json").write_text(json.dumps(manifest))
+
+
+def test_publish_restart_without_export_deletes_nothing(demo_copy):
+    set_pending(demo_copy, "export", "publish")
+    before = tree(demo_copy)
+    proc = cli("publish", "recipes/demo.yaml", "--restart", "--output-dir", demo_copy)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {demo_copy / 'run.json'}: stage publish needs export to be done first (run.json says pending)"
+    assert tree(demo_copy) == before  # adapter/, checkpoints/, data/, metrics/, model/ and run.json untouched
+    assert not (demo_copy / "run.lock").exists()
+
+
+def test_evaluate_restart_redoes_only_evaluate(demo_copy):
+    kept = {name: tree(demo_copy / name) for name in ("data", "adapter", "checkpoints", "model")}
+    proc = cli("evaluate", "recipes/demo.yaml", "--restart", "--output-dir", demo_copy)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--restart: stages from evaluate on will run again; finished results stay until replaced" in proc.stderr
+    assert statuses(demo_copy) == ["done", "done", "done", "pending", "pending"]
+    for name, files in kept.items():
+        assert tree(demo_copy / name) == files, name  # model/ stays (stale) until export replaces it
+    assert (demo_copy / "metrics/eval.json").is_file()
+
+
+@pytest.mark.slow
+def test_train_restart_keeps_old_results_until_replaced(demo_copy, demo_run):
+    """`train --restart` trains from step 0; the old adapter, checkpoints and prepared data stay
+    while it runs, survive its interruption, and the old checkpoints go only once it is done."""
+    out = demo_copy
+    data, adapter, ckpts = tree(out / "data"), tree(out / "adapter"), tree(out / "checkpoints")
+    prepare_entry = json.loads((out / "run.json").read_text())["stages"]["prepare"]
+    args = ["train", "recipes/demo.yaml", "--output-dir", str(out), "--restart", "--set", "train.logging_steps=1"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py"), *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    # The old step log is set aside first; the new one appears with the first logged step.
+    while time.time() < deadline and not ((out / "metrics/train.jsonl.previous").exists() and (out / "metrics/train.jsonl").exists()):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    assert statuses(out) == ["done", "interrupted", "pending", "pending", "pending"]
+    assert json.loads((out / "run.json").read_text())["stages"]["prepare"] == prepare_entry
+    assert tree(out / "data") == data and tree(out / "adapter") == adapter
+    assert tree(out / "checkpoints.previous") == ckpts  # set aside, not deleted
+    assert (out / "metrics/train.jsonl.previous").is_file() and (out / "model").is_dir()
+    new = latest_checkpoint(out / "checkpoints")
+    assert new is not None and int(new.name.split("-")[1]) < 40
+
+    # Resuming the restarted training (no --restart) finishes it; only then is the old one dropped.
+    again = cli("train", "recipes/demo.yaml", "--output-dir", out, "--set", "train.logging_steps=1")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming training from {new}" in again.stderr
+    assert statuses(out) == ["done", "done", "pending", "pending", "pending"]
+    assert not (out / "checkpoints.previous").exists() and not (out / "metrics/train.jsonl.previous").exists()
+    assert tree(out / "data") == data
+    assert adapter_diff(out, demo_run[0]) < 1e-4
+    steps = [json.loads(line)["step"] for line in (out / "metrics/train.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 53
+
+
+@pytest.mark.slow
+def test_run_restart_keeps_finished_results_until_replaced(demo_copy):
+    """`run --restart` redoes every stage, but a failure on the way (here SIGTERM in training)
+    leaves every finished result of the old run in place."""
+    out = demo_copy
+    old = {name: tree(out / name) for name in ("data", "adapter", "model", "checkpoints")}
+    eval_json = (out / "metrics/eval.json").read_bytes()
+    args = ["run", "recipes/demo.yaml", "--output-dir", str(out), "--restart", "--set", "train.logging_steps=1"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py"), *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "metrics/train.jsonl.previous").exists() and (out / "metrics/train.jsonl").exists()):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    assert "--restart: stages from prepare on will run again; finished results stay until replaced" in err
+    assert statuses(out) == ["done", "interrupted", "pending", "pending", "pending"]
+    assert tree(out / "data") == old["data"]  # prepared again: the same bytes, swapped in
+    assert tree(out / "adapter") == old["adapter"] and tree(out / "model") == old["model"]
+    assert tree(out / "checkpoints.previous") == old["checkpoints"]
+    assert (out / "metrics/eval.json").read_bytes() == eval_json
+
+
+@pytest.mark.slow
+def test_resume_falls_back_when_a_checkpoint_fails_to_load(demo_copy, demo_run):
+    """checkpoint-53 passes every file check but its optimizer state is not this optimizer's:
+    the Trainer fails loading it, and training resumes from checkpoint-40 instead."""
+    out = demo_copy
+    ckpts = out / "checkpoints"
+    torch.save({"state": {}, "param_groups": []}, ckpts / "checkpoint-53/optimizer.pt")
+    assert checkpoint_is_complete(ckpts / "checkpoint-53")
+    set_pending(out, "train", "evaluate", "export", "publish")
+    proc = cli("train", "recipes/demo.yaml", "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming from {ckpts / 'checkpoint-53'} failed (ValueError: loaded state dict has a different number of parameter groups); falling back to {ckpts / 'checkpoint-40'}" in proc.stderr
+    assert f"resuming training from {ckpts / 'checkpoint-40'} (step 40)" in proc.stderr
+    assert statuses(out)[1] == "done"
+    assert adapter_diff(out, demo_run[0]) < 1e-4
+
+
+def test_unexpected_failure_is_one_line_with_a_log(demo_copy):
+    """A truncated adapter makes safetensors raise deep inside peft: one line, the traceback in logs/."""
+    weights = demo_copy / "adapter/adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    model = tree(demo_copy / "model")
+    proc = cli("export", "recipes/demo.yaml", "--output-dir", demo_copy)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    logs = list((demo_copy / "logs").glob("export-*.log"))
+    assert len(logs) == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: SafetensorError: ") and last.endswith(f" (see {logs[0]})"), last
+    assert "Traceback" not in proc.stderr
+    text = logs[0].read_text()
+    assert text.startswith("alignpress export recipes/demo.yaml: SafetensorError: ") and "Traceback (most recent call last)" in text and "peft" in text
+    manifest = json.loads((demo_copy / "run.json").read_text())
+    assert manifest["stages"]["export"]["status"] == "failed"
+    assert tree(demo_copy / "model") == model  # the previous export stays
+    assert not (demo_copy / "model.partial").exists()
+
+
+def _tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    return os.geteuid() == 0 and shutil.which("mount") is not None and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", ["1m", "4m"])
+def test_disk_full(tmp_path, demo_run, size):
+    """The output folder on a small tmpfs (needs root to mount; skipped otherwise)."""
+    disk = tmp_path / "disk"
+    if not _tmpfs(disk, size):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        out = disk / "out"
+        proc = cli("run", "recipes/demo.yaml", "--output-dir", out)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: {out}: no space left on device while writing "), last
+        assert last.endswith(f" MB free of {size[0]}.0 MB now; free some space, then run the same command again to resume"), last
+        assert "Traceback" not in proc.stderr
+        stages = json.loads((out / "run.json").read_text())["stages"]
+        failed = [s for s in STAGES if stages[s]["status"] == "failed"]
+        assert len(failed) == 1 and stages[failed[0]]["error"] == last.removeprefix("error: ")
+        assert all(stages[s]["status"] == "done" for s in STAGES[: STAGES.index(failed[0])])
+        assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.endswith(".partial")]
+        assert not (out / "run.lock").exists()
+        if (out / "checkpoints").exists():
+            assert all(checkpoint_is_complete(p) for p in (out / "checkpoints").glob("checkpoint-*"))
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
