@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from . import tracking
 from .errors import AlignpressError, Preempted
 from .health import HealthCallback
 from .modeling import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
@@ -93,6 +94,20 @@ def _metrics_callback(path: Path, resume_step: int, truncate: bool = True):
     return MetricsToJsonl()
 
 
+def _no_stray_cards():
+    """TRL writes checkpoints/README.md and PEFT checkpoint-N/README.md at every save: the one card is export's."""
+    from transformers import TrainerCallback
+
+    class NoStrayCards(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                root = Path(args.output_dir)
+                for card in [root / "README.md", *root.glob("checkpoint-*/README.md")]:
+                    card.unlink(missing_ok=True)
+
+    return NoStrayCards()
+
+
 class SpotSafety:
     """Checkpoints every `save_minutes` and on SIGTERM (the preemption notice), then stops."""
 
@@ -158,7 +173,7 @@ def dpo_config(recipe: Recipe, run_dir: RunDir, device: str, dtype) -> Any:
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,  # transformers 5.23's name; the old one warns
         optim=t.optim,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
@@ -173,7 +188,7 @@ def dpo_config(recipe: Recipe, run_dir: RunDir, device: str, dtype) -> Any:
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         eval_strategy="no",
-        report_to="none",
+        **tracking.setup(recipe, run_dir),  # report_to, run_name, project (alignpress.tracking)
         # Tokens are never given to the trainer: it would pickle them into training_args.bin.
         push_to_hub=False,
         hub_token=None,
@@ -228,7 +243,7 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
         train_dataset=to_dataset(rows),
         processing_class=tok,
         peft_config=peft_config,
-        callbacks=[callback, spot.callback, HealthCallback(recipe, run_dir)],
+        callbacks=[callback, spot.callback, HealthCallback(recipe, run_dir), _no_stray_cards()],
     )
     if resume:
         log.info("resuming training from %s (step %d)", resume, resume_step)
@@ -248,6 +263,7 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     if trainer.is_world_process_zero():
         tmp = run_dir.partial(final)
         trainer.model.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / "README.md").unlink(missing_ok=True)  # PEFT's empty template; export writes the adapter's card
         tok.save_pretrained(str(tmp))
         run_dir.commit(tmp, final)
     summary = {
