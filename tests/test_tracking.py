@@ -68,6 +68,9 @@ def test_the_tracked_run_id_is_fixed_in_run_json(tmp_path, monkeypatch):
     # ... and once recorded, run.json wins over the environment.
     run_dir.update(tracking={"run_id": "recorded-id"})
     assert run_id(run_dir) == "recorded-id"
+    # A scratch folder without run.json (benchmarks/bench_dpo.py) is named by the folder.
+    monkeypatch.delenv("SKYPILOT_TASK_ID")
+    assert run_id(RunDir(tmp_path / "scratch")) == "scratch"
 
 
 def test_unknown_tracker_is_refused_at_the_door(tmp_path):

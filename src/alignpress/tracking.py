@@ -105,7 +105,8 @@ def run_id(run_dir: RunDir) -> str:
         return known_id
     sky = os.environ.get("SKYPILOT_TASK_ID")
     # wandb run ids allow letters, digits, '-' and '_' only.
-    rid = re.sub(r"[^A-Za-z0-9_-]+", "-", sky).strip("-")[:120] if sky else m["run_id"]
+    # A folder without run.json (the benchmark harness's scratch folders) is named by its folder.
+    rid = re.sub(r"[^A-Za-z0-9_-]+", "-", sky).strip("-")[:120] if sky else m.get("run_id") or run_dir.root.name
     return rid
 
 
@@ -130,7 +131,7 @@ def setup(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     if "mlflow" in chosen:
         os.environ.setdefault("MLFLOW_TRACKING_URI", (run_dir.root / "mlruns").resolve().as_uri())
         os.environ.setdefault("MLFLOW_RUN_NAME", rid)
-    if run_dir.writer:
+    if run_dir.writer and run_dir.manifest_path.exists():
         run_dir.update(tracking=record)
     log.info("tracking: %s, run %s%s", ", ".join(chosen), rid,
              f" (tensorboard --logdir {record['tensorboard_dir']})" if "tensorboard_dir" in record else "")
