@@ -95,7 +95,7 @@ def test_model_card(demo_run):
     assert data["tags"] == ["dpo", "trl", "alignpress", "lora", "demo", "arithmetic"]
     assert data["language"] == ["en"]
     assert "base_model" not in data and "datasets" not in data  # a builtin base and a local file are not Hub ids
-    for heading in ("## What was done", "## Hyperparameters", "## Data", "## Training results", "## Evaluation (held-out pairs)", "## Usage", "## Framework versions", "## Recipe", "## Citations"):
+    for heading in ("## What was done", "## Hyperparameters", "## Training data", "## Training results", "## Evaluation (held-out pairs)", "## Usage", "## Framework versions", "## Reproduce", "### Recipe", "## Citations"):
         assert heading in card.text, heading
     ev = load(demo_run[0] / "metrics/eval.json")
     assert f"| preference_accuracy | {ev['base']['preference_accuracy']:.4g} | {ev['aligned']['preference_accuracy']:.4g} |" in card.text

@@ -272,12 +272,17 @@ def test_invalid_repo_id_is_refused_before_training(tmp_path):
         assert not out.exists()
 
 
-def test_no_token_skips_the_push(hub_env, out, capsys, monkeypatch):
+def test_no_token_is_an_error(hub_env, out, capsys, monkeypatch):
+    """publish.repo_id asks for a push: without a token that is a failure the user must see (exit 2),
+    and the stage stays failed so the next `run` or `publish` with a token completes it."""
     monkeypatch.delenv("HF_TOKEN")
-    assert run_cli(out) == 0
-    assert f"no Hub token (HF_TOKEN or `hf auth login`): skipped the push; the finished model is in {out / 'model'}" in capsys.readouterr().out
+    assert run_cli(out) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: field 'publish.repo_id': publish.repo_id is set but there is no Hub token: set HF_TOKEN "
+        f"(or log in with `hf auth login`), or unset publish.repo_id to keep the model in {out / 'model'} only"
+    )
     assert hub_env.server.requests == []
-    assert publish_stage(out)["pushed"] is False
+    assert publish_stage(out)["status"] == "failed"
 
 
 # --------------------------------------------------------------------------- Hub failures
@@ -325,6 +330,16 @@ def test_429_and_5xx_are_retried_then_a_clear_error(hub_env, out, capsys, no_wai
     assert run_cli(out, "publish.tag=second") == 0
     assert len(server.commits(REPO)) == 3 and server.tags(REPO)["second"] == server.head(REPO)
     assert publish_stage(out)["status"] == "done"
+
+
+def test_a_hub_retry_is_reported_once(hub_env, out):
+    """huggingface_hub prints its retry warning through its own handler; alignpress's logging must not repeat it."""
+    hub_env.server.inject("POST", r"/preupload/", 429, times=1)
+    proc = run_process(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    retries = [line for line in proc.stderr.splitlines() if "Rate limited. Waiting" in line]
+    assert retries == ["Rate limited. Waiting 1.0s before retry [Retry 1/5]."]
+    assert not any(line.startswith("[alignpress]") and "Retry" in line for line in proc.stderr.splitlines())
 
 
 @pytest.mark.parametrize("transport", ["lfs", "xet"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +46,50 @@ def is_hub_id(name: str, recipe: Recipe | None = None) -> bool:
 
 def base_license(recipe: Recipe) -> str | None:
     """The base model's card license: from its local README.md, or from the Hub when reachable."""
+    found = base_card(recipe)
+    return found.data.license if found is not None else None
+
+
+def base_card(recipe: Recipe) -> ModelCard | None:
+    """The base model's card: its local README.md, or from the Hub when reachable; None otherwise."""
     try:
         path = Path(resolve_model_path(recipe))
         if path.is_dir():
             readme = path / "README.md"
-            return ModelCard.load(readme).data.license if readme.exists() else None
-        return ModelCard.load(recipe.model.name_or_path).data.license
-    except Exception:  # noqa: BLE001 - offline or no card: the recipe must say
+            return ModelCard.load(readme) if readme.exists() else None
+        return ModelCard.load(recipe.model.name_or_path)
+    except Exception:  # noqa: BLE001 - offline or no card
         return None
+
+
+LIMITATION_HEADINGS = re.compile(r"(?i)limitation|bias|risk|out-of-scope|out of scope|responsible|safety")
+
+
+def inherited_limitations(text: str) -> list[str]:
+    """The base card's sections about limitations, bias and risks (heading and body, headings demoted
+    under ours); when it has none, its first paragraph, which says what the model is."""
+    lines = text.splitlines()
+    out: list[str] = []
+    keep_level = None
+    for line in lines:
+        m = re.match(r"^(#+)\s+(.*)", line)
+        if m:
+            level = len(m.group(1))
+            if keep_level is not None and level <= keep_level:
+                keep_level = None
+            if keep_level is None and LIMITATION_HEADINGS.search(m.group(2)):
+                keep_level = level
+                out.append(f"#### {m.group(2).strip()}")
+                continue
+            if keep_level is not None:
+                out.append("#" * (4 + level - keep_level) + " " + m.group(2).strip())
+                continue
+        if keep_level is not None:
+            out.append(line)
+    if any(line.strip() for line in out if not line.startswith("####")):
+        return out
+    paragraphs = [p.strip() for p in "\n".join(l for l in lines if not l.startswith("#")).split("\n\n") if p.strip()]
+    return ["> " + paragraphs[0].replace("\n", " ")] if paragraphs else []
 
 
 def _read(path: Path) -> Any:
@@ -125,6 +162,123 @@ def plot_lines(run_dir: RunDir, relation: str) -> list[str]:
     return lines
 
 
+def intended_use_lines(recipe: Recipe, relation: str) -> list[str]:
+    base = recipe.model.name_or_path
+    what = "A LoRA adapter for" if relation == "adapter" else "A version of"
+    lines = ["## Intended use", ""]
+    if base.startswith("builtin:"):
+        lines.append(f"{what} alignpress's built-in toy model `{base}`, made to demonstrate and test the alignment job. "
+                     "It knows a few arithmetic answer styles and nothing else: use it to try alignpress, not as an assistant.")
+    else:
+        lines.append(f"{what} `{base}` tuned towards the preferences in its training data (below), for the same uses as the base model: "
+                     "chat and instruction following in the base model's languages, research on preference alignment, and comparison with the base. "
+                     "The base model's license and use policy apply" + (f" (see its card: https://huggingface.co/{base})." if is_hub_id(base, recipe) else "."))
+        lines.append("")
+        lines.append("Not intended for decisions about people, for medical, legal or financial advice, or for any use without human review of its answers.")
+    return lines + [""]
+
+
+def limitation_lines(recipe: Recipe, evals: dict[str, Any] | None) -> list[str]:
+    base = recipe.model.name_or_path
+    lines = [
+        "## Limitations and bias",
+        "",
+        f"DPO moves the model towards the chosen answers of {', '.join(f'`{s.dataset}`' for _, s in data_sources(recipe.data))}: it inherits that data's preferences, gaps and biases, "
+        "as well as everything the base model learned. Alignment changes how the model answers, not what it knows; it can still state wrong "
+        "facts with confidence and reproduce social biases of its training text.",
+        "",
+    ]
+    if evals:
+        measure = (f"The evaluation below uses {evals['n_pairs']} held-out pairs from the same data and does not measure factual accuracy, "
+                   "safety, or behaviour outside that distribution.")
+        if recipe.eval.behaviour_pattern:
+            measure += f" Its behaviour score checks the form of an answer (matching `{recipe.eval.behaviour_pattern}`), not whether the answer is correct."
+        lines += [measure, ""]
+    found = base_card(recipe)
+    inherited = inherited_limitations(found.text) if found is not None else []
+    if inherited:
+        lines += [f"From the base model's card (`{base}`):", "", *inherited, ""]
+    elif is_hub_id(base, recipe):
+        lines += [f"See the base model's card for its own limitations, biases and risks: https://huggingface.co/{base}", ""]
+    return lines
+
+
+def data_lines(recipe: Recipe) -> list[str]:
+    """Where the pairs came from and which filters the recipe applied, one source at a time."""
+    d = recipe.data
+    lines = []
+    for _, source in data_sources(d):
+        name = source.dataset
+        src = f"[{name}](https://huggingface.co/datasets/{name})" if is_hub_id(name, recipe) else f"`{name}` (a local file)"
+        held = f"held out: split `{source.eval_split}`" if source.eval_split else (f"held out: {d.eval_fraction:g} of the rows" if d.eval_fraction else "no held-out split")
+        share = f"; {source.fraction:g} of its rows" if source.fraction else (f"; at most {source.max_rows} rows" if source.max_rows else "")
+        lines.append(f"- source: {src}, split `{source.split}`, format `{source.format}`; {held}{share}")
+        lines.append("- filters: " + filter_text(source.filters))
+    return lines
+
+
+def filter_text(f) -> str:
+    rules = [f"{k} >= {v:g}" for k, v in (f.min or {}).items()] + [f"{k} <= {v:g}" for k, v in (f.max or {}).items()]
+    if f.max_messages:
+        rules.append(f"at most {f.max_messages} messages")
+    if f.max_tokens:
+        rules.append(f"at most {f.max_tokens} tokens")
+    rules += [text for on, text in ((f.drop_empty, "no empty answers"), (f.drop_identical, "chosen differs from rejected"),
+                                    (f.drop_duplicates, "no duplicate pairs")) if on]
+    return ", ".join(rules) if rules else "none"
+
+
+def usage_prompt(run_dir: RunDir) -> list[dict[str, str]]:
+    """The first held-out prompt (its messages up to the answer), else the first training prompt."""
+    for name in ("eval.jsonl", "train.jsonl"):
+        path = run_dir.data / name
+        if path.exists():
+            with open(path) as fh:
+                first = fh.readline()
+            if first.strip():
+                return json.loads(first)["messages"]["prompt"]
+    return [{"role": "user", "content": "Hello! What can you do?"}]
+
+
+def _render_prompt(folder: Path, messages: list[dict[str, str]]) -> str | None:
+    """The prompt as the model's chat template writes it (None without a tokenizer there)."""
+    if not (folder / "tokenizer_config.json").exists():
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception:  # noqa: BLE001 - the card is still useful without the rendered prompt
+        log.debug("card: could not render the usage prompt with %s", folder, exc_info=True)
+        return None
+
+
+def reproduce_lines(recipe: Recipe, manifest: dict[str, Any]) -> list[str]:
+    ap = manifest.get("alignpress") or {}
+    version = ap.get("version") or (manifest.get("versions") or {}).get("alignpress") or "?"
+    commit = ap.get("commit")
+    return [
+        "## Reproduce",
+        "",
+        f"alignpress {version}" + (f", commit `{commit}`" if commit else "") + f"; recipe `{recipe.name}` "
+        f"(from `{manifest.get('recipe_file', '?')}`, every `--set` applied). Save the recipe below as `recipe.yaml` and run:",
+        "",
+        "```bash",
+        "python entrypoint.py run recipe.yaml",
+        "```",
+        "",
+        "The exact library versions are under Framework versions above (requirements.lock pins them for alignpress).",
+        "",
+        "### Recipe",
+        "",
+        "```yaml",
+        dump(recipe).rstrip(),
+        "```",
+        "",
+    ]
+
+
 def metadata(recipe: Recipe, relation: str = "finetune") -> ModelCardData:
     c = recipe.card
     license_ = c.license or base_license(recipe) or "other"
@@ -154,12 +308,14 @@ def render_model_card(
     data: ModelCardData | None = None,
     repo_id: str | None = None,
     revision: str | None = None,
+    tokenizer_dir: Path | None = None,
 ) -> str:
     """The card as Markdown with its metadata block.
 
     publish renders the card again for the repo it pushes to: `repo_id` and `revision` (a branch)
     go into the usage snippet, and `data` (the exported card's metadata, adjusted for an adapter)
     replaces metadata(), so the published card never depends on a network lookup.
+    `tokenizer_dir` (default model/): the tokenizer whose chat template renders the usage prompt.
     """
     stats = _read(run_dir.data / "stats.json") or {}
     evals = _read(run_dir.metrics / "eval.json")
@@ -184,6 +340,8 @@ def render_model_card(
         + (" The adapter was merged into the base weights." if lo.enabled and relation != "adapter" else ""),
         f"Built with alignpress recipe `{r.name}`, run `{manifest.get('run_id', '?')}`.",
         "",
+        *intended_use_lines(recipe, relation),
+        *limitation_lines(recipe, evals),
         "## Hyperparameters",
         "",
         "| setting | value |",
@@ -197,7 +355,8 @@ def render_model_card(
     ]:
         lines.append(f"| {k} | {_fmt(v)} |")
 
-    lines += ["", "## Data", ""]
+    lines += ["", "## Training data", ""]
+    lines += data_lines(recipe)
     for split, info in (stats.get("splits") or {}).items():
         removed = ", ".join(f"{f['filter']}: {f['removed']}" for f in info["filters"] if f["removed"]) or "none"
         lines.append(f"- {split}: {info['loaded']} rows loaded, {info['kept']} kept (removed — {removed})")
@@ -222,6 +381,8 @@ def render_model_card(
         lines.append("Not evaluated.")
     lines += plot_lines(run_dir, relation)
 
+    prompt = usage_prompt(run_dir)
+    rendered = _render_prompt(tokenizer_dir or run_dir.model, prompt)
     lines += [
         "",
         "## Usage",
@@ -231,17 +392,31 @@ def render_model_card(
         "",
         f'tok = AutoTokenizer.from_pretrained("{repo}"{rev})',
         f'model = AutoModelForCausalLM.from_pretrained("{repo}"{rev})',
-        'messages = [{"role": "user", "content": "What is 7 plus 5?"}]',
+        f"messages = {json.dumps(prompt, ensure_ascii=False)}",
         "inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
-        "out = model.generate(**inputs, max_new_tokens=64)",
+        f"out = model.generate(**inputs, max_new_tokens={recipe.eval.max_new_tokens})",
         'print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
         "```",
         "",
-        "## Framework versions",
-        "",
     ]
+    if rendered:
+        lines += ["The prompt is the first one of the held-out split; the model's chat template turns it into:", "", "```text", rendered, "```", ""]
+    lines += ["## Framework versions", ""]
     lines += [f"- {k}: {v}" for k, v in versions.items() if v]
-    lines += ["", "## Recipe", "", "```yaml", dump(recipe).rstrip(), "```", "", "## Citations", "", CITATIONS, ""]
+    lines += ["", *reproduce_lines(recipe, manifest), "## Citations", "", CITATIONS, ""]
     # Built as text, not through a Jinja template: a recipe's chat template may contain '{{'.
     content = f"---\n{(data or metadata(recipe, relation)).to_yaml()}\n---\n\n" + "\n".join(lines)
     return str(ModelCard(content))
+
+
+def write_adapter_card(recipe: Recipe, run_dir: RunDir) -> None:
+    """adapter/README.md: the card as a PEFT adapter's (library_name peft, base_model for a Hub base),
+    in place of the empty template PEFT's save_pretrained writes."""
+    from .publish import adapter_card_data
+
+    if not (run_dir.adapter / "adapter_config.json").exists():
+        return
+    text = render_model_card(recipe, run_dir, "adapter", data=adapter_card_data(metadata(recipe)), tokenizer_dir=run_dir.adapter)
+    tmp = run_dir.adapter / ".README.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(run_dir.adapter / "README.md")

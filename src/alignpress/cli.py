@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import yaml
@@ -28,7 +29,10 @@ NEEDS = {"train": "prepare", "evaluate": "train", "export": "train", "publish": 
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .version import version
+
     p = argparse.ArgumentParser(prog="alignpress", description="Align a chat model with DPO and publish it.")
+    p.add_argument("--version", action="version", version=f"alignpress {version()}")
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in [
         ("run", "run every stage (skips finished ones, resumes training)"),
@@ -124,6 +128,9 @@ def _run_stage(name: str, recipe: Recipe, run_dir: RunDir) -> None:
             out = train.run(recipe, run_dir)
         elif name == "evaluate":
             out = evaluate.run(recipe, run_dir)
+            from . import tracking
+
+            tracking.log_eval(recipe, run_dir)
         elif name == "export":
             out = export.run(recipe, run_dir)
         else:
@@ -205,6 +212,15 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
     # Before anything is written: a refused run leaves no folder behind. prepare loads only the
     # tokenizer, so it needs no GPU (a 4-bit recipe can count its tokens on a laptop).
     preflight(recipe, needs_gpu=args.command != "prepare", training=args.command in ("run", "prepare", "train"))
+    if args.command in ("run", "train"):
+        from . import tracking
+
+        tracking.check_installed(recipe)
+    if args.command == "run" and os.environ.get("ALIGNPRESS_LAUNCHED") != "1" and (args.restart or not run_dir.is_done("publish")):
+        # A run that will publish checks the Hub first: no GPU time for a push that would be refused.
+        from . import publish
+
+        _on_main(state, lambda: publish.preflight(recipe, run_dir))
     args.run_dir = run_dir  # for the error log of an unexpected failure (main)
     restart_from = ("prepare" if args.command == "run" else args.command) if args.restart else None
     need = NEEDS.get(args.command)
@@ -229,6 +245,9 @@ def _execute_locked(args: argparse.Namespace, argv: list[str], recipe: Recipe, r
         return _relaunch(recipe, argv)
     if main:
         run_dir.init(recipe.name, str(args.recipe))
+        from .version import git_commit, version
+
+        run_dir.update(alignpress={"version": version(), "commit": git_commit()})  # for the card's "reproduce"
         write_text(run_dir.root / "recipe.resolved.yaml", dump(recipe))
     if state is not None:
         state.wait_for_everyone()
@@ -247,6 +266,10 @@ def _execute_locked(args: argparse.Namespace, argv: list[str], recipe: Recipe, r
                 continue
             stage(name)
         log.info("finished: %s", run_dir.root)
+        if main:
+            from .summary import render
+
+            print(render(recipe, run_dir, str(args.recipe), args.overrides), flush=True)
     else:
         later = STAGES[STAGES.index(args.command) + 1 :]
         if later and run_dir.is_done(args.command) and main and not restart_from:
@@ -255,10 +278,45 @@ def _execute_locked(args: argparse.Namespace, argv: list[str], recipe: Recipe, r
     return 0
 
 
+class _NotHandledElsewhere(logging.Filter):
+    """Drop records a library's own handler already printed (huggingface_hub has one and propagates)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None and logger is not logging.root:
+            if logger.handlers:
+                return False
+            logger = logger.parent if logger.propagate else None
+        return True
+
+
+def setup_logging() -> None:
+    """alignpress's own lines as `[alignpress] ...` at ALIGNPRESS_LOG (default INFO); other libraries'
+    warnings once each, under their own name."""
+    ours = logging.getLogger("alignpress")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[alignpress] %(message)s"))
+    ours.handlers = [handler]
+    ours.setLevel(os.environ.get("ALIGNPRESS_LOG", "INFO"))
+    ours.propagate = False
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if not getattr(h, "_alignpress", False)]
+    other = logging.StreamHandler(sys.stderr)
+    other.setFormatter(logging.Formatter("[%(name)s] %(levelname)s: %(message)s"))
+    other.addFilter(_NotHandledElsewhere())
+    other._alignpress = True  # type: ignore[attr-defined]
+    root.addHandler(other)
+    if root.level == logging.NOTSET or root.level > logging.WARNING:
+        root.setLevel(logging.WARNING)
+    # peft 0.21 and trl 1.16 read model.is_gradient_checkpointing, which transformers 5.23 deprecates:
+    # not our call and nothing a user can change, so it is not shown (ours use activation_checkpointing).
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("ALIGNPRESS_LOG", "INFO"), format="[alignpress] %(message)s", stream=sys.stderr)
+    setup_logging()
     if args.command == "schema":
         for dotted, tp, default, help_ in describe(Recipe):
             print(f"{dotted}  ({tp}; default {default})\n    {help_}")

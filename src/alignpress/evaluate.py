@@ -81,8 +81,17 @@ def _ids(tok, messages, gen=False) -> list[int]:
     return tok.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True, return_dict=True)["input_ids"]
 
 
+def progress(label: str | None, done: int, step: int, total: int, unit: str) -> None:
+    """A log line when `done` passes a quarter of `total` (scoring and generating take minutes on a real model)."""
+    if not label or not total:
+        return
+    every = max(1, math.ceil(total / 4))
+    if done >= total or done // every > (done - step) // every:
+        log.info("%s: %d/%d %s", label, min(done, total), total, unit)
+
+
 @torch.no_grad()
-def answer_logps(model, tok, rows: list[dict], which: str, *, batch_size: int, max_length: int) -> list[float]:
+def answer_logps(model, tok, rows: list[dict], which: str, *, batch_size: int, max_length: int, label: str | None = None) -> list[float]:
     """Summed log-probability of each row's `which` answer given its prompt, tokenised as TRL does."""
     device = next(model.parameters()).device
     seqs = []
@@ -108,6 +117,7 @@ def answer_logps(model, tok, rows: list[dict], which: str, *, batch_size: int, m
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
         mask = answer[:, 1:].to(device)
         out.extend((logp * mask).sum(-1).tolist())
+        progress(label, len(out), len(chunk), len(seqs), "pairs")
     return out
 
 
@@ -125,7 +135,7 @@ class Generation:
 
 
 @torch.no_grad()
-def generate_ids(model, tok, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int) -> list[Generation]:
+def generate_ids(model, tok, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int, label: str | None = None) -> list[Generation]:
     """Greedy answers for each prompt through the chat template, with their token ids."""
     device = next(model.parameters()).device
     tok.padding_side = "left"
@@ -147,6 +157,7 @@ def generate_ids(model, tok, prompts: list[list[dict]], *, max_new_tokens: int, 
                     stopped = True
                     break
             out.append(Generation(prompt, answer, stopped, tok.decode(answer, skip_special_tokens=True).strip()))
+        progress(label, len(out), len(chunk), len(prompts), "answers")
     return out
 
 
@@ -244,12 +255,13 @@ def divergence(policies: Policies, tok, gens: list[Generation], *, batch_size: i
     return out
 
 
-def score(model, tok, rows, gen_rows, recipe: Recipe, extra_prompts: list[list[dict]] | None = None) -> dict[str, Any]:
+def score(model, tok, rows, gen_rows, recipe: Recipe, extra_prompts: list[list[dict]] | None = None, side: str | None = None) -> dict[str, Any]:
     e = recipe.eval
-    chosen = answer_logps(model, tok, rows, "chosen", batch_size=e.batch_size, max_length=recipe.dpo.max_length)
-    rejected = answer_logps(model, tok, rows, "rejected", batch_size=e.batch_size, max_length=recipe.dpo.max_length)
+    said = (lambda what: f"evaluate {side}: {what}") if side else (lambda what: None)
+    chosen = answer_logps(model, tok, rows, "chosen", batch_size=e.batch_size, max_length=recipe.dpo.max_length, label=said("chosen log-probs"))
+    rejected = answer_logps(model, tok, rows, "rejected", batch_size=e.batch_size, max_length=recipe.dpo.max_length, label=said("rejected log-probs"))
     prompts = [r["messages"]["prompt"] for r in gen_rows] + list(extra_prompts or [])
-    all_gens = generate_ids(model, tok, prompts, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+    all_gens = generate_ids(model, tok, prompts, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, label=said("greedy generation"))
     gens, extra = all_gens[: len(gen_rows)], all_gens[len(gen_rows) :]
     hits = [shows_chosen_behaviour(g.text, r, e.behaviour_pattern) for g, r in zip(gens, gen_rows)]
     return {
@@ -383,7 +395,7 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     scores = {}
     for side in ("base", "aligned"):
         with policies.use(side) as model:
-            scores[side] = score(model, tok, rows, gen_rows, recipe, extra_prompts)
+            scores[side] = score(model, tok, rows, gen_rows, recipe, extra_prompts, side=side)
     base_scores, aligned_scores = scores["base"], scores["aligned"]
 
     beta = recipe.dpo.beta
@@ -510,8 +522,9 @@ def write_report(run_dir: RunDir, ev: dict[str, Any], recipe: Recipe) -> Path:
         "",
         f"Run `{manifest.get('run_id', '?')}`. Base (reference) model `{recipe.model.name_or_path}` against the aligned model, "
         f"on {ev['n_pairs']} held-out pairs and {ev['n_generations']} greedy generations "
-        f"(at most {recipe.eval.max_new_tokens} new tokens). Behaviour = {ev['behaviour_measure']}. "
-        "Every field is explained in the docstring of `alignpress.evaluate` and in the README (Metrics).",
+        f"(at most {recipe.eval.max_new_tokens} new tokens). Behaviour = {ev['behaviour_measure']}"
+        + (": it checks the form of an answer, not whether the answer is correct. " if recipe.eval.behaviour_pattern else ". ")
+        + "Every field is explained in the docstring of `alignpress.evaluate` and in the README (Metrics).",
         "",
         "| metric | base | aligned | better | meaning |",
         "| --- | --- | --- | --- | --- |",

@@ -4,8 +4,11 @@ Reads: model/ (export), adapter/ (train), run.json, data/stats.json and metrics/
 Writes: nothing in the output folder; run.json's publish entry records what was pushed (repo
 url, branch, tag, commit, files with sizes). The token is never written anywhere.
 
-Without publish.repo_id, or without a token (HF_TOKEN or `hf auth login`), the stage says it
-skipped the push and where the finished folder is; that is not an error.
+Without publish.repo_id the stage says it skipped the push and where the finished folder is; that
+is not an error. With publish.repo_id but no token (HF_TOKEN or `hf auth login`) it is an error
+(exit 2): the user asked for a push that cannot happen. `run` finds that out first: preflight()
+makes checks 2 and 3 below (token present and valid, namespace writable, an existing repo
+compatible) before prepare, so a run that could not publish never spends GPU time.
 
 What is uploaded: an allow-list of top-level files, nothing else (no subfolders, so never
 checkpoints/; never *.bin, *.pt, *.pth, *.pkl, *.ckpt, training_args*, optimizer*, scheduler*,
@@ -182,6 +185,18 @@ def collect(folder: Path, patterns: tuple[str, ...]) -> tuple[list[Path], list[s
     return keep, left
 
 
+def targets(recipe: Recipe) -> list[tuple[str, str, str]]:
+    """(kind, repo_id, branch) of each destination publish.push names."""
+    p = recipe.publish
+    out = []
+    if p.push in ("model", "both"):
+        out.append(("model", p.repo_id, "main"))
+    if p.push in ("adapter", "both"):
+        separate = p.adapter_repo_id not in (None, p.repo_id)
+        out.append(("adapter", p.adapter_repo_id if separate else p.repo_id, "adapter" if p.push == "both" and not separate else "main"))
+    return out
+
+
 def plan(recipe: Recipe, run_dir: RunDir, token: str) -> list[Destination]:
     """The destinations of this push with their files, hashed and scanned for secrets."""
     p = recipe.publish
@@ -191,14 +206,12 @@ def plan(recipe: Recipe, run_dir: RunDir, token: str) -> list[Destination]:
     marker = json.dumps({"generator": "alignpress", "recipe": recipe.name, "run_id": run_id}, indent=2).encode() + b"\n"
     exported = _exported_card_data(recipe, run_dir)
     dests = []
-    if p.push in ("model", "both"):
-        d = Destination("model", p.repo_id, "main", tag, p.commit_message or f"alignpress {recipe.name}: model from run {run_id}", "")
-        text = card.render_model_card(recipe, run_dir, "finetune", data=exported, repo_id=d.repo_id)
-        dests.append(_fill(d, run_dir.model, MODEL_FILES, text, marker, manifest))
-    if p.push in ("adapter", "both"):
-        separate = p.adapter_repo_id not in (None, p.repo_id)
-        repo = p.adapter_repo_id if separate else p.repo_id
-        branch = "adapter" if p.push == "both" and not separate else "main"
+    for kind, repo, branch in targets(recipe):
+        if kind == "model":
+            d = Destination("model", repo, "main", tag, p.commit_message or f"alignpress {recipe.name}: model from run {run_id}", "")
+            text = card.render_model_card(recipe, run_dir, "finetune", data=exported, repo_id=d.repo_id)
+            dests.append(_fill(d, run_dir.model, MODEL_FILES, text, marker, manifest))
+            continue
         message = f"{p.commit_message} (adapter)" if p.commit_message else f"alignpress {recipe.name}: adapter from run {run_id}"
         d = Destination("adapter", repo, branch, tag if branch == "main" else f"{tag}-adapter", message, "", card_library="peft")
         text = card.render_model_card(recipe, run_dir, "adapter", data=adapter_card_data(exported), repo_id=repo, revision=branch)
@@ -411,14 +424,14 @@ def _transient(e: Exception) -> bool:
     return isinstance(e, (httpx2.TransportError, ConnectionError, TimeoutError))
 
 
-def check_identity(hub: Hub, dests: list[Destination]) -> str:
+def check_identity(hub: Hub, repo_ids: list[str]) -> str:
     """whoami: the token is valid and may write to every namespace this push targets."""
     me = hub.call("checking the token (whoami)", hub.api.whoami)
     role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
     if role == "read":
         raise AlignpressError(f"the token of '{me['name']}' is read-only: create a token with write access (https://huggingface.co/settings/tokens)")
     writable = {me["name"]} | {o["name"] for o in me.get("orgs", []) if o.get("roleInOrg") in ("admin", "write", "contributor")}
-    for ns in sorted({d.repo_id.split("/")[0] for d in dests}):
+    for ns in sorted({r.split("/")[0] for r in repo_ids}):
         if ns not in writable:
             raise AlignpressError(
                 f"the token belongs to '{me['name']}', who cannot write to the namespace '{ns}' "
@@ -464,8 +477,9 @@ def _marker_run_id(hub: Hub, repo_id: str, revision: str, files: dict[str, Any])
         return None
 
 
-def check_repo(hub: Hub, recipe: Recipe, run_id: str, repo_id: str, dests: list[Destination]) -> None:
-    """Refuse an existing repo this push must not touch (visibility, ownership, tag)."""
+def check_repo(hub: Hub, recipe: Recipe, run_id: str | None, repo_id: str, branches_used: list[str]) -> dict[str, str]:
+    """Refuse an existing repo this push must not touch (visibility, ownership); returns its tags
+    ({} when it does not exist). `run_id` None (a run not started yet) owns only an empty repo."""
     from huggingface_hub.errors import RepositoryNotFoundError
 
     def info():
@@ -476,7 +490,7 @@ def check_repo(hub: Hub, recipe: Recipe, run_id: str, repo_id: str, dests: list[
 
     found = hub.call(f"looking up {repo_id}", info)
     if found is None:
-        return
+        return {}
     p = recipe.publish
     if p.private and not found.private:
         raise AlignpressError(
@@ -489,19 +503,24 @@ def check_repo(hub: Hub, recipe: Recipe, run_id: str, repo_id: str, dests: list[
     refs = hub.call(f"listing the branches and tags of {repo_id}", lambda: hub.api.list_repo_refs(repo_id))
     branches = {b.name: b.target_commit for b in refs.branches}
     tags = {t.name: t.target_commit for t in refs.tags}
-    revisions = ["main", *[d.branch for d in dests if d.branch in branches and d.branch != "main"]]
+    revisions = ["main", *[b for b in branches_used if b in branches and b != "main"]]
     ours, empty = False, True
     for rev in revisions:
         files = hub.call(f"listing the files of {repo_id}@{rev}", lambda rev=rev: tree(hub, repo_id, rev))
         empty = empty and set(files) <= {".gitattributes"}
         got = hub.call(f"reading {MARKER} of {repo_id}@{rev}", lambda rev=rev, files=files: _marker_run_id(hub, repo_id, rev, files))
-        ours = ours or got == run_id
+        ours = ours or (run_id is not None and got == run_id)
     if not (ours or empty or p.allow_update):
         raise AlignpressError(
             f"{repo_id} already exists and was not published by this run (run {run_id}): refusing to push to it. "
             "Set publish.allow_update: true to add a commit to it, or choose another publish.repo_id",
             field="publish.allow_update",
         )
+    return tags
+
+
+def check_tags(hub: Hub, repo_id: str, tags: dict[str, str], dests: list[Destination]) -> None:
+    """Refuse a tag that already names a commit of another model."""
     for d in dests:
         if d.tag in tags:
             remote = hub.call(f"listing the files of {repo_id}@{d.tag}", lambda d=d: tree(hub, repo_id, tags[d.tag]))
@@ -623,6 +642,57 @@ def verify(hub: Hub, d: Destination, commit: str, private: bool) -> bool:
     return bool(info.private)
 
 
+def check_access(hub: Hub, recipe: Recipe, run_id: str | None) -> tuple[str, dict[str, dict[str, str]]]:
+    """whoami and the existing-repo checks for every destination: (user, {repo_id: its tags})."""
+    dests = targets(recipe)
+    repo_ids = list(dict.fromkeys(repo for _, repo, _ in dests))
+    user = check_identity(hub, repo_ids)
+    tags = {r: check_repo(hub, recipe, run_id, r, [b for _, repo, b in dests if repo == r]) for r in repo_ids}
+    return user, tags
+
+
+def _token_or_fail(run_dir: RunDir) -> str:
+    token = find_token()
+    if not token:
+        raise AlignpressError(
+            f"publish.repo_id is set but there is no Hub token: set HF_TOKEN (or log in with `hf auth login`), "
+            f"or unset publish.repo_id to keep the model in {run_dir.model} only",
+            field="publish.repo_id",
+        )
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise AlignpressError(f"HF_HUB_OFFLINE is set, so nothing can be pushed: unset it and run again (the model stays in {run_dir.model})")
+    return token
+
+
+def _quiet_http() -> None:
+    for name in ("httpx2", "httpx"):  # their INFO line per request drowns the stage's own messages
+        if logging.getLogger(name).level == logging.NOTSET:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def preflight(recipe: Recipe, run_dir: RunDir) -> str | None:
+    """Before `run` prepares anything: will the push at its end be allowed? Nothing is written.
+
+    The same checks publish makes before uploading (token, whoami, namespace, an existing repo's
+    visibility and owner), so a run that could not publish fails in seconds, not after training.
+    The tag and the secret scan need the finished files: publish makes those checks itself.
+    Returns the Hub user name, or None when the recipe does not publish.
+    """
+    if not recipe.publish.repo_id:
+        return None
+    token = _token_or_fail(run_dir)
+    _quiet_http()
+    hub = Hub(token, "Nothing was written: fix the problem and run again")
+    try:
+        user, _ = check_access(hub, recipe, run_dir.load().get("run_id"))
+    finally:
+        hub.close()
+    log.info("publish preflight: the token of '%s' may push to %s", user, ", ".join(dict.fromkeys(r for _, r, _ in targets(recipe))))
+    return user
+
+
 # ---------------------------------------------------------------------------------------------
 # The stage
 
@@ -633,15 +703,7 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
         msg = f"no publish.repo_id: skipped the push; the finished model is in {run_dir.model}"
         print(msg, flush=True)
         return {"pushed": False, "reason": "no publish.repo_id"}
-    token = find_token()
-    if not token:
-        msg = f"no Hub token (HF_TOKEN or `hf auth login`): skipped the push; the finished model is in {run_dir.model}"
-        print(msg, flush=True)
-        return {"pushed": False, "reason": "no token"}
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        raise AlignpressError(f"HF_HUB_OFFLINE is set, so nothing can be pushed: unset it and run publish again (the finished model is in {run_dir.model})")
+    token = _token_or_fail(run_dir)
 
     gate.check(recipe, run_dir)  # eval.gate_*: a model the evaluation failed is never pushed
 
@@ -651,14 +713,12 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
         f"`entrypoint.py publish {manifest.get('recipe_file', 'RECIPE')} --output-dir {run_dir.root}` (with the same --set flags) to finish the push"
     )
     dests = plan(recipe, run_dir, token)  # refuses before any request when a file holds a secret
-    for name in ("httpx2", "httpx"):  # their INFO line per request drowns the stage's own messages
-        if logging.getLogger(name).level == logging.NOTSET:
-            logging.getLogger(name).setLevel(logging.WARNING)
+    _quiet_http()
     hub = Hub(token, rerun)
     try:
-        user = check_identity(hub, dests)
-        for repo_id in dict.fromkeys(d.repo_id for d in dests):
-            check_repo(hub, recipe, manifest["run_id"], repo_id, [d for d in dests if d.repo_id == repo_id])
+        user, tags = check_access(hub, recipe, manifest["run_id"])
+        for repo_id, repo_tags in tags.items():
+            check_tags(hub, repo_id, repo_tags, [d for d in dests if d.repo_id == repo_id])
         results = []
         for d in dests:
             out = push(hub, d, p.private)

@@ -138,6 +138,7 @@ class TrainSection:
     device: Literal["auto", "cpu", "cuda"] = _f("auto", help="Where to train: auto = cuda when available.")
     accelerate_config: str | None = _f(None, help="Multi-GPU/DeepSpeed: a config name in recipes/accelerate/ (ddp, zero2, zero3-offload) or a path; `run` relaunches itself under `accelerate launch` with it.")
     num_processes: int | None = _f(None, help="Processes for accelerate_config (default: the config's, else one per visible GPU).")
+    report_to: str | list[str] = _f("tensorboard", help="Experiment tracker(s) transformers supports (tensorboard, wandb, trackio, mlflow, ...), or none. tensorboard writes event files to <output>/tensorboard/, no account needed.")
 
 
 @dataclass
@@ -547,6 +548,9 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
         fail("train.num_processes", f"must be at least 1, got {r.train.num_processes}")
     if r.train.save_minutes is not None and r.train.save_minutes <= 0:
         fail("train.save_minutes", f"must be > 0, got {r.train.save_minutes}")
+    from . import tracking
+
+    tracking.validate(r, fail)
     if r.train.warmup_steps < 0:
         fail("train.warmup_steps", f"must be >= 0, got {r.train.warmup_steps}")
     if not 0 <= r.lora.dropout < 1:

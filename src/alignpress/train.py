@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .checks import check_truncation
+from . import tracking
 from .errors import AlignpressError, Preempted
 from .health import HealthCallback
 from .modeling import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
@@ -135,6 +136,20 @@ def _metrics_callback(path: Path, resume_step: int, truncate: bool = True):
                 f.write(json.dumps(entry) + "\n")
 
     return MetricsToJsonl()
+
+
+def _no_stray_cards():
+    """TRL writes checkpoints/README.md and PEFT checkpoint-N/README.md at every save: the one card is export's."""
+    from transformers import TrainerCallback
+
+    class NoStrayCards(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                root = Path(args.output_dir)
+                for card in [root / "README.md", *root.glob("checkpoint-*/README.md")]:
+                    card.unlink(missing_ok=True)
+
+    return NoStrayCards()
 
 
 class SpotSafety:
@@ -290,7 +305,7 @@ def dpo_config(recipe: Recipe, run_dir: RunDir, device: str, dtype, systems: dic
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        gradient_checkpointing=systems["gradient_checkpointing"],
+        activation_checkpointing=systems["gradient_checkpointing"],  # transformers 5.23's name; the old one warns
         optim=t.optim,
         use_liger_kernel=systems["use_liger_kernel"],
         # Length grouping reads the `length` column (training_dataset); TRL's default column
@@ -310,7 +325,7 @@ def dpo_config(recipe: Recipe, run_dir: RunDir, device: str, dtype, systems: dic
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         eval_strategy="no",
-        report_to="none",
+        **tracking.setup(recipe, run_dir),  # report_to, run_name, project (alignpress.tracking)
         # Tokens are never given to the trainer: it would pickle them into training_args.bin.
         push_to_hub=False,
         hub_token=None,
@@ -503,7 +518,7 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
         train_dataset=dataset,
         processing_class=tok,
         peft_config=peft_config,
-        callbacks=[callback, spot.callback, HealthCallback(recipe, run_dir), FirstStep()],
+        callbacks=[callback, spot.callback, HealthCallback(recipe, run_dir), FirstStep(), _no_stray_cards()],
         **extra,
     )
     if systems["precompute_ref_log_probs"]:
@@ -544,6 +559,7 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
     if trainer.is_world_process_zero():
         tmp = run_dir.partial(final)
         trainer.model.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / "README.md").unlink(missing_ok=True)  # PEFT's empty template; export writes the adapter's card
         tok.save_pretrained(str(tmp))
         run_dir.commit(tmp, final)
     summary = {

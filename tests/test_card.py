@@ -1,0 +1,136 @@
+"""The model card of the demo run, parsed with huggingface_hub's ModelCard: every section and field.
+
+Also: no stray auto-generated cards (checkpoints carry none; adapter/README.md is alignpress's
+PEFT card, not PEFT's empty template).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import yaml
+from huggingface_hub import ModelCard
+from transformers import AutoTokenizer
+
+from alignpress.card import inherited_limitations, intended_use_lines, limitation_lines
+from alignpress.recipe import load_recipe
+from conftest import ROOT
+
+SECTIONS = [
+    "# demo", "## What was done", "## Intended use", "## Limitations and bias", "## Hyperparameters", "## Training data",
+    "## Training results", "## Evaluation (held-out pairs)", "## Usage", "## Framework versions", "## Reproduce", "### Recipe",
+    "## Citations",
+]
+
+
+def headings(text: str) -> list[str]:
+    """Markdown headings outside code blocks, in order."""
+    out, fenced = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"^#{1,3} ", line):
+            out.append(line)
+    return out
+
+
+def section(text: str, title: str) -> str:
+    start = text.index(title + "\n")
+    rest = text[start + len(title) + 1 :]
+    nxt = re.search(r"^## ", rest, flags=re.M)
+    return rest[: nxt.start()] if nxt else rest
+
+
+def test_model_card_sections_and_fields(demo_run):
+    out = demo_run[0]
+    card = ModelCard.load(out / "model" / "README.md")
+    assert card.data.to_dict() == {
+        "language": ["en"], "library_name": "transformers", "license": "mit", "pipeline_tag": "text-generation",
+        "tags": ["dpo", "trl", "alignpress", "lora", "demo", "arithmetic"],
+    }
+    text = card.text
+    assert [h for h in headings(text) if h in SECTIONS] == SECTIONS
+    manifest = json.loads((out / "run.json").read_text())
+    stats = json.loads((out / "data" / "stats.json").read_text())
+
+    assert section(text, "## Intended use").strip().startswith(
+        "A version of alignpress's built-in toy model `builtin:tiny-phi3-arithmetic`, made to demonstrate and test the alignment job."
+    )
+    limits = section(text, "## Limitations and bias")
+    assert "DPO moves the model towards the chosen answers of `data/arithmetic-capybara.jsonl`" in limits
+    assert "Its behaviour score checks the form of an answer (matching `^The answer is \\d+\\.$`), not whether the answer is correct." in limits
+    # The base model's card has no limitations section: its description is quoted.
+    assert "From the base model's card (`builtin:tiny-phi3-arithmetic`):\n\n> A 4-layer Phi-3-architecture model built by alignpress" in limits
+    assert "Not useful for anything else." in limits
+
+    data = section(text, "## Training data")
+    assert "- source: `data/arithmetic-capybara.jsonl` (a local file), split `train[100:]`, format `auto`; held out: split `train[:100]`\n" in data
+    assert ("- filters: rating_chosen >= 4.5, rating_rejected <= 2.5, at most 2 messages, at most 64 tokens, no empty answers, "
+            "chosen differs from rejected, no duplicate pairs\n") in data
+    for split, info in stats["splits"].items():
+        assert f"- {split}: {info['loaded']} rows loaded, {info['kept']} kept" in data
+
+    usage = section(text, "## Usage")
+    first = json.loads((out / "data" / "eval.jsonl").read_text().splitlines()[0])["messages"]["prompt"]
+    assert f"messages = {json.dumps(first, ensure_ascii=False)}\n" in usage
+    assert "max_new_tokens=24" in usage  # eval.max_new_tokens
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    rendered = tok.apply_chat_template(first, add_generation_prompt=True, tokenize=False)
+    assert f"```text\n{rendered}\n```" in usage and rendered.startswith("<|user|>\n")
+
+    repro = section(text, "## Reproduce")
+    commit = manifest["alignpress"]["commit"]
+    assert commit is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", commit)
+    assert repro.startswith(f"\nalignpress 0.1.0{f', commit `{commit}`' if commit else ''}; recipe `demo` (from `recipes/demo.yaml`, every `--set` applied).")
+    assert "```bash\npython entrypoint.py run recipe.yaml\n```" in repro
+    recipe_yaml = repro.split("```yaml\n", 1)[1].split("\n```", 1)[0]
+    assert yaml.safe_load(recipe_yaml) == yaml.safe_load((out / "recipe.resolved.yaml").read_text())
+
+
+def test_no_stray_cards(demo_run):
+    out = demo_run[0]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("README.md")) == ["adapter/README.md", "model/README.md"]
+    adapter = ModelCard.load(out / "adapter" / "README.md")
+    # A builtin base is no Hub id, so no base_model (test_adapter_card_metadata_for_a_hub_base covers one).
+    assert adapter.data.to_dict() == {
+        "language": ["en"], "library_name": "peft", "license": "mit", "pipeline_tag": "text-generation",
+        "tags": ["dpo", "trl", "alignpress", "lora", "demo", "arithmetic"],
+    }
+    assert "A LoRA adapter for alignpress's built-in toy model" in adapter.text
+    assert "merged into the base weights" not in adapter.text and "## Evaluation (held-out pairs)" in adapter.text
+    assert "Provide a quick summary" not in adapter.text  # PEFT's template
+
+
+def test_a_hub_base_without_a_reachable_card_links_it():
+    r = load_recipe(ROOT / "recipes/gemma-2b-it-capybara.yaml")
+    lines = limitation_lines(r, None)
+    assert lines[-2] == "See the base model's card for its own limitations, biases and risks: https://huggingface.co/google/gemma-2b-it"
+    use = "\n".join(intended_use_lines(r, "finetune"))
+    assert "A version of `google/gemma-2b-it` tuned towards the preferences in its training data" in use
+    assert "(see its card: https://huggingface.co/google/gemma-2b-it)." in use
+
+
+def test_limitations_are_taken_from_the_base_cards_sections():
+    base = """# Some model
+
+Intro paragraph.
+
+## Uses
+
+Chat.
+
+## Bias, Risks, and Limitations
+
+It may be wrong.
+
+### Recommendations
+
+Review its answers.
+
+## Training Details
+
+Lots of data.
+"""
+    assert inherited_limitations(base) == ["#### Bias, Risks, and Limitations", "", "It may be wrong.", "", "##### Recommendations", "", "Review its answers.", ""]
+    assert inherited_limitations("# M\n\nA small model.\nSecond line.\n\nMore.") == ["> A small model. Second line."]

@@ -1,0 +1,96 @@
+"""Hub preflight: `run` with publish.repo_id checks the token and the repo before prepare.
+
+Every case runs `entrypoint.py run` in a subprocess against the test Hub server
+(tests/hubserver.py, through hub_env's HF_ENDPOINT/HF_TOKEN/HF_HOME): a refusal exits 2 with one
+`error:` line and leaves no output folder at all (so no data/ and no checkpoints/).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import cli
+from hubserver import INVALID_TOKEN, OTHER_TOKEN, READ_TOKEN
+
+REPO = "alice/demo-dpo"
+RECIPE = "recipes/demo.yaml"
+
+
+def run(out, *sets, env=None):
+    args = ["run", RECIPE, "--output-dir", out, "--set", f"publish.repo_id={REPO}"]
+    for s in sets:
+        args += ["--set", s]
+    return cli(*args, env=env, timeout=600)
+
+
+def refused(proc, out) -> str:
+    """The one error line of a refused run; checks nothing was written."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and proc.stderr.rstrip().splitlines()[-1] == errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "== prepare" not in proc.stderr
+    assert not out.exists()  # no data/, no checkpoints/, not even run.json
+    return errors[0]
+
+
+def test_no_token_is_an_error_not_a_skip(hub_env, tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    out = tmp_path / "out"
+    line = refused(run(out), out)
+    assert line == (
+        "error: field 'publish.repo_id': publish.repo_id is set but there is no Hub token: set HF_TOKEN "
+        f"(or log in with `hf auth login`), or unset publish.repo_id to keep the model in {out / 'model'} only"
+    )
+    assert hub_env.server.requests == []
+
+
+@pytest.mark.parametrize(
+    ("token", "message"),
+    [
+        (INVALID_TOKEN, "error: the Hub rejected the token while checking the token (whoami) (HTTP 401"),
+        (READ_TOKEN, "error: the token of 'alice' is read-only: create a token with write access"),
+        (OTHER_TOKEN, "error: field 'publish.repo_id': the token belongs to 'bob', who cannot write to the namespace 'alice' (writable: bob)"),
+    ],
+)
+def test_bad_token_stops_before_prepare(hub_env, tmp_path, token, message):
+    out = tmp_path / "out"
+    line = refused(run(out, env={"HF_TOKEN": token}), out)
+    assert line.startswith(message) and token not in line
+    assert [r.route for r in hub_env.server.requests] == ["whoami"]
+    assert hub_env.server.repo_ids() == []
+
+
+def test_existing_public_repo_when_private_is_asked(hub_env, tmp_path):
+    hub_env.server.add_repo(REPO, private=False)
+    out = tmp_path / "out"
+    line = refused(run(out), out)
+    assert line == (
+        f"error: field 'publish.private': {REPO} already exists and is public, but publish.private is true: refusing to push. "
+        "Make it private on the Hub (repo Settings), or set publish.private: false to publish publicly"
+    )
+    assert hub_env.server.is_private(REPO) is False and len(hub_env.server.commits(REPO)) == 1
+
+
+def test_existing_repo_of_someone_else_needs_allow_update(hub_env, tmp_path):
+    hub_env.server.add_repo(REPO, private=True, files={"notes.txt": b"someone else's notes\n"})
+    out = tmp_path / "out"
+    line = refused(run(out), out)
+    assert line.startswith(f"error: field 'publish.allow_update': {REPO} already exists and was not published by this run")
+    assert "Set publish.allow_update: true" in line
+    assert hub_env.server.requests_to("commit") == []
+
+
+def test_a_good_token_passes_and_the_run_publishes(hub_env, tmp_path):
+    """The whole short demo (2 steps, no evaluation) with a push at its end."""
+    out = tmp_path / "out"
+    proc = run(out, "train.max_steps=2", "eval.enabled=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = proc.stderr
+    assert f"[alignpress] publish preflight: the token of 'alice' may push to {REPO}" in err
+    assert err.index("publish preflight") < err.index("== prepare")
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["stages"]["publish"]["pushed"] is True
+    assert hub_env.server.tags(REPO) == {manifest["run_id"]: hub_env.server.head(REPO)}
+    assert hub_env.token not in err + proc.stdout + (out / "run.json").read_text()
