@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by sky/setup.sh and sky/run.sh: where the job's environment lives and whether it is ready.
 # The environment is keyed on the lock's hash, so a changed lock builds a new one and an unchanged
 # lock (a recovered managed job, a second `sky launch` on the same cluster) finds the old one.

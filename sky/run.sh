@@ -10,7 +10,7 @@
 # MAIN_PROCESS_PORT (multi-node). Without BUCKET, outputs go to the VM's own disk
 # ($HOME/alignpress-outputs), which `sky down` deletes: fine for a cluster you keep and ssh into.
 # Every refusal is one line and exit 2, before any GPU time is spent.
-set -uo pipefail
+set -euo pipefail
 fail() { echo "error: $*" >&2; exit 2; }
 
 [ -n "${HUB_REPO:-}" ] || fail "HUB_REPO is not set; launch with --env HUB_REPO=namespace/name"
@@ -20,8 +20,9 @@ if [ -n "${SKYPILOT_MANAGED_JOB_ID:-}" ] && [ -z "${BUCKET:-}" ]; then
   fail "BUCKET is not set; a managed job keeps its outputs in a bucket: launch with --env BUCKET=a-name-of-your-own"
 fi
 
+# shellcheck source=sky/env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-cd "$ALIGNPRESS_ROOT"
+cd "$ALIGNPRESS_ROOT" || fail "cannot enter the checkout $ALIGNPRESS_ROOT"
 [ -f "$RECIPE" ] || fail "RECIPE: $RECIPE does not exist in the checkout"
 PY="$(job_python)" || fail "the job's environment for requirements.lock ($LOCK_HASH) is not built; run sky/setup.sh first"
 

@@ -11,6 +11,7 @@
 # 22.04 ships 3.10). Knobs: ALIGNPRESS_PYTHON (uv's --python request), UV_FIND_LINKS (a local wheel
 # folder, e.g. a CPU torch for tests; uv reads it itself), ALIGNPRESS_VENV (where to build).
 set -euo pipefail
+# shellcheck source=sky/env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 UV_VERSION="0.13.9"
