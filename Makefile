@@ -34,12 +34,13 @@ $(SKY_STAMP): requirements-sky.lock
 	$(SKY_VENV)/bin/python -m pip install -q -r requirements-sky.lock
 	touch $@
 
-# The launcher: SkyPilot from its lock, plus the cloud SDKs named in CLOUDS. The SDKs are not pinned
-# (they follow the clouds' APIs); `-c requirements-sky.lock` keeps everything SkyPilot itself needs at
-# the locked versions. Then `.venv-sky/bin/sky check` says which clouds are enabled.
+# The launcher: SkyPilot from its lock, plus the cloud SDKs named in CLOUDS, which are not pinned (they
+# follow the clouds' APIs). SkyPilot stays at the locked version; pip may move a few shared packages
+# off the lock for an SDK (botocore needs python-dateutil<3, the lock has 4.0.0), so the lock is not
+# used as a constraint. Then `.venv-sky/bin/sky check` says which clouds are enabled.
 sky: $(SKY_STAMP)
 ifneq ($(strip $(CLOUDS)),)
-	$(SKY_VENV)/bin/python -m pip install -q -c requirements-sky.lock "skypilot[$(CLOUDS)]==$(SKY_VERSION)"
+	$(SKY_VENV)/bin/python -m pip install -q "skypilot[$(CLOUDS)]==$(SKY_VERSION)"
 endif
 	@echo "SkyPilot $(SKY_VERSION) in $(SKY_VENV), clouds: $(if $(strip $(CLOUDS)),$(CLOUDS),none (make sky CLOUDS=aws$(comma)gcp)). Next: $(SKY_VENV)/bin/sky check"
 

@@ -67,7 +67,7 @@ def vm(podman, hub_server, tmp_path):
                              timeout=300)
     assert started.returncode == 0, started.stderr
 
-    def run(script, extra_env=None, timeout=1800):
+    def run(script, extra_env=None, timeout=3600):
         flags = [f"--env={k}={v}" for k, v in {**env, **(extra_env or {})}.items()]
         t0 = time.monotonic()
         proc = subprocess.run(["podman", "exec", *flags, name, "bash", script], capture_output=True, text=True,
