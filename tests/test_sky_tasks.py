@@ -338,3 +338,26 @@ def test_an_image_venv_that_differs_from_the_lock_is_not_used(tmp_path):
     torch = importlib.metadata.version("torch")  # 2.13.0+cpu on the CPU machines
     assert proc.stderr.strip() == (f"2 packages differ from the lock: torch {torch} (lock: 2.99.0), "
                                    "no-such-package missing (lock: 1.0)")
+
+
+def test_launch_without_bucket_stops_before_anything_is_rented():
+    """What `sky launch` / `sky jobs launch` do first (sky/execution.py: storage.construct() for every
+    storage mount, before optimizing or provisioning): with BUCKET empty, SkyPilot refuses; with
+    --env BUCKET=NAME, the mount at /outputs is that bucket."""
+    code = ("import json, sys, yaml, sky\n"
+            "out = {}\n"
+            "for p in sys.argv[1:]:\n"
+            "    config = yaml.safe_load(open(p))\n"
+            "    try:\n"
+            "        sky.Task.from_yaml(p).storage_mounts['/outputs'].construct()\n"
+            "        empty = 'constructed'\n"
+            "    except Exception as e:\n"
+            "        empty = type(e).__name__ + ': ' + str(e).strip()\n"
+            "    named = sky.Task.from_yaml_config(config, env_overrides=[('BUCKET', 'alignpress-me-outputs')])\n"
+            "    out[p] = [empty, named.storage_mounts['/outputs'].name]\n"
+            "print(json.dumps(out))")
+    proc = sky_python("-c", code, *map(str, TASK_FILES))
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.splitlines()[-1])
+    assert got == {str(p): ["StorageSpecError: Storage source or storage name must be specified.", "alignpress-me-outputs"]
+                   for p in TASK_FILES}
