@@ -90,8 +90,9 @@ def vm(podman, hub_server, tmp_path):
         subprocess.run(["podman", "rm", "-f", "-t", "0", name], capture_output=True, env=podman, timeout=120)
 
 
-def test_setup_twice_then_run_pushes_the_demo(vm, hub_server):
+def test_setup_twice_then_run_pushes_the_demo(vm, hub_env):
     run, bucket = vm
+    hub_server = hub_env.server
 
     first, first_s = run("sky/setup.sh")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -117,9 +118,8 @@ def test_setup_twice_then_run_pushes_the_demo(vm, hub_server):
     ev = json.loads((demo / "metrics" / "eval.json").read_text())
     assert ev["base"]["behaviour"] <= 0.1 and ev["aligned"]["behaviour"] >= 0.9, ev
 
-    # Read the repo back through the client, from the server.
-    from huggingface_hub import HfApi
-    api = HfApi(endpoint=hub_server.url, token=TEST_TOKEN)
+    # Read the repo back through the client, from the server (hub_env turns this process's offline mode off).
+    api = hub_env.api()
     info = api.model_info(HUB_REPO)
     assert info.private is True
     files = set(api.list_repo_files(HUB_REPO))
