@@ -22,8 +22,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH \
     HF_HOME=/cache/hf
 
-# python3 is 3.11 on Debian bookworm, 3.12 on Ubuntu 24.04; both distributions forbid pip in the
-# system python (PEP 668), hence the venv. g++ and python3-dev: DeepSpeed compiles its CPU Adam
+# python3 is 3.11 on Debian bookworm, 3.12 on Ubuntu 24.04: both meet the lock's minimum (3.11).
+# Both distributions forbid pip in the system python (PEP 668), hence the venv. g++ and python3-dev: DeepSpeed compiles its CPU Adam
 # kernel on first use, which the ZeRO-3 offload config needs (recipes/accelerate/zero3-offload.yaml).
 # Versions come from the base image's distribution release, which BASE_IMAGE pins.
 # hadolint ignore=DL3008

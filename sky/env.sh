@@ -1,0 +1,49 @@
+# shellcheck shell=bash
+# Sourced by sky/setup.sh and sky/run.sh: where the job's environment lives and whether it is ready.
+# The environment is keyed on the lock's hash, so a changed lock builds a new one and an unchanged
+# lock (a recovered managed job, a second `sky launch` on the same cluster) finds the old one.
+ALIGNPRESS_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+LOCK="$ALIGNPRESS_ROOT/requirements.lock"
+LOCK_HASH="$(sha256sum "$LOCK" | cut -c1-12)"
+JOB_VENV="${ALIGNPRESS_VENV:-$HOME/.alignpress/venv-$LOCK_HASH}"
+# Written into JOB_VENV as the last step of a successful install.
+STAMP_NAME=".alignpress-lock-$LOCK_HASH"
+# The prebuilt image (Dockerfile) installs the lock into /opt/venv.
+IMAGE_VENV="${ALIGNPRESS_IMAGE_VENV:-/opt/venv}"
+
+# True when the python $1 has every package of the lock at the locked version (a local label such
+# as torch's +cpu is ignored), and is new enough for it.
+lock_satisfied() {
+  "$1" - "$LOCK" <<'PY'
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+if sys.version_info < (3, 11):
+    sys.exit(f"python {sys.version.split()[0]} is older than 3.11")
+wrong = []
+for line in open(sys.argv[1]):
+    line = line.split("#")[0].strip()
+    if not line:
+        continue
+    name, _, want = line.partition("==")
+    try:
+        have = version(name)
+    except PackageNotFoundError:
+        have = "missing"
+    if have.split("+")[0] != want:
+        wrong.append(f"{name} {have} (lock: {want})")
+if wrong:
+    sys.exit(f"{len(wrong)} packages differ from the lock: " + ", ".join(wrong[:3]))
+PY
+}
+
+# Prints the job's python: the environment setup.sh built, else the image's when it matches the lock.
+job_python() {
+  if [ -f "$JOB_VENV/$STAMP_NAME" ] && [ -x "$JOB_VENV/bin/python" ]; then
+    echo "$JOB_VENV/bin/python"
+  elif [ -x "$IMAGE_VENV/bin/python" ] && lock_satisfied "$IMAGE_VENV/bin/python" 2>/dev/null; then
+    echo "$IMAGE_VENV/bin/python"
+  else
+    return 1
+  fi
+}

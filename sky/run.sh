@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# SkyPilot `run`: the job, the same on both launch paths (environment built by sky/setup.sh, or the
+# prebuilt image's /opt/venv) and on one or several nodes.
+#
+#   HUB_REPO=me/name HF_TOKEN=... RECIPE=recipes/demo.yaml bash sky/run.sh
+#
+# Envs: HUB_REPO (required), HF_TOKEN (required; a SkyPilot secret), RECIPE, RUN_NAME (the output
+# folder; keep it across relaunches to resume), BUCKET (the bucket the task file mounts at
+# /outputs; required for a managed job, whose VM can vanish), ACCELERATE_CONFIG and
+# MAIN_PROCESS_PORT (multi-node). Without BUCKET, outputs go to the VM's own disk
+# ($HOME/alignpress-outputs), which `sky down` deletes: fine for a cluster you keep and ssh into.
+# Every refusal is one line and exit 2, before any GPU time is spent.
+set -euo pipefail
+fail() { echo "error: $*" >&2; exit 2; }
+
+[ -n "${HUB_REPO:-}" ] || fail "HUB_REPO is not set; launch with --env HUB_REPO=namespace/name"
+[ -n "${HF_TOKEN:-}" ] || fail "HF_TOKEN is not set; launch with --secret HF_TOKEN"
+[ -n "${RECIPE:-}" ] || fail "RECIPE is not set; launch with --env RECIPE=recipes/NAME.yaml"
+if [ -n "${SKYPILOT_MANAGED_JOB_ID:-}" ] && [ -z "${BUCKET:-}" ]; then
+  fail "BUCKET is not set; a managed job keeps its outputs in a bucket: launch with --env BUCKET=a-name-of-your-own"
+fi
+
+# shellcheck source=sky/env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+cd "$ALIGNPRESS_ROOT" || fail "cannot enter the checkout $ALIGNPRESS_ROOT"
+[ -f "$RECIPE" ] || fail "RECIPE: $RECIPE does not exist in the checkout"
+PY="$(job_python)" || fail "the job's environment for requirements.lock ($LOCK_HASH) is not built; run sky/setup.sh first"
+
+if [ -n "${BUCKET:-}" ]; then
+  OUTPUT_ROOT="${OUTPUT_ROOT:-/outputs}"
+  [ -d "$OUTPUT_ROOT" ] || fail "BUCKET is set ($BUCKET) but $OUTPUT_ROOT is not mounted; launch a task file from sky/"
+else
+  OUTPUT_ROOT="${OUTPUT_ROOT:-$HOME/alignpress-outputs}"
+  echo "alignpress: no BUCKET: outputs go to $OUTPUT_ROOT on this VM's disk (gone after sky down)" >&2
+fi
+OUT="$OUTPUT_ROOT/${RUN_NAME:-$(basename "$RECIPE" .yaml)}"
+JOB=(entrypoint.py run "$RECIPE" --set "publish.repo_id=$HUB_REPO" --output-dir "$OUT")
+
+NODES="${SKYPILOT_NUM_NODES:-1}"
+if [ "$NODES" -gt 1 ]; then
+  # One launcher per node; SkyPilot sets these on every node (sky/skylet/constants.py), head first.
+  HEAD_IP="$(echo "$SKYPILOT_NODE_IPS" | head -n1)"
+  exec "$(dirname "$PY")/accelerate" launch \
+    --config_file "${ACCELERATE_CONFIG:-recipes/accelerate/ddp.yaml}" \
+    --num_machines "$NODES" \
+    --machine_rank "$SKYPILOT_NODE_RANK" \
+    --main_process_ip "$HEAD_IP" \
+    --main_process_port "${MAIN_PROCESS_PORT:-29500}" \
+    --num_processes "$((NODES * SKYPILOT_NUM_GPUS_PER_NODE))" \
+    "${JOB[@]}"
+fi
+exec "$PY" "${JOB[@]}"

@@ -1,0 +1,56 @@
+"""Linters on the files the tests cannot run here: the image workflow, the Dockerfile, the shell scripts.
+
+The linters live in their own environment, .venv-tools (requirements-tools.lock, `make tools`;
+`make test` builds it): actionlint for .github/workflows/*.yml (with shellcheck for their `run:`
+steps), hadolint for the Dockerfile, shellcheck for sky/*.sh and scripts/*.sh.
+"""
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TOOLS = REPO / ".venv-tools" / "bin"
+WORKFLOWS = sorted((REPO / ".github" / "workflows").glob("*.yml"))
+SCRIPTS = sorted([*(REPO / "sky").glob("*.sh"), *(REPO / "scripts").glob("*.sh")])
+
+
+def tool(name, *args, cwd=REPO):
+    exe = TOOLS / name
+    if not exe.exists():
+        pytest.fail(f"{exe} is missing: run `make tools` (requirements-tools.lock)")
+    # actionlint finds shellcheck on PATH
+    env = {"PATH": f"{TOOLS}:/usr/bin:/bin"}
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=120, cwd=cwd, env=env)
+
+
+def test_the_image_workflow_exists():
+    assert [p.name for p in WORKFLOWS] == ["image.yml"]
+
+
+def test_workflows_pass_actionlint():
+    proc = tool("actionlint", *WORKFLOWS)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_actionlint_catches_a_broken_workflow(tmp_path):
+    """The linter really checks: a misspelt permission and a wrong output reference are reported."""
+    text = (REPO / ".github" / "workflows" / "image.yml").read_text()
+    broken = text.replace("packages: write", "packages: writ").replace("steps.meta.outputs.tags", "steps.meta.output.tags")
+    assert broken != text
+    (tmp_path / "broken.yml").write_text(broken)
+    proc = tool("actionlint", "-no-color", tmp_path / "broken.yml")
+    assert proc.returncode == 1
+    assert '"writ" is invalid as permission of scope "packages"' in proc.stdout
+    assert 'property "output" is not defined' in proc.stdout
+
+
+def test_dockerfile_passes_hadolint():
+    proc = tool("hadolint", REPO / "Dockerfile")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_shell_scripts_pass_shellcheck():
+    assert {p.name for p in SCRIPTS} >= {"setup.sh", "run.sh", "env.sh", "podman-base.sh"}
+    proc = tool("shellcheck", "-x", *[p.relative_to(REPO) for p in SCRIPTS])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
