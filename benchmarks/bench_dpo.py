@@ -251,10 +251,10 @@ def plan_variant(name: str, model: str, device: str, smoke: bool) -> tuple[list[
 
     spec = VARIANTS[name]
     path = ROOT / MODELS[model]["recipe"]
-    sets: list[str] = ["publish.repo_id=null", "eval.enabled=false"]
+    sets: list[str] = ["publish.repo_id=null", "eval.enabled=false", "eval.gate_min_gain=null", "eval.gate_max_kl=null"]
     notes: list[str] = []
     if smoke:
-        sets += ["dpo.max_length=128", "train.device=cpu"]
+        sets += ["dpo.max_length=128", "data.filters.max_tokens=128", "train.device=cpu"]
     skip = availability(spec.get("needs"), device)
     if skip:
         return sets, notes, skip

@@ -134,6 +134,24 @@ def test_different_recipe_in_same_folder_refused(demo_copy):
     assert "holds a run of a different recipe (sections dpo differ)" in proc.stderr
 
 
+def test_folder_from_an_older_version_is_the_same_recipe(demo_copy):
+    """Fields a newer alignpress added are missing from an old recipe.resolved.yaml: at their
+    defaults they change nothing, so the finished run is kept; set to something else, they differ."""
+    import yaml
+
+    path = demo_copy / "recipe.resolved.yaml"
+    old = yaml.safe_load(path.read_text())
+    del old["dpo"]["max_truncated_fraction"], old["data"]["max_malformed_fraction"], old["train"]["report_to"]
+    path.write_text(yaml.safe_dump(old))
+    proc = cli("run", "recipes/demo.yaml", "--output-dir", demo_copy)
+    assert proc.returncode == 0, proc.stderr
+    assert "== train: already done, skipping" in proc.stderr
+    path.write_text(yaml.safe_dump(old))
+    proc = cli("run", "recipes/demo.yaml", "--output-dir", demo_copy, "--set", "dpo.max_truncated_fraction=0.1")
+    assert proc.returncode == 2
+    assert "holds a run of a different recipe (sections dpo differ)" in proc.stderr
+
+
 def test_merge_that_changed_nothing_is_an_error(demo_copy):
     """An adapter whose LoRA B matrices are zero changes nothing: export must refuse it."""
     from safetensors.torch import load_file, save_file

@@ -118,7 +118,7 @@ def check_training_settings(recipe: Recipe) -> None:
 
     try:
         with _quiet():
-            dpo_config(recipe, RunDir(Path("outputs") / recipe.name), "cpu", torch.float32)
+            dpo_config(recipe, RunDir(Path("outputs") / recipe.name, writer=False), "cpu", torch.float32)
     except Exception as e:  # noqa: BLE001 - every refusal of TRL/transformers names the field it concerns
         raise _fail(recipe, _field_named_in(str(e)) or "dpo", f"TRL {trl.__version__} refuses the training settings: {_first_line(e)}") from None
 

@@ -70,8 +70,8 @@ def _check_same_recipe(recipe: Recipe, run_dir: RunDir, restart_from: str | None
     path = run_dir.root / "recipe.resolved.yaml"
     if not path.exists():
         return
-    old = yaml.safe_load(path.read_text()) or {}
     new = recipe.to_dict()
+    old = _with_new_defaults(yaml.safe_load(path.read_text()) or {}, new, Recipe)
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     trained = run_dir.checkpoints.exists() or any(run_dir.is_done(s) for s in STAGES[1:-1])
     redone = STAGES[STAGES.index(restart_from):] if restart_from else ()
@@ -91,6 +91,37 @@ def _check_same_recipe(recipe: Recipe, run_dir: RunDir, restart_from: str | None
         run_dir.invalidate_from(first)
     elif changed:
         log.info("recipe sections %s changed before the stages that use them ran", ", ".join(changed))
+
+
+def _with_new_defaults(old: dict, new: dict, cls) -> dict:
+    """The folder's resolved recipe with the fields a newer alignpress added filled in, where the
+    current recipe leaves them at their defaults: an upgrade alone never makes a run "different"."""
+    import dataclasses
+    import typing
+
+    if not isinstance(old, dict):
+        return old
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    hints = typing.get_type_hints(cls)
+    out = dict(old)
+    for name, f in fields.items():
+        if name not in new:
+            continue
+        tp = hints[name]
+        if name in out:
+            if dataclasses.is_dataclass(tp) and isinstance(out[name], dict) and isinstance(new[name], dict):
+                out[name] = _with_new_defaults(out[name], new[name], tp)
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            default = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
+        else:
+            continue
+        if new[name] == default:
+            out[name] = default
+    return out
 
 
 def _restart(run_dir: RunDir, first: str) -> None:

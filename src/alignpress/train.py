@@ -277,8 +277,10 @@ def log_systems(systems: dict[str, Any]) -> None:
         (log.warning if key == "use_liger_kernel" and why else log.info)("%s: %s%s", key, systems[key], f" ({why})" if why else "")
 
 
-def dpo_config(recipe: Recipe, run_dir: RunDir, device: str, dtype, systems: dict[str, Any] | None = None) -> Any:
-    """TRL's DPOConfig for the recipe; `systems` (resolve_systems) gives the levers' run-time values."""
+def dpo_config(recipe: Recipe, run_dir: RunDir, device: str, dtype, systems: dict[str, Any] | None = None, trackers: dict[str, Any] | None = None) -> Any:
+    """TRL's DPOConfig for the recipe; `systems` (resolve_systems) gives the levers' run-time values,
+    `trackers` the tracking fields (tracking.setup, called by training only: it sets up the tracked
+    run and records it in run.json, which a validity check must not do). None = no tracker."""
     import torch
     from trl import DPOConfig
 
@@ -325,7 +327,7 @@ def dpo_config(recipe: Recipe, run_dir: RunDir, device: str, dtype, systems: dic
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         eval_strategy="no",
-        **tracking.setup(recipe, run_dir),  # report_to, run_name, project (alignpress.tracking)
+        **(trackers or {"report_to": "none"}),  # report_to, run_name, project (alignpress.tracking)
         # Tokens are never given to the trainer: it would pickle them into training_args.bin.
         push_to_hub=False,
         hub_token=None,
@@ -490,7 +492,7 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=systems["gradient_checkpointing"])
 
-    args = dpo_config(recipe, run_dir, device, dtype, systems)
+    args = dpo_config(recipe, run_dir, device, dtype, systems, tracking.setup(recipe, run_dir))
     dataset = training_dataset(rows, run_dir, systems)
     cached = set(Path(dataset.cache_files[0]["filename"]).parent.glob("cache-*.arrow")) if dataset.cache_files else set()
     setup_started = time.monotonic()
