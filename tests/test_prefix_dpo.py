@@ -249,7 +249,9 @@ def test_benchmark_variants_smoke(tmp_path):
     assert v["status"] == "ok" and v["settings"]["prefix_sharing"] and v["settings"]["pairs_per_row"] == 2
     r = v["results"]
     assert r["tokens"] == sum(b["real_tokens"] for b in v["batches"])
-    assert r["computed_tokens"] < r["tokens"] and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"], rel=1e-3)
+    assert r["computed_tokens"] < r["tokens"]
+    # tokens/s from the unrounded time; the file keeps seconds to 4 decimals
+    assert r["tokens"] / (r["seconds"] + 5e-5) <= r["tokens_per_s"] <= r["tokens"] / (r["seconds"] - 5e-5)
     saving = run["data"]["prefix_sharing"]
     assert saving["max_length"] == 128 and 0.2 < saving["saved_fraction"] < 0.5
     assert "Prefix sharing computes" in proc.stdout

@@ -53,7 +53,8 @@ def write_text(path: Path, text: str) -> None:
 
 # torch.save's C++ writer reports a short write in its own words ("unexpected pos 8512 vs 8406",
 # "PytorchStreamWriter failed writing file"), without errno; such an error on a nearly full disk is one.
-WRITER_FAILURES = ("inline_container.cc", "PytorchStreamWriter", "file write failed")
+# torch.save reports a full disk without an errno: as a zip writer failure, or as a failed C++ stream.
+WRITER_FAILURES = ("inline_container.cc", "PytorchStreamWriter", "file write failed", "basic_ios::clear", "iostream error")
 LOW_SPACE = 64 << 20
 
 
