@@ -4,6 +4,7 @@ The linters live in their own environment, .venv-tools (requirements-tools.lock,
 `make test` builds it): actionlint for .github/workflows/*.yml (with shellcheck for their `run:`
 steps), hadolint for the Dockerfile, shellcheck for sky/*.sh and scripts/*.sh.
 """
+import os
 import subprocess
 from pathlib import Path
 
@@ -54,3 +55,19 @@ def test_shell_scripts_pass_shellcheck():
     assert {p.name for p in SCRIPTS} >= {"setup.sh", "run.sh", "env.sh", "podman-base.sh"}
     proc = tool("shellcheck", "-x", *[p.relative_to(REPO) for p in SCRIPTS])
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_no_tracked_symlink_or_environment():
+    """A clean checkout must build its own environments: a tracked `.venv*` or a link that points
+    outside the repo (a helper's `.venv-tools -> /elsewhere`) breaks `make test` on CI."""
+    files = subprocess.run(["git", "ls-files", "-s"], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    bad = []
+    for line in files.splitlines():
+        mode, _, _, path = line.split(None, 3)
+        if path.split("/")[0].startswith(".venv"):
+            bad.append(f"{path}: an environment is built, not tracked")
+        elif mode == "120000":
+            target = (REPO / path).parent / Path(os.readlink(REPO / path))
+            if not target.resolve().is_relative_to(REPO):
+                bad.append(f"{path}: a link out of the repo")
+    assert bad == []
