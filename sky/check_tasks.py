@@ -10,8 +10,8 @@ Runs in the SkyPilot environment (.venv-sky, requirements-sky.lock), never in th
 For each file: it parses (`sky.Task.from_yaml`, which validates SkyPilot's schema); the checkout is
 the workdir and `setup` / `run` are exactly `bash sky/setup.sh` / `bash sky/run.sh` (the scripts
 the tests execute); an image, if one is named, is a docker: image; every resource candidate asks for
-one of A100 / A100-80GB / H100, all three offered; single-node tasks allow spot, and every candidate
-has a managed-job recovery strategy; HF_TOKEN is a SkyPilot secret passed at launch (null in the
+one of A100 / A100-80GB / H100 (and L40S on one-GPU tasks), all of them offered; single-node
+tasks allow spot, and every candidate has a managed-job recovery strategy; HF_TOKEN is a SkyPilot secret passed at launch (null in the
 file), never a plain env; HUB_REPO and RECIPE are envs and the recipe exists; BUCKET is an env with
 no default (bucket names are global) and names the bucket mounted at /outputs, where sky/run.sh
 writes; multi-node tasks go through sky/run.sh, whose `accelerate launch` takes SkyPilot's node
@@ -29,6 +29,9 @@ from sky.data import storage as storage_lib
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_CHOICES = {"A100", "A100-80GB", "H100"}
+# One-GPU tasks also offer the L40S: `plan` finds it the cheapest per run for the seed recipes
+# (tests/test_plan.py checks SkyPilot's per-hour choice against plan's per-run one).
+SINGLE_NODE_CHOICES = GPU_CHOICES | {"L40S"}
 SETUP = "bash sky/setup.sh"
 RUN = "bash sky/run.sh"
 RUN_SCRIPT = REPO / "sky" / "run.sh"
@@ -65,10 +68,11 @@ def check_resources(task, problems: list) -> str:
         problems.append(f"resources.image_id: candidates {sorted(no_image)} name an image_id that is not docker:IMAGE")
     if no_recovery:
         problems.append(f"resources.job_recovery: candidates {sorted(no_recovery)} have no recovery strategy")
-    if gpus - GPU_CHOICES:
-        problems.append(f"resources.any_of: unexpected GPUs {sorted(gpus - GPU_CHOICES)}, want {sorted(GPU_CHOICES)}")
-    if GPU_CHOICES - gpus:
-        problems.append(f"resources.any_of: missing {sorted(GPU_CHOICES - gpus)}, want all of {sorted(GPU_CHOICES)}")
+    choices = SINGLE_NODE_CHOICES if task.num_nodes == 1 else GPU_CHOICES
+    if gpus - choices:
+        problems.append(f"resources.any_of: unexpected GPUs {sorted(gpus - choices)}, want {sorted(choices)}")
+    if choices - gpus:
+        problems.append(f"resources.any_of: missing {sorted(choices - gpus)}, want all of {sorted(choices)}")
     if task.num_nodes == 1 and counts - {1}:
         problems.append(f"resources.accelerators: single-node task asks for {sorted(counts)} GPUs, want 1")
     if task.num_nodes == 1 and True not in spot:

@@ -397,6 +397,28 @@ def test_plan_default_prices_recommendation(phi3_out):
         assert p["recommendation"][tier]["price"]["provider"] == PRICES[best["gpu"]]["provider"]
 
 
+@pytest.mark.parametrize("recipe, task", [("recipes/phi3-mini-capybara.yaml", "sky/phi3.yaml"), ("recipes/gemma-2b-it-capybara.yaml", "sky/gemma.yaml")])
+def test_sky_task_offers_what_plan_recommends(phi3_out, recipe, task):
+    """SkyPilot picks the cheapest candidate per hour; plan recommends the cheapest per run. With the
+    GPUs the task file offers, the two must agree (on spot and on-demand), and the pick must fit:
+    offering a GPU that is cheap per hour but slow (L4) would make SkyPilot choose a dearer run."""
+    import yaml
+
+    proc = cli("plan", recipe, "--output-dir", phi3_out, "--prices", "table", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["gpu"]: r for r in json.loads(proc.stdout)["gpus"]}
+    by_sky = {GPUS[g]["sky_name"]: g for g in rows}
+    candidates = yaml.safe_load((ROOT / task).read_text())["resources"]["any_of"]
+    for tier, spot in (("spot", True), ("on_demand", False)):
+        offered = [by_sky[c["accelerators"].split(":")[0]] for c in candidates if c["use_spot"] is spot]
+        priced = [g for g in offered if PRICES[g][f"{tier}_usd"] is not None]
+        per_hour = min(priced, key=lambda g: PRICES[g][f"{tier}_usd"])
+        fitting = [g for g in priced if rows[g]["fits"] and not rows[g]["tight"]]
+        per_run = min(fitting, key=lambda g: rows[g][f"usd_{tier}"])
+        assert (tier, per_hour) == (tier, per_run)
+    assert per_hour == "L40S"
+
+
 @pytest.mark.parametrize("entry, message", [
     ({"as_of": "2099-01-01", "on_demand_usd": 1.0}, "field 'gpus.L4.provider': missing"),
     ({"provider": "X", "as_of": "2099-01-01", "on_demand_usd": "1.0"}, "field 'gpus.L4.on_demand_usd': must be a positive number"),

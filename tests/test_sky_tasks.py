@@ -144,7 +144,7 @@ NEGATIVE = {
     "no_workdir": (no_workdir, "workdir: None, want '.'"),
     "no_spot_single_node": (no_spot_single_node, "resources.use_spot: single-node task offers no spot candidate"),
     "missing_h100": (missing_h100, "resources.any_of: missing ['H100']"),
-    "no_job_recovery": (no_job_recovery, "resources.job_recovery: candidates ['A100-80GB:1', 'A100:1', 'H100:1'] have no"),
+    "no_job_recovery": (no_job_recovery, "resources.job_recovery: candidates ['A100-80GB:1', 'A100:1', 'H100:1', 'L40S:1'] have no"),
     "unknown_field": (unknown_field, "parse: "),
 }
 
