@@ -91,6 +91,13 @@ def test_two_sources_mixed_with_per_source_counts(tmp_path, tiny_phi3):
          "field 'data.eval_fraction': every source has an eval_split, so there is nothing to hold a fraction out of"),
         ({"dataset": "a.jsonl", "max_malformed_fraction": 1.5}, "field 'data.max_malformed_fraction': must be between 0 and 1, got 1.5"),
         ({"datasets": "a.jsonl"}, "field 'data.datasets': expected a list of mappings, got 'a.jsonl'"),
+        ({"dataset": "a.jsonl", "columns": {"answer": "x"}},
+         "field 'data.columns.answer': unknown layout column 'answer'; map one of prompt, chosen, rejected, system, question to a column of the source"),
+        ({"dataset": "a.jsonl", "format": "capybara", "columns": {"prompt": "q", "system": "s"}},
+         "field 'data.columns.system': format 'capybara' reads no 'system' column (it reads prompt, chosen, rejected)"),
+        ({"dataset": "a.jsonl", "columns": {"chosen": " "}}, "field 'data.columns.chosen': must name a column of the source"),
+        ({"datasets": [{"dataset": "a.jsonl"}], "columns": {"prompt": "q"}},
+         "field 'data.columns': with data.datasets, map columns per source (data.datasets[].columns)"),
     ],
 )
 def test_bad_sources_refused_at_validate(tmp_path, data, expected):
@@ -117,6 +124,32 @@ def test_column_mapping_to_a_missing_column(tmp_path, tiny_phi3):
     proc = cli("run", recipe, "--output-dir", out)
     assert_refused_at_prepare(proc, out, f"error: {recipe}: field 'data.datasets[1].columns.prompt': column 'query' is not in {tmp_path / 'plain.csv'} (its columns: bad, good, question)")
     assert not (out / "checkpoints").exists()
+
+
+def test_single_source_column_mapping(tmp_path, tiny_phi3):
+    """data.dataset with data.columns: the question/good/bad CSV becomes standard pairs."""
+    write_sources(tmp_path)
+    data = {"dataset": "plain.csv", "columns": {"prompt": "question", "chosen": "good", "rejected": "bad"}, "eval_fraction": 0.2, "seed": 3}
+    recipe = write_recipe(tmp_path, tiny_phi3, data)
+    out = tmp_path / "out"
+    proc = cli("prepare", recipe, "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = json.loads((out / "data/stats.json").read_text())
+    (only,) = stats["sources"]
+    assert (only["field"], only["format"], only["columns"]) == ("data", "standard", {"prompt": "question", "chosen": "good", "rejected": "bad"})
+    assert stats["splits"]["train"]["kept"] == 8 and stats["splits"]["eval"]["kept"] == 2
+    train = [json.loads(x) for x in (out / "data/train.jsonl").read_text().splitlines()]
+    assert len(train) == 8
+    for row in train:  # each answer pair stays with its own question
+        i = row["messages"]["prompt"][0]["content"].removeprefix("Plain question ").removesuffix("?")
+        assert row["messages"]["prompt"] == [{"role": "user", "content": f"Plain question {i}?"}]
+        assert row["messages"]["chosen"] == [{"role": "assistant", "content": f"Yes {i}."}]
+        assert row["messages"]["rejected"] == [{"role": "assistant", "content": f"No {i}."}]
+    # A mapping to a column the file lacks: refused at prepare, naming the field.
+    bad = write_recipe(tmp_path, tiny_phi3, data | {"columns": {"prompt": "query", "chosen": "good", "rejected": "bad"}})
+    out2 = tmp_path / "out2"
+    proc = cli("prepare", bad, "--output-dir", out2)
+    assert_refused_at_prepare(proc, out2, f"error: {bad}: field 'data.columns.prompt': column 'query' is not in {tmp_path / 'plain.csv'} (its columns: bad, good, question)")
 
 
 def test_a_source_that_is_not_pairs_cannot_be_mixed(tmp_path, tiny_phi3):

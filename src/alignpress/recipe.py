@@ -82,6 +82,7 @@ class DataSection:
     eval_split: str | None = _f(None, help="Split (with slice) held out for evaluation, e.g. train[:300]. Exclusive with eval_fraction.")
     eval_fraction: float | None = _f(None, help="Fraction of the filtered training rows held out for evaluation (seeded).")
     format: str = _f("auto", help=f"Preference layout: one of {', '.join(DATA_FORMATS)}. auto detects it.")
+    columns: dict[str, str] = _f({}, help="Column mapping of data.dataset for layouts not in the format table, as in data.datasets[].columns: {prompt: question, chosen: good, rejected: bad}.")
     config_name: str | None = _f(None, help="Hub dataset configuration name, if the dataset has several.")
     max_train_rows: int | None = _f(None, help="Use at most this many training rows after filtering (seeded shuffle); None = all.")
     max_eval_rows: int | None = _f(None, help="Use at most this many evaluation rows after filtering.")
@@ -613,7 +614,7 @@ def data_sources(d: DataSection) -> list[tuple[str, SourceSection]]:
     data.eval_split, data.config_name, data.format and data.filters.
     """
     if not d.datasets:
-        one = SourceSection(dataset=d.dataset or "", split=d.split, eval_split=d.eval_split, config_name=d.config_name, format=d.format, filters=d.filters)
+        one = SourceSection(dataset=d.dataset or "", split=d.split, eval_split=d.eval_split, config_name=d.config_name, format=d.format, columns=d.columns, filters=d.filters)
         return [("data", one)]
     out = []
     for i, s in enumerate(d.datasets):
@@ -628,10 +629,25 @@ def data_sources(d: DataSection) -> list[tuple[str, SourceSection]]:
     return out
 
 
-def validate_data(r: Recipe, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
-    """The data section's own rules: one of dataset/datasets, and each source's fields."""
+def _check_columns(prefix: str, s: SourceSection, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
+    """A source's column mapping: layout columns its format reads, each from a distinct column."""
     from .formats import LAYOUT_COLUMNS
 
+    targets: dict[str, str] = {}
+    for key, column in s.columns.items():
+        if key not in DATA_COLUMNS:
+            fail(f"{prefix}.columns.{key}", f"unknown layout column {key!r}; map one of {', '.join(DATA_COLUMNS)} to a column of the source")
+        if s.format in LAYOUT_COLUMNS and key not in LAYOUT_COLUMNS[s.format]:
+            fail(f"{prefix}.columns.{key}", f"format {s.format!r} reads no {key!r} column (it reads {', '.join(LAYOUT_COLUMNS[s.format])})")
+        if not isinstance(column, str) or not column.strip():
+            fail(f"{prefix}.columns.{key}", "must name a column of the source")
+        if column in targets:
+            fail(f"{prefix}.columns.{key}", f"column {column!r} is already mapped to {targets[column]!r}")
+        targets[column] = key
+
+
+def validate_data(r: Recipe, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
+    """The data section's own rules: one of dataset/datasets, and each source's fields."""
     d = r.data
     if d.dataset is None and not d.datasets:
         fail("data.dataset", "required: name one dataset (data.dataset) or several (data.datasets)")
@@ -641,8 +657,11 @@ def validate_data(r: Recipe, fail: typing.Callable[[str, str], typing.NoReturn])
         fail("data.dataset", "must not be empty")
     if not 0 <= d.max_malformed_fraction <= 1:
         fail("data.max_malformed_fraction", f"must be between 0 and 1, got {d.max_malformed_fraction}")
+    if d.datasets and d.columns:
+        fail("data.columns", "with data.datasets, map columns per source (data.datasets[].columns)")
     seen: dict[tuple, str] = {}
     for prefix, s in data_sources(d):
+        _check_columns(prefix, s, fail)
         if prefix == "data":
             continue
         if not s.dataset.strip():
@@ -653,17 +672,6 @@ def validate_data(r: Recipe, fail: typing.Callable[[str, str], typing.NoReturn])
                 fail(f"{prefix}.{name}", f"{value!r} is not a split name with an optional [start:end] slice")
         if s.format not in DATA_FORMATS:
             fail(f"{prefix}.format", f"unknown format {s.format!r}; expected one of {', '.join(DATA_FORMATS)}")
-        targets: dict[str, str] = {}
-        for key, column in s.columns.items():
-            if key not in DATA_COLUMNS:
-                fail(f"{prefix}.columns.{key}", f"unknown layout column {key!r}; map one of {', '.join(DATA_COLUMNS)} to a column of the source")
-            if s.format != "auto" and key not in LAYOUT_COLUMNS[s.format]:
-                fail(f"{prefix}.columns.{key}", f"format {s.format!r} reads no {key!r} column (it reads {', '.join(LAYOUT_COLUMNS[s.format])})")
-            if not column.strip():
-                fail(f"{prefix}.columns.{key}", "must name a column of the source")
-            if column in targets:
-                fail(f"{prefix}.columns.{key}", f"column {column!r} is already mapped to {targets[column]!r}")
-            targets[column] = key
         if s.fraction is not None and not 0 < s.fraction <= 1:
             fail(f"{prefix}.fraction", f"must be in (0, 1], got {s.fraction}")
         if s.max_rows is not None and s.max_rows < 1:
