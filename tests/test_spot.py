@@ -8,10 +8,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 from safetensors.torch import load_file
 
 from alignpress.train import checkpoint_is_complete, latest_checkpoint
 from conftest import ROOT, cli
+from test_tracking import read_events
 
 
 def adapter_diff(a, b):
@@ -37,11 +39,23 @@ def test_sigterm_saves_and_resumes(tmp_path, demo_run):
     saved = latest_checkpoint(out / "checkpoints")
     assert saved is not None and int(saved.name.split("-")[1]) < 53
     assert not (out / "adapter").exists()
+    tracked = json.loads((out / "run.json").read_text())["tracking"]
+    first_files = set((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert first_files
 
     again = cli("run", "recipes/demo.yaml", "--output-dir", out, "--set", "train.logging_steps=1")
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming training from {saved}" in again.stderr
     assert adapter_diff(out, demo_run[0]) < 1e-4
+
+    # The resumed run continues the same tracked run: same id, same TensorBoard folder, and its
+    # curve joins the first one's (steps logged after the checkpoint are logged again; the newer wins).
+    assert json.loads((out / "run.json").read_text())["tracking"] == tracked
+    assert first_files < set((out / "tensorboard").glob("events.out.tfevents.*"))
+    curve = dict(read_events(out / "tensorboard")["train/loss"])
+    losses = [(h["step"], h["loss"]) for h in map(json.loads, (out / "metrics/train.jsonl").read_text().splitlines()) if "loss" in h]
+    assert sorted(curve) == [s for s, _ in losses] == list(range(1, losses[-1][0] + 1))
+    assert [curve[s] for s, _ in losses] == pytest.approx([v for _, v in losses], rel=1e-6)
 
 
 def test_corrupt_newest_checkpoint_is_skipped(tmp_path, demo_run):

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
 
 from alignpress.runstate import RunDir
-from alignpress.tracking import run_id
-from conftest import cli
+from alignpress.tracking import link_callback, public_url, run_id
+from conftest import ROOT, cli
 
 RECIPE = "recipes/demo.yaml"
 
@@ -92,3 +94,66 @@ def test_a_tracker_that_is_not_installed_stops_the_run_before_it_starts(tmp_path
         "install it, or choose another tracker (none turns tracking off)"
     )
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Public links. No wandb, trackio Space or MLflow server can be reached from this machine, so the
+# tracker modules below are stand-ins with the attributes alignpress reads (wandb.run.url,
+# trackio.context_vars.current_space_id, mlflow.active_run().info); the card and run.json parts are real.
+
+
+class _Var:
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        return self.value
+
+
+def _wandb(url):
+    return SimpleNamespace(run=SimpleNamespace(url=url))
+
+
+def _mlflow(active):
+    return SimpleNamespace(active_run=lambda: SimpleNamespace(info=SimpleNamespace(experiment_id="3", run_id="ab12")) if active else None)
+
+
+def test_public_url_of_each_tracker(monkeypatch):
+    monkeypatch.delenv("TRACKIO_SPACE_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    url = "https://wandb.ai/me/alignpress/runs/demo-1"
+    assert public_url(["wandb"], {"wandb": _wandb(url)}) == url
+    assert public_url(["wandb"], {"wandb": _wandb(None)}) is None  # an offline run has no page
+    assert public_url(["wandb"], {"wandb": SimpleNamespace(run=None)}) is None
+    assert public_url(["tensorboard"], {"wandb": _wandb(url)}) is None  # not a chosen tracker
+    trackio = SimpleNamespace(context_vars=SimpleNamespace(current_space_id=_Var("me/alignpress-runs")))
+    assert public_url(["trackio"], {"trackio": trackio}) == "https://huggingface.co/spaces/me/alignpress-runs"
+    local = SimpleNamespace(context_vars=SimpleNamespace(current_space_id=_Var(None)))
+    assert public_url(["trackio"], {"trackio": local}) is None  # local-only trackio
+    monkeypatch.setenv("TRACKIO_SPACE_ID", "me/from-env")
+    assert public_url(["trackio"], {"trackio": local}) == "https://huggingface.co/spaces/me/from-env"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:///tmp/mlruns")
+    assert public_url(["mlflow"], {"mlflow": _mlflow(True)}) is None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example.org/")
+    assert public_url(["mlflow"], {"mlflow": _mlflow(True)}) == "https://mlflow.example.org/#/experiments/3/runs/ab12"
+    assert public_url(["mlflow"], {"mlflow": _mlflow(False)}) is None
+    assert public_url(["tensorboard"], {}) is None
+
+
+def test_the_link_is_recorded_and_the_card_shows_it(demo_copy, monkeypatch):
+    from alignpress.card import render_model_card
+    from alignpress.recipe import load_recipe
+
+    run_dir = RunDir(demo_copy)
+    recipe = load_recipe(ROOT / RECIPE, ["train.report_to=wandb"])
+    plain = render_model_card(recipe, run_dir)
+    assert "Training run" not in plain  # the demo's TensorBoard files are local: no link
+    url = "https://wandb.ai/me/alignpress/runs/demo-1"
+    callback = link_callback(recipe, run_dir)  # imports transformers first: it probes find_spec("wandb")
+    monkeypatch.setitem(sys.modules, "wandb", _wandb(url))
+    callback.on_train_begin(None, SimpleNamespace(is_world_process_zero=True), None)
+    tracking = json.loads((demo_copy / "run.json").read_text())["tracking"]
+    assert tracking["url"] == url and tracking["run_id"]  # added to the record, which is kept
+    card = render_model_card(recipe, run_dir)
+    results = card.split("## Training results\n", 1)[1].split("\n## ", 1)[0]
+    assert results.startswith(f"\nTraining run, with its loss curves: [{url}]({url})\n\n| metric | value |")

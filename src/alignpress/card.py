@@ -368,6 +368,9 @@ def render_model_card(
         )
 
     lines += ["", "## Training results", ""]
+    url = (manifest.get("tracking") or {}).get("url")
+    if url:  # only a public address (alignpress.tracking.public_url); local event files are not linked
+        lines += [f"Training run, with its loss curves: [{url}]({url})", ""]
     lines.append("| metric | value |")
     lines.append("| --- | --- |")
     for k in ("global_step", "train_runtime_s", "final_loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):

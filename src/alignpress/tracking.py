@@ -16,6 +16,12 @@ are never read, logged or written here.
 
 After evaluate, the before/after numbers go to the same run: `eval/base/<metric>` and
 `eval/aligned/<metric>` at the last training step (TensorBoard, wandb, trackio).
+
+When the tracker shows the run at a public address, training records it in run.json
+(`tracking.url`) and the model card links it: wandb's run page (an online run; offline runs have
+none), the Hugging Face Space of a trackio run (TRACKIO_SPACE_ID, passed to transformers as
+trackio_space_id), an MLflow run on an http(s) MLFLOW_TRACKING_URI. TensorBoard's event files stay
+in the output folder and are not linked.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +142,56 @@ def setup(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
         run_dir.update(tracking=record)
     log.info("tracking: %s, run %s%s", ", ".join(chosen), rid,
              f" (tensorboard --logdir {record['tensorboard_dir']})" if "tensorboard_dir" in record else "")
-    return {"report_to": chosen, "run_name": rid, "project": os.environ.get("WANDB_PROJECT", PROJECT)}
+    fields = {"report_to": chosen, "run_name": rid, "project": os.environ.get("WANDB_PROJECT", PROJECT)}
+    if "trackio" in chosen and os.environ.get("TRACKIO_SPACE_ID"):
+        fields["trackio_space_id"] = os.environ["TRACKIO_SPACE_ID"]
+    return fields
+
+
+def public_url(chosen: list[str], modules: dict[str, Any] | None = None) -> str | None:
+    """The address where the live tracked run can be seen, if a chosen tracker gives one.
+
+    `modules`: the trackers' imported modules (default: sys.modules), read after transformers'
+    integration callbacks have started the run.
+    """
+    mods = sys.modules if modules is None else modules
+    if "wandb" in chosen and mods.get("wandb") is not None:
+        run = getattr(mods["wandb"], "run", None)
+        url = getattr(run, "url", None) if run is not None else None
+        if isinstance(url, str) and url.startswith("https://"):
+            return url
+    if "trackio" in chosen and mods.get("trackio") is not None:
+        space = None
+        context = getattr(mods["trackio"], "context_vars", None)
+        if context is not None and hasattr(context, "current_space_id"):
+            space = context.current_space_id.get()
+        space = space or os.environ.get("TRACKIO_SPACE_ID")
+        if space:
+            return f"https://huggingface.co/spaces/{space}"
+    if "mlflow" in chosen and mods.get("mlflow") is not None:
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        active = mods["mlflow"].active_run()
+        if uri.startswith(("http://", "https://")) and active is not None:
+            return f"{uri.rstrip('/')}/#/experiments/{active.info.experiment_id}/runs/{active.info.run_id}"
+    return None
+
+
+def link_callback(recipe: Recipe, run_dir: RunDir):
+    """A TrainerCallback that records public_url() in run.json once the trackers have started."""
+    from transformers import TrainerCallback
+
+    chosen = names(recipe)
+
+    class TrackerLink(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            url = public_url(chosen) if chosen else None
+            if url and state.is_world_process_zero and run_dir.writer:
+                record = dict(run_dir.load().get("tracking") or {})
+                if record.get("url") != url:
+                    run_dir.update(tracking=record | {"url": url})
+                log.info("tracking: the run is at %s", url)
+
+    return TrackerLink()
 
 
 def log_eval(recipe: Recipe, run_dir: RunDir) -> None:

@@ -520,7 +520,7 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
         train_dataset=dataset,
         processing_class=tok,
         peft_config=peft_config,
-        callbacks=[callback, spot.callback, HealthCallback(recipe, run_dir), FirstStep(), _no_stray_cards()],
+        callbacks=[callback, spot.callback, HealthCallback(recipe, run_dir), FirstStep(), _no_stray_cards(), tracking.link_callback(recipe, run_dir)],
         **extra,
     )
     if systems["precompute_ref_log_probs"]:
