@@ -1,27 +1,31 @@
 # shellcheck shell=bash
 # Sourced by sky/setup.sh and sky/run.sh: where the job's environment lives and whether it is ready.
-# The environment is keyed on the lock's hash, so a changed lock builds a new one and an unchanged
+# The environment is keyed on the locks' hash, so a changed lock builds a new one and an unchanged
 # lock (a recovered managed job, a second `sky launch` on the same cluster) finds the old one.
+# A VM is the GPU path: it gets requirements-gpu.lock too (liger-kernel, which the seed recipes'
+# train.use_liger_kernel needs). The key is the first 12 hex digits of
+# `cat requirements.lock requirements-gpu.lock | sha256sum`, as the image workflow tags its images.
 ALIGNPRESS_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LOCK="$ALIGNPRESS_ROOT/requirements.lock"
-LOCK_HASH="$(sha256sum "$LOCK" | cut -c1-12)"
+GPU_LOCK="$ALIGNPRESS_ROOT/requirements-gpu.lock"
+LOCK_HASH="$(cat "$LOCK" "$GPU_LOCK" | sha256sum | cut -c1-12)"
 JOB_VENV="${ALIGNPRESS_VENV:-$HOME/.alignpress/venv-$LOCK_HASH}"
 # Written into JOB_VENV as the last step of a successful install.
 STAMP_NAME=".alignpress-lock-$LOCK_HASH"
 # The prebuilt image (Dockerfile) installs the lock into /opt/venv.
 IMAGE_VENV="${ALIGNPRESS_IMAGE_VENV:-/opt/venv}"
 
-# True when the python $1 has every package of the lock at the locked version (a local label such
-# as torch's +cpu is ignored), and is new enough for it.
+# True when the python $1 has every package of both locks at the locked version (a local label such
+# as torch's +cpu is ignored), and is new enough for them.
 lock_satisfied() {
-  "$1" - "$LOCK" <<'PY'
+  "$1" - "$LOCK" "$GPU_LOCK" <<'PY'
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
 if sys.version_info < (3, 11):
     sys.exit(f"python {sys.version.split()[0]} is older than 3.11")
 wrong = []
-for line in open(sys.argv[1]):
+for line in (ln for path in sys.argv[1:] for ln in open(path)):
     line = line.split("#")[0].strip()
     if not line:
         continue

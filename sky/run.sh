@@ -24,7 +24,7 @@ fi
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$ALIGNPRESS_ROOT" || fail "cannot enter the checkout $ALIGNPRESS_ROOT"
 [ -f "$RECIPE" ] || fail "RECIPE: $RECIPE does not exist in the checkout"
-PY="$(job_python)" || fail "the job's environment for requirements.lock ($LOCK_HASH) is not built; run sky/setup.sh first"
+PY="$(job_python)" || fail "the job's environment for requirements.lock + requirements-gpu.lock ($LOCK_HASH) is not built; run sky/setup.sh first"
 
 if [ -n "${BUCKET:-}" ]; then
   OUTPUT_ROOT="${OUTPUT_ROOT:-/outputs}"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# SkyPilot `setup`: build the job's environment on the VM from requirements.lock, with uv.
+# SkyPilot `setup`: build the job's environment on the VM from requirements.lock and
+# requirements-gpu.lock, with uv.
 #
 #   bash sky/setup.sh     # from the checkout (SkyPilot's workdir); safe to run again
 #
@@ -57,6 +58,8 @@ if [ ! -x "$JOB_VENV/bin/python" ]; then
   "$UV" venv -q --python "$PYTHON_REQUEST" "$JOB_VENV"
 fi
 VIRTUAL_ENV="$JOB_VENV" "$UV" pip install -q -r "$LOCK"
+# --no-deps: liger-kernel's torch and triton come with the CUDA torch wheel above (requirements-gpu.lock).
+VIRTUAL_ENV="$JOB_VENV" "$UV" pip install -q --no-deps -r "$GPU_LOCK"
 lock_satisfied "$JOB_VENV/bin/python"
 touch "$JOB_VENV/$STAMP_NAME"
 log "environment built: $JOB_VENV/bin/python ($("$JOB_VENV/bin/python" -V), lock $LOCK_HASH) in $((SECONDS - start)) s"

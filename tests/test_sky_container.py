@@ -6,7 +6,7 @@ What a VM provisioned by `sky launch sky/phi3.yaml` (no --image-id) does, in a p
 container (scripts/podman-base.sh; no python, no project environment): the checkout is copied in
 as SkyPilot's workdir (the files git tracks or does not ignore, as SkyPilot's rsync does), a host
 folder stands in for the bucket at /outputs, then
-  1. sky/setup.sh builds the job's environment from requirements.lock (python3-venv from Debian,
+  1. sky/setup.sh builds the job's environment from requirements.lock and requirements-gpu.lock (python3-venv from Debian,
      uv and every package from PyPI; torch from the mounted CPU wheel folder via UV_FIND_LINKS,
      where a GPU VM would take the CUDA wheel from PyPI);
   2. sky/setup.sh again, as a recovered managed job would: it must find the environment and stop;

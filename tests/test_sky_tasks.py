@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,11 @@ def test_every_task_runs_the_two_scripts(task_scripts):
     assert task_scripts == {p.name: ["bash sky/setup.sh", "bash sky/run.sh"] for p in TASK_FILES}
 
 
+def lock_key() -> str:
+    """The key environments and images are built under: both locks' sha256, first 12 hex digits."""
+    return hashlib.sha256((REPO / "requirements.lock").read_bytes() + (REPO / "requirements-gpu.lock").read_bytes()).hexdigest()[:12]
+
+
 def fake_env(tmp_path: Path) -> Path:
     """A stand-in job environment (stamped as setup.sh stamps it) whose python and accelerate print
     their arguments: the GPU job itself cannot run here, the container test runs the real one."""
@@ -200,7 +206,7 @@ def fake_env(tmp_path: Path) -> Path:
         exe = venv / "bin" / tool
         exe.write_text('#!/bin/sh\nprintf "%s\\n" "$(basename "$0")" "$@"\n')
         exe.chmod(0o755)
-    lock_hash = hashlib.sha256((REPO / "requirements.lock").read_bytes()).hexdigest()[:12]
+    lock_hash = lock_key()
     (venv / f".alignpress-lock-{lock_hash}").touch()
     return venv
 
@@ -256,11 +262,11 @@ def test_run_refuses_with_one_line_and_exit_2(tmp_path, case):
 
 
 def test_run_refuses_when_the_environment_is_not_built(tmp_path):
-    lock_hash = hashlib.sha256((REPO / "requirements.lock").read_bytes()).hexdigest()[:12]
+    lock_hash = lock_key()
     proc = sky_run(tmp_path, SET)  # HOME empty, no image venv
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"error: the job's environment for requirements.lock ({lock_hash}) is not built; run sky/setup.sh first"]
+        f"error: the job's environment for requirements.lock + requirements-gpu.lock ({lock_hash}) is not built; run sky/setup.sh first"]
 
 
 def test_run_without_bucket_writes_to_the_vm_disk(tmp_path):
@@ -302,16 +308,34 @@ def test_multinode_run_wires_skypilot_node_variables_into_accelerate(tmp_path):
 
 # --- sky/setup.sh: what it skips -------------------------------------------------------------------
 
+def image_like_venv(tmp_path: Path) -> Path:
+    """A venv that sees this checkout's .venv (built from requirements.lock) through a .pth file, plus
+    the GPU lock's packages as installed metadata only: liger-kernel's kernels need triton and a CUDA
+    GPU, so its dist-info stands in for the package the image installs (what setup checks)."""
+    venv = tmp_path / "image-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    (site,) = venv.glob("lib/python3*/site-packages")
+    (own,) = Path(os.path.realpath(REPO / ".venv")).glob("lib/python3*/site-packages")
+    (site / "checkout_venv.pth").write_text(f"{own}\n")
+    for line in (REPO / "requirements-gpu.lock").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+            info.mkdir()
+            (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    return venv
+
+
 def test_setup_skips_when_the_image_venv_holds_the_lock(tmp_path):
-    """The --image-id path: the image's /opt/venv (here: this checkout's .venv, built from the same
-    lock) already satisfies requirements.lock, so setup builds nothing."""
-    image_venv = Path(os.path.realpath(REPO / ".venv"))
+    """The --image-id path: the image's /opt/venv already satisfies both locks, so setup builds nothing."""
+    image_venv = image_like_venv(tmp_path)
     home = tmp_path / "home"
     home.mkdir()
     env = {"PATH": os.environ["PATH"], "HOME": str(home), "ALIGNPRESS_IMAGE_VENV": str(image_venv)}
     proc = subprocess.run(["bash", str(SETUP_SH)], capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
-    lock_hash = hashlib.sha256((REPO / "requirements.lock").read_bytes()).hexdigest()[:12]
+    lock_hash = lock_key()
     assert proc.stderr.splitlines() == [
         f"alignpress setup: environment ready: {image_venv}/bin/python (lock {lock_hash}), nothing to do"]
     assert not (home / ".alignpress").exists()
@@ -331,13 +355,27 @@ def test_an_image_venv_that_differs_from_the_lock_is_not_used(tmp_path):
     lock = tmp_path / "requirements.lock"
     lock.write_text((REPO / "requirements.lock").read_text().replace("torch==2.13.0", "torch==2.99.0")
                     + "no-such-package==1.0\n")
-    script = f'source {REPO}/sky/env.sh; LOCK={lock}; lock_satisfied "$1"'
+    gpu_lock = tmp_path / "requirements-gpu.lock"
+    gpu_lock.write_text("# kernels\nno-such-kernel==0.1\n")
+    script = f'source {REPO}/sky/env.sh; LOCK={lock}; GPU_LOCK={gpu_lock}; lock_satisfied "$1"'
     proc = subprocess.run(["bash", "-c", script, "x", str(REPO / ".venv" / "bin" / "python")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     torch = importlib.metadata.version("torch")  # 2.13.0+cpu on the CPU machines
-    assert proc.stderr.strip() == (f"2 packages differ from the lock: torch {torch} (lock: 2.99.0), "
-                                   "no-such-package missing (lock: 1.0)")
+    assert proc.stderr.strip() == (f"3 packages differ from the lock: torch {torch} (lock: 2.99.0), "
+                                   "no-such-package missing (lock: 1.0), no-such-kernel missing (lock: 0.1)")
+
+
+def test_the_image_tag_and_setup_use_one_lock_key():
+    """image.yml tags images with the key sky/env.sh builds environments under, over both locks."""
+    workflow = (REPO / ".github/workflows/image.yml").read_text()
+    line = next(ln.strip() for ln in workflow.splitlines() if ln.strip().startswith('lock="$('))
+    tagged = subprocess.run(["bash", "-c", f'{line}; echo "$lock"'], capture_output=True, text=True, cwd=REPO, check=True).stdout.strip()
+    built = subprocess.run(["bash", "-c", f'source {REPO}/sky/env.sh; echo "$LOCK_HASH"'], capture_output=True, text=True, check=True).stdout.strip()
+    both = lock_key()
+    assert tagged == built == both
+    setup = (REPO / "sky/setup.sh").read_text()
+    assert '"$UV" pip install -q --no-deps -r "$GPU_LOCK"' in setup
 
 
 def test_launch_without_bucket_stops_before_anything_is_rented():
