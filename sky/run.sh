@@ -35,6 +35,11 @@ else
 fi
 OUT="$OUTPUT_ROOT/${RUN_NAME:-$(basename "$RECIPE" .yaml)}"
 JOB=(entrypoint.py run "$RECIPE" --set "publish.repo_id=$HUB_REPO" --output-dir "$OUT")
+# A VM rented with GPUs trains on them or not at all: with train.device auto, a torch that cannot
+# use the GPU (a driver older than the wheel's CUDA) would train on the CPU, for days.
+if [ "${SKYPILOT_NUM_GPUS_PER_NODE:-0}" -gt 0 ]; then
+  JOB+=(--set train.device=cuda)
+fi
 
 NODES="${SKYPILOT_NUM_NODES:-1}"
 if [ "$NODES" -gt 1 ]; then

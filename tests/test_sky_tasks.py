@@ -303,7 +303,20 @@ def test_multinode_run_wires_skypilot_node_variables_into_accelerate(tmp_path):
         "accelerate", "launch", "--config_file", "recipes/accelerate/zero2.yaml", "--num_machines", "2",
         "--machine_rank", "1", "--main_process_ip", "10.0.0.5", "--main_process_port", "29500",
         "--num_processes", "16", "entrypoint.py", "run", "recipes/demo.yaml", "--set",
-        "publish.repo_id=someone/model", "--output-dir", str(bucket / "r")]
+        "publish.repo_id=someone/model", "--output-dir", str(bucket / "r"), "--set", "train.device=cuda"]
+
+
+@pytest.mark.parametrize("gpus, extra", [("1", ["--set", "train.device=cuda"]), ("0", []), (None, [])])
+def test_a_gpu_vm_trains_on_the_gpu_or_not_at_all(tmp_path, gpus, extra):
+    """With GPUs rented (SkyPilot sets SKYPILOT_NUM_GPUS_PER_NODE), the job asks for CUDA: a torch that
+    cannot use it stops the job at the door instead of training on the CPU (train.device auto)."""
+    venv = fake_env(tmp_path)
+    proc = sky_run(tmp_path, {**SET, "ALIGNPRESS_VENV": str(venv), "RUN_NAME": "demo",
+                              **({"SKYPILOT_NUM_GPUS_PER_NODE": gpus} if gpus is not None else {})})
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "home" / "alignpress-outputs" / "demo"
+    assert proc.stdout.splitlines() == ["python", "entrypoint.py", "run", "recipes/demo.yaml",
+                                        "--set", "publish.repo_id=someone/model", "--output-dir", str(out), *extra]
 
 
 # --- sky/setup.sh: what it skips -------------------------------------------------------------------

@@ -102,6 +102,21 @@ def test_entrypoint_validate_and_run_exit_2(tmp_path, tiny_phi3):
     assert not out.exists()
 
 
+def test_cuda_asked_but_unusable_stops_at_the_door(tmp_path):
+    """sky/run.sh asks for train.device=cuda on a GPU VM: a torch that cannot use CUDA (here the CPU
+    wheel; on a VM, a driver older than the wheel's CUDA) stops the job before anything is written."""
+    import torch
+
+    out = tmp_path / "out"
+    proc = cli("run", "recipes/demo.yaml", "--set", "train.device=cuda", "--output-dir", out)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: recipes/demo.yaml: field 'train.device': train.device is cuda but no CUDA GPU can be used: ")
+    if torch.version.cuda is None:
+        assert last.endswith(f": this torch ({torch.__version__}) is built without CUDA")
+    assert not out.exists()
+
+
 def test_a_mistake_in_the_file_names_the_file(tmp_path, tiny_gemma, capsys):
     recipe = write_recipe(tmp_path, tiny_gemma, lora={"target_modules": ["q_proj", "v_projj"]})
     rc, out, err = call(capsys, "validate", recipe)

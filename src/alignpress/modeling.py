@@ -43,10 +43,22 @@ def resolve_model_path(recipe: Recipe) -> str:
     return name  # a Hub id
 
 
+def cuda_problem() -> str:
+    """Why torch cannot use a CUDA GPU here, in torch's own words where it has them."""
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is built without CUDA"
+    try:
+        torch.cuda.init()
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/AssertionError with the driver's reason
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"torch {torch.__version__} (CUDA {torch.version.cuda}): {reason}"
+    return f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no GPU"
+
+
 def pick_device(recipe: Recipe) -> str:
     want = recipe.train.device
     if want == "cuda" and not torch.cuda.is_available():
-        raise AlignpressError("train.device is cuda but no CUDA GPU is visible", source=recipe.source, field="train.device")
+        raise AlignpressError(f"train.device is cuda but no CUDA GPU can be used: {cuda_problem()}", source=recipe.source, field="train.device")
     if want == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return want
