@@ -91,3 +91,36 @@ def test_auto_checkpointing_on_a_fake_gpu():
     # set explicitly, nothing is decided
     s = resolve_systems(load_recipe(ROOT / "recipes/phi3-mini-capybara.yaml", ["train.gradient_checkpointing=true"]), rows, "cuda", torch.bfloat16, None, config=phi3, gpu_gib=500)
     assert s["gradient_checkpointing"] is True and "gradient_checkpointing_decision" not in s
+
+
+def test_auto_checkpointing_counts_the_packed_rows_of_prefix_sharing():
+    """With dpo.prefix_sharing the estimate counts the packed rows a micro-batch runs, not TRL's
+    2 x batch rows: each prompt once, segments padded to 8 (what flops.packed_layout bounds; the
+    collator side is tested in test_prefix_dpo.py)."""
+    import torch
+    from transformers import Phi3Config
+
+    from alignpress.flops import KNOWN_ARCHS, MemorySettings, memory_estimate
+    from alignpress.recipe import load_recipe
+    from alignpress.train import resolve_systems
+    from conftest import ROOT
+
+    phi3 = Phi3Config(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, sliding_window=2047)
+    arch = KNOWN_ARCHS["microsoft/Phi-3-mini-4k-instruct"]
+    rows = [{"prompt_tokens": 500, "chosen_tokens": 300, "rejected_tokens": 200}] * 99 + [{"prompt_tokens": 900, "chosen_tokens": 100, "rejected_tokens": 3000}]
+    fields = ["dpo.prefix_sharing=true", "train.use_liger_kernel=false"]
+    standard = memory_estimate(arch, MemorySettings(micro_batch_pairs=4, seq_len=2048, precompute_ref=True))["total_gib"]
+    # The longest segment: 1,000 + 2,048 (the rejected row cut at max_length) - 899 shared = 2,149 -> 2,152.
+    # One pair a row: 4 rows of 2,152; two a row: 2 rows of 2,149 + 1,001 = 3,150 -> 3,152.
+    for per_row, packed_rows, packed_len in ((1, 4, 2152), (2, 2, 3152)):
+        recipe = load_recipe(ROOT / "recipes/phi3-mini-capybara.yaml", [*fields, f"dpo.pairs_per_row={per_row}"])
+        expected = memory_estimate(arch, MemorySettings(micro_batch_pairs=4, seq_len=2048, precompute_ref=True, packed_rows=packed_rows, packed_len=packed_len))
+        assert expected["parts_gib"]["attention_masks"] == packed_rows * packed_len**2 * 2 / 1024**3
+        s = resolve_systems(recipe, rows, "cuda", torch.bfloat16, None, config=phi3, gpu_gib=expected["total_gib"] + 0.01)
+        decision = s["gradient_checkpointing_decision"]
+        assert s["gradient_checkpointing"] is False
+        assert decision["estimate_without_gib"] == round(expected["total_gib"], 2) < standard - 5
+        assert f"for {packed_rows} packed rows x {packed_len} tokens)" in decision["reason"]
+    # An 80 GB card with 75 GiB free: TRL's layout needs checkpointing for these rows (91.5 GiB), the packed one does not.
+    s = resolve_systems(load_recipe(ROOT / "recipes/phi3-mini-capybara.yaml", fields), rows, "cuda", torch.bfloat16, None, config=phi3, gpu_gib=75)
+    assert round(standard, 1) == 91.5 and s["gradient_checkpointing"] is False and s["gradient_checkpointing_decision"]["estimate_without_gib"] == 52.75

@@ -297,6 +297,17 @@ def test_plan_demo_after_prepare(demo_copy):
     text = cli("plan", "recipes/demo.yaml", "--output-dir", demo_copy).stdout
     assert f"{stats['pairs']:,} pairs, {stats['tokens_per_epoch']:,} tokens/epoch" in text
     assert "per-pair token counts from" in text
+    # Prefix-shared: the memory estimate counts the packed rows that bound a micro-batch of these pairs.
+    from alignpress.flops import packed_layout
+    from alignpress.prepare import read_jsonl
+
+    pairs = [(r["prompt_tokens"], r["chosen_tokens"], r["rejected_tokens"]) for r in read_jsonl(demo_copy / "data" / "train.jsonl")]
+    shared = json.loads(cli("plan", "recipes/demo.yaml", "--output-dir", demo_copy, "--json", "--set", "dpo.prefix_sharing=true", "--set", "dpo.pairs_per_row=2").stdout)
+    rows, length = packed_layout(pairs, 64, 8, 2)
+    # 8 pairs a micro-batch, 2 a row: 4 rows; the longest pair (10, 7, 10) is 17 + 20 - 9 = 28 positions,
+    # two of them 56 (a multiple of 8). TRL's layout: 16 rows of the longest sequence, 20 tokens.
+    assert (shared["memory"]["settings"]["packed_rows"], shared["memory"]["settings"]["packed_len"]) == (rows, length) == (4, 56)
+    assert p["memory"]["settings"]["packed_rows"] is None and shared["memory"]["micro_batch_tokens"] == 224 < p["memory"]["micro_batch_tokens"] == 320
 
 
 def test_plan_loads_no_weights(phi3_out):

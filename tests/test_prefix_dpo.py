@@ -6,6 +6,8 @@ compares everything within 1e-5.
 """
 
 import json
+import math
+import random
 import shutil
 
 import pytest
@@ -137,7 +139,7 @@ def test_same_numbers_as_trl(case, tmp_path):
     # run, and packed rows hold fewer token slots than TRL's padded ones.
     assert standard["batch"]["input_ids"].shape[1] == 40
     assert shared["batch"]["shared_input_ids"].shape[0] == -(-len(ROWS) // per_row)
-    assert shared["batch"]["shared_input_ids"].shape[1] % other.get("pad_to_multiple_of", 1) == 0
+    assert shared["batch"]["shared_input_ids"].shape[1] % math.lcm(8, other.get("pad_to_multiple_of", 1)) == 0
     assert (shared["batch"]["shared_segment_ids"] >= 0).sum() < standard["batch"]["attention_mask"].sum()
     if per_row > 1:
         assert shared["batch"]["shared_input_ids"].numel() < standard["batch"]["input_ids"].numel()
@@ -179,14 +181,48 @@ def test_collator_layout():
                     {"prompt_ids": [21], "chosen_ids": [22], "rejected_ids": [23, 24]}])
     # TRL's own padded batch is there unchanged (its loss reads it) ...
     assert out["input_ids"].tolist() == [[11, 12, 13, 14, 15], [21, 22, 0, 0, 0], [11, 12, 13, 16, 0], [21, 23, 24, 0, 0]]
-    # ... and the packed row: the longer pair first, then the other (no padding: one row).
-    assert out["shared_input_ids"].tolist() == [[11, 12, 13, 14, 15, 13, 16, 21, 22, 21, 23, 24]]
-    assert out["shared_position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3, 0, 1, 0, 1, 2]]
-    assert out["shared_branch_ids"].tolist() == [[0, 0, 1, 1, 1, 2, 2, 1, 1, 2, 2, 2]]
-    assert out["shared_segment_ids"].tolist() == [[0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1]]
-    assert out["shared_labels"].tolist() == [[-100, -100, 14, 15, -100, 16, -100, 22, -100, 23, 24, -100]]
+    # ... and the packed row: the longer pair first, then the other, padded from 12 to 16 positions
+    # (a multiple of 8, so that SDPA's memory-efficient kernel shares the mask across layers).
+    assert out["shared_input_ids"].tolist() == [[11, 12, 13, 14, 15, 13, 16, 21, 22, 21, 23, 24] + [0] * 4]
+    assert out["shared_position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3, 0, 1, 0, 1, 2] + [0] * 4]
+    assert out["shared_branch_ids"].tolist() == [[0, 0, 1, 1, 1, 2, 2, 1, 1, 2, 2, 2] + [-1] * 4]
+    assert out["shared_segment_ids"].tolist() == [[0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1] + [-1] * 4]
+    assert out["shared_labels"].tolist() == [[-100, -100, 14, 15, -100, 16, -100, 22, -100, 23, 24, -100] + [-100] * 4]
     # Targets index TRL's [4 rows, 4 columns] log-prob layout: row 0 col 2 predicts 14, row 2 col 2 predicts 16.
-    assert out["shared_targets"].tolist() == [[-1, -1, 2, 3, -1, 10, -1, 4, -1, 12, 13, -1]]
+    assert out["shared_targets"].tolist() == [[-1, -1, 2, 3, -1, 10, -1, 4, -1, 12, 13, -1] + [-1] * 4]
+
+
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+def test_packed_layout_bounds_every_batch(mode):
+    """flops.packed_layout (what the memory estimate counts) bounds the packed rows the collator
+    builds for any micro-batch, exactly for the batch of the longest segments; flops.prefix_segment
+    equals the collator's segment length (keep_end: an upper bound where the prompt is cut)."""
+    from alignpress.flops import packed_layout, prefix_segment
+    from alignpress.prefix_dpo import segment_length, truncated_pair
+
+    rng = random.Random(3)
+    counts = [(rng.randint(1, 60), rng.randint(1, 50), rng.randint(1, 50)) for _ in range(40)] + [(70, 5, 3)]
+    ids = iter(range(10**6))
+    examples = [{"prompt_ids": [next(ids) for _ in range(p)], "chosen_ids": [next(ids) for _ in range(c)], "rejected_ids": [next(ids) for _ in range(r)]} for p, c, r in counts]
+    max_length = 64
+    kept = [(e, n) for e, n in zip(examples, counts) if not (mode == "keep_start" and n[0] >= max_length)]
+    assert len(kept) == (40 if mode == "keep_start" else 41)
+    exact = 0
+    for e, n in kept:
+        c, _, r, _, shared = truncated_pair(e["prompt_ids"], e["chosen_ids"], e["rejected_ids"], max_length, mode)
+        bound = prefix_segment(*n, max_length, mode)
+        assert bound >= segment_length(len(c), len(r), shared)
+        exact += bound == segment_length(len(c), len(r), shared)
+    assert exact == len(kept) if mode == "keep_start" else exact > len(kept) // 2
+    for batch, per_row in ((1, 1), (4, 1), (4, 2), (5, 2), (3, 3), (2, 4)):
+        collator = PrefixSharedCollator(pad_token_id=0, max_length=max_length, truncation_mode=mode, pairs_per_row=per_row)
+        rows, length = packed_layout([n for _, n in kept], max_length, batch, per_row, mode)
+        for _ in range(30):
+            out = collator([e for e, _ in rng.sample(kept, batch)])
+            assert out["shared_input_ids"].shape[0] == rows and out["shared_input_ids"].shape[1] <= length
+        if mode == "keep_start" and (rows == 1 or per_row == 1):  # then the longest segments fill the bound
+            longest = sorted(kept, key=lambda k: -prefix_segment(*k[1], max_length))[:batch]
+            assert collator([e for e, _ in longest])["shared_input_ids"].shape == (rows, length)
 
 
 def test_token_savings():

@@ -68,6 +68,7 @@ class Arch:
     tied_embeddings: bool
     fused_projections: bool = False  # Phi-3: one qkv_proj and one gate_up_proj per layer
     sliding_window: int | None = None
+    mask_kinds: int = 1  # kinds of attention layer (Gemma-2: sliding and full); prefix sharing builds a mask for each
 
     @property
     def d_attn(self) -> int:
@@ -132,6 +133,7 @@ def arch_from_config(config: Any, name: str = "") -> Arch:
         tied_embeddings=bool(get("tie_word_embeddings", False)),
         fused_projections=model_type == "phi3",
         sliding_window=get("sliding_window") if model_type in ("phi3", "mistral") else None,
+        mask_kinds=len(set(get("layer_types") or [None])),
     )
 
 
@@ -194,6 +196,39 @@ def truncate_pair(prompt: int, chosen: int, rejected: int, max_length: int | Non
         length = prompt + answer if max_length is None else min(prompt + answer, max_length)
         out.append((length, length - prompt))
     return out[0], out[1]
+
+
+# Prefix-shared rows are padded to a multiple of this many positions (alignpress.prefix_dpo: an
+# aligned additive mask is not copied per layer by SDPA's memory-efficient kernel on CUDA).
+MASK_ALIGN = 8
+
+
+def prefix_segment(prompt: int, chosen: int, rejected: int, max_length: int | None, truncation_mode: str = "keep_start") -> int | None:
+    """Positions one pair takes as a prefix-shared segment (alignpress.prefix_dpo): both of TRL's
+    truncated sequences, less the shared prompt, plus the prompt's last token repeated. None when
+    TRL drops the pair. keep_end: the prompt counts as shared only when both sequences keep the
+    same part of it (otherwise the bound assumes nothing is shared)."""
+    if truncation_mode == "keep_start":
+        seqs = truncate_pair(prompt, chosen, rejected, max_length)
+        if seqs is None:
+            return None
+        (lc, _), (lr, _) = seqs
+        shared = min(prompt, lc, lr)
+    else:
+        lc, lr = (prompt + a if max_length is None else min(prompt + a, max_length) for a in (chosen, rejected))
+        cut_c, cut_r = prompt + chosen - lc, prompt + rejected - lr
+        shared = max(prompt - cut_c, 0) if cut_c == cut_r else 0
+    return lc + lr - max(shared - 1, 0)
+
+
+def packed_layout(pairs: list[tuple[int, int, int]], max_length: int | None, micro_batch_pairs: int, pairs_per_row: int, truncation_mode: str = "keep_start") -> tuple[int, int]:
+    """(rows, row length) that bound every prefix-shared micro-batch of `micro_batch_pairs` pairs
+    drawn from `pairs`: ceil(batch / pairs_per_row) rows, none longer than the longest
+    min(pairs_per_row, batch) segments together, padded to MASK_ALIGN."""
+    segments = sorted((s for p, c, r in pairs if (s := prefix_segment(p, c, r, max_length, truncation_mode))), reverse=True)
+    per_row = max(1, min(pairs_per_row, micro_batch_pairs))
+    length = max(sum(segments[:per_row]), 1)
+    return math.ceil(micro_batch_pairs / pairs_per_row), math.ceil(length / MASK_ALIGN) * MASK_ALIGN
 
 
 def dataset_flops(arch: Arch, pairs: list[tuple[int, int, int]], max_length: int | None, **kw: Any) -> dict[str, float]:
@@ -266,6 +301,21 @@ class MemorySettings:
     precompute_ref: bool = False
     attn_implementation: str | None = None
     liger: bool = False  # Liger kernels (train.use_liger_kernel): fewer activations kept
+    # Prefix-shared DPO (dpo.prefix_sharing): the packed rows a micro-batch runs (flops.packed_layout)
+    # instead of TRL's 2 x micro_batch_pairs rows x seq_len, and its dense additive attention masks
+    # (rows x length x length each, one per kind of layer: Arch.mask_kinds).
+    packed_rows: int | None = None
+    packed_len: int | None = None
+
+    def layout(self) -> tuple[int, int]:
+        """(rows, positions per row) of the largest micro-batch."""
+        if self.packed_rows:
+            return self.packed_rows, self.packed_len or self.seq_len
+        return 2 * self.micro_batch_pairs, self.seq_len
+
+    def shape(self) -> str:
+        rows, length = self.layout()
+        return f"{rows} {'packed ' if self.packed_rows else ''}rows x {length} tokens"
 
 
 def memory_estimate(arch: Arch, s: MemorySettings) -> dict[str, Any]:
@@ -292,7 +342,8 @@ def memory_estimate(arch: Arch, s: MemorySettings) -> dict[str, Any]:
         parts["trainable_states"] = arch.total_params * weight_bytes * 3
         if not s.precompute_ref:
             parts["reference_model"] = arch.total_params * weight_bytes
-    tokens = 2 * s.micro_batch_pairs * s.seq_len  # chosen + rejected rows, padded to seq_len
+    rows, length = s.layout()
+    tokens = rows * length  # chosen + rejected rows padded to seq_len, or the packed rows
     per_layer = activation_bytes_per_token_layer(arch, liger=s.liger)
     # Under QLoRA, peft's fp32 embeddings and norms make the residual stream fp32 (the 4-bit linears
     # cast their inputs back to bf16); measured: the seed's 7.71 GiB (Phi-3) and 5.38 GiB (Gemma)
@@ -305,9 +356,11 @@ def memory_estimate(arch: Arch, s: MemorySettings) -> dict[str, Any]:
         parts["activations"] = tokens * arch.layers * per_layer
     if s.attn_implementation == "eager":
         # eager attention keeps the scores and the probabilities: rows x heads x L^2 (bf16 each)
-        rows = 2 * s.micro_batch_pairs
         layers_kept = 1 if s.gradient_checkpointing else arch.layers
-        parts["activations"] += rows * arch.heads * s.seq_len**2 * 2 * 2 * layers_kept
+        parts["activations"] += rows * arch.heads * length**2 * 2 * 2 * layers_kept
+    if s.packed_rows:
+        # the masks are built once per forward and shared by every layer (rows aligned: no per-layer copy)
+        parts["attention_masks"] = arch.mask_kinds * rows * length**2 * (4 if s.weights == "fp32" else 2)
     # Fused LM head: a logits tile for the forward and one for the backward, the gathered hidden
     # states (bf16) and their gradient (fp32), for at most every token of the micro-batch.
     # The head computes in its weights' dtype: fp32 under QLoRA (peft casts it), bf16 otherwise.
@@ -327,7 +380,7 @@ def memory_estimate(arch: Arch, s: MemorySettings) -> dict[str, Any]:
         "status": "estimate: not measured",
         "formula": (
             f"(weights + trainable states + activations + LM head) x {1 + FRAGMENTATION:.2f} fragmentation margin "
-            f"+ {CUDA_CONTEXT_GIB:g} GiB CUDA context; activations for {2 * s.micro_batch_pairs} rows x {s.seq_len} tokens"
+            f"+ {CUDA_CONTEXT_GIB:g} GiB CUDA context; activations for {s.shape()}"
         ),
     }
 
@@ -343,7 +396,7 @@ def checkpointing_decision(arch: Arch, s: MemorySettings, gpu_gib: float | None)
     off = memory_estimate(arch, replace(s, gradient_checkpointing=False))["total_gib"]
     on = memory_estimate(arch, replace(s, gradient_checkpointing=True))["total_gib"]
     out = {"estimate_without_gib": round(off, 2), "estimate_with_gib": round(on, 2), "gpu_gib": None if gpu_gib is None else round(gpu_gib, 2)}
-    shape = f"{2 * s.micro_batch_pairs} rows x {s.seq_len} tokens"
+    shape = s.shape()
     if gpu_gib is None:
         return out | {"gradient_checkpointing": False, "reason": "no CUDA GPU: off"}
     if off <= gpu_gib:
@@ -475,6 +528,7 @@ __all__ = [
     "Arch",
     "KNOWN_ARCHS",
     "LengthDistribution",
+    "MASK_ALIGN",
     "MemorySettings",
     "arch_from_config",
     "causal_pairs",
@@ -485,7 +539,9 @@ __all__ = [
     "gpu_for_device",
     "load_table",
     "memory_estimate",
+    "packed_layout",
     "padding_fraction",
+    "prefix_segment",
     "sequence_flops",
     "truncate_pair",
 ]

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AlignpressError
-from .flops import KNOWN_ARCHS, Arch, LengthDistribution, MemorySettings, arch_from_config, checkpointing_decision, dataset_flops, load_table, memory_estimate, padding_fraction, precompute_decision, truncate_pair
+from .flops import KNOWN_ARCHS, Arch, LengthDistribution, MemorySettings, arch_from_config, checkpointing_decision, dataset_flops, load_table, memory_estimate, packed_layout, padding_fraction, precompute_decision, truncate_pair
 from .recipe import Recipe, load_recipe
 
 BENCH_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
@@ -411,6 +411,10 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
         attn_implementation=recipe.model.attn_implementation,
         liger=t.use_liger_kernel,
     )
+    if d.prefix_sharing and data["rows"] is not None:
+        # the packed rows that bound a micro-batch (without the pairs, TRL's layout bounds them too)
+        rows_, length_ = packed_layout(pairs_in, d.max_length, t.per_device_train_batch_size, d.pairs_per_row, d.truncation_mode)
+        settings = replace(settings, packed_rows=rows_, packed_len=length_)
 
     def checkpointing_for(name: str) -> tuple[bool, str | None]:
         """train.gradient_checkpointing on this GPU: as set, or `auto` decided as train does at run time."""

@@ -32,7 +32,10 @@ Attention backends: SDPA (the default) and eager take the 4-D mask as it is (tra
 masking_utils returns a 4-D mask unchanged, so sliding windows are applied here, from the
 config). FlashAttention cannot express the branch mask and is refused at recipe validation.
 The mask is dense (rows x length x length), and SDPA computes attention over the whole row, so
-packing many pairs into one row trades padding for masked-out attention work. TRL caches
+packing many pairs into one row trades padding for masked-out attention work. Rows are padded to a
+multiple of MASK_ALIGN (8) positions: on CUDA, SDPA's memory-efficient kernel copies a mask whose
+strides are not multiples of 8 (aten's preprocess_mask pads it) in every layer, and each copy is
+kept for the backward pass; an aligned mask is the one tensor all layers share. TRL caches
 precomputed reference log-probs by dataset and weights only, so a run may reuse the standard
 path's cache file: the values agree (tests/test_prefix_dpo.py), so that is harmless.
 """
@@ -48,6 +51,8 @@ import torch
 from accelerate.utils import is_peft_model
 from trl import DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+from .flops import MASK_ALIGN
 
 IGNORE = -100
 SHARED_KEYS = ("shared_input_ids", "shared_position_ids", "shared_segment_ids", "shared_branch_ids", "shared_labels", "shared_targets")
@@ -153,8 +158,8 @@ class PrefixSharedCollator(DataCollatorForPreference):
         segments = [_segment(e, i, n, width, self.max_length, self.truncation_mode) for i, e in enumerate(examples)]
         rows = pack([len(s["ids"]) for s in segments], self.pairs_per_row)
         length = max(sum(len(segments[i]["ids"]) for i in row) for row in rows)
-        if self.pad_to_multiple_of:
-            length = math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        multiple = math.lcm(MASK_ALIGN, self.pad_to_multiple_of or 1)
+        length = math.ceil(length / multiple) * multiple
         fill = {"ids": self.pad_token_id, "positions": 0, "segment": -1, "branch": -1, "labels": IGNORE, "targets": -1}
         cols: dict[str, list[list[int]]] = {k: [] for k in fill}
         for row in rows:
@@ -172,7 +177,7 @@ class PrefixSharedCollator(DataCollatorForPreference):
         return out
 
 
-def _window_per_mask(config) -> dict[str | None, int | None]:
+def window_per_mask(config) -> dict[str | None, int | None]:
     """The masks the decoder layers expect: {None: window} for one mask, or one per layer type."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     window = getattr(text, "sliding_window", None)
@@ -235,7 +240,7 @@ def wrap_forward(model) -> None:
             dtype = torch.bfloat16
         masks = {
             kind: shared_attention_mask(shared["shared_segment_ids"], shared["shared_branch_ids"], shared["shared_position_ids"], window, dtype)
-            for kind, window in _window_per_mask(self.config).items()
+            for kind, window in window_per_mask(self.config).items()
         }
         out = inner(
             input_ids=shared["shared_input_ids"],

@@ -205,6 +205,18 @@ def longest_sequence(rows: list[dict[str, Any]], max_length: int | None) -> int:
     return longest
 
 
+def prefix_memory_settings(settings, rows: list[dict[str, Any]], recipe: Recipe):
+    """`settings` for prefix-shared DPO: the packed rows that bound any micro-batch of these rows."""
+    from dataclasses import replace
+
+    from .flops import packed_layout
+
+    d = recipe.dpo
+    pairs = [(r["prompt_tokens"], r["chosen_tokens"], r["rejected_tokens"]) for r in rows]
+    packed_rows, packed_len = packed_layout(pairs, d.max_length, settings.micro_batch_pairs, d.pairs_per_row, d.truncation_mode)
+    return replace(settings, packed_rows=packed_rows, packed_len=packed_len)
+
+
 def run_epochs(recipe: Recipe, pairs: int) -> float:
     """Epochs this run trains for: num_train_epochs, or what max_steps makes of the data."""
     t = recipe.train
@@ -258,6 +270,8 @@ def resolve_systems(recipe: Recipe, rows: list[dict[str, Any]], device: str, dty
             attn_implementation=m.attn_implementation,
             liger=liger,
         )
+        if d.prefix_sharing:
+            settings = prefix_memory_settings(settings, rows, recipe)
         try:
             arch = arch_from_config(config)
             decision = checkpointing_decision(arch, settings, gpu_gib if device == "cuda" else None)
