@@ -15,7 +15,7 @@ SKY_VERSION := $(shell sed -n 's/^skypilot==//p' requirements-sky.lock)
 TOOLS_VENV  := .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.installed
 
-.PHONY: demo test test-container test-sky-container check-sky sky tools bench bench-smoke clean venv
+.PHONY: demo test test-container test-sky-container check-sky sky tools bench bench-smoke gpu-wheels clean venv
 
 venv: $(STAMP)
 
@@ -84,6 +84,14 @@ bench: $(GPU_STAMP)
 # CPU: the harness on a tiny model (also run by the test suite); results to a temporary folder
 bench-smoke: $(STAMP)
 	$(PY) benchmarks/bench_dpo.py --smoke --out $${TMPDIR:-/tmp}/alignpress-bench-smoke
+
+# Wheels for a lent GPU machine (no internet there; its image has torch, accelerate and triton):
+# the locked versions of what it lacks, for its Python 3.12, into .whl/ (then scripts/gpu-measure.sh)
+GPU_WHEELS := trl transformers datasets dill multiprocess peft bitsandbytes
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl \
+	  $(foreach p,$(GPU_WHEELS),$(shell grep -i '^$(p)==' requirements.lock)) $(shell grep -v '^\s*#' requirements-gpu.lock | grep '==')
+	@ls .whl
 
 check-sky: $(SKY_STAMP)
 	$(SKY_VENV)/bin/python sky/check_tasks.py

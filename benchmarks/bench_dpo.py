@@ -99,6 +99,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # Prefix-shared DPO (alignpress.prefix_dpo): tokens/s and MFU stay counted on TRL's tokens for the same pairs.
     "tuned-prefix": {"about": "tuned, prefix-shared DPO (each prompt computed once; SDPA or eager attention)", "base": "recipe", "set": ["dpo.prefix_sharing=true", "dpo.pairs_per_row=1"]},
     "tuned-prefix-packed": {"about": "tuned-prefix, two pairs packed per row (block-diagonal mask, less padding)", "base": "recipe", "set": ["dpo.prefix_sharing=true", "dpo.pairs_per_row=2"]},
+    # Candidates for a 40 GB card (the issue's bound: peak <= 36 GiB) without checkpointing's recomputation
+    "tuned-prefix-half": {"about": "tuned-prefix, half the micro-batch and twice the accumulation (same pairs per optimizer step; fewer activations)", "base": "recipe", "set": ["dpo.prefix_sharing=true", "dpo.pairs_per_row=1"], "half": True},
+    "tuned-prefix-ckpt": {"about": "tuned-prefix with gradient checkpointing (the least memory)", "base": "recipe", "set": ["dpo.prefix_sharing=true", "dpo.pairs_per_row=1", "train.gradient_checkpointing=true"]},
 }
 
 
@@ -245,6 +248,14 @@ def bitsandbytes_problem(device: str) -> str | None:
     return None
 
 
+def half_batch(batch: int, accumulation: int) -> list[str]:
+    """Overrides for half the micro-batch (1 when it does not divide the pairs per step) and the
+    accumulation that keeps the pairs per optimizer step."""
+    per_step = batch * accumulation
+    half = batch // 2 if batch >= 2 and per_step % (batch // 2) == 0 else 1
+    return [f"train.per_device_train_batch_size={half}", f"train.gradient_accumulation_steps={per_step // half}"]
+
+
 def plan_variant(name: str, model: str, device: str, smoke: bool) -> tuple[list[str], list[str], str | None]:
     """Recipe overrides, notes, and a skip reason (or None) for a variant."""
     from alignpress.recipe import load_recipe
@@ -264,6 +275,9 @@ def plan_variant(name: str, model: str, device: str, smoke: bool) -> tuple[list[
     if spec.get("batch"):
         base = load_recipe(path, sets)
         sets += [f"train.per_device_train_batch_size={base.train.per_device_train_batch_size * base.train.gradient_accumulation_steps}", "train.gradient_accumulation_steps=1"]
+    if spec.get("half"):
+        base = load_recipe(path, sets)
+        sets += half_batch(base.train.per_device_train_batch_size, base.train.gradient_accumulation_steps)
     recipe = load_recipe(path, sets)
     problem = bitsandbytes_problem(device)
     if recipe.model.load_in_4bit and problem:
@@ -399,6 +413,7 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
     timed = collator.batches[warmup * ga : steps * ga]
     arch = arch_from_config(net.config)
     results = summarise(timed, step_ends[steps] - step_ends[warmup], arch, settings, info["peak_bf16_tflops"] if device == "cuda" else None)
+    biggest = max(collator.batches, key=lambda b: b["rows"] * b["seq_len"])
     estimate = memory_estimate(
         arch,
         MemorySettings(
@@ -411,6 +426,9 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
             precompute_ref=settings["precompute_ref_log_probs"],
             attn_implementation=m.attn_implementation,
             liger=settings["liger"],
+            # prefix-shared: the packed rows of the largest micro-batch (the collator recorded them)
+            packed_rows=biggest["rows"] if d.prefix_sharing else None,
+            packed_len=biggest["seq_len"] if d.prefix_sharing else None,
         ),
     )
     results.update(
@@ -471,12 +489,31 @@ def peak_memory(device: str) -> dict[str, Any]:
 # Orchestration and report
 
 
-def run_all(args) -> dict[str, Any]:
+def run_all(args, out: Path | None = None) -> dict[str, Any]:
+    """Every named variant, each in its own process. With `out`, the report is rewritten after each
+    variant, so a run cut short (a GPU lease ending) keeps what it measured."""
     names = args.variant or list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
-    variants = []
+    sample = synthetic_pairs(args.pool, args.seed, args.smoke)
+    run: dict[str, Any] = {
+        "model": args.model,
+        "architecture": MODELS[args.model]["kwargs"] | {"config": MODELS[args.model]["config"]},
+        "seed_recipe": MODELS[args.model]["recipe"],
+        "steps": args.steps,
+        "warmup_steps": args.warmup,
+        "device": {"kind": "unknown", "name": "unknown", "gpu": None},
+        "data": {
+            "pool_pairs": args.pool,
+            "seed": args.seed,
+            "distribution": dataclasses.asdict(length_distribution(args.smoke)),
+            "realized": LengthDistribution.describe(sample),
+            "prefix_sharing": prefix_savings(sample, args.model, args.smoke),
+        },
+        "variants": [],
+    }
+    variants = run["variants"]
     for name in names:
         with tempfile.TemporaryDirectory() as tmp:
             part = Path(tmp) / "variant.json"
@@ -488,33 +525,19 @@ def run_all(args) -> dict[str, Any]:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout, cwd=ROOT)
             except subprocess.TimeoutExpired:
                 variants.append({"name": name, "status": "failed", "reason": f"timed out after {args.variant_timeout} s"})
-                continue
-            if proc.returncode != 0 or not part.exists():
+                proc = None
+            if proc is not None and (proc.returncode != 0 or not part.exists()):
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
                 oom = "out of memory" in proc.stderr.lower()
                 variants.append({"name": name, "status": "failed", "reason": ("CUDA out of memory: " if oom else "") + tail[0][:300]})
-                continue
-            variants.append(json.loads(part.read_text()))
+            elif proc is not None:
+                variants.append(json.loads(part.read_text()))
         v = variants[-1]
         print(f"[bench]   {v['status']}" + (f": {v.get('reason')}" if v["status"] != "ok" else f": {v['results']['tokens_per_s']:.1f} tokens/s"), file=sys.stderr, flush=True)
-    device = next((v["device"] for v in variants if v.get("device")), {"kind": "unknown", "name": "unknown", "gpu": None})
-    sample = synthetic_pairs(args.pool, args.seed, args.smoke)
-    return {
-        "model": args.model,
-        "architecture": MODELS[args.model]["kwargs"] | {"config": MODELS[args.model]["config"]},
-        "seed_recipe": MODELS[args.model]["recipe"],
-        "steps": args.steps,
-        "warmup_steps": args.warmup,
-        "device": device,
-        "data": {
-            "pool_pairs": args.pool,
-            "seed": args.seed,
-            "distribution": dataclasses.asdict(length_distribution(args.smoke)),
-            "realized": LengthDistribution.describe(sample),
-            "prefix_sharing": prefix_savings(sample, args.model, args.smoke),
-        },
-        "variants": variants,
-    }
+        run["device"] = next((v["device"] for v in variants if v.get("device")), run["device"])
+        if out is not None and run["device"]["kind"] != "unknown":  # (the file is named by the device)
+            write_report(run, out)
+    return run
 
 
 def prefix_savings(pairs: list[tuple[int, int, int]], model: str, smoke: bool) -> dict[str, Any]:
@@ -614,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_variant(args.worker, args.model, args.steps, args.warmup, args.pool, args.seed, args.smoke)
         args.worker_out.write_text(json.dumps(result))
         return 0
-    run = run_all(args)
+    run = run_all(args, args.out)
     path = write_report(run, args.out)
     print(path.with_suffix(".md").read_text())
     print(f"wrote {path} and {path.with_suffix('.md')}")

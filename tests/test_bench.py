@@ -160,3 +160,16 @@ def test_precompute_pass_goes_longest_first(smoke):
     assert tuned["results"]["precompute_tokens"] == real
     assert tuned["results"]["precompute_padding_fraction"] == round(sorted_padding, 4)
     assert sorted_padding < padding(pairs)[1] / 2  # the data's own order pads more than twice as much
+
+
+def test_half_batch_keeps_the_pairs_per_step():
+    """tuned-prefix-half: Phi-3's 4 x 1 becomes 2 x 2, Gemma's 3 x 1 becomes 1 x 3 (3 has no half)."""
+    from alignpress.recipe import load_recipe
+
+    assert bench_dpo.half_batch(4, 1) == ["train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=2"]
+    assert bench_dpo.half_batch(3, 1) == ["train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=3"]
+    assert bench_dpo.half_batch(1, 4) == ["train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=4"]
+    for model, shape in (("phi3-mini", (2, 2)), ("gemma-2b", (1, 3))):
+        sets, notes, skip = bench_dpo.plan_variant("tuned-prefix-half", model, "cuda", smoke=False)
+        t = load_recipe(ROOT / bench_dpo.MODELS[model]["recipe"], sets).train
+        assert skip is None and (t.per_device_train_batch_size, t.gradient_accumulation_steps) == shape

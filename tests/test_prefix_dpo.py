@@ -271,15 +271,19 @@ def test_train_stage_same_losses(tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_variants_smoke(tmp_path):
-    """bench_dpo.py's prefix-shared variants run in smoke mode; tokens/s counts TRL's tokens, not the fewer computed."""
+    """bench_dpo.py's prefix-shared variants run in smoke mode, through scripts/gpu-measure.sh (the
+    GPU slot's script, SMOKE=1: tiny model, CPU); tokens/s counts TRL's tokens, not the fewer computed."""
+    import os
     import subprocess
     import sys
 
     from conftest import ROOT
 
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_dpo.py"), "--smoke", "--steps", "2", "--variant", "tuned-prefix-packed", "--out", str(tmp_path)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    env = os.environ | {"SMOKE": "1", "PYTHON": sys.executable, "PHI3_VARIANTS": "tuned-prefix-packed", "OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", str(ROOT / "scripts/gpu-measure.sh")], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{next(tmp_path.glob('cpu-*.json')).stem}.json", f"{next(tmp_path.glob('cpu-*.json')).stem}.md", "gpu.txt", "versions.txt"])
+    assert "trl 1.16.0\n" in (tmp_path / "versions.txt").read_text()
     (run,) = json.loads(next(tmp_path.glob("cpu-*.json")).read_text())["runs"]
     (v,) = run["variants"]
     assert v["status"] == "ok" and v["settings"]["prefix_sharing"] and v["settings"]["pairs_per_row"] == 2

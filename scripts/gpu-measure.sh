@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU measurements issue 10 still needs, sized for a short lent GPU slot (about 8 minutes on an
+# H200): the seed configuration and the candidates for the targets (>= 4x the seed's tokens/s within
+# 36 GiB) for Phi-3-mini, then Gemma-2b, each variant in its own process, the report rewritten after
+# every variant so that a slot ending early keeps what was measured.
+#
+#   make gpu-wheels                      # here: the wheels the GPU image lacks -> .whl/ (ignored)
+#   bash scripts/gpu-measure.sh          # there (carry .whl): results to $OUT, else benchmarks/results/
+#   SMOKE=1 bash scripts/gpu-measure.sh  # the same script on the CPU with a tiny model (tests run this)
+#
+# PHI3_VARIANTS / GEMMA_VARIANTS (space-separated bench_dpo.py variant names) change the sets;
+# GEMMA_VARIANTS= (empty) skips Gemma. Writes <out>/<gpu>-<date>.json and .md (bench_dpo.py),
+# versions.txt and gpu.txt. Exit status: 1 when a variant failed (its reason is in the report).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+out=${OUT:-benchmarks/results}
+python=${PYTHON:-python3}
+mkdir -p "$out"
+
+# Libraries: the GPU image has torch, accelerate and triton; the rest comes from the carried wheels.
+if [ -d .whl ] && ! "$python" -c 'import trl' 2>/dev/null; then
+  site=${TMPDIR:-/tmp}/alignpress-site
+  "$python" -m pip install -q --no-index --no-deps --target "$site" .whl/*.whl
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+
+"$python" - >"$out/versions.txt" <<'EOF'
+import importlib.metadata as md
+for name in ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "liger-kernel", "triton", "huggingface_hub"):
+    try:
+        print(name, md.version(name))
+    except md.PackageNotFoundError:
+        print(name, "not installed")
+EOF
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.txt" 2>&1 || echo "no nvidia-smi" >"$out/gpu.txt"
+
+phi3=${PHI3_VARIANTS-seed tuned tuned-prefix tuned-prefix-half tuned-prefix-ckpt}
+gemma=${GEMMA_VARIANTS-seed tuned tuned-prefix}
+if [ -n "${SMOKE:-}" ]; then
+  common=(--smoke --steps 2 --warmup 1 --out "$out")
+  gemma=""  # smoke mode has one tiny model (Phi-3 shaped); a real Gemma-2b would not fit this purpose
+else
+  common=(--steps 10 --warmup 2 --pool 128 --variant-timeout 240 --out "$out")
+fi
+
+status=0
+for model in phi3-mini gemma-2b; do
+  names=$phi3
+  [ "$model" = gemma-2b ] && names=$gemma
+  [ -n "$names" ] || continue
+  args=()
+  for name in $names; do args+=(--variant "$name"); done
+  "$python" benchmarks/bench_dpo.py --model "$model" "${common[@]}" "${args[@]}" || status=1
+done
+exit "$status"
