@@ -614,3 +614,16 @@ def test_plan_uses_the_committed_measurements(phi3_out, recipe, seed, expect):
     setup = {"phi3": 37.69, "gemma": 28.37}["phi3" if "phi3" in recipe else "gemma"]
     line = f"H200: precompute pass {205625 / setup:,.0f} tokens/s (205,625 tokens in {setup} s of setup): {1_600_000 / (205625 / setup) / 60:.1f} min for this data"
     assert (line in proc.stdout) is not seed
+
+
+def test_an_h200_measurement_stands_for_the_h100(phi3_out):
+    """Same GH100 die and peak FLOP/s: the H100 row takes the H200's measured MFU (an upper bound there,
+    labelled), instead of an estimate that had it 14% faster than the H200 measured; the A100 keeps the estimate."""
+    proc = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--prices", "table", "--json")
+    rows = {r["gpu"]: r for r in json.loads(proc.stdout)["gpus"]}
+    assert rows["H100-80GB"]["mfu"] == rows["H200"]["mfu"] == 0.1978
+    assert rows["H100-80GB"]["mfu_source"] == "measured on the H200 (same GH100 die): 2026-11-26-h200/phi3-tuned.json, variant tuned"
+    assert rows["H200"]["mfu_source"] == "measured: 2026-11-26-h200/phi3-tuned.json, variant tuned"
+    assert rows["A100-80GB"]["mfu_source"].startswith("estimate")
+    text = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--prices", "table").stdout
+    assert re.search(r"^H100-80GB .*\(MFU 0\.198, H200's\)", text, re.M) and re.search(r"^H200 .*\(MFU 0\.198, measured\)", text, re.M)

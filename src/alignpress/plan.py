@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import math
 import os
 from dataclasses import asdict, replace
@@ -300,16 +301,23 @@ def load_measurements(dirs: list[Path]) -> list[dict[str, Any]]:
 
 
 def measured_mfu(arch: Arch, want: dict[str, Any], gpu: str, dirs: list[Path]) -> tuple[float, str, dict[str, Any]] | None:
-    """A measured MFU for this architecture, GPU and settings (recipe_settings) from benchmark results."""
+    """A measured MFU for this architecture, GPU and settings (recipe_settings) from benchmark results:
+    measured on this GPU, else on another GPU with the same die (gpus.json `chip`: an H200
+    measurement stands for the H100, which has its compute and peak FLOP/s but less memory
+    bandwidth, so the number is an upper bound there and says where it comes from)."""
     keys = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")
-    for m in load_measurements(dirs):
-        if m["gpu"] != gpu or any(getattr(m["arch"], k) != getattr(arch, k) for k in keys):
-            continue
+    gpus = load_table("gpus.json")["gpus"]
+    chip = gpus.get(gpu, {}).get("chip")
+    matches = [m for m in load_measurements(dirs) if not any(getattr(m["arch"], k) != getattr(arch, k) for k in keys)]
+    same_gpu = [m for m in matches if m["gpu"] == gpu]
+    same_chip = [m for m in matches if m["gpu"] != gpu and chip and gpus.get(m["gpu"] or "", {}).get("chip") == chip]
+    for m in same_gpu + same_chip:
         v = m["variant"]
         got = v.get("settings", {})
         if v["results"].get("mfu") and all(k in got for k in CORE_SETTINGS) and all(got[k] == want[k] for k in want if k in got):
             r = v["results"]
-            return r["mfu"], f"measured: {m['file']}, variant {v['name']}", r
+            where = "" if m["gpu"] == gpu else f" on the {m['gpu']} (same {chip} die)"
+            return r["mfu"], f"measured{where}: {m['file']}, variant {v['name']}", r
     return None
 
 
@@ -579,6 +587,8 @@ def format_plan(p: dict[str, Any]) -> str:
     for r in p["gpus"]:
         fit = "ok" if r["fits"] and not r["tight"] else ("tight" if r["fits"] else "NO")
         src = "measured" if r["mfu_source"].startswith("measured") else "estimate"
+        if (other := re.match(r"measured on the (\S+) ", r["mfu_source"])):
+            src = f"{other.group(1)}'s"  # measured on another GPU with the same die
         through = f"{r['tokens_per_s']:,.0f} tok/s (MFU {r['mfu']:.3f}, {src})"
         od, sp = r["price_on_demand"], r["price_spot"]
         cost_od = f"{_usd(r['usd_on_demand'])} @ ${od['usd']:.2f}/h" if od else "n/a"
