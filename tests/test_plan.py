@@ -627,3 +627,18 @@ def test_an_h200_measurement_stands_for_the_h100(phi3_out):
     assert rows["A100-80GB"]["mfu_source"].startswith("estimate")
     text = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--prices", "table").stdout
     assert re.search(r"^H100-80GB .*\(MFU 0\.198, H200's\)", text, re.M) and re.search(r"^H200 .*\(MFU 0\.198, measured\)", text, re.M)
+
+
+def test_recommendation_says_how_to_launch_a_gpu_the_sky_task_does_not_offer(phi3_out, demo_copy):
+    """The on-demand pick (H200, RunPod's price) is not among sky/phi3.yaml's GPUs: plan says how to ask
+    SkyPilot for it. The spot pick (L40S) is offered: no hint. sky/multinode.yaml (2 x 8 GPUs) also runs
+    this recipe and is not the one meant. The demo has no sky task."""
+    proc = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--prices", "table")
+    lines = proc.stdout.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith("recommend on-demand: H200,"))
+    assert lines[i + 1] == " " * 21 + "sky/phi3.yaml offers L40S, A100-80GB, A100-40GB, H100-80GB (SkyPilot takes the cheapest per hour); for the H200, launch it with --gpus H200:1 --no-use-spot on a cloud that rents one"
+    assert lines[i + 2].startswith("recommend spot:      L40S,") and lines[i + 3] == ""
+    p = json.loads(cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--prices", "table", "--json").stdout)
+    assert p["sky_task"] == {"task": "sky/phi3.yaml", "offers": {"spot": ["L40S", "A100-80GB", "A100-40GB", "H100-80GB"], "on_demand": ["L40S", "A100-80GB", "A100-40GB", "H100-80GB"]}}
+    demo = json.loads(cli("plan", "recipes/demo.yaml", "--output-dir", demo_copy, "--json").stdout)
+    assert demo["sky_task"] is None

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import math
 import os
+import re
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from .errors import AlignpressError
 from .flops import KNOWN_ARCHS, Arch, LengthDistribution, MemorySettings, arch_from_config, checkpointing_decision, dataset_flops, load_table, memory_estimate, packed_layout, padding_fraction, precompute_decision, truncate_pair
@@ -347,6 +349,33 @@ def recommend(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+SKY_TASKS = BENCH_RESULTS.parents[1] / "sky"
+
+
+def sky_offers(recipe: Recipe, gpus: dict[str, Any], folder: Path = SKY_TASKS) -> dict[str, Any] | None:
+    """The shipped one-GPU SkyPilot task that runs this recipe (envs.RECIPE), and the GPUs it offers
+    per tier, as gpus.json names them; None when no such task file runs it (or there is no sky/ here)."""
+    if recipe.source is None or not folder.is_dir():
+        return None
+    by_sky = {info.get("sky_name"): name for name, info in gpus.items()}
+    for task in sorted(folder.glob("*.yaml")):
+        try:
+            spec = yaml.safe_load(task.read_text()) or {}
+            runs = (spec.get("envs") or {}).get("RECIPE")
+            if not runs or (folder.parent / runs).resolve() != Path(recipe.source).resolve() or int(spec.get("num_nodes") or 1) > 1:
+                continue
+            offered: dict[str, list[str]] = {"on_demand": [], "spot": []}
+            for c in (spec.get("resources") or {}).get("any_of") or []:
+                kind, _, count = str(c.get("accelerators", "")).partition(":")
+                name = by_sky.get(kind)
+                if name and count in ("", "1"):
+                    offered["spot" if c.get("use_spot") else "on_demand"].append(name)
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        return {"task": f"sky/{task.name}", "offers": offered}
+    return None
+
+
 def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from: str | None = None, prices: str | None = None, bench_dirs: list[Path] | None = None) -> dict[str, Any]:
     gpus = load_table("gpus.json")["gpus"]
     if gpu not in gpus:
@@ -529,6 +558,7 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
         "gpus": rows,
         "prices": {"file": price_source},
         "recommendation": recommend(rows),
+        "sky_task": sky_offers(recipe, gpus),
         "warnings": warnings,
         "notes": notes,
         "refuse": None if chosen["fits"] else (
@@ -595,7 +625,7 @@ def format_plan(p: dict[str, Any]) -> str:
         cost_sp = f"{_usd(r['usd_spot'])} @ ${sp['usd']:.2f}/h" if sp else "n/a"
         memory = f"{r['estimate_gib']:.1f}/{r['memory_gib']:g} GiB {fit}"
         lines.append(f"{r['gpu']:<10} {memory:<19} {through:<40} {r['wall_hours']:>6.2f} h  {cost_od:<22} {cost_sp}".rstrip())
-    lines += ["", *format_recommendation(p["recommendation"])]
+    lines += ["", *format_recommendation(p["recommendation"], p.get("sky_task"), {g: i.get("sky_name") for g, i in load_table("gpus.json")["gpus"].items()})]
     f = p["throughput"]["factors"]
     lines += [
         "",
@@ -618,8 +648,9 @@ def format_plan(p: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def format_recommendation(rec: dict[str, Any]) -> list[str]:
-    """One line per tier: the GPU, its projected time and cost, and whose price that is."""
+def format_recommendation(rec: dict[str, Any], sky: dict[str, Any] | None = None, sky_names: dict[str, str] | None = None) -> list[str]:
+    """One line per tier: the GPU, its projected time and cost, and whose price that is; and, where the
+    shipped sky task does not offer that GPU, how to ask SkyPilot for it."""
     lines = []
     for tier, label in (("on_demand", "on-demand"), ("spot", "spot")):
         r = rec[tier]
@@ -629,6 +660,13 @@ def format_recommendation(rec: dict[str, Any]) -> list[str]:
         pr = r["price"]
         where = ", ".join(str(x) for x in (pr.get("provider"), pr.get("product"), pr.get("region")) if x)
         lines.append(f"recommend {label + ':':<11}{r['gpu']}, {r['wall_hours']:.2f} h, {_usd(r['usd'])} ({where}: ${pr['usd']:.4g}/h as of {pr.get('as_of')})")
+        offered = (sky or {}).get("offers", {}).get(tier)
+        if offered and r["gpu"] not in offered:
+            flag = "--use-spot" if tier == "spot" else "--no-use-spot"
+            lines.append(
+                f"{'':<21}{sky['task']} offers {', '.join(offered)} (SkyPilot takes the cheapest per hour); for the {r['gpu']}, "
+                f"launch it with --gpus {(sky_names or {}).get(r['gpu'], r['gpu'])}:1 {flag} on a cloud that rents one"
+            )
     return lines
 
 
