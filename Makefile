@@ -55,8 +55,11 @@ $(TOOLS_STAMP): requirements-tools.lock
 demo: $(STAMP)
 	$(PY) entrypoint.py run recipes/demo.yaml
 
+# Two pytest workers (pytest-xdist), one test file each at a time: most tests start entrypoint.py, whose
+# ~10 s of single-threaded imports (TRL, peft) leave the second core idle in a serial run.
+TEST_WORKERS ?= 2
 test: $(STAMP) $(SKY_STAMP) $(TOOLS_STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Builds the Docker image with podman on a local Debian base and runs the demo inside it (~3 min warm, more cold).
 # Both container tests: the image above, and the SkyPilot scripts (below).
