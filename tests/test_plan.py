@@ -642,3 +642,14 @@ def test_recommendation_says_how_to_launch_a_gpu_the_sky_task_does_not_offer(phi
     assert p["sky_task"] == {"task": "sky/phi3.yaml", "offers": {"spot": ["L40S", "A100-80GB", "A100-40GB", "H100-80GB"], "on_demand": ["L40S", "A100-80GB", "A100-40GB", "H100-80GB"]}}
     demo = json.loads(cli("plan", "recipes/demo.yaml", "--output-dir", demo_copy, "--json").stdout)
     assert demo["sky_task"] is None
+
+
+def test_prefix_sharing_memory_from_the_summary_alone(phi3_out):
+    """Only stats.json: a segment is bounded by the longest prompt and both longest answers (1,200 + 800
+    + 800 + 1 = 2,801 tokens, under two full 2,048 sequences), 4 rows of it padded to 2,808."""
+    base = ["plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--prices", "table", "--json", "--set", "dpo.prefix_sharing=true"]
+    for per_row, shape in ((1, (4, 2808)), (2, (2, 5608)), (8, (1, 11208))):
+        mem = json.loads(cli(*base, "--set", f"dpo.pairs_per_row={per_row}").stdout)["memory"]
+        assert (mem["settings"]["packed_rows"], mem["settings"]["packed_len"]) == shape
+    mem = json.loads(cli(*base, "--set", "dpo.max_length=1024").stdout)["memory"]
+    assert (mem["settings"]["packed_rows"], mem["settings"]["packed_len"]) == (4, 2048)  # two full 1,024 sequences

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from .errors import AlignpressError
-from .flops import KNOWN_ARCHS, Arch, LengthDistribution, MemorySettings, arch_from_config, checkpointing_decision, dataset_flops, load_table, memory_estimate, packed_layout, padding_fraction, precompute_decision, truncate_pair
+from .flops import KNOWN_ARCHS, MASK_ALIGN, Arch, LengthDistribution, MemorySettings, arch_from_config, checkpointing_decision, dataset_flops, load_table, memory_estimate, packed_layout, padding_fraction, precompute_decision, truncate_pair
 from .recipe import Recipe, load_recipe
 
 BENCH_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
@@ -448,9 +448,17 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
         attn_implementation=recipe.model.attn_implementation,
         liger=t.use_liger_kernel,
     )
-    if d.prefix_sharing and data["rows"] is not None:
-        # the packed rows that bound a micro-batch (without the pairs, TRL's layout bounds them too)
-        rows_, length_ = packed_layout(pairs_in, d.max_length, t.per_device_train_batch_size, d.pairs_per_row, d.truncation_mode)
+    if d.prefix_sharing:
+        # the packed rows that bound a micro-batch of the prepared pairs; from the summary alone, a
+        # segment is at most the longest prompt + both longest answers + 1, and two full sequences
+        batch = t.per_device_train_batch_size
+        if data["rows"] is not None:
+            rows_, length_ = packed_layout(pairs_in, d.max_length, batch, d.pairs_per_row, d.truncation_mode)
+        else:
+            segment = stats["prompt"]["max"] + stats["chosen"]["max"] + stats["rejected"]["max"] + 1
+            segment = min(segment, 2 * d.max_length) if d.max_length else segment
+            rows_ = math.ceil(batch / d.pairs_per_row)
+            length_ = math.ceil(segment * min(d.pairs_per_row, batch) / MASK_ALIGN) * MASK_ALIGN
         settings = replace(settings, packed_rows=rows_, packed_len=length_)
 
     def checkpointing_for(name: str) -> tuple[bool, str | None]:
