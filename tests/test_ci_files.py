@@ -2,7 +2,8 @@
 
 The linters live in their own environment, .venv-tools (requirements-tools.lock, `make tools`;
 `make test` builds it): actionlint for .github/workflows/*.yml (with shellcheck for their `run:`
-steps), hadolint for the Dockerfile, shellcheck for sky/*.sh and scripts/*.sh.
+steps), hadolint for the Dockerfile, shellcheck for sky/*.sh and scripts/*.sh, and ruff's pyflakes
+rules for the Python code.
 """
 import os
 import subprocess
@@ -55,6 +56,23 @@ def test_shell_scripts_pass_shellcheck():
     assert {p.name for p in SCRIPTS} >= {"setup.sh", "run.sh", "env.sh", "podman-base.sh"}
     proc = tool("shellcheck", "-x", *[p.relative_to(REPO) for p in SCRIPTS])
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+PYTHON_CODE = [REPO / "src", REPO / "tests", REPO / "benchmarks", REPO / "sky", REPO / "entrypoint.py"]
+
+
+def test_python_passes_pyflakes_rules():
+    """ruff's F rules: undefined names, a name defined twice, unused imports and variables."""
+    proc = tool("ruff", "check", "--isolated", "--no-cache", "--select", "F", "--output-format", "concise", *PYTHON_CODE)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_ruff_catches_a_function_defined_twice(tmp_path):
+    """What happened once in plan.py: a second function of the same name replaced one still in use."""
+    (tmp_path / "twice.py").write_text("def prices():\n    return offers()\n\n\ndef offers():\n    return 1\n\n\ndef offers(recipe):\n    return recipe\n")
+    proc = tool("ruff", "check", "--isolated", "--no-cache", "--select", "F", "--output-format", "concise", "twice.py", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines()[0] == "twice.py:9:5: F811 Redefinition of unused `offers` from line 5: `offers` redefined here"
 
 
 def test_no_tracked_symlink_or_environment():

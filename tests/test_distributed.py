@@ -1,7 +1,6 @@
 """Multi-process training on the CPU: gloo DDP and DeepSpeed ZeRO-2, through the real entry point."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys

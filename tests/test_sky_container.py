@@ -19,7 +19,6 @@ by alignpress on first use (tens of minutes on 2 busy cores): when this machine 
 alignpress looks, as a real job finds its base model in the Hub cache; otherwise the VM builds it.
 """
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -50,7 +49,7 @@ def copy_workdir(dest: Path) -> None:
 
 
 @pytest.fixture
-def vm(podman, hub_server, tmp_path):
+def vm(podman, hub_server, tmp_path):  # noqa: F811 (podman: the imported fixture)
     """A running bare Debian container ("the VM"); yields (exec function, bucket folder)."""
     workdir, bucket = tmp_path / "sky_workdir", tmp_path / "bucket"
     workdir.mkdir()

@@ -167,7 +167,7 @@ def test_broken_task_file_is_rejected_naming_file_and_field(negative_results, ca
     code, lines, proc = negative_results
     assert code != 0
     line = lines.get(f"{case}.yaml", "")
-    assert line.startswith(f"FAIL ") and f"{case}.yaml:" in line, proc.stdout + proc.stderr
+    assert line.startswith("FAIL ") and f"{case}.yaml:" in line, proc.stdout + proc.stderr
     assert NEGATIVE[case][1] in line, line
 
 

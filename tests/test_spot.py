@@ -1,7 +1,6 @@
 """Spot-safe training: SIGTERM saves and exits non-zero; incomplete checkpoints are skipped."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess

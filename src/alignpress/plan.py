@@ -352,7 +352,7 @@ def recommend(rows: list[dict[str, Any]]) -> dict[str, Any]:
 SKY_TASKS = BENCH_RESULTS.parents[1] / "sky"
 
 
-def sky_offers(recipe: Recipe, gpus: dict[str, Any], folder: Path = SKY_TASKS) -> dict[str, Any] | None:
+def sky_task_for(recipe: Recipe, gpus: dict[str, Any], folder: Path = SKY_TASKS) -> dict[str, Any] | None:
     """The shipped one-GPU SkyPilot task that runs this recipe (envs.RECIPE), and the GPUs it offers
     per tier, as gpus.json names them; None when no such task file runs it (or there is no sky/ here)."""
     if recipe.source is None or not folder.is_dir():
@@ -566,7 +566,7 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
         "gpus": rows,
         "prices": {"file": price_source},
         "recommendation": recommend(rows),
-        "sky_task": sky_offers(recipe, gpus),
+        "sky_task": sky_task_for(recipe, gpus),
         "warnings": warnings,
         "notes": notes,
         "refuse": None if chosen["fits"] else (
