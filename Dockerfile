@@ -43,7 +43,8 @@ RUN --mount=type=secret,id=pipca \
     && pip install -r requirements.lock \
     && pip install --no-deps -r requirements-gpu.lock
 
-COPY entrypoint.py ./
+# pyproject.toml: the version that --version, run.json and the card report (the code is not pip-installed)
+COPY pyproject.toml entrypoint.py ./
 COPY src/ src/
 COPY recipes/ recipes/
 

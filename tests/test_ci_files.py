@@ -52,6 +52,21 @@ def test_dockerfile_passes_hadolint():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_dockerignore_lets_in_what_the_dockerfile_copies():
+    """.dockerignore is an allow-list (`*`, then `!path`): every COPY source must be let in, or the
+    image build stops at that COPY (it did, for requirements-gpu.lock, until this test)."""
+    ignore = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert ignore[0] == "*"
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    sources = []
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"] and not any(w.startswith("--from") for w in words):
+            sources += [w.rstrip("/") for w in words[1:-1] if not w.startswith("--")]
+    assert sorted(sources) == ["entrypoint.py", "pyproject.toml", "recipes", "requirements-gpu.lock", "requirements.lock", "src"]
+    assert [src for src in sources if src not in allowed] == []
+
+
 def test_shell_scripts_pass_shellcheck():
     assert {p.name for p in SCRIPTS} >= {"setup.sh", "run.sh", "env.sh", "podman-base.sh"}
     proc = tool("shellcheck", "-x", *[p.relative_to(REPO) for p in SCRIPTS])

@@ -62,6 +62,13 @@ def podman_run(env, image, *args, volumes=(), timeout=1800):
 def test_validate_demo_recipe_in_container(podman, image):
     proc = podman_run(podman, image, "validate", "recipes/demo.yaml", timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # The code is not pip-installed in the image: the version comes from the pyproject.toml copied in
+    # (without it every command failed at start-up).
+    import tomllib
+
+    proc = podman_run(podman, image, "--version", timeout=300)
+    expected = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert (proc.returncode, proc.stdout.strip()) == (0, f"alignpress {expected}"), proc.stderr[-3000:]
 
 
 def test_demo_runs_offline_in_container(podman, image, tmp_path):
