@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from alignpress import yamlfile
 from alignpress.errors import AlignpressError
 from alignpress.recipe import Recipe, check_repo_id, describe, load_recipe, token_cap
 from conftest import ROOT, cli
@@ -139,8 +140,29 @@ def test_missing_required_field(tmp_path):
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(AlignpressError, match="nope.yaml: recipe file not found"):
         load_recipe(tmp_path / "nope.yaml")
-    with pytest.raises(AlignpressError, match="r.yaml: not valid YAML"):
-        load_recipe(write(tmp_path, "model: [unclosed\n"))
+    # One line, with where: PyYAML's own message spans four lines with a caret drawing.
+    with pytest.raises(AlignpressError) as e:
+        load_recipe(write(tmp_path, "name: t\nmodel: [unclosed\n"))
+    assert str(e.value) == f"{tmp_path / 'r.yaml'}: not valid YAML: line 3, column 1: expected ',' or ']', but got '<stream end>' (while parsing a flow sequence on line 2)"
+    with pytest.raises(AlignpressError) as e:
+        load_recipe(write(tmp_path, "name: t\n  model: x\n"))
+    assert str(e.value) == f"{tmp_path / 'r.yaml'}: not valid YAML: line 2, column 8: mapping values are not allowed here"
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    """YAML keeps the last of two equal keys: a second `train:` section silently dropped the first's
+    learning rate (the run trained at the default 5e-06)."""
+    base = "name: t\nmodel: {name_or_path: x/y}\ndata: {dataset: d.jsonl}\n"
+    with pytest.raises(AlignpressError) as e:
+        load_recipe(write(tmp_path, base + "train: {learning_rate: 1.0e-3}\ntrain: {num_train_epochs: 3}\n"))
+    assert str(e.value) == (f"{tmp_path / 'r.yaml'}: not valid YAML: line 5, column 1: key 'train' is given twice in one mapping "
+                            "(first on line 4); YAML would keep only the last, dropping the first silently: merge them")
+    with pytest.raises(AlignpressError, match=r"line 6, column 3: key 'beta' is given twice in one mapping \(first on line 5\)"):
+        load_recipe(write(tmp_path, base + "dpo:\n  beta: 0.1\n  beta: 0.2\n"))
+    # Not duplicates: equal keys in different mappings, and a merged anchor that a key overrides (YAML's meaning).
+    recipe = load_recipe(write(tmp_path, base.replace("d.jsonl}", "d.jsonl, seed: 3}") + "train: {seed: 7, max_steps: 2}\n"))
+    assert (recipe.data.seed, recipe.train.seed, recipe.train.max_steps) == (3, 7, 2)
+    assert yamlfile.load("a: &a {x: 1, y: 2}\nb: {<<: *a, y: 3}\n") == {"a": {"x": 1, "y": 2}, "b": {"x": 1, "y": 3}}
 
 
 def test_repo_id_rules():

@@ -133,6 +133,12 @@ def unknown_field():
     return task
 
 
+def envs_given_twice():
+    """Text, not a dict: a second `envs:` would silently replace the first (HUB_REPO, RECIPE, BUCKET)."""
+    text = (REPO / "sky" / "phi3.yaml").read_text()
+    return text + "\nenvs:\n  RUN_NAME: phi3-second-try\n"
+
+
 NEGATIVE = {
     # case: (task, text the file's FAIL line must contain: the field and the problem)
     "token_as_plain_env": (token_as_plain_env, "envs.HF_TOKEN: the token must not be a plain env"),
@@ -147,6 +153,8 @@ NEGATIVE = {
     "missing_h100": (missing_h100, "resources.any_of: missing ['H100']"),
     "no_job_recovery": (no_job_recovery, "resources.job_recovery: candidates ['A100-80GB:1', 'A100:1', 'H100:1', 'L40S:1'] have no"),
     "unknown_field": (unknown_field, "parse: "),
+    "envs_given_twice": (envs_given_twice, "yaml: line {line}, column 1: key 'envs' is given twice in one mapping (first on line {first}); "
+                                           "YAML would keep only the last, dropping the first silently: merge them"),
 }
 
 
@@ -157,7 +165,8 @@ def negative_results(tmp_path_factory):
     paths = []
     for case, (build, _) in NEGATIVE.items():
         path = folder / f"{case}.yaml"
-        path.write_text(yaml.safe_dump(build(), sort_keys=False))
+        task = build()
+        path.write_text(task if isinstance(task, str) else yaml.safe_dump(task, sort_keys=False))
         paths.append(path)
     return check(*paths)
 
@@ -168,7 +177,11 @@ def test_broken_task_file_is_rejected_naming_file_and_field(negative_results, ca
     assert code != 0
     line = lines.get(f"{case}.yaml", "")
     assert line.startswith("FAIL ") and f"{case}.yaml:" in line, proc.stdout + proc.stderr
-    assert NEGATIVE[case][1] in line, line
+    expected = NEGATIVE[case][1]
+    if case == "envs_given_twice":
+        text = envs_given_twice().splitlines()
+        expected = expected.format(first=text.index("envs:") + 1, line=len(text) - 1)
+    assert expected in line, line
 
 
 def test_inline_run_is_named_as_not_the_script(negative_results):

@@ -102,6 +102,17 @@ def test_entrypoint_validate_and_run_exit_2(tmp_path, tiny_phi3):
     assert not out.exists()
 
 
+def test_a_section_given_twice_stops_validate_in_one_line(tmp_path, tiny_phi3, capsys):
+    """The second `train:` would have replaced the first, learning rate and all, without a word."""
+    recipe = write_recipe(tmp_path, tiny_phi3)
+    text = recipe.read_text() + "train: {num_train_epochs: 3}\n"
+    recipe.write_text(text)
+    first = text.splitlines().index("train:") + 1
+    rc, out, err = call(capsys, "validate", recipe)
+    assert (rc, out, err) == (2, "", f"error: {recipe}: not valid YAML: line {len(text.splitlines())}, column 1: key 'train' is given twice "
+                                     f"in one mapping (first on line {first}); YAML would keep only the last, dropping the first silently: merge them\n")
+
+
 def test_cuda_asked_but_unusable_stops_at_the_door(tmp_path):
     """sky/run.sh asks for train.device=cuda on a GPU VM: a torch that cannot use CUDA (here the CPU
     wheel; on a VM, a driver older than the wheel's CUDA) stops the job before anything is written."""

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from . import yamlfile
 from .errors import AlignpressError
 
 
@@ -227,9 +228,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise AlignpressError("recipe file not found", source=source)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yamlfile.load(path.read_text())
     except yaml.YAMLError as e:
-        raise AlignpressError(f"not valid YAML: {e}", source=source) from None
+        raise AlignpressError(f"not valid YAML: {yamlfile.describe(e)}", source=source) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
