@@ -213,3 +213,46 @@ def test_a_few_bad_rows_are_dropped_with_row_and_reason(tmp_path, tiny_gemma):
     assert {p.name: p.read_bytes() for p in (out / "data").iterdir()} == before
     assert not (out / "data.partial").exists()
     assert json.loads((out / "run.json").read_text())["stages"]["prepare"]["status"] == "failed"
+
+
+JSON_CASES = {
+    # name: (file text, expected problem); lines are counted from 1, as an editor shows them
+    "not_json": ('{"prompt": "q"}\n\n{"prompt": "q", "chosen": "a"\n', "line 3: not valid JSON: Expecting ',' delimiter (column 30); each line must be one JSON object"),
+    "array_line": ('{"prompt": "q"}\n[1, 2]\n{"prompt": \n', "line 2: a JSON array, not an object with the pair's columns"),
+    "type_changes": ('{"chosen": [], "x": null}\n{"chosen": null, "x": 1}\n{"chosen": "a", "x": 2.5}\n',
+                     "line 3: column 'chosen' is a JSON string, but a JSON array on line 1; one column holds one type"),
+    "json_array_syntax": ('[\n  {"prompt": "q"},\n  {"prompt": "q",}\n]\n', "line 3: not valid JSON: Expecting property name enclosed in double quotes (column 18)"),
+    "json_array_item": ('[{"prompt": "q"}, "q2"]', "item 1 of the array: a JSON string, not an object with the pair's columns"),
+    "fine": ('{"prompt": "q", "n": 1}\n{"prompt": "r", "n": 2.5, "extra": true}\n', None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(JSON_CASES))
+def test_json_file_problem_names_the_line(tmp_path, case):
+    from alignpress.prepare import json_file_problem
+
+    text, expected = JSON_CASES[case]
+    path = tmp_path / ("pairs.json" if case.startswith("json_") else "pairs.jsonl")
+    path.write_text(text)
+    assert json_file_problem(path) == expected
+
+
+def test_jsonl_line_that_is_not_json_is_named(tmp_path, tiny_phi3):
+    """datasets said only `DatasetGenerationError: An error occurred while generating the dataset`."""
+    data = tmp_path / "pairs.jsonl"
+    lines = [json.dumps(standard(i)) for i in range(8)]
+    lines[5] = lines[5][:-1]  # the closing brace lost in an edit
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    proc = cli("prepare", recipe_for(tmp_path, tiny_phi3, data), "--output-dir", out)
+    refused(proc, out, f"error: {data}: line 6: not valid JSON: Expecting ',' delimiter (column {len(lines[5]) + 1}); each line must be one JSON object")
+
+
+def test_csv_that_pandas_cannot_parse_gives_pandas_reason(tmp_path, tiny_phi3):
+    """Not the wrapper's `DatasetGenerationError: An error occurred while generating the dataset`."""
+    data = tmp_path / "pairs.csv"
+    data.write_text("prompt,chosen,rejected\nq1,a,b\nq2,a,b,c,d\n")
+    out = tmp_path / "out"
+    proc = cli("prepare", recipe_for(tmp_path, tiny_phi3, data), "--output-dir", out)
+    refused(proc, out, f"error: {tmp_path / 'recipe.yaml'}: field 'data.dataset': could not read {data}: ParserError: Error tokenizing data. "
+                       "C error: Expected 3 fields in line 3, saw 5")

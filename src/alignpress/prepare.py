@@ -19,7 +19,7 @@ import logging
 import random
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import AlignpressError
 from .formats import DETECT_ROWS, RowError, check_columns, common_prefix, describe_value, detect_format, normalise_row
@@ -80,7 +80,11 @@ def load_split(recipe: Recipe, src: SourceSection, prefix: str, split: str, fiel
         try:
             ds = datasets.load_dataset(LOCAL_BUILDERS[suffix], data_files={"train": data_files}, split="train")
         except Exception as e:  # noqa: BLE001
-            raise AlignpressError(f"could not read {path}: {type(e).__name__}: {_first_line(e)}", source=recipe.source, field=ds_field) from None
+            for file in data_files if suffix in (".jsonl", ".json") else []:
+                problem = json_file_problem(Path(file))
+                if problem:
+                    raise AlignpressError(problem, source=file) from None
+            raise AlignpressError(f"could not read {path}: {_read_error(e)}", source=recipe.source, field=ds_field) from None
     else:
         label = name if base == "train" else f"{name} (split {base})"
         try:
@@ -107,6 +111,62 @@ def load_split(recipe: Recipe, src: SourceSection, prefix: str, split: str, fiel
         ds = ds.select(range(instr.from_, instr.to))
     loaded = Rows(label, split, offset, list(ds.column_names), _to_rows(ds, label, offset), list(ds.column_names))
     return _map_columns(recipe, src, prefix, loaded)
+
+
+def _json_kind(value: Any) -> str | None:
+    if value is None:
+        return None  # null fits any column
+    if isinstance(value, bool):
+        return "boolean"
+    return {dict: "object", list: "array", str: "string", int: "number", float: "number"}[type(value)]
+
+
+def json_file_problem(path: Path) -> str | None:
+    """The first place a .jsonl/.json file cannot become a table, as `line N: why` (1-based, as an
+    editor shows it), or None. Arrow's own message gives a row counted within a block, or none.
+
+    JSON lines: each line one object, each top-level column of one JSON type throughout (null aside).
+    A .json file that starts with `[`: one array of such objects."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            return f"line {e.lineno}: not valid JSON: {e.msg} (column {e.colno})"
+        numbered = ((f"item {i} of the array", row) for i, row in enumerate(rows if isinstance(rows, list) else []))
+    else:
+        numbered = _json_lines(text)
+    kinds: dict[str, tuple[str, str]] = {}
+    for where, row in numbered:
+        if isinstance(row, json.JSONDecodeError):
+            return f"{where}: not valid JSON: {row.msg} (column {row.colno}); each line must be one JSON object"
+        if not isinstance(row, dict):
+            return f"{where}: a JSON {_json_kind(row) or 'null'}, not an object with the pair's columns"
+        for column, value in row.items():
+            kind = _json_kind(value)
+            if kind is None:
+                continue
+            first_kind, first_where = kinds.setdefault(column, (kind, where))
+            if kind != first_kind:
+                return f"{where}: column {column!r} is a JSON {kind}, but a JSON {first_kind} on {first_where}; one column holds one type"
+    return None
+
+
+def _json_lines(text: str) -> Iterator[tuple[str, Any]]:
+    """(`line N`, the parsed line or its JSONDecodeError) for each non-blank line."""
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield f"line {n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"line {n}", e
+
+
+def _read_error(e: BaseException) -> str:
+    """The innermost cause's first line (Arrow's parse error, say), not the wrapper's."""
+    while (e.__cause__ or e.__context__) is not None and str(e).startswith("An error occurred while generating the dataset"):
+        e = e.__cause__ or e.__context__
+    return f"{type(e).__name__}: {_first_line(e)}"
 
 
 def _to_rows(ds, label: str, offset: int) -> list[dict[str, Any]]:
