@@ -113,6 +113,34 @@ def test_a_section_given_twice_stops_validate_in_one_line(tmp_path, tiny_phi3, c
                                      f"in one mapping (first on line {first}); YAML would keep only the last, dropping the first silently: merge them\n")
 
 
+def test_validate_finds_local_data_problems(tmp_path, tiny_phi3, capsys):
+    """A local data source is checked by validate (it exists, is a type prepare reads, split `train`)
+    without reading it; a Hub dataset is left to prepare. Each mistake used to pass validate."""
+    recipe = write_recipe(tmp_path, tiny_phi3)
+    rc, out, err = call(capsys, "validate", recipe)
+    assert (rc, err) == (0, "")
+    assert out.splitlines()[2] == f"# data: {DATA} ({DATA.stat().st_size / 1e6:.1f} MB)"
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "two").mkdir()
+    for name in ("a.jsonl", "b.jsonl"):
+        shutil.copy(DATA, tmp_path / "two" / name)
+    cases = [
+        ("data.dataset=missing.jsonl", f"field 'data.dataset': data file 'missing.jsonl' not found (resolved to {tmp_path / 'missing.jsonl'})"),
+        ("data.dataset=empty", f"field 'data.dataset': folder {tmp_path / 'empty'} has no .jsonl/.json/.parquet/.csv files"),
+        ("data.dataset=notes.txt", "field 'data.dataset': unsupported data file type '.txt'; use .jsonl, .json, .parquet or .csv"),
+        ("data.split=tran[100:]", "field 'data.split': a local file has one split, 'train'; got 'tran[100:]'"),
+        ("data.eval_split=test", "field 'data.eval_split': a local file has one split, 'train'; got 'test'"),
+    ]
+    for override, message in cases:
+        rc, out, err = call(capsys, "validate", recipe, "--set", override)
+        assert (rc, out, err) == (2, "", f"error: --set {override.split('=')[0]}: {message}\n"), override
+    rc, out, err = call(capsys, "validate", recipe, "--set", "data.dataset=two")
+    assert (rc, err, out.splitlines()[2]) == (0, "", f"# data: {tmp_path / 'two'} (2 files, {2 * DATA.stat().st_size / 1e6:.1f} MB)")
+    rc, out, err = call(capsys, "validate", recipe, "--set", "data.dataset=argilla/distilabel-capybara-dpo-7k-binarized", "--set", "data.split=train[300:]")
+    assert (rc, err, out.splitlines()[2]) == (0, "", "# data: argilla/distilabel-capybara-dpo-7k-binarized (Hub dataset: read by prepare)")
+
+
 def test_cuda_asked_but_unusable_stops_at_the_door(tmp_path):
     """sky/run.sh asks for train.device=cuda on a GPU VM: a torch that cannot use CUDA (here the CPU
     wheel; on a VM, a driver older than the wheel's CUDA) stops the job before anything is written."""

@@ -227,11 +227,14 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "validate":
         from .checks import check_model, check_training_settings
+        from .prepare import check_data_sources
 
         check_training_settings(recipe)
         note = check_model(recipe, local_only=True)
+        data_note = check_data_sources(recipe)
         print(f"# {args.recipe}: valid")
         print(f"# {note}")
+        print(f"# {data_note}")
         print(dump(recipe), end="")
         return 0
 

@@ -50,33 +50,63 @@ class Rows:
         return f"row {self.offset + i}"
 
 
+def local_data_files(recipe: Recipe, src: SourceSection, prefix: str, split: str, field_name: str) -> tuple[Path, str, list[str]] | None:
+    """For a source that is a local file or folder: (its path, the file type, the files to read),
+    once they are found and the split is `train`; None for a Hub dataset id. Reads no data, so
+    `validate` runs it too."""
+    name = src.dataset
+    ds_field = f"{prefix}.dataset"
+    path = Path(recipe.resolve_path(name))
+    suffix = "".join(path.suffixes[-1:]).lower()
+    if not (path.exists() or suffix in LOCAL_BUILDERS or name.startswith((".", "/", "~"))):
+        return None
+    if not path.exists():
+        raise AlignpressError(f"data file {name!r} not found (resolved to {path})", source=recipe.where(ds_field), field=ds_field)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in LOCAL_BUILDERS)
+        if not files:
+            raise AlignpressError(f"folder {path} has no .jsonl/.json/.parquet/.csv files", source=recipe.where(ds_field), field=ds_field)
+        suffix = files[0].suffix.lower()
+        data_files = [str(p) for p in files if p.suffix.lower() == suffix]
+    else:
+        if suffix not in LOCAL_BUILDERS:
+            raise AlignpressError(f"unsupported data file type {suffix!r}; use .jsonl, .json, .parquet or .csv", source=recipe.where(ds_field), field=ds_field)
+        data_files = [str(path)]
+    if split.split("[")[0] != "train":
+        raise AlignpressError(f"a local file has one split, 'train'; got {split!r}", source=recipe.where(field_name), field=field_name)
+    return path, suffix, data_files
+
+
+def check_data_sources(recipe: Recipe) -> str:
+    """`validate`'s data check: every local source exists, is a readable type and is asked for split
+    `train`; Hub datasets are left to prepare (no network at the door). Returns a note for the user."""
+    notes = []
+    for prefix, spec in data_sources(recipe.data):
+        splits = [(spec.split, _field(recipe, prefix, "split"))]
+        if spec.eval_split:
+            splits.append((spec.eval_split, _field(recipe, prefix, "eval_split")))
+        found = [local_data_files(recipe, spec, prefix, split, field) for split, field in splits][0]
+        if found is None:
+            notes.append(f"{spec.dataset} (Hub dataset: read by prepare)")
+        else:
+            path, _, files = found
+            size = sum(Path(f).stat().st_size for f in files)
+            notes.append(f"{path} ({len(files)} file{'s' if len(files) != 1 else ''}, {size / 1e6:.1f} MB)" if path.is_dir() else f"{path} ({size / 1e6:.1f} MB)")
+    return "data: " + "; ".join(notes)
+
+
 def load_split(recipe: Recipe, src: SourceSection, prefix: str, split: str, field_name: str) -> Rows:
     """One split (with slice) of a local file or a Hub dataset, as Rows with the source's column mapping applied."""
     import datasets
 
     name = src.dataset
     ds_field = f"{prefix}.dataset"
-    path = Path(recipe.resolve_path(name))
-    suffix = "".join(path.suffixes[-1:]).lower()
-    is_local = path.exists() or suffix in LOCAL_BUILDERS or name.startswith((".", "/", "~"))
     base = split.split("[")[0]
     datasets.disable_progress_bars()
-    if is_local:
+    local = local_data_files(recipe, src, prefix, split, field_name)
+    if local is not None:
+        path, suffix, data_files = local
         label = str(path)
-        if not path.exists():
-            raise AlignpressError(f"data file {name!r} not found (resolved to {path})", source=recipe.source, field=ds_field)
-        if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in LOCAL_BUILDERS)
-            if not files:
-                raise AlignpressError(f"folder {path} has no .jsonl/.json/.parquet/.csv files", source=recipe.source, field=ds_field)
-            suffix = files[0].suffix.lower()
-            data_files = [str(p) for p in files if p.suffix.lower() == suffix]
-        else:
-            if suffix not in LOCAL_BUILDERS:
-                raise AlignpressError(f"unsupported data file type {suffix!r}; use .jsonl, .json, .parquet or .csv", source=recipe.source, field=ds_field)
-            data_files = [str(path)]
-        if not base == "train":
-            raise AlignpressError(f"a local file has one split, 'train'; got {split!r}", source=recipe.source, field=field_name)
         try:
             ds = datasets.load_dataset(LOCAL_BUILDERS[suffix], data_files={"train": data_files}, split="train")
         except Exception as e:  # noqa: BLE001
