@@ -1491,8 +1491,24 @@ def _front_matter_lines(content: str) -> list[str] | None:
     raise ValueError("metadata block opened with '---' is never closed")
 
 
+# The licenses the Hub's metadata validation accepts, as its error message lists them (quoted in
+# huggingface/huggingface_hub issue #4218, 2026-05-10, from huggingface_hub 1.14): the Hub refuses
+# a README whose `license` is another value with `"license" must be one of [...]`.
+HUB_LICENSES = (
+    "apache-2.0, mit, openrail, bigscience-openrail-m, creativeml-openrail-m, bigscience-bloom-rail-1.0, bigcode-openrail-m, "
+    "afl-3.0, artistic-2.0, bsl-1.0, bsd, bsd-2-clause, bsd-3-clause, bsd-3-clause-clear, c-uda, cc, cc0-1.0, cc-by-2.0, "
+    "cc-by-2.5, cc-by-3.0, cc-by-4.0, cc-by-sa-3.0, cc-by-sa-4.0, cc-by-nc-2.0, cc-by-nc-3.0, cc-by-nc-4.0, cc-by-nd-4.0, "
+    "cc-by-nc-nd-3.0, cc-by-nc-nd-4.0, cc-by-nc-sa-2.0, cc-by-nc-sa-3.0, cc-by-nc-sa-4.0, cdla-sharing-1.0, cdla-permissive-1.0, "
+    "cdla-permissive-2.0, wtfpl, ecl-2.0, epl-1.0, epl-2.0, etalab-2.0, eupl-1.1, eupl-1.2, agpl-3.0, gfdl, gpl, gpl-2.0, gpl-3.0, "
+    "lgpl, lgpl-2.1, lgpl-3.0, isc, h-research, intel-research, lppl-1.3c, ms-pl, apple-ascl, apple-amlr, mpl-2.0, odc-by, odbl, "
+    "openmdw-1.0, openrail++, osl-3.0, postgresql, ofl-1.1, ncsa, unlicense, zlib, pddl, lgpl-lr, deepfloyd-if-license, "
+    "fair-noncommercial-research-license, llama2, llama3, llama3.1, llama3.2, llama3.3, llama4, grok2-community, gemma, unknown, other"
+).split(", ")
+
+
 def _yaml_front_matter_errors(content: str) -> list[str]:
-    """Errors the Hub's /api/validate-yaml would (at least) report, for a subset of YAML."""
+    """Errors the Hub's /api/validate-yaml would (at least) report, for a subset of YAML: layout,
+    and a `license` outside the Hub's list."""
     try:
         lines = _front_matter_lines(content)
     except ValueError as err:
@@ -1505,6 +1521,12 @@ def _yaml_front_matter_errors(content: str) -> list[str]:
             errors.append(f"line {n}: tabs are not allowed for indentation")
         elif line.strip() and not line.startswith((" ", "-", "#")) and not re.match(r"^[^:#]+:(\s|$)", line):
             errors.append(f"line {n}: expected 'key: value', got {line!r}")
+    if not errors:
+        licenses = (_parse_front_matter(content.encode()) or {}).get("license")
+        for value in licenses if isinstance(licenses, list) else [licenses] if licenses is not None else []:
+            if value not in HUB_LICENSES:
+                errors.append(f'"license" must be one of [{", ".join(HUB_LICENSES)}, array]')
+                break
     return errors
 
 

@@ -94,3 +94,21 @@ def test_a_good_token_passes_and_the_run_publishes(hub_env, tmp_path):
     assert manifest["stages"]["publish"]["pushed"] is True
     assert hub_env.server.tags(REPO) == {manifest["run_id"]: hub_env.server.head(REPO)}
     assert hub_env.token not in err + proc.stdout + (out / "run.json").read_text()
+
+
+def test_a_license_the_hub_does_not_know_stops_before_prepare(hub_env, tmp_path):
+    """The Hub checks a README's metadata when it is committed: asked at the door instead, not after
+    training. (The test server refuses licenses outside the list the real Hub's message gives.)"""
+    out = tmp_path / "out"
+    line = refused(run(out, "card.license=mit-ish"), out)
+    assert line.startswith("error: field 'card.license': the Hub refuses the model card's metadata: \"license\" must be one of [apache-2.0, mit, ")
+    assert line.endswith(", gemma, unknown, other, array]")
+    assert [r.route for r in hub_env.server.requests] == ["whoami", "repo_info", "validate_yaml"]
+    assert hub_env.server.requests_to("commit") == []
+
+
+def test_the_adapter_card_is_checked_too(hub_env, tmp_path):
+    out = tmp_path / "out"
+    line = refused(run(out, "card.license=mit-ish", "publish.push=adapter"), out)
+    assert line.startswith("error: field 'card.license': the Hub refuses the model card's metadata: \"license\" must be one of [apache-2.0,")
+    assert [r.route for r in hub_env.server.requests][-1] == "validate_yaml"

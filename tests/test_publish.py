@@ -409,3 +409,18 @@ def test_scan_streams_large_files_and_ignores_tokenizer_words(tmp_path, monkeypa
     assert scan(u, token) == f"{u.source}: the Hub token in use at byte {(8 << 20) - 10}"
     clean = b'{"pad_token": "<unk>", "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}'
     assert scan(_upload(tmp_path, "tokenizer_config.json", clean), token) is None
+
+
+def test_metadata_refusals_become_one_line_naming_the_field():
+    """The two forms huggingface_hub raises the Hub's metadata refusal in: ModelCard.validate passes the
+    400 answer on as it came; a commit's README check lists the reasons after a first line."""
+    from alignpress.publish import metadata_error
+
+    answer = json.dumps({"errors": [{"message": '"license" must be one of [apache-2.0, mit]'}], "warnings": []})
+    assert str(metadata_error(ValueError(answer), refusal=True)) == "field 'card.license': the Hub refuses the model card's metadata: \"license\" must be one of [apache-2.0, mit]"
+    commit = ValueError('Invalid metadata in README.md.\n- "license" must be one of [mit]\n- "language" must be an array')
+    assert str(metadata_error(commit)) == "the Hub refuses the model card's metadata: \"license\" must be one of [mit]; \"language\" must be an array"
+    assert str(metadata_error(ValueError('Invalid metadata in README.md.\n- "base_model" is not a valid model ID'))) == (
+        "field 'model.name_or_path': the Hub refuses the model card's metadata: \"base_model\" is not a valid model ID")
+    assert metadata_error(ValueError("something else")) is None
+    assert str(metadata_error(ValueError("plain text reason"), refusal=True)) == "the Hub refuses the model card's metadata: plain text reason"

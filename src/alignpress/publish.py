@@ -8,7 +8,9 @@ Without publish.repo_id the stage says it skipped the push and where the finishe
 is not an error. With publish.repo_id but no token (HF_TOKEN or `hf auth login`) it is an error
 (exit 2): the user asked for a push that cannot happen. `run` finds that out first: preflight()
 makes checks 2 and 3 below (token present and valid, namespace writable, an existing repo
-compatible) before prepare, so a run that could not publish never spends GPU time.
+compatible), and asks the Hub whether it accepts the card's metadata block (license, language,
+base model: known before training), before prepare, so a run that could not publish never spends
+GPU time.
 
 What is uploaded: an allow-list of top-level files, nothing else (no subfolders, so never
 checkpoints/; never *.bin, *.pt, *.pth, *.pkl, *.ckpt, training_args*, optimizer*, scheduler*,
@@ -393,8 +395,9 @@ class Hub:
             server = getattr(e, "server_message", None) or ""
             text = f"HTTP {status}" + (f": {server.strip().splitlines()[0]}" if server.strip() else "")
         else:
+            refused = metadata_error(e) if isinstance(e, ValueError) else None
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            text = f"{type(e).__name__}" + (f": {first}" if first else "")
+            text = str(refused) if refused else f"{type(e).__name__}" + (f": {first}" if first else "")
         return self.scrub(text)[:400]
 
     def scrub(self, text: str) -> str:
@@ -687,10 +690,57 @@ def preflight(recipe: Recipe, run_dir: RunDir) -> str | None:
     hub = Hub(token, "Nothing was written: fix the problem and run again")
     try:
         user, _ = check_access(hub, recipe, run_dir.load().get("run_id"))
+        kinds = [kind for kind, _, _ in targets(recipe)]
+        check_card_metadata(hub, card.metadata(recipe), kinds)
     finally:
         hub.close()
-    log.info("publish preflight: the token of '%s' may push to %s", user, ", ".join(dict.fromkeys(r for _, r, _ in targets(recipe))))
+    log.info("publish preflight: the token of '%s' may push to %s; the Hub accepts the card's metadata", user, ", ".join(dict.fromkeys(r for _, r, _ in targets(recipe))))
     return user
+
+
+# Fields of the card's metadata and the recipe field that sets each (license from the base card when
+# card.license is unset: setting card.license is still the fix).
+METADATA_FIELDS = {"license": "card.license", "language": "card.language", "tags": "card.tags", "datasets": "data.dataset", "base_model": "model.name_or_path"}
+
+
+def metadata_error(error: ValueError, refusal: bool = False) -> AlignpressError | None:
+    """The Hub's reasons for refusing a card's metadata as one line naming the recipe field, or None
+    for another ValueError. `refusal`: the error is known to be one (ModelCard.validate raises the
+    Hub's 400 answer as it came, JSON or text; a commit raises `Invalid metadata in README.md.` and
+    the reasons, one per line)."""
+    text = str(error).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if lines and lines[0].startswith("Invalid metadata in README.md"):
+        lines = lines[1:]
+    elif not refusal:
+        return None
+    try:
+        answer = json.loads(text)
+        reasons = [str(e.get("message", e)) for e in answer["errors"]] if isinstance(answer, dict) else lines
+    except (ValueError, KeyError, TypeError, AttributeError):
+        reasons = [line.removeprefix("- ") for line in lines]
+    reasons = reasons or ["no reason given"]
+    named = [f for key, f in METADATA_FIELDS.items() if any(re.search(rf'(^|\W){key}(\W|$)', r) for r in reasons)]
+    return AlignpressError(f"the Hub refuses the model card's metadata: {'; '.join(reasons)}", field=named[0] if len(named) == 1 else None)
+
+
+def check_card_metadata(hub: Hub, data, kinds: list[str]) -> None:
+    """Ask the Hub whether it accepts the card's metadata block (its license list, among other rules),
+    as it will when the README is committed: the metadata is known before training, the card's text
+    is not. The same request huggingface_hub sends before a commit (ModelCard.validate)."""
+    from huggingface_hub import ModelCard
+
+    blocks = {"model": data, "adapter": adapter_card_data(data)}
+    for kind in dict.fromkeys(kinds):
+        text = f"---\n{blocks[kind].to_yaml()}\n---\n"
+
+        def validate(text: str = text) -> None:
+            try:
+                ModelCard(text).validate(repo_type="model")
+            except ValueError as e:
+                raise metadata_error(e, refusal=True) from None
+
+        hub.call(f"validating the {kind} card's metadata", validate)
 
 
 # ---------------------------------------------------------------------------------------------
