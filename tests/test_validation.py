@@ -141,6 +141,42 @@ def test_validate_finds_local_data_problems(tmp_path, tiny_phi3, capsys):
     assert (rc, err, out.splitlines()[2]) == (0, "", "# data: argilla/distilabel-capybara-dpo-7k-binarized (Hub dataset: read by prepare)")
 
 
+def test_the_judge_is_checked_before_training(tmp_path, tiny_phi3, capsys):
+    """eval.judge is loaded by evaluate, after training: its config is checked at the door instead
+    (validate, and run before anything is written). Config-only folders: no weights are read."""
+    from transformers import LlamaConfig
+
+    def judge(name, **kw):
+        folder = tmp_path / name
+        LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1, **kw).save_pretrained(folder)
+        return folder
+
+    good = judge("reward", num_labels=1, architectures=["LlamaForSequenceClassification"])
+    two = judge("classifier", num_labels=2, architectures=["LlamaForSequenceClassification"])
+    recipe = write_recipe(tmp_path, tiny_phi3)
+    rc, out, err = call(capsys, "validate", recipe, "--set", f"eval.judge={good}")
+    assert (rc, err, out.splitlines()[3]) == (0, "", f"# judge LlamaForSequenceClassification with one output (config from {good})")
+    cases = [
+        (str(tiny_phi3), f"the judge '{tiny_phi3}' is a Phi3ForCausalLM, a generative model; a judge is a reward model (sequence classification with one output)"),
+        (str(two), f"the judge '{two}' has 2 outputs; a reward model has one (num_labels=1)"),
+        (f"{tmp_path}/missing", f"judge folder '{tmp_path}/missing' does not exist"),
+    ]
+    for value, message in cases:
+        rc, out, err = call(capsys, "validate", recipe, "--set", f"eval.judge={value}")
+        assert (rc, out, err) == (2, "", f"error: --set eval.judge: field 'eval.judge': {message}\n"), value
+    output = tmp_path / "out"
+    rc, out, err = call(capsys, "run", recipe, "--set", f"eval.judge={two}", "--output-dir", output)
+    assert (rc, err.strip().splitlines()[-1]) == (2, f"error: --set eval.judge: field 'eval.judge': {cases[1][1]}")
+    assert not output.exists()
+    # A Hub judge not on this machine: validate (offline) defers it, run fetches its config first.
+    rc, out, err = call(capsys, "validate", recipe, "--set", "eval.judge=someone/not-cached-reward-model")
+    assert (rc, err, out.splitlines()[3]) == (0, "", "# judge check deferred: the config of 'someone/not-cached-reward-model' is not on this machine "
+                                                     "(run and train check it before anything else)")
+    # No judge, no judge line: the resolved recipe follows the model and data lines.
+    rc, out, err = call(capsys, "validate", recipe)
+    assert (rc, err, out.splitlines()[3]) == (0, "", "name: t")
+
+
 def test_cuda_asked_but_unusable_stops_at_the_door(tmp_path):
     """sky/run.sh asks for train.device=cuda on a GPU VM: a torch that cannot use CUDA (here the CPU
     wheel; on a VM, a driver older than the wheel's CUDA) stops the job before anything is written."""

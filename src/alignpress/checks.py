@@ -280,6 +280,54 @@ def check_model(recipe: Recipe, local_only: bool = False) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# The judge (eval.judge), from its config: evaluate loads it only after training
+
+
+def judge_path(recipe: Recipe) -> str:
+    """eval.judge as a local folder (as written, or relative to the recipe) or a Hub id."""
+    name = recipe.eval.judge or ""
+    for candidate in (Path(name).expanduser(), Path(recipe.resolve_path(name))):
+        if candidate.is_dir():
+            return str(candidate)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise AlignpressError(f"judge folder {name!r} does not exist", source=recipe.where("eval.judge"), field="eval.judge")
+    return name
+
+
+def check_judge(recipe: Recipe, local_only: bool = False) -> str | None:
+    """A reward model named in eval.judge, from its config alone: it is found, it is not a
+    generative model, and it has one output. None when there is no judge to run; a line saying
+    what was checked, or why it was deferred (local_only: a Hub judge not on this machine)."""
+    if not (recipe.eval.enabled and recipe.eval.judge):
+        return None
+    from transformers import AutoConfig
+
+    name, field = recipe.eval.judge, "eval.judge"
+    path = judge_path(recipe)
+    kwargs: dict[str, Any] = {"trust_remote_code": recipe.model.trust_remote_code}
+    if not Path(path).is_dir():
+        kwargs["local_files_only"] = local_only
+    try:
+        with _quiet():
+            config = AutoConfig.from_pretrained(path, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        if local_only and not Path(path).is_dir():
+            return f"judge check deferred: the config of {name!r} is not on this machine (run and train check it before anything else)"
+        raise AlignpressError(
+            f"could not load the judge {name!r}'s config: {type(e).__name__}: {_first_line(e)}. Check the Hub id, your network, and HF_TOKEN for gated models",
+            source=recipe.where(field), field=field,
+        ) from None
+    archs = list(getattr(config, "architectures", None) or [])
+    arch = archs[0] if archs else type(config).__name__
+    if archs and all(a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in archs):
+        raise AlignpressError(f"the judge {name!r} is a {arch}, a generative model; a judge is a reward model (sequence classification with one output)",
+                              source=recipe.where(field), field=field)
+    if config.num_labels != 1:
+        raise AlignpressError(f"the judge {name!r} has {config.num_labels} outputs; a reward model has one (num_labels=1)", source=recipe.where(field), field=field)
+    return f"judge {arch} with one output (config from {path})"
+
+
+# ---------------------------------------------------------------------------------------------
 # Truncation, from the prepared pairs' token counts
 
 

@@ -226,15 +226,15 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
         return plan.main(args)
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "validate":
-        from .checks import check_model, check_training_settings
+        from .checks import check_judge, check_model, check_training_settings
         from .prepare import check_data_sources
 
         check_training_settings(recipe)
-        note = check_model(recipe, local_only=True)
-        data_note = check_data_sources(recipe)
+        notes = [check_model(recipe, local_only=True), check_data_sources(recipe), check_judge(recipe, local_only=True)]
         print(f"# {args.recipe}: valid")
-        print(f"# {note}")
-        print(f"# {data_note}")
+        for note in notes:
+            if note:
+                print(f"# {note}")
         print(dump(recipe), end="")
         return 0
 

@@ -61,6 +61,7 @@ from typing import Any, Iterator
 
 import torch
 
+from .checks import judge_path
 from .errors import AlignpressError
 from .formats import common_prefix
 from .modeling import load_model, load_tokenizer, pick_device, resolve_model_path, stop_token_ids
@@ -295,20 +296,10 @@ def wilson(p: float, n: int, z: float = 1.96) -> list[float]:
     return [round(max(0.0, centre - half), 6), round(min(1.0, centre + half), 6)]
 
 
-def _judge_path(recipe: Recipe) -> str:
-    name = recipe.eval.judge or ""
-    for candidate in (Path(name).expanduser(), Path(recipe.resolve_path(name))):
-        if candidate.is_dir():
-            return str(candidate)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise AlignpressError(f"judge folder {name!r} does not exist", source=recipe.source, field="eval.judge")
-    return name  # a Hub id
-
-
 def load_judge(recipe: Recipe, device: str, dtype):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    path = _judge_path(recipe)
+    path = judge_path(recipe)
     try:
         jtok = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
         judge = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, trust_remote_code=recipe.model.trust_remote_code)

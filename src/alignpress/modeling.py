@@ -80,11 +80,13 @@ def preflight(recipe: Recipe, needs_gpu: bool = True, training: bool = False) ->
     needs (needs_gpu=False for prepare, which loads only the tokenizer); and for the commands that
     lead to training (training=True), TRL's and transformers' judgement of the training settings
     and the model's shape from its config (checks.py; for a Hub model this fetches config.json)."""
-    from .checks import check_model, check_training_settings
+    from .checks import check_judge, check_model, check_training_settings
 
     if training:
         check_training_settings(recipe)
         log.info("%s", check_model(recipe))
+        if judged := check_judge(recipe):
+            log.info("%s", judged)
     if not needs_gpu:
         return
     if recipe.model.load_in_4bit:
