@@ -94,3 +94,26 @@ def test_token_counts_match_trl(kind, request, tmp_path):
         full = tok.apply_chat_template(pair["prompt"] + pair["chosen"], tokenize=True, return_dict=True)["input_ids"]
         assert theirs["prompt_ids"] + theirs["chosen_ids"] == full
         assert theirs["chosen_ids"][-1] == (tok.eos_token_id if kind == "tiny_phi3" else tok.convert_tokens_to_ids("Ċ"))
+
+
+def test_a_template_that_drops_the_answer_is_refused_per_row(tiny_phi3):
+    """Such a template used to prepare pairs whose answers were empty, and training went on."""
+    tok = load_tokenizer(recipe_for(tiny_phi3))
+    tok.chat_template = "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}"
+    with pytest.raises(ValueError, match=r"^the chat template renders the chosen answer as no tokens: it does not write the assistant's message$"):
+        render_pair(tok, PAIR)
+    tok.chat_template = "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% else %}{{ eos_token }}{% endif %}{% endfor %}"
+    with pytest.raises(ValueError, match=r"^the chat template renders the chosen and rejected answers as the same tokens"):
+        render_pair(tok, PAIR)
+
+
+def test_chat_template_from_a_file_next_to_the_recipe(tiny_phi3, tmp_path):
+    from alignpress.recipe import load_recipe
+
+    template = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    (tmp_path / "phi3.jinja").write_text(template)
+    path = tmp_path / "r.yaml"
+    path.write_text(f"name: t\nmodel: {{name_or_path: {tiny_phi3}, chat_template: phi3.jinja}}\ndata: {{dataset: x.jsonl}}\n")
+    tok = load_tokenizer(load_recipe(path))
+    assert tok.chat_template == template
+    assert render_pair(tok, PAIR)["chosen"] == "The answer is 5.<|end|>\n"

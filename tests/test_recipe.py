@@ -165,6 +165,29 @@ def test_a_key_given_twice_is_refused(tmp_path):
     assert yamlfile.load("a: &a {x: 1, y: 2}\nb: {<<: *a, y: 3}\n") == {"a": {"x": 1, "y": 2}, "b": {"x": 1, "y": 3}}
 
 
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("missing.jinja", "'missing.jinja' is neither a Jinja template (it has no {{ }} or {% %}) nor a template file ({dir}/missing.jinja not found)"),
+        ("{% for m in messages %}{{ m.content }{% endfor %}", "not a valid Jinja template: line 1: unexpected '}'"),
+        ("{{ bos_token }}{% if add_generation_prompt %}x{% endif %}", "the template never reads `messages`, so every conversation would render as the same text"),
+        ("bad.jinja", "{dir}/bad.jinja: not a valid Jinja template: line 3: unexpected end of template, expected 'end of statement block'."),
+        ("{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}", None),  # transformers' assistant-mask tag
+        ("good.jinja", None),
+    ],
+)
+def test_chat_template_must_be_jinja_that_reads_messages(tmp_path, value, expected):
+    (tmp_path / "bad.jinja").write_text("{% for m in messages %}\n{{ m.content }}\n{% endfor\n")
+    (tmp_path / "good.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    path = write(tmp_path, "name: t\nmodel: {name_or_path: x/y}\ndata: {dataset: d.jsonl}\n")
+    if expected is None:
+        assert load_recipe(path, [f"model.chat_template={value}"]).model.chat_template == value
+        return
+    with pytest.raises(AlignpressError) as e:
+        load_recipe(path, [f"model.chat_template={value}"])
+    assert str(e.value) == "--set model.chat_template: field 'model.chat_template': " + expected.replace("{dir}", str(tmp_path))
+
+
 def test_repo_id_rules():
     assert check_repo_id("alice/my-model.v2") is None
     assert check_repo_id("alice/-bad") is not None

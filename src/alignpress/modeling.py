@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .errors import AlignpressError
-from .recipe import Recipe
+from .recipe import Recipe, chat_template_text
 
 log = logging.getLogger("alignpress")
 
@@ -141,7 +141,7 @@ def load_tokenizer(recipe: Recipe, path: str | None = None):
     except Exception as e:  # noqa: BLE001 - every loading failure gets the same clear message
         raise _hub_error(recipe, recipe.model.name_or_path, e) from None
     if recipe.model.chat_template:
-        tok.chat_template = recipe.model.chat_template
+        tok.chat_template = chat_template_text(recipe)
     if not getattr(tok, "chat_template", None):
         raise AlignpressError(
             f"the tokenizer of {recipe.model.name_or_path!r} has no chat template; set model.chat_template in the recipe",

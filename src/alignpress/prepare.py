@@ -260,6 +260,12 @@ def render_pair(tok, pair: dict[str, list[dict]]) -> dict[str, Any]:
     n = min(common_prefix(p_ids, c_ids), common_prefix(p_ids, r_ids))
     p_text, c_text, r_text = text(prompt, gen=True), text(prompt + chosen), text(prompt + rejected)
     cut = len(p_text) if c_text.startswith(p_text) and r_text.startswith(p_text) else 0
+    # A template that does not write the assistant's message leaves DPO nothing to compare.
+    for which, answer_ids in (("chosen", c_ids), ("rejected", r_ids)):
+        if len(answer_ids) <= n:
+            raise ValueError(f"the chat template renders the {which} answer as no tokens: it does not write the assistant's message")
+    if chosen != rejected and c_ids == r_ids:
+        raise ValueError("the chat template renders the chosen and rejected answers as the same tokens: it does not write the assistant's message")
     return {
         "prompt": p_text,
         "chosen": c_text[cut:],

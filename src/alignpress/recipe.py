@@ -42,7 +42,7 @@ class ModelSection:
     load_in_4bit: bool = _f(False, help="QLoRA: load the base in 4-bit NF4 (bitsandbytes, CUDA only). Export reloads the base unquantized.")
     attn_implementation: str | None = _f(None, help="transformers attention backend (eager, sdpa, flash_attention_2); None = library default.")
     trust_remote_code: bool = _f(False, help="Allow model code from the Hub repo. Off unless you trust the repo.")
-    chat_template: str | None = _f(None, help="Jinja chat template to use instead of the tokenizer's own.")
+    chat_template: str | None = _f(None, help="Chat template to use instead of the tokenizer's own: Jinja text, or a template file (.jinja) relative to the recipe.")
 
 
 @dataclass
@@ -478,6 +478,50 @@ def longest_sequence(r: Recipe) -> int:
     return min(token_cap(r), r.dpo.max_length)
 
 
+def chat_template_text(r: Recipe) -> str | None:
+    """model.chat_template as template text: the value itself when it is Jinja, else the file it
+    names (relative to the recipe, like data files)."""
+    value = r.model.chat_template
+    if value is None or "{{" in value or "{%" in value:
+        return value
+    return Path(r.resolve_path(value.strip())).read_text(encoding="utf-8")
+
+
+def _check_chat_template(r: Recipe, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
+    """The template parses as Jinja and reads `messages`: a bad one used to surface row by row in
+    prepare, and a file name taken as the template rendered every conversation as that name."""
+    import jinja2
+    import jinja2.ext
+    import jinja2.meta
+
+    value, field_path = r.model.chat_template or "", "model.chat_template"
+    where = ""
+    if "{{" not in value and "{%" not in value:
+        path = Path(r.resolve_path(value.strip())) if value.strip() else None
+        if path is None or not path.is_file():
+            fail(field_path, f"{value!r} is neither a Jinja template (it has no {{{{ }}}} or {{% %}}) nor a template file"
+                 + (f" ({path} not found)" if path else ""))
+        where = f"{path}: "
+
+    class Generation(jinja2.ext.Extension):
+        """Parses `{% generation %}...{% endgeneration %}`, the tag transformers adds for assistant masks."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+    env = jinja2.Environment(extensions=[jinja2.ext.loopcontrols, Generation])
+    try:
+        tree = env.parse(chat_template_text(r))
+    except jinja2.TemplateSyntaxError as e:
+        fail(field_path, f"{where}not a valid Jinja template: line {e.lineno}: {e.message}")
+    if "messages" not in jinja2.meta.find_undeclared_variables(tree):
+        fail(field_path, f"{where}the template never reads `messages`, so every conversation would render as the same text")
+
+
 def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>") -> None:
     def fail(field_path: str, msg: str) -> typing.NoReturn:
         raise AlignpressError(msg, source=src(field_path), field=field_path)
@@ -486,6 +530,8 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
         fail("name", f"{r.name!r}: use letters, digits, '.', '_', '-' (it names the output folder)")
     if not r.model.name_or_path.strip():
         fail("model.name_or_path", "must not be empty")
+    if r.model.chat_template is not None:
+        _check_chat_template(r, fail)
     if r.data.format not in DATA_FORMATS:
         fail("data.format", f"unknown format {r.data.format!r}; expected one of {', '.join(DATA_FORMATS)}")
     for name in ("split", "eval_split"):
