@@ -188,6 +188,14 @@ def test_chat_template_must_be_jinja_that_reads_messages(tmp_path, value, expect
     assert str(e.value) == "--set model.chat_template: field 'model.chat_template': " + expected.replace("{dir}", str(tmp_path))
 
 
+def test_export_merge_false_is_refused_not_ignored(tmp_path):
+    path = write(tmp_path, "name: t\nmodel: {name_or_path: x/y}\ndata: {dataset: d.jsonl}\nexport: {merge: false}\n")
+    with pytest.raises(AlignpressError) as e:
+        load_recipe(path)
+    assert str(e.value) == (f"{path}: field 'export.merge': false is not supported: export always saves the merged model in model/; "
+                            "to publish the adapter alone, set publish.push: adapter")
+
+
 def test_repo_id_rules():
     assert check_repo_id("alice/my-model.v2") is None
     assert check_repo_id("alice/-bad") is not None

@@ -159,7 +159,7 @@ class EvalSection:
 
 @dataclass
 class ExportSection:
-    merge: bool = _f(True, help="Merge the LoRA adapter into the base and save a full model in model/.")
+    merge: bool = _f(True, help="Merge the LoRA adapter into the base and save a full model in model/: always true (export, evaluate's card and publish's model push need model/); publish.push: adapter pushes the adapter alone.")
     dtype: Literal["bfloat16", "float16", "float32"] = _f("bfloat16", help="dtype of the saved model.")
     check_tolerance: float = _f(1e-3, help="Max abs logit difference allowed between merged and adapter model (float32 probe).")
 
@@ -532,6 +532,8 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
         fail("model.name_or_path", "must not be empty")
     if r.model.chat_template is not None:
         _check_chat_template(r, fail)
+    if not r.export.merge:  # the field was read by nothing: false used to be ignored silently
+        fail("export.merge", "false is not supported: export always saves the merged model in model/; to publish the adapter alone, set publish.push: adapter")
     if r.data.format not in DATA_FORMATS:
         fail("data.format", f"unknown format {r.data.format!r}; expected one of {', '.join(DATA_FORMATS)}")
     for name in ("split", "eval_split"):
