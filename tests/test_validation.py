@@ -135,6 +135,8 @@ def test_validate_finds_local_data_problems(tmp_path, tiny_phi3, capsys):
     for override, message in cases:
         rc, out, err = call(capsys, "validate", recipe, "--set", override)
         assert (rc, out, err) == (2, "", f"error: --set {override.split('=')[0]}: {message}\n"), override
+    rc, out, err = call(capsys, "validate", recipe, "--set", "data.dataset=null", "--set", f"data.datasets=[{{dataset: {DATA}}}, {{dataset: nope.jsonl}}]")
+    assert (rc, err) == (2, f"error: --set data.datasets: field 'data.datasets[1].dataset': data file 'nope.jsonl' not found (resolved to {tmp_path / 'nope.jsonl'})\n")
     rc, out, err = call(capsys, "validate", recipe, "--set", "data.dataset=two")
     assert (rc, err, out.splitlines()[2]) == (0, "", f"# data: {tmp_path / 'two'} (2 files, {2 * DATA.stat().st_size / 1e6:.1f} MB)")
     rc, out, err = call(capsys, "validate", recipe, "--set", "data.dataset=argilla/distilabel-capybara-dpo-7k-binarized", "--set", "data.split=train[300:]")
