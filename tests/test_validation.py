@@ -179,6 +179,23 @@ def test_the_judge_is_checked_before_training(tmp_path, tiny_phi3, capsys):
     assert (rc, err, out.splitlines()[3]) == (0, "", "name: t")
 
 
+def test_unexpected_failure_before_the_output_folder_is_one_line(monkeypatch, capsys, alignpress_home):
+    """plan has no output folder to log into: the traceback goes to ALIGNPRESS_HOME/logs/, as a
+    stage's goes to its folder's logs/ (it used to be printed to the terminal)."""
+    from alignpress import plan
+
+    def broken(args):
+        raise RuntimeError("a bug\nwith a second line")
+
+    monkeypatch.setattr(plan, "main", broken)
+    before = set((alignpress_home / "logs").glob("plan-*.log"))
+    rc, out, err = call(capsys, "plan", "recipes/demo.yaml")
+    (log,) = set((alignpress_home / "logs").glob("plan-*.log")) - before
+    assert (rc, out, err) == (1, "", f"error: RuntimeError: a bug (see {log})\n")
+    text = log.read_text()
+    assert text.startswith("alignpress plan recipes/demo.yaml: RuntimeError: a bug\n\nTraceback (most recent call last):") and "in broken" in text
+
+
 def test_cuda_asked_but_unusable_stops_at_the_door(tmp_path):
     """sky/run.sh asks for train.device=cuda on a GPU VM: a torch that cannot use CUDA (here the CPU
     wheel; on a VM, a driver older than the wheel's CUDA) stops the job before anything is written."""

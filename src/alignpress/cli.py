@@ -369,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _unexpected(error: Exception, args: argparse.Namespace) -> str:
-    """Say what failed in one line; the full traceback goes to <output>/logs/<stage>-<time>.log."""
+    """Say what failed in one line; the full traceback goes to <output>/logs/<stage>-<time>.log, or
+    to ALIGNPRESS_HOME/logs/ (~/.cache/alignpress) before the output folder is known."""
     import traceback
 
     run_dir = getattr(args, "run_dir", None)
@@ -378,11 +379,13 @@ def _unexpected(error: Exception, args: argparse.Namespace) -> str:
     short = str(error).strip().splitlines()[0] if str(error).strip() else ""
     short = f"{type(error).__name__}: {short}"[:300]
     text = "".join(traceback.format_exception(error))
-    if run_dir is None:
-        return f"{short}\n{text}"  # no output folder yet: the traceback has nowhere else to go
     stage = getattr(run_dir, "current_stage", None) or args.command
     rank = os.environ.get("RANK", "0")
-    path = run_dir.root / "logs" / f"{stage}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}{'' if rank == '0' else '-rank' + rank}.log"
+    # No output folder yet (plan, or a failure before the folder is known): alignpress's own cache.
+    from .modeling import cache_home
+
+    folder = run_dir.root / "logs" if run_dir is not None else cache_home() / "logs"
+    path = folder / f"{stage}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}{'' if rank == '0' else '-rank' + rank}.log"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"alignpress {args.command} {getattr(args, 'recipe', '')}: {short}\n\n{text}")
