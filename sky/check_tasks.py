@@ -7,8 +7,8 @@
 Runs in the SkyPilot environment (.venv-sky, requirements-sky.lock), never in the job's: SkyPilot
 0.14.1 and huggingface_hub 2.4 cannot share one (click pins). Needs no cloud account or network.
 
-For each file: it parses, with no key given twice (alignpress.yamlfile), and then with
-`sky.Task.from_yaml`, which validates SkyPilot's schema; the checkout is
+For each file: it parses (`sky.Task.from_yaml`, which validates SkyPilot's schema and refuses a key
+given twice); the checkout is
 the workdir and `setup` / `run` are exactly `bash sky/setup.sh` / `bash sky/run.sh` (the scripts
 the tests execute); an image, if one is named, is a docker: image; every resource candidate asks for
 one of A100 / A100-80GB / H100 (and L40S on one-GPU tasks), all of them offered; single-node
@@ -29,9 +29,6 @@ import yaml
 from sky.data import storage as storage_lib
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-from alignpress import yamlfile  # noqa: E402 - needs only PyYAML: a key given twice is refused
-
 GPU_CHOICES = {"A100", "A100-80GB", "H100"}
 # One-GPU tasks also offer the L40S: `plan` finds it the cheapest per run for the seed recipes
 # (tests/test_plan.py checks SkyPilot's per-hour choice against plan's per-run one).
@@ -178,16 +175,13 @@ def check_scripts(task, raw: dict, problems: list) -> str:
 
 def check_file(path: Path) -> tuple:
     problems = []
-    try:  # SkyPilot's parser keeps the last of two equal keys (a second `envs:` drops the first)
-        raw = yamlfile.load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        return [f"yaml: {yamlfile.describe(e)}"], ""
-    try:
+    try:  # SkyPilot's parser also refuses a key given twice (a second `envs:` would drop the first)
         task = sky.Task.from_yaml(str(path))
     except Exception as e:  # SkyPilot raises ValueError, jsonschema errors, StorageSpecError, ...
         return [f"parse: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"], ""
     resources = check_resources(task, problems)
     recipe = check_envs_and_secrets(task, problems)
+    raw = yaml.safe_load(path.read_text()) or {}
     output = check_scripts(task, raw, problems)
     nodes = f"{task.num_nodes} node{'s' if task.num_nodes > 1 else ''}"
     return problems, f"{nodes}, {resources}, recipe {recipe}, {output}"

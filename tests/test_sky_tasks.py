@@ -153,8 +153,7 @@ NEGATIVE = {
     "missing_h100": (missing_h100, "resources.any_of: missing ['H100']"),
     "no_job_recovery": (no_job_recovery, "resources.job_recovery: candidates ['A100-80GB:1', 'A100:1', 'H100:1', 'L40S:1'] have no"),
     "unknown_field": (unknown_field, "parse: "),
-    "envs_given_twice": (envs_given_twice, "yaml: line {line}, column 1: key 'envs' is given twice in one mapping (first on line {first}); "
-                                           "YAML would keep only the last, dropping the first silently: merge them"),
+    "envs_given_twice": (envs_given_twice, "parse: ValueError: Duplicate key 'envs' in YAML at line {line} (also defined at line {first})"),
 }
 
 

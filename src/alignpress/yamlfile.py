@@ -1,4 +1,4 @@
-"""Reading the YAML files users write (recipes, SkyPilot task files).
+"""Reading the recipe files users write.
 
 Two things plain `yaml.safe_load` does not do for a file a person edits:
 - A key given twice in one mapping is refused. YAML loaders keep the last one silently, so a second
@@ -6,8 +6,7 @@ Two things plain `yaml.safe_load` does not do for a file a person edits:
 - Every problem reads as one line, with the line and column: PyYAML's own message spans several
   lines with a caret drawing.
 
-Needs only PyYAML, so sky/check_tasks.py (SkyPilot's environment, which lacks the job's packages)
-imports it too.
+(SkyPilot's own parser makes the same duplicate check on the task files in sky/.)
 """
 
 from __future__ import annotations
