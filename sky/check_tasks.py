@@ -13,9 +13,9 @@ the workdir and `setup` / `run` are exactly `bash sky/setup.sh` / `bash sky/run.
 the tests execute); an image, if one is named, is a docker: image; every resource candidate asks for
 one of A100 / A100-80GB / H100 (and L40S on one-GPU tasks), all of them offered; single-node
 tasks allow spot, and every candidate has a managed-job recovery strategy; HF_TOKEN is a SkyPilot secret passed at launch (null in the
-file), never a plain env; HUB_REPO and RECIPE are envs and the recipe exists; BUCKET is an env with
-no default (bucket names are global) and names the bucket mounted at /outputs, where sky/run.sh
-writes; multi-node tasks go through sky/run.sh, whose `accelerate launch` takes SkyPilot's node
+file), never a plain env; RECIPE is an env and the recipe exists; HUB_REPO and BUCKET are envs
+left null (so SkyPilot refuses a launch that does not set them, before renting anything; bucket
+names are global) and BUCKET names the bucket mounted at /outputs, where sky/run.sh writes; multi-node tasks go through sky/run.sh, whose `accelerate launch` takes SkyPilot's node
 variables.
 
 Prints one line per file, `ok` or `FAIL <file>: <field>: <problem>; ...`, and exits 1 on any failure.
@@ -37,6 +37,9 @@ SETUP = "bash sky/setup.sh"
 RUN = "bash sky/run.sh"
 RUN_SCRIPT = REPO / "sky" / "run.sh"
 OUTPUTS = "/outputs"  # where sky/run.sh writes when BUCKET is set
+# Envs each launch must set, null in the files: SkyPilot refuses a launch without them, before renting.
+REQUIRED_ENVS = ("HUB_REPO", "BUCKET")
+PLACEHOLDERS = {"HUB_REPO": "someone/model", "BUCKET": "alignpress-check-outputs"}
 BARE_COMMANDS = {"python", "python3", "accelerate", "torchrun", "deepspeed"}
 MOUNT_MODES = {storage_lib.StorageMode.MOUNT, storage_lib.StorageMode.MOUNT_CACHED}
 # Multi-node: accelerate flag -> SkyPilot variable that must feed it (directly or through a shell var).
@@ -113,7 +116,8 @@ def bucket_mounts(task) -> dict:
     mounts = {}
     for path, storage in task.storage_mounts.items():
         if storage.mode in MOUNT_MODES:
-            mounts[path.rstrip("/")] = f"bucket {storage.name or '$BUCKET'} ({storage.mode.value})"
+            name = "$BUCKET" if storage.name in (None, PLACEHOLDERS["BUCKET"]) else storage.name
+            mounts[path.rstrip("/")] = f"bucket {name} ({storage.mode.value})"
     for path in task.volumes or {}:
         mounts[path.rstrip("/")] = "volume"
     for r in task.resources:
@@ -140,12 +144,13 @@ def check_scripts(task, raw: dict, problems: list) -> str:
             if word in BARE_COMMANDS:
                 problems.append(f"{field}: calls bare `{word}`; leave it to sky/{field}.sh (SkyPilot's shell "
                                 "activates ~/sky-user-env, which lacks the job's packages)")
-    envs = task.envs
-    if "BUCKET" not in envs:
-        problems.append("envs.BUCKET: missing (want BUCKET: \"\", set per launch with --env BUCKET=...)")
-    elif envs["BUCKET"]:
-        problems.append(f"envs.BUCKET: has the default {envs['BUCKET']!r}; bucket names are global, "
-                        "leave it empty so each user names their own")
+    envs = raw.get("envs") or {}
+    for name, why in (("HUB_REPO", "the repo is the user's"), ("BUCKET", "bucket names are global")):
+        if name not in envs:
+            problems.append(f"envs.{name}: missing (want {name}: null, set per launch with --env {name}=...)")
+        elif envs[name] is not None:
+            problems.append(f"envs.{name}: has the default {envs[name]!r}; {why}: leave it null, so SkyPilot refuses a launch "
+                            f"without --env {name}=... before renting anything")
     mounts = bucket_mounts(task)
     if OUTPUTS not in mounts:
         problems.append(f"file_mounts: no bucket mounted at {OUTPUTS} (MOUNT or MOUNT_CACHED), where sky/run.sh writes")
@@ -173,12 +178,28 @@ def check_scripts(task, raw: dict, problems: list) -> str:
     return f"output {OUTPUTS}/$RUN_NAME on {mounts[OUTPUTS]}" if OUTPUTS in mounts else ""
 
 
+def _first(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else ""
+
+
 def check_file(path: Path) -> tuple:
     problems = []
     try:  # SkyPilot's parser also refuses a key given twice (a second `envs:` would drop the first)
         task = sky.Task.from_yaml(str(path))
-    except Exception as e:  # SkyPilot raises ValueError, jsonschema errors, StorageSpecError, ...
-        return [f"parse: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"], ""
+        required = []
+    except ValueError as e:
+        # The envs a user must give (null in the file): parse again as a launch that sets them does.
+        required = [k for k in REQUIRED_ENVS if f"Environment variable {k!r} is None" in str(e)]
+        if not required:
+            return [f"parse: {type(e).__name__}: {_first(e)}"], ""
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+            overrides = [(k, PLACEHOLDERS[k]) for k in REQUIRED_ENVS if (raw.get("envs") or {}).get(k, "") is None]
+            task = sky.Task.from_yaml_config(raw, env_overrides=overrides)
+        except Exception as e:  # noqa: BLE001
+            return [f"parse: {type(e).__name__}: {_first(e)}"], ""
+    except Exception as e:  # SkyPilot raises jsonschema errors, StorageSpecError, ...
+        return [f"parse: {type(e).__name__}: {_first(e)}"], ""
     resources = check_resources(task, problems)
     recipe = check_envs_and_secrets(task, problems)
     raw = yaml.safe_load(path.read_text()) or {}

@@ -73,6 +73,12 @@ def token_value_in_secrets():
     return task
 
 
+def hub_repo_with_default():
+    task = _phi3()
+    task["envs"]["HUB_REPO"] = ""  # a launch without --env HUB_REPO would rent a VM, then stop in sky/run.sh
+    return task
+
+
 def no_bucket():
     task = _phi3()
     del task["file_mounts"]
@@ -144,6 +150,8 @@ NEGATIVE = {
     "token_as_plain_env": (token_as_plain_env, "envs.HF_TOKEN: the token must not be a plain env"),
     "token_value_in_secrets": (token_value_in_secrets, "secrets.HF_TOKEN: has a value in the file"),
     "no_bucket": (no_bucket, "file_mounts: no bucket mounted at /outputs"),
+    "hub_repo_with_default": (hub_repo_with_default, "envs.HUB_REPO: has the default ''; the repo is the user's: leave it null, so SkyPilot "
+                                                     "refuses a launch without --env HUB_REPO=... before renting anything"),
     "bucket_with_default": (bucket_with_default, "envs.BUCKET: has the default 'alignpress-outputs'; bucket names are global"),
     "bucket_name_fixed": (bucket_name_fixed, "file_mounts./outputs.name: want ${BUCKET}"),
     "inline_run": (inline_run, "run: calls bare `python`"),
@@ -193,8 +201,10 @@ def test_inline_run_is_named_as_not_the_script(negative_results):
 @pytest.fixture(scope="module")
 def task_scripts():
     """setup and run of each task file, as SkyPilot's parser returns them."""
-    code = ("import json, sys, sky\n"
-            "print(json.dumps({p: [sky.Task.from_yaml(p).setup, sky.Task.from_yaml(p).run] for p in sys.argv[1:]}))")
+    code = ("import json, sys, yaml, sky\n"
+            "env = [('HUB_REPO', 'someone/model'), ('BUCKET', 'my-bucket')]\n"
+            "tasks = {p: sky.Task.from_yaml_config(yaml.safe_load(open(p)), env_overrides=env) for p in sys.argv[1:]}\n"
+            "print(json.dumps({p: [t.setup, t.run] for p, t in tasks.items()}))")
     proc = sky_python("-c", code, *map(str, TASK_FILES))
     assert proc.returncode == 0, proc.stderr
     return {Path(p).name: pair for p, pair in json.loads(proc.stdout.splitlines()[-1]).items()}
@@ -403,24 +413,25 @@ def test_the_image_tag_and_setup_use_one_lock_key():
     assert '"$UV" pip install -q --no-deps -r "$GPU_LOCK"' in setup
 
 
-def test_launch_without_bucket_stops_before_anything_is_rented():
-    """What `sky launch` / `sky jobs launch` do first (sky/execution.py: storage.construct() for every
-    storage mount, before optimizing or provisioning): with BUCKET empty, SkyPilot refuses; with
-    --env BUCKET=NAME, the mount at /outputs is that bucket."""
+def test_launch_without_hub_repo_or_bucket_stops_before_anything_is_rented():
+    """What `sky launch` / `sky jobs launch` do first: parse the task with the --env values
+    (Task.from_yaml_config(config, env_overrides)), before optimizing or provisioning. HUB_REPO and
+    BUCKET are null in the files, so a launch without them stops there (HUB_REPO used to be "", and
+    sky/run.sh refused only on the rented VM, after setup); with both, /outputs is that bucket."""
     code = ("import json, sys, yaml, sky\n"
-            "out = {}\n"
-            "for p in sys.argv[1:]:\n"
-            "    config = yaml.safe_load(open(p))\n"
+            "def parse(p, env):\n"
             "    try:\n"
-            "        sky.Task.from_yaml(p).storage_mounts['/outputs'].construct()\n"
-            "        empty = 'constructed'\n"
+            "        return sky.Task.from_yaml_config(yaml.safe_load(open(p)), env_overrides=env).storage_mounts['/outputs'].name\n"
             "    except Exception as e:\n"
-            "        empty = type(e).__name__ + ': ' + str(e).strip()\n"
-            "    named = sky.Task.from_yaml_config(config, env_overrides=[('BUCKET', 'alignpress-me-outputs')])\n"
-            "    out[p] = [empty, named.storage_mounts['/outputs'].name]\n"
-            "print(json.dumps(out))")
+            "        return type(e).__name__ + ': ' + str(e).strip()\n"
+            "repo, bucket = ('HUB_REPO', 'me/model'), ('BUCKET', 'alignpress-me-outputs')\n"
+            "print(json.dumps({p: [parse(p, []), parse(p, [repo]), parse(p, [bucket]), parse(p, [repo, bucket])] for p in sys.argv[1:]}))")
     proc = sky_python("-c", code, *map(str, TASK_FILES))
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout.splitlines()[-1])
-    assert got == {str(p): ["StorageSpecError: Storage source or storage name must be specified.", "alignpress-me-outputs"]
-                   for p in TASK_FILES}
+
+    def missing(name):
+        return (f"ValueError: Environment variable {name!r} is None. Please set a value for it in task YAML or with --env flag. "
+                f'To set it to be empty, use an empty string ({name}: "" in task YAML or --env {name}="" in CLI).')
+
+    assert got == {str(p): [missing("HUB_REPO"), missing("BUCKET"), missing("HUB_REPO"), "alignpress-me-outputs"] for p in TASK_FILES}
