@@ -112,3 +112,30 @@ def test_the_adapter_card_is_checked_too(hub_env, tmp_path):
     line = refused(run(out, "card.license=mit-ish", "publish.push=adapter"), out)
     assert line.startswith("error: field 'card.license': the Hub refuses the model card's metadata: \"license\" must be one of [apache-2.0,")
     assert [r.route for r in hub_env.server.requests][-1] == "validate_yaml"
+
+
+def test_validate_hub_asks_the_same_before_a_launch(hub_env, tmp_path, capsys):
+    """`validate --hub` on a laptop: the preflight `run` makes on the rented VM, before launching it."""
+    from alignpress.cli import main
+
+    def validate(*sets):
+        args = ["validate", RECIPE, "--hub"]
+        for s in sets:
+            args += ["--set", s]
+        rc = main(args)
+        captured = capsys.readouterr()
+        return rc, captured.out, captured.err
+
+    def hub_line(out):
+        (line,) = [x for x in out.splitlines() if x.startswith("# hub: ")]
+        return line
+
+    rc, out, err = validate(f"publish.repo_id={REPO}")
+    assert rc == 0, err
+    assert hub_line(out) == f"# hub: the token of 'alice' may push to {REPO}; the Hub accepts the card's metadata"
+    rc, out, err = validate(f"publish.repo_id={REPO}", "card.license=mit-ish")
+    assert (rc, out) == (2, "") and err.startswith("error: field 'card.license': the Hub refuses the model card's metadata: \"license\" must be one of [")
+    rc, out, err = validate()
+    assert (rc, hub_line(out)) == (0, "# hub: publish.repo_id is not set: nothing would be pushed (set it, or sky/run.sh sets it from HUB_REPO)")
+    assert hub_env.token not in out + err
+    assert hub_env.server.requests_to("commit") == [] and hub_env.server.repo_ids() == []

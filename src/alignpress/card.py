@@ -13,7 +13,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .modeling import resolve_model_path
+from .modeling import built_builtin, resolve_model_path
 from .recipe import Recipe, data_sources, dump
 from .runstate import RunDir
 
@@ -53,6 +53,10 @@ def base_license(recipe: Recipe) -> str | None:
 def base_card(recipe: Recipe) -> ModelCard | None:
     """The base model's card: its local README.md, or from the Hub when reachable; None otherwise."""
     try:
+        name = recipe.model.name_or_path
+        if name.startswith("builtin:"):  # its card is in its folder; a check must not build the model
+            folder = built_builtin(name)
+            return ModelCard.load(folder / "README.md") if folder is not None and (folder / "README.md").exists() else None
         path = Path(resolve_model_path(recipe))
         if path.is_dir():
             readme = path / "README.md"

@@ -42,7 +42,10 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("recipe", help="recipe YAML file")
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field (dotted path), e.g. --set dpo.beta=0.2")
-        if name != "validate":
+        if name == "validate":
+            sp.add_argument("--hub", action="store_true", help="also ask the Hub what `run` asks before prepare when the recipe publishes "
+                            "(token, namespace, an existing repo, the card's metadata): before launching a cloud job. Needs network and HF_TOKEN")
+        else:
             sp.add_argument("--output-dir", help="output folder (default outputs/<recipe name>)")
             sp.add_argument("--restart", action="store_true", help="redo this stage (run: every stage) from scratch, training without resuming; later stages run again. Old results stay until replaced")
     sub.add_parser("schema", help="print every recipe field with its type, default and meaning")
@@ -221,6 +224,17 @@ def _relaunch(recipe: Recipe, argv: list[str]) -> int:
     return subprocess.call(cmd, env=dict(os.environ, ALIGNPRESS_LAUNCHED="1"))
 
 
+def _hub_preflight(recipe: Recipe) -> str:
+    """`validate --hub`: run's Hub preflight, from a laptop before a cloud job is launched."""
+    from . import publish
+
+    if not recipe.publish.repo_id:
+        return "hub: publish.repo_id is not set: nothing would be pushed (set it, or sky/run.sh sets it from HUB_REPO)"
+    user = publish.preflight(recipe, RunDir(Path("outputs") / recipe.name, writer=False))
+    repos = ", ".join(dict.fromkeys(r for _, r, _ in publish.targets(recipe)))
+    return f"hub: the token of '{user}' may push to {repos}; the Hub accepts the card's metadata"
+
+
 def execute(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "plan":
         return plan.main(args)
@@ -231,6 +245,8 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
 
         check_training_settings(recipe)
         notes = [check_model(recipe, local_only=True), check_data_sources(recipe), check_judge(recipe, local_only=True)]
+        if args.hub:
+            notes.append(_hub_preflight(recipe))
         print(f"# {args.recipe}: valid")
         for note in notes:
             if note:

@@ -26,6 +26,15 @@ def cache_home() -> Path:
     return Path(os.environ.get("ALIGNPRESS_HOME", Path.home() / ".cache" / "alignpress"))
 
 
+def built_builtin(name: str) -> Path | None:
+    """The folder of a `builtin:NAME` model when it is already built, else None (checks never build it)."""
+    from .demo import BUILTINS, VERSION
+
+    short = name.removeprefix("builtin:")
+    folder = cache_home() / "models" / f"{short}-v{VERSION}"
+    return folder if short in BUILTINS and (folder / ".complete").exists() else None
+
+
 def resolve_model_path(recipe: Recipe) -> str:
     """A local folder or a Hub id for `model.name_or_path`; builds builtin models on first use."""
     name = recipe.model.name_or_path
