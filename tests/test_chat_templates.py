@@ -117,3 +117,34 @@ def test_chat_template_from_a_file_next_to_the_recipe(tiny_phi3, tmp_path):
     tok = load_tokenizer(load_recipe(path))
     assert tok.chat_template == template
     assert render_pair(tok, PAIR)["chosen"] == "The answer is 5.<|end|>\n"
+
+
+def test_an_edited_template_file_is_a_different_recipe(tiny_phi3, tmp_path, capsys):
+    """The recipe text names the file, not its contents: editing the file after prepare used to go
+    unseen, and later stages saved a tokenizer with another template than the data was prepared with."""
+    import shutil
+
+    from alignpress.cli import main
+
+    template = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    (tmp_path / "t.jinja").write_text(template)
+    shutil.copy("recipes/data/arithmetic-capybara.jsonl", tmp_path / "d.jsonl")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: t\nmodel: {{name_or_path: {tiny_phi3}, chat_template: t.jinja}}\n"
+                      "data: {dataset: d.jsonl, max_train_rows: 16, max_eval_rows: 8}\ntrain: {device: cpu}\n")
+    out = tmp_path / "out"
+    assert main(["prepare", str(recipe), "--output-dir", str(out)]) == 0
+    capsys.readouterr()
+
+    (tmp_path / "t.jinja").write_text(template.replace("<|end|>", "<|end|><|end|>"))
+    assert main(["train", str(recipe), "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {out}/recipe.resolved.yaml: this folder holds a run of a different recipe (sections model "
+        f"(the template file {tmp_path}/t.jinja changed) differ); use another --output-dir, or `run --restart` to redo it here"
+    )
+    # Putting the file back makes it the same recipe again; `prepare --restart` accepts the new one.
+    (tmp_path / "t.jinja").write_text(template)
+    assert main(["validate", str(recipe)]) == 0
+    (tmp_path / "t.jinja").write_text(template.replace("<|end|>", "<|end|><|end|>"))
+    assert main(["prepare", str(recipe), "--output-dir", str(out), "--restart"]) == 0
+    assert main(["prepare", str(recipe), "--output-dir", str(out)]) == 0

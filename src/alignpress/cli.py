@@ -20,7 +20,7 @@ import yaml
 from . import plan
 from .errors import AlignpressError
 from .lock import FolderLock
-from .recipe import Recipe, describe, dump, load_recipe
+from .recipe import Recipe, chat_template_file, chat_template_sha256, describe, dump, load_recipe
 from .runstate import STAGES, RunDir, disk_full, write_text
 
 log = logging.getLogger("alignpress")
@@ -76,14 +76,20 @@ def _check_same_recipe(recipe: Recipe, run_dir: RunDir, restart_from: str | None
     new = recipe.to_dict()
     old = _with_new_defaults(yaml.safe_load(path.read_text()) or {}, new, Recipe)
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    template_changed = run_dir.load().get("chat_template_sha256") not in (None, chat_template_sha256(recipe))
+    if template_changed and "model" not in changed:
+        # The recipe text is the same but the template file it names was edited: the prepared
+        # data, and the tokenizer later stages save with the model, used the old template.
+        changed = sorted(changed + ["model"])
     trained = run_dir.checkpoints.exists() or any(run_dir.is_done(s) for s in STAGES[1:-1])
     redone = STAGES[STAGES.index(restart_from):] if restart_from else ()
     blocking = [k for k in changed if _first_stage(k) not in redone and (k in ("name", "model", "data") or (trained and k not in RERUN_FROM))]
     if blocking:
         first = min((_first_stage(k) for k in blocking), key=STAGES.index)
         again = "run --restart" if first == "prepare" else f"{first} --restart"
+        what = [f"{k} (the template file {chat_template_file(recipe)} changed)" if k == "model" and template_changed and old.get(k) == new.get(k) else k for k in blocking]
         raise AlignpressError(
-            f"this folder holds a run of a different recipe (sections {', '.join(blocking)} differ); "
+            f"this folder holds a run of a different recipe (sections {', '.join(what)} differ); "
             f"use another --output-dir, or `{again}` to redo it here",
             source=str(path),
         )
@@ -299,6 +305,7 @@ def _execute_locked(args: argparse.Namespace, argv: list[str], recipe: Recipe, r
 
         run_dir.update(alignpress={"version": version(), "commit": git_commit()})  # for the card's "reproduce"
         write_text(run_dir.root / "recipe.resolved.yaml", dump(recipe))
+        run_dir.update(chat_template_sha256=chat_template_sha256(recipe))
     if state is not None:
         state.wait_for_everyone()
 

@@ -481,10 +481,24 @@ def longest_sequence(r: Recipe) -> int:
 def chat_template_text(r: Recipe) -> str | None:
     """model.chat_template as template text: the value itself when it is Jinja, else the file it
     names (relative to the recipe, like data files)."""
+    path = chat_template_file(r)
+    return Path(path).read_text(encoding="utf-8") if path else r.model.chat_template
+
+
+def chat_template_file(r: Recipe) -> str | None:
+    """The template file model.chat_template names, or None when the value is the template itself."""
     value = r.model.chat_template
     if value is None or "{{" in value or "{%" in value:
-        return value
-    return Path(r.resolve_path(value.strip())).read_text(encoding="utf-8")
+        return None
+    return r.resolve_path(value.strip())
+
+
+def chat_template_sha256(r: Recipe) -> str | None:
+    """The digest of the template a file names: the recipe text alone does not show a change to it."""
+    import hashlib
+
+    path = chat_template_file(r)
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
 
 
 def _check_chat_template(r: Recipe, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
