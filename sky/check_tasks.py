@@ -54,7 +54,7 @@ MULTINODE_FLAGS = {
 def check_resources(task, problems: list) -> str:
     candidates = list(task.resources)
     gpus, counts, spot = set(), set(), set()
-    no_image, no_recovery = set(), set()
+    no_image, no_recovery, retried = set(), set(), set()
     for r in candidates:
         acc = r.accelerators or {}
         if len(acc) != 1:
@@ -68,10 +68,17 @@ def check_resources(task, problems: list) -> str:
             no_image.add(f"{name}:{count}")
         if not r.job_recovery or not r.job_recovery.get("strategy"):
             no_recovery.add(f"{name}:{count}")
+        elif r.job_recovery.get("max_restarts_on_errors", 0) or r.job_recovery.get("recover_on_exit_codes"):
+            retried.add(f"{name}:{count}")
     if no_image:
         problems.append(f"resources.image_id: candidates {sorted(no_image)} name an image_id that is not docker:IMAGE")
     if no_recovery:
         problems.append(f"resources.job_recovery: candidates {sorted(no_recovery)} have no recovery strategy")
+    if retried:
+        # Each retry tears the cluster down and rents and sets up a new one, for failures that recur
+        # (a refusal, a failed check, out of memory); preemptions are recovered without it.
+        problems.append(f"resources.job_recovery: candidates {sorted(retried)} retry failures of the job itself; "
+                        "want max_restarts_on_errors 0 and no recover_on_exit_codes")
     choices = SINGLE_NODE_CHOICES if task.num_nodes == 1 else GPU_CHOICES
     if gpus - choices:
         problems.append(f"resources.any_of: unexpected GPUs {sorted(gpus - choices)}, want {sorted(choices)}")

@@ -1,7 +1,9 @@
 # shellcheck shell=bash
-# Sourced by sky/setup.sh and sky/run.sh: where the job's environment lives and whether it is ready.
-# The environment is keyed on the locks' hash, so a changed lock builds a new one and an unchanged
-# lock (a recovered managed job, a second `sky launch` on the same cluster) finds the old one.
+# Sourced by sky/setup.sh and sky/run.sh: the launch's refusals, where the job's environment lives
+# and whether it is ready. The environment is keyed on the locks' hash, so a changed lock builds a
+# new one and an unchanged lock (a second `sky launch` on the same cluster, setup run again) finds the
+# old one. It lives on the VM's disk: a recovered managed job lands on a new VM and builds it again,
+# unless it runs on the prebuilt image (--image-id), whose /opt/venv holds the lock.
 # A VM is the GPU path: it gets requirements-gpu.lock too (liger-kernel, which the seed recipes'
 # train.use_liger_kernel needs). The key is the first 12 hex digits of
 # `cat requirements.lock requirements-gpu.lock | sha256sum`, as the image workflow tags its images.
@@ -14,6 +16,21 @@ JOB_VENV="${ALIGNPRESS_VENV:-$HOME/.alignpress/venv-$LOCK_HASH}"
 STAMP_NAME=".alignpress-lock-$LOCK_HASH"
 # The prebuilt image (Dockerfile) installs the lock into /opt/venv.
 IMAGE_VENV="${ALIGNPRESS_IMAGE_VENV:-/opt/venv}"
+
+# The launch's own refusals, one line and exit 2 each. setup.sh makes them first, before it builds
+# anything (minutes of a rented GPU), and run.sh again before the job. SkyPilot already stops a
+# launch without HUB_REPO or BUCKET (null in the task files) or with HF_TOKEN unset in the shell,
+# but lets an empty value through (--env HUB_REPO=, an exported empty HF_TOKEN).
+launch_error() { echo "error: $*" >&2; exit 2; }
+check_launch() {
+  [ -n "${HUB_REPO:-}" ] || launch_error "HUB_REPO is not set; launch with --env HUB_REPO=namespace/name"
+  [ -n "${HF_TOKEN:-}" ] || launch_error "HF_TOKEN is not set; launch with --secret HF_TOKEN"
+  [ -n "${RECIPE:-}" ] || launch_error "RECIPE is not set; launch with --env RECIPE=recipes/NAME.yaml"
+  if [ -n "${SKYPILOT_MANAGED_JOB_ID:-}" ] && [ -z "${BUCKET:-}" ]; then
+    launch_error "BUCKET is not set; a managed job keeps its outputs in a bucket: launch with --env BUCKET=a-name-of-your-own"
+  fi
+  [ -f "$ALIGNPRESS_ROOT/$RECIPE" ] || [ -f "$RECIPE" ] || launch_error "RECIPE: $RECIPE does not exist in the checkout"
+}
 
 # True when the python $1 has every package of both locks at the locked version (a local label such
 # as torch's +cpu is ignored), and is new enough for them.

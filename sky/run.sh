@@ -9,21 +9,13 @@
 # /outputs; required for a managed job, whose VM can vanish), ACCELERATE_CONFIG and
 # MAIN_PROCESS_PORT (multi-node). Without BUCKET, outputs go to the VM's own disk
 # ($HOME/alignpress-outputs), which `sky down` deletes: fine for a cluster you keep and ssh into.
-# Every refusal is one line and exit 2, before any GPU time is spent.
+# Every refusal is one line and exit 2; setup.sh makes the launch's refusals before it builds anything.
 set -euo pipefail
-fail() { echo "error: $*" >&2; exit 2; }
-
-[ -n "${HUB_REPO:-}" ] || fail "HUB_REPO is not set; launch with --env HUB_REPO=namespace/name"
-[ -n "${HF_TOKEN:-}" ] || fail "HF_TOKEN is not set; launch with --secret HF_TOKEN"
-[ -n "${RECIPE:-}" ] || fail "RECIPE is not set; launch with --env RECIPE=recipes/NAME.yaml"
-if [ -n "${SKYPILOT_MANAGED_JOB_ID:-}" ] && [ -z "${BUCKET:-}" ]; then
-  fail "BUCKET is not set; a managed job keeps its outputs in a bucket: launch with --env BUCKET=a-name-of-your-own"
-fi
-
 # shellcheck source=sky/env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+fail() { launch_error "$@"; }
+check_launch  # HUB_REPO, HF_TOKEN, RECIPE, BUCKET (setup.sh made the same checks before building)
 cd "$ALIGNPRESS_ROOT" || fail "cannot enter the checkout $ALIGNPRESS_ROOT"
-[ -f "$RECIPE" ] || fail "RECIPE: $RECIPE does not exist in the checkout"
 PY="$(job_python)" || fail "the job's environment for requirements.lock + requirements-gpu.lock ($LOCK_HASH) is not built; run sky/setup.sh first"
 
 if [ -n "${BUCKET:-}" ]; then

@@ -4,9 +4,12 @@
 #
 #   bash sky/setup.sh     # from the checkout (SkyPilot's workdir); safe to run again
 #
+# First the launch's refusals (sky/env.sh check_launch: HUB_REPO, HF_TOKEN, RECIPE, BUCKET), one
+# line and exit 2, so a launch that run.sh would refuse does not build the environment first.
 # Idempotent: an environment already built for this lock (a stamp keyed on the lock's hash), or the
 # prebuilt image's /opt/venv when it holds the lock's versions, is used as it is; the second run
-# takes about a second. A managed job re-runs setup on every recovery, so this matters.
+# takes about a second (setup run again on the same cluster). A recovered managed job is on a new
+# VM and builds it again (minutes, several GB of CUDA wheels), unless it runs on the prebuilt image.
 # Python: the lock needs >= 3.11 (transformers 5.23, numpy 2.4, pandas 3.1). uv takes the VM's
 # python when it fits (Debian 12: 3.11, Ubuntu 24.04: 3.12) and otherwise downloads one (Ubuntu
 # 22.04 ships 3.10). Knobs: ALIGNPRESS_PYTHON (uv's --python request), UV_FIND_LINKS (a local wheel
@@ -14,6 +17,7 @@
 set -euo pipefail
 # shellcheck source=sky/env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+check_launch
 
 UV_VERSION="0.13.9"
 PYTHON_REQUEST="${ALIGNPRESS_PYTHON:->=3.11,<3.13}"

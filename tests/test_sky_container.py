@@ -93,12 +93,13 @@ def test_setup_twice_then_run_pushes_the_demo(vm, hub_env):
     run, bucket = vm
     hub_server = hub_env.server
 
-    first, first_s = run("sky/setup.sh")
+    launch = {"RECIPE": "recipes/demo.yaml", "HUB_REPO": HUB_REPO, "HF_TOKEN": TEST_TOKEN}  # setup checks them first
+    first, first_s = run("sky/setup.sh", launch)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "alignpress setup: environment built: /root/.alignpress/venv-" in first.stderr, first.stderr
     assert "(Python 3.11." in first.stderr  # Debian 12's python3, the lock's minimum
 
-    second, second_s = run("sky/setup.sh")
+    second, second_s = run("sky/setup.sh", launch)
     assert second.returncode == 0, second.stderr
     assert "nothing to do" in second.stderr, second.stderr
     print(f"sky/setup.sh in a bare Debian 12 container: first {first_s:.1f} s, second {second_s:.1f} s")

@@ -133,6 +133,12 @@ def no_job_recovery():
     return task
 
 
+def retries_job_failures():
+    task = _phi3()
+    task["resources"]["job_recovery"]["max_restarts_on_errors"] = 1
+    return task
+
+
 def unknown_field():
     task = _phi3()
     task["resource"] = task.pop("resources")  # a typo SkyPilot's schema rejects
@@ -160,6 +166,8 @@ NEGATIVE = {
     "no_spot_single_node": (no_spot_single_node, "resources.use_spot: single-node task offers no spot candidate"),
     "missing_h100": (missing_h100, "resources.any_of: missing ['H100']"),
     "no_job_recovery": (no_job_recovery, "resources.job_recovery: candidates ['A100-80GB:1', 'A100:1', 'H100:1', 'L40S:1'] have no"),
+    "retries_job_failures": (retries_job_failures, "resources.job_recovery: candidates ['A100-80GB:1', 'A100:1', 'H100:1', 'L40S:1'] "
+                                                   "retry failures of the job itself; want max_restarts_on_errors 0"),
     "unknown_field": (unknown_field, "parse: "),
     "envs_given_twice": (envs_given_twice, "parse: ValueError: Duplicate key 'envs' in YAML at line {line} (also defined at line {first})"),
 }
@@ -283,6 +291,21 @@ def test_run_refuses_with_one_line_and_exit_2(tmp_path, case):
     assert proc.stdout == ""
 
 
+@pytest.mark.parametrize("case", sorted(set(REFUSALS) - {"BUCKET not mounted"}))
+def test_setup_refuses_the_same_before_it_builds_anything(tmp_path, case):
+    """A launch that run.sh would refuse used to build the environment first (minutes of a rented GPU,
+    several GB of wheels): setup.sh now makes the same checks before anything else."""
+    changes, message = REFUSALS[case]
+    env = {**SET, "UV": str(tmp_path / "uv-must-not-run")}
+    for name, value in changes.items():
+        env.pop(name, None) if value is None else env.__setitem__(name, value)
+    proc = sky_run(tmp_path, env, script="bash sky/setup.sh")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [message]
+    assert proc.stdout == ""
+    assert not (tmp_path / "home" / ".alignpress").exists()
+
+
 def test_run_refuses_when_the_environment_is_not_built(tmp_path):
     lock_hash = lock_key()
     proc = sky_run(tmp_path, SET)  # HOME empty, no image venv
@@ -367,7 +390,7 @@ def test_setup_skips_when_the_image_venv_holds_the_lock(tmp_path):
     image_venv = image_like_venv(tmp_path)
     home = tmp_path / "home"
     home.mkdir()
-    env = {"PATH": os.environ["PATH"], "HOME": str(home), "ALIGNPRESS_IMAGE_VENV": str(image_venv)}
+    env = {**SET, "PATH": os.environ["PATH"], "HOME": str(home), "ALIGNPRESS_IMAGE_VENV": str(image_venv)}
     proc = subprocess.run(["bash", str(SETUP_SH)], capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     lock_hash = lock_key()
@@ -378,7 +401,7 @@ def test_setup_skips_when_the_image_venv_holds_the_lock(tmp_path):
 
 def test_setup_skips_when_its_stamp_is_there(tmp_path):
     venv = fake_env(tmp_path)
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "ALIGNPRESS_VENV": str(venv),
+    env = {**SET, "PATH": os.environ["PATH"], "HOME": str(tmp_path), "ALIGNPRESS_VENV": str(venv),
            "ALIGNPRESS_IMAGE_VENV": str(tmp_path / "no-image")}
     proc = subprocess.run(["bash", str(SETUP_SH)], capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
