@@ -210,11 +210,15 @@ def test_gate_on_the_demo(demo_run):
         gate.check(recipe("eval.gate_min_gain=0.9"), run_dir)
 
 
+NO_CHANGE = ["--set", "train.max_steps=1", "--set", "train.warmup_steps=10"]
+
+
 def test_gate_refuses_a_run_that_did_not_improve(tmp_path, demo_run):
-    """learning_rate 0: the adapter stays zero, the aligned model is the base; the gate must refuse it."""
+    """One step at the start of a warmup, where the learning rate is 0 (a learning_rate of 0 is refused
+    at the door): the adapter stays zero, the aligned model is the base; the gate must refuse it."""
     out = tmp_path / "lr0"
-    proc = cli("run", "recipes/demo.yaml", "--output-dir", out, "--set", "train.learning_rate=0", "--set", "eval.gate_min_gain=0.05",
-               "--set", "train.max_steps=3", "--set", "eval.max_rows=30", "--set", "eval.generation_rows=8")
+    proc = cli("run", "recipes/demo.yaml", "--output-dir", out, *NO_CHANGE, "--set", "eval.gate_min_gain=0.05",
+               "--set", "eval.max_rows=30", "--set", "eval.generation_rows=8")
     manifest = load(out / "run.json")
     assert manifest["stages"]["evaluate"]["status"] == "done", proc.stderr[-3000:]
     assert manifest["stages"]["evaluate"]["gate_passed"] is False
@@ -229,7 +233,7 @@ def test_gate_refuses_a_run_that_did_not_improve(tmp_path, demo_run):
     assert proc.returncode != 0
     assert manifest["stages"]["publish"]["status"] != "done"
     with pytest.raises(StageFailed) as e:
-        gate.check(recipe("train.learning_rate=0", "eval.gate_min_gain=0.05"), RunDir(out))
+        gate.check(recipe(*NO_CHANGE[1::2], "eval.gate_min_gain=0.05"), RunDir(out))
     assert e.value.field == "eval.gate_min_gain"
     assert "(gain +0.0000)" in str(e.value)
 

@@ -104,6 +104,19 @@ BASE = "name: t\nmodel: {name_or_path: x/y}\ndata: {dataset: d.jsonl}\n"
         ("data: {dataset: d.jsonl, filters: {max_tokens: 2048}}\ndpo: {max_length: 1024}\n", [],
          "field 'data.filters.max_tokens': 2048 is more than dpo.max_length (1024): TRL would cut the pairs in between, losing the end of their "
          "answers; lower it (or leave it unset: prepare then keeps pairs within dpo.max_length), or allow some cut pairs with dpo.max_truncated_fraction"),
+        ("", ["train.learning_rate=0"], "--set train.learning_rate: field 'train.learning_rate': must be > 0, got 0.0 (training would change nothing)"),
+        ("", ["dpo.label_smoothing=0.3"], "field 'dpo.label_smoothing': 0.3 would be ignored: TRL applies it only to the loss types robust, "
+                                          "exo_pair, aot, aot_unpaired, not sigmoid; set it to 0 or choose one of those"),
+        ("", ["dpo.loss_type=exo_pair"], "field 'dpo.label_smoothing': loss type exo_pair needs label_smoothing > 0"),
+        ("", ["lora.target_modules=[qkv_proj, lm_head]"], "field 'lora.target_modules': lm_head cannot be adapted"),
+        ("", ["export.check_tolerance=-1"], "field 'export.check_tolerance': must be >= 0, got -1.0"),
+        ("", ["train.save_total_limit=0"], "field 'train.save_total_limit': must be at least 1 or null (keep every checkpoint), got 0"),
+        ("", ["train.max_grad_norm=-1"], "field 'train.max_grad_norm': must be >= 0, got -1.0"),
+        ("eval: {behaviour_pattern: ''}\n", [], "field 'eval.behaviour_pattern': is empty, so every answer would match"),
+        ("data: {datasets: [{dataset: a.jsonl, filters: {max_tokens: 64}}]}\ndpo: {max_length: 16}\n", [],
+         "field 'data.datasets[0].filters.max_tokens': 64 is more than dpo.max_length (16)"),
+        ("", [f"train.accelerate_config={ROOT}/recipes/demo.yaml"], f"field 'train.accelerate_config': {ROOT}/recipes/demo.yaml is not an accelerate "
+                                                                    "config: ValueError: A `distributed_type` must be specified in the config file."),
         ("", ["dpo.max_truncated_fraction=1.5"], "--set dpo.max_truncated_fraction: field 'dpo.max_truncated_fraction': must be in [0, 1), got 1.5"),
     ],
 )

@@ -106,7 +106,7 @@ class DPOSection:
     beta: float = _f(0.1, help="DPO beta: strength of the KL pull towards the reference model (> 0).")
     loss_type: str | list[str] = _f("sigmoid", help="TRL loss_type: sigmoid (standard DPO), ipo, hinge, robust, ...; a list combines several (e.g. [sigmoid, sft] = RPO).")
     loss_weights: list[float] | None = _f(None, help="Weights for a list of loss types (TRL loss_weights); None = 1.0 each.")
-    label_smoothing: float = _f(0.0, help="Conservative DPO label smoothing, in [0, 0.5).")
+    label_smoothing: float = _f(0.0, help="Label smoothing, in [0, 0.5): read by the loss types robust, exo_pair (needs > 0), aot and aot_unpaired only.")
     max_length: int = _f(1024, help="Truncate prompt + answer to this many tokens (TRL max_length).")
     truncation_mode: Literal["keep_start", "keep_end"] = _f("keep_start", help="Which end to keep when truncating.")
     max_truncated_fraction: float = _f(0.0, help="Share of training pairs allowed to be longer than max_length (TRL cuts them, losing the end of the answer and its end-of-turn token). Checked when training starts; 0 = none.")
@@ -536,6 +536,10 @@ def _check_chat_template(r: Recipe, fail: typing.Callable[[str, str], typing.NoR
         fail(field_path, f"{where}the template never reads `messages`, so every conversation would render as the same text")
 
 
+# The DPO loss types whose TRL 1.16 formula reads label_smoothing (DPOTrainer's loss, read in its source).
+LABEL_SMOOTHING_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
+
+
 def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>") -> None:
     def fail(field_path: str, msg: str) -> typing.NoReturn:
         raise AlignpressError(msg, source=src(field_path), field=field_path)
@@ -598,8 +602,22 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
         fail("dpo.beta", f"must be > 0, got {r.dpo.beta}")
     if not 0 <= r.dpo.label_smoothing < 0.5:
         fail("dpo.label_smoothing", f"must be in [0, 0.5), got {r.dpo.label_smoothing}")
-    if r.train.learning_rate < 0:
-        fail("train.learning_rate", f"must be >= 0, got {r.train.learning_rate}")
+    smoothed = [t for t in types_ if t in LABEL_SMOOTHING_LOSSES]
+    if r.dpo.label_smoothing and not smoothed:
+        fail("dpo.label_smoothing", f"{r.dpo.label_smoothing} would be ignored: TRL applies it only to the loss types "
+                                    f"{', '.join(LABEL_SMOOTHING_LOSSES)}, not {', '.join(types_)}; set it to 0 or choose one of those")
+    if "exo_pair" in types_ and r.dpo.label_smoothing == 0:
+        fail("dpo.label_smoothing", "loss type exo_pair needs label_smoothing > 0 (TRL refuses 0; the EXO paper uses 1e-3)")
+    if r.train.learning_rate <= 0:
+        fail("train.learning_rate", f"must be > 0, got {r.train.learning_rate} (training would change nothing)")
+    for name in ("weight_decay", "max_grad_norm"):
+        if getattr(r.train, name) < 0:
+            fail(f"train.{name}", f"must be >= 0, got {getattr(r.train, name)}")
+    if r.train.save_total_limit is not None and r.train.save_total_limit < 1:
+        fail("train.save_total_limit", f"must be at least 1 or null (keep every checkpoint), got {r.train.save_total_limit}; "
+                                       "transformers would keep every checkpoint")
+    if r.export.check_tolerance < 0:
+        fail("export.check_tolerance", f"must be >= 0, got {r.export.check_tolerance}")
     if r.train.max_steps == 0 or r.train.max_steps < -1:
         fail("train.max_steps", f"must be -1 (use epochs) or at least 1, got {r.train.max_steps}")
     if r.train.max_steps == -1 and r.train.num_train_epochs <= 0:
@@ -608,6 +626,15 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
         folder = Path(r.resolve_path("accelerate"))
         known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml"))) if folder.is_dir() else "none"
         fail("train.accelerate_config", f"no accelerate config {r.train.accelerate_config!r} (names in {folder}: {known}; or give a path to a .yaml file)")
+    if r.train.accelerate_config is not None:
+        # accelerate's own reader, as `accelerate launch` reads it: any YAML file used to pass here and
+        # fail at the launch with a traceback (e.g. "A `distributed_type` must be specified").
+        from accelerate.commands.config.config_args import load_config_from_file
+
+        try:
+            load_config_from_file(str(accelerate_config_path(r)))
+        except Exception as e:  # noqa: BLE001 - any reason accelerate has is the user's to read
+            fail("train.accelerate_config", f"{accelerate_config_path(r)} is not an accelerate config: {type(e).__name__}: {' '.join(str(e).split())}")
     if r.train.num_processes is not None and r.train.num_processes < 1:
         fail("train.num_processes", f"must be at least 1, got {r.train.num_processes}")
     if r.train.save_minutes is not None and r.train.save_minutes <= 0:
@@ -626,19 +653,26 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
     if isinstance(r.lora.target_modules, list):
         if not r.lora.target_modules:
             fail("lora.target_modules", "the list is empty: name at least one module (e.g. [q_proj, v_proj]) or write all-linear")
+        if "lm_head" in r.lora.target_modules:
+            fail("lora.target_modules", "lm_head cannot be adapted: TRL computes the log-probabilities from lm_head.weight "
+                                        "directly, so an adapter there would never train (TRL refuses it)")
         for name in r.lora.target_modules:
             if not name.strip():
                 fail("lora.target_modules", "a module name is empty")
     if not 0 <= r.dpo.max_truncated_fraction < 1:
         fail("dpo.max_truncated_fraction", f"must be in [0, 1), got {r.dpo.max_truncated_fraction}")
-    cap = r.data.filters.max_tokens
-    if cap is not None and cap > r.dpo.max_length and r.dpo.max_truncated_fraction == 0:
-        fail("data.filters.max_tokens", f"{cap} is more than dpo.max_length ({r.dpo.max_length}): TRL would cut the pairs in between, "
-                                        "losing the end of their answers; lower it (or leave it unset: prepare then keeps pairs within "
-                                        "dpo.max_length), or allow some cut pairs with dpo.max_truncated_fraction")
+    caps = [("data.filters.max_tokens", r.data.filters.max_tokens)] + [
+        (f"data.datasets[{i}].filters.max_tokens", s.filters.max_tokens) for i, s in enumerate(r.data.datasets) if s.filters is not None]
+    for cap_field, cap in caps:
+        if cap is not None and cap > r.dpo.max_length and r.dpo.max_truncated_fraction == 0:
+            fail(cap_field, f"{cap} is more than dpo.max_length ({r.dpo.max_length}): TRL would cut the pairs in between, "
+                            "losing the end of their answers; lower it (or leave it unset: prepare then keeps pairs within "
+                            "dpo.max_length), or allow some cut pairs with dpo.max_truncated_fraction")
     if r.model.load_in_4bit and not r.lora.enabled:
         fail("model.load_in_4bit", "4-bit training needs a LoRA adapter (lora.enabled: true)")
     if r.eval.behaviour_pattern is not None:
+        if not r.eval.behaviour_pattern.strip():
+            fail("eval.behaviour_pattern", "is empty, so every answer would match; give a regex, or null to compare answers with the chosen ones")
         try:
             re.compile(r.eval.behaviour_pattern)
         except re.error as e:
