@@ -393,6 +393,7 @@ def _upload(tmp_path: Path, name: str, data: bytes) -> Upload:
         ("chat_template.jinja", b"password = hunter2hunter2hunter2x\n", "'password' assignment at line 1"),
         ("model.safetensors", len(HEADER).to_bytes(8, "little") + HEADER + b"\x00" * 16, "'token' assignment in its safetensors header"),
         ("model.safetensors", b"\x00" * 5000 + b"api_org_abcdefghijklmnopqrstuvwxyz0123", "Hugging Face org API token at byte 5000"),
+        ("README.md", b"# x\nruns: https://alice:s3cretPassw0rd99@mlflow.example.com/#/runs/1\n", "password in a URL at line 2"),
     ],
 )
 def test_secret_patterns(tmp_path, name, data, found):
@@ -424,3 +425,16 @@ def test_metadata_refusals_become_one_line_naming_the_field():
         "field 'model.name_or_path': the Hub refuses the model card's metadata: \"base_model\" is not a valid model ID")
     assert metadata_error(ValueError("something else")) is None
     assert str(metadata_error(ValueError("plain text reason"), refusal=True)) == "the Hub refuses the model card's metadata: plain text reason"
+
+
+def test_a_token_with_its_newline_is_used_stripped_and_never_quoted(monkeypatch):
+    """HF_TOKEN pasted with a newline: every request failed and the error quoted the whole token
+    (escaped as "...\\n", so the exact-token scrub missed it), on the terminal and in run.json."""
+    from alignpress.errors import redact
+    from alignpress.publish import find_token
+
+    monkeypatch.setenv("HF_TOKEN", "hf_PROBESECRET1234567890abcdefghijklmnop\n")
+    assert find_token() == "hf_PROBESECRET1234567890abcdefghijklmnop"
+    quoted = "LocalProtocolError: Illegal header value b'Bearer hf_PROBESECRET1234567890abcdefghijklmnop\\n'"
+    assert redact(quoted) == "LocalProtocolError: Illegal header value b'Bearer <token>\\n'"
+    assert redact("https://alice:pw0rd@h.example/x, http://h:8080/y") == "https://alice:<password>@h.example/x, http://h:8080/y"

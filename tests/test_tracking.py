@@ -137,6 +137,9 @@ def test_public_url_of_each_tracker(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example.org/")
     assert public_url(["mlflow"], {"mlflow": _mlflow(True)}) == "https://mlflow.example.org/#/experiments/3/runs/ab12"
     assert public_url(["mlflow"], {"mlflow": _mlflow(False)}) is None
+    # A tracking address with credentials: the link (run.json, the model card) leaves them out.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:s3cretPassw0rd99@mlflow.example.org:5000/")
+    assert public_url(["mlflow"], {"mlflow": _mlflow(True)}) == "https://mlflow.example.org:5000/#/experiments/3/runs/ab12"
     assert public_url(["tensorboard"], {}) is None
 
 

@@ -1,5 +1,20 @@
 """One error type for everything a user can fix: it names where the problem is (file and field)."""
 
+import re
+
+# What `redact` hides in an error before it is printed or stored: Hugging Face tokens (also when a
+# library quotes one with an escaped newline, so the exact token no longer matches) and the password
+# of a URL (https://user:password@host).
+_SECRETS = [(re.compile(r"(hf_|api_org_)[A-Za-z0-9]{20,}"), "<token>"),
+            (re.compile(r"(?<=://)([^/\s:@]+):[^/\s@]+@"), r"\1:<password>@")]
+
+
+def redact(text: str) -> str:
+    """`text` without the secrets an error message may quote (tokens never reach a log or a file)."""
+    for pattern, replacement in _SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
+
 
 class AlignpressError(Exception):
     """A problem with the user's input or environment, reported as one clear line and exit code 2."""

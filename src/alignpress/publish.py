@@ -78,7 +78,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from . import card, gate
-from .errors import AlignpressError, StageFailed
+from .errors import AlignpressError, StageFailed, redact
 from .recipe import Recipe
 from .runstate import RunDir
 
@@ -114,6 +114,7 @@ SECRET_PATTERNS = [
     ("GitHub token", re.compile(rb"gh[pousr]_[A-Za-z0-9]{36,}")),
     ("Slack token", re.compile(rb"xox[abprs]-[A-Za-z0-9-]{10,}")),
     ("OpenAI-style API key", re.compile(rb"sk-(?:proj-)?[A-Za-z0-9_-]{32,}")),
+    ("password in a URL", re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@\"'<>]+:[^/\s@\"'<>]+@[A-Za-z0-9.-]")),
 ]
 # Assignments such as `"api_key": "..."` or `password = ...`, in text (files and safetensors headers).
 ASSIGNMENT = re.compile(
@@ -126,7 +127,9 @@ def find_token() -> str | None:
     """HF_TOKEN, else the user's stored login. Never read from the recipe."""
     from huggingface_hub import get_token
 
-    return os.environ.get("HF_TOKEN") or get_token()
+    # Stripped as huggingface_hub strips it: a token pasted with its newline used to fail every
+    # request with an error that quoted it ("Illegal header value b'Bearer hf_...\\n'").
+    return (os.environ.get("HF_TOKEN") or "").strip() or get_token()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,7 +404,7 @@ class Hub:
         return self.scrub(text)[:400]
 
     def scrub(self, text: str) -> str:
-        return text.replace(self.token, "<token>") if self.token else text
+        return redact(text.replace(self.token, "<token>") if self.token else text)
 
     def _error(self, what: str, e: Exception, attempts: int) -> AlignpressError:
         status, detail = _status(e), self._describe(e)

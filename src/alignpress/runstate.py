@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import AlignpressError
+from .errors import AlignpressError, redact
 
 log = logging.getLogger("alignpress")
 
@@ -246,7 +246,7 @@ class RunDir:
             status = "interrupted" if isinstance(e, KeyboardInterrupt) or getattr(e, "exit_code", None) == 143 else "failed"
             error = self.disk_full_error() if not isinstance(e, DiskFull) and disk_full(e, self.root) else e
             try:
-                self.set_stage(name, status=status, finished=now(), seconds=round(time.time() - started, 2), error=str(error)[:2000])
+                self.set_stage(name, status=status, finished=now(), seconds=round(time.time() - started, 2), error=redact(str(error))[:2000])
             except OSError as write_error:
                 # Even run.json cannot be written (a full disk): it still says `running`, which a re-run
                 # treats as not done, so the state stays consistent. Report the first error, not this one.

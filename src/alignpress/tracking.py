@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,8 @@ def public_url(chosen: list[str], modules: dict[str, Any] | None = None) -> str 
         uri = os.environ.get("MLFLOW_TRACKING_URI", "")
         active = mods["mlflow"].active_run()
         if uri.startswith(("http://", "https://")) and active is not None:
+            # Without the user:password an address may carry: it goes to run.json and the model card.
+            uri = urllib.parse.urlsplit(uri)._replace(netloc=urllib.parse.urlsplit(uri).netloc.rpartition("@")[2]).geturl()
             return f"{uri.rstrip('/')}/#/experiments/{active.info.experiment_id}/runs/{active.info.run_id}"
     return None
 
