@@ -51,7 +51,110 @@ def test_demo_under_deepspeed_zero2(tmp_path, demo_run):
     manifest = json.loads((out / "run.json").read_text())
     assert [manifest["stages"][s]["status"] for s in ("prepare", "train", "evaluate", "export", "publish")] == ["done"] * 5
     assert manifest["stages"]["train"]["deepspeed_zero_stage"] == 2
+    # DeepSpeed keeps the optimizer and scheduler in global_step*/, not optimizer.pt and scheduler.pt:
+    # its checkpoints count as complete (they were all skipped, so a preempted run restarted at 0),
+    # and one without its states does not.
+    from alignpress.train import checkpoint_is_complete, complete_checkpoints
+
+    saved = complete_checkpoints(out / "checkpoints")
+    assert saved and not (saved[0] / "optimizer.pt").exists()
+    (states,) = saved[0].glob("global_step*")
+    assert sorted(p.name for p in states.iterdir() if p.name.endswith("_states.pt"))[-1].endswith("optim_states.pt")
+    broken = tmp_path / "broken"
+    shutil.copytree(saved[0], broken)
+    for p in (broken / states.name).glob("*optim_states.pt"):
+        p.unlink()
+    assert not checkpoint_is_complete(broken)
+    # A preempted DeepSpeed run resumes from it (train marked interrupted, as a killed run leaves it).
+    manifest["stages"]["train"] = {"status": "interrupted"}
+    (out / "run.json").write_text(json.dumps(manifest))
+    again = cli("train", "recipes/demo.yaml", "--output-dir", out, "--set", "train.accelerate_config=zero2", "--set", "train.num_processes=1",
+                env={"DS_ACCELERATOR": "cpu"}, timeout=900)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert f"resuming training from {saved[0]}" in again.stderr
+    step = int(saved[0].name.split("-")[1])
+    assert json.loads((out / "run.json").read_text())["stages"]["train"]["resumed_from_step"] == step
     ev = json.loads((out / "metrics/eval.json").read_text())
     reference = json.loads((demo_run[0] / "metrics/eval.json").read_text())
     assert ev["aligned"]["behaviour"] >= 0.9 and ev["aligned"]["preference_accuracy"] >= 0.9
     assert abs(ev["aligned"]["preference_accuracy"] - reference["aligned"]["preference_accuracy"]) <= 0.05
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, nodes=1, node_rank=0, procs=1, port=None):
+    """entrypoint.py under torchrun, as `accelerate launch` starts it on each node (gloo on the CPU)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--node_rank", str(node_rank),
+            "--nproc_per_node", str(procs), "--master_addr", "127.0.0.1", "--master_port", str(port or free_port()),
+            str(ROOT / "entrypoint.py"), *map(str, args)]
+
+
+def test_a_second_node_never_reads_what_the_main_process_wrote(tmp_path, demo_run):
+    """Two "nodes" (two torchrun launches, one process each) whose output folders are different
+    folders: the second one's view stays empty, as a node's own cache of the bucket can be when the
+    main process has just written there (SkyPilot's MOUNT_CACHED). The run must not depend on it:
+    stage statuses, the prepared pairs, the checkpoint and the speed levers come from the main process.
+    It used to read data/train.jsonl itself (missing there) and decide the stages from its own run.json."""
+    main_view = prepared_copy(demo_run, tmp_path / "node0")
+    other_view = tmp_path / "node1"
+    other_view.mkdir()
+    port = free_port()
+    common = ["--set", "train.max_steps=4", "--set", "train.per_device_train_batch_size=4", "--set", "eval.enabled=false",
+              "--set", "dpo.precompute_ref_log_probs=auto", "--set", "train.num_train_epochs=20"]
+    procs = [subprocess.Popen(torchrun("run", "recipes/demo.yaml", "--output-dir", view, *common, nodes=2, node_rank=rank, port=port),
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank, view in ((0, main_view), (1, other_view))]
+    outputs = [p.communicate(timeout=900) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    manifest = json.loads((main_view / "run.json").read_text())
+    assert [manifest["stages"][s]["status"] for s in ("prepare", "train", "evaluate", "export", "publish")] == ["done"] * 5
+    train = manifest["stages"]["train"]
+    assert (train["world_size"], train["global_step"]) == (2, 4)
+    # 20 epochs would repay a precompute pass on one node; across nodes `auto` leaves it off.
+    assert train["systems"]["precompute_ref_log_probs"] is False
+    assert train["systems"]["precompute_ref_log_probs_decision"]["reason"].startswith("off: several nodes: TRL's main process writes")
+    assert "already done, skipping" in outputs[1][1]  # node 1 skipped prepare because the main process said so
+    assert not (other_view / "data").exists() and not (other_view / "run.json").exists()
+    assert (main_view / "model" / "model.safetensors").exists()
+
+
+def test_sigterm_to_one_process_stops_them_all_at_one_checkpoint(tmp_path, demo_run):
+    """A SIGTERM reaches one process (a preempted node; the others are elsewhere). Every process saves
+    the same checkpoint and stops; before, the one that got it saved and stopped alone and the others
+    waited for it in their next collective."""
+    import os
+    import signal
+    import time
+
+    out = prepared_copy(demo_run, tmp_path / "run")
+    proc = subprocess.Popen(torchrun("train", "recipes/demo.yaml", "--output-dir", out, "--set", "train.max_steps=400",
+                                     "--set", "train.per_device_train_batch_size=2", "--set", "train.logging_steps=1",
+                                     "--set", "train.save_steps=1000", procs=2),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics" / "train.jsonl"
+    deadline = time.monotonic() + 600
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:] if proc.poll() is not None else "no step logged"
+        time.sleep(0.5)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    ranks = {pid: dict(e.split("=", 1) for e in open(f"/proc/{pid}/environ").read().split("\0") if "=" in e).get("RANK") for pid in children}
+    (rank1,) = [pid for pid, rank in ranks.items() if rank == "1"]
+    os.kill(int(rank1), signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    stopped = [line for line in err.splitlines() if "stopped by SIGTERM at step" in line]
+    assert len(stopped) == 2, err[-3000:]  # both processes, at one step
+    step = int(stopped[0].split("at step ")[1].split(";")[0])
+    assert all(f"at step {step};" in line for line in stopped)
+    assert "another process received SIGTERM" in err
+    from alignpress.train import checkpoint_is_complete
+
+    assert checkpoint_is_complete(out / "checkpoints" / f"checkpoint-{step}")
+    assert json.loads((out / "run.json").read_text())["stages"]["train"]["status"] == "interrupted"

@@ -187,3 +187,51 @@ def test_disk_full(tmp_path, demo_run, size):
             assert all(checkpoint_is_complete(p) for p in (out / "checkpoints").glob("checkpoint-*"))
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_stage_command_never_discards_stages_it_does_not_redo(demo_copy):
+    """`publish` with a new eval gate used to mark evaluate and export pending (the changed section
+    feeds evaluate), then stop because export was not done: two finished stages thrown away."""
+    before = tree(demo_copy)
+    proc = cli("publish", "recipes/demo.yaml", "--output-dir", demo_copy, "--set", "eval.gate_min_gain=0.5")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {demo_copy}/recipe.resolved.yaml: recipe sections eval changed since the evaluate stage ran, and `publish` "
+        "does not redo it: run `evaluate` first, or `run` (it redoes evaluate and the stages after it)")
+    assert tree(demo_copy) == before
+
+
+def test_prepare_again_keeps_what_its_data_did_not_change(demo_copy, tmp_path):
+    """prepare run again on a finished folder: a failure keeps the later stages and their records (they
+    were marked pending before it ran); the same data leaves them alone; other data moves the old
+    checkpoints aside, so training starts over instead of resuming on data it was not trained on."""
+    recipe = tmp_path / "recipe" / "demo.yaml"
+    (recipe.parent / "data").mkdir(parents=True)
+    shutil.copy(ROOT / "recipes/demo.yaml", recipe)
+    data = recipe.parent / "data" / "arithmetic-capybara.jsonl"
+    good = (ROOT / "recipes/data/arithmetic-capybara.jsonl").read_text()
+    data.write_text(good + "not json\n")
+    trained = json.loads((demo_copy / "run.json").read_text())["stages"]["train"]
+
+    bad = cli("prepare", recipe, "--output-dir", demo_copy)
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert statuses(demo_copy) == ["failed", "done", "done", "done", "done"]
+    assert json.loads((demo_copy / "run.json").read_text())["stages"]["train"] == trained
+
+    data.write_text(good)
+    same = cli("prepare", recipe, "--output-dir", demo_copy)
+    assert same.returncode == 0, same.stderr[-2000:]
+    assert "prepared data unchanged (fingerprint" in same.stderr
+    assert statuses(demo_copy) == ["done"] * 5
+
+    data.write_text("".join(good.splitlines(keepends=True)[:-60]))
+    other = cli("prepare", recipe, "--output-dir", demo_copy)
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert "prepared data changed: the checkpoints of the old data move to" in other.stderr
+    assert statuses(demo_copy) == ["done", "pending", "pending", "pending", "pending"]
+    assert (demo_copy / "checkpoints.previous").is_dir() and not (demo_copy / "checkpoints").exists()
+    again = cli("train", recipe, "--output-dir", demo_copy)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming training" not in again.stderr
+    assert json.loads((demo_copy / "run.json").read_text())["stages"]["train"]["resumed_from_step"] == 0
+    assert not (demo_copy / "checkpoints.previous").exists()

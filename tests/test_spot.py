@@ -101,3 +101,31 @@ def test_output_folder_not_writable(tmp_path):
     proc = cli("run", "recipes/demo.yaml", "--output-dir", blocker / "out")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {blocker / 'out'}: output folder is not writable")
+
+
+def test_sigterm_reaches_the_workers_of_a_relaunched_run(tmp_path, demo_run):
+    """`run` with train.accelerate_config relaunches itself under `accelerate launch`. A SIGTERM to
+    the command (`docker stop`, a preemption) used to stop it alone: the worker trained on, asked for
+    no checkpoint, and the folder's lock was free for a second command while it still wrote there."""
+    out = tmp_path / "relaunched"
+    args = ["run", "recipes/demo.yaml", "--output-dir", str(out), "--set", "train.logging_steps=1",
+            "--set", "train.accelerate_config=ddp", "--set", "train.num_processes=1"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py"), *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (out / "metrics/train.jsonl").exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-f", f"--output-dir {out}"], capture_output=True, text=True).stdout.split()
+    workers = [int(p) for p in workers if int(p) != proc.pid]
+    assert workers  # the accelerate launcher and its worker
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "error: stopped by SIGTERM at step" in err, err[-3000:]
+    assert "Run `run` or `train` again, without --restart, to resume from it" in err
+    time.sleep(1)
+    alive = [p for p in workers if subprocess.run(["kill", "-0", str(p)], capture_output=True).returncode == 0]
+    assert alive == []
+    assert json.loads((out / "run.json").read_text())["stages"]["train"]["status"] == "interrupted"
+    assert checkpoint_is_complete(latest_checkpoint(out / "checkpoints"))

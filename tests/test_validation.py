@@ -357,3 +357,17 @@ def test_seed_recipes_have_a_gate_and_the_card_says_whether_one_was_set():
     lines = evaluation_lines({**unchanged, "gate": None})
     assert ("No publish gate was set (eval.gate_min_gain, eval.gate_max_kl): nothing checked that this model improved on the base "
             "before it was published.") in lines
+
+
+def test_a_reader_that_stops_early_is_not_an_error():
+    """`entrypoint.py schema | head -1` used to end in a BrokenPipeError traceback (exit 1)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(f"{sys.executable} entrypoint.py schema | head -1", shell=True, capture_output=True, text=True,
+                          cwd=ROOT, executable="/bin/bash")
+    assert proc.stdout == "name  (a string; default required)\n"
+    assert proc.stderr == ""
+    status = subprocess.run(f"{sys.executable} entrypoint.py schema | head -1 >/dev/null; echo ${{PIPESTATUS[0]}}", shell=True,
+                            capture_output=True, text=True, cwd=ROOT, executable="/bin/bash")
+    assert status.stdout.strip() == "0"

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from . import plan
-from .errors import AlignpressError
+from . import plan, processes
+from .errors import AlignpressError, redact
 from .lock import FolderLock
 from .recipe import Recipe, chat_template_file, chat_template_sha256, describe, dump, load_recipe
 from .runstate import STAGES, RunDir, disk_full, write_text
@@ -62,7 +62,7 @@ def _first_stage(section: str) -> str:
     return "prepare" if section in ("name", "model", "data") else RERUN_FROM.get(section, "train")
 
 
-def _check_same_recipe(recipe: Recipe, run_dir: RunDir, restart_from: str | None = None) -> None:
+def _check_same_recipe(recipe: Recipe, run_dir: RunDir, restart_from: str | None = None, command: str = "run") -> None:
     """Refuse to mix two recipes in one output folder.
 
     The prepared data depends on `name`, `model` and `data`: those may never change. Training
@@ -94,6 +94,16 @@ def _check_same_recipe(recipe: Recipe, run_dir: RunDir, restart_from: str | None
             source=str(path),
         )
     rerun = [RERUN_FROM[k] for k in changed if k in RERUN_FROM and run_dir.is_done(RERUN_FROM[k])]
+    if rerun and command != "run" and STAGES.index(min(rerun, key=STAGES.index)) < STAGES.index(command):
+        # A stage command redoes its own stage only: marking the earlier ones pending would throw
+        # away finished results the command does not redo (`publish` with a new eval gate used to
+        # mark evaluate and export pending, then stop because export was not done).
+        first = min(rerun, key=STAGES.index)
+        raise AlignpressError(
+            f"recipe sections {', '.join(k for k in changed if k in RERUN_FROM)} changed since the {first} stage ran, and `{command}` "
+            f"does not redo it: run `{first}` first, or `run` (it redoes {first} and the stages after it)",
+            source=str(path),
+        )
     if rerun and run_dir.writer:
         first = min(rerun, key=STAGES.index)
         log.info("recipe sections %s changed: stages from %s on will run again", ", ".join(changed), first)
@@ -149,12 +159,16 @@ def _restart(run_dir: RunDir, first: str) -> None:
 def _run_stage(name: str, recipe: Recipe, run_dir: RunDir) -> None:
     from . import evaluate, export, prepare, publish, train
 
-    if name != "prepare" and NEEDS.get(name) and not run_dir.is_done(NEEDS[name]):
-        raise AlignpressError(f"stage {name} needs {NEEDS[name]} to be done first (run.json says {run_dir.status(NEEDS[name])})", source=str(run_dir.manifest_path))
+    if name != "prepare" and NEEDS.get(name):
+        # Training runs on every process; the other stages on the main one only (no collective there).
+        status = processes.from_main(lambda: run_dir.status(NEEDS[name])) if name == "train" else run_dir.status(NEEDS[name])
+        if status != "done":
+            raise AlignpressError(f"stage {name} needs {NEEDS[name]} to be done first (run.json says {status})", source=str(run_dir.manifest_path))
     if name == "evaluate" and not recipe.eval.enabled:
         run_dir.set_stage(name, status="done", skipped="eval.enabled is false")
         return
     started = time.time()
+    old_fingerprint = run_dir.load().get("data_fingerprint")
     run_dir.current_stage = name
     log.info("== %s", name)
     with run_dir.stage(name) as info:
@@ -180,39 +194,31 @@ def _run_stage(name: str, recipe: Recipe, run_dir: RunDir) -> None:
         # The new training replaced what --restart set aside.
         run_dir.drop_aside(run_dir.checkpoints)
         run_dir.drop_aside(run_dir.metrics / "train.jsonl")
+    if run_dir.writer:
+        _after_stage(name, run_dir, old_fingerprint)
     log.info("== %s done in %.1f s", name, time.time() - started)
 
 
-def _distributed():
-    """accelerate's process state under `accelerate launch`/torchrun; None for a single process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    import torch
-    from accelerate import PartialState
+def _after_stage(name: str, run_dir: RunDir, old_fingerprint: str | None) -> None:
+    """A stage that finished replaced its result: the later stages are pending again. Only now, so
+    that a stage that fails keeps the later stages' finished results and their records.
 
-    # Without cpu=True a CPU-only launch (gloo) is seen as one process and every rank thinks it is the main one.
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
-def _on_main(state, fn) -> None:
-    """Run `fn` on the main process only; the others wait, and fail with the same error if it fails."""
-    from accelerate.utils import broadcast_object_list
-
-    error = None
-    if state is None or state.is_main_process:
-        try:
-            fn()
-        except BaseException as e:
-            error = e
-    if state is not None:
-        payload = [None if error is None else (str(error), getattr(error, "exit_code", 1))]
-        broadcast_object_list(payload, from_process=0)
-        if payload[0] is not None and error is None:
-            err = AlignpressError(f"the main process failed: {payload[0][0]}")
-            err.exit_code = payload[0][1]
-            raise err
-    if error is not None:
-        raise error
+    Prepared data that did not change (the same fingerprint) leaves the later stages as they are.
+    Data that did change makes the checkpoints stale: they move aside (checkpoints.previous, dropped
+    when the new training is done), so training starts over instead of resuming on other data."""
+    later = STAGES[STAGES.index(name) + 1 :]
+    if not later:
+        return
+    if name == "prepare" and old_fingerprint is not None:
+        new_fingerprint = run_dir.load().get("data_fingerprint")
+        if new_fingerprint == old_fingerprint:
+            log.info("prepared data unchanged (fingerprint %s): later stages stay as they are", new_fingerprint[:12])
+            return
+        if run_dir.checkpoints.exists():
+            log.info("prepared data changed: the checkpoints of the old data move to %s.previous; training starts over", run_dir.checkpoints)
+            run_dir.set_aside(run_dir.checkpoints)
+            run_dir.set_aside(run_dir.metrics / "train.jsonl")
+    run_dir.invalidate_from(later[0])
 
 
 def _relaunch(recipe: Recipe, argv: list[str]) -> int:
@@ -227,7 +233,25 @@ def _relaunch(recipe: Recipe, argv: list[str]) -> int:
     cmd += [str(Path(__file__).resolve().parents[2] / "entrypoint.py"), *argv]
     log.info("relaunching under accelerate: %s", " ".join(cmd))
     # The marker stops the child from relaunching itself (a 1-process launch sets WORLD_SIZE=1).
-    return subprocess.call(cmd, env=dict(os.environ, ALIGNPRESS_LAUNCHED="1"))
+    # The launcher and its workers get a process group of their own, and the signals this process
+    # receives go to all of them: a SIGTERM (`docker stop`, a preemption) used to stop this process
+    # alone, leaving the workers training on with no checkpoint asked for, and the folder's lock free.
+    import signal
+
+    child = subprocess.Popen(cmd, env=dict(os.environ, ALIGNPRESS_LAUNCHED="1"), start_new_session=True)
+
+    def forward(signum, frame):
+        try:
+            os.killpg(child.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _hub_preflight(recipe: Recipe) -> str:
@@ -262,7 +286,7 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
 
     from .modeling import preflight
 
-    state = _distributed()
+    state = processes.state()
     main = state is None or state.is_main_process
     run_dir = RunDir(args.output_dir or Path("outputs") / recipe.name, writer=main)
     # Before anything is written: a refused run leaves no folder behind. prepare loads only the
@@ -272,19 +296,19 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
         from . import tracking
 
         tracking.check_installed(recipe)
-    if args.command == "run" and os.environ.get("ALIGNPRESS_LAUNCHED") != "1" and (args.restart or not run_dir.is_done("publish")):
+    if args.command == "run" and os.environ.get("ALIGNPRESS_LAUNCHED") != "1":
         # A run that will publish checks the Hub first: no GPU time for a push that would be refused.
         from . import publish
 
-        _on_main(state, lambda: publish.preflight(recipe, run_dir))
+        processes.on_main(state, lambda: None if run_dir.is_done("publish") and not args.restart else publish.preflight(recipe, run_dir))
     args.run_dir = run_dir  # for the error log of an unexpected failure (main)
     restart_from = ("prepare" if args.command == "run" else args.command) if args.restart else None
     need = NEEDS.get(args.command)
-    if need and not run_dir.is_done(need):
+    if need and (status := processes.on_main(state, lambda: run_dir.status(need))) != "done":
         # Before the lock, --restart or anything else touches the folder.
-        raise AlignpressError(f"stage {args.command} needs {need} to be done first (run.json says {run_dir.status(need)})", source=str(run_dir.manifest_path))
+        raise AlignpressError(f"stage {args.command} needs {need} to be done first (run.json says {status})", source=str(run_dir.manifest_path))
     lock = FolderLock(run_dir.root, command=f"{args.command} {args.recipe}")
-    _on_main(state, lambda: (run_dir.ensure_writable(), lock.acquire()))
+    processes.on_main(state, lambda: (run_dir.ensure_writable(), lock.acquire()))
     try:
         return _execute_locked(args, argv, recipe, run_dir, state, restart_from)
     finally:
@@ -293,7 +317,8 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _execute_locked(args: argparse.Namespace, argv: list[str], recipe: Recipe, run_dir: RunDir, state, restart_from: str | None) -> int:
     main = state is None or state.is_main_process
-    _check_same_recipe(recipe, run_dir, restart_from)
+    # The main process reads the folder for every decision and tells the others (alignpress.processes).
+    processes.on_main(state, lambda: _check_same_recipe(recipe, run_dir, restart_from, args.command))
     launched = state is not None or os.environ.get("ALIGNPRESS_LAUNCHED") == "1"
     if restart_from and main and os.environ.get("ALIGNPRESS_LAUNCHED") != "1":  # a relaunched child's parent did it
         _restart(run_dir, restart_from)
@@ -314,11 +339,11 @@ def _execute_locked(args: argparse.Namespace, argv: list[str], recipe: Recipe, r
         if name == "train":
             _run_stage(name, recipe, run_dir)
         else:
-            _on_main(state, lambda: _run_stage(name, recipe, run_dir))
+            processes.on_main(state, lambda: _run_stage(name, recipe, run_dir))
 
     if args.command == "run":
         for name in STAGES:
-            if run_dir.is_done(name):
+            if processes.on_main(state, lambda: run_dir.is_done(name)):
                 log.info("== %s: already done, skipping", name)
                 continue
             stage(name)
@@ -328,10 +353,7 @@ def _execute_locked(args: argparse.Namespace, argv: list[str], recipe: Recipe, r
 
             print(render(recipe, run_dir, str(args.recipe), args.overrides), flush=True)
     else:
-        later = STAGES[STAGES.index(args.command) + 1 :]
-        if later and run_dir.is_done(args.command) and main and not restart_from:
-            run_dir.invalidate_from(later[0])
-        stage(args.command)
+        stage(args.command)  # the later stages are marked pending once it is done (_run_stage)
     return 0
 
 
@@ -374,20 +396,25 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     setup_logging()
-    if args.command == "schema":
-        for dotted, tp, default, help_ in describe(Recipe):
-            print(f"{dotted}  ({tp}; default {default})\n    {help_}")
-        return 0
     try:
+        if args.command == "schema":
+            for dotted, tp, default, help_ in describe(Recipe):
+                print(f"{dotted}  ({tp}; default {default})\n    {help_}")
+            return 0
         return execute(args, argv)
     except AlignpressError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:
+        # The reader of stdout went away (`schema | head`): not an error of the command. Python would
+        # report the pipe again when it flushes stdout at exit, so stdout goes nowhere from here.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - anything unexpected: one line here, the traceback in a log file
-        print(f"error: {_unexpected(e, args)}", file=sys.stderr)
+        print(f"error: {redact(_unexpected(e, args))}", file=sys.stderr)
         return 1
 
 

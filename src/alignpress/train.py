@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .checks import check_truncation
-from . import tracking
+from . import processes, tracking
 from .errors import AlignpressError, Preempted
 from .health import HealthCallback
 from .modeling import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
@@ -50,10 +50,16 @@ def checkpoint_is_complete(path: Path) -> bool:
     when small, intact contents."""
     from safetensors import safe_open
 
-    if not all((path / name).is_file() and (path / name).stat().st_size > 0 for name in CHECKPOINT_FILES):
+    deepspeed = _deepspeed_states(path)
+    if deepspeed is False:
+        return False
+    # Under DeepSpeed the optimizer and scheduler are in its global_step*/ states, not optimizer.pt
+    # and scheduler.pt (every DeepSpeed checkpoint used to be skipped, and training restarted at 0).
+    required = ("trainer_state.json",) if deepspeed else CHECKPOINT_FILES
+    if not all((path / name).is_file() and (path / name).stat().st_size > 0 for name in required):
         return False
     weights = list(path.glob("adapter_model.safetensors")) + list(path.glob("model*.safetensors"))
-    if not weights:
+    if not weights and not deepspeed:  # ZeRO-3 may save no usable weights file: its states hold them
         return False
     try:
         for f in sorted(path.rglob("*")):
@@ -74,6 +80,18 @@ def checkpoint_is_complete(path: Path) -> bool:
     except Exception:  # noqa: BLE001 - any unreadable part makes the checkpoint unusable
         return False
     return True
+
+
+def _deepspeed_states(path: Path) -> bool | None:
+    """None: not a DeepSpeed checkpoint. Else whether the states DeepSpeed resumes from are there:
+    `latest` names a global_step folder holding the model and optimizer states."""
+    if not any(path.glob("global_step*")):
+        return None
+    latest = path / "latest"
+    if not latest.is_file():
+        return False
+    states = path / latest.read_text().strip()
+    return states.is_dir() and any(states.glob("*model_states.pt")) and any(states.glob("*optim_states.pt"))
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
@@ -165,10 +183,18 @@ class SpotSafety:
 
         class _Callback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
-                if outer.sigterm:
+                # 2: stop (SIGTERM), 1: save (timer), 0: go on. Every process takes the largest: a
+                # SIGTERM may reach one node only, and the timers differ a little; a process that
+                # saved or stopped alone would leave the others waiting in a collective forever.
+                want = 2 if outer.sigterm else 1 if outer.every and time.monotonic() - outer.last_save >= outer.every else 0
+                want = processes.largest(want, args.device)
+                if want == 2:
+                    if not outer.sigterm:
+                        log.warning("another process received SIGTERM: saving a checkpoint after this step, then stopping")
+                    outer.sigterm = True
                     control.should_save = True
                     control.should_training_stop = True
-                elif outer.every and time.monotonic() - outer.last_save >= outer.every:
+                elif want == 1:
                     control.should_save = True
 
             def on_save(self, args, state, control, **kwargs):
@@ -226,6 +252,11 @@ def run_epochs(recipe: Recipe, pairs: int) -> float:
     return t.max_steps * t.per_device_train_batch_size * t.gradient_accumulation_steps * world / max(pairs, 1)
 
 
+# Why `auto` does not precompute on several nodes.
+ACROSS_NODES = ("several nodes: TRL's main process writes the reference log-probs into the output folder and the other "
+                "nodes read them at once, but through a bucket mount each node sees the others' writes only after the upload")
+
+
 def resolve_systems(recipe: Recipe, rows: list[dict[str, Any]], device: str, dtype, run_dir: RunDir | None, config: Any = None, gpu_gib: float | None = None) -> dict[str, Any]:
     """The speed levers as this run uses them: `auto` fields decided, each choice with its reason.
 
@@ -247,12 +278,17 @@ def resolve_systems(recipe: Recipe, rows: list[dict[str, Any]], device: str, dty
     out["use_liger_kernel"] = liger
 
     stored = bool(run_dir is not None and rows and (ref_logps_folder(run_dir, rows) / STORED_MARK).exists())
-    if d.precompute_ref_log_probs == "auto":
+    if d.precompute_ref_log_probs == "auto" and processes.several_nodes():
+        out["precompute_ref_log_probs"] = False
+        out["precompute_ref_log_probs_decision"] = {"reason": f"off: {ACROSS_NODES}"}
+    elif d.precompute_ref_log_probs == "auto":
         decision = precompute_decision(run_epochs(recipe, len(rows)), stored=stored)
         out["precompute_ref_log_probs"] = decision.pop("precompute_ref_log_probs")
         out["precompute_ref_log_probs_decision"] = decision
     else:
         out["precompute_ref_log_probs"] = d.precompute_ref_log_probs
+        if d.precompute_ref_log_probs and processes.several_nodes():
+            out["precompute_ref_log_probs_reason"] = f"on as the recipe says, but {ACROSS_NODES}; it works only where every node sees the folder at once (a shared file system)"
     if out["precompute_ref_log_probs"]:
         out["precompute_ref_batch_size"] = d.precompute_ref_batch_size or t.per_device_train_batch_size
 
@@ -288,7 +324,7 @@ def resolve_systems(recipe: Recipe, rows: list[dict[str, Any]], device: str, dty
 def log_systems(systems: dict[str, Any]) -> None:
     for key in ("gradient_checkpointing", "precompute_ref_log_probs", "use_liger_kernel"):
         why = systems.get(f"{key}_decision", {}).get("reason") or systems.get(f"{key}_reason")
-        (log.warning if key == "use_liger_kernel" and why else log.info)("%s: %s%s", key, systems[key], f" ({why})" if why else "")
+        (log.warning if key in ("use_liger_kernel", "precompute_ref_log_probs") and systems.get(f"{key}_reason") else log.info)("%s: %s%s", key, systems[key], f" ({why})" if why else "")
 
 
 def dpo_config(recipe: Recipe, run_dir: RunDir, device: str, dtype, systems: dict[str, Any] | None = None, trackers: dict[str, Any] | None = None) -> Any:
@@ -414,7 +450,7 @@ def training_dataset(rows: list[dict[str, Any]], run_dir: RunDir, systems: dict[
     from datasets import load_from_disk
 
     folder = ref_logps_folder(run_dir, rows)
-    with _main_process_first():
+    with processes.main_process_first():
         if not (folder / "dataset_info.json").exists() and run_dir.writer:
             if folder.parent.is_dir():
                 for old in folder.parent.iterdir():  # another data version's: training redoes them
@@ -426,23 +462,18 @@ def training_dataset(rows: list[dict[str, Any]], run_dir: RunDir, systems: dict[
     return load_from_disk(str(folder))
 
 
-def _main_process_first():
-    """accelerate's main_process_first under a multi-process launch; nothing otherwise."""
-    from contextlib import nullcontext
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return nullcontext()
-    from accelerate import PartialState
-
-    return PartialState().main_process_first()
-
-
-def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
+def _inputs(run_dir: RunDir) -> tuple[list[dict[str, Any]], list[Path]]:
+    """The prepared pairs and the complete checkpoints, newest first (read by the main process)."""
     rows = read_jsonl(run_dir.data / "train.jsonl")
     if not rows:
         raise AlignpressError("data/train.jsonl is empty; re-run prepare", source=str(run_dir.data / "train.jsonl"))
+    return rows, complete_checkpoints(run_dir.checkpoints)
+
+
+def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
+    # Every process trains on the main process's pairs and resumes its checkpoint (processes.py).
+    rows, candidates = processes.from_main(lambda: _inputs(run_dir))
     truncated = check_truncation(recipe, rows)  # before the model loads: dpo.max_length may have changed since prepare
-    candidates = complete_checkpoints(run_dir.checkpoints)
     failures = []
     while True:
         resume = candidates.pop(0) if candidates else None
@@ -495,7 +526,9 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
     # train.use_liger_kernel without the package on CUDA is refused by modeling.preflight, before prepare.
     gpu_gib = torch.cuda.mem_get_info()[0] / 1024**3 if device == "cuda" else None  # before the weights land
     model = load_model(recipe, base_path, device=device, dtype=dtype, quantized=recipe.model.load_in_4bit, tokenizer=tok)
-    systems = resolve_systems(recipe, rows, device, dtype, run_dir, config=model.config, gpu_gib=gpu_gib)
+    # One decision for every process: different ones (free memory differs a little per GPU, a stored
+    # pass not yet visible on another node) would run different collectives and hang.
+    systems = processes.from_main(lambda: resolve_systems(recipe, rows, device, dtype, run_dir, config=model.config, gpu_gib=gpu_gib))
     log_systems(systems)
 
     peft_config = None
@@ -564,9 +597,10 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
                 raise _ResumeFailed(resume, e) from e
             raise
     if spot.sigterm:
-        raise Preempted(f"stopped by SIGTERM at step {trainer.state.global_step}; a checkpoint was saved in {run_dir.checkpoints}. Run the same command again to resume")
+        raise Preempted(f"stopped by SIGTERM at step {trainer.state.global_step}; a checkpoint was saved in {run_dir.checkpoints}. "
+                        "Run `run` or `train` again, without --restart, to resume from it")
 
-    history = [json.loads(line) for line in (run_dir.metrics / "train.jsonl").read_text().splitlines() if line.strip()]
+    history = processes.from_main(lambda: [json.loads(line) for line in (run_dir.metrics / "train.jsonl").read_text().splitlines() if line.strip()])
     losses = [h["loss"] for h in history if "loss" in h]
     if losses and not all(math.isfinite(x) for x in losses):
         raise AlignpressError("training loss became NaN or infinite; lower train.learning_rate or check the data", field="train.learning_rate", source=recipe.source)

@@ -1,0 +1,88 @@
+"""Several training processes (accelerate launch, torchrun): the main process decides, the others follow.
+
+On several nodes each one mounts the output bucket through its own cache (SkyPilot's MOUNT_CACHED):
+what the main process writes there reaches the other nodes seconds later, or after the upload. So the
+other processes never read the output folder for what the main process decided or wrote (stage
+statuses, the prepared pairs, the checkpoint to resume, the speed levers): it is sent to them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from .errors import AlignpressError
+
+
+def several() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def several_nodes() -> bool:
+    """More processes than this node runs: torchrun and accelerate set LOCAL_WORLD_SIZE per node."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world > int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+
+
+def state():
+    """accelerate's process state under `accelerate launch`/torchrun; None for a single process."""
+    if not several():
+        return None
+    import torch
+    from accelerate import PartialState
+
+    # Without cpu=True a CPU-only launch (gloo) is seen as one process and every rank thinks it is the main one.
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def on_main(st, fn: Callable[[], Any]) -> Any:
+    """`fn()` on the main process only; every process gets its value. If it fails, the others fail
+    with the same error and exit code."""
+    from accelerate.utils import broadcast_object_list
+
+    error, value = None, None
+    if st is None or st.is_main_process:
+        try:
+            value = fn()
+        except BaseException as e:
+            error = e
+    if st is not None:
+        payload = [("ok", value) if error is None else ("error", (str(error), getattr(error, "exit_code", 1)))]
+        broadcast_object_list(payload, from_process=0)
+        if payload[0][0] == "error" and error is None:
+            err = AlignpressError(f"the main process failed: {payload[0][1][0]}")
+            err.exit_code = payload[0][1][1]
+            raise err
+        value = payload[0][1] if error is None else None
+    if error is not None:
+        raise error
+    return value
+
+
+def from_main(fn: Callable[[], Any]) -> Any:
+    """on_main for code that runs on every process (training): the main process's value everywhere."""
+    return on_main(state(), fn)
+
+
+def main_process_first():
+    """accelerate's main_process_first under several processes; nothing otherwise."""
+    from contextlib import nullcontext
+
+    if not several():
+        return nullcontext()
+    return state().main_process_first()
+
+
+def largest(value: int, device: Any = None) -> int:
+    """The largest of every process's `value`, on every process: a decision that needs them all
+    (save a checkpoint now, stop now) must be taken by all, or the ones that go on wait forever for
+    the ones that stopped. One tiny all-reduce; `device` is where it runs (the GPU for NCCL)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    import torch
+
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
