@@ -526,7 +526,7 @@ def test_prepare_and_plan_a_4bit_recipe_without_cuda(tmp_path, tiny_phi3):
         # training still refuses at the door, and leaves the prepared data alone
         proc = cli("train", recipe, *four_bit)
         assert proc.returncode == 2
-        assert f"error: {recipe}: field 'model.load_in_4bit': 4-bit QLoRA needs a CUDA GPU" in proc.stderr
+        assert "error: --set model.load_in_4bit: field 'model.load_in_4bit': 4-bit QLoRA needs a CUDA GPU" in proc.stderr
         assert json.loads((out / "data/stats.json").read_text())["tokens"]["train"] == stats
 
 

@@ -130,6 +130,16 @@ def test_everything_filtered_out(tmp_path, tiny_phi3):
     assert_refused(cli("prepare", recipe, "--output-dir", out), out, f"{recipe}: field 'data.filters': no training rows left after filtering (15 loaded; rating_chosen >= 9: -15)")
 
 
+def test_no_rows_left_names_the_field_that_removed_them(tmp_path):
+    """Not always data.filters: a train split inside the eval split, or a max_length no pair fits."""
+    out = tmp_path / "out"
+    assert_refused(cli("prepare", "recipes/demo.yaml", "--output-dir", out, "--set", "data.split=train[:100]"), out,
+                   "error: --set data.split: field 'data.split': no training rows left after filtering (100 loaded; ")
+    out = tmp_path / "out2"
+    assert_refused(cli("prepare", "recipes/demo.yaml", "--output-dir", out, "--set", "data.filters.max_tokens=null", "--set", "dpo.max_length=8"), out,
+                   "error: --set dpo.max_length: field 'dpo.max_length': no training rows left after filtering (")
+
+
 def test_filter_on_missing_column(tmp_path, tiny_phi3):
     recipe = make_recipe(tmp_path, tiny_phi3, data__filters={"min": {"score_chosen": 4}})
     out = tmp_path / "out"

@@ -116,7 +116,7 @@ def test_sigterm_reaches_the_workers_of_a_relaunched_run(tmp_path, demo_run):
     while time.time() < deadline and not (out / "metrics/train.jsonl").exists():
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         time.sleep(0.05)
-    workers = subprocess.run(["pgrep", "-f", f"--output-dir {out}"], capture_output=True, text=True).stdout.split()
+    workers = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
     workers = [int(p) for p in workers if int(p) != proc.pid]
     assert workers  # the accelerate launcher and its worker
     proc.send_signal(signal.SIGTERM)

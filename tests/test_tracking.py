@@ -90,7 +90,7 @@ def test_a_tracker_that_is_not_installed_stops_the_run_before_it_starts(tmp_path
     proc = cli("run", RECIPE, "--output-dir", out, "--set", "train.report_to=wandb", timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
-        "error: recipes/demo.yaml: field 'train.report_to': tracker 'wandb' needs the wandb package, which is not installed: "
+        "error: --set train.report_to: field 'train.report_to': tracker 'wandb' needs the wandb package, which is not installed: "
         "install it, or choose another tracker (none turns tracking off)"
     )
     assert not out.exists()

@@ -205,7 +205,7 @@ def test_cuda_asked_but_unusable_stops_at_the_door(tmp_path):
     proc = cli("run", "recipes/demo.yaml", "--set", "train.device=cuda", "--output-dir", out)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: recipes/demo.yaml: field 'train.device': train.device is cuda but no CUDA GPU can be used: ")
+    assert last.startswith("error: --set train.device: field 'train.device': train.device is cuda but no CUDA GPU can be used: ")
     if torch.version.cuda is None:
         assert last.endswith(f": this torch ({torch.__version__}) is built without CUDA")
     assert not out.exists()
@@ -371,3 +371,13 @@ def test_a_reader_that_stops_early_is_not_an_error():
     status = subprocess.run(f"{sys.executable} entrypoint.py schema | head -1 >/dev/null; echo ${{PIPESTATUS[0]}}", shell=True,
                             capture_output=True, text=True, cwd=ROOT, executable="/bin/bash")
     assert status.stdout.strip() == "0"
+
+
+def test_a_stage_error_names_the_set_flag_that_gave_the_field(tmp_path, capsys):
+    """The stages raise naming the recipe file; a field given with --set is fixed on the command line."""
+    out = tmp_path / "out"
+    rc, _, err = call(capsys, "run", "recipes/demo.yaml", "--output-dir", str(out), "--set", "model.dtype=float16", "--set", "train.device=cpu")
+    assert rc == 2
+    assert err.strip().splitlines()[-1] == "error: --set model.dtype: field 'model.dtype': float16 training is not supported on the CPU; use float32 or bfloat16"
+    rc, _, err = call(capsys, "run", "recipes/demo.yaml", "--output-dir", str(out), "--set", "train.device=cpu", "--set", "train.report_to=wandb")
+    assert rc == 2 and err.strip().splitlines()[-1].startswith("error: --set train.report_to: field 'train.report_to': ")

@@ -268,7 +268,7 @@ def _hub_preflight(recipe: Recipe) -> str:
 def execute(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "plan":
         return plan.main(args)
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = args.loaded_recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "validate":
         from .checks import check_judge, check_model, check_training_settings
         from .prepare import check_data_sources
@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return execute(args, argv)
     except AlignpressError as e:
-        print(f"error: {redact(str(e))}", file=sys.stderr)
+        print(f"error: {redact(_named(e, args))}", file=sys.stderr)
         return e.exit_code
     except BrokenPipeError:
         # The reader of stdout went away (`schema | head`): not an error of the command. Python would
@@ -416,6 +416,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - anything unexpected: one line here, the traceback in a log file
         print(f"error: {redact(_unexpected(e, args))}", file=sys.stderr)
         return 1
+
+
+def _named(error: AlignpressError, args: argparse.Namespace) -> str:
+    """The error's line, naming the `--set` flag instead of the recipe file when the field came from
+    one (the stages raise with the recipe's file; the flag is where the user would fix it)."""
+    text, recipe = str(error), getattr(args, "loaded_recipe", None)
+    if recipe is not None and error.field and error.source == recipe.source and text.startswith(f"{recipe.source}: "):
+        text = recipe.where(error.field) + text[len(recipe.source):]
+    return text
 
 
 def _unexpected(error: Exception, args: argparse.Namespace) -> str:

@@ -618,11 +618,21 @@ def run(recipe: Recipe, run_dir: RunDir, tok) -> dict[str, Any]:
     train_total = _merge_reports(train_reports + [train_after], len(train))
     eval_total = _merge_reports(eval_reports + [eval_after], len(evals))
     if not train:
-        steps = "; ".join(f"{x['filter']}: -{x['removed']}" for x in train_total["filters"] if x["removed"])
+        removed = [x for x in train_total["filters"] if x["removed"]]
+        steps = "; ".join(f"{x['filter']}: -{x['removed']}" for x in removed)
+        # The field of the step that removed the most rows: not always a filter (a train split that
+        # lies inside the eval split, a max_length that no pair fits).
+        worst = max(removed, key=lambda x: x["removed"])["filter"] if removed else ""
+        if worst.startswith("prompt also in the eval split"):
+            field_name = "data.split"
+        elif worst.startswith("longer than"):
+            field_name = "data.filters.max_tokens" if d.filters.max_tokens is not None else "dpo.max_length"
+        else:
+            field_name = "data.filters"
         raise AlignpressError(
             f"no training rows left after filtering ({train_total['loaded']} loaded; {steps})",
             source=recipe.source,
-            field="data.filters",
+            field=field_name,
         )
     if not evals:
         log.warning("no evaluation rows: the evaluate stage will have nothing to score")
