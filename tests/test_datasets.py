@@ -173,3 +173,36 @@ def test_sources_given_with_set_name_the_flag():
     proc = cli("validate", "recipes/demo.yaml", "--set", "data.dataset=null", "--set", "data.datasets=[{dataset: a.jsonl, fraction: 2}]")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: --set data.datasets: field 'data.datasets[0].fraction': must be in (0, 1], got 2.0"
+
+
+def test_filters_that_keep_nothing_stop_prepare_before_rendering(tmp_path, tiny_phi3, capsys):
+    """A Hub source is read only by prepare; there, a rating filter that keeps none of a source's
+    training rows is named (it used to end in "no training rows left", or pass in a mix), and an
+    evaluation left with no rows stops prepare instead of scoring nothing after training.
+    In this process (alignpress.cli.main, what entrypoint.py calls): the entry point's own exit is
+    covered by the tests above."""
+    from types import SimpleNamespace
+
+    from alignpress.cli import main
+
+    def prepare(recipe, out, *more):
+        rc = main(["prepare", str(recipe), "--output-dir", str(out), *more])
+        return SimpleNamespace(returncode=rc, stderr=capsys.readouterr().err)
+
+    write_sources(tmp_path)
+    data = json.loads(json.dumps(TWO_SOURCES))
+    data["datasets"][0]["filters"]["min"]["rating_chosen"] = 6
+    recipe = write_recipe(tmp_path, tiny_phi3, data)
+    out = tmp_path / "out"
+    assert_refused_at_prepare(prepare(recipe, out), out, f"error: {recipe}: field 'data.datasets[0].filters.min.rating_chosen': keeps none of the "
+                                                         f"10 rows of split 'train' of {tmp_path / 'capy.jsonl'} (rating_chosen: its values there run from 2 to 5)")
+
+    one = {"dataset": "capy.jsonl", "split": "train[:8]", "eval_split": "train[8:]", "filters": {"min": {"rating_chosen": 4.5}}}
+    recipe = write_recipe(tmp_path, tiny_phi3, one)
+    out = tmp_path / "out2"
+    assert_refused_at_prepare(prepare(recipe, out), out, f"error: {recipe}: field 'data.eval_split': no evaluation rows left (2 loaded; "
+                                                         "rating_chosen >= 4.5: -2): the evaluate stage would score nothing after training; "
+                                                         "hold out more rows, or set eval.enabled: false")
+    done = prepare(recipe, out, "--set", "eval.enabled=false")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "data/stats.json").read_text())["splits"]["eval"]["kept"] == 0

@@ -127,7 +127,8 @@ def assert_refused(proc, out, *message_parts):
 def test_everything_filtered_out(tmp_path, tiny_phi3):
     recipe = make_recipe(tmp_path, tiny_phi3, data__filters={"min": {"rating_chosen": 9}})
     out = tmp_path / "out"
-    assert_refused(cli("prepare", recipe, "--output-dir", out), out, f"{recipe}: field 'data.filters': no training rows left after filtering (15 loaded; rating_chosen >= 9: -15)")
+    assert_refused(cli("prepare", recipe, "--output-dir", out), out, f"{recipe}: field 'data.filters.min.rating_chosen': keeps none of the 15 rows of "
+                                                                 f"split 'train' of {tmp_path / 'pairs.jsonl'} (rating_chosen: its values there run from 3 to 5)")
 
 
 def test_no_rows_left_names_the_field_that_removed_them(tmp_path):

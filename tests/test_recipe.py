@@ -7,7 +7,7 @@ import yaml
 
 from alignpress import yamlfile
 from alignpress.errors import AlignpressError
-from alignpress.recipe import Recipe, check_repo_id, describe, load_recipe, token_cap
+from alignpress.recipe import Recipe, check_repo_id, check_tag, describe, load_recipe, token_cap
 from conftest import ROOT, cli
 
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
@@ -118,6 +118,14 @@ BASE = "name: t\nmodel: {name_or_path: x/y}\ndata: {dataset: d.jsonl}\n"
         ("", [f"train.accelerate_config={ROOT}/recipes/demo.yaml"], f"field 'train.accelerate_config': {ROOT}/recipes/demo.yaml is not an accelerate "
                                                                     "config: ValueError: A `distributed_type` must be specified in the config file."),
         ("", ["dpo.max_truncated_fraction=1.5"], "--set dpo.max_truncated_fraction: field 'dpo.max_truncated_fraction': must be in [0, 1), got 1.5"),
+        # Settings nothing would read: the run used to go on without them.
+        ("", ["train.num_processes=8"], "--set train.num_processes: field 'train.num_processes': is read only with train.accelerate_config "
+                                        "(alignpress starts `accelerate launch` with both); set train.accelerate_config (e.g. ddp), or leave this unset"),
+        ("model: {name_or_path: 'builtin:tiny-phi3-arithmetic', revision: main}\n", [],
+         "field 'model.revision': a revision selects a commit of a Hub model; 'builtin:tiny-phi3-arithmetic' is built by alignpress, which has none"),
+        ("", ["model.name_or_path=.", "model.revision=v1"], "field 'model.revision': a revision selects a commit of a Hub model; '.' is a local folder, which has none"),
+        ("model: {name_or_path: x/y, revision: ''}\n", [], "field 'model.revision': must not be empty"),
+        ("publish: {tag: 'v1..0'}\n", [], "field 'publish.tag': 'v1..0': git refuses '..' in a tag name"),
     ],
 )
 def test_bad_recipes_name_file_and_field(tmp_path, extra, overrides, expected):
@@ -216,6 +224,16 @@ def test_repo_id_rules():
     assert check_repo_id("a/b/c") is not None
     assert check_repo_id("alice/x.git") is not None
     assert check_repo_id("alice/" + "x" * 97) is not None
+
+
+def test_tag_rules():
+    """Names a Hub repo's git refuses fail at the door; the tag is created after the whole push."""
+    assert [check_tag(t) for t in ("v1", "v1.0.2", "run-20261127_0516", "1.x")] == [None] * 4
+    assert check_tag("v1..0") == "git refuses '..' in a tag name"
+    assert check_tag("v1.lock") == check_tag("v1.") == "git refuses a tag name that ends with '.' or '.lock'"
+    assert check_tag("a" * 40) == "40 hex digits read as a commit id, not as a tag"
+    for bad in ("-v1", ".v1", "v 1", "v1/x", "v1@{0}", "x" * 101, ""):
+        assert check_tag(bad) == "use 1-100 letters, digits, '.', '_', '-', starting with a letter or digit", bad
 
 
 def test_every_field_is_documented():

@@ -55,6 +55,9 @@ def test_sigterm_saves_and_resumes(tmp_path, demo_run):
     losses = [(h["step"], h["loss"]) for h in map(json.loads, (out / "metrics/train.jsonl").read_text().splitlines()) if "loss" in h]
     assert sorted(curve) == [s for s, _ in losses] == list(range(1, losses[-1][0] + 1))
     assert [curve[s] for s, _ in losses] == pytest.approx([v for _, v in losses], rel=1e-6)
+    # One closing summary, the resumed run's: the interrupted run's (at the step it stopped on) is dropped.
+    history = [json.loads(line) for line in (out / "metrics/train.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if "train_runtime" in h] == [history[-1]["step"]] == [losses[-1][0]]
 
 
 def test_corrupt_newest_checkpoint_is_skipped(tmp_path, demo_run):

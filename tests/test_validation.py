@@ -114,12 +114,48 @@ def test_a_section_given_twice_stops_validate_in_one_line(tmp_path, tiny_phi3, c
 
 
 def test_validate_finds_local_data_problems(tmp_path, tiny_phi3, capsys):
-    """A local data source is checked by validate (it exists, is a type prepare reads, split `train`)
-    without reading it; a Hub dataset is left to prepare. Each mistake used to pass validate."""
+    """A local data source is checked by validate as prepare reads it, short of the tokenizer (it
+    exists, is a type prepare reads, split `train`, its slice, columns and rating filters); a Hub
+    dataset is left to prepare. Each mistake used to pass validate, and was found on the rented VM."""
     recipe = write_recipe(tmp_path, tiny_phi3)
     rc, out, err = call(capsys, "validate", recipe)
     assert (rc, err) == (0, "")
-    assert out.splitlines()[2] == f"# data: {DATA} ({DATA.stat().st_size / 1e6:.1f} MB)"
+    size = f"{DATA.stat().st_size / 1e6:.1f} MB"
+    assert out.splitlines()[2] == f"# data: {DATA} ({size}): 60 rows in train[100:160], 20 rows in train[:20]; format capybara (detected)"
+    rc, out, err = call(capsys, "validate", recipe, "--set", "data.filters.min.rating_chosen=4.5")
+    assert (rc, err, out.splitlines()[2]) == (0, "", f"# data: {DATA} ({size}): 60 rows in train[100:160] (59 after the rating filters), "
+                                                     "20 rows in train[:20] (19 after the rating filters); format capybara (detected)")
+    columns = ("chosen, chosen_model, conversation, generation_prompt, new_generations, original_response, prompt, rating_chosen, "
+               "rating_rejected, raw_generation_responses, rejected, rejected_model, source")
+    bad_value = tmp_path / "bad-value.jsonl"
+    lines = DATA.read_text().splitlines()
+    bad_value.write_text("\n".join(lines[:7] + [lines[7].replace('"rating_chosen": ', '"rating_chosen": "high", "x": ', 1)] + lines[8:]) + "\n")
+    read_cases = [
+        ("data.split=train[5000:]", f"field 'data.split': split 'train[5000:]' of {DATA} has no rows (the whole split has 640)"),
+        ("data.eval_split=train[700:]", f"field 'data.eval_split': split 'train[700:]' of {DATA} has no rows (the whole split has 640): the "
+                                        "evaluate stage would score nothing after training; fix the slice, or set eval.enabled: false"),
+        ("data.columns.prompt=question", f"field 'data.columns.prompt': column 'question' is not in {DATA} (its columns: {columns})"),
+        ("data.format=system_question", f"field 'data.format': format 'system_question' needs columns question, chosen, rejected; "
+                                        f"missing question in {DATA} (the data has: {columns})"),
+        ("data.filters.min.ratin=4", f"field 'data.filters.min.ratin': column 'ratin' is not in {DATA} (its columns: {columns})"),
+        ("data.filters.min.rating_chosen=6", f"field 'data.filters.min.rating_chosen': keeps none of the 60 rows of split 'train[100:160]' of {DATA} "
+                                             "(rating_chosen: its values there run from 3 to 5)"),
+        ("data.filters.max={rating_chosen: 4.5, rating_rejected: 0.5}",
+         f"field 'data.filters.max.rating_rejected': keeps none of the 28 rows of split 'train[100:160]' of {DATA} left by the filters "
+         "before it (rating_rejected: its values there run from 1 to 2.5)"),
+    ]
+    for override, message in read_cases:
+        rc, out, err = call(capsys, "validate", recipe, "--set", override)
+        assert (rc, out) == (2, ""), override
+        assert err.startswith(f"error: --set {override.split('=')[0]}: {message}") and err.count("\n") == 1, (override, err)
+    rc, out, err = call(capsys, "validate", recipe, "--set", "data.format=hh")  # columns there, but conversations, not transcripts
+    assert (rc, out, err) == (2, "", f"error: {DATA}: 60 of 60 rows of split 'train[100:160]' cannot be used, more than data.max_malformed_fraction "
+                                     "(0.05) allows: HH chosen/rejected must be transcript strings (60 rows: 100, 101, 102, …)\n")
+    rc, out, err = call(capsys, "validate", recipe, "--set", "data.eval_split=train[700:]", "--set", "eval.enabled=false")
+    assert (rc, err) == (0, "") and "0 rows in train[700:]" in out
+    rc, out, err = call(capsys, "validate", recipe, "--set", f"data.dataset={bad_value}", "--set", "data.filters.min.rating_chosen=4")
+    assert (rc, out, err) == (2, "", f"error: {bad_value}: row 7, column 'rating_chosen': text ('high') is not a number, and the filter "
+                                     "data.filters.min.rating_chosen compares numbers\n")
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / "two").mkdir()
@@ -138,7 +174,8 @@ def test_validate_finds_local_data_problems(tmp_path, tiny_phi3, capsys):
     rc, out, err = call(capsys, "validate", recipe, "--set", "data.dataset=null", "--set", f"data.datasets=[{{dataset: {DATA}}}, {{dataset: nope.jsonl}}]")
     assert (rc, err) == (2, f"error: --set data.datasets: field 'data.datasets[1].dataset': data file 'nope.jsonl' not found (resolved to {tmp_path / 'nope.jsonl'})\n")
     rc, out, err = call(capsys, "validate", recipe, "--set", "data.dataset=two")
-    assert (rc, err, out.splitlines()[2]) == (0, "", f"# data: {tmp_path / 'two'} (2 files, {2 * DATA.stat().st_size / 1e6:.1f} MB)")
+    assert (rc, err, out.splitlines()[2]) == (0, "", f"# data: {tmp_path / 'two'} (2 files, {2 * DATA.stat().st_size / 1e6:.1f} MB): "
+                                                     "60 rows in train[100:160], 20 rows in train[:20]; format capybara (detected)")
     rc, out, err = call(capsys, "validate", recipe, "--set", "data.dataset=argilla/distilabel-capybara-dpo-7k-binarized", "--set", "data.split=train[300:]")
     assert (rc, err, out.splitlines()[2]) == (0, "", "# data: argilla/distilabel-capybara-dpo-7k-binarized (Hub dataset: read by prepare)")
 

@@ -45,6 +45,7 @@ class Rows:
     columns: list[str]  # as the layout sees them (after the column mapping)
     rows: list[dict[str, Any]]
     file_columns: list[str] = dataclasses.field(default_factory=list)  # as in the data (filters may name these)
+    whole: int = 0  # rows in the whole split, before the slice
 
     def where(self, i: int) -> str:
         return f"row {self.offset + i}"
@@ -78,8 +79,10 @@ def local_data_files(recipe: Recipe, src: SourceSection, prefix: str, split: str
 
 
 def check_data_sources(recipe: Recipe) -> str:
-    """`validate`'s data check: every local source exists, is a readable type and is asked for split
-    `train`; Hub datasets are left to prepare (no network at the door). Returns a note for the user."""
+    """`validate`'s data check. A local source is read as prepare reads it, up to the steps that need
+    the tokenizer: the file, the split and its slice, the column mapping, the format's columns, the
+    rating filters' columns and values (a filter that keeps no training row is refused). A Hub
+    dataset is left to prepare (no network at the door). Returns a note for the user."""
     notes = []
     for prefix, spec in data_sources(recipe.data):
         splits = [(spec.split, _field(recipe, prefix, "split"))]
@@ -88,10 +91,22 @@ def check_data_sources(recipe: Recipe) -> str:
         found = [local_data_files(recipe, spec, prefix, split, field) for split, field in splits][0]
         if found is None:
             notes.append(f"{spec.dataset} (Hub dataset: read by prepare)")
-        else:
-            path, _, files = found
-            size = sum(Path(f).stat().st_size for f in files)
-            notes.append(f"{path} ({len(files)} file{'s' if len(files) != 1 else ''}, {size / 1e6:.1f} MB)" if path.is_dir() else f"{path} ({size / 1e6:.1f} MB)")
+            continue
+        path, _, files = found
+        size = sum(Path(f).stat().st_size for f in files)
+        where = f"{path} ({len(files)} file{'s' if len(files) != 1 else ''}, {size / 1e6:.1f} MB)" if path.is_dir() else f"{path} ({size / 1e6:.1f} MB)"
+        source = load_source(recipe, prefix, spec)
+        counts = []
+        for rows, must_keep in ((source.train, True), (source.eval, False)):
+            if rows is not None:
+                report = SplitReport(len(rows.rows))
+                kept = _threshold(list(enumerate(rows.rows)), rows, source.spec.filters, source.filters_field, report, recipe, must_keep)
+                # Rows the format cannot read, as prepare counts them (the chat template's refusals,
+                # which prepare adds, need the tokenizer).
+                _check_unusable(recipe, rows, len(kept), _normalise(kept, rows, source.fmt)[1], DroppedRows())
+                filtered = f" ({len(kept)} after the rating filters)" if len(kept) != len(rows.rows) else ""
+                counts.append(f"{len(rows.rows)} rows in {rows.split}{filtered}")
+        notes.append(f"{where}: {', '.join(counts)}; format {source.fmt} ({source.how})")
     return "data: " + "; ".join(notes)
 
 
@@ -131,15 +146,16 @@ def load_split(recipe: Recipe, src: SourceSection, prefix: str, split: str, fiel
                 field=ds_field,
             ) from None
     # Slice here rather than in load_dataset, so every message can give a row's index in the whole split.
-    offset = 0
+    offset, whole = 0, len(ds)
     if "[" in split:
         try:
             (instr,) = datasets.ReadInstruction.from_spec(split).to_absolute({base: len(ds)})
         except (ValueError, AssertionError) as e:
             raise AlignpressError(f"{split!r}: {_first_line(e)}", source=recipe.source, field=field_name) from None
         offset = instr.from_
-        ds = ds.select(range(instr.from_, instr.to))
-    loaded = Rows(label, split, offset, list(ds.column_names), _to_rows(ds, label, offset), list(ds.column_names))
+        # A slice past the end is empty (datasets' select raised IndexError on it).
+        ds = ds.select(range(instr.from_, instr.to) if instr.to > instr.from_ else [])
+    loaded = Rows(label, split, offset, list(ds.column_names), _to_rows(ds, label, offset), list(ds.column_names), whole)
     return _map_columns(recipe, src, prefix, loaded)
 
 
@@ -363,39 +379,68 @@ def _number(value: Any, data: Rows, i: int, column: str, field: str) -> float | 
     raise AlignpressError(f"{data.where(i)}, column {column!r}: {describe_value(value)} is not a number, and the filter {field} compares numbers", source=data.label)
 
 
-def _threshold(items, data: Rows, filters: FilterSection, filters_field: str, report: SplitReport, recipe: Recipe):
+def _threshold(items, data: Rows, filters: FilterSection, filters_field: str, report: SplitReport, recipe: Recipe, must_keep: bool = False):
+    """The rating filters (filters.min / filters.max). With `must_keep` (a training split), a filter
+    that keeps none of the rows reaching it is refused by name: it is a typo'd bound or column far
+    more often than an intent, and it used to surface as "no training rows left" after rendering."""
     for kind, table in (("min", filters.min), ("max", filters.max)):
         for column, bound in table.items():
+            field_name = f"{filters_field}.{kind}.{column}"
             if column not in data.columns and column not in data.file_columns:
                 raise AlignpressError(
                     f"column {column!r} is not in {data.label} (its columns: {', '.join(sorted(set(data.columns) | set(data.file_columns)))})",
                     source=recipe.source,
-                    field=f"{filters_field}.{kind}.{column}",
+                    field=field_name,
                 )
-            values = {i: _number(r[column], data, i, column, f"{filters_field}.{kind}.{column}") for i, r in items}
+            values = {i: _number(r[column], data, i, column, field_name) for i, r in items}
             before = len(items)
             if kind == "min":
-                items = [(i, r) for i, r in items if values[i] is not None and values[i] >= bound]
+                kept = [(i, r) for i, r in items if values[i] is not None and values[i] >= bound]
             else:
-                items = [(i, r) for i, r in items if values[i] is not None and values[i] <= bound]
+                kept = [(i, r) for i, r in items if values[i] is not None and values[i] <= bound]
+            if must_keep and before and not kept:
+                known = [v for v in values.values() if v is not None]
+                seen = f"its values there run from {min(known):g} to {max(known):g}" if known else "it is empty in every one"
+                earlier = " left by the filters before it" if before < len(data.rows) else ""
+                raise AlignpressError(f"keeps none of the {before} rows of split {data.split!r} of {data.label}{earlier} ({column}: {seen})",
+                                      source=recipe.source, field=field_name)
+            items = kept
             report.record(f"{column} {'>=' if kind == 'min' else '<='} {bound:g}", before, len(items))
     return items
 
 
-def process_split(recipe: Recipe, tok, data: Rows, fmt: str, filters: FilterSection, filters_field: str, report: SplitReport) -> list[dict[str, Any]]:
-    """Filter, normalise and render one split of one source. Every dropped row that is malformed or
-    refused by the chat template is reported with its index and reason; too many of them refuse the data."""
-    f = filters
-    items = list(zip(range(len(data.rows)), data.rows))
-    items = _threshold(items, data, f, filters_field, report, recipe)
-    checked = len(items)
-
+def _normalise(items, data: Rows, fmt: str) -> tuple[list[tuple[int, dict]], DroppedRows]:
+    """Each (index, row) as a prompt/chosen/rejected pair of messages, and the rows that are not one."""
     pairs, malformed = [], DroppedRows()
     for i, r in items:
         try:
             pairs.append((i, normalise_row(fmt, r)))
         except RowError as e:
             malformed.add(str(e), data.offset + i)
+    return pairs, malformed
+
+
+def _check_unusable(recipe: Recipe, data: Rows, checked: int, malformed: DroppedRows, refused: DroppedRows) -> None:
+    limit = recipe.data.max_malformed_fraction
+    unusable = len(malformed) + len(refused)
+    if checked and unusable / checked > limit:
+        reasons = "; ".join(x for x in (malformed.summary(), refused.summary()) if x)
+        raise AlignpressError(
+            f"{unusable} of {checked} rows of split {data.split!r} cannot be used, more than data.max_malformed_fraction "
+            f"({limit:g}) allows: {reasons}",
+            source=data.label,
+        )
+
+
+def process_split(recipe: Recipe, tok, data: Rows, fmt: str, filters: FilterSection, filters_field: str, report: SplitReport,
+                  training: bool = False) -> list[dict[str, Any]]:
+    """Filter, normalise and render one split of one source. Every dropped row that is malformed or
+    refused by the chat template is reported with its index and reason; too many of them refuse the data."""
+    f = filters
+    items = list(zip(range(len(data.rows)), data.rows))
+    items = _threshold(items, data, f, filters_field, report, recipe, must_keep=training)
+    checked = len(items)
+    pairs, malformed = _normalise(items, data, fmt)
     report.record(f"malformed for format {fmt}", len(items), len(pairs), malformed.first, malformed.stored())
     if malformed:
         log.warning("%s, %s: dropped %d malformed row(s) for format %s: %s", data.label, data.split, len(malformed), fmt, malformed.summary())
@@ -432,15 +477,7 @@ def process_split(recipe: Recipe, tok, data: Rows, fmt: str, filters: FilterSect
     if refused:
         log.warning("%s, %s: the chat template refused %d row(s): %s", data.label, data.split, len(refused), refused.summary())
 
-    limit = recipe.data.max_malformed_fraction
-    unusable = len(malformed) + len(refused)
-    if checked and unusable / checked > limit:
-        reasons = "; ".join(x for x in (malformed.summary(), refused.summary()) if x)
-        raise AlignpressError(
-            f"{unusable} of {checked} rows of split {data.split!r} cannot be used, more than data.max_malformed_fraction "
-            f"({limit:g}) allows: {reasons}",
-            source=data.label,
-        )
+    _check_unusable(recipe, data, checked, malformed, refused)
 
     cap = token_cap(recipe, filters)  # the filters' max_tokens, else dpo.max_length: TRL never cuts a kept pair
     before = len(rendered)
@@ -531,7 +568,7 @@ def load_source(recipe: Recipe, prefix: str, spec: SourceSection) -> Source:
     train = load_split(recipe, spec, prefix, spec.split, split_field)
     evals = load_split(recipe, spec, prefix, spec.eval_split, eval_field) if spec.eval_split else None
     if not train.rows:
-        raise AlignpressError(f"split {spec.split!r} of {train.label} has no rows", source=recipe.source, field=split_field)
+        raise AlignpressError(f"split {spec.split!r} of {train.label} has no rows (the whole split has {train.whole})", source=recipe.source, field=split_field)
     if spec.format == "auto":
         sample = train.rows[:DETECT_ROWS]
         fmt, seen = detect_format(train.columns, sample, source=train.label)
@@ -543,6 +580,9 @@ def load_source(recipe: Recipe, prefix: str, spec: SourceSection) -> Source:
     else:
         fmt, how, checked = spec.format, "from the recipe", 0
         check_columns(fmt, train.columns, recipe.source, field=_field(recipe, prefix, "format"), data=train.label)
+    if evals is not None and not evals.rows and recipe.eval.enabled:
+        raise AlignpressError(f"split {spec.eval_split!r} of {evals.label} has no rows (the whole split has {evals.whole}): the evaluate "
+                              "stage would score nothing after training; fix the slice, or set eval.enabled: false", source=recipe.source, field=eval_field)
     if evals is not None:
         check_columns(fmt, evals.columns, recipe.source, field=eval_field, data=f"{evals.label} split {spec.eval_split!r}")
     own_filters = prefix != "data" and recipe.data.datasets[_index(prefix)].filters is not None
@@ -577,7 +617,7 @@ def run(recipe: Recipe, run_dir: RunDir, tok) -> dict[str, Any]:
     train_reports, eval_reports, train, evals = [], [], [], []
     for k, src in enumerate(sources):
         train_report = SplitReport(len(src.train.rows))
-        rows = process_split(recipe, tok, src.train, src.fmt, src.spec.filters, src.filters_field, train_report)
+        rows = process_split(recipe, tok, src.train, src.fmt, src.spec.filters, src.filters_field, train_report, training=True)
         if src.eval is not None:
             eval_report = SplitReport(len(src.eval.rows))
             held = process_split(recipe, tok, src.eval, src.fmt, src.spec.filters, src.filters_field, eval_report)
@@ -634,8 +674,16 @@ def run(recipe: Recipe, run_dir: RunDir, tok) -> dict[str, Any]:
             source=recipe.source,
             field=field_name,
         )
-    if not evals:
-        log.warning("no evaluation rows: the evaluate stage will have nothing to score")
+    if not evals and recipe.eval.enabled:
+        # Found after training, this was an evaluation of nothing and a gate that could only fail.
+        removed = "; ".join(f"{x['filter']}: -{x['removed']}" for x in eval_total["filters"] if x["removed"])
+        split_fields = [_field(recipe, src.prefix, "eval_split") for src in sources if src.spec.eval_split]
+        raise AlignpressError(
+            f"no evaluation rows left ({eval_total['loaded']} loaded{'; ' + removed if removed else ''}): the evaluate stage "
+            "would score nothing after training; hold out more rows, or set eval.enabled: false",
+            source=recipe.source,
+            field=split_fields[0] if split_fields else "data.eval_fraction",
+        )
 
     per_source = []
     for k, src in enumerate(sources):

@@ -540,6 +540,20 @@ def _check_chat_template(r: Recipe, fail: typing.Callable[[str, str], typing.NoR
 LABEL_SMOOTHING_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
 
 
+def check_tag(tag: str) -> str | None:
+    """Why a Hub repo would refuse `tag` as a git tag name (git check-ref-format's rules for the
+    characters this allows), or None. Checked at the door: the tag is created after the push."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", tag):
+        return "use 1-100 letters, digits, '.', '_', '-', starting with a letter or digit"
+    if ".." in tag:
+        return "git refuses '..' in a tag name"
+    if tag.endswith((".", ".lock")):
+        return "git refuses a tag name that ends with '.' or '.lock'"
+    if re.fullmatch(r"[0-9a-fA-F]{40}", tag):
+        return "40 hex digits read as a commit id, not as a tag"
+    return None
+
+
 def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>") -> None:
     def fail(field_path: str, msg: str) -> typing.NoReturn:
         raise AlignpressError(msg, source=src(field_path), field=field_path)
@@ -550,6 +564,13 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
         fail("model.name_or_path", "must not be empty")
     if r.model.chat_template is not None:
         _check_chat_template(r, fail)
+    if r.model.revision is not None:
+        if not r.model.revision.strip():
+            fail("model.revision", "must not be empty: name a branch, tag or commit of the Hub model, or null")
+        name = r.model.name_or_path
+        if name.startswith("builtin:") or Path(name).expanduser().is_dir() or Path(r.resolve_path(name)).is_dir():
+            # transformers ignores a revision for a folder: the pin would be recorded, not used.
+            fail("model.revision", f"a revision selects a commit of a Hub model; {name!r} is {'built by alignpress' if name.startswith('builtin:') else 'a local folder'}, which has none")
     if not r.export.merge:  # the field was read by nothing: false used to be ignored silently
         fail("export.merge", "false is not supported: export always saves the merged model in model/; to publish the adapter alone, set publish.push: adapter")
     if r.data.format not in DATA_FORMATS:
@@ -637,6 +658,11 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
             fail("train.accelerate_config", f"{accelerate_config_path(r)} is not an accelerate config: {type(e).__name__}: {' '.join(str(e).split())}")
     if r.train.num_processes is not None and r.train.num_processes < 1:
         fail("train.num_processes", f"must be at least 1, got {r.train.num_processes}")
+    if r.train.num_processes is not None and r.train.accelerate_config is None:
+        # Nothing would start the processes: the run trained in one, while max_steps' epochs and
+        # `plan`'s cost counted them all.
+        fail("train.num_processes", "is read only with train.accelerate_config (alignpress starts `accelerate launch` with both); "
+                                    "set train.accelerate_config (e.g. ddp), or leave this unset")
     if r.train.save_minutes is not None and r.train.save_minutes <= 0:
         fail("train.save_minutes", f"must be > 0, got {r.train.save_minutes}")
     from . import tracking
@@ -700,8 +726,10 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
             problem = check_repo_id(value)
             if problem:
                 fail(f"publish.{name}", f"{value!r}: {problem}")
-    if r.publish.tag is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", r.publish.tag):
-        fail("publish.tag", f"{r.publish.tag!r} is not a valid tag name")
+    if r.publish.tag is not None:
+        problem = check_tag(r.publish.tag)
+        if problem:
+            fail("publish.tag", f"{r.publish.tag!r}: {problem}")
 
 
 def data_sources(d: DataSection) -> list[tuple[str, SourceSection]]:

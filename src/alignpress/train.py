@@ -137,9 +137,11 @@ def _step(line: str) -> int | None:
 def _metrics_callback(path: Path, resume_step: int, truncate: bool = True):
     from transformers import TrainerCallback
 
-    # Lines from an interrupted run past the checkpoint we resume from will be logged again.
+    # Lines from an interrupted run past the checkpoint we resume from will be logged again; its
+    # closing summary (train_runtime, at the step it stopped on) would be one of two in the file.
     if truncate and path.exists():
-        kept = [line for line in path.read_text().splitlines() if _step(line) is not None and _step(line) <= resume_step]
+        kept = [line for line in path.read_text().splitlines()
+                if _step(line) is not None and _step(line) <= resume_step and '"train_runtime"' not in line]
         path.write_text("".join(line + "\n" for line in kept))
 
     class MetricsToJsonl(TrainerCallback):
