@@ -6,8 +6,10 @@ tag it and download from it, so that tests run the real client code end to end, 
 Every route was checked against the installed client source (``huggingface_hub`` 2.4.0,
 ``hf_xet`` 1.8.0); each handler below names the client call that uses it.
 
-Binds 127.0.0.1 on a free port, never any other address. Standard library only, with one
-optional, lazily imported exception: ``hf_xet`` (see "Xet" below).
+Binds 127.0.0.1 on a free port, never any other address. Standard library only, with two
+optional, lazily imported exceptions: ``hf_xet`` (see "Xet" below), and PyYAML, which reads a
+README's whole YAML front matter into ``cardData`` as the Hub does (nested mappings such as a
+dataset card's ``dataset_info`` included); without it only top-level keys are read.
 
 Usage::
 
@@ -1552,14 +1554,25 @@ def _scalar(text: str) -> Any:
 
 
 def _parse_front_matter(raw: bytes) -> dict | None:
-    """Top-level ``key: scalar`` / ``key: [a, b]`` / ``key:`` + ``- item`` entries of a README's
-    YAML front matter (nested mappings are skipped). Used for ``cardData`` in repo_info."""
+    """A README's YAML front matter as a mapping (PyYAML), or without PyYAML its top-level
+    ``key: scalar`` / ``key: [a, b]`` / ``key:`` + ``- item`` entries (nested mappings are
+    skipped). Used for ``cardData`` in repo_info and the license check of commits."""
     try:
         lines = _front_matter_lines(raw.decode("utf-8", "replace"))
     except ValueError:
         return None
     if lines is None:
         return None
+    try:
+        import yaml
+    except ImportError:
+        yaml = None
+    if yaml is not None:
+        try:
+            parsed = yaml.safe_load("\n".join(lines))
+        except yaml.YAMLError:
+            return None
+        return parsed if isinstance(parsed, dict) else None
     out: dict[str, Any] = {}
     key = None
     for line in lines:

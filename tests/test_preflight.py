@@ -139,3 +139,68 @@ def test_validate_hub_asks_the_same_before_a_launch(hub_env, tmp_path, capsys):
     assert (rc, hub_line(out)) == (0, "# hub: publish.repo_id is not set: nothing would be pushed (set it, or sky/run.sh sets it from HUB_REPO)")
     assert hub_env.token not in out + err
     assert hub_env.server.requests_to("commit") == [] and hub_env.server.repo_ids() == []
+
+
+# A dataset card as the datasets library writes it on push (the `dataset_info` block), with the seed
+# dataset's columns and size (../shared/reference/models-and-data.md: 7,563 rows, one split).
+CAPYBARA_COLUMNS = ["source", "conversation", "original_response", "generation_prompt", "raw_generation_responses", "new_generations",
+                    "prompt", "chosen", "rejected", "rating_chosen", "rating_rejected", "chosen_model", "rejected_model"]
+CAPYBARA_CARD = "---\n" + "dataset_info:\n  features:\n" + "".join(f"  - name: {c}\n    dtype: string\n" for c in CAPYBARA_COLUMNS) + \
+    "  splits:\n  - name: train\n    num_bytes: 1000\n    num_examples: 7563\n---\n# capybara-like\n"
+
+
+def test_validate_hub_checks_the_model_and_the_data_before_a_launch(hub_env, tmp_path, tiny_phi3, capsys):
+    """The base model's config and a Hub dataset's card, asked of the Hub (real huggingface_hub and
+    transformers over HTTP to the test server); without --hub both are deferred to the VM."""
+    from alignpress.cli import main
+
+    api = hub_env.api()
+    api.create_repo("alice/capybara-like", repo_type="dataset")
+    api.upload_file(path_or_fileobj=CAPYBARA_CARD.encode(), path_in_repo="README.md", repo_id="alice/capybara-like", repo_type="dataset")
+    api.create_repo("alice/no-card", repo_type="dataset")
+    api.upload_file(path_or_fileobj=b"{}\n", path_in_repo="data.jsonl", repo_id="alice/no-card", repo_type="dataset")
+    api.create_repo("alice/tiny-phi3")
+    api.upload_file(path_or_fileobj=str(tiny_phi3 / "config.json"), path_in_repo="config.json", repo_id="alice/tiny-phi3")
+    base = ["model.name_or_path=alice/tiny-phi3", "data.dataset=alice/capybara-like", "data.split=train[300:2500]", "data.eval_split=train[:300]"]
+
+    def validate(*sets, hub=True):
+        args = ["validate", RECIPE] + (["--hub"] if hub else [])
+        for s in [*base, *sets]:
+            args += ["--set", s]
+        rc = main(args)
+        captured = capsys.readouterr()
+        return rc, captured.out, captured.err
+
+    rc, out, err = validate(hub=False)
+    assert rc == 0 and out.splitlines()[1].startswith("# model checks deferred: the config of 'alice/tiny-phi3' is not on this machine")
+    rc, out, err = validate()
+    assert (rc, err) == (0, "")
+    notes = out.splitlines()[1:4]
+    assert notes[0] == ("# model checks passed on Phi3ForCausalLM (config from alice/tiny-phi3, meta device); LoRA on down_proj, gate_up_proj, "
+                        "o_proj, qkv_proj; attention sdpa; sequences up to 64 tokens")
+    assert notes[1] == "# data: alice/capybara-like (Hub dataset, by its card: 2200 rows in train[300:2500], 300 rows in train[:300]; 13 columns checked)"
+    # Now in the cache, the config is found without --hub too.
+    rc, out, err = validate(hub=False)
+    assert (rc, out.splitlines()[1:3]) == (0, [notes[0], "# data: alice/capybara-like (Hub dataset: read by prepare)"])
+    rc, out, err = validate("data.dataset=alice/no-card")
+    assert (rc, out.splitlines()[2]) == (0, "# data: alice/no-card (Hub dataset found; its card states no splits or columns: read by prepare)")
+
+    columns = ", ".join(sorted(CAPYBARA_COLUMNS))
+    refusals = [
+        ("data.split=train[8000:]", "field 'data.split': split 'train[8000:]' of alice/capybara-like has no rows (the whole split has 7563, by its card)"),
+        ("data.eval_split=test", "field 'data.eval_split': 'alice/capybara-like' has no split 'test' (its splits: train)"),
+        ("data.filters.min.rating_choosen=4", f"field 'data.filters.min.rating_choosen': column 'rating_choosen' is not in alice/capybara-like "
+                                              f"(its columns, by its card: {columns})"),
+        ("data.columns.prompt=question", f"field 'data.columns.prompt': column 'question' is not in alice/capybara-like (its columns, by its card: {columns})"),
+        ("data.format=system_question", "field 'data.format': format 'system_question' needs columns question, chosen, rejected; missing question in "
+                                        "alice/capybara-like"),
+        ("lora.target_modules=[q_projj]", "field 'lora.target_modules': 'q_projj' matches no module of Phi3ForCausalLM; did you mean 'qkv_proj'?"),
+        ("data.dataset=alice/missing", "field 'data.dataset': could not find Hub dataset 'alice/missing': RepositoryNotFoundError: "),
+        ("model.name_or_path=alice/missing-model", "field 'model.name_or_path': could not load 'alice/missing-model': "),
+    ]
+    for override, message in refusals:
+        rc, out, err = validate(override)
+        assert (rc, out) == (2, ""), (override, err)
+        assert err.startswith(f"error: --set {override.split('=')[0]}: {message}") and err.count("\n") == 1, (override, err)
+    assert hub_env.token not in out + err
+    assert len(hub_env.server.requests_to("commit")) == 3  # the test's own uploads: validate writes nothing

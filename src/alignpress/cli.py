@@ -43,8 +43,10 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("recipe", help="recipe YAML file")
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field (dotted path), e.g. --set dpo.beta=0.2")
         if name == "validate":
-            sp.add_argument("--hub", action="store_true", help="also ask the Hub what `run` asks before prepare when the recipe publishes "
-                            "(token, namespace, an existing repo, the card's metadata): before launching a cloud job. Needs network and HF_TOKEN")
+            sp.add_argument("--hub", action="store_true", help="also ask the Hub what `run` asks before prepare: the base model's and the judge's "
+                            "configs (found, readable with your token, then the model checks), each Hub dataset (found, readable; its splits, slices and "
+                            "columns where its card states them) and, when the recipe publishes, the token, namespace, an existing repo and the card's "
+                            "metadata: before launching a cloud job. Needs network and HF_TOKEN; downloads no weights or data")
         else:
             sp.add_argument("--output-dir", help="output folder (default outputs/<recipe name>)")
             sp.add_argument("--restart", action="store_true", help="redo this stage (run: every stage) from scratch, training without resuming; later stages run again. Old results stay until replaced")
@@ -274,7 +276,9 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
         from .prepare import check_data_sources
 
         check_training_settings(recipe)
-        notes = [check_model(recipe, local_only=True), check_data_sources(recipe), check_judge(recipe, local_only=True)]
+        # --hub fetches the configs of Hub models (a few kB) but never builds a builtin: model.
+        local = not args.hub or recipe.model.name_or_path.startswith("builtin:")
+        notes = [check_model(recipe, local_only=local), check_data_sources(recipe, hub=args.hub), check_judge(recipe, local_only=not args.hub)]
         if args.hub:
             notes.append(_hub_preflight(recipe))
         print(f"# {args.recipe}: valid")

@@ -78,11 +78,12 @@ def local_data_files(recipe: Recipe, src: SourceSection, prefix: str, split: str
     return path, suffix, data_files
 
 
-def check_data_sources(recipe: Recipe) -> str:
+def check_data_sources(recipe: Recipe, hub: bool = False) -> str:
     """`validate`'s data check. A local source is read as prepare reads it, up to the steps that need
     the tokenizer: the file, the split and its slice, the column mapping, the format's columns, the
     rating filters' columns and values (a filter that keeps no training row is refused). A Hub
-    dataset is left to prepare (no network at the door). Returns a note for the user."""
+    dataset is left to prepare, or with `hub` (`validate --hub`) asked about: see check_hub_dataset.
+    Returns a note for the user."""
     notes = []
     for prefix, spec in data_sources(recipe.data):
         splits = [(spec.split, _field(recipe, prefix, "split"))]
@@ -90,7 +91,7 @@ def check_data_sources(recipe: Recipe) -> str:
             splits.append((spec.eval_split, _field(recipe, prefix, "eval_split")))
         found = [local_data_files(recipe, spec, prefix, split, field) for split, field in splits][0]
         if found is None:
-            notes.append(f"{spec.dataset} (Hub dataset: read by prepare)")
+            notes.append(check_hub_dataset(recipe, prefix, spec, splits) if hub else f"{spec.dataset} (Hub dataset: read by prepare)")
             continue
         path, _, files = found
         size = sum(Path(f).stat().st_size for f in files)
@@ -108,6 +109,72 @@ def check_data_sources(recipe: Recipe) -> str:
                 counts.append(f"{len(rows.rows)} rows in {rows.split}{filtered}")
         notes.append(f"{where}: {', '.join(counts)}; format {source.fmt} ({source.how})")
     return "data: " + "; ".join(notes)
+
+
+def _card_info(card: dict[str, Any], config_name: str | None) -> dict[str, Any] | None:
+    """The `dataset_info` entry (features, splits) of a dataset card for one config, as the
+    datasets library writes it when it pushes a dataset: a mapping, or a list with config_name."""
+    infos = card.get("dataset_info")
+    infos = [infos] if isinstance(infos, dict) else [x for x in infos if isinstance(x, dict)] if isinstance(infos, list) else []
+    if config_name is None and len(infos) == 1:
+        return infos[0]
+    return next((x for x in infos if x.get("config_name", "default") == (config_name or "default")), None)
+
+
+def check_hub_dataset(recipe: Recipe, prefix: str, src: SourceSection, splits: list[tuple[str, str]]) -> str:
+    """`validate --hub` for a Hub dataset, before a cloud job is launched: it is found and readable
+    with this token; where its card states splits and columns, each split exists, each slice has
+    rows, and every column a mapping, a rating filter or the named format reads is there. Reads the
+    dataset's metadata only, never its data."""
+    from huggingface_hub import HfApi
+
+    name, ds_field = src.dataset, f"{prefix}.dataset"
+    try:
+        info = HfApi().dataset_info(name)
+    except Exception as e:  # noqa: BLE001 - missing, private, gated, offline: the library's reason
+        raise AlignpressError(f"could not find Hub dataset {name!r}: {type(e).__name__}: {_first_line(e)}. Check the id, your network, "
+                              "and HF_TOKEN for gated or private datasets", source=recipe.where(ds_field), field=ds_field) from None
+    card = info.card_data.to_dict() if info.card_data is not None else {}
+    entry = _card_info(card, src.config_name)
+    if entry is None:
+        return f"{name} (Hub dataset found; its card states no splits or columns{' for config ' + repr(src.config_name) if src.config_name else ''}: read by prepare)"
+    sizes = {s.get("name"): s.get("num_examples") for s in entry.get("splits") or [] if isinstance(s, dict)}
+    counts = []
+    for split, field_name in splits:
+        base = split.split("[")[0]
+        if sizes and base not in sizes:
+            raise AlignpressError(f"{name!r} has no split {base!r} (its splits: {', '.join(map(str, sizes))})", source=recipe.where(field_name), field=field_name)
+        whole = sizes.get(base)
+        if not isinstance(whole, int):
+            continue
+        rows = whole
+        if "[" in split:
+            import datasets
+
+            (instr,) = datasets.ReadInstruction.from_spec(split).to_absolute({base: whole})
+            rows = max(0, instr.to - instr.from_)
+        training = field_name.endswith(".split")
+        if rows == 0 and (training or recipe.eval.enabled):
+            why = "" if training else ": the evaluate stage would score nothing after training; fix the slice, or set eval.enabled: false"
+            raise AlignpressError(f"split {split!r} of {name} has no rows (the whole split has {whole}, by its card){why}",
+                                  source=recipe.where(field_name), field=field_name)
+        counts.append(f"{rows} rows in {split}")
+    columns = [f.get("name") for f in entry.get("features") or [] if isinstance(f, dict)]
+    if columns:
+        listed = f"(its columns, by its card: {', '.join(sorted(columns))})"
+        for key, column in src.columns.items():
+            if column not in columns:
+                raise AlignpressError(f"column {column!r} is not in {name} {listed}", source=recipe.where(f"{prefix}.columns.{key}"), field=f"{prefix}.columns.{key}")
+        filters_field = f"{prefix}.filters" if prefix != "data" and recipe.data.datasets[_index(prefix)].filters is not None else "data.filters"
+        for kind, table in (("min", src.filters.min), ("max", src.filters.max)):
+            for column in table:
+                if column not in columns and column not in src.columns:
+                    field_name = f"{filters_field}.{kind}.{column}"
+                    raise AlignpressError(f"column {column!r} is not in {name} {listed}", source=recipe.where(field_name), field=field_name)
+        if src.format != "auto":
+            check_columns(src.format, [*columns, *src.columns], recipe.where(_field(recipe, prefix, "format")), field=_field(recipe, prefix, "format"), data=name)
+    what = ", ".join(counts) if counts else "split sizes not on its card"
+    return f"{name} (Hub dataset, by its card: {what}; {f'{len(columns)} columns checked' if columns else 'columns not on its card'})"
 
 
 def load_split(recipe: Recipe, src: SourceSection, prefix: str, split: str, field_name: str) -> Rows:
