@@ -204,3 +204,23 @@ def test_validate_hub_checks_the_model_and_the_data_before_a_launch(hub_env, tmp
         assert err.startswith(f"error: --set {override.split('=')[0]}: {message}") and err.count("\n") == 1, (override, err)
     assert hub_env.token not in out + err
     assert len(hub_env.server.requests_to("commit")) == 3  # the test's own uploads: validate writes nothing
+
+    # Configurations: a card listing two (as datasets writes it for several), neither the default.
+    two = "---\ndataset_info:\n" + "".join(
+        f"- config_name: {c}\n  features:\n  - name: chosen\n    dtype: string\n  - name: rejected\n    dtype: string\n"
+        f"  splits:\n  - name: train\n    num_examples: {n}\n" for c, n in (("en", 500), ("fr", 80))) + "---\n"
+    api.create_repo("alice/two-configs", repo_type="dataset")
+    api.upload_file(path_or_fileobj=two.encode(), path_in_repo="README.md", repo_id="alice/two-configs", repo_type="dataset")
+    sets = ["data.dataset=alice/two-configs", "data.format=implicit", "data.filters.min={}", "data.filters.max={}"]
+    rc, out, err = validate(*sets, "data.config_name=fr", "data.split=train[20:]", "data.eval_split=train[:20]")
+    assert (rc, err, out.splitlines()[2]) == (0, "", "# data: alice/two-configs (Hub dataset, by its card: 60 rows in train[20:], 20 rows in train[:20]; "
+                                                     "2 columns checked)")
+    for override, message in [
+        ("data.config_name=fr", "field 'data.split': split 'train[300:2500]' of alice/two-configs has no rows (the whole split has 80, by its card)"),
+        ("data.config_name=de", "field 'data.config_name': 'alice/two-configs' has no configuration 'de' (its configurations, by its card: en, fr)"),
+        ("data.format=implicit", "field 'data.config_name': 'alice/two-configs' has several configurations and none is the default: name one "
+                                 "(its configurations, by its card: en, fr)"),
+    ]:
+        rc, out, err = validate(*sets, override)
+        assert (rc, out) == (2, ""), (override, err)
+        assert err.split(": ", 2)[2] == message + "\n", (override, err)  # after `error: --set FLAG` or `error: FILE`

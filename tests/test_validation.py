@@ -167,6 +167,7 @@ def test_validate_finds_local_data_problems(tmp_path, tiny_phi3, capsys):
         ("data.dataset=notes.txt", "field 'data.dataset': unsupported data file type '.txt'; use .jsonl, .json, .parquet or .csv"),
         ("data.split=tran[100:]", "field 'data.split': a local file has one split, 'train'; got 'tran[100:]'"),
         ("data.eval_split=test", "field 'data.eval_split': a local file has one split, 'train'; got 'test'"),
+        ("data.config_name=default", "field 'data.config_name': a local file has no configurations; 'default' would be ignored: leave it unset"),
     ]
     for override, message in cases:
         rc, out, err = call(capsys, "validate", recipe, "--set", override)

@@ -75,6 +75,9 @@ def local_data_files(recipe: Recipe, src: SourceSection, prefix: str, split: str
         data_files = [str(path)]
     if split.split("[")[0] != "train":
         raise AlignpressError(f"a local file has one split, 'train'; got {split!r}", source=recipe.where(field_name), field=field_name)
+    if src.config_name is not None:  # load_dataset reads local files without one: it was ignored
+        raise AlignpressError(f"a local file has no configurations; {src.config_name!r} would be ignored: leave it unset",
+                              source=recipe.where(f"{prefix}.config_name"), field=f"{prefix}.config_name")
     return path, suffix, data_files
 
 
@@ -121,6 +124,17 @@ def _card_info(card: dict[str, Any], config_name: str | None) -> dict[str, Any] 
     return next((x for x in infos if x.get("config_name", "default") == (config_name or "default")), None)
 
 
+def _card_configs(card: dict[str, Any]) -> list[str]:
+    """The configuration names a dataset card declares (`configs:` or `dataset_info` entries)."""
+    names = []
+    for key in ("configs", "dataset_info"):
+        value = card.get(key)
+        for x in [value] if isinstance(value, dict) else value if isinstance(value, list) else []:
+            if isinstance(x, dict) and (key == "configs" or "config_name" in x):
+                names.append(str(x.get("config_name", "default")))
+    return list(dict.fromkeys(names))
+
+
 def check_hub_dataset(recipe: Recipe, prefix: str, src: SourceSection, splits: list[tuple[str, str]]) -> str:
     """`validate --hub` for a Hub dataset, before a cloud job is launched: it is found and readable
     with this token; where its card states splits and columns, each split exists, each slice has
@@ -136,6 +150,14 @@ def check_hub_dataset(recipe: Recipe, prefix: str, src: SourceSection, splits: l
                               "and HF_TOKEN for gated or private datasets", source=recipe.where(ds_field), field=ds_field) from None
     card = info.card_data.to_dict() if info.card_data is not None else {}
     entry = _card_info(card, src.config_name)
+    configs = _card_configs(card)
+    config_field = f"{prefix}.config_name"
+    if src.config_name is not None and configs and src.config_name not in configs:
+        raise AlignpressError(f"{name!r} has no configuration {src.config_name!r} (its configurations, by its card: {', '.join(configs)})",
+                              source=recipe.where(config_field), field=config_field)
+    if src.config_name is None and len(configs) > 1 and "default" not in configs:
+        raise AlignpressError(f"{name!r} has several configurations and none is the default: name one (its configurations, by its card: "
+                              f"{', '.join(configs)})", source=recipe.where(config_field), field=config_field)
     if entry is None:
         return f"{name} (Hub dataset found; its card states no splits or columns{' for config ' + repr(src.config_name) if src.config_name else ''}: read by prepare)"
     sizes = {s.get("name"): s.get("num_examples") for s in entry.get("splits") or [] if isinstance(s, dict)}
