@@ -181,7 +181,7 @@ def test_validate_hub_checks_the_model_and_the_data_before_a_launch(hub_env, tmp
     assert notes[1] == "# data: alice/capybara-like (Hub dataset, by its card: 2200 rows in train[300:2500], 300 rows in train[:300]; 13 columns checked)"
     # Now in the cache, the config is found without --hub too.
     rc, out, err = validate(hub=False)
-    assert (rc, out.splitlines()[1:3]) == (0, [notes[0], "# data: alice/capybara-like (Hub dataset: read by prepare)"])
+    assert (rc, out.splitlines()[1:3]) == (0, [notes[0], "# data: alice/capybara-like (Hub dataset: read by prepare; `validate --hub` checks its card)"])
     rc, out, err = validate("data.dataset=alice/no-card")
     assert (rc, out.splitlines()[2]) == (0, "# data: alice/no-card (Hub dataset found; its card states no splits or columns: read by prepare)")
 

@@ -178,7 +178,7 @@ def test_validate_finds_local_data_problems(tmp_path, tiny_phi3, capsys):
     assert (rc, err, out.splitlines()[2]) == (0, "", f"# data: {tmp_path / 'two'} (2 files, {2 * DATA.stat().st_size / 1e6:.1f} MB): "
                                                      "60 rows in train[100:160], 20 rows in train[:20]; format capybara (detected)")
     rc, out, err = call(capsys, "validate", recipe, "--set", "data.dataset=argilla/distilabel-capybara-dpo-7k-binarized", "--set", "data.split=train[300:]")
-    assert (rc, err, out.splitlines()[2]) == (0, "", "# data: argilla/distilabel-capybara-dpo-7k-binarized (Hub dataset: read by prepare)")
+    assert (rc, err, out.splitlines()[2]) == (0, "", "# data: argilla/distilabel-capybara-dpo-7k-binarized (Hub dataset: read by prepare; `validate --hub` checks its card)")
 
 
 def test_the_judge_is_checked_before_training(tmp_path, tiny_phi3, capsys):
@@ -211,7 +211,7 @@ def test_the_judge_is_checked_before_training(tmp_path, tiny_phi3, capsys):
     # A Hub judge not on this machine: validate (offline) defers it, run fetches its config first.
     rc, out, err = call(capsys, "validate", recipe, "--set", "eval.judge=someone/not-cached-reward-model")
     assert (rc, err, out.splitlines()[3]) == (0, "", "# judge check deferred: the config of 'someone/not-cached-reward-model' is not on this machine "
-                                                     "(run and train check it before anything else)")
+                                                     "(run and train check it before anything else; `validate --hub` fetches it now)")
     # No judge, no judge line: the resolved recipe follows the model and data lines.
     rc, out, err = call(capsys, "validate", recipe)
     assert (rc, err, out.splitlines()[3]) == (0, "", "name: t")
@@ -273,7 +273,7 @@ def test_hub_model_not_on_this_machine_is_deferred_but_attention_still_checked(t
     rc, out, err = call(capsys, "validate", recipe)
     assert rc == 0, err
     assert out.splitlines()[1] == ("# model checks deferred: the config of 'someone/not-cached-model' is not on this machine "
-                                   "(run, prepare and train check LoRA targets, attention and lengths before anything else)")
+                                   "(run, prepare and train check LoRA targets, attention and lengths before anything else; `validate --hub` fetches it now)")
     # Without the config, the attention name and its package are checked on a probe architecture.
     rc, out, err = call(capsys, "validate", recipe, "--set", "model.attn_implementation=flash_attention_3")
     assert rc == 2

@@ -263,8 +263,9 @@ def check_model(recipe: Recipe, local_only: bool = False) -> str:
     found = _local_config(recipe, local_only)
     if found is None:
         _probe_attention(recipe)
+        hint = "" if recipe.model.name_or_path.startswith("builtin:") else "; `validate --hub` fetches it now"
         return (f"model checks deferred: the config of {recipe.model.name_or_path!r} is not on this machine "
-                "(run, prepare and train check LoRA targets, attention and lengths before anything else)")
+                f"(run, prepare and train check LoRA targets, attention and lengths before anything else{hint})")
     config, where = found
     arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     model = _check_attention(recipe, config, arch)
@@ -310,7 +311,7 @@ def check_judge(recipe: Recipe, local_only: bool = False) -> str | None:
             config = AutoConfig.from_pretrained(path, **kwargs)
     except Exception as e:  # noqa: BLE001
         if local_only and not Path(path).is_dir():
-            return f"judge check deferred: the config of {name!r} is not on this machine (run and train check it before anything else)"
+            return f"judge check deferred: the config of {name!r} is not on this machine (run and train check it before anything else; `validate --hub` fetches it now)"
         raise AlignpressError(
             f"could not load the judge {name!r}'s config: {type(e).__name__}: {_first_line(e)}. Check the Hub id, your network, and HF_TOKEN for gated models",
             source=recipe.where(field), field=field,

@@ -94,7 +94,7 @@ def check_data_sources(recipe: Recipe, hub: bool = False) -> str:
             splits.append((spec.eval_split, _field(recipe, prefix, "eval_split")))
         found = [local_data_files(recipe, spec, prefix, split, field) for split, field in splits][0]
         if found is None:
-            notes.append(check_hub_dataset(recipe, prefix, spec, splits) if hub else f"{spec.dataset} (Hub dataset: read by prepare)")
+            notes.append(check_hub_dataset(recipe, prefix, spec, splits) if hub else f"{spec.dataset} (Hub dataset: read by prepare; `validate --hub` checks its card)")
             continue
         path, _, files = found
         size = sum(Path(f).stat().st_size for f in files)
