@@ -165,13 +165,14 @@ def _tmpfs(path: Path, size: str) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("size", ["1m", "4m"])
 def test_disk_full(tmp_path, demo_run, size):
-    """The output folder on a small tmpfs (needs root to mount; skipped otherwise)."""
+    """The output folder on a small tmpfs (needs root to mount; skipped otherwise), filling during the
+    run: the disk check at the door is skipped, as when something else fills the disk meanwhile."""
     disk = tmp_path / "disk"
     if not _tmpfs(disk, size):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         out = disk / "out"
-        proc = cli("run", "recipes/demo.yaml", "--output-dir", out)
+        proc = cli("run", "recipes/demo.yaml", "--output-dir", out, env={"ALIGNPRESS_SKIP_DISK_CHECK": "1"})
         assert proc.returncode == 1, proc.stderr[-3000:]
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith(f"error: {out}: no space left on device while writing "), last
@@ -187,6 +188,109 @@ def test_disk_full(tmp_path, demo_run, size):
             assert all(checkpoint_is_complete(p) for p in (out / "checkpoints").glob("checkpoint-*"))
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+DISK_FIX = "free some space, or write elsewhere (--output-dir; HF_HOME for the model download). ALIGNPRESS_SKIP_DISK_CHECK=1 skips this check"
+
+
+def test_a_disk_too_small_is_refused_before_training(tmp_path, demo_run):
+    """The demo writes about 5 MB (checkpoints, adapter, merged model): on a 1 MB disk the door
+    refuses before anything is written; on a 4 MB one the door, counting one checkpoint, lets it
+    through, and once prepare has counted the pairs (417: 53 steps, saves at 20, 40 and 53, two
+    kept) the check before training refuses, with prepare kept."""
+    from alignpress.disk import size_text
+
+    disk = tmp_path / "disk"
+    if not _tmpfs(disk, "1m"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        out = disk / "out"
+        proc = cli("run", "recipes/demo.yaml", "--output-dir", out)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"error: {out}: not enough disk space: train and export will write at least 3.8 MB to {out} (1 checkpoint of 0.7 MB, more once "
+            f"prepare has counted the pairs; the trained adapter 0.2 MB; the merged model 2.9 MB) and its disk has 1.0 MB free; {DISK_FIX}")
+        assert not out.exists()
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+    if not _tmpfs(disk, "4m"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        proc = cli("run", "recipes/demo.yaml", "--output-dir", out)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        free = shutil.disk_usage(disk).free
+        assert last == (
+            f"error: {out}: not enough disk space: train and export will write at least 4.5 MB to {out} (2 checkpoints of 0.7 MB (3 while the "
+            f"oldest is rotated out); the trained adapter 0.2 MB; the merged model 2.9 MB) and its disk has {size_text(free)} free; {DISK_FIX}"), last
+        assert "[alignpress] disk for train and export: " + f"{out}: at least 3.8 MB" in proc.stderr  # the door's line
+        assert statuses(out) == ["done", "pending", "pending", "pending", "pending"]
+        assert not (out / "checkpoints").exists() and not (out / "run.lock").exists()
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_disk_estimate_against_what_training_wrote(demo_run, tmp_path):
+    """alignpress.disk's parts against the files written: the demo's run (LoRA, float32 on the CPU)
+    and a two-step full fine-tune. Each is at most what was written, and close to it."""
+    from alignpress import disk
+    from alignpress.checks import model_sizes
+    from alignpress.recipe import load_recipe
+    from alignpress.runstate import RunDir, folder_size
+    from test_distributed import prepared_copy
+
+    out = demo_run[0]
+    recipe = load_recipe(ROOT / "recipes/demo.yaml")
+    sizes = model_sizes(recipe)
+    assert (sizes.params, sizes.trainable, sizes.stored_bytes) == (769664, 57344, 4)
+    pairs = disk.prepared_pairs(RunDir(out, writer=False))
+    steps = disk.optimizer_steps(recipe, pairs)
+    assert (pairs, steps) == (417, 53) and json.loads((out / "run.json").read_text())["stages"]["train"]["global_step"] == 53
+    assert disk.checkpoints_kept(recipe, steps) == (3, 2) and disk.checkpoints_kept(recipe, None) == (1, 1)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-40", "checkpoint-53"]
+    checkpoint = disk.checkpoint_bytes(recipe, sizes, train_bytes=4)
+    assert checkpoint == 57344 * (4 + 8)  # the adapter and two Adam moments, fp32
+    assert all(checkpoint <= folder_size(p) <= 1.2 * checkpoint for p in (out / "checkpoints").iterdir())
+    adapter = (out / "adapter/adapter_model.safetensors").stat().st_size
+    assert disk.trained_bytes(recipe, sizes, 4) <= adapter <= 1.02 * disk.trained_bytes(recipe, sizes, 4)
+    model = (out / "model/model.safetensors").stat().st_size
+    assert disk.merged_bytes(recipe, sizes) == 769664 * 4 <= model <= 1.01 * disk.merged_bytes(recipe, sizes)
+
+    full = prepared_copy(demo_run, tmp_path / "full")
+    sets = ["lora.enabled=false", "train.max_steps=2", "train.save_steps=1", "eval.enabled=false"]
+    proc = cli("train", "recipes/demo.yaml", "--output-dir", full, *[x for s in sets for x in ("--set", s)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recipe = load_recipe(ROOT / "recipes/demo.yaml", sets)
+    sizes = model_sizes(recipe)
+    checkpoint = disk.checkpoint_bytes(recipe, sizes, train_bytes=4)
+    assert (sizes.trainable, checkpoint) == (769664, 769664 * 12)  # every weight and two Adam moments, fp32
+    saved = sorted((full / "checkpoints").iterdir())
+    assert [p.name for p in saved] == ["checkpoint-1", "checkpoint-2"]
+    assert all(checkpoint <= folder_size(p) <= 1.02 * checkpoint for p in saved), [folder_size(p) for p in saved]
+    assert disk.trained_bytes(recipe, sizes, 4) <= (full / "full/model.safetensors").stat().st_size <= 1.01 * disk.trained_bytes(recipe, sizes, 4)
+    need = disk.size_text(2 * checkpoint + disk.trained_bytes(recipe, sizes, 4))
+    assert f"[alignpress] disk for train: {full}: at least {need} (2 checkpoints of 8.8 MB; the trained weights 2.9 MB), " in proc.stderr
+    assert need == "20.6 MB"
+
+
+def test_filesystem_type_reads_mountinfo():
+    """A bucket mounted with FUSE is not checked: its free space means nothing. The mount holding a
+    path is the longest mount point above it (mount points escape spaces as \\040)."""
+    from alignpress.disk import filesystem_type
+
+    mountinfo = "\n".join([
+        "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw",
+        "40 22 0:35 / /outputs rw,nosuid,nodev,relatime shared:20 - fuse.rclone alignpress-me-outputs rw,user_id=0,group_id=0",
+        "41 22 0:36 / /mnt/my\\040disk rw,relatime shared:21 - xfs /dev/sdb1 rw",
+        "42 22 0:37 / /out rw - tmpfs tmpfs rw",
+    ])
+    assert filesystem_type(Path("/outputs/phi3-mini-capybara/checkpoints"), mountinfo) == "fuse.rclone"
+    assert filesystem_type(Path("/outputs"), mountinfo) == "fuse.rclone"
+    assert filesystem_type(Path("/mnt/my disk/run"), mountinfo) == "xfs"
+    assert filesystem_type(Path("/outputsx/run"), mountinfo) == "ext4"
+    assert filesystem_type(Path("/out"), mountinfo) == "tmpfs"
+    assert filesystem_type(Path("/root/.cache/huggingface/hub"), mountinfo) == "ext4"
+    assert filesystem_type(Path("/"), "") == ""
 
 
 def test_a_stage_command_never_discards_stages_it_does_not_redo(demo_copy):

@@ -224,3 +224,52 @@ def test_validate_hub_checks_the_model_and_the_data_before_a_launch(hub_env, tmp
         rc, out, err = validate(*sets, override)
         assert (rc, out) == (2, ""), (override, err)
         assert err.split(": ", 2)[2] == message + "\n", (override, err)  # after `error: --set FLAG` or `error: FILE`
+
+
+def test_the_disk_check_counts_a_hub_models_download_until_it_is_cached(hub_env, tmp_path, tiny_phi3):
+    """The base model's weights, downloaded into the Hub cache by training, count against the
+    cache's disk until huggingface_hub has them (real client and cache layout, the test server's
+    files); on a disk too small for them `run` stops at the door, naming the cache folder."""
+    import subprocess
+    from pathlib import Path
+
+    from huggingface_hub import snapshot_download
+
+    from alignpress import disk
+    from alignpress.checks import model_sizes
+    from alignpress.recipe import load_recipe
+    from alignpress.runstate import RunDir
+    from conftest import ROOT
+    from test_lostwork import DISK_FIX, _tmpfs
+
+    api = hub_env.api()
+    api.create_repo("alice/tiny-phi3-weights")
+    api.upload_folder(folder_path=str(tiny_phi3), repo_id="alice/tiny-phi3-weights")
+    sets = ["model.name_or_path=alice/tiny-phi3-weights"]
+    recipe = load_recipe(ROOT / RECIPE, sets)
+    sizes = model_sizes(recipe)
+    weights = (tiny_phi3 / "model.safetensors").stat().st_size
+    assert sizes.stored_bytes == 4 and sizes.params * 4 <= weights <= sizes.params * 4 + 4096
+    out = RunDir(tmp_path / "out", writer=False)
+    before = disk.estimate(recipe, out, ["train", "export"], sizes, train_bytes=4, pairs=None)
+    assert [(w.folder, w.need, w.parts) for w in before[:1]] == [(hub_env.cache_dir, sizes.params * 4, [f"the base model's download {disk.size_text(sizes.params * 4)}"])]
+    assert before[1].folder == out.root
+    snapshot_download("alice/tiny-phi3-weights")
+    assert [w.folder for w in disk.estimate(recipe, out, ["train", "export"], sizes, train_bytes=4, pairs=None)] == [out.root]
+
+    cache = tmp_path / "small-cache"
+    if not _tmpfs(cache, "64k"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        assert weights > 64 << 10
+        proc = run(tmp_path / "out2", "publish.repo_id=null", *sets, env={"HF_HUB_CACHE": str(cache)})
+        line = refused(proc, tmp_path / "out2")
+        need = disk.size_text(sizes.params * 4)
+        free = disk.size_text(__import__("shutil").disk_usage(cache).free)
+        assert line == (f"error: {tmp_path / 'out2'}: not enough disk space: train and export will write at least {need} to {cache} "
+                        f"(the base model's download {need}) and its disk has {free} free; {DISK_FIX}")
+        # Only the config, fetched by the model checks: no weights were downloaded.
+        assert sorted(p.name for p in Path(cache).iterdir()) == [".locks", "CACHEDIR.TAG", "models--alice--tiny-phi3-weights"]
+        assert [p.name for p in Path(cache).rglob("*") if p.is_file() and p.stat().st_size > 4096] == []
+    finally:
+        subprocess.run(["umount", str(cache)], check=False)

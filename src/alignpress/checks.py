@@ -24,6 +24,7 @@ import inspect
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -276,6 +277,36 @@ def check_model(recipe: Recipe, local_only: bool = False) -> str:
     parts.append(f"attention {model.config._attn_implementation}")
     parts.append(f"sequences up to {longest} tokens")
     return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Parameter counts from the meta model, for the disk estimate (alignpress.disk)."""
+
+    params: int  # every weight, tied ones once (what the merged model saves)
+    trainable: int  # the LoRA adapter's weights, or every weight when lora.enabled is false
+    stored_bytes: float  # bytes per weight as the base model is stored (config dtype; 0.5 for a 4-bit checkpoint)
+
+
+def model_sizes(recipe: Recipe) -> ModelSizes:
+    """The model's parameter counts, built on the meta device from its config (fetched for a Hub
+    model, as check_model does; nothing else is downloaded)."""
+    config, _ = _local_config(recipe, local_only=False)
+    model = _meta_model(recipe, config, None)
+    params = model.num_parameters()
+    trainable = params
+    if recipe.lora.enabled:
+        from peft import get_peft_model
+
+        from .train import lora_config
+
+        with _quiet():
+            peft_model = get_peft_model(model, lora_config(recipe), low_cpu_mem_usage=True)
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    dtype = str(getattr(text, "dtype", None) or getattr(config, "dtype", None) or "").removeprefix("torch.")
+    stored = 0.5 if getattr(config, "quantization_config", None) else {"float32": 4, "float64": 8}.get(dtype, 2)
+    return ModelSizes(params=params, trainable=trainable, stored_bytes=stored)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -256,6 +256,13 @@ def _relaunch(recipe: Recipe, argv: list[str]) -> int:
             signal.signal(sig, handler)
 
 
+def _check_disk(recipe: Recipe, run_dir: RunDir, stages: list[str], restart: bool = False) -> None:
+    from . import disk
+
+    if line := disk.check(recipe, run_dir, stages, restart=restart):
+        log.info("%s", line)
+
+
 def _hub_preflight(recipe: Recipe) -> str:
     """`validate --hub`: run's Hub preflight, from a laptop before a cloud job is launched."""
     from . import publish
@@ -311,6 +318,10 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
     if need and (status := processes.on_main(state, lambda: run_dir.status(need))) != "done":
         # Before the lock, --restart or anything else touches the folder.
         raise AlignpressError(f"stage {args.command} needs {need} to be done first (run.json says {status})", source=str(run_dir.manifest_path))
+    if args.command in ("run", "train", "export") and os.environ.get("ALIGNPRESS_LAUNCHED") != "1":
+        # The disk: what training and export will write, against the free space (a relaunched child's parent did it).
+        todo = [s for s in STAGES if args.restart or not run_dir.is_done(s)] if args.command == "run" else [args.command]
+        processes.on_main(state, lambda: _check_disk(recipe, run_dir, todo, restart=args.restart))
     lock = FolderLock(run_dir.root, command=f"{args.command} {args.recipe}")
     processes.on_main(state, lambda: (run_dir.ensure_writable(), lock.acquire()))
     try:
@@ -346,11 +357,16 @@ def _execute_locked(args: argparse.Namespace, argv: list[str], recipe: Recipe, r
             processes.on_main(state, lambda: _run_stage(name, recipe, run_dir))
 
     if args.command == "run":
+        prepared = False
         for name in STAGES:
             if processes.on_main(state, lambda: run_dir.is_done(name)):
                 log.info("== %s: already done, skipping", name)
                 continue
+            if name == "train" and prepared:
+                # The door counted one checkpoint: the number of pairs, and so of saves, is known now.
+                processes.on_main(state, lambda: _check_disk(recipe, run_dir, [s for s in ("train", "export") if not run_dir.is_done(s)]))
             stage(name)
+            prepared = prepared or name == "prepare"
         log.info("finished: %s", run_dir.root)
         if main:
             from .summary import render

@@ -1,0 +1,264 @@
+"""Disk space: what training and export will write, checked before they start.
+
+A disk too small for a run used to be found when it filled: hours into training (a full
+fine-tune's checkpoints hold the weights and two Adam moments each), or at export. The failure
+itself is handled (runstate.disk_full: one line, nothing finished lost, resumable), but the GPU
+time before it is paid for. So `run`, `train` and `export` first add up what the stages still to
+run will write, per filesystem, and refuse (exit 2, one line) when it is more than the free space.
+
+Every part is a lower bound, so a run that would fit is never refused:
+- the base model's download into the Hub cache (when it is a Hub model not cached yet): its
+  weights at the dtype its config states;
+- the checkpoints: the trained weights (the LoRA adapter, or every weight) and the optimizer's
+  states (Adam's two moments in the weights' dtype; one byte each for 8-bit optimizers; DeepSpeed's
+  fp32 master copy and moments, 12 bytes a weight), at most `train.save_total_limit` of them plus
+  one while the oldest is rotated out, and no more than the saves the run makes; tokenizer files,
+  RNG and trainer state are not counted;
+- the trained adapter or full weights (train's `adapter/` or `full/`), and the merged model in
+  `export.dtype` (export writes `model.partial` beside the old `model/`).
+Checkpoints already in the folder count as written. Before prepare has run the number of pairs is
+unknown and one save is counted; `run` checks again when prepare is done.
+
+A folder on a FUSE mount (a bucket: gcsfuse, rclone, mountpoint-s3, blobfuse) is not checked: such a
+mount reports a free space that means nothing. ALIGNPRESS_SKIP_DISK_CHECK=1 skips the check (a
+filesystem whose free space misleads, such as one that compresses).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import AlignpressError
+from .recipe import Recipe
+from .runstate import RunDir, folder_size
+
+log = logging.getLogger("alignpress")
+
+SKIP_ENV = "ALIGNPRESS_SKIP_DISK_CHECK"
+
+
+def size_text(n: float) -> str:
+    """Binary units, as the full-disk message writes them: '0.7 MB', '7.1 GB'."""
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
+
+
+def optimizer_state_bytes(optim: str, weight_bytes: int) -> float:
+    """Bytes of optimizer state per trained weight, at least (transformers' OptimizerNames)."""
+    if "8bit" in optim:
+        return 2.0  # two moments quantised to one byte each
+    if "adam" in optim or "lamb" in optim:
+        return 3.0 * weight_bytes if "ademamix" in optim else 2.0 * weight_bytes
+    if "lion" in optim:
+        return 1.0 * weight_bytes
+    return 0.0  # sgd without momentum, adafactor's factored rows, optimizers not listed: counted as none
+
+
+def deepspeed_stage(recipe: Recipe) -> int | None:
+    """The ZeRO stage of the recipe's accelerate config, or None without DeepSpeed."""
+    if not recipe.train.accelerate_config:
+        return None
+    import yaml
+
+    from .recipe import accelerate_config_path
+
+    config = yaml.safe_load(Path(accelerate_config_path(recipe)).read_text()) or {}
+    if str(config.get("distributed_type", "")).upper() != "DEEPSPEED":
+        return None
+    return int((config.get("deepspeed_config") or {}).get("zero_stage", 0) or 0)
+
+
+@dataclass
+class Writes:
+    """What the remaining stages write into one folder: (description, bytes) parts and the need."""
+
+    folder: Path
+    parts: list[str] = field(default_factory=list)
+    need: float = 0.0
+
+
+def _hub_weights_cached(repo: str, revision: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(name: str) -> str | None:
+        found = try_to_load_from_cache(repo, name, revision=revision)
+        return found if isinstance(found, str) else None
+
+    if index := cached("model.safetensors.index.json"):
+        shards = set(json.loads(Path(index).read_text()).get("weight_map", {}).values())
+        return all(cached(s) for s in shards)
+    return bool(cached("model.safetensors") or cached("pytorch_model.bin"))
+
+
+def prepared_pairs(run_dir: RunDir) -> int | None:
+    """Training pairs prepare kept (data/stats.json), or None before prepare has run."""
+    try:
+        return int(json.loads((run_dir.data / "stats.json").read_text())["splits"]["train"]["kept"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def optimizer_steps(recipe: Recipe, pairs: int | None) -> int | None:
+    """Steps the Trainer will run (its own arithmetic), or None when the pairs are not known yet."""
+    t = recipe.train
+    if t.max_steps > 0:
+        return t.max_steps
+    if pairs is None:
+        return None
+    world = t.num_processes or int(os.environ.get("WORLD_SIZE", "1"))
+    batches = math.ceil(math.ceil(pairs / world) / t.per_device_train_batch_size)
+    per_epoch = max(batches // t.gradient_accumulation_steps + int(batches % t.gradient_accumulation_steps > 0), 1)
+    return math.ceil(t.num_train_epochs * per_epoch)
+
+
+def weight_bytes(recipe: Recipe, train_bytes: int) -> int:
+    """Bytes of one trained weight: the adapter is fp32 (peft upcasts it; bf16 under QLoRA), a full
+    fine-tune trains in the training dtype."""
+    if recipe.lora.enabled:
+        return 2 if recipe.model.load_in_4bit else 4
+    return train_bytes
+
+
+def trained_bytes(recipe: Recipe, sizes, train_bytes: int) -> float:
+    """The trained weights as saved: the adapter, or every weight."""
+    return sizes.trainable * weight_bytes(recipe, train_bytes)
+
+
+def checkpoint_bytes(recipe: Recipe, sizes, train_bytes: int) -> float:
+    """One checkpoint, at least: the trained weights and the optimizer's states."""
+    trained = trained_bytes(recipe, sizes, train_bytes)
+    if (stage := deepspeed_stage(recipe)) is not None:
+        # DeepSpeed's fp32 master weights and two fp32 moments (global_stepN/), and below ZeRO-3
+        # the trained weights (ZeRO-3 may keep them only in its partitioned states)
+        return 12.0 * sizes.trainable + (trained if stage < 3 else 0)
+    return trained + optimizer_state_bytes(recipe.train.optim, weight_bytes(recipe, train_bytes)) * sizes.trainable
+
+
+def merged_bytes(recipe: Recipe, sizes) -> float:
+    return sizes.params * {"float32": 4}.get(recipe.export.dtype, 2)
+
+
+def checkpoints_kept(recipe: Recipe, steps: int | None) -> tuple[int, int]:
+    """(most at once, left at the end): save_total_limit plus the one written before the oldest
+    is rotated out, no more than the saves the steps make (one when the steps are not known)."""
+    t = recipe.train
+    saves = 1 if steps is None else max(math.ceil(steps / t.save_steps), 1)
+    if t.save_total_limit is None:
+        return saves, saves
+    return min(t.save_total_limit + 1, saves), min(t.save_total_limit, saves)
+
+
+def estimate(recipe: Recipe, run_dir: RunDir, stages: list[str], sizes, *, train_bytes: int, pairs: int | None, restart: bool = False) -> list[Writes]:
+    """What `stages` (train, export) write: into the Hub cache and into the output folder."""
+    from huggingface_hub import constants
+
+    from .modeling import resolve_model_path
+
+    out = Writes(run_dir.root)
+    cache = Writes(Path(constants.HF_HUB_CACHE))
+    name = recipe.model.name_or_path
+    if not name.startswith("builtin:") and not Path(resolve_model_path(recipe)).is_dir() and not _hub_weights_cached(name, recipe.model.revision):
+        cache.need = sizes.params * sizes.stored_bytes
+        cache.parts.append(f"the base model's download {size_text(cache.need)}")
+    trained = trained_bytes(recipe, sizes, train_bytes)
+    merged = merged_bytes(recipe, sizes)
+    if "train" in stages:
+        checkpoint = checkpoint_bytes(recipe, sizes, train_bytes)
+        steps = optimizer_steps(recipe, pairs)
+        peak, final = checkpoints_kept(recipe, steps)
+        there = 0 if restart else folder_size(run_dir.checkpoints)
+        end = final * checkpoint + trained + (merged if "export" in stages else 0)
+        out.need = max(peak * checkpoint, end) - there
+        kept = f"{final} checkpoint{'s' if final != 1 else ''} of {size_text(checkpoint)}" + (f" ({peak} while the oldest is rotated out)" if peak > final else "")
+        out.parts.append(kept + ("" if steps is not None else ", more once prepare has counted the pairs"))
+        out.parts.append(f"the trained {'adapter' if recipe.lora.enabled else 'weights'} {size_text(trained)}")
+        if there:
+            out.parts.append(f"less {size_text(there)} of checkpoints already there")
+    if "export" in stages:
+        if "train" not in stages:
+            out.need = merged
+        out.parts.append(f"the merged model {size_text(merged)}")
+    out.need = max(out.need, 0.0)
+    return [w for w in (cache, out) if w.need > 0]
+
+
+def _existing(path: Path) -> Path:
+    path = path.resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def filesystem_type(path: Path, mountinfo: str | None = None) -> str:
+    """The type of the filesystem holding `path` ('ext4', 'fuse.rclone', ...), from
+    /proc/self/mountinfo; '' where that is not available (macOS)."""
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
+        except OSError:
+            return ""
+    where = str(path)
+    best, kind = "", ""
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 5 or not right.split():
+            continue
+        # mountinfo escapes space, tab, newline and backslash in octal (\040)
+        point = fields[4].encode().decode("unicode_escape")
+        inside = where == point or where.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, right.split()[0]
+    return kind
+
+
+def check(recipe: Recipe, run_dir: RunDir, stages: list[str], *, restart: bool = False) -> str | None:
+    """Refuses (exit 2) when `stages` would write more than a filesystem has free; returns a line
+    for the log saying what was counted, or None when nothing is to be written. With "prepare" in
+    `stages` the pairs are not known yet (one save is counted); `restart`: the checkpoints there
+    are set aside, not reused."""
+    prepare_first = "prepare" in stages
+    stages = [s for s in stages if s in ("train", "export")]
+    if not stages:
+        return None
+    if os.environ.get(SKIP_ENV) == "1":
+        return f"disk check skipped ({SKIP_ENV}=1)"
+    from .checks import model_sizes
+    from .modeling import pick_device, pick_dtype
+
+    sizes = model_sizes(recipe)
+    train_bytes = pick_dtype(recipe, pick_device(recipe)).itemsize
+    pairs = None if prepare_first else prepared_pairs(run_dir)
+    writes = estimate(recipe, run_dir, stages, sizes, train_bytes=train_bytes, pairs=pairs, restart=restart)
+    groups: dict[int, list[Writes]] = {}
+    kinds: dict[int, tuple[str, Path]] = {}
+    for w in writes:
+        anchor = _existing(w.folder)
+        device = anchor.stat().st_dev
+        groups.setdefault(device, []).append(w)
+        kinds[device] = (filesystem_type(anchor), anchor)
+    what = " and ".join(stages)
+    lines = []
+    for device, ws in groups.items():
+        kind, anchor = kinds[device]
+        need = sum(w.need for w in ws)
+        parts = "; ".join(p for w in ws for p in w.parts)
+        where = " and ".join(str(w.folder) for w in ws)
+        if kind.startswith("fuse"):
+            lines.append(f"{where}: not checked, a {kind} mount (its free space means nothing)")
+            continue
+        free = shutil.disk_usage(anchor).free
+        if need > free:
+            raise AlignpressError(
+                f"not enough disk space: {what} will write at least {size_text(need)} to {where} ({parts}) and its disk has "
+                f"{size_text(free)} free; free some space, or write elsewhere (--output-dir; HF_HOME for the model download). "
+                f"{SKIP_ENV}=1 skips this check",
+                source=str(run_dir.root),
+            )
+        lines.append(f"{where}: at least {size_text(need)} ({parts}), {size_text(free)} free")
+    return f"disk for {what}: " + ("; ".join(lines) if lines else "nothing large to write")
