@@ -293,6 +293,24 @@ def test_filesystem_type_reads_mountinfo():
     assert filesystem_type(Path("/"), "") == ""
 
 
+def test_writes_to_a_bucket_mount_land_in_rclones_cache(tmp_path):
+    """SkyPilot's MOUNT_CACHED (rclone, --vfs-cache-mode full) keeps each file written in the VM's
+    ~/.cache/rclone until it is uploaded: that disk is checked. Other FUSE mounts are not."""
+    from alignpress import disk
+
+    for name in ("rclone", "gcs", "local"):
+        (tmp_path / name).mkdir()
+    mountinfo = "\n".join([
+        "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw",
+        f"40 22 0:35 / {tmp_path}/rclone rw,nosuid,nodev,relatime shared:20 - fuse.rclone alignpress-me-outputs rw,user_id=0,group_id=0",
+        f"41 22 0:36 / {tmp_path}/gcs rw,nosuid,nodev,relatime shared:21 - fuse.gcsfuse alignpress-me-outputs rw,user_id=0,group_id=0",
+    ])
+    cache = disk._existing(Path("~/.cache/rclone").expanduser())
+    assert disk.landing(tmp_path / "rclone/phi3/checkpoints", mountinfo) == (cache, " (written first into rclone's cache in ~/.cache/rclone)")
+    assert disk.landing(tmp_path / "gcs/phi3", mountinfo) is None
+    assert disk.landing(tmp_path / "local/phi3", mountinfo) == (tmp_path / "local", "")
+
+
 def test_a_stage_command_never_discards_stages_it_does_not_redo(demo_copy):
     """`publish` with a new eval gate used to mark evaluate and export pending (the changed section
     feeds evaluate), then stop because export was not done: two finished stages thrown away."""

@@ -19,8 +19,10 @@ Every part is a lower bound, so a run that would fit is never refused:
 Checkpoints already in the folder count as written. Before prepare has run the number of pairs is
 unknown and one save is counted; `run` checks again when prepare is done.
 
-A folder on a FUSE mount (a bucket: gcsfuse, rclone, mountpoint-s3, blobfuse) is not checked: such a
-mount reports a free space that means nothing. ALIGNPRESS_SKIP_DISK_CHECK=1 skips the check (a
+A bucket mounted by rclone with a write cache (SkyPilot's MOUNT_CACHED, which the sky/ tasks use)
+keeps what is written in its cache (~/.cache/rclone) until it is uploaded: that disk is checked.
+A folder on another FUSE mount (gcsfuse, mountpoint-s3, blobfuse) is not checked: such a mount
+reports a free space that means nothing. ALIGNPRESS_SKIP_DISK_CHECK=1 skips the check (a
 filesystem whose free space misleads, such as one that compresses).
 """
 
@@ -217,6 +219,23 @@ def filesystem_type(path: Path, mountinfo: str | None = None) -> str:
     return kind
 
 
+RCLONE_CACHE = Path("~/.cache/rclone")  # rclone's default cache, and SkyPilot's for MOUNT_CACHED (its --cache-dir)
+
+
+def landing(folder: Path, mountinfo: str | None = None) -> tuple[Path, str] | None:
+    """Where writes into `folder` take disk space, and how to say so; None when no free space
+    means anything there. A bucket mounted by rclone with a write cache (SkyPilot's MOUNT_CACHED)
+    keeps every file written in its cache until it is uploaded: that disk is the limit. Other FUSE
+    mounts (gcsfuse, mountpoint-s3, blobfuse) report a free space that means nothing."""
+    anchor = _existing(folder)
+    kind = filesystem_type(anchor, mountinfo)
+    if kind == "fuse.rclone":
+        return _existing(RCLONE_CACHE.expanduser()), f" (written first into rclone's cache in {RCLONE_CACHE})"
+    if kind.startswith("fuse"):
+        return None
+    return anchor, ""
+
+
 def check(recipe: Recipe, run_dir: RunDir, stages: list[str], *, restart: bool = False) -> str | None:
     """Refuses (exit 2) when `stages` would write more than a filesystem has free; returns a line
     for the log saying what was counted, or None when nothing is to be written. With "prepare" in
@@ -235,23 +254,19 @@ def check(recipe: Recipe, run_dir: RunDir, stages: list[str], *, restart: bool =
     train_bytes = pick_dtype(recipe, pick_device(recipe)).itemsize
     pairs = None if prepare_first else prepared_pairs(run_dir)
     writes = estimate(recipe, run_dir, stages, sizes, train_bytes=train_bytes, pairs=pairs, restart=restart)
-    groups: dict[int, list[Writes]] = {}
-    kinds: dict[int, tuple[str, Path]] = {}
-    for w in writes:
-        anchor = _existing(w.folder)
-        device = anchor.stat().st_dev
-        groups.setdefault(device, []).append(w)
-        kinds[device] = (filesystem_type(anchor), anchor)
     what = " and ".join(stages)
+    groups: dict[int, tuple[Path, list[tuple[Writes, str]]]] = {}
     lines = []
-    for device, ws in groups.items():
-        kind, anchor = kinds[device]
-        need = sum(w.need for w in ws)
-        parts = "; ".join(p for w in ws for p in w.parts)
-        where = " and ".join(str(w.folder) for w in ws)
-        if kind.startswith("fuse"):
-            lines.append(f"{where}: not checked, a {kind} mount (its free space means nothing)")
+    for w in writes:
+        if (landed := landing(w.folder)) is None:
+            lines.append(f"{w.folder}: not checked, on a FUSE mount ({filesystem_type(_existing(w.folder))}) whose free space means nothing")
             continue
+        anchor, how = landed
+        groups.setdefault(anchor.stat().st_dev, (anchor, []))[1].append((w, how))
+    for anchor, ws in groups.values():
+        need = sum(w.need for w, _ in ws)
+        parts = "; ".join(p for w, _ in ws for p in w.parts)
+        where = " and ".join(f"{w.folder}{how}" for w, how in ws)
         free = shutil.disk_usage(anchor).free
         if need > free:
             raise AlignpressError(
