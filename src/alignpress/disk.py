@@ -98,10 +98,11 @@ def _hub_weights_cached(repo: str, revision: str | None) -> bool:
 
 
 def prepared_pairs(run_dir: RunDir) -> int | None:
-    """Training pairs prepare kept (data/stats.json), or None before prepare has run."""
+    """The training pairs prepare wrote (data/train.jsonl, a line each), or None before prepare has run."""
     try:
-        return int(json.loads((run_dir.data / "stats.json").read_text())["splits"]["train"]["kept"])
-    except (OSError, ValueError, KeyError, TypeError):
+        with open(run_dir.data / "train.jsonl", "rb") as f:
+            return sum(1 for line in f if line.strip())
+    except OSError:
         return None
 
 
