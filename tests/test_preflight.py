@@ -257,6 +257,23 @@ def test_the_disk_check_counts_a_hub_models_download_until_it_is_cached(hub_env,
     snapshot_download("alice/tiny-phi3-weights")
     assert [w.folder for w in disk.estimate(recipe, out, ["train", "export"], sizes, train_bytes=4, pairs=None)] == [out.root]
 
+    # A Hub judge (eval.judge), which evaluate downloads after training: counted the same way.
+    from alignpress.checks import judge_sizes
+    from test_evaluate import build_judge
+
+    folder = tmp_path / "judge"
+    build_judge(folder)
+    api.create_repo("alice/tiny-judge")
+    api.upload_folder(folder_path=str(folder), repo_id="alice/tiny-judge")
+    judged = load_recipe(ROOT / RECIPE, [*sets, "eval.judge=alice/tiny-judge"])
+    judge = judge_sizes(judged)
+    assert (judge.params, judge.stored_bytes) == (3 * 8 + 4 * 8 * 8 + 3 * 8 * 8 + 3 * 8 + 8, 4)  # embeddings, attention, MLP, norms, score
+    [before] = disk.estimate(judged, out, ["evaluate"], sizes, train_bytes=4, pairs=None, judge=judge)
+    assert (before.folder, before.need, before.parts) == (hub_env.cache_dir, judge.params * 4, [f"the judge's download {disk.size_text(judge.params * 4)}"])
+    snapshot_download("alice/tiny-judge")
+    assert disk.estimate(judged, out, ["evaluate"], sizes, train_bytes=4, pairs=None, judge=judge) == []
+    assert judge_sizes(recipe) is None
+
     cache = tmp_path / "small-cache"
     if not _tmpfs(cache, "64k"):
         pytest.skip("cannot mount a tmpfs here (needs root)")

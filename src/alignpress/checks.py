@@ -303,10 +303,32 @@ def model_sizes(recipe: Recipe) -> ModelSizes:
         with _quiet():
             peft_model = get_peft_model(model, lora_config(recipe), low_cpu_mem_usage=True)
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    return ModelSizes(params=params, trainable=trainable, stored_bytes=_stored_bytes(config))
+
+
+def _stored_bytes(config) -> float:
+    """Bytes per weight as a checkpoint stores them, by its config (2 when it does not say)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     dtype = str(getattr(text, "dtype", None) or getattr(config, "dtype", None) or "").removeprefix("torch.")
-    stored = 0.5 if getattr(config, "quantization_config", None) else {"float32": 4, "float64": 8}.get(dtype, 2)
-    return ModelSizes(params=params, trainable=trainable, stored_bytes=stored)
+    return 0.5 if getattr(config, "quantization_config", None) else {"float32": 4, "float64": 8}.get(dtype, 2)
+
+
+def judge_sizes(recipe: Recipe) -> ModelSizes | None:
+    """The judge's parameter count (eval.judge), from its config on the meta device; None without one."""
+    if not (recipe.eval.enabled and recipe.eval.judge):
+        return None
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    try:
+        with _quiet():
+            config = AutoConfig.from_pretrained(judge_path(recipe), trust_remote_code=recipe.model.trust_remote_code)
+            with torch.device("meta"):
+                model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    except Exception:  # noqa: BLE001 - check_judge and evaluate say what is wrong with it, in their words
+        return None
+    params = model.num_parameters()
+    return ModelSizes(params=params, trainable=0, stored_bytes=_stored_bytes(config))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -318,8 +318,8 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
     if need and (status := processes.on_main(state, lambda: run_dir.status(need))) != "done":
         # Before the lock, --restart or anything else touches the folder.
         raise AlignpressError(f"stage {args.command} needs {need} to be done first (run.json says {status})", source=str(run_dir.manifest_path))
-    if args.command in ("run", "train", "export") and os.environ.get("ALIGNPRESS_LAUNCHED") != "1":
-        # The disk: what training and export will write, against the free space (a relaunched child's parent did it).
+    if args.command in ("run", "train", "evaluate", "export") and os.environ.get("ALIGNPRESS_LAUNCHED") != "1":
+        # The disk: what training, evaluate and export will write, against the free space (a relaunched child's parent did it).
         todo = [s for s in STAGES if args.restart or not run_dir.is_done(s)] if args.command == "run" else [args.command]
         processes.on_main(state, lambda: _check_disk(recipe, run_dir, todo, restart=args.restart))
     lock = FolderLock(run_dir.root, command=f"{args.command} {args.recipe}")
@@ -364,7 +364,7 @@ def _execute_locked(args: argparse.Namespace, argv: list[str], recipe: Recipe, r
                 continue
             if name == "train" and prepared:
                 # The door counted one checkpoint: the number of pairs, and so of saves, is known now.
-                processes.on_main(state, lambda: _check_disk(recipe, run_dir, [s for s in ("train", "export") if not run_dir.is_done(s)]))
+                processes.on_main(state, lambda: _check_disk(recipe, run_dir, [s for s in ("train", "evaluate", "export") if not run_dir.is_done(s)]))
             stage(name)
             prepared = prepared or name == "prepare"
         log.info("finished: %s", run_dir.root)

@@ -3,8 +3,8 @@
 A disk too small for a run used to be found when it filled: hours into training (a full
 fine-tune's checkpoints hold the weights and two Adam moments each), or at export. The failure
 itself is handled (runstate.disk_full: one line, nothing finished lost, resumable), but the GPU
-time before it is paid for. So `run`, `train` and `export` first add up what the stages still to
-run will write, per filesystem, and refuse (exit 2, one line) when it is more than the free space.
+time before it is paid for. So `run`, `train`, `evaluate` and `export` first add up what the stages
+still to run will write, per filesystem, and refuse (exit 2, one line) when it is more than the free space.
 
 Every part is a lower bound, so a run that would fit is never refused:
 - the base model's download into the Hub cache (when it is a Hub model not cached yet): its
@@ -15,7 +15,8 @@ Every part is a lower bound, so a run that would fit is never refused:
   one while the oldest is rotated out, and no more than the saves the run makes; tokenizer files,
   RNG and trainer state are not counted;
 - the trained adapter or full weights (train's `adapter/` or `full/`), and the merged model in
-  `export.dtype` (export writes `model.partial` beside the old `model/`).
+  `export.dtype` (export writes `model.partial` beside the old `model/`);
+- the judge's download (`eval.judge`, a Hub model not cached yet), which evaluate loads.
 Checkpoints already in the folder count as written. Before prepare has run the number of pairs is
 unknown and one save is counted; `run` checks again when prepare is done.
 
@@ -156,18 +157,25 @@ def checkpoints_kept(recipe: Recipe, steps: int | None) -> tuple[int, int]:
     return min(t.save_total_limit + 1, saves), min(t.save_total_limit, saves)
 
 
-def estimate(recipe: Recipe, run_dir: RunDir, stages: list[str], sizes, *, train_bytes: int, pairs: int | None, restart: bool = False) -> list[Writes]:
-    """What `stages` (train, export) write: into the Hub cache and into the output folder."""
+def estimate(recipe: Recipe, run_dir: RunDir, stages: list[str], sizes, *, train_bytes: int, pairs: int | None, restart: bool = False,
+             judge=None) -> list[Writes]:
+    """What `stages` (train, evaluate, export) write: into the Hub cache and into the output folder.
+    judge: the judge's sizes (checks.judge_sizes), when evaluate runs one."""
     from huggingface_hub import constants
 
+    from .checks import judge_path
     from .modeling import resolve_model_path
 
     out = Writes(run_dir.root)
     cache = Writes(Path(constants.HF_HUB_CACHE))
     name = recipe.model.name_or_path
-    if not name.startswith("builtin:") and not Path(resolve_model_path(recipe)).is_dir() and not _hub_weights_cached(name, recipe.model.revision):
+    loads_base = "train" in stages or "export" in stages
+    if loads_base and not name.startswith("builtin:") and not Path(resolve_model_path(recipe)).is_dir() and not _hub_weights_cached(name, recipe.model.revision):
         cache.need = sizes.params * sizes.stored_bytes
         cache.parts.append(f"the base model's download {size_text(cache.need)}")
+    if "evaluate" in stages and judge is not None and not Path(path := judge_path(recipe)).is_dir() and not _hub_weights_cached(path, None):
+        cache.need += judge.params * judge.stored_bytes
+        cache.parts.append(f"the judge's download {size_text(judge.params * judge.stored_bytes)}")
     trained = trained_bytes(recipe, sizes, train_bytes)
     merged = merged_bytes(recipe, sizes)
     if "train" in stages:
@@ -243,19 +251,23 @@ def check(recipe: Recipe, run_dir: RunDir, stages: list[str], *, restart: bool =
     `stages` the pairs are not known yet (one save is counted); `restart`: the checkpoints there
     are set aside, not reused."""
     prepare_first = "prepare" in stages
-    stages = [s for s in stages if s in ("train", "export")]
+    stages = [s for s in stages if s in ("train", "evaluate", "export")]
     if not stages:
         return None
     if os.environ.get(SKIP_ENV) == "1":
         return f"disk check skipped ({SKIP_ENV}=1)"
-    from .checks import model_sizes
+    from .checks import judge_sizes, model_sizes
     from .modeling import pick_device, pick_dtype
 
     sizes = model_sizes(recipe)
     train_bytes = pick_dtype(recipe, pick_device(recipe)).itemsize
     pairs = None if prepare_first else prepared_pairs(run_dir)
-    writes = estimate(recipe, run_dir, stages, sizes, train_bytes=train_bytes, pairs=pairs, restart=restart)
-    what = " and ".join(stages)
+    judge = judge_sizes(recipe) if "evaluate" in stages else None
+    writes = estimate(recipe, run_dir, stages, sizes, train_bytes=train_bytes, pairs=pairs, restart=restart, judge=judge)
+    if not writes:
+        return None
+    stages = [s for s in stages if s != "evaluate" or judge is not None]
+    what = " and ".join(stages) if len(stages) < 3 else f"{', '.join(stages[:-1])} and {stages[-1]}"
     groups: dict[int, tuple[Path, list[tuple[Writes, str]]]] = {}
     lines = []
     for w in writes:
