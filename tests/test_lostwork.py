@@ -273,6 +273,20 @@ def test_disk_estimate_against_what_training_wrote(demo_run, tmp_path):
     assert need == "20.6 MB"
 
 
+def test_optimizer_states_cover_every_optimizer_transformers_names():
+    """Every optimizer transformers accepts is counted with its states, or listed as keeping none
+    (factored, low-rank, stateless): a new name in a transformers upgrade fails here."""
+    from transformers.training_args import OptimizerNames
+
+    from alignpress.disk import NO_STATE, OPTIMIZER_STATES, optimizer_state_bytes
+
+    assert {o.value for o in OptimizerNames} == set(OPTIMIZER_STATES) | set(NO_STATE)
+    assert not set(OPTIMIZER_STATES) & set(NO_STATE)
+    cases = {("adamw_torch_fused", 2): 4, ("adamw_torch", 4): 8, ("paged_adamw_8bit", 2): 2, ("adamw_torch_4bit", 4): 1, ("ademamix", 4): 12,
+             ("lion_32bit", 2): 2, ("paged_lion_8bit", 4): 1, ("galore_adamw", 2): 0, ("adafactor", 4): 0, ("an_unknown_one", 4): 0}
+    assert {k: optimizer_state_bytes(*k) for k in cases} == cases
+
+
 def test_filesystem_type_reads_mountinfo():
     """A bucket mounted with FUSE is not checked: its free space means nothing. The mount holding a
     path is the longest mount point above it (mount points escape spaces as \\040)."""

@@ -51,15 +51,26 @@ def size_text(n: float) -> str:
     return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
 
 
+# Optimizer states per trained weight, by transformers' OptimizerNames: how many, and the bytes of
+# each (None: the weight's dtype). Factored, low-rank or stateless ones (NO_STATE) count none.
+OPTIMIZER_STATES: dict[str, tuple[int, float | None]] = {
+    **dict.fromkeys(("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adamw_anyprecision", "paged_adamw_32bit",
+                     "grokadamw", "stable_adamw", "schedule_free_adamw", "schedule_free_radam"), (2, None)),
+    **dict.fromkeys(("adamw_torch_8bit", "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit"), (2, 1)),
+    "adamw_torch_4bit": (2, 0.5),
+    **dict.fromkeys(("ademamix", "paged_ademamix_32bit"), (3, None)),
+    **dict.fromkeys(("ademamix_8bit", "paged_ademamix_8bit"), (3, 1)),
+    **dict.fromkeys(("lion_32bit", "paged_lion_32bit", "rmsprop", "rmsprop_bnb", "rmsprop_bnb_32bit", "adagrad"), (1, None)),
+    **dict.fromkeys(("lion_8bit", "paged_lion_8bit", "rmsprop_bnb_8bit"), (1, 1)),
+}
+NO_STATE = ("sgd", "schedule_free_sgd", "adafactor", "galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
+            "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "apollo_adamw", "apollo_adamw_layerwise", "lomo", "adalomo")
+
+
 def optimizer_state_bytes(optim: str, weight_bytes: int) -> float:
-    """Bytes of optimizer state per trained weight, at least (transformers' OptimizerNames)."""
-    if "8bit" in optim:
-        return 2.0  # two moments quantised to one byte each
-    if "adam" in optim or "lamb" in optim:
-        return 3.0 * weight_bytes if "ademamix" in optim else 2.0 * weight_bytes
-    if "lion" in optim:
-        return 1.0 * weight_bytes
-    return 0.0  # sgd without momentum, adafactor's factored rows, optimizers not listed: counted as none
+    """Bytes of optimizer state per trained weight, at least (a name not listed counts none)."""
+    count, each = OPTIMIZER_STATES.get(optim, (0, None))
+    return count * (weight_bytes if each is None else each)
 
 
 def deepspeed_stage(recipe: Recipe) -> int | None:
