@@ -30,7 +30,6 @@ filesystem whose free space misleads, such as one that compresses).
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import shutil
@@ -40,8 +39,6 @@ from pathlib import Path
 from .errors import AlignpressError
 from .recipe import Recipe
 from .runstate import RunDir, folder_size
-
-log = logging.getLogger("alignpress")
 
 SKIP_ENV = "ALIGNPRESS_SKIP_DISK_CHECK"
 
