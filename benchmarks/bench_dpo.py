@@ -98,6 +98,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "tuned-flash": {"about": "tuned-noref with FlashAttention 2", "base": "recipe", "set": ["dpo.precompute_ref_log_probs=false", "model.attn_implementation=flash_attention_2"], "needs": "flash_attn"},
     # Prefix-shared DPO (alignpress.prefix_dpo): tokens/s and MFU stay counted on TRL's tokens for the same pairs.
     "tuned-prefix": {"about": "tuned, prefix-shared DPO (each prompt computed once; SDPA or eager attention)", "base": "recipe", "set": ["dpo.prefix_sharing=true", "dpo.pairs_per_row=1"]},
+    "tuned-prefix-noref": {"about": "tuned-prefix, reference forward each step (no precompute: what auto picks for fewer epochs)", "base": "recipe", "set": ["dpo.prefix_sharing=true", "dpo.pairs_per_row=1", "dpo.precompute_ref_log_probs=false"]},
     "tuned-prefix-packed": {"about": "tuned-prefix, two pairs packed per row (block-diagonal mask, less padding)", "base": "recipe", "set": ["dpo.prefix_sharing=true", "dpo.pairs_per_row=2"]},
     # Candidates for a 40 GB card (the issue's bound: peak <= 36 GiB) without checkpointing's recomputation
     "tuned-prefix-half": {"about": "tuned-prefix, half the micro-batch and twice the accumulation (same pairs per optimizer step; fewer activations)", "base": "recipe", "set": ["dpo.prefix_sharing=true", "dpo.pairs_per_row=1"], "half": True},

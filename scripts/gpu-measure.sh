@@ -2,15 +2,16 @@
 # The GPU measurements issue 10 still needs, sized for a short lent GPU slot (about 7 minutes on an
 # H200, from its measured 35-65 s a variant and 25 s a model build): the seed configuration and the
 # candidates for the targets (>= 4x the seed's tokens/s within 36 GiB) for Phi-3-mini, then Gemma-2b,
+# then more Phi-3-mini variants (PHI3_MORE, into <out>/more/ so they do not replace the first run),
 # each variant in its own process, the report rewritten after every variant so that a slot ending
-# early keeps what was measured. tuned-prefix-ckpt, tuned-prefix-packed and the others: PHI3_VARIANTS.
+# early keeps what was measured.
 #
 #   make gpu-wheels                      # here: the wheels the GPU image lacks -> .whl/ (ignored)
 #   bash scripts/gpu-measure.sh          # there (carry .whl): results to $OUT, else benchmarks/results/
 #   SMOKE=1 bash scripts/gpu-measure.sh  # the same script on the CPU with a tiny model (tests run this)
 #
-# PHI3_VARIANTS / GEMMA_VARIANTS (space-separated bench_dpo.py variant names) change the sets;
-# GEMMA_VARIANTS= (empty) skips Gemma. Writes <out>/<gpu>-<date>.json and .md (bench_dpo.py),
+# PHI3_VARIANTS / GEMMA_VARIANTS / PHI3_MORE (space-separated bench_dpo.py variant names) change the
+# sets; an empty one is skipped. Writes <out>/<gpu>-<date>.json and .md (bench_dpo.py),
 # versions.txt and gpu.txt. Exit status: 1 when a variant failed (its reason is in the report).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,23 +39,28 @@ EOF
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.txt" 2>&1 || echo "no nvidia-smi" >"$out/gpu.txt"
 
 # Most telling first (the report is rewritten after each): the seed baseline, the candidate for the
-# 36 GiB bound, prefix sharing at the shipped batch, the shipped recipe again (same call, same seed).
-phi3=${PHI3_VARIANTS-seed tuned-prefix-half tuned-prefix tuned}
+# 36 GiB bound, prefix sharing at the shipped batch (with the reference precomputed, then each step),
+# the shipped recipe again (same call, same seed); Gemma's pair; then two more Phi-3 layouts.
+phi3=${PHI3_VARIANTS-seed tuned-prefix-half tuned-prefix tuned-prefix-noref tuned}
 gemma=${GEMMA_VARIANTS-seed tuned-prefix}
+phi3_more=${PHI3_MORE-tuned-prefix-packed tuned-prefix-ckpt}
 if [ -n "${SMOKE:-}" ]; then
   common=(--smoke --steps 2 --warmup 1 --out "$out")
   gemma=""  # smoke mode has one tiny model (Phi-3 shaped); a real Gemma-2b would not fit this purpose
 else
-  common=(--steps 10 --warmup 2 --pool 128 --variant-timeout 240 --out "$out")
+  common=(--steps 10 --warmup 2 --pool 128 --variant-timeout 180 --out "$out")
 fi
 
 status=0
-for model in phi3-mini gemma-2b; do
-  names=$phi3
-  [ "$model" = gemma-2b ] && names=$gemma
-  [ -n "$names" ] || continue
-  args=()
+# model, variants, extra arguments (a later --out wins)
+bench() {
+  local model=$1 names=$2 args=()
+  shift 2
+  [ -n "$names" ] || return 0
   for name in $names; do args+=(--variant "$name"); done
-  "$python" benchmarks/bench_dpo.py --model "$model" "${common[@]}" "${args[@]}" || status=1
-done
+  "$python" benchmarks/bench_dpo.py --model "$model" "${common[@]}" "${args[@]}" "$@" || status=1
+}
+bench phi3-mini "$phi3"
+bench gemma-2b "$gemma"
+bench phi3-mini "$phi3_more" --out "$out/more"
 exit "$status"
