@@ -90,13 +90,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "flash-attn": {"about": "seed, FlashAttention 2", "base": "seed", "set": ["model.attn_implementation=flash_attention_2"], "needs": "flash_attn"},
     "eager-attn": {"about": "seed, eager attention (what SDPA, the default, saves)", "base": "seed", "set": ["model.attn_implementation=eager"]},
     "precompute-ref": {"about": "seed, reference log-probs computed once before training", "base": "seed", "set": ["dpo.precompute_ref_log_probs=true"]},
-    "tuned": {"about": "the shipped recipe as is: bf16 LoRA, one micro-batch, length grouping, Liger, fused AdamW, precompute and checkpointing auto", "base": "recipe"},
+    "tuned": {"about": "the shipped recipe as is: bf16 LoRA, prefix-shared DPO, one micro-batch, length grouping, Liger, fused AdamW, precompute and checkpointing auto", "base": "recipe"},
+    "tuned-standard": {"about": "tuned in TRL's own layout (two rows a pair, each with its prompt): what prefix sharing saves", "base": "recipe", "set": ["dpo.prefix_sharing=false"]},
     "tuned-noref": {"about": "tuned, reference forward each step (no precompute)", "base": "recipe", "set": ["dpo.precompute_ref_log_probs=false"]},
     "tuned-ckpt": {"about": "tuned-noref with gradient checkpointing (what auto picks on a small GPU)", "base": "recipe", "set": ["dpo.precompute_ref_log_probs=false", "train.gradient_checkpointing=true"]},
     "tuned-noliger": {"about": "tuned-noref without Liger", "base": "recipe", "set": ["dpo.precompute_ref_log_probs=false", "train.use_liger_kernel=false"], "needs": "liger"},
     "tuned-nogroup": {"about": "tuned-noref without length grouping", "base": "recipe", "set": ["dpo.precompute_ref_log_probs=false", "train.group_by_length=false"]},
-    "tuned-flash": {"about": "tuned-noref with FlashAttention 2", "base": "recipe", "set": ["dpo.precompute_ref_log_probs=false", "model.attn_implementation=flash_attention_2"], "needs": "flash_attn"},
-    # Prefix-shared DPO (alignpress.prefix_dpo): tokens/s and MFU stay counted on TRL's tokens for the same pairs.
+    "tuned-flash": {"about": "tuned-noref with FlashAttention 2 (in TRL's layout: FlashAttention cannot take prefix sharing's mask)", "base": "recipe", "set": ["dpo.precompute_ref_log_probs=false", "dpo.prefix_sharing=false", "model.attn_implementation=flash_attention_2"], "needs": "flash_attn"},
+    # Prefix-shared DPO (alignpress.prefix_dpo), named as measured on 2026-11-27 (the recipes then had it off;
+    # tuned-prefix is now tuned): tokens/s and MFU stay counted on TRL's tokens for the same pairs.
     "tuned-prefix": {"about": "tuned, prefix-shared DPO (each prompt computed once; SDPA or eager attention)", "base": "recipe", "set": ["dpo.prefix_sharing=true", "dpo.pairs_per_row=1"]},
     "tuned-prefix-noref": {"about": "tuned-prefix, reference forward each step (no precompute: what auto picks for fewer epochs)", "base": "recipe", "set": ["dpo.prefix_sharing=true", "dpo.pairs_per_row=1", "dpo.precompute_ref_log_probs=false"]},
     "tuned-prefix-packed": {"about": "tuned-prefix, two pairs packed per row (block-diagonal mask, less padding)", "base": "recipe", "set": ["dpo.prefix_sharing=true", "dpo.pairs_per_row=2"]},
@@ -401,7 +403,9 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
 
         trainer = PrefixSharedDPOTrainer(net, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config, callbacks=[Timer()], pairs_per_row=d.pairs_per_row)
         collator = trainer.data_collator = CountingCollator(trainer.data_collator)
-        collator.precompute_tokens = None  # its precompute pass ran inside the constructor, uncounted
+        # its precompute pass ran inside the constructor: TRL's tokens for these pairs (what the
+        # standard pass counts, so rates compare), the packed rows' padding unknown
+        collator.precompute_tokens = sum(n for p, c, r in pairs if (s := truncate_pair(p, c, r, d.max_length)) for n, _ in s) if settings["precompute_ref_log_probs"] else 0
     else:
         trainer = DPOTrainer(model=net, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config, data_collator=collator, callbacks=[Timer()])
     setup_s = time.perf_counter() - started

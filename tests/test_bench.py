@@ -25,7 +25,7 @@ RESULT_KEYS = {"steps_timed", "seconds", "pairs", "tokens", "padded_tokens", "pa
 def smoke(tmp_path_factory, alignpress_home):
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_dpo.py"), "--smoke", "--steps", "3", "--variant", "seed", "--variant", "tuned", "--variant", "liger", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "bench_dpo.py"), "--smoke", "--steps", "3", "--variant", "seed", "--variant", "tuned-standard", "--variant", "liger", "--variant", "tuned", "--out", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -40,10 +40,10 @@ def test_smoke_report_layout(smoke):
     (run,) = report["runs"]
     assert run["model"] == "tiny" and run["steps"] == 3 and run["warmup_steps"] == 1
     assert run["device"]["kind"] == "cpu"
-    assert [v["name"] for v in run["variants"]] == ["seed", "tuned", "liger"]
+    assert [v["name"] for v in run["variants"]] == ["seed", "tuned-standard", "liger", "tuned"]
     assert {"median_pair_tokens", "median_prompt_to_answer", "p95_pair_tokens"} <= set(run["data"]["realized"])
     md = path.with_suffix(".md").read_text()
-    assert "| seed | ok |" in md and "| tuned | ok |" in md and "MFU is not reported" in md
+    assert "| seed | ok |" in md and "| tuned-standard | ok |" in md and "| tuned | ok |" in md and "MFU is not reported" in md
     assert "| liger | skipped: Liger kernels need a CUDA GPU (Triton) |" in md  # Liger is CUDA-only: said, not hidden
     assert "[bench] tiny / liger ...\n[bench]   skipped: Liger kernels need a CUDA GPU (Triton)\n" in proc.stderr
     assert md in proc.stdout
@@ -60,18 +60,24 @@ def test_smoke_values_are_sane(smoke):
         assert 0 <= r["padding_fraction"] < 1
         assert r["mfu"] is None and "RSS" in r["peak_memory_kind"]  # CPU: no MFU, no GPU memory
         assert r["pairs"] == 2 * v["settings"]["per_device_train_batch_size"] * v["settings"]["gradient_accumulation_steps"]
-    seed, tuned, liger = report["runs"][0]["variants"]
+    seed, tuned, liger, shared = report["runs"][0]["variants"]
     assert seed["settings"]["gradient_checkpointing"] and not seed["settings"]["precompute_ref_log_probs"]
     assert (seed["settings"]["per_device_train_batch_size"], seed["settings"]["gradient_accumulation_steps"]) == (2, 2)
     assert any("4-bit NF4 unavailable here" in n for n in seed["notes"])  # said, not hidden
-    # tuned = the shipped recipe, its auto fields decided as `run` decides them (CPU: no checkpointing, no Liger)
+    # tuned-standard = the shipped recipe in TRL's layout, its auto fields decided as `run` decides them (CPU: no checkpointing, no Liger)
     assert tuned["settings"]["group_by_length"] and tuned["settings"]["precompute_ref_log_probs"]
     assert not tuned["settings"]["gradient_checkpointing"] and not tuned["settings"]["liger"] and tuned["settings"]["optim"] == "adamw_torch_fused"
     assert "use_liger_kernel: off: Liger's kernels are Triton code for CUDA GPUs; this run is on the CPU" in tuned["notes"]
     assert "precompute_ref_log_probs: on: 6 epochs > 5.45, where one precompute pass is repaid by faster steps" in tuned["notes"]
     assert tuned["settings"]["per_device_train_batch_size"] == 4 and tuned["settings"]["gradient_accumulation_steps"] == 1
-    assert tuned["results"]["precompute_tokens"] > 0
+    assert tuned["results"]["precompute_tokens"] > 0 and not tuned["settings"]["prefix_sharing"]
     assert liger["status"] == "skipped" and liger["reason"] == "Liger kernels need a CUDA GPU (Triton)"
+    # tuned = the shipped recipe as is: prefix-shared, the same pairs, fewer tokens computed; its
+    # precompute pass counted in TRL's tokens, the same as the standard pass's
+    assert shared["status"] == "ok" and (shared["settings"]["prefix_sharing"], shared["settings"]["pairs_per_row"]) == (True, 1)
+    assert {k: v for k, v in shared["settings"].items() if k != "prefix_sharing"} == {k: v for k, v in tuned["settings"].items() if k != "prefix_sharing"}
+    assert shared["results"]["tokens"] == tuned["results"]["tokens"] and shared["results"]["computed_tokens"] < 0.8 * tuned["results"]["tokens"]
+    assert shared["results"]["precompute_tokens"] == tuned["results"]["precompute_tokens"] and shared["results"]["precompute_padding_fraction"] is None
 
 
 def test_tokens_equal_the_synthetic_lengths(smoke):
@@ -115,7 +121,7 @@ def test_every_lever_is_a_recipe_field_and_has_a_variant():
     alone = {kv.split("=")[0] for v in bench_dpo.VARIANTS.values() if v["base"] == "seed" for kv in v.get("set", [])}
     assert levers <= alone | {"train.per_device_train_batch_size"}
     removed = {kv.split("=")[0] for v in bench_dpo.VARIANTS.values() if v["base"] == "recipe" for kv in v.get("set", [])}
-    assert {"dpo.precompute_ref_log_probs", "train.gradient_checkpointing", "train.use_liger_kernel", "train.group_by_length", "model.attn_implementation"} <= removed
+    assert {"dpo.precompute_ref_log_probs", "train.gradient_checkpointing", "train.use_liger_kernel", "train.group_by_length", "model.attn_implementation", "dpo.prefix_sharing"} <= removed
     for model in ("phi3-mini", "gemma-2b"):
         path = ROOT / bench_dpo.MODELS[model]["recipe"]
         for name, v in bench_dpo.VARIANTS.items():

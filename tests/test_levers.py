@@ -74,7 +74,7 @@ def test_auto_checkpointing_on_a_fake_gpu():
     from conftest import ROOT
 
     phi3 = Phi3Config(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, sliding_window=2047)
-    recipe = load_recipe(ROOT / "recipes/phi3-mini-capybara.yaml")
+    recipe = load_recipe(ROOT / "recipes/phi3-mini-capybara.yaml", ["dpo.prefix_sharing=false"])  # TRL's layout (the next test: packed)
     rows = [{"prompt_tokens": 500, "chosen_tokens": 300, "rejected_tokens": 200}] * 99 + [{"prompt_tokens": 900, "chosen_tokens": 100, "rejected_tokens": 3000}]
     # the longest row: 900 + 3,000 cut to max_length 2,048; 4 pairs a micro-batch; reference precomputed (6 epochs)
     liger = resolve_systems(recipe, rows, "cuda", torch.bfloat16, None, config=phi3, gpu_gib=1000)["use_liger_kernel"]
@@ -89,7 +89,7 @@ def test_auto_checkpointing_on_a_fake_gpu():
         assert s["gradient_checkpointing"] is on
         assert s["gradient_checkpointing_decision"]["estimate_without_gib"] == round(expected, 2)
     # set explicitly, nothing is decided
-    s = resolve_systems(load_recipe(ROOT / "recipes/phi3-mini-capybara.yaml", ["train.gradient_checkpointing=true"]), rows, "cuda", torch.bfloat16, None, config=phi3, gpu_gib=500)
+    s = resolve_systems(load_recipe(ROOT / "recipes/phi3-mini-capybara.yaml", ["dpo.prefix_sharing=false", "train.gradient_checkpointing=true"]), rows, "cuda", torch.bfloat16, None, config=phi3, gpu_gib=500)
     assert s["gradient_checkpointing"] is True and "gradient_checkpointing_decision" not in s
 
 

@@ -279,10 +279,14 @@ def test_benchmark_variants_smoke(tmp_path):
 
     from conftest import ROOT
 
-    env = os.environ | {"SMOKE": "1", "PYTHON": sys.executable, "PHI3_VARIANTS": "tuned-prefix-packed", "OUT": str(tmp_path)}
+    env = os.environ | {"SMOKE": "1", "PYTHON": sys.executable, "PHI3_VARIANTS": "tuned-prefix-packed", "PHI3_MORE": "tuned-prefix-ckpt", "OUT": str(tmp_path)}
     proc = subprocess.run(["bash", str(ROOT / "scripts/gpu-measure.sh")], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{next(tmp_path.glob('cpu-*.json')).stem}.json", f"{next(tmp_path.glob('cpu-*.json')).stem}.md", "gpu.txt", "versions.txt"])
+    stem = next(tmp_path.glob("cpu-*.json")).stem
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{stem}.json", f"{stem}.md", "gpu.txt", "versions.txt", "more"])
+    # the later Phi-3 variants go to more/, so they do not replace the first run of the same model
+    (more,) = json.loads((tmp_path / "more" / f"{stem}.json").read_text())["runs"]
+    assert [(v["name"], v["status"], v["settings"]["gradient_checkpointing"]) for v in more["variants"]] == [("tuned-prefix-ckpt", "ok", True)]
     assert "trl 1.16.0\n" in (tmp_path / "versions.txt").read_text()
     (run,) = json.loads(next(tmp_path.glob("cpu-*.json")).read_text())["runs"]
     (v,) = run["variants"]

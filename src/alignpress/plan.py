@@ -257,24 +257,29 @@ def recipe_settings(recipe: Recipe, gradient_checkpointing: bool, precompute: bo
         "optim": recipe.train.optim,
         "max_length": recipe.dpo.max_length,
         "lora_r": recipe.lora.r if recipe.lora.enabled else None,
+        "prefix_sharing": recipe.dpo.prefix_sharing,
+        "pairs_per_row": recipe.dpo.pairs_per_row if recipe.dpo.prefix_sharing else 1,
     }
 
 
 # Settings every result file records; the later ones (optim, max_length, lora_r) are compared
-# when a file has them.
+# when a file has them. Files from before prefix sharing existed measured the standard layout.
+SETTING_DEFAULTS = {"prefix_sharing": False, "pairs_per_row": 1}
 CORE_SETTINGS = ("load_in_4bit", "gradient_checkpointing", "per_device_train_batch_size", "gradient_accumulation_steps", "precompute_ref_log_probs", "attn_implementation", "group_by_length", "liger")
 
 
 def load_measurements(dirs: list[Path]) -> list[dict[str, Any]]:
     """Every ok variant in benchmark results, newest file first: {file, gpu, arch, variant}.
 
-    Two layouts: bench_dpo.py's report files (<dir>/*.json, schema alignpress-bench/1 with runs[]),
-    and folders of worker files (one variant object each, as `bench_dpo.py --worker` writes them)
-    with an index.json naming each file's model (e.g. benchmarks/results/2026-11-26-h200/).
+    Two layouts: bench_dpo.py's report files (schema alignpress-bench/1 with runs[]), in <dir> or a
+    dated folder under it (e.g. benchmarks/results/2026-11-27-h200/H200-2026-11-27.json), and
+    folders of worker files (one variant object each, as `bench_dpo.py --worker` writes them) with an
+    index.json naming each file's model (e.g. benchmarks/results/2026-11-26-h200/).
     """
     found: list[dict[str, Any]] = []
-    files = sorted((f for d in dirs if d.is_dir() for f in d.glob("*.json")), key=lambda f: f.name, reverse=True)
-    for f in files:
+    reports = [(f, f.name) for d in dirs if d.is_dir() for f in d.glob("*.json")]
+    reports += [(f, f"{f.parent.name}/{f.name}") for d in dirs if d.is_dir() for f in d.glob("*/*.json") if f.name != "index.json"]
+    for f, name in sorted(reports, key=lambda x: x[1], reverse=True):
         try:
             report = json.loads(f.read_text())
         except (OSError, ValueError):
@@ -284,7 +289,7 @@ def load_measurements(dirs: list[Path]) -> list[dict[str, Any]]:
         for run in report.get("runs", []):
             shape = run["architecture"] | {"model_type": "phi3" if run["architecture"].get("config") == "Phi3Config" else ""}
             for v in run.get("variants", []):
-                found.append({"file": f.name, "gpu": run.get("device", {}).get("gpu"), "arch": arch_from_config(shape), "variant": v})
+                found.append({"file": name, "gpu": run.get("device", {}).get("gpu"), "arch": arch_from_config(shape), "variant": v})
     indexes = sorted((i for d in dirs if d.is_dir() for i in d.glob("*/index.json")), key=lambda i: i.parent.name, reverse=True)
     for index_path in indexes:
         try:
@@ -315,7 +320,7 @@ def measured_mfu(arch: Arch, want: dict[str, Any], gpu: str, dirs: list[Path]) -
     same_chip = [m for m in matches if m["gpu"] != gpu and chip and gpus.get(m["gpu"] or "", {}).get("chip") == chip]
     for m in same_gpu + same_chip:
         v = m["variant"]
-        got = v.get("settings", {})
+        got = SETTING_DEFAULTS | v.get("settings", {})
         if v["results"].get("mfu") and all(k in got for k in CORE_SETTINGS) and all(got[k] == want[k] for k in want if k in got):
             r = v["results"]
             where = "" if m["gpu"] == gpu else f" on the {m['gpu']} (same {chip} die)"
@@ -651,6 +656,8 @@ def format_plan(p: dict[str, Any]) -> str:
             lines.append(f"           {r['gpu']}: {r['mfu_source']}{at}")
             if (r.get("precompute_source") or "").startswith("measured"):
                 lines.append(f"           {r['gpu']}: precompute pass {r['precompute_source'].removeprefix('measured: ')}: {r['precompute_s'] / 60:.1f} min for this data")
+            elif r.get("precompute_source"):
+                lines.append(f"           {r['gpu']}: precompute pass not measured for these settings: {r['precompute_s'] / 60:.1f} min for this data (estimate)")
     lines += [f"note:      {n}" for n in p["notes"]]
     lines += [f"warning:   {w}" for w in p["warnings"]]
     return "\n".join(lines)
