@@ -396,18 +396,21 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
-    started = time.perf_counter()
-    if d.prefix_sharing:
-        # The prefix-shared trainer builds its own collator (and precomputes with it): count around it afterwards.
-        from alignpress.prefix_dpo import PrefixSharedDPOTrainer
+    from alignpress.refcache import fast_weights_hash
 
-        trainer = PrefixSharedDPOTrainer(net, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config, callbacks=[Timer()], pairs_per_row=d.pairs_per_row)
-        collator = trainer.data_collator = CountingCollator(trainer.data_collator)
-        # its precompute pass ran inside the constructor: TRL's tokens for these pairs (what the
-        # standard pass counts, so rates compare), the packed rows' padding unknown
-        collator.precompute_tokens = sum(n for p, c, r in pairs if (s := truncate_pair(p, c, r, d.max_length)) for n, _ in s) if settings["precompute_ref_log_probs"] else 0
-    else:
-        trainer = DPOTrainer(model=net, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config, data_collator=collator, callbacks=[Timer()])
+    started = time.perf_counter()
+    with fast_weights_hash() as timing:  # as `run` builds its trainer
+        if d.prefix_sharing:
+            # The prefix-shared trainer builds its own collator (and precomputes with it): count around it afterwards.
+            from alignpress.prefix_dpo import PrefixSharedDPOTrainer
+
+            trainer = PrefixSharedDPOTrainer(net, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config, callbacks=[Timer()], pairs_per_row=d.pairs_per_row)
+            collator = trainer.data_collator = CountingCollator(trainer.data_collator)
+            # its precompute pass ran inside the constructor: TRL's tokens for these pairs (what the
+            # standard pass counts, so rates compare), the packed rows' padding unknown
+            collator.precompute_tokens = sum(n for p, c, r in pairs if (s := truncate_pair(p, c, r, d.max_length)) for n, _ in s) if settings["precompute_ref_log_probs"] else 0
+        else:
+            trainer = DPOTrainer(model=net, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config, data_collator=collator, callbacks=[Timer()])
     setup_s = time.perf_counter() - started
     trainer.train()
 
@@ -443,6 +446,7 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
         estimated_peak_gib=round(estimate["subtotal_gib"], 3) if device == "cuda" else None,
         longest_seq_len=max(b["seq_len"] for b in collator.batches),  # warm-up included: what the estimate used
         setup_s=round(setup_s, 2),
+        hash_s=timing.get("hash_s"),
         precompute_tokens=collator.precompute_tokens,
         precompute_padding_fraction=round(1 - collator.precompute_tokens / collator.precompute_padded, 4) if collator.precompute_padded else None,
         loss_first=losses[0] if losses else None,

@@ -36,6 +36,9 @@ def test_levers_are_recorded_and_precomputed_log_probs_survive_a_resume(demo_run
     assert systems["precompute"]["reused"] is False
     (folder,) = (out / "ref_logps").iterdir()
     assert systems["precompute"]["folder"] == str(folder) and f"reference log-probs computed and stored in {folder}" in proc.stderr
+    # the cache key, TRL's hash of the weights, computed by alignpress.refcache (timed apart from the pass)
+    assert 0 <= systems["precompute"]["hash_s"] <= systems["precompute"]["setup_s"]
+    assert f" s, of which {systems['precompute']['hash_s']:.1f} s hashing the weights for the key)" in proc.stderr
     assert (folder / ".complete").exists() and list(folder.glob("cache-*.arrow"))
 
     # A preempted run (the stage interrupted, as SIGTERM leaves it; test_spot.py does the real one)
@@ -48,7 +51,7 @@ def test_levers_are_recorded_and_precomputed_log_probs_survive_a_resume(demo_run
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"reference log-probs reused from {folder}" in again.stderr
     systems = json.loads((out / "run.json").read_text())["stages"]["train"]["systems"]
-    assert systems["precompute"]["reused"] is True
+    assert systems["precompute"]["reused"] is True and systems["precompute"]["hash_s"] is not None  # found by the same key
 
 
 def test_precompute_auto_follows_the_epochs(demo_run, tmp_path):
