@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU measurements issue 10 still needs, sized for a short lent GPU slot (about 7 minutes on an
-# H200, from its measured 35-65 s a variant and 25 s a model build): the seed configuration and the
+# The GPU measurements issue 10 still needs, sized for a short lent GPU slot (about 9 minutes on an
+# H200: the 2026-11-27 call ran 8 variants in 560 s with start-up): the seed configuration and the
 # candidates for the targets (>= 4x the seed's tokens/s within 36 GiB) for Phi-3-mini, then Gemma-2b,
 # then more Phi-3-mini variants (PHI3_MORE, into <out>/more/ so they do not replace the first run),
 # each variant in its own process, the report rewritten after every variant so that a slot ending
@@ -38,12 +38,14 @@ for name in ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "
 EOF
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.txt" 2>&1 || echo "no nvidia-smi" >"$out/gpu.txt"
 
-# Most telling first (the report is rewritten after each): the seed baseline, the candidate for the
-# 36 GiB bound, prefix sharing at the shipped batch (with the reference precomputed, then each step),
-# the shipped recipe again (same call, same seed); Gemma's pair; then two more Phi-3 layouts.
-phi3=${PHI3_VARIANTS-seed tuned-prefix-half tuned-prefix tuned-prefix-noref tuned}
-gemma=${GEMMA_VARIANTS-seed tuned-prefix}
-phi3_more=${PHI3_MORE-tuned-prefix-packed tuned-prefix-ckpt}
+# What the 2026-11-27 call (benchmarks/results/2026-11-27-h200/) left open, most telling first (the
+# report is rewritten after each): the seed baseline; the shipped recipe (prefix-shared; its setup now
+# records the weight hash apart, hash_s, so the precompute pass's own rate shows); with checkpointing
+# (what auto picks on a 40 GB card) and with the reference each step (the precompute break-even);
+# Gemma's seed, recipe and TRL's layout in one call; then Phi-3's 2 x 2 and TRL's layout.
+phi3=${PHI3_VARIANTS-seed tuned tuned-prefix-ckpt tuned-prefix-noref}
+gemma=${GEMMA_VARIANTS-seed tuned tuned-standard}
+phi3_more=${PHI3_MORE-tuned-prefix-half tuned-standard}
 if [ -n "${SMOKE:-}" ]; then
   common=(--smoke --steps 2 --warmup 1 --out "$out")
   gemma=""  # smoke mode has one tiny model (Phi-3 shaped); a real Gemma-2b would not fit this purpose
