@@ -105,6 +105,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # Candidates for a 40 GB card (the issue's bound: peak <= 36 GiB) without checkpointing's recomputation
     "tuned-prefix-half": {"about": "tuned-prefix, half the micro-batch and twice the accumulation (same pairs per optimizer step; fewer activations)", "base": "recipe", "set": ["dpo.prefix_sharing=true", "dpo.pairs_per_row=1"], "half": True},
     "tuned-prefix-ckpt": {"about": "tuned-prefix with gradient checkpointing (the least memory)", "base": "recipe", "set": ["dpo.prefix_sharing=true", "dpo.pairs_per_row=1", "train.gradient_checkpointing=true"]},
+    "tuned-ckpt-half": {"about": "tuned with gradient checkpointing for the first half of the decoder layers (train.checkpointed_layers): with tuned and tuned-prefix-ckpt, the cost of each recomputed layer", "base": "recipe", "layers_share": 0.5},
+    # What a 40 GB card gets: the process may allocate 40 GiB, and `auto` keeps its estimate within
+    # 90% of that (36 GiB, the issue's bound for an A100-40GB) by checkpointing as few layers as it
+    # needs; an estimate too low shows up as out of memory, not only as a peak read afterwards.
+    "tuned-40gb": {"about": "tuned as auto decides it on a 40 GB card: the allocator capped at 40 GiB, checkpointing for the fewest layers that keep the estimate within 36 GiB", "base": "recipe", "gpu_gib": 40.0},
+    "tuned-40gb-packed": {"about": "tuned-40gb with two pairs packed per row (less padding, so fewer layers to recompute)", "base": "recipe", "set": ["dpo.pairs_per_row=2"], "gpu_gib": 40.0},
 }
 
 
@@ -281,6 +287,9 @@ def plan_variant(name: str, model: str, device: str, smoke: bool) -> tuple[list[
     if spec.get("half"):
         base = load_recipe(path, sets)
         sets += half_batch(base.train.per_device_train_batch_size, base.train.gradient_accumulation_steps)
+    if spec.get("layers_share"):
+        layers = max(1, round(MODELS[model]["kwargs"]["num_hidden_layers"] * spec["layers_share"]))
+        sets += ["train.gradient_checkpointing=true", f"train.checkpointed_layers={layers}"]
     recipe = load_recipe(path, sets)
     problem = bitsandbytes_problem(device)
     if recipe.model.load_in_4bit and problem:
@@ -316,7 +325,7 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
     from alignpress.modeling import load_model, pick_device, pick_dtype
     from alignpress.recipe import load_recipe
     from alignpress.runstate import RunDir
-    from alignpress.train import dpo_config, precompute_order, resolve_systems
+    from alignpress.train import apply_checkpointing, dpo_config, precompute_order, resolve_systems
 
     device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
     info = device_info(device)
@@ -331,6 +340,14 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
     rows = [{"prompt_tokens": p, "chosen_tokens": c, "rejected_tokens": r} for p, c, r in pairs]
     dtype = pick_dtype(recipe, pick_device(recipe))
     gpu_gib = torch.cuda.mem_get_info()[0] / GiB if device == "cuda" else None
+    cap = VARIANTS[name].get("gpu_gib")
+    if cap and device == "cuda":
+        # this worker process may allocate no more than the card it stands for holds
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap * GiB / torch.cuda.get_device_properties(0).total_memory))
+        gpu_gib = min(gpu_gib, cap)
+        notes.append(f"allocator capped at {cap:g} GiB (torch.cuda.set_per_process_memory_fraction); auto decided for {gpu_gib:.1f} GiB")
+    elif cap:
+        notes.append(f"no CUDA GPU: the {cap:g} GiB cap does not apply, and auto leaves checkpointing off")
     import transformers
 
     config = getattr(transformers, MODELS[model]["config"])(**MODELS[model]["kwargs"])
@@ -343,6 +360,7 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
     settings = {
         "load_in_4bit": m.load_in_4bit,
         "gradient_checkpointing": systems["gradient_checkpointing"],
+        "checkpointed_layers": systems.get("checkpointed_layers"),  # None: every layer (when on)
         "per_device_train_batch_size": t.per_device_train_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
         "precompute_ref_log_probs": systems["precompute_ref_log_probs"],
@@ -362,6 +380,7 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(folder)
     net = load_model(recipe, str(folder), device=device, dtype=dtype, quantized=m.load_in_4bit, tokenizer=tok)
+    apply_checkpointing(net, systems)  # as `run` does: only the layers auto or the recipe names
     peft_config = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout, target_modules=recipe.lora.target_modules, task_type="CAUSAL_LM")
     if m.load_in_4bit:
         from peft import prepare_model_for_kbit_training
@@ -429,6 +448,7 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
             lora_r=settings["lora_r"],
             optimizer_bits="8bit" if "8bit" in t.optim else "32bit",
             gradient_checkpointing=settings["gradient_checkpointing"],
+            checkpointed_layers=settings["checkpointed_layers"],
             micro_batch_pairs=t.per_device_train_batch_size,
             seq_len=max(b["seq_len"] for b in collator.batches),
             precompute_ref=settings["precompute_ref_log_probs"],

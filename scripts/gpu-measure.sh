@@ -40,12 +40,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.
 
 # What the 2026-11-27 call (benchmarks/results/2026-11-27-h200/) left open, most telling first (the
 # report is rewritten after each): the seed baseline; the shipped recipe (prefix-shared; its setup now
-# records the weight hash apart, hash_s, so the precompute pass's own rate shows); with checkpointing
-# (what auto picks on a 40 GB card) and with the reference each step (the precompute break-even);
-# Gemma's seed, recipe and TRL's layout in one call; then Phi-3's 2 x 2 and TRL's layout.
-phi3=${PHI3_VARIANTS-seed tuned tuned-prefix-ckpt tuned-prefix-noref}
+# records the weight hash apart, hash_s, so the precompute pass's own rate shows); the recipe as a
+# 40 GB card runs it (tuned-40gb, and tuned-40gb-packed with two pairs a row: the allocator capped
+# at 40 GiB, auto checkpointing only the layers the estimate needs: Phi-3's target); with the
+# reference each step (the precompute break-even); Gemma's seed, recipe and TRL's layout in one call;
+# then Phi-3 with every layer checkpointed (with tuned and tuned-40gb: the cost per recomputed layer),
+# its 2 x 2 and TRL's layout. That is more than one 9-minute call holds: what is cut comes last.
+phi3=${PHI3_VARIANTS-seed tuned tuned-40gb tuned-40gb-packed tuned-prefix-noref}
 gemma=${GEMMA_VARIANTS-seed tuned tuned-standard}
-phi3_more=${PHI3_MORE-tuned-prefix-half tuned-standard}
+phi3_more=${PHI3_MORE-tuned-prefix-ckpt tuned-prefix-half tuned-standard}
 if [ -n "${SMOKE:-}" ]; then
   common=(--smoke --steps 2 --warmup 1 --out "$out")
   gemma=""  # smoke mode has one tiny model (Phi-3 shaped); a real Gemma-2b would not fit this purpose

@@ -124,9 +124,11 @@ def test_every_lever_is_a_recipe_field_and_has_a_variant():
     assert {"dpo.precompute_ref_log_probs", "train.gradient_checkpointing", "train.use_liger_kernel", "train.group_by_length", "model.attn_implementation", "dpo.prefix_sharing"} <= removed
     for model in ("phi3-mini", "gemma-2b"):
         path = ROOT / bench_dpo.MODELS[model]["recipe"]
-        for name, v in bench_dpo.VARIANTS.items():
-            sets = (bench_dpo.seed_sets(path) if v["base"] == "seed" else []) + v.get("set", [])
+        for name in bench_dpo.VARIANTS:
+            sets = bench_dpo.plan_variant(name, model, "cpu", False)[0]
             load_recipe(path, sets)  # every override is a valid recipe field and value
+        # checkpointing some layers: half of Phi-3-mini's 32, of Gemma-2b's 18
+        assert bench_dpo.plan_variant("tuned-ckpt-half", model, "cpu", False)[0][-2:] == ["train.gradient_checkpointing=true", f"train.checkpointed_layers={16 if model == 'phi3-mini' else 9}"]
 
 
 def test_seed_variant_reproduces_the_measured_seed_settings():

@@ -86,14 +86,19 @@ def test_auto_checkpointing_on_a_fake_gpu():
     except ImportError:
         assert liger is False  # this machine: not installed, so not counted
     expected = memory_estimate(KNOWN_ARCHS["microsoft/Phi-3-mini-4k-instruct"], MemorySettings(micro_batch_pairs=4, seq_len=2048, precompute_ref=True, liger=liger))["total_gib"]
-    for gpu_gib, on in ((expected + 0.01, False), (expected - 0.01, True)):
+    for gpu_gib, on in ((expected / 0.9 + 0.01, False), (expected / 0.9 - 0.01, True)):  # auto keeps the estimate within 90% of the GPU
         s = resolve_systems(recipe, rows, "cuda", torch.bfloat16, None, config=phi3, gpu_gib=gpu_gib)
         assert s["precompute_ref_log_probs"] is True
         assert s["gradient_checkpointing"] is on
         assert s["gradient_checkpointing_decision"]["estimate_without_gib"] == round(expected, 2)
+        assert s.get("checkpointed_layers") == (1 if on else None)  # just above the GPU: one layer of 32 recomputes
+    s = resolve_systems(recipe, rows, "cuda", torch.bfloat16, None, config=phi3, gpu_gib=1.0)  # nothing fits: every layer
+    assert s["gradient_checkpointing"] is True and "checkpointed_layers" not in s and s["gradient_checkpointing_decision"]["reason"].startswith("on for all 32 layers")
     # set explicitly, nothing is decided
     s = resolve_systems(load_recipe(ROOT / "recipes/phi3-mini-capybara.yaml", ["dpo.prefix_sharing=false", "train.gradient_checkpointing=true"]), rows, "cuda", torch.bfloat16, None, config=phi3, gpu_gib=500)
-    assert s["gradient_checkpointing"] is True and "gradient_checkpointing_decision" not in s
+    assert s["gradient_checkpointing"] is True and "gradient_checkpointing_decision" not in s and "checkpointed_layers" not in s
+    s = resolve_systems(load_recipe(ROOT / "recipes/phi3-mini-capybara.yaml", ["train.gradient_checkpointing=true", "train.checkpointed_layers=9"]), rows, "cuda", torch.bfloat16, None, config=phi3, gpu_gib=500)
+    assert (s["gradient_checkpointing"], s["checkpointed_layers"]) == (True, 9)
 
 
 def test_auto_checkpointing_counts_the_packed_rows_of_prefix_sharing():
@@ -119,7 +124,7 @@ def test_auto_checkpointing_counts_the_packed_rows_of_prefix_sharing():
         recipe = load_recipe(ROOT / "recipes/phi3-mini-capybara.yaml", [*fields, f"dpo.pairs_per_row={per_row}"])
         expected = memory_estimate(arch, MemorySettings(micro_batch_pairs=4, seq_len=2048, precompute_ref=True, packed_rows=packed_rows, packed_len=packed_len))
         assert expected["parts_gib"]["attention_masks"] == packed_rows * packed_len**2 * 2 / 1024**3
-        s = resolve_systems(recipe, rows, "cuda", torch.bfloat16, None, config=phi3, gpu_gib=expected["total_gib"] + 0.01)
+        s = resolve_systems(recipe, rows, "cuda", torch.bfloat16, None, config=phi3, gpu_gib=expected["total_gib"] / 0.9 + 0.01)
         decision = s["gradient_checkpointing_decision"]
         assert s["gradient_checkpointing"] is False
         assert decision["estimate_without_gib"] == round(expected["total_gib"], 2) < standard - 5
@@ -127,3 +132,15 @@ def test_auto_checkpointing_counts_the_packed_rows_of_prefix_sharing():
     # An 80 GB card with 75 GiB free: TRL's layout needs checkpointing for these rows (91.5 GiB), the packed one does not.
     s = resolve_systems(load_recipe(ROOT / "recipes/phi3-mini-capybara.yaml", fields), rows, "cuda", torch.bfloat16, None, config=phi3, gpu_gib=75)
     assert round(standard, 1) == 91.5 and s["gradient_checkpointing"] is False and s["gradient_checkpointing_decision"]["estimate_without_gib"] == 52.75
+
+
+def test_checkpointing_some_layers_through_the_entry_point(demo_run, tmp_path):
+    """train.checkpointed_layers on the demo (4 decoder layers): applied, logged and recorded.
+    (Which layers recompute, and the numbers, are tested in test_checkpointing.py.)"""
+    out = prepared_copy(demo_run, tmp_path)
+    proc = cli("train", "recipes/demo.yaml", "--output-dir", out, "--set", "train.gradient_checkpointing=true", "--set", "train.checkpointed_layers=1",
+               "--set", "train.max_steps=2", "--set", "eval.enabled=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "gradient checkpointing recomputes 1 of 4 decoder layers" in proc.stderr
+    systems = json.loads((out / "run.json").read_text())["stages"]["train"]["systems"]
+    assert (systems["gradient_checkpointing"], systems["checkpointed_layers"], systems["layers"]) == (True, 1, 4)

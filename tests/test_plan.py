@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -571,14 +572,51 @@ def test_checkpointing_decision_with_fake_gpu_sizes():
     assert round(off, 2) == 76.31 and round(on, 2) == 15.46  # the tuned Phi-3 run: 68.3 GiB measured (+10% + 1 GiB)
     d = checkpointing_decision(PHI3, s, 139.8)  # an H200
     assert d["gradient_checkpointing"] is False
-    assert d["reason"] == "off: the estimate without it (76.3 GiB for 8 rows x 2048 tokens) fits the GPU's 139.8 GiB"
-    d = checkpointing_decision(PHI3, s, 76.3)  # just below the estimate
-    assert d["gradient_checkpointing"] is True and (d["estimate_without_gib"], d["estimate_with_gib"], d["gpu_gib"]) == (76.31, 15.46, 76.3)
-    d = checkpointing_decision(PHI3, s, 39.4)  # an A100-40GB
-    assert d["reason"] == "on: the estimate without it (76.3 GiB for 8 rows x 2048 tokens) exceeds the GPU's 39.4 GiB; with it 15.5 GiB"
+    assert d["reason"] == "off: the estimate without it (76.3 GiB for 8 rows x 2048 tokens) is within 90% of the GPU's 139.8 GiB"
+    # auto keeps the estimate within 90% of the free memory: 76.31 / 0.9 = 84.79 GiB
+    assert checkpointing_decision(PHI3, s, 84.8)["gradient_checkpointing"] is False
+    d = checkpointing_decision(PHI3, s, 84.7)  # just below: one layer recomputed is enough
+    assert d["gradient_checkpointing"] is True and (d["estimate_without_gib"], d["estimate_with_gib"], d["gpu_gib"], d["checkpointed_layers"]) == (76.31, 15.46, 84.7, 1)
+    # An A100-40GB: the fewest layers whose estimate stays within 0.9 x 39.4 = 35.46 GiB. Each
+    # checkpointed layer keeps its input (8 x 2,048 tokens x 3,072 x 2 bytes = 0.094 GiB) instead of
+    # all it saves (1.881 GiB with Liger): 1.79 GiB less, x 1.1 margin = 1.97 GiB of the total per layer.
+    per_layer = memory_estimate(PHI3, s)["parts_gib"]["activations"] / 32 - 8 * 2048 * 3072 * 2 / 1024**3
+    assert round(per_layer, 4) == 1.7875
+    d = checkpointing_decision(PHI3, s, 39.4)
+    assert (d["checkpointed_layers"], d["estimate_chosen_gib"]) == (21, 35.02) and 76.31 - 21 * per_layer * 1.1 == pytest.approx(35.02, abs=0.01)
+    assert 76.31 - 20 * per_layer * 1.1 > 0.9 * 39.4
+    assert d["reason"] == ("on for 21 of 32 layers, the fewest that bring the estimate within 90% of the GPU's 39.4 GiB: "
+                           "76.3 GiB without it (for 8 rows x 2048 tokens), 35.0 GiB with 21 layers, 15.5 GiB with all 32")
+    # every layer, and still above
     d = checkpointing_decision(PHI3, s, 12.0)
-    assert d["gradient_checkpointing"] is True and d["reason"].endswith("(still above: lower train.per_device_train_batch_size or dpo.max_length)")
-    assert checkpointing_decision(PHI3, s, None) | {} == {"estimate_without_gib": 76.31, "estimate_with_gib": 15.46, "gpu_gib": None, "gradient_checkpointing": False, "reason": "no CUDA GPU: off"}
+    assert (d["gradient_checkpointing"], d["checkpointed_layers"]) == (True, 32)
+    assert d["reason"] == ("on for all 32 layers: the estimate without it (76.3 GiB for 8 rows x 2048 tokens) exceeds 90% of the GPU's 12.0 GiB; with all 15.5 GiB "
+                           "(still above: lower train.per_device_train_batch_size or dpo.max_length)")
+    # train.checkpointed_layers: auto decides on or off, the recipe the count
+    d = checkpointing_decision(PHI3, replace(s, checkpointed_layers=2), 39.4)
+    assert d["checkpointed_layers"] == 2 and d["reason"] == (
+        "on for 2 of 32 layers (train.checkpointed_layers): the estimate without it (76.3 GiB for 8 rows x 2048 tokens) exceeds 90% of the GPU's 39.4 GiB; "
+        "with them 72.4 GiB (still above: raise train.checkpointed_layers, or lower train.per_device_train_batch_size or dpo.max_length)")
+    assert checkpointing_decision(PHI3, replace(s, checkpointed_layers=2), 90)["gradient_checkpointing"] is False
+    assert checkpointing_decision(PHI3, s, None) | {} == {"estimate_without_gib": 76.31, "estimate_with_gib": 15.46, "gpu_gib": None, "layers": 32, "gradient_checkpointing": False, "checkpointed_layers": 0, "reason": "no CUDA GPU: off"}
+
+
+def test_memory_estimate_per_checkpointed_layer():
+    """A checkpointed layer keeps its input instead of its activations; the first layers are the
+    ones checkpointed, so the rebuild of one layer adds to the peak only when every layer is."""
+    s = MemorySettings(weights="bf16", micro_batch_pairs=4, seq_len=2048, precompute_ref=True, liger=True)
+    tokens, kept = 8 * 2048, 8 * 2048 * 3072 * 2
+
+    def acts(k):
+        return memory_estimate(PHI3, replace(s, gradient_checkpointing=k > 0, checkpointed_layers=k or None))["parts_gib"]["activations"] * 1024**3
+
+    per_layer = acts(0) / 32
+    assert per_layer / tokens == pytest.approx(2 * (8 * 3072 + 3 * 3072 + 3 * 3072 + 4 * 8192 - 3.4 * 3072 - 0.45 * 8192))
+    for k in (1, 5, 31):
+        assert acts(k) == pytest.approx(acts(0) - k * (per_layer - kept))
+    assert acts(32) == pytest.approx(32 * kept + per_layer)  # every layer: one is rebuilt on top of all the inputs
+    assert memory_estimate(PHI3, replace(s, gradient_checkpointing=True))["total_gib"] == memory_estimate(PHI3, replace(s, gradient_checkpointing=True, checkpointed_layers=32))["total_gib"]
+    assert memory_estimate(PHI3, replace(s, gradient_checkpointing=False, checkpointed_layers=5))["total_gib"] == memory_estimate(PHI3, s)["total_gib"]
 
 
 def test_precompute_decision_by_hand():

@@ -279,14 +279,18 @@ def test_benchmark_variants_smoke(tmp_path):
 
     from conftest import ROOT
 
-    env = os.environ | {"SMOKE": "1", "PYTHON": sys.executable, "PHI3_VARIANTS": "tuned-prefix-packed", "PHI3_MORE": "tuned-prefix-ckpt", "OUT": str(tmp_path)}
+    env = os.environ | {"SMOKE": "1", "PYTHON": sys.executable, "PHI3_VARIANTS": "tuned-prefix-packed", "PHI3_MORE": "tuned-prefix-ckpt tuned-ckpt-half tuned-40gb", "OUT": str(tmp_path)}
     proc = subprocess.run(["bash", str(ROOT / "scripts/gpu-measure.sh")], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stem = next(tmp_path.glob("cpu-*.json")).stem
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{stem}.json", f"{stem}.md", "gpu.txt", "versions.txt", "more"])
     # the later Phi-3 variants go to more/, so they do not replace the first run of the same model
     (more,) = json.loads((tmp_path / "more" / f"{stem}.json").read_text())["runs"]
-    assert [(v["name"], v["status"], v["settings"]["gradient_checkpointing"]) for v in more["variants"]] == [("tuned-prefix-ckpt", "ok", True)]
+    # every layer of the tiny model's 2, the first of them, and auto (off without a GPU, the cap not applied)
+    assert [(v["name"], v["status"], v["settings"]["gradient_checkpointing"], v["settings"]["checkpointed_layers"]) for v in more["variants"]] == [
+        ("tuned-prefix-ckpt", "ok", True, None), ("tuned-ckpt-half", "ok", True, 1), ("tuned-40gb", "ok", False, None)]
+    assert more["variants"][1]["systems"]["layers"] == 2 and "train.checkpointed_layers=1" in more["variants"][1]["overrides"]
+    assert "no CUDA GPU: the 40 GiB cap does not apply, and auto leaves checkpointing off" in more["variants"][2]["notes"]
     assert "trl 1.16.0\n" in (tmp_path / "versions.txt").read_text()
     (run,) = json.loads(next(tmp_path.glob("cpu-*.json")).read_text())["runs"]
     (v,) = run["variants"]

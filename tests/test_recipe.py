@@ -126,6 +126,11 @@ BASE = "name: t\nmodel: {name_or_path: x/y}\ndata: {dataset: d.jsonl}\n"
         ("", ["model.name_or_path=.", "model.revision=v1"], "field 'model.revision': a revision selects a commit of a Hub model; '.' is a local folder, which has none"),
         ("model: {name_or_path: x/y, revision: ''}\n", [], "field 'model.revision': must not be empty"),
         ("publish: {tag: 'v1..0'}\n", [], "field 'publish.tag': 'v1..0': git refuses '..' in a tag name"),
+        ("", ["train.checkpointed_layers=0"], "--set train.checkpointed_layers: field 'train.checkpointed_layers': must be at least 1 (or null: every layer), got 0; "
+                                              "to recompute none, set train.gradient_checkpointing: false"),
+        ("train: {gradient_checkpointing: false, checkpointed_layers: 12}\n", [], "field 'train.checkpointed_layers': 12 layers to recompute, but "
+                                                                                  "train.gradient_checkpointing is false: set it to true or auto, or drop this field"),
+        ("", ["train.checkpointed_layers=true"], "field 'train.checkpointed_layers': expected an integer or null, got True"),
     ],
 )
 def test_bad_recipes_name_file_and_field(tmp_path, extra, overrides, expected):

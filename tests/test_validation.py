@@ -67,6 +67,8 @@ CASES = [
     ("dpo.max_length=8192", "dpo.max_length",
      "training sequences of up to 64 tokens exceed Phi3ForCausalLM's 4096 positions (config max_position_embeddings); "
      "set dpo.max_length (or data.filters.max_tokens, which prepare keeps pairs within) to at most 4096"),
+    ("train.checkpointed_layers=3", "train.checkpointed_layers",
+     "3 layers to recompute, but Phi3ForCausalLM has 2 decoder layers (config num_hidden_layers); at most 2, or null for every layer"),
 ]
 
 

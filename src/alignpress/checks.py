@@ -258,6 +258,15 @@ def _check_lengths(recipe: Recipe, config, arch: str) -> int:
     return longest
 
 
+def _check_checkpointed_layers(recipe: Recipe, config, arch: str) -> None:
+    wanted = recipe.train.checkpointed_layers
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None)
+    if wanted is not None and layers and wanted > layers:
+        raise _fail(recipe, "train.checkpointed_layers", f"{wanted} layers to recompute, but {arch} has {layers} decoder layers "
+                                                         f"(config num_hidden_layers); at most {layers}, or null for every layer")
+
+
 def check_model(recipe: Recipe, local_only: bool = False) -> str:
     """Checks that need the model's shape, from its config alone. Returns a line saying what was
     checked, or why it was deferred (local_only: the config is not on this machine)."""
@@ -271,6 +280,7 @@ def check_model(recipe: Recipe, local_only: bool = False) -> str:
     arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     model = _check_attention(recipe, config, arch)
     longest = _check_lengths(recipe, config, arch)
+    _check_checkpointed_layers(recipe, config, arch)
     parts = [f"model checks passed on {arch} (config from {where}, meta device)"]
     if recipe.lora.enabled:
         parts.append(f"LoRA on {', '.join(_check_lora(recipe, model, arch))}")

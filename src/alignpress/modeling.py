@@ -228,3 +228,33 @@ def base_model_revision(recipe: Recipe, path: str) -> str | None:
         return HfApi().model_info(path, revision=recipe.model.revision).sha
     except Exception:  # noqa: BLE001 - offline: the revision asked for is the best we know
         return recipe.model.revision
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated decoder layers that transformers can checkpoint, in order (input to output)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def limit_checkpointing(model, layers: int) -> int:
+    """Gradient checkpointing for the first `layers` decoder layers only; the others keep their
+    activations. Returns how many layers the model has.
+
+    transformers 5.23 can checkpoint a subset itself (`every_n_layers`), but TRL 1.16 turns
+    checkpointing off around every reference forward and back on with
+    `gradient_checkpointing_enable(kwargs)`, which resets every layer to checkpointed
+    (trl.models.utils.disable_gradient_checkpointing). So each layer past the first `layers` clears
+    its own flag just before it runs (a forward pre-hook): whoever enabled checkpointing, and
+    however often, those layers never recompute. The first layers are the ones kept for recompute
+    because backward rebuilds them last, when the later layers have already freed their
+    activations (flops.memory_estimate counts it so).
+    """
+    found = decoder_layers(model)
+    for layer in found[layers:]:
+        layer.register_forward_pre_hook(_never_checkpointed)
+    return len(found)
+
+
+def _never_checkpointed(module, args) -> None:
+    module.gradient_checkpointing = False

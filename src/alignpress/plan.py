@@ -28,12 +28,12 @@ from typing import Any
 import yaml
 
 from .errors import AlignpressError
-from .flops import KNOWN_ARCHS, MASK_ALIGN, Arch, LengthDistribution, MemorySettings, arch_from_config, checkpointing_decision, dataset_flops, load_table, memory_estimate, packed_layout, padding_fraction, precompute_decision, truncate_pair
+from .flops import AUTO_MEMORY_SHARE, KNOWN_ARCHS, MASK_ALIGN, Arch, LengthDistribution, MemorySettings, arch_from_config, checkpointing_decision, dataset_flops, load_table, memory_estimate, packed_layout, padding_fraction, precompute_decision, truncate_pair
 from .recipe import Recipe, load_recipe
 
 BENCH_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 BENCH_SCHEMA = "alignpress-bench/1"
-WARN_SHARE = 0.9  # warn when the estimate uses more than this share of the GPU's memory
+WARN_SHARE = AUTO_MEMORY_SHARE  # warn when the estimate uses more than this share of the GPU's memory (what auto keeps to)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,14 +240,16 @@ def merge_sky_offers(table: dict[str, Any], offers: list[dict[str, Any]], gpus: 
     return merged, used
 
 
-def recipe_settings(recipe: Recipe, gradient_checkpointing: bool, precompute: bool) -> dict[str, Any]:
+def recipe_settings(recipe: Recipe, gradient_checkpointing: bool, precompute: bool, checkpointed_layers: int | None = None) -> dict[str, Any]:
     """The levers a benchmark variant records, as this recipe sets them (for matching measurements).
 
-    gradient_checkpointing and precompute: the recipe's values with `auto` already decided.
+    gradient_checkpointing and precompute: the recipe's values with `auto` already decided;
+    checkpointed_layers: how many layers recompute when some do, None when every one does (or none).
     """
     return {
         "load_in_4bit": recipe.model.load_in_4bit,
         "gradient_checkpointing": gradient_checkpointing,
+        "checkpointed_layers": checkpointed_layers,
         "per_device_train_batch_size": recipe.train.per_device_train_batch_size,
         "gradient_accumulation_steps": recipe.train.gradient_accumulation_steps,
         "precompute_ref_log_probs": precompute,
@@ -264,7 +266,8 @@ def recipe_settings(recipe: Recipe, gradient_checkpointing: bool, precompute: bo
 
 # Settings every result file records; the later ones (optim, max_length, lora_r) are compared
 # when a file has them. Files from before prefix sharing existed measured the standard layout.
-SETTING_DEFAULTS = {"prefix_sharing": False, "pairs_per_row": 1}
+# Files from before train.checkpointed_layers checkpointed every layer when they checkpointed.
+SETTING_DEFAULTS = {"prefix_sharing": False, "pairs_per_row": 1, "checkpointed_layers": None}
 CORE_SETTINGS = ("load_in_4bit", "gradient_checkpointing", "per_device_train_batch_size", "gradient_accumulation_steps", "precompute_ref_log_probs", "attn_implementation", "group_by_length", "liger")
 
 
@@ -447,6 +450,7 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
         lora_targets=recipe.lora.target_modules,
         optimizer_bits="8bit" if "8bit" in t.optim else "32bit",
         gradient_checkpointing=t.gradient_checkpointing is True,
+        checkpointed_layers=t.checkpointed_layers,
         micro_batch_pairs=t.per_device_train_batch_size,
         seq_len=longest,
         precompute_ref=precompute,
@@ -466,17 +470,21 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
             length_ = math.ceil(segment * min(d.pairs_per_row, batch) / MASK_ALIGN) * MASK_ALIGN
         settings = replace(settings, packed_rows=rows_, packed_len=length_)
 
-    def checkpointing_for(name: str) -> tuple[bool, str | None]:
-        """train.gradient_checkpointing on this GPU: as set, or `auto` decided as train does at run time."""
+    def checkpointing_for(name: str) -> tuple[int, str | None]:
+        """Decoder layers that recompute on this GPU (0: checkpointing off): as the recipe sets
+        train.gradient_checkpointing and train.checkpointed_layers, or `auto` decided as train does."""
         if t.gradient_checkpointing != "auto":
-            return t.gradient_checkpointing, None
+            return (min(t.checkpointed_layers or arch.layers, arch.layers) if t.gradient_checkpointing else 0), None
         decision = checkpointing_decision(arch, settings, gpus[name]["memory_gib"])
-        return decision["gradient_checkpointing"], decision["reason"]
+        return decision["checkpointed_layers"], decision["reason"]
+
+    def with_checkpointing(layers: int) -> MemorySettings:
+        return replace(settings, gradient_checkpointing=layers > 0, checkpointed_layers=layers if 0 < layers < arch.layers else None)
 
     ckpt, ckpt_reason = checkpointing_for(gpu)
     if ckpt_reason:
         notes.append(f"train.gradient_checkpointing auto on the {gpu}: {ckpt_reason}")
-    mem = memory_estimate(arch, replace(settings, gradient_checkpointing=ckpt))
+    mem = memory_estimate(arch, with_checkpointing(ckpt))
 
     # Padding, for the throughput estimate
     if data["rows"] is not None:
@@ -491,10 +499,11 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
         pad_source = pad_source.replace("seeded random batches", "length-grouped batches (train.group_by_length)")
 
     # Throughput model (estimate) and its factors
-    def mfu_factors(checkpointing: bool) -> dict[str, float]:
+    def mfu_factors(recomputed: int) -> dict[str, float]:
         factors = {"base": throughput["base_mfu"]}
-        if checkpointing:
-            factors["gradient_checkpointing"] = train_epoch["total"] / (train_epoch["total"] + train_epoch["policy_forward"])
+        if recomputed:
+            # each recomputed layer runs its share of the policy forward once more
+            factors["gradient_checkpointing"] = train_epoch["total"] / (train_epoch["total"] + train_epoch["policy_forward"] * recomputed / arch.layers)
         if recipe.model.load_in_4bit:
             factors["load_in_4bit"] = throughput["load_in_4bit_factor"]
         factors["padding"] = 1 - padding
@@ -508,8 +517,9 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
     for name in gpus:
         info = gpus[name]
         row_ckpt = checkpointing_for(name)[0]
-        row_mem = mem if name == gpu else memory_estimate(arch, replace(settings, gradient_checkpointing=row_ckpt))
-        found = measured_mfu(arch, recipe_settings(recipe, row_ckpt, precompute), name, bench_dirs if bench_dirs is not None else [BENCH_RESULTS])
+        row_mem = mem if name == gpu else memory_estimate(arch, with_checkpointing(row_ckpt))
+        some = row_ckpt if 0 < row_ckpt < arch.layers else None
+        found = measured_mfu(arch, recipe_settings(recipe, row_ckpt > 0, precompute, some), name, bench_dirs if bench_dirs is not None else [BENCH_RESULTS])
         measured = found[2] if found else None
         mfu, source = found[:2] if found else (math.prod(mfu_factors(row_ckpt).values()), "estimate: not measured")
         price = offer_prices(price_table["gpus"].get(name))
@@ -527,7 +537,8 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
             "estimate_gib": row_mem["total_gib"],
             "fits": row_mem["total_gib"] <= info["memory_gib"],
             "tight": WARN_SHARE * info["memory_gib"] < row_mem["total_gib"] <= info["memory_gib"],
-            "gradient_checkpointing": row_ckpt,
+            "gradient_checkpointing": row_ckpt > 0,
+            "checkpointed_layers": row_ckpt,
             "measured": None if measured is None else {k: measured.get(k) for k in ("tokens_per_s", "mfu", "peak_memory_gib", "setup_s", "precompute_tokens")},
             "peak_bf16_tflops": info["peak_bf16_tflops"],
             "mfu": mfu,
@@ -599,6 +610,10 @@ def _usd(x: float | None) -> str:
     return "n/a" if x is None else f"${x:,.2f}"
 
 
+def checkpointing_text(layers: int | None, of: int) -> str:
+    return ", gradient checkpointing" + (f" ({layers} of {of} layers)" if layers is not None and layers < of else "")
+
+
 def format_plan(p: dict[str, Any]) -> str:
     m, data, run, mem = p["model"], p["data"], p["run"], p["memory"]
     arch = m["arch"]
@@ -618,7 +633,7 @@ def format_plan(p: dict[str, Any]) -> str:
         f"FLOPs     {_si(run['flops_per_token'], 'FLOP')}/token (policy forward {_si(run['policy_forward_per_token'], 'FLOP')} + backward {_si(run['policy_backward_per_token'], 'FLOP')} + reference forward {_si(run['reference_forward_per_token'], 'FLOP')})"
         f" = {run['flops']:.3e} FLOPs for the run" + (f" (incl. {run['precompute_flops']:.3e} precomputing reference log-probs)" if run["precompute_flops"] else ""),
         f"memory    {mem['total_gib']:.1f} GiB estimated peak (not measured) for {s['micro_batch_pairs']} pair{'s' if s['micro_batch_pairs'] != 1 else ''}"
-        f" = {2 * s['micro_batch_pairs']} rows x {s['seq_len']:,} tokens, {weights}" + (", gradient checkpointing" if s["gradient_checkpointing"] else ", no gradient checkpointing"),
+        + (f" = {s['packed_rows']} packed rows x {s['packed_len']:,} tokens" if s.get("packed_rows") else f" = {2 * s['micro_batch_pairs']} rows x {s['seq_len']:,} tokens") + f", {weights}" + (checkpointing_text(s["checkpointed_layers"], arch["layers"]) if s["gradient_checkpointing"] else ", no gradient checkpointing"),
         "          = (" + " + ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in parts.items()) + f" = {mem['subtotal_gib']:.2f} GiB) x 1.10 + 1 GiB CUDA context",
     ]
     if mem["full_logits_gib"] >= 1:

@@ -126,7 +126,8 @@ class TrainSection:
     per_device_train_batch_size: int = _f(2, help="Pairs per device per forward.")
     per_device_eval_batch_size: int = _f(4, help="Pairs per device per forward in evaluation.")
     gradient_accumulation_steps: int = _f(1, help="Forwards per optimizer step.")
-    gradient_checkpointing: Literal["auto"] | bool = _f("auto", help="Recompute activations in backward to save memory (about 25% slower with LoRA). auto = on only when the memory estimate without it does not fit the GPU present (decided at run time, logged and recorded in run.json); off on the CPU.")
+    gradient_checkpointing: Literal["auto"] | bool = _f("auto", help="Recompute activations in backward to save memory (about 25% slower with LoRA when every layer recomputes). auto = on only when the memory estimate without it does not fit the GPU present, and then for as few layers as make it fit (decided at run time, logged and recorded in run.json); off on the CPU.")
+    checkpointed_layers: int | None = _f(None, help="With gradient checkpointing on: recompute only the first N decoder layers; the others keep their activations (faster, more memory). null = every layer when gradient_checkpointing is true; with auto, the fewest layers whose memory estimate fits the GPU.")
     use_liger_kernel: bool = _f(False, help="Liger's Triton kernels (RMSNorm, RoPE, SwiGLU/GeGLU; TRL use_liger_kernel): less activation memory and faster steps on a CUDA GPU. Needs liger-kernel (requirements-gpu.lock); ignored with a logged warning on the CPU.")
     group_by_length: bool = _f(False, help="Batch pairs of similar length (transformers LengthGroupedSampler) to cut padding; the data order is still seeded.")
     optim: str = _f("adamw_torch", help="transformers optimizer name (adamw_torch, paged_adamw_32bit, ...).")
@@ -613,6 +614,11 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
         fail("dpo.loss_type", "must name at least one loss type")
     if r.dpo.loss_weights is not None and len(r.dpo.loss_weights) != len(types_):
         fail("dpo.loss_weights", f"has {len(r.dpo.loss_weights)} weights for {len(types_)} loss types")
+    if r.train.checkpointed_layers is not None:
+        if r.train.checkpointed_layers < 1:
+            fail("train.checkpointed_layers", f"must be at least 1 (or null: every layer), got {r.train.checkpointed_layers}; to recompute none, set train.gradient_checkpointing: false")
+        if r.train.gradient_checkpointing is False:
+            fail("train.checkpointed_layers", f"{r.train.checkpointed_layers} layers to recompute, but train.gradient_checkpointing is false: set it to true or auto, or drop this field")
     if r.dpo.pairs_per_row < 1:
         fail("dpo.pairs_per_row", f"must be at least 1, got {r.dpo.pairs_per_row}")
     if r.dpo.pairs_per_row > 1 and not r.dpo.prefix_sharing:

@@ -307,6 +307,7 @@ def resolve_systems(recipe: Recipe, rows: list[dict[str, Any]], device: str, dty
             precompute_ref=out["precompute_ref_log_probs"],
             attn_implementation=m.attn_implementation,
             liger=liger,
+            checkpointed_layers=t.checkpointed_layers,
         )
         if d.prefix_sharing:
             settings = prefix_memory_settings(settings, rows, recipe)
@@ -317,10 +318,27 @@ def resolve_systems(recipe: Recipe, rows: list[dict[str, Any]], device: str, dty
             on = device == "cuda"
             decision = {"gradient_checkpointing": on, "reason": f"{'on' if on else 'off'}: no memory estimate for this model's config ({type(e).__name__})"}
         out["gradient_checkpointing"] = decision.pop("gradient_checkpointing")
+        layers = decision.pop("checkpointed_layers", None)
+        if out["gradient_checkpointing"] and layers is not None and layers < decision.get("layers", 0):
+            out["checkpointed_layers"] = layers
+        elif out["gradient_checkpointing"] and t.checkpointed_layers is not None:  # no estimate: the recipe's count
+            out["checkpointed_layers"] = t.checkpointed_layers
         out["gradient_checkpointing_decision"] = decision
     else:
         out["gradient_checkpointing"] = t.gradient_checkpointing
+        if t.gradient_checkpointing and t.checkpointed_layers is not None:
+            out["checkpointed_layers"] = t.checkpointed_layers
     return out
+
+
+def apply_checkpointing(model, systems: dict[str, Any]) -> None:
+    """Checkpoint only the layers `systems` names (train.checkpointed_layers, or auto's count);
+    records the model's layer count next to it. Every layer when no count is set."""
+    from .modeling import limit_checkpointing
+
+    if systems["gradient_checkpointing"] and systems.get("checkpointed_layers") is not None:
+        systems["layers"] = limit_checkpointing(model, systems["checkpointed_layers"])
+        log.info("gradient checkpointing recomputes %d of %d decoder layers", min(systems["checkpointed_layers"], systems["layers"]), systems["layers"])
 
 
 def log_systems(systems: dict[str, Any]) -> None:
@@ -532,6 +550,7 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
     # pass not yet visible on another node) would run different collectives and hang.
     systems = processes.from_main(lambda: resolve_systems(recipe, rows, device, dtype, run_dir, config=model.config, gpu_gib=gpu_gib))
     log_systems(systems)
+    apply_checkpointing(model, systems)
 
     peft_config = None
     if recipe.lora.enabled:
