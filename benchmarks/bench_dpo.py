@@ -372,6 +372,7 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
         "lora_r": recipe.lora.r if recipe.lora.enabled else None,
         "prefix_sharing": d.prefix_sharing,
         "pairs_per_row": d.pairs_per_row,
+        "cuda_allocator": systems.get("cuda_allocator"),
     }
     out.update(settings=settings, notes=notes, overrides=sets, systems=systems)
 
@@ -663,6 +664,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--warmup must be smaller than --steps")
     if args.worker:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from alignpress.processes import configure_cuda_allocator
+
+        configure_cuda_allocator()  # as entrypoint.py does, before torch is loaded
         result = run_variant(args.worker, args.model, args.steps, args.warmup, args.pool, args.seed, args.smoke)
         args.worker_out.write_text(json.dumps(result))
         return 0

@@ -144,3 +144,36 @@ def test_checkpointing_some_layers_through_the_entry_point(demo_run, tmp_path):
     assert "gradient checkpointing recomputes 1 of 4 decoder layers" in proc.stderr
     systems = json.loads((out / "run.json").read_text())["stages"]["train"]["systems"]
     assert (systems["gradient_checkpointing"], systems["checkpointed_layers"], systems["layers"]) == (True, 1, 4)
+
+
+def test_cuda_allocator_expandable_segments_unless_the_user_chose(monkeypatch, capsys):
+    """entrypoint.py sets PYTORCH_ALLOC_CONF (inherited by the stages' child processes) before torch
+    allocates; a user's own setting, under either name, is left alone; run.json records it on CUDA.
+    (Only CUDA builds read it: the CPU build here accepts any value, so the GPU run checks it.)"""
+    import os
+
+    import torch
+    from transformers import Phi3Config
+
+    from alignpress import processes
+    from alignpress.cli import main
+    from alignpress.recipe import load_recipe
+    from alignpress.train import resolve_systems
+    from conftest import ROOT
+
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):  # set first, so monkeypatch restores what was there
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    assert main(["schema"]) == 0 and capsys.readouterr().out
+    assert os.environ["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"
+    phi3 = Phi3Config(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32064)
+    rows = [{"prompt_tokens": 500, "chosen_tokens": 300, "rejected_tokens": 200}] * 10
+    recipe = load_recipe(ROOT / "recipes/phi3-mini-capybara.yaml")
+    assert resolve_systems(recipe, rows, "cuda", torch.bfloat16, None, config=phi3, gpu_gib=500)["cuda_allocator"] == "PYTORCH_ALLOC_CONF=expandable_segments:True"
+    assert "cuda_allocator" not in resolve_systems(recipe, rows, "cpu", torch.float32, None, config=phi3)
+
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")
+    assert processes.configure_cuda_allocator() == "PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync"
+    assert "PYTORCH_ALLOC_CONF" not in os.environ
+    assert resolve_systems(recipe, rows, "cuda", torch.bfloat16, None, config=phi3, gpu_gib=500)["cuda_allocator"] == "PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync"

@@ -415,6 +415,7 @@ def setup_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    processes.configure_cuda_allocator()  # before torch is loaded: the GPU stages' children inherit it
     setup_logging()
     try:
         if args.command == "schema":

@@ -272,6 +272,8 @@ def resolve_systems(recipe: Recipe, rows: list[dict[str, Any]], device: str, dty
 
     t, d, m = recipe.train, recipe.dpo, recipe.model
     out: dict[str, Any] = {"device": device, "attn_implementation": m.attn_implementation or "sdpa (default)", "optim": t.optim, "group_by_length": t.group_by_length}
+    if device == "cuda":  # processes.configure_cuda_allocator, or the user's own
+        out["cuda_allocator"] = processes.cuda_allocator_setting() or "PyTorch's default"
 
     liger = t.use_liger_kernel
     if liger and (problem := liger_problem(device)):
