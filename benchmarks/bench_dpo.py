@@ -315,7 +315,7 @@ def device_info(device: str) -> dict[str, Any]:
     return {"kind": "cpu", "name": platform.processor() or platform.machine(), "gpu": None, "memory_gib": None, "peak_bf16_tflops": None, "cpu_threads": torch.get_num_threads()}
 
 
-def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed: int, smoke: bool) -> dict[str, Any]:
+def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed: int, smoke: bool, profile_steps: int = 0) -> dict[str, Any]:
     import torch
     from peft import LoraConfig
     from transformers import AutoTokenizer, TrainerCallback
@@ -393,7 +393,8 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
     dataset = text_dataset(pairs, tok.vocab_size, seed, with_length=settings["group_by_length"])
     work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     args = dpo_config(recipe, RunDir(work), device, dtype, systems)
-    args = dataclasses.replace(args, max_steps=steps, save_strategy="no", logging_steps=1, disable_tqdm=True)
+    # profile_steps more steps after the timed ones, under torch's profiler (which slows them)
+    args = dataclasses.replace(args, max_steps=steps + profile_steps, save_strategy="no", logging_steps=1, disable_tqdm=True)
     collator = CountingCollator(DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=d.max_length, truncation_mode=d.truncation_mode))
     step_ends: list[float] = []
     losses: list[float] = []
@@ -416,6 +417,26 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
+    profiled: dict[str, Any] = {}
+
+    class Profile(TrainerCallback):
+        """torch.profiler over the steps after the timed ones: where a step's device time goes."""
+
+        def on_step_begin(self, args, state, control, **k):
+            if profile_steps and state.global_step == steps:
+                from torch.profiler import ProfilerActivity, profile
+
+                sync()
+                profiled["profiler"] = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else []))
+                profiled["profiler"].__enter__()
+
+        def on_step_end(self, args, state, control, **k):
+            if "profiler" in profiled and state.global_step == steps + profile_steps:
+                sync()
+                prof = profiled.pop("profiler")
+                prof.__exit__(None, None, None)
+                profiled["summary"] = profile_summary(prof.key_averages(), device, profile_steps)
+
     from alignpress.refcache import fast_weights_hash
 
     started = time.perf_counter()
@@ -424,19 +445,19 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
             # The prefix-shared trainer builds its own collator (and precomputes with it): count around it afterwards.
             from alignpress.prefix_dpo import PrefixSharedDPOTrainer
 
-            trainer = PrefixSharedDPOTrainer(net, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config, callbacks=[Timer()], pairs_per_row=d.pairs_per_row)
+            trainer = PrefixSharedDPOTrainer(net, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config, callbacks=[Timer(), Profile()], pairs_per_row=d.pairs_per_row)
             collator = trainer.data_collator = CountingCollator(trainer.data_collator)
             # its precompute pass ran inside the constructor: TRL's tokens for these pairs (what the
             # standard pass counts, so rates compare), the packed rows' padding unknown
             collator.precompute_tokens = sum(n for p, c, r in pairs if (s := truncate_pair(p, c, r, d.max_length)) for n, _ in s) if settings["precompute_ref_log_probs"] else 0
         else:
-            trainer = DPOTrainer(model=net, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config, data_collator=collator, callbacks=[Timer()])
+            trainer = DPOTrainer(model=net, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config, data_collator=collator, callbacks=[Timer(), Profile()])
     setup_s = time.perf_counter() - started
     trainer.train()
 
     ga = t.gradient_accumulation_steps
     done = len(step_ends) - 1
-    if done < steps or done <= warmup:
+    if done < steps + profile_steps or done <= warmup:
         return {**out, "status": "failed", "reason": f"only {done} of {steps} steps ran"}
     timed = collator.batches[warmup * ga : steps * ga]
     arch = arch_from_config(net.config)
@@ -471,9 +492,50 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
         precompute_tokens=collator.precompute_tokens,
         precompute_padding_fraction=round(1 - collator.precompute_tokens / collator.precompute_padded, 4) if collator.precompute_padded else None,
         loss_first=losses[0] if losses else None,
-        loss_last=losses[-1] if losses else None,
+        loss_last=losses[steps - 1] if len(losses) >= steps else None,
     )
+    if profiled.get("summary"):
+        results["profile"] = profiled["summary"]
     return {**out, "status": "ok", "results": results, "batches": timed}
+
+
+# Where device time goes, by kernel (CUDA) or operator (CPU) name; the first pattern that matches wins.
+PROFILE_CATEGORIES = [
+    ("attention", r"fmha|attention|flash|sdpa"),
+    ("optimizer", r"adam|multi_tensor|foreach|optimizer"),
+    ("matmul", r"gemm|cutlass|cublas|xmma|sm90|sm80|nvjet|^aten::(mm|addmm|bmm|matmul|linear|_addmm_activation)$"),
+    ("fused (Liger/Triton)", r"liger|triton|rms_norm|swiglu|geglu|rope"),
+    ("copy/cast", r"copy|memcpy|memset|^aten::(cat|to|_to_copy|contiguous|clone|fill_|zero_)$"),
+    ("elementwise/reduce", r"elementwise|reduce|vectorized|^aten::"),
+]
+
+
+def profile_summary(events, device: str, steps: int) -> dict[str, Any]:
+    """Totals by category and the top 20 names of a torch.profiler run (key_averages). On CUDA the
+    kernels' own time (device events only: operators would count their kernels twice); on the CPU
+    the operators' self time."""
+    import re
+
+    rows = []
+    for e in events:
+        if device == "cuda":
+            if str(e.device_type).endswith("CUDA") and e.self_device_time_total > 0:
+                rows.append((e.key, e.count, e.self_device_time_total))
+        elif e.self_cpu_time_total > 0 and not e.key.startswith(("ProfilerStep", "autograd::engine", "Optimizer.", "## ")):
+            rows.append((e.key, e.count, e.self_cpu_time_total))
+    total = sum(us for _, _, us in rows)
+    categories: dict[str, float] = {}
+    for key, _, us in rows:
+        name = next((c for c, pattern in PROFILE_CATEGORIES if re.search(pattern, key.lower())), "other")
+        categories[name] = categories.get(name, 0.0) + us
+    top = sorted(rows, key=lambda r: -r[2])[:20]
+    return {
+        "steps": steps,
+        "clock": "CUDA kernel time" if device == "cuda" else "CPU operator self time",
+        "ms_per_step": round(total / 1000 / steps, 3),
+        "share": {k: round(v / total, 4) for k, v in sorted(categories.items(), key=lambda kv: -kv[1])} if total else {},
+        "top": [{"name": k[:160], "calls": n, "ms_per_step": round(us / 1000 / steps, 3), "share": round(us / total, 4)} for k, n, us in top],
+    }
 
 
 def summarise(batches: list[dict[str, Any]], seconds: float, arch, settings: dict[str, Any], peak_tflops: float | None) -> dict[str, Any]:
@@ -550,6 +612,8 @@ def run_all(args, out: Path | None = None) -> dict[str, Any]:
             cmd = [sys.executable, __file__, "--worker", name, "--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup), "--pool", str(args.pool), "--seed", str(args.seed), "--worker-out", str(part)]
             if args.smoke:
                 cmd.append("--smoke")
+            for profiled in args.profile or []:
+                cmd += ["--profile", profiled, "--profile-steps", str(args.profile_steps)]
             print(f"[bench] {args.model} / {name} ...", file=sys.stderr, flush=True)
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout, cwd=ROOT)
@@ -620,6 +684,12 @@ def markdown(report: dict[str, Any]) -> str:
                 notes.setdefault(n, []).append(v["name"])
         if notes:
             lines += ["", "Notes:", *(f"- {n} ({', '.join(names)})" for n, names in notes.items())]
+        for v in run["variants"]:
+            prof = v.get("results", {}).get("profile")
+            if prof:
+                lines += ["", f"Profile of {v['name']} ({prof['steps']} steps after the timed ones, {prof['clock']}: {prof['ms_per_step']:,.1f} ms a step): "
+                          + ", ".join(f"{k} {share:.1%}" for k, share in prof["share"].items()) + ".",
+                          *(f"- {t['share']:.1%} {t['name']} ({t['calls']} calls)" for t in prof["top"][:8])]
         if run["device"].get("kind") == "cpu":
             lines += ["", "CPU run: MFU is not reported and peak memory is the process's peak RSS, not GPU memory."]
     return "\n".join(lines) + "\n"
@@ -652,6 +722,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU, short lengths: checks the harness, measures nothing useful")
     p.add_argument("--variant-timeout", type=int, default=3600)
+    p.add_argument("--profile", action="append", metavar="VARIANT", help="repeatable: run these variants --profile-steps more steps under torch.profiler (after the timed ones) and record where the device time goes (results.profile)")
+    p.add_argument("--profile-steps", type=int, default=2)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -667,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
         from alignpress.processes import configure_cuda_allocator
 
         configure_cuda_allocator()  # as entrypoint.py does, before torch is loaded
-        result = run_variant(args.worker, args.model, args.steps, args.warmup, args.pool, args.seed, args.smoke)
+        result = run_variant(args.worker, args.model, args.steps, args.warmup, args.pool, args.seed, args.smoke, args.profile_steps if args.worker in (args.profile or []) else 0)
         args.worker_out.write_text(json.dumps(result))
         return 0
     run = run_all(args, args.out)

@@ -25,7 +25,7 @@ RESULT_KEYS = {"steps_timed", "seconds", "pairs", "tokens", "padded_tokens", "pa
 def smoke(tmp_path_factory, alignpress_home):
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_dpo.py"), "--smoke", "--steps", "3", "--variant", "seed", "--variant", "tuned-standard", "--variant", "liger", "--variant", "tuned", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "bench_dpo.py"), "--smoke", "--steps", "3", "--variant", "seed", "--variant", "tuned-standard", "--variant", "liger", "--variant", "tuned", "--profile", "tuned", "--out", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -47,6 +47,41 @@ def test_smoke_report_layout(smoke):
     assert "| liger | skipped: Liger kernels need a CUDA GPU (Triton) |" in md  # Liger is CUDA-only: said, not hidden
     assert "[bench] tiny / liger ...\n[bench]   skipped: Liger kernels need a CUDA GPU (Triton)\n" in proc.stderr
     assert md in proc.stdout
+
+
+def test_profile_of_the_steps_after_the_timed_ones(smoke):
+    """--profile tuned: 2 more steps under torch.profiler, after the 3 timed (1 warm-up); where the time
+    went, by category and by name. The timed numbers do not include them."""
+    report, path, _ = smoke
+    variants = {v["name"]: v for v in report["runs"][0]["variants"]}
+    assert "profile" not in variants["seed"]["results"]
+    r = variants["tuned"]["results"]
+    assert r["steps_timed"] == 2 and len(variants["tuned"]["batches"]) == 2  # steps 2 and 3; the profiled 4 and 5 are not timed
+    prof = r["profile"]
+    assert (prof["steps"], prof["clock"]) == (2, "CPU operator self time") and prof["ms_per_step"] > 0
+    assert set(prof["share"]) <= {name for name, _ in bench_dpo.PROFILE_CATEGORIES} | {"other"}
+    assert sum(prof["share"].values()) == pytest.approx(1, abs=1e-3)
+    assert prof["share"]["matmul"] > 0 and prof["share"]["attention"] > 0
+    shares = [t["share"] for t in prof["top"]]
+    assert shares == sorted(shares, reverse=True) and len(shares) == 20
+    assert {t["name"] for t in prof["top"]} >= {"aten::mm"}
+    md = path.with_suffix(".md").read_text()
+    assert f"Profile of tuned (2 steps after the timed ones, CPU operator self time: {prof['ms_per_step']:,.1f} ms a step): " in md
+
+
+def test_profile_categories_of_cuda_kernel_names():
+    """Kernel names as CUDA profiles show them (the GPU run's categories; no GPU here)."""
+    import re
+
+    def category(name):
+        return next((c for c, pattern in bench_dpo.PROFILE_CATEGORIES if re.search(pattern, name.lower())), "other")
+
+    assert category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_cublas") == "matmul"
+    assert category("fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<cutlass::bfloat16_t, cutlass::arch::Sm80, true, 64, 64, 64, true, true>::Params)") == "attention"
+    assert category("_rms_norm_forward_kernel") == "fused (Liger/Triton)"
+    assert category("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>") == "elementwise/reduce"
+    assert category("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "optimizer"
+    assert category("Memcpy DtoD (Device -> Device)") == "copy/cast"
 
 
 def test_smoke_values_are_sane(smoke):
