@@ -703,3 +703,31 @@ def test_prefix_sharing_memory_from_the_summary_alone(phi3_out):
         assert (mem["settings"]["packed_rows"], mem["settings"]["packed_len"]) == shape
     mem = json.loads(cli(*base, "--set", "dpo.max_length=1024").stdout)["memory"]
     assert (mem["settings"]["packed_rows"], mem["settings"]["packed_len"]) == (4, 2048)  # two full 1,024 sequences
+
+
+def test_plan_measured_pass_less_the_hash_and_checkpointed_layers_matched(phi3_out, tmp_path):
+    """A result file as bench_dpo.py writes it (test data, not a measurement): the precompute pass's
+    rate leaves out the weight hash timed apart (hash_s), and a measurement with some layers
+    checkpointed stands only for the same count."""
+    from alignpress.plan import recipe_settings
+    from alignpress.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes/phi3-mini-capybara.yaml")
+    arch = {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064, "sliding_window": 2047, "config": "Phi3Config"}
+    variants = [
+        {"name": "tuned", "status": "ok", "settings": recipe_settings(recipe, False, True), "results": {"mfu": 0.3, "precompute_tokens": 100_000, "setup_s": 12.0, "hash_s": 2.0}},
+        {"name": "tuned-ckpt", "status": "ok", "settings": recipe_settings(recipe, True, True, 15), "results": {"mfu": 0.2}},
+    ]
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "H200-2099-01-01.json").write_text(json.dumps({"schema": "alignpress-bench/1", "runs": [{"model": "phi3-mini", "architecture": arch, "device": {"gpu": "H200"}, "variants": variants}]}))
+    base = ["plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--bench-results", bench, "--gpu", "H200"]
+    proc = cli(*base)
+    assert proc.returncode == 0, proc.stderr
+    # 100,000 tokens in 12.0 - 2.0 s; this data's 1,600,000 tokens an epoch take 160 s
+    assert "H200: precompute pass 10,000 tokens/s (100,000 tokens in 12.0 s of setup less 2.0 s hashing the weights): 2.7 min for this data" in proc.stdout
+    for layers, source in ((15, "measured: H200-2099-01-01.json, variant tuned-ckpt"), (14, "estimate: not measured"), (32, "estimate: not measured")):
+        proc = cli(*base, "--json", "--set", "train.gradient_checkpointing=true", "--set", f"train.checkpointed_layers={layers}")
+        h200 = next(r for r in json.loads(proc.stdout)["gpus"] if r["gpu"] == "H200")
+        assert (h200["checkpointed_layers"], h200["mfu_source"]) == (layers, source)
+    assert h200["mfu"] != 0.2

@@ -525,10 +525,13 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
         price = offer_prices(price_table["gpus"].get(name))
         row_pre_mfu, pre_source = pre_mfu, "estimate: not measured"
         if pre_flops and measured and measured.get("precompute_tokens") and measured.get("setup_s"):
-            # the measured pass: its tokens over the trainer setup it ran in (an upper bound on its time)
-            rate = measured["precompute_tokens"] / measured["setup_s"]
+            # the measured pass: its tokens over the trainer setup it ran in (an upper bound on its
+            # time), less the hash of the weights that keys the stored log-probs where it was timed apart
+            hashing = measured.get("hash_s") or 0.0
+            rate = measured["precompute_tokens"] / (measured["setup_s"] - hashing)
             row_pre_mfu = rate * (pre_flops / train_epoch["tokens"]) / (info["peak_bf16_tflops"] * 1e12)
-            pre_source = f"measured: {rate:,.0f} tokens/s ({measured['precompute_tokens']:,} tokens in {measured['setup_s']} s of setup)"
+            spent = f"{measured['setup_s']} s of setup" + (f" less {hashing} s hashing the weights" if hashing else "")
+            pre_source = f"measured: {rate:,.0f} tokens/s ({measured['precompute_tokens']:,} tokens in {spent})"
         cost = project(train_epoch["total"] * epochs, pre_flops, info["peak_bf16_tflops"], mfu, row_pre_mfu, price)
         train_s, pre_s, gpu_hours = cost["train_s"], cost["precompute_s"], cost["gpu_hours"]
         row = {
@@ -539,7 +542,7 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
             "tight": WARN_SHARE * info["memory_gib"] < row_mem["total_gib"] <= info["memory_gib"],
             "gradient_checkpointing": row_ckpt > 0,
             "checkpointed_layers": row_ckpt,
-            "measured": None if measured is None else {k: measured.get(k) for k in ("tokens_per_s", "mfu", "peak_memory_gib", "setup_s", "precompute_tokens")},
+            "measured": None if measured is None else {k: measured.get(k) for k in ("tokens_per_s", "mfu", "peak_memory_gib", "setup_s", "hash_s", "precompute_tokens")},
             "peak_bf16_tflops": info["peak_bf16_tflops"],
             "mfu": mfu,
             "mfu_source": source,
