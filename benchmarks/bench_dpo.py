@@ -381,7 +381,7 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(folder)
     net = load_model(recipe, str(folder), device=device, dtype=dtype, quantized=m.load_in_4bit, tokenizer=tok)
-    apply_checkpointing(net, systems)  # as `run` does: only the layers auto or the recipe names
+    checkpointed = apply_checkpointing(net, systems, recipe, rows, dtype)  # as `run` does: only the layers auto or the recipe names
     peft_config = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout, target_modules=recipe.lora.target_modules, task_type="CAUSAL_LM")
     if m.load_in_4bit:
         from peft import prepare_model_for_kbit_training
@@ -470,7 +470,8 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
             lora_r=settings["lora_r"],
             optimizer_bits="8bit" if "8bit" in t.optim else "32bit",
             gradient_checkpointing=settings["gradient_checkpointing"],
-            checkpointed_layers=settings["checkpointed_layers"],
+            # auto per micro-batch: the count the largest batch ran with
+            checkpointed_layers=checkpointed.decide(biggest["rows"], biggest["seq_len"]) if checkpointed is not None and checkpointed.decide else settings["checkpointed_layers"],
             micro_batch_pairs=t.per_device_train_batch_size,
             seq_len=max(b["seq_len"] for b in collator.batches),
             precompute_ref=settings["precompute_ref_log_probs"],
@@ -496,6 +497,8 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
     )
     if profiled.get("summary"):
         results["profile"] = profiled["summary"]
+    if checkpointed is not None and checkpointed.decide is not None:  # auto, per micro-batch: forwards by layers recomputed
+        results["checkpointed_layers_per_batch"] = {str(k): n for k, n in sorted(checkpointed.seen.items())}
     return {**out, "status": "ok", "results": results, "batches": timed}
 
 

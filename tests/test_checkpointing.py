@@ -44,7 +44,7 @@ def one_step(kind: str, layers: int | None):
     model = tiny(kind)
     if layers is not None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        assert limit_checkpointing(model, layers) == LAYERS
+        assert len(limit_checkpointing(model, layers).layers) == LAYERS
     torch.manual_seed(1)
     model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
     for name, p in model.named_parameters():
@@ -130,3 +130,62 @@ def test_pin_transformers_every_n_layers_breaks_under_trls_reference_pass():
     trainer = dpo_trainer(tiny("phi3", vocab=len(tok)), tok, activation_checkpointing_kwargs={"every_n_layers": 2})
     with pytest.raises(ValueError, match="Unexpected keyword arguments: every_n_layers"):
         trainer.train()
+
+
+def test_the_count_can_follow_each_micro_batch():
+    """With a `decide` function the count is chosen for every training forward from its hidden
+    states' shape: here the longer of two pairs recomputes 2 layers, the shorter none."""
+    tok = phi3_tokenizer()
+    model = tiny("phi3", vocab=len(tok))
+    shapes = []
+
+    def decide(rows, length):
+        shapes.append((rows, length))
+        return 2 if length > 30 else 0
+
+    control = limit_checkpointing(model, LAYERS, decide)
+    calls = count_attention_calls(model)
+    long_answer = " " + "very " * 30 + "sure"
+    ds = Dataset.from_list([{"prompt": "What is 2 plus 2?", "chosen": " 4", "rejected": " 5"}, {"prompt": "What is 2 plus 2?", "chosen": long_answer, "rejected": " 5"}])
+    args = DPOConfig(output_dir=tempfile.mkdtemp(), max_steps=2, per_device_train_batch_size=1, use_cpu=True, activation_checkpointing=True, precompute_ref_log_probs=True,
+                     report_to=[], save_strategy="no", disable_tqdm=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=LoraConfig(r=4, target_modules="all-linear"))
+    before = list(calls)
+    trainer.train()
+    # TRL's layout: 2 rows (chosen, rejected) a pair; one step ran each pair
+    assert [r for r, _ in shapes] == [2, 2] and sorted(n > 30 for _, n in shapes) == [False, True]
+    assert control.seen == {0: 1, 2: 1}
+    assert [c - b for c, b in zip(calls, before)] == [3, 3, 2, 2]  # two forwards each; layers 0 and 1 recomputed once
+
+
+def test_auto_per_batch_counts_on_the_phi3_shape():
+    """`auto` on a 40 GB card with the benchmark's worst case (4 packed rows of 2,832 positions):
+    15 of 32 layers for that batch, fewer for shorter ones, none for short ones; the same decision
+    function the estimate makes (a meta-device model: shapes only)."""
+    from alignpress.flops import KNOWN_ARCHS, checkpointing_decision
+    from alignpress.recipe import load_recipe
+    from alignpress.train import apply_checkpointing, memory_settings, resolve_systems
+    from conftest import ROOT
+
+    config = Phi3Config(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, sliding_window=2047)
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(config)
+    recipe = load_recipe(ROOT / "recipes/phi3-mini-capybara.yaml", ["dpo.max_length=2048", "data.filters.max_tokens=null", "train.use_liger_kernel=false"])
+    rows = [{"prompt_tokens": 1400, "chosen_tokens": 700, "rejected_tokens": 700}] + [{"prompt_tokens": 300, "chosen_tokens": 200, "rejected_tokens": 200}] * 30
+    systems = resolve_systems(recipe, rows, "cuda", torch.bfloat16, None, config=config, gpu_gib=40.0)
+    worst = memory_settings(recipe, rows, torch.bfloat16, True, False)
+    assert (worst.packed_rows, worst.packed_len) == (4, 2704)  # rows cut to 2,048: 1,400 + 2 x 648 answer tokens, to a multiple of 8
+    expected = checkpointing_decision(KNOWN_ARCHS["microsoft/Phi-3-mini-4k-instruct"], worst, 40.0)["checkpointed_layers"]
+    assert systems["gradient_checkpointing"] is True and systems["checkpointing_per_batch"] is True and systems["checkpointed_layers"] == expected
+    control = apply_checkpointing(model, systems, recipe, rows, torch.bfloat16)
+    assert systems["layers"] == 32 and control.count == expected
+    counts = [control.decide(4, n) for n in (2704, 2400, 2000, 1600, 1200, 704)]
+    assert counts[0] == expected and counts == sorted(counts, reverse=True) and counts[-1] == 0 and 0 < counts[2] < expected
+    assert control.decide(2, 2704) < expected  # fewer rows, fewer layers
+    # a count in the recipe is fixed
+    fixed = resolve_systems(load_recipe(ROOT / "recipes/phi3-mini-capybara.yaml", ["train.checkpointed_layers=20", "train.use_liger_kernel=false"]), rows, "cuda", torch.bfloat16, None, config=config, gpu_gib=40.0)
+    assert (fixed["checkpointed_layers"], fixed["checkpointing_per_batch"]) == (20, False)
+    with torch.device("meta"):
+        assert apply_checkpointing(Phi3ForCausalLM(config), fixed, recipe, rows, torch.bfloat16).decide is None

@@ -91,9 +91,10 @@ def test_auto_checkpointing_on_a_fake_gpu():
         assert s["precompute_ref_log_probs"] is True
         assert s["gradient_checkpointing"] is on
         assert s["gradient_checkpointing_decision"]["estimate_without_gib"] == round(expected, 2)
-        assert s.get("checkpointed_layers") == (1 if on else None)  # just above the GPU: one layer of 32 recomputes
+        # just above the GPU: one layer of 32 recomputes for the longest micro-batch, fewer for shorter ones
+        assert (s.get("checkpointed_layers"), s.get("checkpointing_per_batch")) == ((1, True) if on else (None, None))
     s = resolve_systems(recipe, rows, "cuda", torch.bfloat16, None, config=phi3, gpu_gib=1.0)  # nothing fits: every layer
-    assert s["gradient_checkpointing"] is True and "checkpointed_layers" not in s and s["gradient_checkpointing_decision"]["reason"].startswith("on for all 32 layers")
+    assert (s["gradient_checkpointing"], s["checkpointed_layers"]) == (True, 32) and s["gradient_checkpointing_decision"]["reason"].startswith("on for all 32 layers")
     # set explicitly, nothing is decided
     s = resolve_systems(load_recipe(ROOT / "recipes/phi3-mini-capybara.yaml", ["dpo.prefix_sharing=false", "train.gradient_checkpointing=true"]), rows, "cuda", torch.bfloat16, None, config=phi3, gpu_gib=500)
     assert s["gradient_checkpointing"] is True and "gradient_checkpointing_decision" not in s and "checkpointed_layers" not in s

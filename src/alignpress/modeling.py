@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -237,24 +240,42 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def limit_checkpointing(model, layers: int) -> int:
-    """Gradient checkpointing for the first `layers` decoder layers only; the others keep their
-    activations. Returns how many layers the model has.
+class CheckpointedLayers:
+    """Gradient checkpointing for the first `count` decoder layers only; the others keep their
+    activations. With `decide`, the count is chosen again for every training forward from the
+    shape of its hidden states, (rows, positions) -> count: a short micro-batch then recomputes
+    less than the longest one, whose count `auto` sized for the GPU.
 
     transformers 5.23 can checkpoint a subset itself (`every_n_layers`), but TRL 1.16 turns
     checkpointing off around every reference forward and back on with
-    `gradient_checkpointing_enable(kwargs)`, which resets every layer to checkpointed
-    (trl.models.utils.disable_gradient_checkpointing). So each layer past the first `layers` clears
-    its own flag just before it runs (a forward pre-hook): whoever enabled checkpointing, and
-    however often, those layers never recompute. The first layers are the ones kept for recompute
-    because backward rebuilds them last, when the later layers have already freed their
-    activations (flops.memory_estimate counts it so).
+    `gradient_checkpointing_enable(kwargs)`, which resets every layer to checkpointed and passes the
+    argument on to torch, which refuses it (trl.models.utils.disable_gradient_checkpointing; pinned
+    in tests/test_checkpointing.py). So each layer sets its own flag just before it runs (a forward
+    pre-hook): checkpointed when it is among the first `count`, the forward builds a graph (grad
+    enabled, training) and checkpointing was enabled on the model (its function installed), however
+    often TRL switched it. The first layers are the ones recomputed because backward rebuilds them
+    last, when the later layers have already freed their activations (flops.memory_estimate counts
+    it so). `seen` counts training forwards by the count they ran with.
     """
-    found = decoder_layers(model)
-    for layer in found[layers:]:
-        layer.register_forward_pre_hook(_never_checkpointed)
-    return len(found)
+
+    def __init__(self, model, count: int, decide: Callable[[int, int], int] | None = None):
+        self.layers = decoder_layers(model)
+        self.count = count
+        self.decide = decide
+        self.seen: Counter[int] = Counter()
+        for i, layer in enumerate(self.layers):
+            layer.register_forward_pre_hook(partial(self._before, i), with_kwargs=True)
+
+    def _before(self, index: int, module, args, kwargs) -> None:
+        building = torch.is_grad_enabled() and module.training
+        if index == 0 and building:
+            if self.decide is not None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self.count = self.decide(hidden.shape[0], hidden.shape[1])
+            self.seen[self.count] += 1
+        module.gradient_checkpointing = building and index < self.count and getattr(module, "_gradient_checkpointing_func", None) is not None
 
 
-def _never_checkpointed(module, args) -> None:
-    module.gradient_checkpointing = False
+def limit_checkpointing(model, layers: int, decide: Callable[[int, int], int] | None = None) -> CheckpointedLayers:
+    """Checkpoint the first `layers` decoder layers of `model` (or as `decide` says, per forward)."""
+    return CheckpointedLayers(model, layers, decide)

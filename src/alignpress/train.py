@@ -267,7 +267,7 @@ def resolve_systems(recipe: Recipe, rows: list[dict[str, Any]], device: str, dty
     """
     import torch
 
-    from .flops import MemorySettings, arch_from_config, checkpointing_decision, precompute_decision
+    from .flops import arch_from_config, checkpointing_decision, precompute_decision
     from .modeling import liger_problem
 
     t, d, m = recipe.train, recipe.dpo, recipe.model
@@ -299,20 +299,7 @@ def resolve_systems(recipe: Recipe, rows: list[dict[str, Any]], device: str, dty
     if t.gradient_checkpointing == "auto":
         if device == "cuda" and gpu_gib is None:
             gpu_gib = torch.cuda.mem_get_info()[0] / 1024**3  # free memory, before the model is loaded
-        settings = MemorySettings(
-            weights="nf4" if m.load_in_4bit else ("fp32" if dtype == torch.float32 else "bf16"),
-            lora_r=recipe.lora.r if recipe.lora.enabled else None,
-            lora_targets=recipe.lora.target_modules,
-            optimizer_bits="8bit" if "8bit" in t.optim else "32bit",
-            micro_batch_pairs=t.per_device_train_batch_size,
-            seq_len=longest_sequence(rows, d.max_length),
-            precompute_ref=out["precompute_ref_log_probs"],
-            attn_implementation=m.attn_implementation,
-            liger=liger,
-            checkpointed_layers=t.checkpointed_layers,
-        )
-        if d.prefix_sharing:
-            settings = prefix_memory_settings(settings, rows, recipe)
+        settings = memory_settings(recipe, rows, dtype, out["precompute_ref_log_probs"], liger)
         try:
             arch = arch_from_config(config)
             decision = checkpointing_decision(arch, settings, gpu_gib if device == "cuda" else None)
@@ -321,8 +308,10 @@ def resolve_systems(recipe: Recipe, rows: list[dict[str, Any]], device: str, dty
             decision = {"gradient_checkpointing": on, "reason": f"{'on' if on else 'off'}: no memory estimate for this model's config ({type(e).__name__})"}
         out["gradient_checkpointing"] = decision.pop("gradient_checkpointing")
         layers = decision.pop("checkpointed_layers", None)
-        if out["gradient_checkpointing"] and layers is not None and layers < decision.get("layers", 0):
-            out["checkpointed_layers"] = layers
+        if out["gradient_checkpointing"] and layers is not None and "layers" in decision:
+            out["checkpointed_layers"] = layers  # for the longest micro-batch
+            # without a count in the recipe, each micro-batch recomputes only what its own shape needs
+            out["checkpointing_per_batch"] = t.checkpointed_layers is None
         elif out["gradient_checkpointing"] and t.checkpointed_layers is not None:  # no estimate: the recipe's count
             out["checkpointed_layers"] = t.checkpointed_layers
         out["gradient_checkpointing_decision"] = decision
@@ -333,14 +322,59 @@ def resolve_systems(recipe: Recipe, rows: list[dict[str, Any]], device: str, dty
     return out
 
 
-def apply_checkpointing(model, systems: dict[str, Any]) -> None:
-    """Checkpoint only the layers `systems` names (train.checkpointed_layers, or auto's count);
-    records the model's layer count next to it. Every layer when no count is set."""
+def memory_settings(recipe: Recipe, rows: list[dict[str, Any]], dtype, precompute: bool, liger: bool):
+    """flops.MemorySettings for this recipe and these prepared rows: the micro-batch as it will run,
+    its longest sequence (prefix-shared: the packed rows that bound any micro-batch)."""
+    import torch
+
+    from .flops import MemorySettings
+
+    t, d, m = recipe.train, recipe.dpo, recipe.model
+    settings = MemorySettings(
+        weights="nf4" if m.load_in_4bit else ("fp32" if dtype == torch.float32 else "bf16"),
+        lora_r=recipe.lora.r if recipe.lora.enabled else None,
+        lora_targets=recipe.lora.target_modules,
+        optimizer_bits="8bit" if "8bit" in t.optim else "32bit",
+        micro_batch_pairs=t.per_device_train_batch_size,
+        seq_len=longest_sequence(rows, d.max_length),
+        precompute_ref=precompute,
+        attn_implementation=m.attn_implementation,
+        liger=liger,
+        checkpointed_layers=t.checkpointed_layers,
+    )
+    return prefix_memory_settings(settings, rows, recipe) if d.prefix_sharing else settings
+
+
+def apply_checkpointing(model, systems: dict[str, Any], recipe: Recipe, rows: list[dict[str, Any]], dtype):
+    """Checkpoint only the layers `systems` names (train.checkpointed_layers, or auto's count), and
+    with auto, per micro-batch: as few as the estimate for that batch's shape (rows x positions)
+    needs within the same share of the GPU as auto's decision. Records the model's layer count.
+    Returns the modeling.CheckpointedLayers (None when every layer or none recomputes)."""
+    from dataclasses import replace
+    from functools import lru_cache
+
+    from .flops import arch_from_config, checkpointing_decision
     from .modeling import limit_checkpointing
 
-    if systems["gradient_checkpointing"] and systems.get("checkpointed_layers") is not None:
-        systems["layers"] = limit_checkpointing(model, systems["checkpointed_layers"])
-        log.info("gradient checkpointing recomputes %d of %d decoder layers", min(systems["checkpointed_layers"], systems["layers"]), systems["layers"])
+    if not systems["gradient_checkpointing"] or systems.get("checkpointed_layers") is None:
+        return None
+    decide = None
+    if systems.get("checkpointing_per_batch"):
+        arch = arch_from_config(model.config)
+        worst = memory_settings(recipe, rows, dtype, systems["precompute_ref_log_probs"], systems["use_liger_kernel"])
+        gpu_gib = systems["gradient_checkpointing_decision"]["gpu_gib"]
+
+        @lru_cache(maxsize=None)
+        def decide(rows_n: int, length: int) -> int:
+            if recipe.dpo.prefix_sharing:
+                batch = replace(worst, packed_rows=rows_n, packed_len=length)
+            else:  # TRL's layout: chosen rows, then rejected rows
+                batch = replace(worst, micro_batch_pairs=max(rows_n // 2, 1), seq_len=length)
+            return checkpointing_decision(arch, batch, gpu_gib)["checkpointed_layers"]
+    control = limit_checkpointing(model, systems["checkpointed_layers"], decide)
+    systems["layers"] = len(control.layers)
+    log.info("gradient checkpointing recomputes %s%d of %d decoder layers", "at most " if decide else "", min(systems["checkpointed_layers"], systems["layers"]), systems["layers"])
+    return control
 
 
 def log_systems(systems: dict[str, Any]) -> None:
@@ -552,7 +586,7 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
     # pass not yet visible on another node) would run different collectives and hang.
     systems = processes.from_main(lambda: resolve_systems(recipe, rows, device, dtype, run_dir, config=model.config, gpu_gib=gpu_gib))
     log_systems(systems)
-    apply_checkpointing(model, systems)
+    checkpointed = apply_checkpointing(model, systems, recipe, rows, dtype)
 
     peft_config = None
     if recipe.lora.enabled:
@@ -638,6 +672,10 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
         (tmp / "README.md").unlink(missing_ok=True)  # PEFT's empty template; export writes the adapter's card
         tok.save_pretrained(str(tmp))
         run_dir.commit(tmp, final)
+    if checkpointed is not None and checkpointed.decide is not None:
+        # training forwards by the number of layers they recomputed (this process's)
+        systems["checkpointed_layers_per_batch"] = {str(k): n for k, n in sorted(checkpointed.seen.items())}
+        log.info("gradient checkpointing per micro-batch: %s", ", ".join(f"{n} with {k} of {systems['layers']} layers" for k, n in sorted(checkpointed.seen.items())))
     summary = {
         "global_step": trainer.state.global_step,
         "resumed_from_step": resume_step,
