@@ -731,3 +731,54 @@ def test_plan_measured_pass_less_the_hash_and_checkpointed_layers_matched(phi3_o
         h200 = next(r for r in json.loads(proc.stdout)["gpus"] if r["gpu"] == "H200")
         assert (h200["checkpointed_layers"], h200["mfu_source"]) == (layers, source)
     assert h200["mfu"] != 0.2
+
+
+@pytest.mark.parametrize("arch_name, attn, prefix", [("microsoft/Phi-3-mini-4k-instruct", None, True), ("microsoft/Phi-3-mini-4k-instruct", "eager", False), ("google/gemma-2b-it", None, True)])
+def test_fewest_checkpointed_layers_is_the_first_that_fits(arch_name, attn, prefix):
+    """Solved from the estimate's fall per layer; the same as trying every count in turn."""
+    from alignpress.flops import fewest_checkpointed_layers
+
+    arch = KNOWN_ARCHS[arch_name]
+    s = MemorySettings(micro_batch_pairs=4, seq_len=2048, precompute_ref=True, liger=True, attn_implementation=attn, packed_rows=4 if prefix else None, packed_len=2832 if prefix else None)
+
+    def total(k):
+        return memory_estimate(arch, replace(s, gradient_checkpointing=k > 0, checkpointed_layers=k or None))["total_gib"]
+
+    for budget in [x / 4 for x in range(8, 400)]:
+        scanned = next((k for k in range(arch.layers + 1) if total(k) <= budget), arch.layers)
+        assert fewest_checkpointed_layers(arch, s, budget) == scanned, budget
+
+
+def test_recompute_share_per_micro_batch():
+    """Each micro-batch checkpoints what its own shape needs: equal batches give count / layers;
+    mixed ones less than the longest batch's count; a GPU that fits everything, nothing."""
+    from alignpress.flops import fewest_checkpointed_layers, recompute_share
+
+    s = MemorySettings(micro_batch_pairs=4, seq_len=2048, precompute_ref=True, liger=True)
+    long_pair, short_pair = (1000, 900, 900), (200, 100, 100)
+    k_long = fewest_checkpointed_layers(PHI3, replace(s, seq_len=1901), 0.9 * 40)
+    assert k_long == 20  # 8 rows of 1,901 positions within 36 GiB
+    assert recompute_share(PHI3, s, [long_pair] * 8, 40, max_length=2048) == pytest.approx(k_long / 32)
+    mixed = recompute_share(PHI3, s, [long_pair] * 4 + [short_pair] * 4, 40, max_length=2048, sort=True)
+    # sorted: one batch of short pairs (no layers), one of long (20 layers), weighted by their forward FLOPs
+    forward = {p: sum(sequence_flops(PHI3, n, c)["policy_forward"] for n, c in truncate_pair(*p, 2048)) for p in (long_pair, short_pair)}
+    assert mixed == pytest.approx(k_long / 32 * forward[long_pair] / (forward[long_pair] + forward[short_pair]))
+    assert recompute_share(PHI3, s, [long_pair] * 8, 140, max_length=2048) == 0.0
+    assert recompute_share(PHI3, s, [long_pair] * 8, 5, max_length=2048) == 1.0  # nothing fits: every layer
+
+
+def test_plan_counts_each_micro_batch_of_the_prepared_pairs(tmp_path):
+    """With per-pair counts (data/train.jsonl), `auto`'s recomputation is counted batch by batch:
+    on an A100-40GB fewer layers than the longest batch's count, on average."""
+    out = tmp_path / "out"
+    (out / "data").mkdir(parents=True)
+    rows = [{"prompt_tokens": 1000, "chosen_tokens": 900, "rejected_tokens": 900}] * 200 + [{"prompt_tokens": 300, "chosen_tokens": 200, "rejected_tokens": 200}] * 800
+    assert len(rows) == STATS["tokens"]["train"]["pairs"]  # plan reads the rows only when they are the split stats.json counts
+    (out / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "data" / "stats.json").write_text(json.dumps(STATS))
+    proc = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", out, "--bench-results", tmp_path / "none", "--json")
+    assert proc.returncode == 0, proc.stderr
+    gpus = {r["gpu"]: r for r in json.loads(proc.stdout)["gpus"]}
+    a100 = gpus["A100-40GB"]
+    assert a100["gradient_checkpointing"] is True and 0 < a100["recomputed_share"] < a100["checkpointed_layers"] / 32
+    assert gpus["H200"]["recomputed_share"] == 0.0 and gpus["H200"]["checkpointed_layers"] == 0

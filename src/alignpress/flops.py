@@ -405,6 +405,53 @@ def checkpointed(arch: Arch, s: MemorySettings) -> int:
 AUTO_MEMORY_SHARE = 0.9
 
 
+def fewest_checkpointed_layers(arch: Arch, s: MemorySettings, budget_gib: float) -> int:
+    """The fewest decoder layers to checkpoint for the estimate to stay within `budget_gib` (0: none
+    needed; arch.layers: every one, whether or not that is enough). Below every layer the estimate
+    falls by the same amount per checkpointed layer (a layer's activations give way to its input),
+    so the count is solved for, not searched."""
+    def total(layers: int) -> float:
+        return memory_estimate(arch, replace(s, gradient_checkpointing=layers > 0, checkpointed_layers=layers or None))["total_gib"]
+
+    off = total(0)
+    if off <= budget_gib:
+        return 0
+    step = off - total(1)
+    layers = max(1, math.ceil((off - budget_gib) / step - 1e-9)) if step > 0 else arch.layers
+    while layers < arch.layers and total(layers) > budget_gib:  # rounding
+        layers += 1
+    return min(layers, arch.layers)
+
+
+def recompute_share(arch: Arch, s: MemorySettings, pairs: list[tuple[int, int, int]], gpu_gib: float, *, max_length: int | None,
+                    truncation_mode: str = "keep_start", prefix: bool = False, pairs_per_row: int = 1, sort: bool = False, seed: int = 0) -> float:
+    """Share of the policy forward that `auto` recomputes over `pairs`, each micro-batch of
+    s.micro_batch_pairs checkpointing the fewest layers its own shape needs (as
+    modeling.CheckpointedLayers does at run time), weighted by the batch's policy-forward FLOPs.
+    sort=True approximates length grouping; otherwise a seeded shuffle."""
+    order = list(range(len(pairs)))
+    if sort:
+        order.sort(key=lambda i: sum(pairs[i]))
+    else:
+        random.Random(seed).shuffle(order)
+    budget = AUTO_MEMORY_SHARE * gpu_gib
+    done = total = 0.0
+    for start in range(0, len(order), s.micro_batch_pairs):
+        batch = [pairs[i] for i in order[start : start + s.micro_batch_pairs]]
+        seqs = [x for p, c, r in batch if (t := truncate_pair(p, c, r, max_length)) for x in t]
+        if not seqs:
+            continue
+        if prefix:
+            rows, length = packed_layout(batch, max_length, len(batch), pairs_per_row, truncation_mode)
+            shape = replace(s, packed_rows=rows, packed_len=length)
+        else:
+            shape = replace(s, micro_batch_pairs=len(batch), seq_len=max(n for n, _ in seqs))
+        forward = sum(sequence_flops(arch, n, c, lora_r=s.lora_r)["policy_forward"] for n, c in seqs)
+        done += forward * fewest_checkpointed_layers(arch, shape, budget) / arch.layers
+        total += forward
+    return done / total if total else 0.0
+
+
 def checkpointing_decision(arch: Arch, s: MemorySettings, gpu_gib: float | None) -> dict[str, Any]:
     """`train.gradient_checkpointing: auto`: off when the estimate without it stays within
     AUTO_MEMORY_SHARE of `gpu_gib`, else on for as few decoder layers as keep it there (each
@@ -433,8 +480,7 @@ def checkpointing_decision(arch: Arch, s: MemorySettings, gpu_gib: float | None)
         layers = min(s.checkpointed_layers, arch.layers)
         reason = f"on for {layers} of {arch.layers} layers (train.checkpointed_layers): {reason}; with them {total(layers):.1f} GiB"
     else:
-        # the estimate falls with every layer checkpointed: the fewest that keep it within budget
-        layers = next((k for k in range(1, arch.layers + 1) if total(k) <= budget), arch.layers)
+        layers = fewest_checkpointed_layers(arch, s, budget)
         if layers < arch.layers:
             reason = (f"on for {layers} of {arch.layers} layers, the fewest that bring the estimate within {share}: {off:.1f} GiB without it (for {shape}), "
                       f"{total(layers):.1f} GiB with {layers} layer{'s' if layers > 1 else ''}, {every:.1f} GiB with all {arch.layers}")
@@ -575,6 +621,8 @@ __all__ = [
     "AUTO_MEMORY_SHARE",
     "checkpointed",
     "checkpointing_decision",
+    "fewest_checkpointed_layers",
+    "recompute_share",
     "precompute_decision",
     "dataset_flops",
     "flops_per_token",

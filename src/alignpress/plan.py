@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from .errors import AlignpressError
-from .flops import AUTO_MEMORY_SHARE, KNOWN_ARCHS, MASK_ALIGN, Arch, LengthDistribution, MemorySettings, arch_from_config, checkpointing_decision, dataset_flops, load_table, memory_estimate, packed_layout, padding_fraction, precompute_decision, truncate_pair
+from .flops import AUTO_MEMORY_SHARE, KNOWN_ARCHS, MASK_ALIGN, Arch, LengthDistribution, MemorySettings, arch_from_config, checkpointing_decision, dataset_flops, load_table, memory_estimate, packed_layout, padding_fraction, precompute_decision, recompute_share, truncate_pair
 from .recipe import Recipe, load_recipe
 
 BENCH_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
@@ -478,6 +478,21 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
         decision = checkpointing_decision(arch, settings, gpus[name]["memory_gib"])
         return decision["checkpointed_layers"], decision["reason"]
 
+    shares: dict[str, float] = {}
+
+    def recomputed_share(name: str, layers: int) -> float:
+        """Share of the policy forward recomputed on this GPU: `auto` with the prepared pairs at hand
+        sizes each micro-batch's count from its own shape (as train does); otherwise every batch
+        recomputes `layers`, the longest batch's count (an upper bound for auto)."""
+        if not layers:
+            return 0.0
+        if t.gradient_checkpointing != "auto" or t.checkpointed_layers is not None or data["rows"] is None:
+            return layers / arch.layers
+        if name not in shares:
+            shares[name] = recompute_share(arch, settings, pairs_in, gpus[name]["memory_gib"], max_length=d.max_length, truncation_mode=d.truncation_mode,
+                                           prefix=d.prefix_sharing, pairs_per_row=d.pairs_per_row, sort=t.group_by_length, seed=t.seed)
+        return shares[name]
+
     def with_checkpointing(layers: int) -> MemorySettings:
         return replace(settings, gradient_checkpointing=layers > 0, checkpointed_layers=layers if 0 < layers < arch.layers else None)
 
@@ -499,17 +514,17 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
         pad_source = pad_source.replace("seeded random batches", "length-grouped batches (train.group_by_length)")
 
     # Throughput model (estimate) and its factors
-    def mfu_factors(recomputed: int) -> dict[str, float]:
+    def mfu_factors(share: float) -> dict[str, float]:
         factors = {"base": throughput["base_mfu"]}
-        if recomputed:
-            # each recomputed layer runs its share of the policy forward once more
-            factors["gradient_checkpointing"] = train_epoch["total"] / (train_epoch["total"] + train_epoch["policy_forward"] * recomputed / arch.layers)
+        if share:
+            # each recomputed layer runs its part of the policy forward once more
+            factors["gradient_checkpointing"] = train_epoch["total"] / (train_epoch["total"] + train_epoch["policy_forward"] * share)
         if recipe.model.load_in_4bit:
             factors["load_in_4bit"] = throughput["load_in_4bit_factor"]
         factors["padding"] = 1 - padding
         return factors
 
-    factors = mfu_factors(ckpt)
+    factors = mfu_factors(recomputed_share(gpu, ckpt))
     estimated = math.prod(factors.values())
     pre_mfu = throughput["base_mfu"] * factors.get("load_in_4bit", 1.0) * factors["padding"]
 
@@ -521,7 +536,7 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
         some = row_ckpt if 0 < row_ckpt < arch.layers else None
         found = measured_mfu(arch, recipe_settings(recipe, row_ckpt > 0, precompute, some), name, bench_dirs if bench_dirs is not None else [BENCH_RESULTS])
         measured = found[2] if found else None
-        mfu, source = found[:2] if found else (math.prod(mfu_factors(row_ckpt).values()), "estimate: not measured")
+        mfu, source = found[:2] if found else (math.prod(mfu_factors(recomputed_share(name, row_ckpt)).values()), "estimate: not measured")
         price = offer_prices(price_table["gpus"].get(name))
         row_pre_mfu, pre_source = pre_mfu, "estimate: not measured"
         if pre_flops and measured and measured.get("precompute_tokens") and measured.get("setup_s"):
@@ -542,6 +557,7 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
             "tight": WARN_SHARE * info["memory_gib"] < row_mem["total_gib"] <= info["memory_gib"],
             "gradient_checkpointing": row_ckpt > 0,
             "checkpointed_layers": row_ckpt,
+            "recomputed_share": round(recomputed_share(name, row_ckpt), 4),
             "measured": None if measured is None else {k: measured.get(k) for k in ("tokens_per_s", "mfu", "peak_memory_gib", "setup_s", "hash_s", "precompute_tokens")},
             "peak_bf16_tflops": info["peak_bf16_tflops"],
             "mfu": mfu,
