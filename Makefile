@@ -90,7 +90,7 @@ bench-smoke: $(STAMP)
 
 # Wheels for a lent GPU machine (no internet there; its image has torch, accelerate and triton):
 # the locked versions of what it lacks, for its Python 3.12, into .whl/ (then scripts/gpu-measure.sh)
-GPU_WHEELS := trl transformers datasets dill multiprocess peft bitsandbytes
+GPU_WHEELS := trl transformers datasets dill multiprocess peft bitsandbytes pytest pluggy iniconfig pygments
 gpu-wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl \
 	  $(foreach p,$(GPU_WHEELS),$(shell grep -i '^$(p)==' requirements.lock)) $(shell grep -v '^\s*#' requirements-gpu.lock | grep '==')

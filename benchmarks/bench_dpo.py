@@ -111,6 +111,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # needs; an estimate too low shows up as out of memory, not only as a peak read afterwards.
     "tuned-40gb": {"about": "tuned as auto decides it on a 40 GB card: the allocator capped at 40 GiB, checkpointing for the fewest layers that keep the estimate within 36 GiB", "base": "recipe", "gpu_gib": 40.0},
     "tuned-40gb-packed": {"about": "tuned-40gb with two pairs packed per row (less padding, so fewer layers to recompute)", "base": "recipe", "set": ["dpo.pairs_per_row=2"], "gpu_gib": 40.0},
+    # FlexAttention (compiled by transformers): the prefix-shared mask as a BlockMask, so attention
+    # skips the 128 x 128 blocks the mask hides (the upper triangle, other segments, padding), which
+    # SDPA computes and then masks. For MFU: attention is the part of a step that grows with length.
+    "tuned-flex": {"about": "tuned with FlexAttention (block-sparse prefix-shared mask)", "base": "recipe", "set": ["model.attn_implementation=flex_attention"], "needs": "cuda"},
+    "tuned-flex-packed": {"about": "tuned-flex with two pairs packed per row (the mask's off-diagonal blocks skipped)", "base": "recipe", "set": ["model.attn_implementation=flex_attention", "dpo.pairs_per_row=2"], "needs": "cuda"},
+    "tuned-40gb-flex": {"about": "tuned-40gb with FlexAttention", "base": "recipe", "set": ["model.attn_implementation=flex_attention"], "gpu_gib": 40.0, "needs": "cuda"},
 }
 
 
@@ -239,6 +245,8 @@ def availability(need: str | None, device: str) -> str | None:
             import liger_kernel  # noqa: F401
         except ImportError:
             return "liger-kernel is not installed (pip install liger-kernel)"
+    if need == "cuda" and device != "cuda":
+        return "FlexAttention trains only on a CUDA GPU (torch has no FlexAttention backward on the CPU)"
     if need == "flash_attn":
         from transformers.utils import is_flash_attn_2_available
 

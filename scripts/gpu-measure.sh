@@ -40,15 +40,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.
 
 # What the 2026-11-27 call (benchmarks/results/2026-11-27-h200/) left open, most telling first (the
 # report is rewritten after each): the seed baseline; the shipped recipe (prefix-shared; its setup now
-# records the weight hash apart, hash_s, so the precompute pass's own rate shows); the recipe as a
-# 40 GB card runs it (tuned-40gb, and tuned-40gb-packed with two pairs a row: the allocator capped
-# at 40 GiB, auto checkpointing only the layers the estimate needs: Phi-3's target); with the
-# reference each step (the precompute break-even); Gemma's seed, recipe and TRL's layout in one call;
-# then Phi-3 with every layer checkpointed (with tuned and tuned-40gb: the cost per recomputed layer),
-# its 2 x 2 and TRL's layout. That is more than one 9-minute call holds: what is cut comes last.
-phi3=${PHI3_VARIANTS-seed tuned tuned-40gb tuned-40gb-packed tuned-prefix-noref}
-gemma=${GEMMA_VARIANTS-seed tuned tuned-standard}
-phi3_more=${PHI3_MORE-tuned-prefix-ckpt tuned-prefix-half tuned-standard}
+# records the weight hash apart, hash_s, so the precompute pass's own rate shows); the same with
+# FlexAttention (attention skips the blocks the mask hides: MFU); the recipe as a 40 GB card runs it
+# (the allocator capped at 40 GiB, auto checkpointing only the layers the estimate needs: Phi-3's
+# target), on SDPA and on FlexAttention; Gemma's seed, recipe and FlexAttention; then Phi-3 with two
+# pairs a row, the reference each step (the precompute break-even), every layer checkpointed (with
+# tuned and tuned-40gb: the cost per recomputed layer) and TRL's layout. That is more than one
+# 9-minute call holds: what is cut comes last.
+phi3=${PHI3_VARIANTS-seed tuned tuned-flex tuned-40gb tuned-40gb-flex}
+gemma=${GEMMA_VARIANTS-seed tuned tuned-flex}
+phi3_more=${PHI3_MORE-tuned-40gb-packed tuned-flex-packed tuned-prefix-noref tuned-prefix-ckpt tuned-standard}
 if [ -n "${SMOKE:-}" ]; then
   common=(--smoke --steps 2 --warmup 1 --out "$out")
   gemma=""  # smoke mode has one tiny model (Phi-3 shaped); a real Gemma-2b would not fit this purpose
@@ -68,6 +69,13 @@ bench() {
   "$python" benchmarks/bench_dpo.py --model "$model" "${common[@]}" "${args[@]}" "$@" || status=1
 }
 bench phi3-mini "$phi3"
+# FlexAttention's numbers on this GPU (its Triton kernels, compiled): the prefix-shared path on it
+# against TRL's on SDPA, float32, within 1e-5 (tests/test_prefix_dpo.py; the CPU runs these cases
+# on torch's reference implementation). Needs pytest (make gpu-wheels carries it).
+if [ -z "${SMOKE:-}" ] && "$python" -c 'import pytest' 2>/dev/null; then
+  ALIGNPRESS_TEST_DEVICE=cuda timeout 240 "$python" -m pytest -q -p no:cacheprovider tests/test_prefix_dpo.py -k 'same_numbers and flex' >"$out/flex-check.txt" 2>&1 || status=1
+  tail -n 3 "$out/flex-check.txt"
+fi
 bench gemma-2b "$gemma"
 bench phi3-mini "$phi3_more" --out "$out/more"
 exit "$status"

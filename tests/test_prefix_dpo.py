@@ -2,11 +2,14 @@
 
 Each comparison builds TRL's DPOTrainer and PrefixSharedDPOTrainer on identical fresh tiny models
 (float32, CPU) and the same batch of pairs of very different lengths, some cut by max_length, and
-compares everything within 1e-5.
+compares everything within 1e-5. The FlexAttention cases (`flex` in their names) compare the
+prefix-shared path on FlexAttention with TRL's path on SDPA. ALIGNPRESS_TEST_DEVICE=cuda runs the
+comparisons on a GPU (scripts/gpu-measure.sh runs the FlexAttention ones there first).
 """
 
 import json
 import math
+import os
 import random
 import shutil
 
@@ -20,6 +23,9 @@ from trl import DPOConfig, DPOTrainer
 from alignpress.prefix_dpo import PrefixSharedCollator, PrefixSharedDPOTrainer, token_savings
 from alignpress.tiny import gemma_tokenizer, phi3_tokenizer
 
+DEVICE = os.environ.get("ALIGNPRESS_TEST_DEVICE", "cpu")
+if DEVICE != "cpu" and not torch.cuda.is_available():
+    raise RuntimeError(f"ALIGNPRESS_TEST_DEVICE={DEVICE}, but torch {torch.__version__} finds no CUDA GPU")
 TOL = 1e-5
 # Summed log-probs reach ~150, where float32's spacing is 1.5e-5: there the sums may differ in the last bit.
 RTOL = 1e-6
@@ -62,7 +68,8 @@ def build(cls, kind, lora, tmp, attn="sdpa", precompute=False, **kw):
     tok = tokenizer(kind)
     extra = {"pairs_per_row": kw.pop("pairs_per_row")} if cls is PrefixSharedDPOTrainer else {}
     kw.setdefault("gradient_checkpointing", False)  # TRL's default is on; one case turns it on
-    args = DPOConfig(output_dir=str(tmp), per_device_train_batch_size=len(ROWS), use_cpu=True, report_to="none", precompute_ref_log_probs=precompute, **kw)
+    # bf16 off: TRL's default turns it on, and on a GPU the comparisons are float32 too
+    args = DPOConfig(output_dir=str(tmp), per_device_train_batch_size=len(ROWS), use_cpu=DEVICE == "cpu", bf16=False, report_to="none", precompute_ref_log_probs=precompute, **kw)
     model = fresh_model(kind, tok, attn)
     if lora:
         peft = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -125,14 +132,37 @@ CASES = {
     "gemma-lora-keep_start-packed6": ("gemma", True, "keep_start", 6, ["sigmoid", "sft"], "sdpa", {}),
     "gemma2-softcap-window-lora-eager-packed3": ("gemma2", True, "keep_start", 3, ["sigmoid"], "eager", {}),
     "gemma-full-keep_end-packed4-multiple8": ("gemma", False, "keep_end", 4, ["sigmoid"], "sdpa", {"pad_to_multiple_of": 8}),
+    # FlexAttention's block mask (prefix-shared) against SDPA (TRL's layout)
+    "phi3-window-lora-flex-packed3": ("phi3-window", True, "keep_start", 3, ["sigmoid", "sft"], "flex_attention", {}),
+    "gemma2-softcap-window-lora-flex-packed2": ("gemma2", True, "keep_end", 2, ["sigmoid"], "flex_attention", {}),
+    "gemma-full-keep_start-flex-packed6-checkpointing": ("gemma", False, "keep_start", 6, ["ipo"], "flex_attention", {"gradient_checkpointing": True}),
 }
 
 
+@pytest.fixture
+def flex_on_this_device(monkeypatch):
+    """FlexAttention as it runs here. On the CPU two things are stood in for: torch refuses
+    FlexAttention's backward there (its _validate_device), and transformers would compile it
+    (Inductor: a C compiler and minutes a shape). So on the CPU it runs uncompiled, torch's
+    reference implementation of the same operation, with the refusal lifted: that checks the block
+    mask and its plumbing through transformers; the Triton kernel is what the CUDA run checks."""
+    if DEVICE != "cpu":
+        return
+    import torch.nn.attention.flex_attention as torch_flex
+    import transformers.integrations.flex_attention as hf_flex
+
+    monkeypatch.setattr(torch_flex, "_validate_device", lambda *a, **k: None)
+    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention", lambda q, k, v, training=False, **kw: torch_flex.flex_attention(q, k, v, **kw))
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_same_numbers_as_trl(case, tmp_path):
+def test_same_numbers_as_trl(case, tmp_path, flex_on_this_device):
     kind, lora, mode, per_row, losses, attn, other = CASES[case]
     kw = dict(max_length=40, truncation_mode=mode, loss_type=losses, beta=0.1, **other)
-    standard = step(build(DPOTrainer, kind, lora, tmp_path / "a", attn=attn, **kw))
+    # Where the prefix-shared path runs on FlexAttention, TRL's runs on SDPA (eager for Gemma-2:
+    # transformers offers it no SDPA, whose kernels cannot soft-cap) for the reference numbers
+    reference_attn = ("eager" if kind == "gemma2" else "sdpa") if attn == "flex_attention" else attn
+    standard = step(build(DPOTrainer, kind, lora, tmp_path / "a", attn=reference_attn, **kw))
     shared = step(build(PrefixSharedDPOTrainer, kind, lora, tmp_path / "b", attn=attn, pairs_per_row=per_row, **kw))
     assert_same(standard, shared)
     # The batch really was cut and really was shared: TRL's rows reach max_length, fewer real tokens
@@ -225,6 +255,46 @@ def test_packed_layout_bounds_every_batch(mode):
             assert collator([e for e, _ in longest])["shared_input_ids"].shape == (rows, length)
 
 
+def test_block_mask_skips_hidden_blocks():
+    """FlexAttention's BlockMask holds the same rule as the dense mask, and marks as skipped the
+    128 x 128 blocks it hides entirely: the other segments and the upper triangle."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    from alignpress.prefix_dpo import shared_attention_mask, shared_block_mask, visible
+
+    def layout(*segments):
+        """Rows of (prompt, chosen, rejected) segments, each padded to 384 positions."""
+        seg, branch, pos = [], [], []
+        for row in segments:
+            s, b, p = [], [], []
+            for i, (n_prompt, n_chosen, n_rejected) in enumerate(row):
+                s += [i] * (n_prompt + n_chosen + n_rejected)
+                b += [0] * n_prompt + [1] * n_chosen + [2] * n_rejected
+                p += list(range(n_prompt + n_chosen)) + list(range(n_prompt, n_prompt + n_rejected))
+            pad = 384 - len(s)
+            seg.append(s + [-1] * pad), branch.append(b + [-1] * pad), pos.append(p + [0] * pad)
+        return torch.tensor(seg), torch.tensor(branch), torch.tensor(pos)
+
+    # Row 0: one pair of 384 tokens; row 1: three pairs of 128 tokens, one per block; row 2: one pair of 128 and padding.
+    seg, branch, pos = layout([(200, 100, 84)], [(64, 32, 32)] * 3, [(64, 32, 32)])
+    blocks = shared_block_mask(seg, branch, pos, None)
+    assert blocks.to_dense()[:, 0].int().tolist() == [
+        [[1, 0, 0], [1, 1, 0], [1, 1, 1]],  # causal: the upper triangle skipped
+        [[1, 0, 0], [0, 1, 0], [0, 0, 1]],  # block-diagonal: other segments skipped
+        [[1, 0, 0], [0, 1, 0], [0, 0, 1]],  # padding sees only itself
+    ]
+    # SDPA computes all 27 blocks; FlexAttention 6 + 3 + 3 of them.
+    assert blocks.sparsity() == pytest.approx(100 * (1 - 12 / 27))
+    # Within the blocks it computes, the rule decides element by element, the same as the dense mask's.
+    for window in (None, 50):
+        dense = shared_attention_mask(seg, branch, pos, window, torch.float32)[:, 0] == 0
+        assert torch.equal(create_mask(visible(seg, branch, pos, window), 3, None, 384, 384, device="cpu")[:, 0], dense)
+        assert torch.equal(create_mask(shared_block_mask(seg, branch, pos, window).mask_mod, 3, None, 384, 384, device="cpu")[:, 0], dense)
+    # The rejected branch (positions 300..383 of row 0) sees the prompt and itself, never the chosen answer.
+    dense = shared_attention_mask(seg, branch, pos, None, torch.float32)[0, 0] == 0
+    assert dense[300, :200].all() and not dense[300, 200:300].any() and dense[300, 300] and not dense[300, 301:].any()
+
+
 def test_token_savings():
     # No cut: 15 + 13 standard tokens, 15 + 13 - 9 computed (the prompt once, its last token twice).
     assert token_savings([(10, 5, 3)], None) == {"pairs": 1, "standard_tokens": 28, "prefix_shared_tokens": 19, "saved_fraction": 0.3214}
@@ -240,7 +310,8 @@ def test_recipe_refuses_unsupported(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == "error: --set dpo.pairs_per_row: field 'dpo.pairs_per_row': packing pairs into rows needs dpo.prefix_sharing: true"
     proc = cli("validate", "recipes/demo.yaml", "--set", "dpo.prefix_sharing=true", "--set", "model.attn_implementation=flash_attention_2")
     assert proc.returncode == 2
-    assert "field 'dpo.prefix_sharing': needs model.attn_implementation sdpa or eager" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("error: --set dpo.prefix_sharing: field 'dpo.prefix_sharing': needs model.attn_implementation sdpa, eager or "
+                                                    "flex_attention (a custom attention mask); 'flash_attention_2' cannot express it")
 
 
 @pytest.mark.slow
@@ -279,7 +350,7 @@ def test_benchmark_variants_smoke(tmp_path):
 
     from conftest import ROOT
 
-    env = os.environ | {"SMOKE": "1", "PYTHON": sys.executable, "PHI3_VARIANTS": "tuned-prefix-packed", "PHI3_MORE": "tuned-prefix-ckpt tuned-ckpt-half tuned-40gb", "OUT": str(tmp_path)}
+    env = os.environ | {"SMOKE": "1", "PYTHON": sys.executable, "PHI3_VARIANTS": "tuned-prefix-packed", "PHI3_MORE": "tuned-prefix-ckpt tuned-ckpt-half tuned-40gb tuned-flex", "OUT": str(tmp_path)}
     proc = subprocess.run(["bash", str(ROOT / "scripts/gpu-measure.sh")], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stem = next(tmp_path.glob("cpu-*.json")).stem
@@ -287,8 +358,12 @@ def test_benchmark_variants_smoke(tmp_path):
     # the later Phi-3 variants go to more/, so they do not replace the first run of the same model
     (more,) = json.loads((tmp_path / "more" / f"{stem}.json").read_text())["runs"]
     # every layer of the tiny model's 2, the first of them, and auto (off without a GPU, the cap not applied)
-    assert [(v["name"], v["status"], v["settings"]["gradient_checkpointing"], v["settings"]["checkpointed_layers"]) for v in more["variants"]] == [
+    *ran, flex = more["variants"]
+    assert [(v["name"], v["status"], v["settings"]["gradient_checkpointing"], v["settings"]["checkpointed_layers"]) for v in ran] == [
         ("tuned-prefix-ckpt", "ok", True, None), ("tuned-ckpt-half", "ok", True, 1), ("tuned-40gb", "ok", False, None)]
+    # FlexAttention cannot train on the CPU: skipped with the reason, and no exit status 1 for it
+    assert (flex["name"], flex["status"], flex["reason"]) == ("tuned-flex", "skipped", "FlexAttention trains only on a CUDA GPU (torch has no FlexAttention backward on the CPU)")
+    assert not (tmp_path / "flex-check.txt").exists()  # the GPU check is not run in smoke mode
     assert more["variants"][1]["systems"]["layers"] == 2 and "train.checkpointed_layers=1" in more["variants"][1]["overrides"]
     assert "no CUDA GPU: the 40 GiB cap does not apply, and auto leaves checkpointing off" in more["variants"][2]["notes"]
     assert "trl 1.16.0\n" in (tmp_path / "versions.txt").read_text()

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 
 from conftest import cli
@@ -198,4 +199,15 @@ def test_4bit_on_cpu_refused_before_anything(tmp_path, tiny_phi3):
     out = tmp_path / "out"
     proc = cli("run", recipe, "--output-dir", out)
     assert_refused(proc, out, f"{recipe}: field 'model.load_in_4bit': 4-bit QLoRA needs a CUDA GPU")
+    assert not out.exists()
+
+
+def test_flex_attention_training_on_cpu_refused_before_anything(tmp_path, tiny_phi3):
+    """torch would refuse FlexAttention's backward only at the first training step, after the data
+    and the model have loaded; the door says so first."""
+    recipe = make_recipe(tmp_path, tiny_phi3, model__attn_implementation="flex_attention")
+    out = tmp_path / "out"
+    proc = cli("run", recipe, "--output-dir", out)
+    assert_refused(proc, out, f"{recipe}: field 'model.attn_implementation': flex_attention cannot train on the CPU: torch {torch.__version__} has no FlexAttention backward there. "
+                              "Use sdpa (the default) on the CPU, e.g. --set model.attn_implementation=sdpa")
     assert not out.exists()

@@ -117,6 +117,14 @@ def preflight(recipe: Recipe, needs_gpu: bool = True, training: bool = False) ->
     pick_dtype(recipe, device)
     if recipe.train.use_liger_kernel and device == "cuda" and (problem := liger_problem(device)):
         raise AlignpressError(problem, source=recipe.source, field="train.use_liger_kernel")
+    if training and device == "cpu" and recipe.model.attn_implementation == "flex_attention":
+        # torch raises this only at the first backward, after the data and model have loaded.
+        raise AlignpressError(
+            f"flex_attention cannot train on the CPU: torch {torch.__version__} has no FlexAttention backward there. "
+            "Use sdpa (the default) on the CPU, e.g. --set model.attn_implementation=sdpa",
+            source=recipe.source,
+            field="model.attn_implementation",
+        )
 
 
 def liger_problem(device: str) -> str | None:

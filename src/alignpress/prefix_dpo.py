@@ -28,14 +28,17 @@ to max_length, keep_start or keep_end). The shared prefix is the common start of
 sequences before either answer begins, so a keep_end pair whose prompt was cut differently for
 its two answers shares nothing and costs what it costs in TRL; the numbers stay the same.
 
-Attention backends: SDPA (the default) and eager take the 4-D mask as it is (transformers'
-masking_utils returns a 4-D mask unchanged, so sliding windows are applied here, from the
-config). FlashAttention cannot express the branch mask and is refused at recipe validation.
-The mask is dense (rows x length x length), and SDPA computes attention over the whole row, so
-packing many pairs into one row trades padding for masked-out attention work. Rows are padded to a
-multiple of MASK_ALIGN (8) positions: on CUDA, SDPA's memory-efficient kernel copies a mask whose
-strides are not multiples of 8 (aten's preprocess_mask pads it) in every layer, and each copy is
-kept for the backward pass; an aligned mask is the one tensor all layers share. TRL caches
+Attention backends: SDPA (the default) and eager take a dense 4-D mask (transformers' masking_utils
+returns a 4-D mask unchanged, so sliding windows are applied here, from the config). SDPA then
+computes attention over the whole row, masked-out keys included: the other branch, the other
+segments and the upper triangle. FlexAttention (`flex_attention`) takes the same rule as a
+BlockMask and skips every 128 x 128 block the rule hides entirely, which packed rows are mostly
+made of. One rule (`visible`) builds both masks, so they cannot drift apart; the tests compare
+the two backends' log-probs, losses and gradients. FlashAttention cannot express the branch mask
+and is refused at recipe validation. Dense rows are padded to a multiple of MASK_ALIGN (8)
+positions: on CUDA, SDPA's memory-efficient kernel copies a mask whose strides are not multiples
+of 8 (aten's preprocess_mask pads it) in every layer, and each copy is kept for the backward pass;
+an aligned mask is the one tensor all layers share. TRL caches
 precomputed reference log-probs by dataset and weights only, so a run may reuse the standard
 path's cache file: the values agree (tests/test_prefix_dpo.py), so that is harmless.
 """
@@ -56,7 +59,7 @@ from .flops import MASK_ALIGN
 
 IGNORE = -100
 SHARED_KEYS = ("shared_input_ids", "shared_position_ids", "shared_segment_ids", "shared_branch_ids", "shared_labels", "shared_targets")
-SUPPORTED_ATTENTION = ("sdpa", "eager")
+SUPPORTED_ATTENTION = ("sdpa", "eager", "flex_attention")
 
 
 def truncated_pair(prompt_ids, chosen_ids, rejected_ids, max_length: int | None, truncation_mode: str = "keep_start"):
@@ -195,24 +198,42 @@ def window_per_mask(config) -> dict[str | None, int | None]:
     return masks
 
 
-def shared_attention_mask(segment: torch.Tensor, branch: torch.Tensor, position: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
-    """Additive [rows, 1, T, T] mask (0 = attend, dtype min = blocked).
+def visible(segment: torch.Tensor, branch: torch.Tensor, position: torch.Tensor, window: int | None):
+    """The attention rule as a FlexAttention mask_mod(batch, head, query, key) -> bool.
 
     A query sees earlier keys of its own segment that are in the prompt or in its own branch, and,
     with a sliding window, only keys fewer than `window` positions back (the transformers rule
     kv > q - window, on positions, which follow each sequence). A padding query sees only itself,
-    so no softmax row is empty.
+    so no softmax row is empty. The indices may be scalars (FlexAttention) or broadcasting index
+    tensors (the dense mask).
     """
-    t = segment.shape[1]
+
+    def mask_mod(b, h, q, kv):
+        sq, sk = segment[b, q], segment[b, kv]
+        allowed = (q >= kv) & (sq == sk) & (sq >= 0) & ((branch[b, kv] == 0) | (branch[b, q] == branch[b, kv]))
+        if window is not None:
+            allowed = allowed & (position[b, q] - position[b, kv] < window)
+        return allowed | ((sq < 0) & (q == kv))
+
+    return mask_mod
+
+
+def shared_attention_mask(segment: torch.Tensor, branch: torch.Tensor, position: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [rows, 1, T, T] mask (0 = attend, dtype min = blocked) for SDPA and eager attention."""
+    rows, t = segment.shape
     idx = torch.arange(t, device=segment.device)
-    allowed = (idx[:, None] >= idx[None, :])[None]
-    allowed = allowed & (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
-    allowed = allowed & ((branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :]))
-    if window is not None:
-        allowed = allowed & (position[:, :, None] - position[:, None, :] < window)
-    allowed = allowed | ((segment[:, :, None] < 0) & torch.eye(t, dtype=torch.bool, device=segment.device)[None])
+    allowed = visible(segment, branch, position, window)(torch.arange(rows, device=segment.device)[:, None, None], 0, idx[None, :, None], idx[None, None, :])
     mask = torch.zeros(allowed.shape, dtype=dtype, device=segment.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def shared_block_mask(segment: torch.Tensor, branch: torch.Tensor, position: torch.Tensor, window: int | None):
+    """The same rule as a FlexAttention BlockMask [rows, 1, T, T]. Built uncompiled: it evaluates
+    the rule once over the whole grid, as the dense mask does, and needs no compile per shape."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    rows, t = segment.shape
+    return create_block_mask(visible(segment, branch, position, window), rows, None, t, t, device=segment.device)
 
 
 def wrap_forward(model) -> None:
@@ -230,7 +251,7 @@ def wrap_forward(model) -> None:
             return inner(*args, **kwargs)
         attn = self.config._attn_implementation
         if attn not in SUPPORTED_ATTENTION:
-            raise ValueError(f"prefix-shared DPO needs attn_implementation sdpa or eager, not {attn!r}")
+            raise ValueError(f"prefix-shared DPO needs attn_implementation sdpa, eager or flex_attention, not {attn!r}")
         input_ids = kwargs.pop("input_ids")
         kwargs.pop("attention_mask", None)
         kwargs.pop("position_ids", None)
@@ -238,10 +259,11 @@ def wrap_forward(model) -> None:
         dtype = self.get_input_embeddings().weight.dtype
         if not dtype.is_floating_point:  # quantized embeddings
             dtype = torch.bfloat16
-        masks = {
-            kind: shared_attention_mask(shared["shared_segment_ids"], shared["shared_branch_ids"], shared["shared_position_ids"], window, dtype)
-            for kind, window in window_per_mask(self.config).items()
-        }
+        layout = (shared["shared_segment_ids"], shared["shared_branch_ids"], shared["shared_position_ids"])
+        if attn == "flex_attention":
+            masks = {kind: shared_block_mask(*layout, window) for kind, window in window_per_mask(self.config).items()}
+        else:
+            masks = {kind: shared_attention_mask(*layout, window, dtype) for kind, window in window_per_mask(self.config).items()}
         out = inner(
             input_ids=shared["shared_input_ids"],
             attention_mask=masks[None] if None in masks else masks,

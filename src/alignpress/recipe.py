@@ -40,7 +40,7 @@ class ModelSection:
     revision: str | None = _f(None, help="Hub revision (branch, tag or commit) to load; recorded in run.json.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f("auto", help="Training dtype. auto = bfloat16 on a GPU that supports it, float32 on the CPU.")
     load_in_4bit: bool = _f(False, help="QLoRA: load the base in 4-bit NF4 (bitsandbytes, CUDA only). Export reloads the base unquantized.")
-    attn_implementation: str | None = _f(None, help="transformers attention backend (eager, sdpa, flash_attention_2); None = library default.")
+    attn_implementation: str | None = _f(None, help="transformers attention backend (eager, sdpa, flash_attention_2, flex_attention); None = library default (sdpa). flex_attention trains on CUDA only (torch has no FlexAttention backward on the CPU); with dpo.prefix_sharing it skips the attention blocks the mask hides.")
     trust_remote_code: bool = _f(False, help="Allow model code from the Hub repo. Off unless you trust the repo.")
     chat_template: str | None = _f(None, help="Chat template to use instead of the tokenizer's own: Jinja text, or a template file (.jinja) relative to the recipe.")
 
@@ -112,7 +112,7 @@ class DPOSection:
     max_truncated_fraction: float = _f(0.0, help="Share of training pairs allowed to be longer than max_length (TRL cuts them, losing the end of the answer and its end-of-turn token). Checked when training starts; 0 = none.")
     precompute_ref_log_probs: Literal["auto"] | bool = _f("auto", help="Compute reference log-probs once before training (saves a forward per step) and keep them in the output folder for resumed runs. auto = when the run is long enough to repay the pass (alignpress.flops.precompute_decision: about 5.4 epochs on the measured GPU), or when this data's log-probs are already stored.")
     precompute_ref_batch_size: int | None = _f(None, help="Pairs per forward in the precompute pass (TRL precompute_ref_batch_size); None = train.per_device_train_batch_size. The pass needs no activations for backward, so it can take a larger batch.")
-    prefix_sharing: bool = _f(False, help="Prefix-shared DPO (alignpress.prefix_dpo): each pair runs as one sequence [prompt | chosen | rejected] with a mask that hides the chosen answer from the rejected one, so the prompt is computed once, not twice; same numbers as TRL's path. Needs attention sdpa or eager.")
+    prefix_sharing: bool = _f(False, help="Prefix-shared DPO (alignpress.prefix_dpo): each pair runs as one sequence [prompt | chosen | rejected] with a mask that hides the chosen answer from the rejected one, so the prompt is computed once, not twice; same numbers as TRL's path. Needs attention sdpa, eager or flex_attention.")
     pairs_per_row: int = _f(1, help="With prefix_sharing: pack this many pairs into one row (block-diagonal mask) instead of padding every pair to the longest; 1 = one pair a row.")
 
 
@@ -623,8 +623,8 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
         fail("dpo.pairs_per_row", f"must be at least 1, got {r.dpo.pairs_per_row}")
     if r.dpo.pairs_per_row > 1 and not r.dpo.prefix_sharing:
         fail("dpo.pairs_per_row", "packing pairs into rows needs dpo.prefix_sharing: true")
-    if r.dpo.prefix_sharing and r.model.attn_implementation not in (None, "sdpa", "eager"):
-        fail("dpo.prefix_sharing", f"needs model.attn_implementation sdpa or eager (a custom attention mask); {r.model.attn_implementation!r} cannot express it")
+    if r.dpo.prefix_sharing and r.model.attn_implementation not in (None, "sdpa", "eager", "flex_attention"):
+        fail("dpo.prefix_sharing", f"needs model.attn_implementation sdpa, eager or flex_attention (a custom attention mask); {r.model.attn_implementation!r} cannot express it")
     if r.dpo.beta <= 0:
         fail("dpo.beta", f"must be > 0, got {r.dpo.beta}")
     if not 0 <= r.dpo.label_smoothing < 0.5:
