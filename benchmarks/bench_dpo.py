@@ -215,6 +215,7 @@ class CountingCollator:
         self.batches: list[dict[str, Any]] = []
         self.precompute_tokens = 0
         self.precompute_padded = 0
+        self.layouts: list[tuple[Any, ...]] = []  # prefix-shared: each batch's packed layout, for attention_blocks
 
     def __call__(self, examples):
         out = self.inner(examples)
@@ -233,6 +234,7 @@ class CountingCollator:
         )
         if "shared_input_ids" in out:  # prefix-shared: what actually runs is the packed rows
             self.batches[-1].update(rows=int(out["shared_input_ids"].shape[0]), seq_len=int(out["shared_input_ids"].shape[1]), computed_tokens=int((out["shared_segment_ids"] >= 0).sum()))
+            self.layouts.append((out["shared_segment_ids"], out["shared_branch_ids"], out["shared_position_ids"]))
         return out
 
 
@@ -503,6 +505,12 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
         loss_first=losses[0] if losses else None,
         loss_last=losses[steps - 1] if len(losses) >= steps else None,
     )
+    if d.prefix_sharing:
+        # Counted after timing: how much of SDPA's dense attention FlexAttention's block mask keeps
+        from alignpress.prefix_dpo import attention_blocks
+
+        kept, every = map(sum, zip(*(attention_blocks(*layout, net.config) for layout in collator.layouts[warmup * ga : steps * ga])))
+        results["attention_blocks"] = {"flex": kept, "sdpa": every, "share": round(kept / every, 4)}
     if profiled.get("summary"):
         results["profile"] = profiled["summary"]
     if checkpointed is not None and checkpointed.decide is not None:  # auto, per micro-batch: forwards by layers recomputed
@@ -689,6 +697,10 @@ def markdown(report: dict[str, Any]) -> str:
             mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "n/a"
             speed = f"{r['tokens_per_s'] / base:.2f}x" if base else ""
             lines.append(f"| {v['name']} | ok | {r['tokens_per_s']:,.0f} | {r['samples_per_s']:.3f} | {mfu} | {r['padding_fraction']:.3f} | {r['peak_memory_gib']:.2f} | {speed} |")
+        blocks = [(v["name"], v["results"]["attention_blocks"]["share"]) for v in run["variants"] if v["status"] == "ok" and "attention_blocks" in v["results"]]
+        if blocks:
+            lines += ["", "Attention blocks (128 x 128) FlexAttention's block mask keeps, of the ones SDPA computes, for each prefix-shared variant's timed batches: "
+                      + ", ".join(f"{name} {share:.1%}" for name, share in blocks) + "."]
         notes: dict[str, list[str]] = {}
         for v in run["variants"]:
             for n in v.get("notes", []):

@@ -290,6 +290,15 @@ def test_block_mask_skips_hidden_blocks():
         dense = shared_attention_mask(seg, branch, pos, window, torch.float32)[:, 0] == 0
         assert torch.equal(create_mask(visible(seg, branch, pos, window), 3, None, 384, 384, device="cpu")[:, 0], dense)
         assert torch.equal(create_mask(shared_block_mask(seg, branch, pos, window).mask_mod, 3, None, 384, 384, device="cpu")[:, 0], dense)
+    # attention_blocks sums them over the layers (the benchmark reports the share): 12 of 27 a layer;
+    # with Gemma-2's sliding layers (window 64), row 0's block (2, 0) is out of reach too: its queries sit at
+    # positions 200 and later, its keys at 0 to 127.
+    from transformers import Gemma2Config
+
+    from alignpress.prefix_dpo import attention_blocks
+
+    assert attention_blocks(seg, branch, pos, Phi3Config(num_hidden_layers=2)) == (24, 54)
+    assert attention_blocks(seg, branch, pos, Gemma2Config(num_hidden_layers=4, sliding_window=64)) == (2 * 12 + 2 * 11, 4 * 27)
     # The rejected branch (positions 300..383 of row 0) sees the prompt and itself, never the chosen answer.
     dense = shared_attention_mask(seg, branch, pos, None, torch.float32)[0, 0] == 0
     assert dense[300, :200].all() and not dense[300, 200:300].any() and dense[300, 300] and not dense[300, 301:].any()
@@ -373,6 +382,12 @@ def test_benchmark_variants_smoke(tmp_path):
     r = v["results"]
     assert r["tokens"] == sum(b["real_tokens"] for b in v["batches"])
     assert r["computed_tokens"] < r["tokens"]
+    # SDPA computes every 128 x 128 block of every packed row in each of the tiny model's 2 layers;
+    # FlexAttention's block mask keeps fewer (two pairs a row: the other pair's blocks go)
+    blocks = r["attention_blocks"]
+    assert blocks["sdpa"] == sum(b["rows"] * math.ceil(b["seq_len"] / 128) ** 2 * 2 for b in v["batches"])
+    assert 0 < blocks["flex"] < blocks["sdpa"] and blocks["share"] == round(blocks["flex"] / blocks["sdpa"], 4)
+    assert f"tuned-prefix-packed {blocks['share']:.1%}." in next(tmp_path.glob("cpu-*.md")).read_text()
     # tokens/s from the unrounded time; the file keeps seconds to 4 decimals
     assert r["tokens"] / (r["seconds"] + 5e-5) <= r["tokens_per_s"] <= r["tokens"] / (r["seconds"] - 5e-5)
     saving = run["data"]["prefix_sharing"]

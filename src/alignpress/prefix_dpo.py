@@ -236,6 +236,21 @@ def shared_block_mask(segment: torch.Tensor, branch: torch.Tensor, position: tor
     return create_block_mask(visible(segment, branch, position, window), rows, None, t, t, device=segment.device)
 
 
+def attention_blocks(segment: torch.Tensor, branch: torch.Tensor, position: torch.Tensor, config) -> tuple[int, int]:
+    """Attention blocks (128 x 128) one packed batch costs, summed over the decoder layers:
+    (FlexAttention: the blocks its block mask keeps; SDPA: every block of every row)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    masks = window_per_mask(config)
+    kinds = getattr(text, "layer_types", None) or [None] * text.num_hidden_layers
+    rows, t = segment.shape
+    every = rows * math.ceil(t / 128) ** 2
+    kept = {}
+    for kind, window in masks.items():
+        mask = shared_block_mask(segment, branch, position, window)  # partly masked blocks, then whole ones
+        kept[kind] = mask.kv_num_blocks.sum().item() + (mask.full_kv_num_blocks.sum().item() if mask.full_kv_num_blocks is not None else 0)
+    return int(sum(kept[kind] for kind in kinds)), every * len(kinds)
+
+
 def wrap_forward(model) -> None:
     """Make `model` (already given TRL's fused LM head) understand the `shared_*` batch keys."""
     if getattr(model, "_alignpress_prefix_shared", False):
