@@ -15,7 +15,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import cli
+from conftest import ROOT, cli
 from datasets import Dataset
 from transformers import Gemma2Config, Gemma2ForCausalLM, GemmaConfig, GemmaForCausalLM, Phi3Config, Phi3ForCausalLM
 from trl import DPOConfig, DPOTrainer
@@ -304,6 +304,19 @@ def test_block_mask_skips_hidden_blocks():
     assert dense[300, :200].all() and not dense[300, 200:300].any() and dense[300, 300] and not dense[300, 301:].any()
 
 
+def test_flex_attention_for_training_only(tiny_phi3):
+    """Evaluation and export load SDPA for a flex_attention recipe (shapes change every call there,
+    each a compile); training loads FlexAttention."""
+    from alignpress.modeling import load_model
+    from alignpress.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes/demo.yaml", ["model.attn_implementation=flex_attention", "dpo.prefix_sharing=true"])
+    kinds = {training: load_model(recipe, str(tiny_phi3), device="cpu", dtype=torch.float32, training=training).config._attn_implementation for training in (False, True)}
+    assert kinds == {False: "sdpa", True: "flex_attention"}
+    eager = load_recipe(ROOT / "recipes/demo.yaml", ["model.attn_implementation=eager"])
+    assert load_model(eager, str(tiny_phi3), device="cpu", dtype=torch.float32).config._attn_implementation == "eager"
+
+
 def test_token_savings():
     # No cut: 15 + 13 standard tokens, 15 + 13 - 9 computed (the prompt once, its last token twice).
     assert token_savings([(10, 5, 3)], None) == {"pairs": 1, "standard_tokens": 28, "prefix_shared_tokens": 19, "saved_fraction": 0.3214}
@@ -357,7 +370,6 @@ def test_benchmark_variants_smoke(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT
 
     env = os.environ | {"SMOKE": "1", "PYTHON": sys.executable, "PHI3_VARIANTS": "tuned-prefix-packed", "PHI3_MORE": "tuned-prefix-ckpt tuned-ckpt-half tuned-40gb tuned-flex", "OUT": str(tmp_path)}
     proc = subprocess.run(["bash", str(ROOT / "scripts/gpu-measure.sh")], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)

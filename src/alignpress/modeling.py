@@ -197,14 +197,20 @@ def stop_token_ids(tok, model=None) -> list[int]:
     return ids
 
 
-def load_model(recipe: Recipe, path: str, *, device: str, dtype: torch.dtype, quantized: bool = False, tokenizer=None):
-    """AutoModelForCausalLM from `path`, on `device`; resizes embeddings if the tokenizer gained a pad token."""
+def load_model(recipe: Recipe, path: str, *, device: str, dtype: torch.dtype, quantized: bool = False, tokenizer=None, training: bool = False):
+    """AutoModelForCausalLM from `path`, on `device`; resizes embeddings if the tokenizer gained a pad token.
+
+    FlexAttention (model.attn_implementation: flex_attention) is for training only: evaluation and
+    export (training=False) run padded batches and generation, whose shapes change every call, and
+    each new shape would cost a compile (on the CPU, where export may run, an Inductor build), for
+    no gain; they load transformers' default (SDPA). config.json never records the backend.
+    """
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": recipe.model.trust_remote_code}
     if recipe.model.revision and not Path(path).is_dir():
         kwargs["revision"] = recipe.model.revision
-    if recipe.model.attn_implementation:
+    if recipe.model.attn_implementation and (training or recipe.model.attn_implementation != "flex_attention"):
         kwargs["attn_implementation"] = recipe.model.attn_implementation
     if quantized:
         from transformers import BitsAndBytesConfig

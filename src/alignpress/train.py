@@ -581,7 +581,7 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
 
     # train.use_liger_kernel without the package on CUDA is refused by modeling.preflight, before prepare.
     gpu_gib = torch.cuda.mem_get_info()[0] / 1024**3 if device == "cuda" else None  # before the weights land
-    model = load_model(recipe, base_path, device=device, dtype=dtype, quantized=recipe.model.load_in_4bit, tokenizer=tok)
+    model = load_model(recipe, base_path, device=device, dtype=dtype, quantized=recipe.model.load_in_4bit, tokenizer=tok, training=True)
     # One decision for every process: different ones (free memory differs a little per GPU, a stored
     # pass not yet visible on another node) would run different collectives and hang.
     systems = processes.from_main(lambda: resolve_systems(recipe, rows, device, dtype, run_dir, config=model.config, gpu_gib=gpu_gib))
