@@ -366,10 +366,8 @@ def test_train_stage_same_losses(tmp_path):
 def test_benchmark_variants_smoke(tmp_path):
     """bench_dpo.py's prefix-shared variants run in smoke mode, through scripts/gpu-measure.sh (the
     GPU slot's script, SMOKE=1: tiny model, CPU); tokens/s counts TRL's tokens, not the fewer computed."""
-    import os
     import subprocess
     import sys
-
 
     env = os.environ | {"SMOKE": "1", "PYTHON": sys.executable, "PHI3_VARIANTS": "tuned-prefix-packed", "PHI3_MORE": "tuned-prefix-ckpt tuned-ckpt-half tuned-40gb tuned-flex", "OUT": str(tmp_path)}
     proc = subprocess.run(["bash", str(ROOT / "scripts/gpu-measure.sh")], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
