@@ -408,6 +408,7 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
     collator = CountingCollator(DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=d.max_length, truncation_mode=d.truncation_mode))
     step_ends: list[float] = []
     losses: list[float] = []
+    compiled: list[int] = []
 
     def sync():
         if device == "cuda":
@@ -422,6 +423,8 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
         def on_step_end(self, *a, **k):
             sync()
             step_ends.append(time.perf_counter())
+            if len(step_ends) - 1 in (warmup, steps):  # graphs torch.compile built before and during the timed steps
+                compiled.append(compiled_graphs())
 
         def on_log(self, args, state, control, logs=None, **k):
             if logs and "loss" in logs:
@@ -446,6 +449,9 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
                 prof = profiled.pop("profiler")
                 prof.__exit__(None, None, None)
                 profiled["summary"] = profile_summary(prof.key_averages(), device, profile_steps)
+                # the profiled steps' wall time: device time well below it means the GPU waited for the host
+                wall = (step_ends[steps + profile_steps] - step_ends[steps]) * 1000 / profile_steps  # Timer ran first
+                profiled["summary"].update(wall_ms_per_step=round(wall, 3), device_busy=round(profiled["summary"]["ms_per_step"] / wall, 4) if device == "cuda" else None)
 
     from alignpress.refcache import fast_weights_hash
 
@@ -502,6 +508,9 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
         hash_s=timing.get("hash_s"),
         precompute_tokens=collator.precompute_tokens,
         precompute_padding_fraction=round(1 - collator.precompute_tokens / collator.precompute_padded, 4) if collator.precompute_padded else None,
+        # every step's seconds, warm-up first (index 0 is step 1): a slow timed step is a compile or a stall
+        step_seconds=[round(b - a, 4) for a, b in zip(step_ends[: steps], step_ends[1 : steps + 1])],
+        compiled_graphs_timed=compiled[1] - compiled[0] if len(compiled) == 2 else None,
         loss_first=losses[0] if losses else None,
         loss_last=losses[steps - 1] if len(losses) >= steps else None,
     )
@@ -519,6 +528,14 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
     if checkpointed is not None and checkpointed.decide is not None:  # auto, per micro-batch: forwards by layers recomputed
         results["checkpointed_layers_per_batch"] = {str(k): n for k, n in sorted(checkpointed.seen.items())}
     return {**out, "status": "ok", "results": results, "batches": timed}
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (FlexAttention's kernels are compiled per
+    shape until Dynamo marks the shape dynamic; a compile inside the timed steps is their cost)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 # Where device time goes, by kernel (CUDA) or operator (CPU) name; the first pattern that matches wins.
@@ -704,6 +721,9 @@ def markdown(report: dict[str, Any]) -> str:
         if blocks:
             lines += ["", "Attention blocks (128 x 128) FlexAttention's block mask keeps, of the ones SDPA computes, for each prefix-shared variant's timed batches: "
                       + ", ".join(f"{name} {share:.1%}" for name, share in blocks) + "."]
+        uneven = [uneven_steps(v, run["warmup_steps"]) for v in run["variants"] if v["status"] == "ok"]
+        if any(uneven):
+            lines += ["", "Uneven timed steps (a compile, or a stall, inside the timed window): " + "; ".join(u for u in uneven if u) + "."]
         notes: dict[str, list[str]] = {}
         for v in run["variants"]:
             for n in v.get("notes", []):
@@ -713,12 +733,33 @@ def markdown(report: dict[str, Any]) -> str:
         for v in run["variants"]:
             prof = v.get("results", {}).get("profile")
             if prof:
-                lines += ["", f"Profile of {v['name']} ({prof['steps']} steps after the timed ones, {prof['clock']}: {prof['ms_per_step']:,.1f} ms a step): "
+                busy = f", {prof['wall_ms_per_step']:,.1f} ms wall under the profiler, busy {prof['device_busy']:.0%}" if prof.get("device_busy") is not None else ""
+                lines += ["", f"Profile of {v['name']} ({prof['steps']} steps after the timed ones, {prof['clock']}: {prof['ms_per_step']:,.1f} ms a step{busy}): "
                           + ", ".join(f"{k} {share:.1%}" for k, share in prof["share"].items()) + ".",
                           *(f"- {t['share']:.1%} {t['name']} ({t['calls']} calls)" for t in prof["top"][:8])]
         if run["device"].get("kind") == "cpu":
             lines += ["", "CPU run: MFU is not reported and peak memory is the process's peak RSS, not GPU memory."]
     return "\n".join(lines) + "\n"
+
+
+def uneven_steps(variant: dict[str, Any], warmup: int, spread: float = 1.5) -> str | None:
+    """A variant whose slowest timed step (in positions a second, as steps differ in shape) ran at
+    1/`spread` of the median step's rate or below, or that built a torch.compile graph while timed, as
+    a report phrase; None when its steps ran evenly."""
+    r = variant["results"]
+    seconds = r.get("step_seconds", [])[warmup:]
+    ga = variant["settings"]["gradient_accumulation_steps"]
+    positions = [sum(b["rows"] * b["seq_len"] for b in variant["batches"][i * ga : (i + 1) * ga]) for i in range(len(seconds))]
+    graphs = r.get("compiled_graphs_timed") or 0
+    if not seconds or not all(positions):
+        return None
+    rates = [n / s for n, s in zip(positions, seconds)]
+    median = sorted(rates)[len(rates) // 2]
+    slowest = min(range(len(rates)), key=rates.__getitem__)
+    if rates[slowest] * spread > median and not graphs:
+        return None
+    return (f"{variant['name']} step {warmup + slowest + 1} ran at {rates[slowest] / median:.0%} of the median rate ({seconds[slowest]:.2f} s)"
+            + (f", {graphs} graphs compiled" if graphs else ""))
 
 
 def write_report(run: dict[str, Any], out: Path) -> Path:

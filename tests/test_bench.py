@@ -65,8 +65,38 @@ def test_profile_of_the_steps_after_the_timed_ones(smoke):
     shares = [t["share"] for t in prof["top"]]
     assert shares == sorted(shares, reverse=True) and len(shares) == 20
     assert {t["name"] for t in prof["top"]} >= {"aten::mm"}
+    assert prof["wall_ms_per_step"] > 0 and prof["device_busy"] is None  # busy share: CUDA kernel time only
     md = path.with_suffix(".md").read_text()
     assert f"Profile of tuned (2 steps after the timed ones, CPU operator self time: {prof['ms_per_step']:,.1f} ms a step): " in md
+
+
+def test_every_step_timed(smoke):
+    """step_seconds: each of the 3 steps (warm-up first); the timed ones add up to the measured
+    seconds. Nothing was compiled while timed (no FlexAttention on the CPU)."""
+    report, _, _ = smoke
+    for v in report["runs"][0]["variants"]:
+        if v["status"] != "ok":
+            continue
+        r = v["results"]
+        assert len(r["step_seconds"]) == 3 and min(r["step_seconds"]) > 0
+        assert sum(r["step_seconds"][1:]) == pytest.approx(r["seconds"], abs=2e-4)
+        assert r["compiled_graphs_timed"] == 0
+
+
+def test_uneven_steps_are_reported():
+    """A timed step far below the median rate (positions a second, as shapes differ) or a compile in
+    the timed window is named in the report; steps of different shapes at one rate are not."""
+    def variant(seconds, lengths, graphs=0):
+        return {"name": "tuned-flex", "settings": {"gradient_accumulation_steps": 2},
+                "batches": [{"rows": 4, "seq_len": n} for n in lengths for _ in range(2)],
+                "results": {"step_seconds": [9.0, *seconds], "compiled_graphs_timed": graphs}}
+
+    even = variant([1.0, 2.0, 0.5], [1000, 2000, 500])
+    assert bench_dpo.uneven_steps(even, warmup=1) is None
+    slow = variant([1.0, 4.0, 0.5], [1000, 2000, 500])  # step 3: 16,000 positions in 4 s, half the median rate
+    assert bench_dpo.uneven_steps(slow, warmup=1) == "tuned-flex step 3 ran at 50% of the median rate (4.00 s)"
+    compiled = variant([1.0, 2.0, 0.5], [1000, 2000, 500], graphs=2)
+    assert bench_dpo.uneven_steps(compiled, warmup=1) == "tuned-flex step 2 ran at 100% of the median rate (1.00 s), 2 graphs compiled"
 
 
 def test_profile_categories_of_cuda_kernel_names():
