@@ -53,6 +53,19 @@ def test_levers_are_recorded_and_precomputed_log_probs_survive_a_resume(demo_run
     systems = json.loads((out / "run.json").read_text())["stages"]["train"]["systems"]
     assert systems["precompute"]["reused"] is True and systems["precompute"]["hash_s"] is not None  # found by the same key
 
+    # Stopped before its first checkpoint and started again with another training setting (as a spot
+    # VM of another GPU type decides `auto` checkpointing again): TRL's own key holds every DPOConfig
+    # field and would compute the pass again; the key made from the token ids finds it.
+    manifest = json.loads((out / "run.json").read_text())
+    manifest["stages"]["train"]["status"] = "interrupted"
+    (out / "run.json").write_text(json.dumps(manifest))
+    shutil.rmtree(out / "adapter")
+    shutil.rmtree(out / "checkpoints")
+    third = cli("train", "recipes/demo.yaml", "--output-dir", out, *LEVERS, "--set", "train.logging_steps=2")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"reference log-probs reused from {folder}" in third.stderr
+    assert json.loads((out / "run.json").read_text())["stages"]["train"]["systems"]["precompute"]["reused"] is True
+
 
 def test_precompute_auto_follows_the_epochs(demo_run, tmp_path):
     out = prepared_copy(demo_run, tmp_path)

@@ -52,10 +52,10 @@ from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
-from trl import DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from .flops import MASK_ALIGN
+from .refcache import StableKeyDPOTrainer
 
 IGNORE = -100
 SHARED_KEYS = ("shared_input_ids", "shared_position_ids", "shared_segment_ids", "shared_branch_ids", "shared_labels", "shared_targets")
@@ -320,7 +320,7 @@ def _unpeft(model):
     return model.get_base_model() if is_peft_model(model) else model
 
 
-class PrefixSharedDPOTrainer(DPOTrainer):
+class PrefixSharedDPOTrainer(StableKeyDPOTrainer):
     """TRL's DPOTrainer computing each pair in one prefix-shared segment, `pairs_per_row` pairs a row.
 
     Takes DPOTrainer's arguments (no data_collator: it builds its own) plus `pairs_per_row`.

@@ -571,7 +571,6 @@ def _free_memory() -> None:
 
 def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: Path | None) -> dict[str, Any]:
     from transformers import TrainerCallback
-    from trl import DPOTrainer
 
     device = pick_device(recipe)
     dtype = pick_dtype(recipe, device)
@@ -598,7 +597,6 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
 
     args = dpo_config(recipe, run_dir, device, dtype, systems, tracking.setup(recipe, run_dir))
     dataset = training_dataset(rows, run_dir, systems)
-    cached = set(Path(dataset.cache_files[0]["filename"]).parent.glob("cache-*.arrow")) if dataset.cache_files else set()
     setup_started = time.monotonic()
     resume_step = json.loads((resume / "trainer_state.json").read_text())["global_step"] if resume else 0
     run_dir.metrics.mkdir(parents=True, exist_ok=True)
@@ -613,12 +611,13 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
         def on_step_begin(self, args, state, control, **kwargs):
             started.append(True)
 
-    trainer_class, extra = DPOTrainer, {}
+    from .refcache import StableKeyDPOTrainer, fast_weights_hash
+
+    trainer_class, extra = StableKeyDPOTrainer, {}
     if recipe.dpo.prefix_sharing:
         from .prefix_dpo import PrefixSharedDPOTrainer
 
         trainer_class, extra = PrefixSharedDPOTrainer, {"pairs_per_row": recipe.dpo.pairs_per_row}
-    from .refcache import fast_weights_hash
 
     with fast_weights_hash() as hashing:  # TRL's cache key for precomputed log-probs, 14x faster (refcache.py)
         trainer = trainer_class(
@@ -632,11 +631,11 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
         )
     if systems["precompute_ref_log_probs"]:
         folder = Path(dataset.cache_files[0]["filename"]).parent
-        new_files = set(folder.glob("cache-*.arrow")) - cached
-        systems["precompute"] = {"folder": str(folder), "reused": not new_files, "setup_s": round(time.monotonic() - setup_started, 2), "hash_s": hashing.get("hash_s")}
+        reused = trainer.ref_batches_computed == 0
+        systems["precompute"] = {"folder": str(folder), "reused": reused, "setup_s": round(time.monotonic() - setup_started, 2), "hash_s": hashing.get("hash_s")}
         if run_dir.writer:
             (folder / STORED_MARK).write_text("reference log-probs cached here by TRL (cache-*.arrow)\n")
-        log.info("reference log-probs %s %s (trainer setup %.1f s, of which %.1f s hashing the weights for the key)", "reused from" if not new_files else "computed and stored in", folder, systems["precompute"]["setup_s"], hashing.get("hash_s") or 0.0)
+        log.info("reference log-probs %s %s (trainer setup %.1f s, of which %.1f s hashing the weights for the key)", "reused from" if reused else "computed and stored in", folder, systems["precompute"]["setup_s"], hashing.get("hash_s") or 0.0)
     if resume:
         log.info("resuming training from %s (step %d)", resume, resume_step)
     else:
