@@ -385,6 +385,8 @@ def test_benchmark_variants_smoke(tmp_path):
     assert not (tmp_path / "flex-check.txt").exists()  # the GPU check is not run in smoke mode
     assert more["variants"][1]["systems"]["layers"] == 2 and "train.checkpointed_layers=1" in more["variants"][1]["overrides"]
     assert "no CUDA GPU: the 40 GiB cap does not apply, and auto leaves checkpointing off" in more["variants"][2]["notes"]
+    # one reference pass for the same pairs and weights: the first variant's, stored; the later ones reuse it
+    assert [(v["results"]["precompute_reused"], v["results"]["precompute_tokens"] > 0) for v in ran] == [(True, False)] * 3
     assert "trl 1.16.0\n" in (tmp_path / "versions.txt").read_text()
     (run,) = json.loads(next(tmp_path.glob("cpu-*.json")).read_text())["runs"]
     (v,) = run["variants"]
@@ -392,6 +394,7 @@ def test_benchmark_variants_smoke(tmp_path):
     r = v["results"]
     assert r["tokens"] == sum(b["real_tokens"] for b in v["batches"])
     assert r["computed_tokens"] < r["tokens"]
+    assert r["precompute_reused"] is False and r["precompute_tokens"] > 0
     # SDPA computes every 128 x 128 block of every packed row in each of the tiny model's 2 layers;
     # FlexAttention's block mask keeps fewer (two pairs a row: the other pair's blocks go)
     blocks = r["attention_blocks"]
