@@ -689,7 +689,7 @@ def test_recommendation_says_how_to_launch_a_gpu_the_sky_task_does_not_offer(phi
     assert lines[i + 1] == " " * 21 + "sky/phi3.yaml offers L40S, A100-80GB, A100-40GB, H100-80GB (SkyPilot takes the cheapest per hour); for the H200, launch it with --gpus H200:1 --no-use-spot on a cloud that rents one"
     assert lines[i + 2].startswith("recommend spot:      L40S,") and lines[i + 3] == ""
     p = json.loads(cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--prices", "table", "--json").stdout)
-    assert p["sky_task"] == {"task": "sky/phi3.yaml", "offers": {"spot": ["L40S", "A100-80GB", "A100-40GB", "H100-80GB"], "on_demand": ["L40S", "A100-80GB", "A100-40GB", "H100-80GB"]}}
+    assert p["sky_task"] == {"task": "sky/phi3.yaml", "offers": {"spot": ["L40S", "A100-80GB", "A100-40GB", "H100-80GB"], "on_demand": ["L40S", "A100-80GB", "A100-40GB", "H100-80GB"]}, "disk_gb": 256}
     demo = json.loads(cli("plan", "recipes/demo.yaml", "--output-dir", demo_copy, "--json").stdout)
     assert demo["sky_task"] is None
 
@@ -782,3 +782,32 @@ def test_plan_counts_each_micro_batch_of_the_prepared_pairs(tmp_path):
     a100 = gpus["A100-40GB"]
     assert a100["gradient_checkpointing"] is True and 0 < a100["recomputed_share"] < a100["checkpointed_layers"] / 32
     assert gpus["H200"]["recomputed_share"] == 0.0 and gpus["H200"]["checkpointed_layers"] == 0
+
+
+def test_plan_counts_the_disk_a_fresh_machine_needs(phi3_out):
+    """What the run writes on a new cloud VM (alignpress.disk's lower bounds, as `run` checks at the
+    door), by hand, next to the disk the shipped sky task asks for; a task too small for it is said."""
+    from alignpress.disk import size_text
+
+    params, lora = 3_821_079_552, 25_165_824  # Phi-3-mini, and its r=16 all-linear adapter
+    proc = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--json", "--bench-results", phi3_out / "none", *PHI3_SEED)
+    disk = json.loads(proc.stdout)["disk"]
+    # 4-bit QLoRA: a bf16 adapter, and paged AdamW's two moments in its dtype (2 bytes each);
+    # 1,500 steps / save_steps 100: 15 saves, 2 kept (3 while the oldest goes)
+    checkpoint = lora * (2 + 2 * 2)
+    download = merged = params * 2
+    out = max(3 * checkpoint, 2 * checkpoint + lora * 2 + merged)
+    assert disk["need_bytes"] == download + out
+    text = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--bench-results", phi3_out / "none", *PHI3_SEED).stdout
+    assert (f"disk      at least {size_text(download + out)} written on a new machine: the base model's download {size_text(download)}; "
+            f"2 checkpoints of {size_text(checkpoint)} (3 while the oldest is rotated out); the trained adapter {size_text(lora * 2)}; "
+            f"the merged model {size_text(merged)}; sky/phi3.yaml asks for 256 GB") in text
+    assert "warning:   sky/phi3.yaml" not in text
+
+    # A full fine-tune keeping 20 checkpoints: 15 of 6 bytes a weight (bf16 weights, AdamW's two bf16 moments)
+    full = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--bench-results", phi3_out / "none", "--gpu", "H200",
+               "--set", "lora.enabled=false", "--set", "train.save_total_limit=20", "--set", "train.optim=adamw_torch")
+    need = params * (2 + 15 * 6 + 2 + 2)  # download, checkpoints, the trained weights, the merged model
+    assert f"disk      at least {size_text(need)} written on a new machine" in full.stdout
+    assert (f"warning:   sky/phi3.yaml asks for a 256 GB disk, less than the {size_text(need)} this run writes (the image and the "
+            "pip and dataset caches come on top): raise its resources.disk_size, or launch it with --disk-size") in full.stdout

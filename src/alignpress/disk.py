@@ -166,22 +166,24 @@ def checkpoints_kept(recipe: Recipe, steps: int | None) -> tuple[int, int]:
 
 
 def estimate(recipe: Recipe, run_dir: RunDir, stages: list[str], sizes, *, train_bytes: int, pairs: int | None, restart: bool = False,
-             judge=None) -> list[Writes]:
+             judge=None, fresh: bool = False) -> list[Writes]:
     """What `stages` (train, evaluate, export) write: into the Hub cache and into the output folder.
-    judge: the judge's sizes (checks.judge_sizes), when evaluate runs one."""
+    judge: the judge's sizes (checks.judge_sizes), when evaluate runs one. fresh: on a new machine
+    (`plan`: a cloud VM), where no Hub download is cached and no checkpoint is written yet."""
     from huggingface_hub import constants
 
     from .checks import judge_path
-    from .modeling import resolve_model_path
 
     out = Writes(run_dir.root)
     cache = Writes(Path(constants.HF_HUB_CACHE))
     name = recipe.model.name_or_path
     loads_base = "train" in stages or "export" in stages
-    if loads_base and not name.startswith("builtin:") and not Path(resolve_model_path(recipe)).is_dir() and not _hub_weights_cached(name, recipe.model.revision):
+    # a Hub id, not a builtin or a local folder (modeling.resolve_model_path's cases; no torch import: `plan` calls this)
+    hub_model = not name.startswith("builtin:") and not any(p.is_dir() for p in (Path(name).expanduser(), Path(recipe.resolve_path(name))))
+    if loads_base and hub_model and (fresh or not _hub_weights_cached(name, recipe.model.revision)):
         cache.need = sizes.params * sizes.stored_bytes
         cache.parts.append(f"the base model's download {size_text(cache.need)}")
-    if "evaluate" in stages and judge is not None and not Path(path := judge_path(recipe)).is_dir() and not _hub_weights_cached(path, None):
+    if "evaluate" in stages and judge is not None and not Path(path := judge_path(recipe)).is_dir() and (fresh or not _hub_weights_cached(path, None)):
         cache.need += judge.params * judge.stored_bytes
         cache.parts.append(f"the judge's download {size_text(judge.params * judge.stored_bytes)}")
     trained = trained_bytes(recipe, sizes, train_bytes)
@@ -190,7 +192,7 @@ def estimate(recipe: Recipe, run_dir: RunDir, stages: list[str], sizes, *, train
         checkpoint = checkpoint_bytes(recipe, sizes, train_bytes)
         steps = optimizer_steps(recipe, pairs)
         peak, final = checkpoints_kept(recipe, steps)
-        there = 0 if restart else folder_size(run_dir.checkpoints)
+        there = 0 if restart or fresh else folder_size(run_dir.checkpoints)
         end = final * checkpoint + trained + (merged if "export" in stages else 0)
         out.need = max(peak * checkpoint, end) - there
         kept = f"{final} checkpoint{'s' if final != 1 else ''} of {size_text(checkpoint)}" + (f" ({peak} while the oldest is rotated out)" if peak > final else "")

@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from .disk import size_text
 from .errors import AlignpressError
 from .flops import AUTO_MEMORY_SHARE, KNOWN_ARCHS, MASK_ALIGN, Arch, LengthDistribution, MemorySettings, arch_from_config, checkpointing_decision, dataset_flops, load_table, memory_estimate, packed_layout, padding_fraction, precompute_decision, recompute_share, truncate_pair
 from .recipe import Recipe, load_recipe
@@ -380,8 +381,27 @@ def sky_task_for(recipe: Recipe, gpus: dict[str, Any], folder: Path = SKY_TASKS)
                     offered["spot" if c.get("use_spot") else "on_demand"].append(name)
         except (OSError, yaml.YAMLError, AttributeError):
             continue
-        return {"task": f"sky/{task.name}", "offers": offered}
+        return {"task": f"sky/{task.name}", "offers": offered, "disk_gb": (spec.get("resources") or {}).get("disk_size")}
     return None
+
+
+def disk_need(recipe: Recipe, arch: Arch, pairs: int) -> dict[str, Any]:
+    """What the run writes on a new machine (a cloud VM): alignpress.disk's lower bounds, the ones
+    `run` checks at the door, with nothing cached or written yet: the base model's download, the
+    checkpoints, the trained weights and the merged model, from the architecture's parameter counts,
+    weights stored in 16 bits. A judge (eval.judge) is not counted: plan reads no config for it."""
+    from .checks import ModelSizes
+    from .disk import estimate
+    from .runstate import RunDir
+
+    lora = arch.lora_params(recipe.lora.r, recipe.lora.target_modules) if recipe.lora.enabled else None
+    sizes = ModelSizes(params=arch.total_params, trainable=lora or arch.total_params, stored_bytes=2)
+    train_bytes = 4 if recipe.model.dtype == "float32" else 2
+    writes = estimate(recipe, RunDir(Path("outputs") / recipe.name), ["train", "evaluate", "export"], sizes, train_bytes=train_bytes, pairs=pairs, fresh=True)
+    parts = [part for w in writes for part in w.parts]
+    if recipe.eval.enabled and recipe.eval.judge:
+        parts.append(f"not counted: the judge {recipe.eval.judge}'s download")
+    return {"need_bytes": sum(w.need for w in writes), "parts": parts}
 
 
 def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from: str | None = None, prices: str | None = None, bench_dirs: list[Path] | None = None) -> dict[str, Any]:
@@ -575,6 +595,11 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
 
     chosen = next(r for r in rows if r["gpu"] == gpu)
     warnings = []
+    sky = sky_task_for(recipe, gpus)
+    disk = disk_need(recipe, arch, kept_pairs)
+    if sky and sky.get("disk_gb") and disk["need_bytes"] > sky["disk_gb"] * 2**30:
+        warnings.append(f"{sky['task']} asks for a {sky['disk_gb']} GB disk, less than the {size_text(disk['need_bytes'])} this run writes (the image and the "
+                        "pip and dataset caches come on top): raise its resources.disk_size, or launch it with --disk-size")
     if chosen["tight"]:
         warnings.append(f"the memory estimate ({mem['total_gib']:.1f} GiB) is above {WARN_SHARE:.0%} of the {gpu}'s {gpus[gpu]['memory_gib']} GiB: an out-of-memory error is possible")
     if processes > 1:
@@ -597,11 +622,12 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
             "precompute_flops": pre_flops,
         },
         "memory": mem | {"gpu": gpu},
+        "disk": disk,
         "throughput": {"estimated_mfu": estimated, "factors": factors, "assumptions": {k: v for k, v in throughput.items() if not isinstance(v, (int, float))}},
         "gpus": rows,
         "prices": {"file": price_source},
         "recommendation": recommend(rows),
-        "sky_task": sky_task_for(recipe, gpus),
+        "sky_task": sky,
         "warnings": warnings,
         "notes": notes,
         "refuse": None if chosen["fits"] else (
@@ -657,6 +683,9 @@ def format_plan(p: dict[str, Any]) -> str:
     ]
     if mem["full_logits_gib"] >= 1:
         lines.append(f"          (TRL 1.16 scores tokens through the LM head in tiles; the seed's TRL built these rows' fp32 logits whole: {mem['full_logits_gib']:.1f} GiB more)")
+    sky = p.get("sky_task") or {}
+    lines.append(f"disk      at least {size_text(p['disk']['need_bytes'])} written on a new machine: " + "; ".join(p["disk"]["parts"])
+                 + (f"; {sky['task']} asks for {sky['disk_gb']} GB" if sky.get("disk_gb") else ""))
     lines += [
         "",
         f"{'GPU':<10} {'memory':<19} {'throughput':<40} {'time':>8}  {'on-demand':<22} spot",
