@@ -751,6 +751,11 @@ def markdown(report: dict[str, Any]) -> str:
         if blocks:
             lines += ["", "Attention blocks (128 x 128) FlexAttention's block mask keeps, of the ones SDPA computes, for each prefix-shared variant's timed batches: "
                       + ", ".join(f"{name} {share:.1%}" for name, share in blocks) + "."]
+        fits = [(v["name"], fit) for v in run["variants"] if v["status"] == "ok" and (fit := step_fit(v, run["warmup_steps"]))]
+        if fits:
+            lines += ["", "Step time against the positions a step computes (padding included), least squares over the timed steps; "
+                      "the fixed part is what a step costs whatever its size (host overhead, optimizer, launches): "
+                      + "; ".join(f"{name} {f['fixed_s'] * 1000:,.0f} ms + {f['per_position_s'] * 1e6:.2f} us a position (R² {f['r2']:.2f})" for name, f in fits) + "."]
         uneven = [uneven_steps(v, run["warmup_steps"]) for v in run["variants"] if v["status"] == "ok"]
         if any(uneven):
             lines += ["", "Uneven timed steps (a compile, or a stall, inside the timed window): " + "; ".join(u for u in uneven if u) + "."]
@@ -772,14 +777,37 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def step_positions(variant: dict[str, Any], steps: int) -> list[int]:
+    """Positions (rows x length, padding included) each timed step computed, from its micro-batches."""
+    ga = variant["settings"]["gradient_accumulation_steps"]
+    return [sum(b["rows"] * b["seq_len"] for b in variant["batches"][i * ga : (i + 1) * ga]) for i in range(steps)]
+
+
+def step_fit(variant: dict[str, Any], warmup: int) -> dict[str, float] | None:
+    """Least squares seconds = fixed + per_position x positions over the timed steps (length grouping
+    makes their sizes differ); None with fewer than 4 steps or sizes too alike to separate the two."""
+    seconds = variant["results"].get("step_seconds", [])[warmup:]
+    if len(seconds) < 4:
+        return None
+    x = step_positions(variant, len(seconds))
+    mean_x, mean_y = sum(x) / len(x), sum(seconds) / len(seconds)
+    sxx = sum((a - mean_x) ** 2 for a in x)
+    if sxx <= (0.1 * mean_x) ** 2 * len(x):  # sizes within about 10% of each other
+        return None
+    slope = sum((a - mean_x) * (b - mean_y) for a, b in zip(x, seconds)) / sxx
+    fixed = mean_y - slope * mean_x
+    total = sum((b - mean_y) ** 2 for b in seconds)
+    residual = sum((b - fixed - slope * a) ** 2 for a, b in zip(x, seconds))
+    return {"fixed_s": fixed, "per_position_s": slope, "r2": 1 - residual / total if total else 1.0}
+
+
 def uneven_steps(variant: dict[str, Any], warmup: int, spread: float = 1.5) -> str | None:
     """A variant whose slowest timed step (in positions a second, as steps differ in shape) ran at
     1/`spread` of the median step's rate or below, or that built a torch.compile graph while timed, as
     a report phrase; None when its steps ran evenly."""
     r = variant["results"]
     seconds = r.get("step_seconds", [])[warmup:]
-    ga = variant["settings"]["gradient_accumulation_steps"]
-    positions = [sum(b["rows"] * b["seq_len"] for b in variant["batches"][i * ga : (i + 1) * ga]) for i in range(len(seconds))]
+    positions = step_positions(variant, len(seconds))
     graphs = r.get("compiled_graphs_timed") or 0
     if not seconds or not all(positions):
         return None

@@ -246,3 +246,33 @@ def test_half_batch_keeps_the_pairs_per_step():
         sets, notes, skip = bench_dpo.plan_variant("tuned-prefix-half", model, "cuda", smoke=False)
         t = load_recipe(ROOT / bench_dpo.MODELS[model]["recipe"], sets).train
         assert skip is None and (t.per_device_train_batch_size, t.gradient_accumulation_steps) == shape
+
+
+def test_step_time_fit_by_hand():
+    """Steps of 1,000 to 4,000 positions at 0.2 s + 50 us a position: the fit gives both back; sizes
+    too alike, or too few steps, give none."""
+    def variant(positions, seconds):
+        return {"name": "tuned", "settings": {"gradient_accumulation_steps": 1}, "batches": [{"rows": 4, "seq_len": n // 4} for n in positions],
+                "results": {"step_seconds": [5.0, *seconds]}}
+
+    sizes = [1000, 2000, 3000, 4000, 2500]
+    fit = bench_dpo.step_fit(variant(sizes, [0.2 + 50e-6 * n for n in sizes]), warmup=1)
+    assert fit["fixed_s"] == pytest.approx(0.2) and fit["per_position_s"] == pytest.approx(50e-6) and fit["r2"] == pytest.approx(1.0)
+    noisy = bench_dpo.step_fit(variant(sizes, [0.25, 0.28, 0.37, 0.39, 0.33]), warmup=1)
+    assert 0 < noisy["r2"] < 1
+    assert bench_dpo.step_fit(variant([2000, 2040, 1980, 2010], [0.3] * 4), warmup=1) is None
+    assert bench_dpo.step_fit(variant(sizes[:3], [0.3] * 3), warmup=1) is None
+
+
+def test_step_time_fit_in_the_report(smoke):
+    """The report's line for a variant with enough timed steps of different sizes (the smoke run's own
+    2 timed steps are too few: given 5 here)."""
+    import copy
+
+    report = copy.deepcopy(smoke[0])
+    v = next(v for v in report["runs"][0]["variants"] if v["name"] == "tuned-standard")
+    sizes = [1000, 2000, 3000, 4000, 2500]
+    v["batches"] = [{"rows": 4, "seq_len": n // 4} for n in sizes]
+    v["results"]["step_seconds"] = [5.0, *(0.2 + 50e-6 * n for n in sizes)]
+    md = bench_dpo.markdown(report)
+    assert "least squares over the timed steps; the fixed part is what a step costs whatever its size (host overhead, optimizer, launches): tuned-standard 200 ms + 50.00 us a position (R² 1.00)." in md
