@@ -107,6 +107,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "tuned-prefix-half": {"about": "tuned-prefix, half the micro-batch and twice the accumulation (same pairs per optimizer step; fewer activations)", "base": "recipe", "set": ["dpo.prefix_sharing=true", "dpo.pairs_per_row=1"], "half": True},
     "tuned-prefix-ckpt": {"about": "tuned-prefix with gradient checkpointing (the least memory)", "base": "recipe", "set": ["dpo.prefix_sharing=true", "dpo.pairs_per_row=1", "train.gradient_checkpointing=true"]},
     "tuned-ckpt-half": {"about": "tuned with gradient checkpointing for the first half of the decoder layers (train.checkpointed_layers): with tuned and tuned-prefix-ckpt, the cost of each recomputed layer", "base": "recipe", "layers_share": 0.5},
+    # regional torch.compile (train.compile_layers): the fixed cost per micro-batch (step_fit) that the
+    # 2026-11-27 numbers suggest is Python and kernel launches; compiling happens in the warm-up steps
+    "tuned-compiled": {"about": "tuned with every decoder layer compiled (train.compile_layers: torch.compile, one graph for all layers)", "base": "recipe", "set": ["train.compile_layers=true"]},
+    "tuned-40gb-compiled": {"about": "tuned-40gb with every decoder layer compiled", "base": "recipe", "set": ["train.compile_layers=true"], "gpu_gib": 40.0},
     # What a 40 GB card gets: the process may allocate 40 GiB, and `auto` keeps its estimate within
     # 90% of that (36 GiB, the issue's bound for an A100-40GB) by checkpointing as few layers as it
     # needs; an estimate too low shows up as out of memory, not only as a peak read afterwards.
@@ -356,7 +360,7 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
     from alignpress.refcache import StableKeyDPOTrainer
     from alignpress.recipe import load_recipe
     from alignpress.runstate import RunDir
-    from alignpress.train import apply_checkpointing, dpo_config, precompute_order, resolve_systems
+    from alignpress.train import apply_checkpointing, apply_compile, dpo_config, precompute_order, resolve_systems
 
     device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
     info = device_info(device)
@@ -404,6 +408,7 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
         "prefix_sharing": d.prefix_sharing,
         "pairs_per_row": d.pairs_per_row,
         "cuda_allocator": systems.get("cuda_allocator"),
+        "compile_layers": systems["compile_layers"],
     }
     out.update(settings=settings, notes=notes, overrides=sets, systems=systems)
 
@@ -413,6 +418,7 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
     tok = AutoTokenizer.from_pretrained(folder)
     net = load_model(recipe, str(folder), device=device, dtype=dtype, quantized=m.load_in_4bit, tokenizer=tok)
     checkpointed = apply_checkpointing(net, systems, recipe, rows, dtype)  # as `run` does: only the layers auto or the recipe names
+    record_compile = apply_compile(net, systems)  # as `run` does: before the trainer, so its precompute pass runs compiled
     peft_config = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout, target_modules=recipe.lora.target_modules, task_type="CAUSAL_LM")
     if m.load_in_4bit:
         from peft import prepare_model_for_kbit_training
@@ -497,6 +503,8 @@ def run_variant(name: str, model: str, steps: int, warmup: int, pool: int, seed:
     if reused:
         collator.precompute_tokens = 0  # nothing computed: setup_s holds no precompute pass to rate
     trainer.train()
+    if record_compile is not None:
+        record_compile()  # systems.compiled_graphs: every graph, warm-up and precompute included
 
     ga = t.gradient_accumulation_steps
     done = len(step_ends) - 1

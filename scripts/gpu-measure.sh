@@ -40,14 +40,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.
 
 # What the 2026-11-27 call (benchmarks/results/2026-11-27-h200/) left open, most telling first (the
 # report is rewritten after each): the seed baseline; the shipped recipe (prefix-shared; its setup now
-# records the weight hash apart, hash_s, so the precompute pass's own rate shows); the same with
-# FlexAttention (attention skips the blocks the mask hides: MFU); the recipe as a 40 GB card runs it
-# (the allocator capped at 40 GiB, auto checkpointing only the layers the estimate needs: Phi-3's
-# target), on SDPA and on FlexAttention; Gemma's seed, recipe and FlexAttention; then Phi-3 with two
+# records the weight hash apart, hash_s, so the precompute pass's own rate shows); the same with its
+# decoder layers compiled (train.compile_layers: the fixed cost per micro-batch, MFU); the recipe as
+# a 40 GB card runs it (the allocator capped at 40 GiB, auto checkpointing only the layers the
+# estimate needs: Phi-3's target), eager and compiled; the recipe and the 40 GB card with
+# FlexAttention (attention skips the blocks the mask hides: MFU); Gemma's seed, recipe and
+# FlexAttention (its targets were met on 2026-11-27); then Phi-3 with two
 # pairs a row, the reference each step (the precompute break-even), every layer checkpointed (with
 # tuned and tuned-40gb: the cost per recomputed layer) and TRL's layout. That is more than one
 # 9-minute call holds: what is cut comes last.
-phi3=${PHI3_VARIANTS-seed tuned tuned-flex tuned-40gb tuned-40gb-flex}
+phi3=${PHI3_VARIANTS-seed tuned tuned-compiled tuned-40gb tuned-40gb-compiled tuned-flex tuned-40gb-flex}
 gemma=${GEMMA_VARIANTS-seed tuned tuned-flex}
 phi3_more=${PHI3_MORE-tuned-40gb-packed tuned-flex-packed tuned-prefix-noref tuned-prefix-ckpt tuned-standard}
 if [ -n "${SMOKE:-}" ]; then

@@ -7,6 +7,7 @@ off without a GPU (its GPU decision is unit-tested with fake memory sizes in tes
 import json
 import shutil
 
+import pytest
 from conftest import cli
 
 LEVERS = ["--set", "train.use_liger_kernel=true", "--set", "train.group_by_length=true", "--set", "dpo.precompute_ref_log_probs=true", "--set", "train.max_steps=3", "--set", "eval.enabled=false"]
@@ -191,3 +192,23 @@ def test_cuda_allocator_expandable_segments_unless_the_user_chose(monkeypatch, c
     assert processes.configure_cuda_allocator() == "PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync"
     assert "PYTORCH_ALLOC_CONF" not in os.environ
     assert resolve_systems(recipe, rows, "cuda", torch.bfloat16, None, config=phi3, gpu_gib=500)["cuda_allocator"] == "PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync"
+
+
+def test_compiled_layers_through_the_entry_point(demo_run, tmp_path):
+    """train.compile_layers on the demo with Inductor's generated code, as a run uses it: the same
+    losses as the eager run, step by step, and the compile recorded."""
+    losses = {}
+    for compiled in (False, True):
+        (tmp_path / str(compiled)).mkdir()
+        out = prepared_copy(demo_run, tmp_path / str(compiled))
+        proc = cli("train", "recipes/demo.yaml", "--output-dir", out, "--set", f"train.compile_layers={str(compiled).lower()}",
+                   "--set", "train.max_steps=3", "--set", "train.logging_steps=1", "--set", "eval.enabled=false")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        systems = json.loads((out / "run.json").read_text())["stages"]["train"]["systems"]
+        assert systems["compile_layers"] is compiled
+        losses[compiled] = [json.loads(line)["loss"] for line in (out / "metrics" / "train.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert "torch.compile: 4 decoder layers compiled in place" in proc.stderr
+    # training (first layer, others) and the reference forward without grad; the demo checkpoints nothing
+    assert systems["compiled_graphs"] == 3 and "torch.compile: 3 graphs compiled during training" in proc.stderr
+    assert len(losses[True]) == 3
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)

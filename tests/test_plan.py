@@ -811,3 +811,12 @@ def test_plan_counts_the_disk_a_fresh_machine_needs(phi3_out):
     assert f"disk      at least {size_text(need)} written on a new machine" in full.stdout
     assert (f"warning:   sky/phi3.yaml asks for a 256 GB disk, less than the {size_text(need)} this run writes (the image and the "
             "pip and dataset caches come on top): raise its resources.disk_size, or launch it with --disk-size") in full.stdout
+
+
+def test_compiled_layers_are_not_rated_by_eager_measurements(phi3_out):
+    """No committed run compiled its layers (train.compile_layers; files without the field ran
+    eager): plan estimates, and says so, rather than quoting the eager tokens/s."""
+    proc = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--gpu", "H200", "--set", "train.compile_layers=true")
+    assert proc.returncode == 0, proc.stderr
+    assert "measured: 2026" not in proc.stdout and "13,715" not in proc.stdout
+    assert re.search(r"^H200 .*tok/s \(MFU 0\.\d+, estimate\)", proc.stdout, re.M), proc.stdout

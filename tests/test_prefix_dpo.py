@@ -369,7 +369,7 @@ def test_benchmark_variants_smoke(tmp_path):
     import subprocess
     import sys
 
-    env = os.environ | {"SMOKE": "1", "PYTHON": sys.executable, "PHI3_VARIANTS": "tuned-prefix-packed", "PHI3_MORE": "tuned-prefix-ckpt tuned-ckpt-half tuned-40gb tuned-flex", "OUT": str(tmp_path)}
+    env = os.environ | {"SMOKE": "1", "PYTHON": sys.executable, "PHI3_VARIANTS": "tuned-prefix-packed", "PHI3_MORE": "tuned-prefix-ckpt tuned-ckpt-half tuned-40gb tuned-compiled tuned-flex", "OUT": str(tmp_path)}
     proc = subprocess.run(["bash", str(ROOT / "scripts/gpu-measure.sh")], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stem = next(tmp_path.glob("cpu-*.json")).stem
@@ -377,7 +377,7 @@ def test_benchmark_variants_smoke(tmp_path):
     # the later Phi-3 variants go to more/, so they do not replace the first run of the same model
     (more,) = json.loads((tmp_path / "more" / f"{stem}.json").read_text())["runs"]
     # every layer of the tiny model's 2, the first of them, and auto (off without a GPU, the cap not applied)
-    *ran, flex = more["variants"]
+    *ran, compiled, flex = more["variants"]
     assert [(v["name"], v["status"], v["settings"]["gradient_checkpointing"], v["settings"]["checkpointed_layers"]) for v in ran] == [
         ("tuned-prefix-ckpt", "ok", True, None), ("tuned-ckpt-half", "ok", True, 1), ("tuned-40gb", "ok", False, None)]
     # FlexAttention cannot train on the CPU: skipped with the reason, and no exit status 1 for it
@@ -387,6 +387,10 @@ def test_benchmark_variants_smoke(tmp_path):
     assert "no CUDA GPU: the 40 GiB cap does not apply, and auto leaves checkpointing off" in more["variants"][2]["notes"]
     # one reference pass for the same pairs and weights: the first variant's, stored; the later ones reuse it
     assert [(v["results"]["precompute_reused"], v["results"]["precompute_tokens"] > 0) for v in ran] == [(True, False)] * 3
+    # decoder layers compiled (train.compile_layers): training's two graphs (first layer, the others),
+    # built in the warm-up step; the reference pass was reused, so none without grad
+    assert (compiled["status"], compiled["settings"]["compile_layers"], compiled["systems"]["compiled_graphs"]) == ("ok", True, 2)
+    assert compiled["results"]["compiled_graphs_timed"] == 0 and compiled["results"]["precompute_reused"] is True
     assert "trl 1.16.0\n" in (tmp_path / "versions.txt").read_text()
     (run,) = json.loads(next(tmp_path.glob("cpu-*.json")).read_text())["runs"]
     (v,) = run["variants"]

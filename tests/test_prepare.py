@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import cli
+from conftest import ROOT, cli
 
 
 def conv(q, a):
@@ -200,6 +200,29 @@ def test_4bit_on_cpu_refused_before_anything(tmp_path, tiny_phi3):
     proc = cli("run", recipe, "--output-dir", out)
     assert_refused(proc, out, f"{recipe}: field 'model.load_in_4bit': 4-bit QLoRA needs a CUDA GPU")
     assert not out.exists()
+
+
+def test_compile_without_a_compiler_refused_before_anything(tmp_path, tiny_phi3):
+    """Inductor writes C++ on the CPU (Triton a C launcher on a GPU) at the first training step, after
+    the data and the model have loaded: the door looks for the compiler first."""
+    recipe = make_recipe(tmp_path, tiny_phi3, train__compile_layers=True)
+    out = tmp_path / "out"
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    proc = cli("run", recipe, "--output-dir", out, env={"PATH": str(bare), "CXX": ""})
+    assert_refused(proc, out, f"{recipe}: field 'train.compile_layers': torch.compile needs a C++ compiler (c++, g++, clang++) on PATH; none was found "
+                              "(apt-get install g++). Or set train.compile_layers: false")
+    assert not out.exists()
+
+
+def test_compile_with_deepspeed_refused(tmp_path, tiny_phi3):
+    recipe = make_recipe(tmp_path, tiny_phi3, train__compile_layers=True, train__accelerate_config=str(ROOT / "recipes" / "accelerate" / "zero2.yaml"))
+    proc = cli("validate", recipe)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: {recipe}: field 'train.compile_layers': is not supported with DeepSpeed "
+                                                    f"({ROOT / 'recipes' / 'accelerate' / 'zero2.yaml'}); set train.compile_layers: false, or use the ddp config")
+    ddp = make_recipe(tmp_path, tiny_phi3, train__compile_layers=True, train__accelerate_config=str(ROOT / "recipes" / "accelerate" / "ddp.yaml"))
+    assert cli("validate", ddp).returncode == 0
 
 
 def test_flex_attention_training_on_cpu_refused_before_anything(tmp_path, tiny_phi3):

@@ -117,6 +117,8 @@ def preflight(recipe: Recipe, needs_gpu: bool = True, training: bool = False) ->
     pick_dtype(recipe, device)
     if recipe.train.use_liger_kernel and device == "cuda" and (problem := liger_problem(device)):
         raise AlignpressError(problem, source=recipe.source, field="train.use_liger_kernel")
+    if training and recipe.train.compile_layers and (problem := compile_problem(device)):
+        raise AlignpressError(f"{problem}. Or set train.compile_layers: false", source=recipe.source, field="train.compile_layers")
     if training and device == "cpu" and recipe.model.attn_implementation == "flex_attention":
         # torch raises this only at the first backward, after the data and model have loaded.
         raise AlignpressError(
@@ -125,6 +127,51 @@ def preflight(recipe: Recipe, needs_gpu: bool = True, training: bool = False) ->
             source=recipe.source,
             field="model.attn_implementation",
         )
+
+
+def compile_problem(device: str) -> str | None:
+    """Why torch.compile (train.compile_layers) cannot run here, or None when it can: Inductor writes
+    Triton kernels on a GPU (Triton builds a small C launcher with the system's compiler) and C++ on
+    the CPU, both at the first step, after the data and the model have loaded."""
+    import shutil
+
+    if device == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "torch.compile on a GPU needs Triton, which comes with the CUDA torch wheel; this torch has none"
+    compilers = ("cc", "gcc", "clang") if device == "cuda" else ("c++", "g++", "clang++")
+    if not any(shutil.which(c) for c in (os.environ.get("CC" if device == "cuda" else "CXX"), *compilers) if c):
+        return f"torch.compile needs a C{'' if device == 'cuda' else '++'} compiler ({', '.join(compilers)}) on PATH; none was found (apt-get install g++)"
+    return None
+
+
+def compile_layers(model) -> int:
+    """torch.compile every decoder layer's forward in place (regional compilation); returns how many.
+
+    The layers share compiled graphs: Dynamo caches by code and treats each layer's parameters as
+    inputs, so 32 layers compile once per kind of call (training, no grad, adapter off, checkpointed).
+    In place, because TRL's fused LM head and prefix sharing wrap the model's forward around the
+    original modules: accelerate's compile_regions returns a copy of the module tree, whose compiled
+    layers those wrappers would never call. The bound `forward` is compiled, not the module
+    (`Module.compile` would trace its hooks too): forward hooks such as the per-batch checkpointing
+    choice (CheckpointedLayers) mutate Python state and stay eager; transformers' checkpoint
+    decision is inside `forward`, so a checkpointed layer and a plain one get a graph each.
+    dynamic=True: length grouping gives every micro-batch another length, and one symbolic graph
+    replaces a compile per length. Calls with a KV cache (the greedy samples of the training health
+    check) run eager: each cache layer's state is guarded on, so every layer and every decoding step
+    would compile again, up to Dynamo's limit.
+    """
+    layers = decoder_layers(model)
+    for layer in layers:
+        eager = layer.forward
+        compiled = torch.compile(eager, dynamic=True)
+
+        def forward(*args, _eager=eager, _compiled=compiled, **kwargs):
+            return (_eager if kwargs.get("past_key_values") is not None else _compiled)(*args, **kwargs)
+
+        layer.forward = forward
+    return len(layers)
 
 
 def liger_problem(device: str) -> str | None:

@@ -262,13 +262,15 @@ def recipe_settings(recipe: Recipe, gradient_checkpointing: bool, precompute: bo
         "lora_r": recipe.lora.r if recipe.lora.enabled else None,
         "prefix_sharing": recipe.dpo.prefix_sharing,
         "pairs_per_row": recipe.dpo.pairs_per_row if recipe.dpo.prefix_sharing else 1,
+        "compile_layers": recipe.train.compile_layers,
     }
 
 
 # Settings every result file records; the later ones (optim, max_length, lora_r) are compared
 # when a file has them. Files from before prefix sharing existed measured the standard layout.
 # Files from before train.checkpointed_layers checkpointed every layer when they checkpointed.
-SETTING_DEFAULTS = {"prefix_sharing": False, "pairs_per_row": 1, "checkpointed_layers": None}
+# Files from before train.compile_layers ran uncompiled.
+SETTING_DEFAULTS = {"prefix_sharing": False, "pairs_per_row": 1, "checkpointed_layers": None, "compile_layers": False}
 CORE_SETTINGS = ("load_in_4bit", "gradient_checkpointing", "per_device_train_batch_size", "gradient_accumulation_steps", "precompute_ref_log_probs", "attn_implementation", "group_by_length", "liger")
 
 

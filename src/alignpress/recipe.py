@@ -130,6 +130,7 @@ class TrainSection:
     checkpointed_layers: int | None = _f(None, help="With gradient checkpointing on: recompute only the first N decoder layers; the others keep their activations (faster, more memory). null = every layer when gradient_checkpointing is true; with auto, for each micro-batch the fewest layers whose memory estimate for its shape stays within 90% of the GPU's free memory.")
     use_liger_kernel: bool = _f(False, help="Liger's Triton kernels (RMSNorm, RoPE, SwiGLU/GeGLU; TRL use_liger_kernel): less activation memory and faster steps on a CUDA GPU. Needs liger-kernel (requirements-gpu.lock); ignored with a logged warning on the CPU.")
     group_by_length: bool = _f(False, help="Batch pairs of similar length (transformers LengthGroupedSampler) to cut padding; the data order is still seeded.")
+    compile_layers: bool = _f(False, help="torch.compile each decoder layer in place (regional compilation: the layers share their compiled graphs, so compiling costs about one layer's worth, once per run, in the first steps): fewer kernels and less Python per step, for the fixed cost each micro-batch pays. Needs a C compiler (Triton on a GPU, Inductor on the CPU); not with DeepSpeed. Not yet measured on a GPU (benchmarks: tuned-compiled).")
     optim: str = _f("adamw_torch", help="transformers optimizer name (adamw_torch, paged_adamw_32bit, ...).")
     weight_decay: float = _f(0.0, help="AdamW weight decay.")
     max_grad_norm: float = _f(1.0, help="Gradient clipping norm.")
@@ -662,6 +663,12 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
             load_config_from_file(str(accelerate_config_path(r)))
         except Exception as e:  # noqa: BLE001 - any reason accelerate has is the user's to read
             fail("train.accelerate_config", f"{accelerate_config_path(r)} is not an accelerate config: {type(e).__name__}: {' '.join(str(e).split())}")
+    if r.train.compile_layers and r.train.accelerate_config is not None and accelerate_config_path(r) is not None:
+        from .disk import deepspeed_stage
+
+        if deepspeed_stage(r) is not None:
+            # DeepSpeed wraps the layers' parameters (ZeRO-3 gathers them in hooks): never run together here
+            fail("train.compile_layers", f"is not supported with DeepSpeed ({r.train.accelerate_config}); set train.compile_layers: false, or use the ddp config")
     if r.train.num_processes is not None and r.train.num_processes < 1:
         fail("train.num_processes", f"must be at least 1, got {r.train.num_processes}")
     if r.train.num_processes is not None and r.train.accelerate_config is None:

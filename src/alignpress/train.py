@@ -271,7 +271,7 @@ def resolve_systems(recipe: Recipe, rows: list[dict[str, Any]], device: str, dty
     from .modeling import liger_problem
 
     t, d, m = recipe.train, recipe.dpo, recipe.model
-    out: dict[str, Any] = {"device": device, "attn_implementation": m.attn_implementation or "sdpa (default)", "optim": t.optim, "group_by_length": t.group_by_length}
+    out: dict[str, Any] = {"device": device, "attn_implementation": m.attn_implementation or "sdpa (default)", "optim": t.optim, "group_by_length": t.group_by_length, "compile_layers": t.compile_layers}
     if device == "cuda":  # processes.configure_cuda_allocator, or the user's own
         out["cuda_allocator"] = processes.cuda_allocator_setting() or "PyTorch's default"
 
@@ -375,6 +375,27 @@ def apply_checkpointing(model, systems: dict[str, Any], recipe: Recipe, rows: li
     systems["layers"] = len(control.layers)
     log.info("gradient checkpointing recomputes %s%d of %d decoder layers", "at most " if decide else "", min(systems["checkpointed_layers"], systems["layers"]), systems["layers"])
     return control
+
+
+def apply_compile(model, systems: dict[str, Any]):
+    """train.compile_layers: compile the decoder layers in place (modeling.compile_layers), before
+    the trainer exists so that TRL's precompute pass runs compiled too. Returns a function that
+    records how many graphs Dynamo compiled since (run.json: train.systems.compiled_graphs), or None."""
+    if not systems.get("compile_layers"):
+        return None
+    from torch._dynamo.utils import counters
+
+    from .modeling import compile_layers
+
+    before = counters["stats"]["unique_graphs"]
+    count = compile_layers(model)
+    log.info("torch.compile: %d decoder layers compiled in place; the first steps of each kind (training, reference) include compiling", count)
+
+    def record() -> None:
+        systems["compiled_graphs"] = counters["stats"]["unique_graphs"] - before
+        log.info("torch.compile: %d graphs compiled during training", systems["compiled_graphs"])
+
+    return record
 
 
 def log_systems(systems: dict[str, Any]) -> None:
@@ -586,6 +607,7 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
     systems = processes.from_main(lambda: resolve_systems(recipe, rows, device, dtype, run_dir, config=model.config, gpu_gib=gpu_gib))
     log_systems(systems)
     checkpointed = apply_checkpointing(model, systems, recipe, rows, dtype)
+    compiled = apply_compile(model, systems)
 
     peft_config = None
     if recipe.lora.enabled:
@@ -671,6 +693,8 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
         (tmp / "README.md").unlink(missing_ok=True)  # PEFT's empty template; export writes the adapter's card
         tok.save_pretrained(str(tmp))
         run_dir.commit(tmp, final)
+    if compiled is not None:
+        compiled()
     if checkpointed is not None and checkpointed.decide is not None:
         # training forwards by the number of layers they recomputed (this process's)
         systems["checkpointed_layers_per_batch"] = {str(k): n for k, n in sorted(checkpointed.seen.items())}
