@@ -65,3 +65,25 @@ def test_compiled_layers_give_the_same_numbers(case, tmp_path, aot_eager, monkey
     # without grad, adapter off): Phi-3 compiles 6 with 4 layers as with 2 (a compile per layer: 4 x more).
     assert counters["stats"]["unique_graphs"] == graphs
     assert control.seen == {checkpointed: 1}  # the per-layer checkpointing hook stayed eager and still decided
+
+
+def test_graphs_at_the_recompile_limit_are_reported(caplog):
+    """Beyond Dynamo's recompile limit (8 for the one code object all layers share) a new kind of
+    call runs eager: the run says so rather than leaving a slow step unexplained."""
+    from test_prefix_dpo import fresh_model
+
+    from alignpress.tiny import phi3_tokenizer
+    from alignpress.train import apply_compile
+
+    systems = {"compile_layers": True}
+    record = apply_compile(fresh_model("phi3", phi3_tokenizer()), systems)
+    counters["stats"]["unique_graphs"] += 7  # as if 7 kinds of call had compiled
+    with caplog.at_level("INFO", logger="alignpress"):
+        record()
+    assert systems["compiled_graphs"] == 7 and "reach Dynamo's recompile limit" not in caplog.text
+    counters["stats"]["unique_graphs"] += 1
+    with caplog.at_level("INFO", logger="alignpress"):
+        record()
+    assert systems["compiled_graphs"] == 8
+    assert "torch.compile: 8 graphs reach Dynamo's recompile limit (8); calls of any further kind ran eager" in caplog.text
+    assert apply_compile(fresh_model("phi3", phi3_tokenizer()), {"compile_layers": False}) is None

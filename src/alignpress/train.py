@@ -392,8 +392,14 @@ def apply_compile(model, systems: dict[str, Any]):
     log.info("torch.compile: %d decoder layers compiled in place; the first steps of each kind (training, reference) include compiling", count)
 
     def record() -> None:
+        import torch._dynamo
+
         systems["compiled_graphs"] = counters["stats"]["unique_graphs"] - before
         log.info("torch.compile: %d graphs compiled during training", systems["compiled_graphs"])
+        limit = torch._dynamo.config.recompile_limit
+        if systems["compiled_graphs"] >= limit:
+            # the layers share one code object, so one limit: calls of a kind beyond it ran eager
+            log.warning("torch.compile: %d graphs reach Dynamo's recompile limit (%d); calls of any further kind ran eager", systems["compiled_graphs"], limit)
 
     return record
 
