@@ -692,11 +692,9 @@ def run_all(args, out: Path | None = None) -> dict[str, Any]:
             if args.ref_cache:
                 cmd += ["--ref-cache", str(args.ref_cache)]
             print(f"[bench] {args.model} / {name} ...", file=sys.stderr, flush=True)
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout, cwd=ROOT)
-            except subprocess.TimeoutExpired:
+            proc = run_worker(cmd, args.variant_timeout)
+            if proc is None:
                 variants.append({"name": name, "status": "failed", "reason": f"timed out after {args.variant_timeout} s"})
-                proc = None
             if proc is not None and (proc.returncode != 0 or not part.exists()):
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
                 oom = "out of memory" in proc.stderr.lower()
@@ -709,6 +707,27 @@ def run_all(args, out: Path | None = None) -> dict[str, Any]:
         if out is not None and run["device"]["kind"] != "unknown":  # (the file is named by the device)
             write_report(run, out)
     return run
+
+
+def run_worker(cmd: list[str], timeout: float | None) -> subprocess.CompletedProcess | None:
+    """Run a variant's worker; None when it ran past `timeout` seconds. Then everything it started
+    is killed too: torch.compile's worker processes (compiled variants, FlexAttention) would
+    otherwise outlive it, busy on the CPU while the next variant is timed."""
+    import contextlib
+    import signal
+
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            out = None
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # none left: the usual end
+                os.killpg(proc.pid, signal.SIGKILL)  # its own session: the worker and what it started
+        if out is None:
+            proc.communicate()
+            return None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def prefix_savings(pairs: list[tuple[int, int, int]], model: str, smoke: bool) -> dict[str, Any]:

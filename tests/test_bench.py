@@ -276,3 +276,26 @@ def test_step_time_fit_in_the_report(smoke):
     v["results"]["step_seconds"] = [5.0, *(0.2 + 50e-6 * n for n in sizes)]
     md = bench_dpo.markdown(report)
     assert "least squares over the timed steps; the fixed part is what a step costs whatever its size (host overhead, optimizer, launches): tuned-standard 200 ms + 50.00 us a position (R² 1.00)." in md
+
+
+def test_a_worker_past_its_time_is_killed_with_what_it_started(tmp_path):
+    """--variant-timeout: the worker and its children (torch.compile's compile workers) go, so none
+    keeps a CPU busy while the next variant is timed."""
+    import os
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    started = time.monotonic()
+    assert bench_dpo.run_worker(["bash", "-c", f"sleep 60 & echo $! > {pid_file}; wait"], timeout=2) is None
+    assert time.monotonic() - started < 20
+    child = int(pid_file.read_text())
+    for _ in range(50):  # SIGKILL is delivered asynchronously
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the worker's child {child} outlived it")
+    done = bench_dpo.run_worker([sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"], timeout=30)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "out\n", "err\n")
