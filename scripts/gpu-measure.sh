@@ -58,8 +58,9 @@ if [ -n "${SMOKE:-}" ]; then
 else
   common=(--steps 10 --warmup 2 --pool 128 --variant-timeout 180 --out "$out")
 fi
-# the shipped recipe also runs 2 more steps under torch.profiler: where a step's GPU time goes (MFU)
-common+=(--profile tuned)
+# the shipped recipe, eager and compiled, also runs 2 more steps under torch.profiler: where a step's
+# GPU time goes (MFU), and how much of the wall time the GPU is busy (device_busy) in each
+common+=(--profile tuned --profile tuned-compiled)
 # One precompute pass per model and data, not one per variant (about 40 s each for Phi-3-mini on
 # an H200): later variants reuse the stored reference log-probs (results.precompute_reused).
 refs=$(mktemp -d "${TMPDIR:-/tmp}/alignpress-bench-refs.XXXXXX")
