@@ -407,6 +407,10 @@ def setup_logging() -> None:
     root.addHandler(other)
     if root.level == logging.NOTSET or root.level > logging.WARNING:
         root.setLevel(logging.WARNING)
+    # bitsandbytes 0.50 on a CPU with AVX512-BF16 warns at import that it cannot fetch its CPU 4-bit
+    # kernel (the `kernels` package): alignpress never runs 4-bit on the CPU (refused at the door), so the
+    # line only stood before every command's output there, a refusal's one line included.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # peft 0.21 and trl 1.16 read model.is_gradient_checkpointing, which transformers 5.23 deprecates:
     # not our call and nothing a user can change, so it is not shown (ours use activation_checkpointing).
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
