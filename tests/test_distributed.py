@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, cli
 
 
@@ -39,6 +40,16 @@ def test_two_gloo_processes_match_one(tmp_path, demo_run):
     assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-4, (la, lb)
     assert json.loads((two / "run.json").read_text())["stages"]["train"]["world_size"] == 2
     assert (two / "adapter/adapter_model.safetensors").exists()
+
+    # The same two processes with their decoder layers compiled (train.compile_layers; DDP's gradient
+    # hooks fire from the compiled backward): the eager losses, and each process compiled its own graphs
+    compiled = prepared_copy(demo_run, tmp_path / "compiled")
+    c = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "entrypoint.py"), "train", "recipes/demo.yaml",
+                        "--output-dir", str(compiled), *common, "--set", "train.per_device_train_batch_size=4", "--set", "train.compile_layers=true"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert c.returncode == 0, c.stderr[-3000:]
+    assert losses(compiled) == pytest.approx(lb, rel=1e-5)
+    assert c.stderr.count("torch.compile: 3 graphs compiled during training") == 2
 
 
 def test_demo_under_deepspeed_zero2(tmp_path, demo_run):
