@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -813,10 +814,29 @@ def test_plan_counts_the_disk_a_fresh_machine_needs(phi3_out):
             "pip and dataset caches come on top): raise its resources.disk_size, or launch it with --disk-size") in full.stdout
 
 
-def test_compiled_layers_are_not_rated_by_eager_measurements(phi3_out):
+def test_compiled_layers_are_rated_by_the_eager_measurement_and_say_so(phi3_out):
     """No committed run compiled its layers (train.compile_layers; files without the field ran
-    eager): plan estimates, and says so, rather than quoting the eager tokens/s."""
+    eager): plan rates a compiled recipe with the same settings measured eager, never as a compiled
+    measurement: the row says "eager" and the detail line names the file and why."""
     proc = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--gpu", "H200", "--set", "train.compile_layers=true")
     assert proc.returncode == 0, proc.stderr
-    assert "measured: 2026" not in proc.stdout and "13,715" not in proc.stdout
-    assert re.search(r"^H200 .*tok/s \(MFU 0\.\d+, estimate\)", proc.stdout, re.M), proc.stdout
+    eager = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--gpu", "H200")
+    row = {p: next(line for line in out.stdout.splitlines() if line.startswith("H200 ")) for p, out in (("compiled", proc), ("eager", eager))}
+    assert row["eager"].replace("MFU 0.214, measured)", "MFU 0.214, eager)   ") == row["compiled"], row
+    assert re.search(r"^H100-80GB .*tok/s \(MFU 0\.214, H200's eager\)", proc.stdout, re.M), proc.stdout
+    assert ("           H200: measured with train.compile_layers off (compiled layers not measured yet): 2026-11-27-h200/H200-2026-11-27.json, "
+            "variant tuned-prefix: 13,715 tokens/s, MFU 0.2143, peak 48.21 GiB") in proc.stdout
+    assert "H100-80GB: measured with train.compile_layers off (compiled layers not measured yet) on the H200 (same GH100 die)" in proc.stdout
+    # A compiled measurement, when there is one, is used as such: the committed tuned-prefix file with
+    # compile_layers recorded true and another MFU stands for a compiled run
+    bench = phi3_out / "bench"
+    shutil.copytree(ROOT / "benchmarks" / "results" / "2026-11-27-h200", bench / "2026-11-27-h200")
+    path = bench / "2026-11-27-h200" / "H200-2026-11-27.json"
+    report = json.loads(path.read_text())
+    variant = next(v for r in report["runs"] for v in r["variants"] if v["name"] == "tuned-prefix")
+    variant["settings"]["compile_layers"] = True
+    variant["results"]["mfu"] = 0.25
+    path.write_text(json.dumps(report))
+    compiled = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--gpu", "H200", "--bench-results", bench, "--set", "train.compile_layers=true")
+    assert re.search(r"^H200 .*tok/s \(MFU 0\.250, measured\)", compiled.stdout, re.M), compiled.stdout
+    assert "compile_layers off" not in compiled.stdout

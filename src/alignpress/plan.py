@@ -313,6 +313,9 @@ def load_measurements(dirs: list[Path]) -> list[dict[str, Any]]:
     return [m for m in found if m["variant"].get("status") == "ok"]
 
 
+EAGER_SOURCE = "measured with train.compile_layers off (compiled layers not measured yet)"
+
+
 def measured_mfu(arch: Arch, want: dict[str, Any], gpu: str, dirs: list[Path]) -> tuple[float, str, dict[str, Any]] | None:
     """A measured MFU for this architecture, GPU and settings (recipe_settings) from benchmark results:
     measured on this GPU, else on another GPU with the same die (gpus.json `chip`: an H200
@@ -556,7 +559,14 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
         row_ckpt = checkpointing_for(name)[0]
         row_mem = mem if name == gpu else memory_estimate(arch, with_checkpointing(row_ckpt))
         some = row_ckpt if 0 < row_ckpt < arch.layers else None
-        found = measured_mfu(arch, recipe_settings(recipe, row_ckpt > 0, precompute, some), name, bench_dirs if bench_dirs is not None else [BENCH_RESULTS])
+        want = recipe_settings(recipe, row_ckpt > 0, precompute, some)
+        found = measured_mfu(arch, want, name, bench_dirs if bench_dirs is not None else [BENCH_RESULTS])
+        if found is None and want["compile_layers"]:
+            # No run compiled its layers yet: the same settings measured eager are the evidence at
+            # hand (a floor if compiling is no slower, as the CPU proxy has it); said so in the row.
+            eager = measured_mfu(arch, want | {"compile_layers": False}, name, bench_dirs if bench_dirs is not None else [BENCH_RESULTS])
+            if eager is not None:
+                found = (eager[0], f"{EAGER_SOURCE}{eager[1].removeprefix('measured')}", eager[2])
         measured = found[2] if found else None
         mfu, source = found[:2] if found else (math.prod(mfu_factors(recomputed_share(name, row_ckpt)).values()), "estimate: not measured")
         price = offer_prices(price_table["gpus"].get(name))
@@ -695,8 +705,10 @@ def format_plan(p: dict[str, Any]) -> str:
     for r in p["gpus"]:
         fit = "ok" if r["fits"] and not r["tight"] else ("tight" if r["fits"] else "NO")
         src = "measured" if r["mfu_source"].startswith("measured") else "estimate"
-        if (other := re.match(r"measured on the (\S+) ", r["mfu_source"])):
+        if (other := re.search(r"measured.* on the (\S+) \(same", r["mfu_source"])):
             src = f"{other.group(1)}'s"  # measured on another GPU with the same die
+        if r["mfu_source"].startswith(EAGER_SOURCE):
+            src = "eager" if src == "measured" else f"{src} eager"
         through = f"{r['tokens_per_s']:,.0f} tok/s (MFU {r['mfu']:.3f}, {src})"
         od, sp = r["price_on_demand"], r["price_spot"]
         cost_od = f"{_usd(r['usd_on_demand'])} @ ${od['usd']:.2f}/h" if od else "n/a"
