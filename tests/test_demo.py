@@ -37,6 +37,53 @@ def test_demo_artifacts(demo_run):
     assert not list(out.glob("*.partial"))
 
 
+def test_demo_stdout_holds_results_and_stderr_one_line_per_log(demo_run):
+    """stdout: the rendered pair, the push line and the summary, nothing else (no Trainer log dicts,
+    no DeepSpeed line). stderr: one progress line per logged step, from the values in train.jsonl."""
+    from alignpress.train import progress_line
+
+    out, proc = demo_run
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "One rendered pair (text, then tokens; ║ marks where the answer starts):"
+    assert [line.split()[0] for line in lines[1:5]] == ["prompt", "chosen", "rejected", "tokens"]
+    assert lines[5].startswith("no publish.repo_id: skipped the push") and lines[6].startswith("summary of run demo-")
+    assert all(line.startswith("  ") for line in lines[7:]) and len(lines) == 16, lines
+    steps = load(out / "run.json")["stages"]["train"]["global_step"]
+    logged = [json.loads(line) for line in (out / "metrics/train.jsonl").read_text().splitlines()]
+    expected = [f"[alignpress] {progress_line(e['step'], steps, e)}" for e in logged if "loss" in e and "train_runtime" not in e]
+    assert len(expected) == 10 and expected[0].startswith("[alignpress] step 5/53: loss ")
+    shown = [part for line in proc.stderr.splitlines() for part in line.split("\r") if part.startswith("[alignpress] step ")]
+    assert shown == expected
+    assert "Setting accelerator to CPU" not in proc.stdout + proc.stderr
+
+
+def test_progress_line():
+    from alignpress.train import progress_line
+
+    logs = {"loss": 0.693147, "grad_norm": 8.2671, "learning_rate": 5e-6, "rewards/accuracies": 0.5, "rewards/margins": -4.511e-05, "epoch": 0.5}
+    assert progress_line(4, 12, logs) == "step 4/12: loss 0.6931, reward accuracy 0.5, margin -4.511e-05, grad norm 8.267, lr 5e-06"
+    assert progress_line(12, 12, {"train_runtime": 3.0, "train_loss": 0.69, "loss": 0.69}) is None
+    assert progress_line(12, 12, {"eval_loss": 0.69}) is None
+
+
+def test_deepspeed_warnings_go_to_stderr():
+    """DeepSpeed's logger writes to stdout; after setup_logging its records reach stderr, except the
+    CPU-accelerator line, and stdout stays empty (DeepSpeed really imported, its accelerator chosen)."""
+    code = ("from alignpress.cli import setup_logging; setup_logging()\n"
+            "import deepspeed\n"
+            "from deepspeed.accelerator import get_accelerator\n"
+            "from deepspeed.utils import logger\n"
+            "print(get_accelerator()._name)\n"
+            "logger.warning('a DeepSpeed warning')\n"
+            "logger.info('not shown')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "CUDA_VISIBLE_DEVICES")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env | {"PYTHONPATH": str(ROOT / "src")}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ("cuda\n" if torch.cuda.is_available() else "cpu\n")
+    ours = [line for line in proc.stderr.splitlines() if "DeepSpeed" in line or "accelerator" in line]
+    assert ours == ["[DeepSpeed] WARNING: a DeepSpeed warning"], proc.stderr
+
+
 def test_demo_data_counts(demo_run):
     stats = load(demo_run[0] / "data/stats.json")
     assert stats["format"] == "capybara"

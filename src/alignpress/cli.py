@@ -389,6 +389,22 @@ class _NotHandledElsewhere(logging.Filter):
         return True
 
 
+class _DeepSpeedToStderr(logging.Filter):
+    """DeepSpeed's logger prints to stdout, which alignpress keeps for results: its records go to
+    stderr with the other libraries' instead. Its "Setting accelerator to CPU. If you have GPU ...
+    we were unable to detect it" is dropped: alignpress says which device it trains on, and refuses
+    a GPU recipe on a machine without one before that."""
+
+    def __init__(self, handler: logging.Handler):
+        super().__init__()
+        self.handler = handler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("Setting accelerator to CPU"):
+            self.handler.handle(record)
+        return False
+
+
 def setup_logging() -> None:
     """alignpress's own lines as `[alignpress] ...` at ALIGNPRESS_LOG (default INFO); other libraries'
     warnings once each, under their own name."""
@@ -407,6 +423,12 @@ def setup_logging() -> None:
     root.addHandler(other)
     if root.level == logging.NOTSET or root.level > logging.WARNING:
         root.setLevel(logging.WARNING)
+    # Set before DeepSpeed is imported: its logger keeps the filters of an existing one
+    deepspeed = logging.getLogger("DeepSpeed")
+    deepspeed.filters = [f for f in deepspeed.filters if not isinstance(f, _DeepSpeedToStderr)]
+    to_stderr = logging.StreamHandler(sys.stderr)
+    to_stderr.setFormatter(other.formatter)
+    deepspeed.addFilter(_DeepSpeedToStderr(to_stderr))
     # bitsandbytes 0.50 on a CPU with AVX512-BF16 warns at import that it cannot fetch its CPU 4-bit
     # kernel (the `kernels` package): alignpress never runs 4-bit on the CPU (refused at the door), so the
     # line only stood before every command's output there, a refusal's one line included.

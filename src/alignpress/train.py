@@ -158,6 +158,50 @@ def _metrics_callback(path: Path, resume_step: int, truncate: bool = True):
     return MetricsToJsonl()
 
 
+# The training metrics in one line (all of them go to metrics/train.jsonl and the tracker)
+PROGRESS_KEYS = (("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "margin"), ("grad_norm", "grad norm"), ("learning_rate", "lr"))
+
+
+def progress_line(step: int, max_steps: int, logs: dict[str, Any]) -> str | None:
+    """`step 5/53: loss 1.277, reward accuracy 0.55, ...` for a training log event; None for others
+    (the closing train_runtime summary: `training done` says it)."""
+    if "loss" not in logs or "train_runtime" in logs:
+        return None
+    shown = ", ".join(f"{label} {logs[k]:.4g}" for k, label in PROGRESS_KEYS if isinstance(logs.get(k), (int, float)))
+    return f"step {step}/{max_steps}: {shown}"
+
+
+def _quiet_progress(trainer) -> None:
+    """The Trainer's progress bar stays, but its log events become one short line on stderr (our
+    logger's) instead of a dict of every metric on stdout, which stays for results."""
+    import sys
+
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    def emit(state, logs, bar) -> None:
+        line = progress_line(state.global_step, state.max_steps, logs or {})
+        if not (state.is_world_process_zero and line and log.isEnabledFor(logging.INFO)):
+            return
+        if bar is not None:
+            bar.write(f"[alignpress] {line}", file=sys.stderr)  # above the bar, which tqdm redraws
+        else:
+            log.info(line)
+
+    class BarAndLines(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            emit(state, logs, self.training_bar)
+
+    class Lines(TrainerCallback):  # train.disable_tqdm-like settings: no bar (PrinterCallback's place)
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            emit(state, logs, None)
+
+    bar = any(isinstance(cb, ProgressCallback) for cb in trainer.callback_handler.callbacks)
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(BarAndLines() if bar else Lines())
+
+
 def _no_stray_cards():
     """TRL writes checkpoints/README.md and PEFT checkpoint-N/README.md at every save: the one card is export's."""
     from transformers import TrainerCallback
@@ -657,6 +701,7 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
             callbacks=[callback, spot.callback, HealthCallback(recipe, run_dir), FirstStep(), _no_stray_cards(), tracking.link_callback(recipe, run_dir)],
             **extra,
         )
+    _quiet_progress(trainer)
     if systems["precompute_ref_log_probs"]:
         folder = Path(dataset.cache_files[0]["filename"]).parent
         reused = trainer.ref_batches_computed == 0
