@@ -59,6 +59,45 @@ def test_evaluate_restart_redoes_only_evaluate(demo_copy):
     assert (demo_copy / "metrics/eval.json").is_file()
 
 
+def test_restart_refused_in_prepare_leaves_the_folder_as_it_was(demo_copy):
+    """`run --restart` with a filter that keeps no row fails in prepare, before it replaced anything:
+    run.json, the resolved recipe, the checkpoints and the step log are as they were, so the old
+    recipe still runs in the folder (every stage done) instead of being refused as different."""
+    before = tree(demo_copy)
+    proc = cli("run", "recipes/demo.yaml", "--output-dir", demo_copy, "--restart", "--set", "data.filters.max_tokens=5")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --set data.filters.max_tokens: field 'data.filters.max_tokens': no training rows left after filtering")
+    assert f"--restart failed before it replaced any result: {demo_copy} is as it was (run.json, recipe.resolved.yaml, checkpoints)" in proc.stderr
+    after = tree(demo_copy)
+    assert after == before, sorted(set(after.items()) ^ set(before.items()))
+    again = cli("run", "recipes/demo.yaml", "--output-dir", demo_copy)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for stage in STAGES:
+        assert f"== {stage}: already done, skipping" in again.stderr
+
+
+def test_prepare_restart_with_the_same_recipe_and_data_keeps_the_later_stages(demo_copy):
+    """`prepare --restart` that prepares the same data for the same recipe: the trained, evaluated and
+    exported results stand, and the checkpoints are back where training resumes from them."""
+    ckpts, train_log = tree(demo_copy / "checkpoints"), (demo_copy / "metrics/train.jsonl").read_bytes()
+    manifest = json.loads((demo_copy / "run.json").read_text())
+    proc = cli("prepare", "recipes/demo.yaml", "--output-dir", demo_copy, "--restart")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "prepared data unchanged (fingerprint " in proc.stderr and "later stages stay as they are" not in proc.stderr
+    assert "same recipe and prepared data as before --restart: the later stages' results stand (train, evaluate, export, publish done)" in proc.stderr
+    assert statuses(demo_copy) == ["done"] * 5
+    after = json.loads((demo_copy / "run.json").read_text())
+    assert [after["stages"][s] for s in STAGES[1:]] == [manifest["stages"][s] for s in STAGES[1:]]
+    assert tree(demo_copy / "checkpoints") == ckpts and (demo_copy / "metrics/train.jsonl").read_bytes() == train_log
+    assert not list(demo_copy.glob("*.previous")) and not list((demo_copy / "metrics").glob("*.previous"))
+    # A changed recipe (the seed: training only) is not the same run: the later stages run again
+    changed = cli("prepare", "recipes/demo.yaml", "--output-dir", demo_copy, "--restart", "--set", "train.seed=7")
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert "the later stages' results stand" not in changed.stderr
+    assert statuses(demo_copy) == ["done", "pending", "pending", "pending", "pending"]
+    assert tree(demo_copy / "checkpoints.previous") == ckpts
+
+
 @pytest.mark.slow
 def test_train_restart_keeps_old_results_until_replaced(demo_copy, demo_run):
     """`train --restart` trains from step 0; the old adapter, checkpoints and prepared data stay

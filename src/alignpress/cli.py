@@ -158,6 +158,51 @@ def _restart(run_dir: RunDir, first: str) -> None:
         run_dir.set_aside(run_dir.metrics / "train.jsonl")
 
 
+def _before_restart(run_dir: RunDir) -> dict | None:
+    """The folder's records as `--restart` finds them: run.json and the resolved recipe."""
+    if not run_dir.manifest_path.exists():
+        return None
+    recipe_path = run_dir.root / "recipe.resolved.yaml"
+    return {"manifest": run_dir.load(), "recipe": recipe_path.read_text() if recipe_path.exists() else None}
+
+
+def _put_back(run_dir: RunDir, before: dict, stages: list[str]) -> None:
+    """`stages`' records as they were before --restart, with the checkpoints and step log it set aside."""
+    m = run_dir.load()
+    for s in stages:
+        if s in before["manifest"].get("stages", {}):
+            m.setdefault("stages", {})[s] = before["manifest"]["stages"][s]
+    run_dir.save(m)
+    for path in (run_dir.checkpoints, run_dir.metrics / "train.jsonl"):
+        aside = path.with_name(path.name + ".previous")
+        if aside.exists():
+            if path.is_dir():
+                import shutil
+
+                shutil.rmtree(path)  # empty of checkpoints: _undo_restart checked
+            os.replace(aside, path)
+
+
+def _undo_restart(run_dir: RunDir, before: dict, first: str) -> bool:
+    """A --restart whose first stage failed before it replaced anything (a refusal in prepare, a
+    model that does not load) leaves the folder as it found it: its records, resolved recipe,
+    checkpoints and step log. Not when a stage from `first` on finished, or new checkpoints exist
+    (a restarted training that got that far resumes from them)."""
+    redone = STAGES[STAGES.index(first):]
+    try:
+        if any(run_dir.is_done(s) for s in redone) or any(run_dir.checkpoints.glob("checkpoint-*")):
+            return False
+        _put_back(run_dir, before, redone)
+        run_dir.save(before["manifest"])  # all of it: nothing the failed attempt recorded stands
+        if before["recipe"] is not None:
+            write_text(run_dir.root / "recipe.resolved.yaml", before["recipe"])
+    except (OSError, AlignpressError) as e:  # the first error is the one to report
+        log.warning("could not put %s back as --restart found it: %s", run_dir.root, e)
+        return False
+    log.info("--restart failed before it replaced any result: %s is as it was (run.json, recipe.resolved.yaml, checkpoints)", run_dir.root)
+    return True
+
+
 def _run_stage(name: str, recipe: Recipe, run_dir: RunDir) -> None:
     from . import evaluate, export, prepare, publish, train
 
@@ -214,7 +259,8 @@ def _after_stage(name: str, run_dir: RunDir, old_fingerprint: str | None) -> Non
     if name == "prepare" and old_fingerprint is not None:
         new_fingerprint = run_dir.load().get("data_fingerprint")
         if new_fingerprint == old_fingerprint:
-            log.info("prepared data unchanged (fingerprint %s): later stages stay as they are", new_fingerprint[:12])
+            stay = ": later stages stay as they are" if run_dir.is_done(later[0]) else ""
+            log.info("prepared data unchanged (fingerprint %s)%s", new_fingerprint[:12], stay)
             return
         if run_dir.checkpoints.exists():
             log.info("prepared data changed: the checkpoints of the old data move to %s.previous; training starts over", run_dir.checkpoints)
@@ -333,10 +379,41 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
 def _execute_locked(args: argparse.Namespace, argv: list[str], recipe: Recipe, run_dir: RunDir, state, restart_from: str | None) -> int:
     main = state is None or state.is_main_process
     # The main process reads the folder for every decision and tells the others (alignpress.processes).
+    # a relaunched child's parent keeps the records and restarts
+    restarting = restart_from and main and os.environ.get("ALIGNPRESS_LAUNCHED") != "1"
+    before = _before_restart(run_dir) if restarting else None  # before any record changes
     processes.on_main(state, lambda: _check_same_recipe(recipe, run_dir, restart_from, args.command))
     launched = state is not None or os.environ.get("ALIGNPRESS_LAUNCHED") == "1"
-    if restart_from and main and os.environ.get("ALIGNPRESS_LAUNCHED") != "1":  # a relaunched child's parent did it
+    if restarting:
         _restart(run_dir, restart_from)
+    try:
+        code = _execute_stages(args, argv, recipe, run_dir, state, launched)
+    except BaseException:
+        if before is not None:
+            _undo_restart(run_dir, before, restart_from)
+        raise
+    if before is not None and code != 0:  # the relaunched processes failed
+        _undo_restart(run_dir, before, restart_from)
+    elif before is not None and args.command == "prepare":
+        _keep_later_stages(run_dir, before, recipe)
+    return code
+
+
+def _keep_later_stages(run_dir: RunDir, before: dict, recipe: Recipe) -> None:
+    """`prepare --restart` that prepared the same data for the same recipe: the later stages'
+    results are still the results of this recipe and data, so they stand (and training resumes
+    from its checkpoints, not from step 0)."""
+    m = run_dir.load()
+    same_data = m.get("data_fingerprint") == before["manifest"].get("data_fingerprint")
+    same_recipe = before["recipe"] == dump(recipe) and m.get("chat_template_sha256") == before["manifest"].get("chat_template_sha256")
+    if same_data and same_recipe:
+        _put_back(run_dir, before, STAGES[1:])
+        done = [s for s in STAGES[1:] if run_dir.is_done(s)]
+        log.info("same recipe and prepared data as before --restart: the later stages' results stand (%s done)", ", ".join(done) or "none")
+
+
+def _execute_stages(args: argparse.Namespace, argv: list[str], recipe: Recipe, run_dir: RunDir, state, launched: bool) -> int:
+    main = state is None or state.is_main_process
     if recipe.train.accelerate_config and not launched and args.command in ("run", "train"):
         return _relaunch(recipe, argv)
     if main:
