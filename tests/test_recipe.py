@@ -92,6 +92,8 @@ BASE = "name: t\nmodel: {name_or_path: x/y}\ndata: {dataset: d.jsonl}\n"
         ("publish: {repo_id: 'no-namespace'}\n", [], "field 'publish.repo_id': 'no-namespace': expected namespace/name"),
         ("publish: {repo_id: 'me/bad--name'}\n", [], "field 'publish.repo_id': 'me/bad--name': 'bad--name' is not a valid Hub name"),
         ("", ["dpo.bta=0.2"], "--set dpo.bta: unknown field 'dpo.bta'; did you mean 'beta'?"),
+        ("", ["publish.repo_id="], "--set publish.repo_id: the value is empty (an unset shell variable?); write publish.repo_id=null for none"),
+        ("", ["eval.gate_min_gain= "], "--set eval.gate_min_gain: the value is empty (an unset shell variable?); write eval.gate_min_gain=null for none"),
         ("", ["dpo.beta=abc"], "--set dpo.beta: field 'dpo.beta': expected a number, got 'abc'"),
         ("", ["train.max_steps=0"], "--set train.max_steps: field 'train.max_steps': must be -1"),
         ("lora: {enabled: false}\nmodel: {name_or_path: x/y, load_in_4bit: true}\n", [], "field 'model.load_in_4bit': 4-bit training needs a LoRA adapter"),

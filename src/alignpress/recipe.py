@@ -282,8 +282,11 @@ def apply_override(raw: dict, item: str) -> str:
                 break
             else:
                 raise AlignpressError(f"'{'.'.join(parts[: i + 1])}' is not a section", source=f"--set {key}")
+    if not text.strip():
+        # `--set publish.repo_id=$HUB_REPO` with the variable unset would quietly turn publishing off
+        raise AlignpressError(f"the value is empty (an unset shell variable?); write {key}=null for none", source=f"--set {key}")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         value = text
     node = raw
