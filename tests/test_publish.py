@@ -165,6 +165,27 @@ def test_first_push_then_identical_rerun(hub_env, out, transport):
     assert snapshot(out / "model") == before
 
 
+def test_a_restart_is_a_new_run_with_its_own_tag_in_the_same_repo(hub_env, out):
+    """`export --restart` with other weights (bf16) gets a new run id: its push makes a new commit
+    under a tag of its own, the first run's tag stays on its commit, and the repo the folder's
+    earlier run published needs no allow_update. (With the old id the push was refused: the tag
+    named a commit of other weights.)"""
+    server = hub_env.server
+    assert run_process(out).returncode == 0
+    first, first_head = run_id(out), server.head(REPO)
+    proc = cli("export", RECIPE, "--output-dir", out, "--restart", "--set", "export.dtype=bfloat16", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second = run_id(out)
+    assert second != first and f"--restart: run {second} (was {first})" in proc.stderr
+    assert json.loads((out / "run.json").read_text())["previous_run_ids"] == [first]
+    proc = run_process(out, "export.dtype=bfloat16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    head = server.head(REPO)
+    assert head != first_head and server.tags(REPO) == {first: first_head, second: head}
+    assert server.file_bytes(REPO, "alignpress.json") == marker(out)  # the new run's id
+    assert f"model: pushed: {server.url}/{REPO} (tag {second}" in proc.stdout
+
+
 def test_push_both_puts_the_adapter_on_its_own_branch(hub_env, out):
     server = hub_env.server
     rid = run_id(out)

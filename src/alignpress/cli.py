@@ -152,6 +152,9 @@ def _restart(run_dir: RunDir, first: str) -> None:
     if not run_dir.manifest_path.exists():
         return
     log.info("--restart: stages from %s on will run again; finished results stay until replaced", first)
+    if STAGES.index(first) <= STAGES.index("export"):
+        # A new model, card or numbers: a new run (its own Hub tag and tracked run)
+        log.info("--restart: run %s (was %s)", run_dir.new_run_id(), run_dir.load()["previous_run_ids"][0])
     run_dir.invalidate_from(first)
     if STAGES.index(first) <= STAGES.index("train"):
         run_dir.set_aside(run_dir.checkpoints)

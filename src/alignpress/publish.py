@@ -80,7 +80,7 @@ from typing import Any, Callable, TypeVar
 from . import card, gate
 from .errors import AlignpressError, StageFailed, redact
 from .recipe import Recipe
-from .runstate import RunDir
+from .runstate import RunDir, owned_run_ids
 
 log = logging.getLogger("alignpress")
 
@@ -483,9 +483,10 @@ def _marker_run_id(hub: Hub, repo_id: str, revision: str, files: dict[str, Any])
         return None
 
 
-def check_repo(hub: Hub, recipe: Recipe, run_id: str | None, repo_id: str, branches_used: list[str]) -> dict[str, str]:
+def check_repo(hub: Hub, recipe: Recipe, run_ids: list[str], repo_id: str, branches_used: list[str]) -> dict[str, str]:
     """Refuse an existing repo this push must not touch (visibility, ownership); returns its tags
-    ({} when it does not exist). `run_id` None (a run not started yet) owns only an empty repo."""
+    ({} when it does not exist). `run_ids`: the folder's run and its runs before each --restart
+    (runstate.owned_run_ids); none (a run not started yet) owns only an empty repo."""
     from huggingface_hub.errors import RepositoryNotFoundError
 
     def info():
@@ -515,10 +516,10 @@ def check_repo(hub: Hub, recipe: Recipe, run_id: str | None, repo_id: str, branc
         files = hub.call(f"listing the files of {repo_id}@{rev}", lambda rev=rev: tree(hub, repo_id, rev))
         empty = empty and set(files) <= {".gitattributes"}
         got = hub.call(f"reading {MARKER} of {repo_id}@{rev}", lambda rev=rev, files=files: _marker_run_id(hub, repo_id, rev, files))
-        ours = ours or (run_id is not None and got == run_id)
+        ours = ours or (got is not None and got in run_ids)
     if not (ours or empty or p.allow_update):
         raise AlignpressError(
-            f"{repo_id} already exists and was not published by this run (run {run_id}): refusing to push to it. "
+            f"{repo_id} already exists and was not published by this run (run {run_ids[0] if run_ids else None}): refusing to push to it. "
             "Set publish.allow_update: true to add a commit to it, or choose another publish.repo_id",
             field="publish.allow_update",
         )
@@ -648,12 +649,12 @@ def verify(hub: Hub, d: Destination, commit: str, private: bool) -> bool:
     return bool(info.private)
 
 
-def check_access(hub: Hub, recipe: Recipe, run_id: str | None) -> tuple[str, dict[str, dict[str, str]]]:
+def check_access(hub: Hub, recipe: Recipe, run_ids: list[str]) -> tuple[str, dict[str, dict[str, str]]]:
     """whoami and the existing-repo checks for every destination: (user, {repo_id: its tags})."""
     dests = targets(recipe)
     repo_ids = list(dict.fromkeys(repo for _, repo, _ in dests))
     user = check_identity(hub, repo_ids)
-    tags = {r: check_repo(hub, recipe, run_id, r, [b for _, repo, b in dests if repo == r]) for r in repo_ids}
+    tags = {r: check_repo(hub, recipe, run_ids, r, [b for _, repo, b in dests if repo == r]) for r in repo_ids}
     return user, tags
 
 
@@ -692,7 +693,7 @@ def preflight(recipe: Recipe, run_dir: RunDir) -> str | None:
     _quiet_http()
     hub = Hub(token, "Nothing was written: fix the problem and run again")
     try:
-        user, _ = check_access(hub, recipe, run_dir.load().get("run_id"))
+        user, _ = check_access(hub, recipe, owned_run_ids(run_dir.load()))
         kinds = [kind for kind, _, _ in targets(recipe)]
         check_card_metadata(hub, card.metadata(recipe), kinds)
     finally:
@@ -769,7 +770,7 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     _quiet_http()
     hub = Hub(token, rerun)
     try:
-        user, tags = check_access(hub, recipe, manifest["run_id"])
+        user, tags = check_access(hub, recipe, owned_run_ids(manifest))
         for repo_id, repo_tags in tags.items():
             check_tags(hub, repo_id, repo_tags, [d for d in dests if d.repo_id == repo_id])
         results = []

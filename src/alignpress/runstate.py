@@ -130,6 +130,15 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def new_run_id(recipe_name: str) -> str:
+    return f"{recipe_name}-{_dt.datetime.now(_dt.timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def owned_run_ids(manifest: dict[str, Any]) -> list[str]:
+    """This folder's run id and the ids it had before each --restart (newest first)."""
+    return [i for i in [manifest.get("run_id"), *manifest.get("previous_run_ids", [])] if i]
+
+
 class RunDir:
     """The output folder of one recipe run."""
 
@@ -192,11 +201,23 @@ class RunDir:
         self.save(m)
         return m
 
+    def new_run_id(self) -> str:
+        """A redo (--restart) is a new run: a new id, so its push gets a tag of its own and its
+        tracker a run of its own. The earlier ids stay in previous_run_ids: the Hub repos those
+        runs published are still this folder's to update (owned_run_ids)."""
+        m = self.load()
+        if m.get("run_id"):
+            m["previous_run_ids"] = [m["run_id"], *m.get("previous_run_ids", [])]
+        m["run_id"] = new_run_id(m.get("recipe", self.root.name))
+        m.pop("tracking", None)  # the tracked run follows the run id
+        self.save(m)
+        return m["run_id"]
+
     def init(self, recipe_name: str, recipe_file: str) -> dict[str, Any]:
         m = self.load()
         if not m:
             m = {
-                "run_id": f"{recipe_name}-{_dt.datetime.now(_dt.timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}",
+                "run_id": new_run_id(recipe_name),
                 "recipe": recipe_name,
                 "recipe_file": recipe_file,
                 "created": now(),
