@@ -98,6 +98,30 @@ def test_prepare_restart_with_the_same_recipe_and_data_keeps_the_later_stages(de
     assert tree(demo_copy / "checkpoints.previous") == ckpts
 
 
+def test_sigterm_outside_training_marks_the_stage_and_frees_the_folder(demo_copy):
+    """SIGTERM during evaluate (a preemption, `docker stop`): exit 143 with one line saying what to do,
+    the stage marked interrupted, the lock released; the next run finishes it."""
+    set_pending(demo_copy, "evaluate", "export", "publish")
+    args = [sys.executable, str(ROOT / "entrypoint.py"), "evaluate", "recipes/demo.yaml", "--output-dir", str(demo_copy)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:  # the stage has started: it loads two models and scores 90 pairs each
+        seen.append(line)
+        if "evaluate base: chosen log-probs" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    err = "".join(seen) + proc.stderr.read()
+    assert proc.wait(timeout=120) == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == ("error: stopped by SIGTERM; run the same command again to go on: finished stages are kept, "
+                                            "and training resumes from its newest checkpoint")
+    manifest = json.loads((demo_copy / "run.json").read_text())
+    assert manifest["stages"]["evaluate"]["status"] == "interrupted"
+    assert not (demo_copy / "run.lock").exists()
+    again = cli("run", "recipes/demo.yaml", "--output-dir", demo_copy)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert statuses(demo_copy) == ["done"] * 5 and "== train: already done, skipping" in again.stderr
+
+
 @pytest.mark.slow
 def test_train_restart_keeps_old_results_until_replaced(demo_copy, demo_run):
     """`train --restart` trains from step 0; the old adapter, checkpoints and prepared data stay

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -193,7 +194,8 @@ def _undo_restart(run_dir: RunDir, before: dict, first: str) -> bool:
     (a restarted training that got that far resumes from them)."""
     redone = STAGES[STAGES.index(first):]
     try:
-        if any(run_dir.is_done(s) for s in redone) or any(run_dir.checkpoints.glob("checkpoint-*")):
+        retrained = STAGES.index(first) <= STAGES.index("train") and any(run_dir.checkpoints.glob("checkpoint-*"))
+        if any(run_dir.is_done(s) for s in redone) or retrained:
             return False
         _put_back(run_dir, before, redone)
         run_dir.save(before["manifest"])  # all of it: nothing the failed attempt recorded stands
@@ -287,8 +289,6 @@ def _relaunch(recipe: Recipe, argv: list[str]) -> int:
     # The launcher and its workers get a process group of their own, and the signals this process
     # receives go to all of them: a SIGTERM (`docker stop`, a preemption) used to stop this process
     # alone, leaving the workers training on with no checkpoint asked for, and the folder's lock free.
-    import signal
-
     child = subprocess.Popen(cmd, env=dict(os.environ, ALIGNPRESS_LAUNCHED="1"), start_new_session=True)
 
     def forward(signum, frame):
@@ -518,11 +518,29 @@ def setup_logging() -> None:
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
+AGAIN = "run the same command again to go on: finished stages are kept, and training resumes from its newest checkpoint"
+
+
+class Stopped(BaseException):
+    """SIGTERM outside training. Not an Exception: a library's `except Exception` (a retry loop)
+    must not swallow it and carry on."""
+
+    exit_code = 143  # RunDir.stage marks the stage interrupted
+
+
+def _stopped(signum, frame) -> None:
+    raise Stopped(f"stopped by SIGTERM; {AGAIN}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     processes.configure_cuda_allocator()  # before torch is loaded: the GPU stages' children inherit it
     setup_logging()
+    # `docker stop`, a preemption, `sky cancel` outside training (loading, the precompute pass,
+    # evaluate, export, publish): the stage is marked interrupted, the folder's lock released and
+    # the line says what to do. Training itself saves a checkpoint first (train.SpotSafety).
+    previous = signal.signal(signal.SIGTERM, _stopped)
     try:
         if args.command == "schema":
             for dotted, tp, default, help_ in describe(Recipe):
@@ -538,11 +556,16 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"error: interrupted; {AGAIN}", file=sys.stderr)
         return 130
+    except Stopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     except Exception as e:  # noqa: BLE001 - anything unexpected: one line here, the traceback in a log file
         print(f"error: {redact(_unexpected(e, args))}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _named(error: AlignpressError, args: argparse.Namespace) -> str:
