@@ -92,6 +92,13 @@ BASE = "name: t\nmodel: {name_or_path: x/y}\ndata: {dataset: d.jsonl}\n"
         ("publish: {repo_id: 'no-namespace'}\n", [], "field 'publish.repo_id': 'no-namespace': expected namespace/name"),
         ("publish: {repo_id: 'me/bad--name'}\n", [], "field 'publish.repo_id': 'me/bad--name': 'bad--name' is not a valid Hub name"),
         ("", ["dpo.bta=0.2"], "--set dpo.bta: unknown field 'dpo.bta'; did you mean 'beta'?"),
+        ("", ["model.name_or_path=microsoft/Phi 3 mini"], "--set model.name_or_path: field 'model.name_or_path': 'microsoft/Phi 3 mini' is neither a local path "
+                                                          "nor a valid Hub model id: 'Phi 3 mini' may hold only letters, digits, '-', '_', '.' (no spaces), at most 96 characters"),
+        ("", ["data.dataset=argilla distilabel"], "field 'data.dataset': 'argilla distilabel' is neither a local path nor a valid Hub dataset id"),
+        ("data: {datasets: [{dataset: 'a b/c'}]}\n", [], "field 'data.datasets[0].dataset': 'a b/c' is neither a local path nor a valid Hub dataset id: 'a b'"),
+        ("", ["eval.judge=not a model"], "field 'eval.judge': 'not a model' is neither a local path nor a valid Hub model id"),
+        ("", ["data.split=train[2500:300]"], "--set data.split: field 'data.split': 'train[2500:300]' selects no rows: the slice ends where it starts or before"),
+        ("data: {datasets: [{dataset: a.jsonl, eval_split: 'train[5:5]'}]}\n", [], "field 'data.datasets[0].eval_split': 'train[5:5]' selects no rows"),
         ("", ["publish.repo_id="], "--set publish.repo_id: the value is empty (an unset shell variable?); write publish.repo_id=null for none"),
         ("", ["eval.gate_min_gain= "], "--set eval.gate_min_gain: the value is empty (an unset shell variable?); write eval.gate_min_gain=null for none"),
         ("", ["dpo.beta=abc"], "--set dpo.beta: field 'dpo.beta': expected a number, got 'abc'"),

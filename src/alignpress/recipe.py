@@ -445,6 +445,26 @@ _REPO_PART = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Z
 _SPLIT = re.compile(r"^[A-Za-z0-9_.-]+(\[\s*[-+]?\d*%?\s*:\s*[-+]?\d*%?\s*\])?$")
 
 
+def name_problem(r: "Recipe", value: str, what: str) -> str | None:
+    """What makes `value` (model.name_or_path, a dataset, eval.judge) neither a local path nor a
+    name the Hub could hold: `microsoft/Phi 3 mini` would pass every check up to the download."""
+    if value.startswith(("builtin:", ".", "/", "~")) or Path(value).expanduser().exists() or Path(r.resolve_path(value)).exists():
+        return None  # builtins and paths: checked where they are built or read
+    if Path(value).suffix.lower() in (".jsonl", ".json", ".parquet", ".csv") or value.count("/") > 1:
+        return None  # a local file or folder that is missing: reported, named, where it is read
+    for part in value.split("/"):
+        if not _REPO_PART.match(part):
+            return (f"{value!r} is neither a local path nor a valid Hub {what} id: '{part}' may hold only letters, digits, "
+                    "'-', '_', '.' (no spaces), at most 96 characters")
+    return None
+
+
+def empty_slice(split: str) -> bool:
+    """`train[2500:300]`: a slice of plain indices whose end is not after its start selects nothing."""
+    m = re.search(r"\[\s*(\d+)\s*:\s*(\d+)\s*\]$", split)
+    return bool(m) and int(m.group(2)) <= int(m.group(1))
+
+
 def check_repo_id(repo_id: str) -> str | None:
     """The Hub's rules for namespace/name; returns what is wrong, or None."""
     parts = repo_id.split("/")
@@ -567,6 +587,8 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
         fail("name", f"{r.name!r}: use letters, digits, '.', '_', '-' (it names the output folder)")
     if not r.model.name_or_path.strip():
         fail("model.name_or_path", "must not be empty")
+    if problem := name_problem(r, r.model.name_or_path, "model"):
+        fail("model.name_or_path", problem)
     if r.model.chat_template is not None:
         _check_chat_template(r, fail)
     if r.model.revision is not None:
@@ -724,6 +746,8 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
             fail("eval.prompts", f"prompt {i + 1} is empty")
     if r.eval.judge is not None and not r.eval.judge.strip():
         fail("eval.judge", "must name a reward model (Hub id or folder), or be null")
+    if r.eval.judge is not None and (problem := name_problem(r, r.eval.judge, "model")):
+        fail("eval.judge", problem)
     if r.eval.gate_min_gain is not None and not -1 <= r.eval.gate_min_gain <= 1:
         fail("eval.gate_min_gain", f"must be between -1 and 1 (a difference of two accuracies), got {r.eval.gate_min_gain}")
     if r.eval.gate_max_kl is not None and r.eval.gate_max_kl < 0:
@@ -803,6 +827,12 @@ def validate_data(r: Recipe, fail: typing.Callable[[str, str], typing.NoReturn])
     seen: dict[tuple, str] = {}
     for prefix, s in data_sources(d):
         _check_columns(prefix, s, fail)
+        if s.dataset.strip() and (problem := name_problem(r, s.dataset, "dataset")):
+            fail(f"{prefix}.dataset", problem)
+        for name in ("split", "eval_split"):
+            value = getattr(s, name)
+            if value is not None and empty_slice(value):
+                fail(f"{prefix}.{name}", f"{value!r} selects no rows: the slice ends where it starts or before")
         if prefix == "data":
             continue
         if not s.dataset.strip():
