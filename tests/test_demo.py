@@ -91,6 +91,9 @@ def test_demo_data_counts(demo_run):
     removed = {f["filter"]: f["removed"] for f in stats["splits"]["train"]["filters"]}
     # The shipped data plants rows for each filter (alignpress.demo.data.make_rows).
     assert removed["rating_chosen >= 4.5"] == 13 and removed["more than 2 messages"] == 13
+    # the log says what each filter dropped: a rating filter is named by what it keeps
+    err = demo_run[1].stderr
+    assert "[alignpress]   train: removed 13 (failing rating_chosen >= 4.5)" in err and "[alignpress]   train: removed 13 (more than 2 messages)" in err
     assert removed["chosen identical to rejected"] == 14 and removed["longer than 64 tokens"] == 0
     assert stats["splits"]["train"]["kept"] == len((demo_run[0] / "data/train.jsonl").read_text().splitlines())
 

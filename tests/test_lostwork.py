@@ -67,6 +67,7 @@ def test_restart_refused_in_prepare_leaves_the_folder_as_it_was(demo_copy):
     proc = cli("run", "recipes/demo.yaml", "--output-dir", demo_copy, "--restart", "--set", "data.filters.max_tokens=5")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --set data.filters.max_tokens: field 'data.filters.max_tokens': no training rows left after filtering")
+    assert "recipe sections data changed: --restart redoes the stages that use them" in proc.stderr
     assert f"--restart failed before it replaced any result: {demo_copy} is as it was (run.json, recipe.resolved.yaml, checkpoints)" in proc.stderr
     after = tree(demo_copy)
     assert after == before, sorted(set(after.items()) ^ set(before.items()))

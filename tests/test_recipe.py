@@ -255,6 +255,9 @@ def test_every_field_is_documented():
     undocumented = [dotted for dotted, _, _, help_ in rows if not help_]
     assert undocumented == []
     assert ("dpo.beta", "a number", "0.1") == rows[[r[0] for r in rows].index("dpo.beta")][:3]
+    # name has no dataclass default but is not required: load_recipe fills in the file's name
+    assert rows[0][:3] == ("name", "a string", "the recipe file's name without .yaml")
+    assert rows[[r[0] for r in rows].index("model.name_or_path")][2] == "required"
 
 
 def test_validate_command_prints_resolved_recipe():

@@ -406,7 +406,7 @@ def test_a_reader_that_stops_early_is_not_an_error():
 
     proc = subprocess.run(f"{sys.executable} entrypoint.py schema | head -1", shell=True, capture_output=True, text=True,
                           cwd=ROOT, executable="/bin/bash")
-    assert proc.stdout == "name  (a string; default required)\n"
+    assert proc.stdout == "name  (a string; default the recipe file's name without .yaml)\n"
     assert proc.stderr == ""
     status = subprocess.run(f"{sys.executable} entrypoint.py schema | head -1 >/dev/null; echo ${{PIPESTATUS[0]}}", shell=True,
                             capture_output=True, text=True, cwd=ROOT, executable="/bin/bash")

@@ -111,6 +111,8 @@ def _check_same_recipe(recipe: Recipe, run_dir: RunDir, restart_from: str | None
         first = min(rerun, key=STAGES.index)
         log.info("recipe sections %s changed: stages from %s on will run again", ", ".join(changed), first)
         run_dir.invalidate_from(first)
+    elif changed and redone and all(_first_stage(k) in redone for k in changed):
+        log.info("recipe sections %s changed: --restart redoes the stages that use them", ", ".join(changed))
     elif changed:
         log.info("recipe sections %s changed before the stages that use them ran", ", ".join(changed))
 

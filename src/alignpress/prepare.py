@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import statistics
 from pathlib import Path
 from typing import Any, Iterator
@@ -803,7 +804,9 @@ def run(recipe: Recipe, run_dir: RunDir, tok) -> dict[str, Any]:
     for split, report in (("train", train_total), ("eval", eval_total)):
         for x in report["filters"]:
             if x["removed"]:
-                log.info("  %s: removed %d (%s)", split, x["removed"], x["filter"])
+                # the rating filters are named by what they keep (`rating_chosen >= 4.5`), the others by what they drop
+                keep_rule = re.fullmatch(r"\S+ (>=|<=) \S+", x["filter"])
+                log.info("  %s: removed %d (%s%s)", split, x["removed"], "failing " if keep_rule else "", x["filter"])
     if len(sources) > 1:
         for entry in per_source:
             log.info("  %s (%s): %d training, %d eval pairs", entry["field"], entry["dataset"], entry["splits"]["train"]["kept"], entry["splits"]["eval"]["kept"])

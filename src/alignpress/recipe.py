@@ -23,9 +23,10 @@ from . import yamlfile
 from .errors import AlignpressError
 
 
-def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
-    """A dataclass field with its documentation attached."""
-    meta = {"help": help}
+def _f(default: Any = dataclasses.MISSING, help: str = "", metadata_default: str | None = None, **kw: Any) -> Any:
+    """A dataclass field with its documentation attached (metadata_default: how a field without a
+    dataclass default is filled in, for `schema`)."""
+    meta = {"help": help, **({"default": metadata_default} if metadata_default else {})}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -187,7 +188,7 @@ class PublishSection:
 
 @dataclass
 class Recipe:
-    name: str = _f(help="Run name; the default output folder is outputs/<name>/.")
+    name: str = _f(help="Run name; the default output folder is outputs/<name>/.", metadata_default="the recipe file's name without .yaml")
     model: ModelSection = field(metadata={"help": "The base model."})
     data: DataSection = field(metadata={"help": "Preference data and filters."})
     lora: LoraSection = field(default_factory=LoraSection, metadata={"help": "LoRA adapter or full fine-tuning."})
@@ -888,7 +889,7 @@ def describe(cls: Any = Recipe, prefix: str = "") -> list[tuple[str, str, str, s
         elif f.default_factory is not dataclasses.MISSING:
             default = repr(f.default_factory())
         else:
-            default = "required"
+            default = f.metadata.get("default", "required")
         rows.append((dotted, _type_name(tp), default, f.metadata.get("help", "")))
     return rows
 
