@@ -183,6 +183,25 @@ def test_validate_finds_local_data_problems(tmp_path, tiny_phi3, capsys):
     assert (rc, err, out.splitlines()[2]) == (0, "", "# data: argilla/distilabel-capybara-dpo-7k-binarized (Hub dataset: read by prepare; `validate --hub` checks its card)")
 
 
+def test_validate_refuses_an_evaluation_the_rating_filters_empty(tmp_path, tiny_phi3, capsys):
+    """validate used to pass (and print "0 after the rating filters") an eval split the filters empty,
+    which prepare then refused: the same refusal now comes at the door, unless eval is off or another
+    source holds out rows."""
+    low = tmp_path / "low.jsonl"
+    lines = DATA.read_text().splitlines()
+    low.write_text("\n".join([re.sub(r'"rating_chosen": [0-9.]+', '"rating_chosen": 1.0', x) for x in lines[:20]] + lines[20:]) + "\n")
+    recipe = write_recipe(tmp_path, tiny_phi3, data={"dataset": str(low), "filters": {"min": {"rating_chosen": 4.5}}})
+    rc, out, err = call(capsys, "validate", recipe)
+    assert (rc, out, err) == (2, "", f"error: {recipe}: field 'data.eval_split': no evaluation rows left (20 loaded; rating_chosen >= 4.5: -20): "
+                                     "the evaluate stage would score nothing after training; hold out more rows, or set eval.enabled: false\n")
+    rc, out, err = call(capsys, "validate", recipe, "--set", "eval.enabled=false")
+    assert (rc, err) == (0, "") and "20 rows in train[:20] (0 after the rating filters)" in out
+    # A second source without an eval split holds out some of its training rows: prepare evaluates those.
+    rc, out, err = call(capsys, "validate", recipe, "--set", "data.dataset=null", "--set", "data.eval_split=null", "--set",
+                        f"data.datasets=[{{dataset: {low}, eval_split: 'train[:20]'}}, {{dataset: {DATA}}}]")
+    assert (rc, err) == (0, "") and "20 rows in train[:20] (0 after the rating filters)" in out
+
+
 def test_the_judge_is_checked_before_training(tmp_path, tiny_phi3, capsys):
     """eval.judge is loaded by evaluate, after training: its config is checked at the door instead
     (validate, and run before anything is written). Config-only folders: no weights are read."""

@@ -89,12 +89,16 @@ def check_data_sources(recipe: Recipe, hub: bool = False) -> str:
     dataset is left to prepare, or with `hub` (`validate --hub`) asked about: see check_hub_dataset.
     Returns a note for the user."""
     notes = []
+    # The eval rows the rating filters keep, per source: prepare refuses an evaluation of nothing
+    # only when no source holds out any row (a source without eval_split holds out training rows).
+    eval_reports, eval_kept, eval_fields, all_eval_known = [], 0, [], True
     for prefix, spec in data_sources(recipe.data):
         splits = [(spec.split, _field(recipe, prefix, "split"))]
         if spec.eval_split:
             splits.append((spec.eval_split, _field(recipe, prefix, "eval_split")))
         found = [local_data_files(recipe, spec, prefix, split, field) for split, field in splits][0]
         if found is None:
+            all_eval_known = False
             notes.append(check_hub_dataset(recipe, prefix, spec, splits) if hub else f"{spec.dataset} (Hub dataset: read by prepare; `validate --hub` checks its card)")
             continue
         path, _, files = found
@@ -111,7 +115,23 @@ def check_data_sources(recipe: Recipe, hub: bool = False) -> str:
                 _check_unusable(recipe, rows, len(kept), _normalise(kept, rows, source.fmt)[1], DroppedRows())
                 filtered = f" ({len(kept)} after the rating filters)" if len(kept) != len(rows.rows) else ""
                 counts.append(f"{len(rows.rows)} rows in {rows.split}{filtered}")
+                if not must_keep:
+                    eval_reports.append(report)
+                    eval_kept += len(kept)
+                    eval_fields.append(_field(recipe, prefix, "eval_split"))
+        if source.eval is None:
+            all_eval_known = False
         notes.append(f"{where}: {', '.join(counts)}; format {source.fmt} ({source.how})")
+    if all_eval_known and eval_fields and not eval_kept and recipe.eval.enabled:
+        # prepare's refusal (run): found here, before the model is built and the data rendered.
+        total = _merge_reports(eval_reports, 0)
+        removed = "; ".join(f"{x['filter']}: -{x['removed']}" for x in total["filters"] if x["removed"])
+        raise AlignpressError(
+            f"no evaluation rows left ({total['loaded']} loaded{'; ' + removed if removed else ''}): the evaluate stage "
+            "would score nothing after training; hold out more rows, or set eval.enabled: false",
+            source=recipe.source,
+            field=eval_fields[0],
+        )
     return "data: " + "; ".join(notes)
 
 
