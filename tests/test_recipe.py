@@ -7,7 +7,7 @@ import yaml
 
 from alignpress import yamlfile
 from alignpress.errors import AlignpressError
-from alignpress.recipe import Recipe, check_repo_id, check_tag, describe, load_recipe, token_cap
+from alignpress.recipe import Recipe, accelerate_config_path, check_repo_id, check_tag, describe, load_recipe, token_cap
 from conftest import ROOT, cli
 
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
@@ -164,6 +164,25 @@ def test_missing_accelerate_config_named_before_any_gpu_time():
         f"(names in {ROOT / 'recipes/accelerate'}: ddp, zero2, zero3-offload; or give a path to a .yaml file)"
     )
     assert load_recipe(ROOT / "recipes/demo.yaml", ["train.accelerate_config=zero3-offload"]).train.accelerate_config == "zero3-offload"
+
+
+def test_shipped_accelerate_names_work_for_a_recipe_outside_recipes(tmp_path):
+    """The names were looked up in the recipe's own folder only: a copy of demo.yaml anywhere else
+    was refused with "names in .../accelerate: none". Its own accelerate/ still comes first."""
+    import shutil
+
+    recipe = tmp_path / "demo.yaml"
+    shutil.copy(ROOT / "recipes/demo.yaml", recipe)
+    assert accelerate_config_path(load_recipe(recipe, ["train.accelerate_config=ddp"])) == ROOT / "recipes/accelerate/ddp.yaml"
+    (tmp_path / "accelerate").mkdir()
+    shutil.copy(ROOT / "recipes/accelerate/ddp.yaml", tmp_path / "accelerate/ddp.yaml")
+    assert accelerate_config_path(load_recipe(recipe, ["train.accelerate_config=ddp"])) == tmp_path / "accelerate/ddp.yaml"
+    with pytest.raises(AlignpressError) as e:
+        load_recipe(recipe, ["train.accelerate_config=zero4"])
+    assert str(e.value) == (
+        f"--set train.accelerate_config: field 'train.accelerate_config': no accelerate config 'zero4' (names in {tmp_path / 'accelerate'}: ddp; "
+        f"names in {ROOT / 'recipes/accelerate'}: ddp, zero2, zero3-offload; or give a path to a .yaml file)"
+    )
 
 
 def test_missing_required_field(tmp_path):

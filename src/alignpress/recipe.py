@@ -141,7 +141,7 @@ class TrainSection:
     save_minutes: float | None = _f(None, help="Also save a checkpoint when this many minutes have passed since the last one (spot instances).")
     save_total_limit: int | None = _f(2, help="Keep at most this many checkpoints.")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", help="Where to train: auto = cuda when available.")
-    accelerate_config: str | None = _f(None, help="Multi-GPU/DeepSpeed: a config name in recipes/accelerate/ (ddp, zero2, zero3-offload) or a path; `run` relaunches itself under `accelerate launch` with it.")
+    accelerate_config: str | None = _f(None, help="Multi-GPU/DeepSpeed: a config name in the recipe folder's accelerate/, else alignpress's recipes/accelerate/ (ddp, zero2, zero3-offload), or a path; `run` relaunches itself under `accelerate launch` with it.")
     num_processes: int | None = _f(None, help="Processes for accelerate_config (default: the config's, else one per visible GPU).")
     report_to: str | list[str] = _f("tensorboard", help="Experiment tracker(s) transformers supports (tensorboard, wandb, trackio, mlflow, ...), or none. tensorboard writes event files to <output>/tensorboard/, no account needed.")
 
@@ -480,14 +480,25 @@ def check_repo_id(repo_id: str) -> str | None:
     return None
 
 
+# The accelerate configs alignpress ships (ddp, zero2, zero3-offload), beside the shipped recipes:
+# in a checkout, the Docker image (/app) and a SkyPilot workdir alike.
+SHIPPED_ACCELERATE = Path(__file__).resolve().parents[2] / "recipes" / "accelerate"
+
+
+def accelerate_folders(r: Recipe) -> list[Path]:
+    """Where a config name is looked up, in order: <recipe folder>/accelerate/, then the shipped ones
+    (a recipe outside recipes/ used to find none of them)."""
+    return list(dict.fromkeys([Path(r.resolve_path("accelerate")), SHIPPED_ACCELERATE]))
+
+
 def accelerate_config_path(r: Recipe) -> Path | None:
-    """train.accelerate_config as a file: a name in <recipe folder>/accelerate/, or a path."""
+    """train.accelerate_config as a file: a name in one of accelerate_folders, or a path."""
     value = r.train.accelerate_config
     if value is None:
         return None
     candidates = [Path(r.resolve_path(value))]
     if "/" not in value and not value.endswith((".yaml", ".yml")):
-        candidates.insert(0, Path(r.resolve_path(f"accelerate/{value}.yaml")))
+        candidates[:0] = [folder / f"{value}.yaml" for folder in accelerate_folders(r)]
     return next((p for p in candidates if p.is_file()), None)
 
 
@@ -677,9 +688,8 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
     if r.train.max_steps == -1 and r.train.num_train_epochs <= 0:
         fail("train.num_train_epochs", f"must be > 0, got {r.train.num_train_epochs}")
     if r.train.accelerate_config is not None and accelerate_config_path(r) is None:
-        folder = Path(r.resolve_path("accelerate"))
-        known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml"))) if folder.is_dir() else "none"
-        fail("train.accelerate_config", f"no accelerate config {r.train.accelerate_config!r} (names in {folder}: {known}; or give a path to a .yaml file)")
+        known = "; ".join(f"names in {folder}: {', '.join(sorted(p.stem for p in folder.glob('*.yaml'))) or 'none'}" for folder in accelerate_folders(r))
+        fail("train.accelerate_config", f"no accelerate config {r.train.accelerate_config!r} ({known}; or give a path to a .yaml file)")
     if r.train.accelerate_config is not None:
         # accelerate's own reader, as `accelerate launch` reads it: any YAML file used to pass here and
         # fail at the launch with a traceback (e.g. "A `distributed_type` must be specified").
