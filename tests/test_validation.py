@@ -202,6 +202,19 @@ def test_validate_refuses_an_evaluation_the_rating_filters_empty(tmp_path, tiny_
     assert (rc, err) == (0, "") and "20 rows in train[:20] (0 after the rating filters)" in out
 
 
+def test_an_unknown_builtin_model_is_refused_at_the_door_with_the_file(tmp_path):
+    """validate deferred the model checks of `builtin:nope` (not built yet) and passed; run then
+    refused it without naming the recipe file."""
+    recipe = write_recipe(tmp_path, "builtin:nope")
+    expected = f"error: {recipe}: field 'model.name_or_path': unknown builtin model 'nope'; known: tiny-phi3-arithmetic\n"
+    proc = cli("validate", recipe)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", expected)
+    out = tmp_path / "out"
+    proc = cli("run", recipe, "--output-dir", out)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", expected)
+    assert not out.exists()
+
+
 def test_the_judge_is_checked_before_training(tmp_path, tiny_phi3, capsys):
     """eval.judge is loaded by evaluate, after training: its config is checked at the door instead
     (validate, and run before anything is written). Config-only folders: no weights are read."""

@@ -148,10 +148,11 @@ def _local_config(recipe: Recipe, local_only: bool) -> tuple[Any, str] | None:
     """(config, where it came from), or None when it is not on this machine and local_only is set."""
     from transformers import AutoConfig
 
-    from .modeling import _hub_error, built_builtin, resolve_model_path
+    from .modeling import _hub_error, built_builtin, builtin_name, resolve_model_path
 
     name = recipe.model.name_or_path
     if name.startswith("builtin:") and local_only:
+        builtin_name(recipe)  # an unknown name is refused here, not deferred to run
         folder = built_builtin(name)
         if folder is None:
             return None  # built on first use by run/prepare, which check it then

@@ -29,6 +29,17 @@ def cache_home() -> Path:
     return Path(os.environ.get("ALIGNPRESS_HOME", Path.home() / ".cache" / "alignpress"))
 
 
+def builtin_name(recipe: Recipe) -> str:
+    """NAME of the recipe's `builtin:NAME` model, refused with the recipe's file when alignpress has
+    no such model (validate used to defer it, and run named no file)."""
+    from .demo import BUILTINS
+
+    short = recipe.model.name_or_path.removeprefix("builtin:")
+    if short not in BUILTINS:
+        raise AlignpressError(f"unknown builtin model {short!r}; known: {', '.join(BUILTINS)}", source=recipe.source, field="model.name_or_path")
+    return short
+
+
 def built_builtin(name: str) -> Path | None:
     """The folder of a `builtin:NAME` model when it is already built, else None (checks never build it)."""
     from .demo import BUILTINS, VERSION
@@ -44,7 +55,7 @@ def resolve_model_path(recipe: Recipe) -> str:
     if name.startswith("builtin:"):
         from .demo import build_builtin_model
 
-        return str(build_builtin_model(name.removeprefix("builtin:"), cache_home() / "models"))
+        return str(build_builtin_model(builtin_name(recipe), cache_home() / "models"))
     for candidate in (Path(name).expanduser(), Path(recipe.resolve_path(name))):
         if candidate.is_dir():
             if not (candidate / "config.json").exists():
