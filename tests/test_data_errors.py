@@ -248,6 +248,18 @@ def test_jsonl_line_that_is_not_json_is_named(tmp_path, tiny_phi3):
     refused(proc, out, f"error: {data}: line 6: not valid JSON: Expecting ',' delimiter (column {len(lines[5]) + 1}); each line must be one JSON object")
 
 
+def test_a_line_that_is_not_json_is_one_line_on_stderr(tmp_path, tiny_phi3):
+    """datasets' JSON reader logged its own unprefixed "Failed to load JSON from file ... in row 4"
+    before alignpress's line: the row counted from 0, within a block."""
+    data = tmp_path / "pairs.jsonl"
+    lines = [json.dumps(standard(i)) for i in range(8)]
+    lines[4] = "{" + lines[4]
+    data.write_text("\n".join(lines) + "\n")
+    proc = cli("validate", recipe_for(tmp_path, tiny_phi3, data))
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", f"error: {data}: line 5: not valid JSON: Expecting property name enclosed in "
+                                                                  "double quotes (column 2); each line must be one JSON object\n")
+
+
 def test_csv_that_pandas_cannot_parse_gives_pandas_reason(tmp_path, tiny_phi3):
     """Not the wrapper's `DatasetGenerationError: An error occurred while generating the dataset`."""
     data = tmp_path / "pairs.csv"

@@ -515,6 +515,10 @@ def setup_logging() -> None:
     # kernel (the `kernels` package): alignpress never runs 4-bit on the CPU (refused at the door), so the
     # line only stood before every command's output there, a refusal's one line included.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # datasets 5.2's JSON reader logs "Failed to load JSON from file ..." (a row counted within a
+    # block) through its own handler, then raises: alignpress reads the file itself and names the
+    # line in its one error line, which that unprefixed line used to precede.
+    logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
     # peft 0.21 and trl 1.16 read model.is_gradient_checkpointing, which transformers 5.23 deprecates:
     # not our call and nothing a user can change, so it is not shown (ours use activation_checkpointing).
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
