@@ -260,6 +260,26 @@ def test_a_line_that_is_not_json_is_one_line_on_stderr(tmp_path, tiny_phi3):
                                                                   "double quotes (column 2); each line must be one JSON object\n")
 
 
+EMPTY_FILES = {"empty.jsonl": "", "blank.jsonl": "\n  \n\n", "empty.json": "[]\n", "header.csv": "prompt,chosen,rejected\n", "empty.csv": "",
+               "empty.parquet": None}
+
+
+@pytest.mark.parametrize("name", EMPTY_FILES)
+def test_a_file_with_no_rows_says_so(tmp_path, tiny_phi3, name):
+    """The reader's words were `StopIteration: `, `ValueError: Instruction "train" corresponds to no
+    data!`, `EmptyDataError` or `ArrowInvalid: BatchSize must be greater than 0` (after a line of its own)."""
+    import pandas as pd
+
+    data = tmp_path / name
+    if EMPTY_FILES[name] is None:
+        pd.DataFrame({c: pd.Series([], dtype=str) for c in ("prompt", "chosen", "rejected")}).to_parquet(data)
+    else:
+        data.write_text(EMPTY_FILES[name])
+    recipe = recipe_for(tmp_path, tiny_phi3, data)
+    proc = cli("validate", recipe)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", f"error: {recipe}: field 'data.dataset': {data} has no rows\n")
+
+
 def test_csv_that_pandas_cannot_parse_gives_pandas_reason(tmp_path, tiny_phi3):
     """Not the wrapper's `DatasetGenerationError: An error occurred while generating the dataset`."""
     data = tmp_path / "pairs.csv"

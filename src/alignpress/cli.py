@@ -519,6 +519,9 @@ def setup_logging() -> None:
     # block) through its own handler, then raises: alignpress reads the file itself and names the
     # line in its one error line, which that unprefixed line used to precede.
     logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
+    # Its CSV and parquet readers do the same ("Failed to read file ..."); alignpress's line says it.
+    logging.getLogger("datasets.packaged_modules.csv.csv").setLevel(logging.CRITICAL)
+    logging.getLogger("datasets.packaged_modules.parquet.parquet").setLevel(logging.CRITICAL)
     # peft 0.21 and trl 1.16 read model.is_gradient_checkpointing, which transformers 5.23 deprecates:
     # not our call and nothing a user can change, so it is not shown (ours use activation_checkpointing).
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)

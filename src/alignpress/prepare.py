@@ -235,6 +235,9 @@ def load_split(recipe: Recipe, src: SourceSection, prefix: str, split: str, fiel
         try:
             ds = datasets.load_dataset(LOCAL_BUILDERS[suffix], data_files={"train": data_files}, split="train")
         except Exception as e:  # noqa: BLE001
+            if all(_has_no_rows(Path(file), suffix) for file in data_files):
+                # datasets says StopIteration, or 'Instruction "train" corresponds to no data!'.
+                raise AlignpressError(f"{path} has no rows", source=recipe.source, field=ds_field) from None
             for file in data_files if suffix in (".jsonl", ".json") else []:
                 problem = json_file_problem(Path(file))
                 if problem:
@@ -306,6 +309,22 @@ def json_file_problem(path: Path) -> str | None:
             if kind != first_kind:
                 return f"{where}: column {column!r} is a JSON {kind}, but a JSON {first_kind} on {first_where}; one column holds one type"
     return None
+
+
+def _has_no_rows(path: Path, suffix: str) -> bool:
+    """Whether a local data file holds no rows: empty or blank lines only, `[]`, a CSV header alone,
+    a parquet file of 0 rows."""
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows == 0
+        lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    except Exception:  # noqa: BLE001 - unreadable: the reader's own error says why
+        return False
+    if suffix == ".csv":
+        return len(lines) <= 1
+    return not lines or "".join(lines).replace(" ", "") == "[]"
 
 
 def _json_lines(text: str) -> Iterator[tuple[str, Any]]:
