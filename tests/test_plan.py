@@ -254,11 +254,19 @@ def test_plan_refuses_what_will_not_fit(phi3_out):
 
 
 def test_plan_needs_prepared_data(tmp_path):
-    proc = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", tmp_path)
-    assert proc.returncode == 2
-    assert "Run `entrypoint.py prepare" in proc.stderr and "--tokens-from" in proc.stderr
-    proc = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", tmp_path, "--tokens-from", tmp_path / "nothing.json")
-    assert proc.returncode == 2
+    recipe = "recipes/phi3-mini-capybara.yaml"
+    proc = cli("plan", recipe, "--output-dir", tmp_path)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", f"error: {recipe}: no token counts: {tmp_path}/data/stats.json does not exist. "
+                                                                  f"Run `entrypoint.py prepare {recipe} --output-dir {tmp_path}` first (it needs no GPU), or give the "
+                                                                  "output folder of a prepared run with --output-dir DIR, or its stats with --tokens-from STATS_JSON\n")
+    # A --tokens-from path that is not there was read as a folder ("nothing.json/stats.json does not
+    # exist"), and the refusal suggested --tokens-from.
+    proc = cli("plan", recipe, "--output-dir", tmp_path, "--tokens-from", tmp_path / "nothing.json")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", f"error: {recipe}: no token counts: --tokens-from {tmp_path / 'nothing.json'} does not "
+                                                                  "exist (give a data/stats.json written by prepare, or a folder holding one)\n")
+    proc = cli("plan", recipe, "--tokens-from", tmp_path)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", f"error: {recipe}: no token counts: --tokens-from {tmp_path} is a folder with no "
+                                                                  "stats.json or data/stats.json in it (give a data/stats.json written by prepare, or a folder holding one)\n")
 
 
 def test_plan_prices_override_and_measured_mfu(phi3_out, tmp_path):

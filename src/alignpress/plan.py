@@ -72,15 +72,24 @@ def resolve_arch(recipe: Recipe, run_root: Path | None) -> tuple[Arch, str]:
 def load_tokens(recipe: Recipe, run_root: Path, tokens_from: str | None) -> dict[str, Any]:
     """Token counts of the training split: stats.json, plus per-pair counts from train.jsonl if present."""
     if tokens_from:
+        # A file, or a folder holding one: a path that is neither used to be read as a folder, and
+        # the refusal suggested the very flag that was given.
         p = Path(tokens_from)
+        if not p.exists():
+            raise AlignpressError(f"no token counts: --tokens-from {p} does not exist (give a data/stats.json written by prepare, or a folder "
+                                  "holding one)", source=recipe.source)
         candidates = [p] if p.is_file() else [p / "stats.json", p / "data" / "stats.json"]
     else:
         candidates = [run_root / "data" / "stats.json"]
     stats_path = next((c for c in candidates if c.is_file()), None)
+    if stats_path is None and tokens_from:
+        raise AlignpressError(f"no token counts: --tokens-from {tokens_from} is a folder with no stats.json or data/stats.json in it "
+                              "(give a data/stats.json written by prepare, or a folder holding one)", source=recipe.source)
     if stats_path is None:
+        given = "" if run_root == Path("outputs") / recipe.name else f" --output-dir {run_root}"
         raise AlignpressError(
-            f"no token counts: {candidates[0]} does not exist. Run `entrypoint.py prepare {recipe.source}` first "
-            "(it needs no GPU), or give --tokens-from STATS_JSON",
+            f"no token counts: {candidates[0]} does not exist. Run `entrypoint.py prepare {recipe.source}{given}` first "
+            "(it needs no GPU), or give the output folder of a prepared run with --output-dir DIR, or its stats with --tokens-from STATS_JSON",
             source=recipe.source,
         )
     try:
