@@ -83,7 +83,7 @@ def test_csv_without_rejected(tmp_path, tiny_phi3):
         proc,
         out,
         f"error: {data}: cannot tell the preference format from the columns ['chosen', 'prompt']: missing rejected. Every layout needs "
-        "chosen and rejected (plus prompt, or question); rename them with a column mapping (data.datasets[].columns) or set data.format "
+        "chosen and rejected (plus prompt, or question); rename them with a column mapping (data.columns) or set data.format "
         "to one of: capybara, conversational, standard, implicit, hh, system_question",
     )
 

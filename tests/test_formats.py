@@ -84,6 +84,12 @@ def test_unknown_layout_is_a_clear_error():
         "Every layout needs chosen and rejected (plus prompt, or question); rename them with a column mapping "
         "(data.datasets[].columns) or set data.format to one of: capybara, conversational, standard, implicit, hh, system_question"
     )
+    # With the source's recipe section, the hint names its own fields (data.columns for data.dataset).
+    for prefix in ("data", "data.datasets[1]"):
+        with pytest.raises(AlignpressError) as e:
+            detect_format(["query", "answer"], [{"query": "a", "answer": "b"}], source="d.csv", prefix=prefix)
+        assert str(e.value).endswith(f"rename them with a column mapping ({prefix}.columns) or set {prefix}.format to one of: capybara, "
+                                     "conversational, standard, implicit, hh, system_question")
 
 
 @pytest.mark.parametrize(

@@ -118,11 +118,13 @@ def _not_pairs(columns: set[str]) -> str | None:
     return None
 
 
-def detect_format(columns: list[str], rows: dict[str, Any] | list[dict[str, Any]], source: str | None = None) -> tuple[str, dict[str, list[int]]]:
+def detect_format(columns: list[str], rows: dict[str, Any] | list[dict[str, Any]], source: str | None = None,
+                  prefix: str | None = None) -> tuple[str, dict[str, list[int]]]:
     """Pick the layout from the column names and the value types of the given leading rows.
 
     Returns the majority layout and, for every layout seen, the row indices that had it.
-    `source` (the data file or dataset) goes into the errors.
+    `source` (the data file or dataset) goes into the errors; `prefix` (`data`, `data.datasets[1]`)
+    is the recipe section of that source, whose columns and format fields the hint names.
     """
     cols = set(columns)
     rows = [rows] if isinstance(rows, dict) else rows
@@ -137,8 +139,8 @@ def detect_format(columns: list[str], rows: dict[str, Any] | list[dict[str, Any]
         missing = ", ".join(c for c in ("chosen", "rejected") if c not in cols)
         raise AlignpressError(
             f"cannot tell the preference format from the columns {sorted(cols)}: missing {missing}. Every layout needs chosen "
-            "and rejected (plus prompt, or question); rename them with a column mapping (data.datasets[].columns) "
-            "or set data.format to one of: " + ", ".join(REQUIRED_COLUMNS),
+            f"and rejected (plus prompt, or question); rename them with a column mapping ({prefix or 'data.datasets[]'}.columns) "
+            f"or set {prefix or 'data'}.format to one of: " + ", ".join(REQUIRED_COLUMNS),
             source=source,
         )
     seen: dict[str, list[int]] = {}

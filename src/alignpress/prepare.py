@@ -700,7 +700,7 @@ def load_source(recipe: Recipe, prefix: str, spec: SourceSection) -> Source:
         raise AlignpressError(f"split {spec.split!r} of {train.label} has no rows (the whole split has {train.whole})", source=recipe.source, field=split_field)
     if spec.format == "auto":
         sample = train.rows[:DETECT_ROWS]
-        fmt, seen = detect_format(train.columns, sample, source=train.label)
+        fmt, seen = detect_format(train.columns, sample, source=train.label, prefix=prefix)
         how, checked = "detected", len(sample)
         others = {f: rows for f, rows in seen.items() if f != fmt}
         if others:
