@@ -104,6 +104,23 @@ def test_entrypoint_validate_and_run_exit_2(tmp_path, tiny_phi3):
     assert not out.exists()
 
 
+def test_a_command_line_mistake_is_one_line():
+    """argparse printed its usage block before its `error:` line; --help still prints the usage."""
+    gpus = "'L4', 'A10G', 'L40S', 'A100-40GB', 'A100-80GB', 'H100-80GB', 'H200'"
+    cases = [
+        (["run", "recipes/demo.yaml", "--bogus"], "error: unrecognized arguments: --bogus; see `entrypoint.py run --help`"),
+        (["plan", "recipes/demo.yaml", "--gpu", "L5"], f"error: argument --gpu: invalid choice: 'L5' (choose from {gpus}); see `entrypoint.py plan --help`"),
+        (["validate"], "error: the following arguments are required: recipe; see `entrypoint.py validate --help`"),
+        (["nope"], "error: argument command: invalid choice: 'nope' (choose from 'run', 'validate', 'prepare', 'train', 'evaluate', "
+                   "'export', 'publish', 'schema', 'plan'); see `entrypoint.py --help`"),
+    ]
+    for args, line in cases:
+        proc = cli(*args)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", line + "\n"), args
+    proc = cli("run", "--help")
+    assert (proc.returncode, proc.stderr) == (0, "") and proc.stdout.startswith("usage: alignpress run [-h]")
+
+
 def test_a_section_given_twice_stops_validate_in_one_line(tmp_path, tiny_phi3, capsys):
     """The second `train:` would have replaced the first, learning rate and all, without a word."""
     recipe = write_recipe(tmp_path, tiny_phi3)

@@ -29,10 +29,29 @@ log = logging.getLogger("alignpress")
 NEEDS = {"train": "prepare", "evaluate": "train", "export": "train", "publish": "export"}
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's refusals as alignpress's own: one line on stderr, `error: ...` naming the argument,
+    exit 2, and where the usage is (argparse printed its whole usage block first). Subparsers are
+    made with this class too (add_subparsers passes it on); --help is unchanged."""
+
+    def parse_args(self, args=None, namespace=None):
+        # Unknown arguments after a command come back to the top parser: name the command in the hint.
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self._fail(f"unrecognized arguments: {' '.join(extra)}", getattr(parsed, "command", None))
+        return parsed
+
+    def error(self, message):
+        self._fail(message, self.prog.partition(" ")[2])
+
+    def _fail(self, message: str, command: str | None):
+        self.exit(2, f"error: {message}; see `entrypoint.py {command + ' ' if command else ''}--help`\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from .version import version
 
-    p = argparse.ArgumentParser(prog="alignpress", description="Align a chat model with DPO and publish it.")
+    p = _OneLineParser(prog="alignpress", description="Align a chat model with DPO and publish it.")
     p.add_argument("--version", action="version", version=f"alignpress {version()}")
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in [
