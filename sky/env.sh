@@ -21,6 +21,9 @@ IMAGE_VENV="${ALIGNPRESS_IMAGE_VENV:-/opt/venv}"
 # anything (minutes of a rented GPU), and run.sh again before the job. SkyPilot already stops a
 # launch without HUB_REPO or BUCKET (null in the task files) or with HF_TOKEN unset in the shell,
 # but lets an empty value through (--env HUB_REPO=, an exported empty HF_TOKEN).
+# HUB_REPO's and HF_TOKEN's form are checked by sky/launch_check.py with the VM's python3 (skipped
+# where there is none: the job checks them again); `check_launch hub` (setup.sh) also asks the Hub
+# whether the token may push to HUB_REPO; run.sh leaves that to the job's own preflight.
 launch_error() { echo "error: $*" >&2; exit 2; }
 check_launch() {
   [ -n "${HUB_REPO:-}" ] || launch_error "HUB_REPO is not set; launch with --env HUB_REPO=namespace/name"
@@ -30,6 +33,33 @@ check_launch() {
     launch_error "BUCKET is not set; a managed job keeps its outputs in a bucket: launch with --env BUCKET=a-name-of-your-own"
   fi
   [ -f "$ALIGNPRESS_ROOT/$RECIPE" ] || [ -f "$RECIPE" ] || launch_error "RECIPE: $RECIPE does not exist in the checkout"
+  case "$RECIPE" in
+    *.yaml | *.yml) ;;
+    *) launch_error "RECIPE: $RECIPE is not a recipe (a .yaml file, such as recipes/phi3-mini-capybara.yaml)" ;;
+  esac
+  if [ -n "${ACCELERATE_CONFIG:-}" ] && ! accelerate_file >/dev/null; then
+    launch_error "ACCELERATE_CONFIG: $ACCELERATE_CONFIG is neither a file in the checkout nor a shipped config ($(shipped_accelerate))"
+  fi
+  if command -v python3 >/dev/null; then
+    local mode=--offline
+    [ "${1:-}" != hub ] || mode=--hub
+    python3 "$ALIGNPRESS_ROOT/sky/launch_check.py" "$mode" || exit $?
+  fi
+}
+
+# ACCELERATE_CONFIG (multi-node) as a file: a path in the checkout, or the name of a shipped config.
+accelerate_file() {
+  local value="${ACCELERATE_CONFIG:-ddp}" f
+  for f in "$value" "$ALIGNPRESS_ROOT/$value" "$ALIGNPRESS_ROOT/recipes/accelerate/$value.yaml"; do
+    if [ -f "$f" ]; then echo "$f"; return 0; fi
+  done
+  return 1
+}
+shipped_accelerate() {
+  local f names=()
+  for f in "$ALIGNPRESS_ROOT"/recipes/accelerate/*.yaml; do names+=("$(basename "$f" .yaml)"); done
+  local IFS=,
+  echo "recipes/accelerate/: ${names[*]}" | sed 's/,/, /g'
 }
 
 # True when the python $1 has every package of both locks at the locked version (a local label such

@@ -20,7 +20,10 @@ PY="$(job_python)" || fail "the job's environment for requirements.lock + requir
 
 if [ -n "${BUCKET:-}" ]; then
   OUTPUT_ROOT="${OUTPUT_ROOT:-/outputs}"
-  [ -d "$OUTPUT_ROOT" ] || fail "BUCKET is set ($BUCKET) but $OUTPUT_ROOT is not mounted; launch a task file from sky/"
+  # A plain folder there (the image has one) would take the run to the VM's disk, lost with the VM.
+  if [ ! -d "$OUTPUT_ROOT" ] || { command -v mountpoint >/dev/null && ! mountpoint -q "$OUTPUT_ROOT"; }; then
+    fail "BUCKET is set ($BUCKET) but $OUTPUT_ROOT is not mounted; launch a task file from sky/"
+  fi
 else
   OUTPUT_ROOT="${OUTPUT_ROOT:-$HOME/alignpress-outputs}"
   echo "alignpress: no BUCKET: outputs go to $OUTPUT_ROOT on this VM's disk (gone after sky down)" >&2
@@ -29,16 +32,20 @@ OUT="$OUTPUT_ROOT/${RUN_NAME:-$(basename "$RECIPE" .yaml)}"
 JOB=(entrypoint.py run "$RECIPE" --set "publish.repo_id=$HUB_REPO" --output-dir "$OUT")
 # A VM rented with GPUs trains on them or not at all: with train.device auto, a torch that cannot
 # use the GPU (a driver older than the wheel's CUDA) would train on the CPU, for days.
+set_by="publish.repo_id from HUB_REPO"
 if [ "${SKYPILOT_NUM_GPUS_PER_NODE:-0}" -gt 0 ]; then
   JOB+=(--set train.device=cuda)
+  set_by+=", train.device=cuda for the rented GPUs"
 fi
+# The job's messages name these --set flags, which the user did not type: say where they come from.
+echo "alignpress: ${JOB[*]} ($set_by)" >&2
 
 NODES="${SKYPILOT_NUM_NODES:-1}"
 if [ "$NODES" -gt 1 ]; then
   # One launcher per node; SkyPilot sets these on every node (sky/skylet/constants.py), head first.
   HEAD_IP="$(echo "$SKYPILOT_NODE_IPS" | head -n1)"
   exec "$(dirname "$PY")/accelerate" launch \
-    --config_file "${ACCELERATE_CONFIG:-recipes/accelerate/ddp.yaml}" \
+    --config_file "$(accelerate_file)" \
     --num_machines "$NODES" \
     --machine_rank "$SKYPILOT_NODE_RANK" \
     --main_process_ip "$HEAD_IP" \

@@ -4,8 +4,9 @@
 #
 #   bash sky/setup.sh     # from the checkout (SkyPilot's workdir); safe to run again
 #
-# First the launch's refusals (sky/env.sh check_launch: HUB_REPO, HF_TOKEN, RECIPE, BUCKET), one
-# line and exit 2, so a launch that run.sh would refuse does not build the environment first.
+# First the launch's refusals (sky/env.sh check_launch: HUB_REPO, HF_TOKEN, RECIPE, BUCKET,
+# ACCELERATE_CONFIG, and the Hub's answer for the token and the repo's namespace), one line and
+# exit 2, so a launch that run.sh would refuse does not build the environment first.
 # Idempotent: an environment already built for this lock (a stamp keyed on the lock's hash), or the
 # prebuilt image's /opt/venv when it holds the lock's versions, is used as it is; the second run
 # takes about a second (setup run again on the same cluster). A recovered managed job is on a new
@@ -17,7 +18,7 @@
 set -euo pipefail
 # shellcheck source=sky/env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-check_launch
+check_launch hub
 
 UV_VERSION="0.13.9"
 PYTHON_REQUEST="${ALIGNPRESS_PYTHON:->=3.11,<3.13}"

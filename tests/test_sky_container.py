@@ -93,7 +93,8 @@ def test_setup_twice_then_run_pushes_the_demo(vm, hub_env):
     run, bucket = vm
     hub_server = hub_env.server
 
-    launch = {"RECIPE": "recipes/demo.yaml", "HUB_REPO": HUB_REPO, "HF_TOKEN": TEST_TOKEN}  # setup checks them first
+    # setup checks them first, and asks the Hub (the test server) whether the token may push there
+    launch = {"RECIPE": "recipes/demo.yaml", "HUB_REPO": HUB_REPO, "HF_TOKEN": TEST_TOKEN, "HF_ENDPOINT": hub_server.url}
     first, first_s = run("sky/setup.sh", launch)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "alignpress setup: environment built: /root/.alignpress/venv-" in first.stderr, first.stderr

@@ -257,7 +257,19 @@ def sky_run(tmp_path: Path, env: dict, script: str = "bash sky/run.sh"):
     return proc
 
 
-SET = {"HUB_REPO": "someone/model", "HF_TOKEN": "hf_dummy", "RECIPE": "recipes/demo.yaml"}
+# HF_ENDPOINT: a closed local port, so setup's question to the Hub fails at once, as with no network
+# (the launch goes on; tests below ask the test Hub server).
+SET = {"HUB_REPO": "someone/model", "HF_TOKEN": "hf_dummy", "RECIPE": "recipes/demo.yaml", "HF_ENDPOINT": "http://127.0.0.1:9"}
+
+
+def fake_mountpoint(tmp_path: Path) -> str:
+    """PATH with a `mountpoint` that says yes: a bucket mount needs a cloud, so a plain folder stands
+    in for it (test_run_refuses_a_bucket_folder_that_is_not_a_mount uses the real command)."""
+    folder = tmp_path / "fakebin"
+    folder.mkdir(exist_ok=True)
+    (folder / "mountpoint").write_text("#!/bin/sh\nexit 0\n")
+    (folder / "mountpoint").chmod(0o755)
+    return f"{folder}:{os.environ['PATH']}"
 
 REFUSALS = {
     # case: (env changes, the one line on stderr)
@@ -270,6 +282,21 @@ REFUSALS = {
     "managed job without BUCKET": (
         {"SKYPILOT_MANAGED_JOB_ID": "7", "BUCKET": ""},
         "error: BUCKET is not set; a managed job keeps its outputs in a bucket: launch with --env BUCKET=a-name-of-your-own"),
+    "HUB_REPO not a repo id": (
+        {"HUB_REPO": "not a repo"},
+        "error: HUB_REPO: 'not a repo': expected namespace/name (exactly one '/'); launch with --env HUB_REPO=namespace/name"),
+    "HUB_REPO bad name": (
+        {"HUB_REPO": "me/bad--name"},
+        "error: HUB_REPO: 'me/bad--name': 'bad--name' is not a valid Hub name: use letters, digits, '-', '_', '.', at most 96 "
+        "characters, no '--' or '..', not starting or ending with '-' or '.'; launch with --env HUB_REPO=namespace/name"),
+    "HF_TOKEN with a newline inside": (
+        {"HF_TOKEN": "hf_abc\ndef"},
+        "error: HF_TOKEN holds whitespace at position 7, which no Hub token has: launch with --secret HF_TOKEN set to the token "
+        "from https://huggingface.co/settings/tokens"),
+    "RECIPE not a recipe": ({"RECIPE": "README.md"}, "error: RECIPE: README.md is not a recipe (a .yaml file, such as recipes/phi3-mini-capybara.yaml)"),
+    "ACCELERATE_CONFIG unknown": (
+        {"ACCELERATE_CONFIG": "zero9"},
+        "error: ACCELERATE_CONFIG: zero9 is neither a file in the checkout nor a shipped config (recipes/accelerate/: ddp, zero2, zero3-offload)"),
     "BUCKET not mounted": (
         {"BUCKET": "my-bucket", "OUTPUT_ROOT": "/nonexistent/outputs", "ALIGNPRESS_VENV": "FAKE"},
         "error: BUCKET is set (my-bucket) but /nonexistent/outputs is not mounted; launch a task file from sky/"),
@@ -306,6 +333,48 @@ def test_setup_refuses_the_same_before_it_builds_anything(tmp_path, case):
     assert not (tmp_path / "home" / ".alignpress").exists()
 
 
+def test_run_refuses_a_bucket_folder_that_is_not_a_mount(tmp_path):
+    """The image has a plain /outputs folder: without the task file's mount a run there went to the
+    VM's disk and was lost with the VM. The real `mountpoint` says no for a plain folder."""
+    plain = tmp_path / "outputs"
+    plain.mkdir()
+    proc = sky_run(tmp_path, {**SET, "ALIGNPRESS_VENV": str(fake_env(tmp_path)), "BUCKET": "mine", "OUTPUT_ROOT": str(plain)})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: BUCKET is set (mine) but {plain} is not mounted; launch a task file from sky/"]
+
+
+@pytest.mark.parametrize(
+    ("token", "repo", "line"),
+    [
+        ("INVALID", "alice/x", "error: HF_TOKEN: the Hub rejects this token (HTTP 401 from {endpoint}); launch with --secret HF_TOKEN set to a valid token"),
+        ("READ", "alice/x", "error: HF_TOKEN: the token of 'alice' is read-only: create a token with write access (https://huggingface.co/settings/tokens)"),
+        ("OTHER", "alice/x", "error: HUB_REPO: the token belongs to 'bob', who cannot write to the namespace 'alice' (writable: bob); "
+                             "launch with another HUB_REPO or another token"),
+        ("GOOD", "alice/x", None),
+    ],
+)
+def test_setup_asks_the_hub_before_it_builds_anything(tmp_path, hub_env, token, repo, line):
+    """sky/launch_check.py over real HTTP to the test Hub server, from setup.sh: a token the Hub
+    rejects, or one that may not write to HUB_REPO, stops the launch before the environment is built.
+    A good one goes on to the build (here a stand-in uv that says so and fails)."""
+    from hubserver import INVALID_TOKEN, OTHER_TOKEN, READ_TOKEN
+
+    tokens = {"INVALID": INVALID_TOKEN, "READ": READ_TOKEN, "OTHER": OTHER_TOKEN, "GOOD": hub_env.token}
+    uv = tmp_path / "uv"
+    uv.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "uv (stand-in)"; exit 0; }\necho "stand-in uv: the build would start here" >&2\nexit 1\n')
+    uv.chmod(0o755)
+    env = {**SET, "HUB_REPO": repo, "HF_TOKEN": tokens[token], "HF_ENDPOINT": hub_env.server.url, "UV": str(uv)}
+    proc = sky_run(tmp_path, env, script="bash sky/setup.sh")
+    if line is None:
+        assert "stand-in uv: the build would start here" in proc.stderr and "error:" not in proc.stderr, proc.stderr
+    else:
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines() == [line.format(endpoint=hub_env.server.url)]
+        assert not (tmp_path / "home" / ".alignpress").exists()
+    assert tokens[token] not in proc.stderr + proc.stdout
+    assert [r.route for r in hub_env.server.requests] == ["whoami"]
+
+
 def test_run_refuses_when_the_environment_is_not_built(tmp_path):
     lock_hash = lock_key()
     proc = sky_run(tmp_path, SET)  # HOME empty, no image venv
@@ -320,7 +389,8 @@ def test_run_without_bucket_writes_to_the_vm_disk(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "home" / "alignpress-outputs" / "demo"
     assert proc.stderr.strip().splitlines() == [
-        f"alignpress: no BUCKET: outputs go to {tmp_path / 'home' / 'alignpress-outputs'} on this VM's disk (gone after sky down)"]
+        f"alignpress: no BUCKET: outputs go to {tmp_path / 'home' / 'alignpress-outputs'} on this VM's disk (gone after sky down)",
+        f"alignpress: entrypoint.py run recipes/demo.yaml --set publish.repo_id=someone/model --output-dir {out} (publish.repo_id from HUB_REPO)"]
     assert proc.stdout.splitlines() == ["python", "entrypoint.py", "run", "recipes/demo.yaml",
                                         "--set", "publish.repo_id=someone/model", "--output-dir", str(out)]
 
@@ -329,9 +399,10 @@ def test_managed_run_writes_into_the_bucket(tmp_path):
     venv, bucket = fake_env(tmp_path), tmp_path / "bucket"
     bucket.mkdir()
     proc = sky_run(tmp_path, {**SET, "ALIGNPRESS_VENV": str(venv), "SKYPILOT_MANAGED_JOB_ID": "7",
-                              "BUCKET": "mine", "OUTPUT_ROOT": str(bucket)})
+                              "BUCKET": "mine", "OUTPUT_ROOT": str(bucket), "PATH": fake_mountpoint(tmp_path)})
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr == ""
+    assert proc.stderr.splitlines() == [
+        f"alignpress: entrypoint.py run recipes/demo.yaml --set publish.repo_id=someone/model --output-dir {bucket / 'demo'} (publish.repo_id from HUB_REPO)"]
     # RUN_NAME unset: the recipe's file name
     assert proc.stdout.splitlines()[-2:] == ["--output-dir", str(bucket / "demo")]
 
@@ -340,7 +411,7 @@ def test_multinode_run_wires_skypilot_node_variables_into_accelerate(tmp_path):
     venv, bucket = fake_env(tmp_path), tmp_path / "bucket"
     bucket.mkdir()
     proc = sky_run(tmp_path, {**SET, "ALIGNPRESS_VENV": str(venv), "BUCKET": "mine", "OUTPUT_ROOT": str(bucket),
-                              "RUN_NAME": "r", "ACCELERATE_CONFIG": "recipes/accelerate/zero2.yaml",
+                              "RUN_NAME": "r", "ACCELERATE_CONFIG": "recipes/accelerate/zero2.yaml", "PATH": fake_mountpoint(tmp_path),
                               "SKYPILOT_NUM_NODES": "2", "SKYPILOT_NODE_RANK": "1",
                               "SKYPILOT_NODE_IPS": "10.0.0.5\n10.0.0.6", "SKYPILOT_NUM_GPUS_PER_NODE": "8"})
     assert proc.returncode == 0, proc.stderr
@@ -349,6 +420,20 @@ def test_multinode_run_wires_skypilot_node_variables_into_accelerate(tmp_path):
         "--machine_rank", "1", "--main_process_ip", "10.0.0.5", "--main_process_port", "29500",
         "--num_processes", "16", "entrypoint.py", "run", "recipes/demo.yaml", "--set",
         "publish.repo_id=someone/model", "--output-dir", str(bucket / "r"), "--set", "train.device=cuda"]
+
+
+@pytest.mark.parametrize(("value", "config_file"), [(None, "recipes/accelerate/ddp.yaml"), ("zero2", "recipes/accelerate/zero2.yaml")])
+def test_multinode_accelerate_config_by_name(tmp_path, value, config_file):
+    """ACCELERATE_CONFIG takes a shipped config's name, as train.accelerate_config does (a name used to
+    reach `accelerate launch` as it was, which failed on every node after they were built)."""
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    proc = sky_run(tmp_path, {**SET, "ALIGNPRESS_VENV": str(fake_env(tmp_path)), "BUCKET": "mine", "OUTPUT_ROOT": str(bucket),
+                              "PATH": fake_mountpoint(tmp_path), "SKYPILOT_NUM_NODES": "2", "SKYPILOT_NODE_RANK": "0",
+                              "SKYPILOT_NODE_IPS": "10.0.0.5\n10.0.0.6", "SKYPILOT_NUM_GPUS_PER_NODE": "1",
+                              **({"ACCELERATE_CONFIG": value} if value else {})})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[2:4] == ["--config_file", str(REPO / config_file)]
 
 
 @pytest.mark.parametrize("gpus, extra", [("1", ["--set", "train.device=cuda"]), ("0", []), (None, [])])
