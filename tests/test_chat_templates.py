@@ -139,8 +139,8 @@ def test_an_edited_template_file_is_a_different_recipe(tiny_phi3, tmp_path, caps
     (tmp_path / "t.jinja").write_text(template.replace("<|end|>", "<|end|><|end|>"))
     assert main(["train", str(recipe), "--output-dir", str(out)]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"error: {out}/recipe.resolved.yaml: this folder holds a run of a different recipe (sections model "
-        f"(the template file {tmp_path}/t.jinja changed) differ); use another --output-dir, or `run --restart` to redo it here"
+        f"error: {out}/recipe.resolved.yaml: this folder holds a run of a different recipe (model.chat_template "
+        f"(the file {tmp_path}/t.jinja was edited) differs); use another --output-dir (on SkyPilot: another --env RUN_NAME), or `run --restart` to redo it here"
     )
     # Putting the file back makes it the same recipe again; `prepare --restart` accepts the new one.
     (tmp_path / "t.jinja").write_text(template)

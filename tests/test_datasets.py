@@ -107,6 +107,19 @@ def test_bad_sources_refused_at_validate(tmp_path, data, expected):
     assert proc.stderr.strip().splitlines()[-1] == f"error: {recipe}: {expected}"
 
 
+def test_a_folder_of_mixed_file_types_is_refused(tmp_path):
+    """The first file's type used to be read and the others skipped without a word."""
+    folder = tmp_path / "dd"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n')
+    (folder / "b.csv").write_text("prompt,chosen,rejected\np,c,r\n")
+    recipe = write_recipe(tmp_path, "x/y", {"dataset": "dd"})
+    proc = cli("validate", recipe)
+    assert (proc.returncode, proc.stderr.strip().splitlines()[-1]) == (2, (
+        f"error: {recipe}: field 'data.dataset': folder {folder} mixes file types (a.jsonl, b.csv, ...): one type a folder, "
+        "or one source each (data.datasets)"))
+
+
 def assert_refused_at_prepare(proc, out, message):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == message

@@ -180,7 +180,28 @@ def test_rerun_skips_finished_stages(demo_copy):
 def test_different_recipe_in_same_folder_refused(demo_copy):
     proc = cli("run", "recipes/demo.yaml", "--output-dir", demo_copy, "--set", "dpo.beta=0.3")
     assert proc.returncode == 2
-    assert "holds a run of a different recipe (sections dpo differ)" in proc.stderr
+    assert "holds a run of a different recipe (dpo.beta differs); use another --output-dir" in proc.stderr
+
+
+def test_settings_of_how_training_runs_may_change_when_it_resumes(demo_copy):
+    """A save cadence for spot, the logging, the device: a resumed training may change them (it used
+    to be refused as a different recipe, and `--restart` threw the finished steps away). A setting of
+    what training computes is still refused, named by itself, not by its section."""
+    manifest = json.loads((demo_copy / "run.json").read_text())
+    for s in ("train", "evaluate", "export", "publish"):
+        manifest["stages"][s] = {"status": "pending"}
+    (demo_copy / "run.json").write_text(json.dumps(manifest))
+    proc = cli("train", "recipes/demo.yaml", "--output-dir", demo_copy, "--set", "train.seed=7", "--set", "train.save_minutes=5",
+               "--set", "dpo.beta=0.2")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {demo_copy / 'recipe.resolved.yaml'}: this folder holds a run of a different recipe (dpo.beta, train.seed differ); "
+        "use another --output-dir (on SkyPilot: another --env RUN_NAME), or `train --restart` to redo it here")
+    proc = cli("train", "recipes/demo.yaml", "--output-dir", demo_copy, "--set", "train.save_minutes=5", "--set", "train.logging_steps=2",
+               "--set", "train.device=cpu", "--set", "train.report_to=none")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming training from {demo_copy / 'checkpoints' / 'checkpoint-53'} (step 53)" in proc.stderr
+    assert json.loads((demo_copy / "run.json").read_text())["stages"]["train"]["status"] == "done"
 
 
 def test_folder_from_an_older_version_is_the_same_recipe(demo_copy):
@@ -198,7 +219,7 @@ def test_folder_from_an_older_version_is_the_same_recipe(demo_copy):
     path.write_text(yaml.safe_dump(old))
     proc = cli("run", "recipes/demo.yaml", "--output-dir", demo_copy, "--set", "dpo.max_truncated_fraction=0.1")
     assert proc.returncode == 2
-    assert "holds a run of a different recipe (sections dpo differ)" in proc.stderr
+    assert "holds a run of a different recipe (dpo.max_truncated_fraction differs)" in proc.stderr
 
 
 def test_merge_that_changed_nothing_is_an_error(demo_copy):
@@ -222,9 +243,26 @@ def test_merge_that_changed_nothing_is_an_error(demo_copy):
 
 
 def test_stage_needs_its_inputs(tmp_path):
-    proc = cli("train", "recipes/demo.yaml", "--output-dir", tmp_path / "fresh")
+    """A folder with no run is named as such (the line used to cite a run.json that was not there)."""
+    fresh = tmp_path / "fresh"
+    proc = cli("train", "recipes/demo.yaml", "--output-dir", fresh)
     assert proc.returncode == 2
-    assert "stage train needs prepare to be done first (run.json says pending)" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {fresh}: stage train needs prepare to be done first, and this folder holds no run (no run.json): "
+        f"run `entrypoint.py prepare recipes/demo.yaml --output-dir {fresh}` (or `run`) first, or give the folder of a run with --output-dir")
+    assert not fresh.exists()
+
+
+def test_alignpress_outputs_moves_the_default_folder(tmp_path):
+    """The image sets ALIGNPRESS_OUTPUTS=/outputs: without --output-dir a run lands on its volume."""
+    proc = cli("prepare", "recipes/demo.yaml", env={"ALIGNPRESS_OUTPUTS": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "demo" / "run.json").read_text())["stages"]["prepare"]["status"] == "done"
+    # The default folder is the one a refusal leaves out of the command it suggests.
+    proc = cli("train", "recipes/demo.yaml", env={"ALIGNPRESS_OUTPUTS": str(tmp_path / "elsewhere")})
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'elsewhere' / 'demo'}: stage train needs prepare to be done first, and this folder holds no run (no run.json): "
+        "run `entrypoint.py prepare recipes/demo.yaml` (or `run`) first, or give the folder of a run with --output-dir")
 
 
 def test_resume_after_kill(tmp_path, demo_run):

@@ -39,6 +39,10 @@ def test_two_gloo_processes_match_one(tmp_path, demo_run):
     # Tolerance: float32 reductions in a different order across processes.
     assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-4, (la, lb)
     assert json.loads((two / "run.json").read_text())["stages"]["train"]["world_size"] == 2
+    # The batch each optimizer step sees, said with the processes behind it (multi-node grows it).
+    assert "[alignpress] each optimizer step: 8 pairs (1 process x 8 pairs x 1 accumulation steps)\n" in a.stderr
+    assert ("[alignpress] each optimizer step: 8 pairs (2 processes x 4 pairs x 1 accumulation steps); train.learning_rate 0.0006 "
+            "as the recipe sets it, for 2x the pairs of one process\n") in b.stderr
     assert (two / "adapter/adapter_model.safetensors").exists()
 
     # The same two processes with their decoder layers compiled (train.compile_layers; DDP's gradient

@@ -135,6 +135,23 @@ def test_malformed_messages_say_why(chosen, reason):
     assert str(e.value) == reason
 
 
+@pytest.mark.parametrize(
+    "rejected, reason",
+    [
+        (None, "rejected is missing (or null), not text or a list of {role, content} messages"),
+        (7, "rejected is an integer (7), not text or a list of {role, content} messages"),
+        ([], "rejected is an empty list, not a list of {role, content} messages"),
+        ([U("x")], "rejected must be exactly one assistant message"),
+    ],
+)
+def test_a_standard_rows_answer_may_be_text_or_messages(rejected, reason):
+    """A JSON line without the key reaches normalise_row as None (datasets fills it in): said as
+    "missing (or null)", and the standard layout's answer wants text or messages, not messages alone."""
+    with pytest.raises(RowError) as e:
+        normalise_row("standard", {"prompt": "p", "chosen": "c", "rejected": rejected})
+    assert str(e.value) == reason
+
+
 def test_missing_columns_named():
     with pytest.raises(AlignpressError) as e:
         check_columns("system_question", ["system", "chosen"], "data.jsonl")

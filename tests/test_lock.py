@@ -48,6 +48,21 @@ def test_lock_of_a_dead_process_is_taken_over(demo_copy):
     assert not (demo_copy / LOCK_NAME).exists()  # released at the end
 
 
+def test_a_lock_with_this_processs_own_pid_is_taken_over(tmp_path):
+    """A killed container's lock, found by the next container with the same --hostname: the job is
+    pid 1 in both, so the holder's pid is alive (it is ours) though the lock is not ours."""
+
+    record = plant(tmp_path, pid=os.getpid(), heartbeat=time.time())
+    lock = FolderLock(tmp_path, command="run recipes/demo.yaml")
+    assert lock._stale_reason(record) == f"its pid {os.getpid()} is this process's own, so it was left by an earlier container or boot"
+    lock.acquire()
+    try:
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == lock.token != "planted"
+    finally:
+        lock.release()
+    assert lock._stale_reason(plant(tmp_path, pid=os.getppid())) is None  # another live process of this host: not stale
+
+
 def test_silent_lock_is_waited_for_then_taken_over(tmp_path, monkeypatch):
     """A holder on another machine that missed its beats (a preempted spot VM): a recovered job waits
     until the heartbeat is older than the timeout, then takes over."""
@@ -61,10 +76,13 @@ def test_silent_lock_is_waited_for_then_taken_over(tmp_path, monkeypatch):
         assert 2.5 <= time.time() - started < 10
         held = json.loads((tmp_path / LOCK_NAME).read_text())
         assert held["token"] == lock.token and held["pid"] == os.getpid()
-        # Another taker (same host, live pid, fresh beat) is refused. The token in the environment
-        # hands the lock to the children of an `accelerate launch` relaunch only (ALIGNPRESS_LAUNCHED=1).
-        with pytest.raises(Exception, match="another alignpress process is writing to this folder"):
-            FolderLock(tmp_path, "train x").acquire()
+        # Another taker (same host, live pid, fresh beat) is refused: another process (a lock with this
+        # process's own pid and another token is an earlier container's, taken over). The token in the
+        # environment hands the lock to the children of an `accelerate launch` relaunch only (ALIGNPRESS_LAUNCHED=1).
+        code = f"from pathlib import Path\nfrom alignpress.lock import FolderLock\nFolderLock(Path({str(tmp_path)!r}), 'train x').acquire()"
+        other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                               env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        assert other.returncode != 0 and "another alignpress process is writing to this folder" in other.stderr, other.stderr
     finally:
         lock.release()
     assert not (tmp_path / LOCK_NAME).exists()

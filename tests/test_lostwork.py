@@ -43,7 +43,8 @@ def test_publish_restart_without_export_deletes_nothing(demo_copy):
     before = tree(demo_copy)
     proc = cli("publish", "recipes/demo.yaml", "--restart", "--output-dir", demo_copy)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines()[-1] == f"error: {demo_copy / 'run.json'}: stage publish needs export to be done first (run.json says pending)"
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: {demo_copy / 'run.json'}: stage publish needs export to be done first (run.json says pending): "
+                                                    f"run `entrypoint.py export recipes/demo.yaml --output-dir {demo_copy}` (or `run`)")
     assert tree(demo_copy) == before  # adapter/, checkpoints/, data/, metrics/, model/ and run.json untouched
     assert not (demo_copy / "run.lock").exists()
 

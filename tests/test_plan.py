@@ -251,6 +251,16 @@ def test_plan_refuses_what_will_not_fit(phi3_out):
     # the same run with checkpointing fits on an 80 GB card
     proc = cli(*args[:-4], "--set", "train.per_device_train_batch_size=8", "--gpu", "A100-80GB")
     assert proc.returncode == 0, proc.stderr
+    # On an L4 with every layer already recomputed (auto), checkpointing is not offered as the way out.
+    proc = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--set", "train.per_device_train_batch_size=16", "--gpu", "l4")
+    assert proc.returncode == 2 and "exceeds the L4's 22.35 GiB" in proc.stderr, proc.stderr
+    assert "train.gradient_checkpointing auto on the L4: on for all 32 layers" in proc.stdout, proc.stdout
+    assert "gradient_checkpointing=true" not in proc.stderr
+    # --gpu in any case, or the one name it begins; otherwise one line naming the known ones.
+    assert cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--gpu", "h100").returncode == 0
+    proc = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--gpu", "A100")
+    assert (proc.returncode, proc.stderr) == (2, "error: argument --gpu: ambiguous GPU 'A100'; known: L4, A10G, L40S, A100-40GB, A100-80GB, "
+                                                 "H100-80GB, H200; see `entrypoint.py plan --help`\n")
 
 
 def test_plan_needs_prepared_data(tmp_path):
@@ -318,6 +328,30 @@ def test_plan_demo_after_prepare(demo_copy):
     # two of them 56 (a multiple of 8). TRL's layout: 16 rows of the longest sequence, 20 tokens.
     assert (shared["memory"]["settings"]["packed_rows"], shared["memory"]["settings"]["packed_len"]) == (rows, length) == (4, 56)
     assert p["memory"]["settings"]["packed_rows"] is None and shared["memory"]["micro_batch_tokens"] == 224 < p["memory"]["micro_batch_tokens"] == 320
+
+
+def test_plan_says_when_the_token_counts_are_another_recipes(demo_copy, phi3_out):
+    """Counts prepared for another model or data are named in a note (they used to be taken silently);
+    a change that leaves the data as it is (dpo, train) gives none."""
+    def notes(*args):
+        proc = cli("plan", *args)
+        assert proc.returncode == 0, proc.stderr
+        return [x for x in proc.stdout.splitlines() if "the token counts were prepared" in x]
+
+    resolved = demo_copy / "recipe.resolved.yaml"
+    assert notes("recipes/demo.yaml", "--output-dir", demo_copy, "--set", "dpo.beta=0.2") == []
+    assert notes("recipes/demo.yaml", "--output-dir", demo_copy, "--set", "data.filters.max_tokens=50") == [
+        f"note:      the token counts were prepared for a recipe whose data differ from recipes/demo.yaml's ({resolved}): "
+        "run prepare for this recipe to count its own data"]
+    assert notes("recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--tokens-from", demo_copy / "data" / "stats.json") == [
+        f"note:      the token counts were prepared for a recipe whose data and model differ from recipes/phi3-mini-capybara.yaml's "
+        f"({resolved}): run prepare for this recipe to count its own data"]
+    # The folder's model stood in for the recipe's own after an edit (a 45 k-parameter tiny model
+    # for an 8 B one: every GPU "fit"): the recorded folder counts only for the model it was made for.
+    p = json.loads(cli("plan", "recipes/demo.yaml", "--output-dir", demo_copy, "--json", "--set", "model.name_or_path=microsoft/Phi-3-mini-4k-instruct").stdout)
+    assert p["model"]["arch_source"] == "alignpress.flops.KNOWN_ARCHS (from the model's public config)"
+    # A stats.json with no recipe beside it (phi3_out's): nothing to compare, no note.
+    assert notes("recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out) == []
 
 
 def test_plan_loads_no_weights(phi3_out):

@@ -40,7 +40,7 @@ def test_no_token_is_an_error_not_a_skip(hub_env, tmp_path, monkeypatch):
     out = tmp_path / "out"
     line = refused(run(out), out)
     assert line == (
-        "error: field 'publish.repo_id': publish.repo_id is set but there is no Hub token: set HF_TOKEN "
+        "error: --set publish.repo_id: field 'publish.repo_id': publish.repo_id is set but there is no Hub token: set HF_TOKEN "
         f"(or log in with `hf auth login`), or unset publish.repo_id to keep the model in {out / 'model'} only"
     )
     assert hub_env.server.requests == []
@@ -51,7 +51,7 @@ def test_no_token_is_an_error_not_a_skip(hub_env, tmp_path, monkeypatch):
     [
         (INVALID_TOKEN, "error: the Hub rejected the token while checking the token (whoami) (HTTP 401"),
         (READ_TOKEN, "error: the token of 'alice' is read-only: create a token with write access"),
-        (OTHER_TOKEN, "error: field 'publish.repo_id': the token belongs to 'bob', who cannot write to the namespace 'alice' (writable: bob)"),
+        (OTHER_TOKEN, "error: --set publish.repo_id: field 'publish.repo_id': the token belongs to 'bob', who cannot write to the namespace 'alice' (writable: bob)"),
     ],
 )
 def test_bad_token_stops_before_prepare(hub_env, tmp_path, token, message):
@@ -67,7 +67,7 @@ def test_existing_public_repo_when_private_is_asked(hub_env, tmp_path):
     out = tmp_path / "out"
     line = refused(run(out), out)
     assert line == (
-        f"error: field 'publish.private': {REPO} already exists and is public, but publish.private is true: refusing to push. "
+        f"error: {RECIPE}: field 'publish.private': {REPO} already exists and is public, but publish.private is true: refusing to push. "
         "Make it private on the Hub (repo Settings), or set publish.private: false to publish publicly"
     )
     assert hub_env.server.is_private(REPO) is False and len(hub_env.server.commits(REPO)) == 1
@@ -77,7 +77,7 @@ def test_existing_repo_of_someone_else_needs_allow_update(hub_env, tmp_path):
     hub_env.server.add_repo(REPO, private=True, files={"notes.txt": b"someone else's notes\n"})
     out = tmp_path / "out"
     line = refused(run(out), out)
-    assert line.startswith(f"error: field 'publish.allow_update': {REPO} already exists and was not published by this run")
+    assert line.startswith(f"error: {RECIPE}: field 'publish.allow_update': {REPO} already exists and was not published by this run: refusing")  # a fresh folder has no run id yet: no '(run None)'
     assert "Set publish.allow_update: true" in line
     assert hub_env.server.requests_to("commit") == []
 
@@ -101,7 +101,7 @@ def test_a_license_the_hub_does_not_know_stops_before_prepare(hub_env, tmp_path)
     training. (The test server refuses licenses outside the list the real Hub's message gives.)"""
     out = tmp_path / "out"
     line = refused(run(out, "card.license=mit-ish"), out)
-    assert line.startswith("error: field 'card.license': the Hub refuses the model card's metadata: \"license\" must be one of [apache-2.0, mit, ")
+    assert line.startswith("error: --set card.license: field 'card.license': the Hub refuses the model card's metadata: \"license\" must be one of [apache-2.0, mit, ")
     assert line.endswith(", gemma, unknown, other, array]")
     assert [r.route for r in hub_env.server.requests] == ["whoami", "repo_info", "validate_yaml"]
     assert hub_env.server.requests_to("commit") == []
@@ -110,7 +110,7 @@ def test_a_license_the_hub_does_not_know_stops_before_prepare(hub_env, tmp_path)
 def test_the_adapter_card_is_checked_too(hub_env, tmp_path):
     out = tmp_path / "out"
     line = refused(run(out, "card.license=mit-ish", "publish.push=adapter"), out)
-    assert line.startswith("error: field 'card.license': the Hub refuses the model card's metadata: \"license\" must be one of [apache-2.0,")
+    assert line.startswith("error: --set card.license: field 'card.license': the Hub refuses the model card's metadata: \"license\" must be one of [apache-2.0,")
     assert [r.route for r in hub_env.server.requests][-1] == "validate_yaml"
 
 
@@ -134,7 +134,7 @@ def test_validate_hub_asks_the_same_before_a_launch(hub_env, tmp_path, capsys):
     assert rc == 0, err
     assert hub_line(out) == f"# hub: the token of 'alice' may push to {REPO}; the Hub accepts the card's metadata"
     rc, out, err = validate(f"publish.repo_id={REPO}", "card.license=mit-ish")
-    assert (rc, out) == (2, "") and err.startswith("error: field 'card.license': the Hub refuses the model card's metadata: \"license\" must be one of [")
+    assert (rc, out) == (2, "") and err.startswith("error: --set card.license: field 'card.license': the Hub refuses the model card's metadata: \"license\" must be one of [")
     rc, out, err = validate()
     assert (rc, hub_line(out)) == (0, "# hub: publish.repo_id is not set: nothing would be pushed (set it, or sky/run.sh sets it from HUB_REPO)")
     assert hub_env.token not in out + err

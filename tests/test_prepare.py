@@ -234,3 +234,21 @@ def test_flex_attention_training_on_cpu_refused_before_anything(tmp_path, tiny_p
     assert_refused(proc, out, f"{recipe}: field 'model.attn_implementation': flex_attention cannot train on the CPU: torch {torch.__version__} has no FlexAttention backward there. "
                               "Use sdpa (the default) on the CPU, e.g. --set model.attn_implementation=sdpa")
     assert not out.exists()
+
+
+def test_dropped_rows_summary_stays_one_short_line():
+    """Each reason quotes its row's value, so a column of bad values made one reason a row and a
+    293,045-character "one line" on 3,000 rows: the 3 most frequent reasons are shown, the rest counted."""
+    from alignpress.prepare import DroppedRows
+
+    dropped = DroppedRows()
+    for i in range(3000):
+        dropped.add(f"rejected is text ('bad answer number {i}'), not a list of {{role, content}} messages", i)
+    for i in (3000, 3001):
+        dropped.add("chosen is missing (or null), not text or a list of {role, content} messages", i)
+    assert dropped.summary() == (
+        "chosen is missing (or null), not text or a list of {role, content} messages (2 rows: 3000, 3001); "
+        "rejected is text ('bad answer number 0'), not a list of {role, content} messages (1 row: 0); "
+        "rejected is text ('bad answer number 1'), not a list of {role, content} messages (1 row: 1); "
+        "2998 more reasons (2998 rows)")
+    assert len(dropped) == 3002 and len(dropped.stored()) == 20

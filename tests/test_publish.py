@@ -299,7 +299,7 @@ def test_no_token_is_an_error(hub_env, out, capsys, monkeypatch):
     monkeypatch.delenv("HF_TOKEN")
     assert run_cli(out) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
-        "error: field 'publish.repo_id': publish.repo_id is set but there is no Hub token: set HF_TOKEN "
+        "error: --set publish.repo_id: field 'publish.repo_id': publish.repo_id is set but there is no Hub token: set HF_TOKEN "
         f"(or log in with `hf auth login`), or unset publish.repo_id to keep the model in {out / 'model'} only"
     )
     assert hub_env.server.requests == []
@@ -446,6 +446,34 @@ def test_metadata_refusals_become_one_line_naming_the_field():
         "field 'model.name_or_path': the Hub refuses the model card's metadata: \"base_model\" is not a valid model ID")
     assert metadata_error(ValueError("something else")) is None
     assert str(metadata_error(ValueError("plain text reason"), refusal=True)) == "the Hub refuses the model card's metadata: plain text reason"
+
+
+@pytest.mark.parametrize(("token", "kind", "position"), [("hf_SECRET\n000000", "whitespace", 10), ("hf_SECRETé000", "a non-ASCII character", 10)])
+def test_a_token_no_header_can_carry_is_refused_at_the_door(hub_env, out, capsys, monkeypatch, token, kind, position):
+    """A newline inside the token, or a non-ASCII character: each request failed (exit 3 after
+    retries, as if the Hub were down) and the library's message quoted the token."""
+    monkeypatch.setenv("HF_TOKEN", token)
+    assert run_cli(out) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (f"error: HF_TOKEN holds {kind} at position {position}, which no Hub token has: copy the token again "
+                                    "from https://huggingface.co/settings/tokens")
+    assert "SECRET" not in err and hub_env.server.requests == []
+
+
+def test_run_stops_before_the_merge_when_the_gate_refuses(hub_env, out):
+    """The gate's verdict is known after evaluate: `run` stops there instead of merging and saving
+    a model (GPU minutes) that publish would then refuse. The old export stays as it was."""
+    model_before = snapshot(out / "model")
+    proc = cli("run", RECIPE, "--output-dir", out, "--set", f"publish.repo_id={REPO}", "--set", "eval.gate_max_kl=0.01")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    ev = json.loads((out / "metrics" / "eval.json").read_text())
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: --set eval.gate_max_kl: field 'eval.gate_max_kl': publish gate: the KL estimate from the base, {ev['aligned']['kl_estimate']:.4g} nats "
+        f"per answer, exceeds the limit 0.01. Nothing was exported or pushed (`export` merges the model anyway) (numbers in {out / 'metrics' / 'eval.json'})")
+    stages = json.loads((out / "run.json").read_text())["stages"]
+    assert (stages["evaluate"]["status"], stages["export"]["status"], stages["publish"]["status"]) == ("done", "pending", "pending")
+    assert "== export" not in proc.stderr and snapshot(out / "model") == model_before
+    assert hub_env.server.requests_to("commit") == []
 
 
 def test_a_token_with_its_newline_is_used_stripped_and_never_quoted(monkeypatch):

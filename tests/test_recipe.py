@@ -140,6 +140,8 @@ BASE = "name: t\nmodel: {name_or_path: x/y}\ndata: {dataset: d.jsonl}\n"
         ("train: {gradient_checkpointing: false, checkpointed_layers: 12}\n", [], "field 'train.checkpointed_layers': 12 layers to recompute, but "
                                                                                   "train.gradient_checkpointing is false: set it to true or auto, or drop this field"),
         ("", ["train.checkpointed_layers=true"], "field 'train.checkpointed_layers': expected an integer or null, got True"),
+        ("publish: {repo_id: a/b, adapter_repo_id: a/b-lora}\n", [], "field 'publish.adapter_repo_id': publish.push is model, which pushes no adapter: "
+                                                                     "set publish.push: both (or adapter), or remove adapter_repo_id"),
     ],
 )
 def test_bad_recipes_name_file_and_field(tmp_path, extra, overrides, expected):
@@ -248,6 +250,27 @@ def test_export_merge_false_is_refused_not_ignored(tmp_path):
         load_recipe(path)
     assert str(e.value) == (f"{path}: field 'export.merge': false is not supported: export always saves the merged model in model/; "
                             "to publish the adapter alone, set publish.push: adapter")
+
+
+def test_lora_settings_with_lora_off_are_named_as_unused(tmp_path):
+    """Not refused: a shipped recipe with `--set lora.enabled=false` is a full fine-tune on purpose."""
+    from alignpress.recipe import unused_settings
+
+    path = write(tmp_path, BASE + "lora: {enabled: false, r: 64, dropout: 0.05}\n")
+    assert unused_settings(load_recipe(path)) == [f"{path}: lora.enabled is false (every weight is trained), so lora.r is not used"]
+    demo = ROOT / "recipes/demo.yaml"
+    assert unused_settings(load_recipe(demo, ["lora.enabled=false"])) == [
+        "--set lora.enabled: lora.enabled is false (every weight is trained), so lora.r, lora.alpha, lora.dropout are not used"]
+    assert unused_settings(load_recipe(demo)) == [] and unused_settings(load_recipe(path, ["lora.enabled=true"])) == []
+    assert unused_settings(load_recipe(demo, ["dpo.precompute_ref_log_probs=false", "dpo.precompute_ref_batch_size=16", "eval.generation_rows=0",
+                                              "eval.behaviour_pattern=x", "train.per_device_eval_batch_size=8"])) == [
+        "--set dpo.precompute_ref_batch_size: dpo.precompute_ref_log_probs is false, so dpo.precompute_ref_batch_size is not used",
+        "--set eval.behaviour_pattern: eval.generation_rows is 0 (no generations), so eval.behaviour_pattern is not used",
+        "--set train.per_device_eval_batch_size: train.per_device_eval_batch_size is not used (training runs no evaluation); "
+        "evaluate scores eval.batch_size pairs at a time"]
+    proc = cli("validate", demo, "--set", "lora.enabled=false")
+    assert proc.returncode == 0 and proc.stderr.splitlines()[0] == (
+        "[alignpress] --set lora.enabled: lora.enabled is false (every weight is trained), so lora.r, lora.alpha, lora.dropout are not used")
 
 
 def test_repo_id_rules():

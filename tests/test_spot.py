@@ -10,7 +10,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from alignpress.train import checkpoint_is_complete, latest_checkpoint
+from alignpress.train import checkpoint_is_complete, checkpoint_problem, latest_checkpoint
 from conftest import ROOT, cli
 from test_tracking import read_events
 
@@ -67,11 +67,18 @@ def test_corrupt_newest_checkpoint_is_skipped(tmp_path, demo_run):
     assert [p.name for p in ckpts] == ["checkpoint-40", "checkpoint-53"]
     assert checkpoint_is_complete(ckpts[-1])
     # Every file the resume reads counts: a truncated upload of any of them makes it incomplete.
-    for name in ("adapter_model.safetensors", "scheduler.pt", "training_args.bin", "trainer_state.json"):
+    # The warning names the file and why (it said only "skipping incomplete checkpoint DIR").
+    reasons = {"adapter_model.safetensors": "SafetensorError", "scheduler.pt": "BadZipFile", "training_args.bin": "BadZipFile",
+               "trainer_state.json": "JSONDecodeError"}
+    for name, error in reasons.items():
         saved_file = (ckpts[-1] / name).read_bytes()
         (ckpts[-1] / name).write_bytes(saved_file[:-100])
         assert not checkpoint_is_complete(ckpts[-1]), name
+        assert checkpoint_problem(ckpts[-1]) == f"{name} cannot be read ({error}: cut short?)"
         (ckpts[-1] / name).write_bytes(saved_file)
+    (ckpts[-1] / "optimizer.pt").rename(tmp_path / "optimizer.pt")
+    assert checkpoint_problem(ckpts[-1]) == "optimizer.pt is missing or empty"
+    (tmp_path / "optimizer.pt").rename(ckpts[-1] / "optimizer.pt")
     assert checkpoint_is_complete(ckpts[-1])
     # The reported case: rng_state.pth cut short (Trainer._load_rng_state failed with OSError 22).
     rng = ckpts[-1] / "rng_state.pth"
@@ -92,7 +99,7 @@ def test_corrupt_newest_checkpoint_is_skipped(tmp_path, demo_run):
     shutil.rmtree(out / "adapter")
     proc = cli("train", "recipes/demo.yaml", "--output-dir", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"skipping incomplete checkpoint {ckpts[-1]}" in proc.stderr
+    assert f"skipping incomplete checkpoint {ckpts[-1]}: rng_state.pth cannot be read (BadZipFile: cut short?)\n" in proc.stderr
     assert f"resuming training from {ckpts[0]} (step 40)" in proc.stderr
     assert json.loads((out / "run.json").read_text())["stages"]["train"]["status"] == "done"
     assert adapter_diff(out, demo_run[0]) < 1e-4

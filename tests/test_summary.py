@@ -63,4 +63,5 @@ def test_summary_with_a_failed_gate_names_the_reason(demo_copy):
     reason = ev["gate"]["reasons"][0]["reason"]
     assert reason.startswith("the aligned model does not beat the base on held-out preference accuracy by 0.9")
     assert f"  gate:                FAILED, publish refuses this model: {reason}" in lines
-    assert lines[-1] == f"  next:                change the recipe (see {out}/metrics/report.md) and run again with --restart"
+    assert lines[-1] == (f"  next:                change the recipe (see {out}/metrics/report.md) and run again: a changed eval or publish "
+                         "section redoes evaluate onward in this folder; other changes need --restart (on SkyPilot: another --env RUN_NAME)")

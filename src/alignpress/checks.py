@@ -114,12 +114,12 @@ def check_training_settings(recipe: Recipe) -> None:
     # state is the launch's own, so only a plain process (validate, the parent that relaunches) builds it.
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ALIGNPRESS_LAUNCHED") == "1":
         return
-    from .runstate import RunDir
+    from .runstate import RunDir, default_output_dir
     from .train import dpo_config
 
     try:
         with _quiet():
-            dpo_config(recipe, RunDir(Path("outputs") / recipe.name, writer=False), "cpu", torch.float32)
+            dpo_config(recipe, RunDir(default_output_dir(recipe.name), writer=False), "cpu", torch.float32)
     except Exception as e:  # noqa: BLE001 - every refusal of TRL/transformers names the field it concerns
         raise _fail(recipe, _field_named_in(str(e)) or "dpo", f"TRL {trl.__version__} refuses the training settings: {_first_line(e)}") from None
 

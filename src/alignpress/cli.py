@@ -8,6 +8,7 @@ model's shape is checked on the meta device).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -18,11 +19,11 @@ from pathlib import Path
 
 import yaml
 
-from . import plan, processes
+from . import inputs, plan, processes
 from .errors import AlignpressError, redact
 from .lock import FolderLock
-from .recipe import Recipe, chat_template_file, chat_template_sha256, describe, dump, load_recipe
-from .runstate import STAGES, RunDir, disk_full, write_text
+from .recipe import Recipe, changed_fields, chat_template_file, chat_template_sha256, describe, dump, load_recipe, unused_settings
+from .runstate import STAGES, RunDir, default_output_dir, disk_full, write_text
 
 log = logging.getLogger("alignpress")
 
@@ -77,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
 
 # Sections whose change only re-runs later stages (the earliest stage each one affects).
 RERUN_FROM = {"eval": "evaluate", "export": "export", "card": "export", "publish": "publish"}
+# train fields that say how training runs, not what it computes: a resumed run may change them (a save
+# cadence for spot, a tracker, checkpointing for a GPU with less memory, the device sky/run.sh sets).
+RUN_ONLY_TRAIN = {"logging_steps", "save_steps", "save_minutes", "save_total_limit", "report_to", "per_device_eval_batch_size",
+                  "device", "gradient_checkpointing", "checkpointed_layers"}
 
 
 def _first_stage(section: str) -> str:
@@ -96,8 +101,8 @@ def _check_same_recipe(recipe: Recipe, run_dir: RunDir, restart_from: str | None
     if not path.exists():
         return
     new = recipe.to_dict()
-    old = _with_new_defaults(yaml.safe_load(path.read_text()) or {}, new, Recipe)
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    fields = changed_fields(yaml.safe_load(path.read_text()) or {}, new)
+    changed = text_changed = sorted({f.split(".")[0] for f in fields})
     template_changed = run_dir.load().get("chat_template_sha256") not in (None, chat_template_sha256(recipe))
     if template_changed and "model" not in changed:
         # The recipe text is the same but the template file it names was edited: the prepared
@@ -105,14 +110,25 @@ def _check_same_recipe(recipe: Recipe, run_dir: RunDir, restart_from: str | None
         changed = sorted(changed + ["model"])
     trained = run_dir.checkpoints.exists() or any(run_dir.is_done(s) for s in STAGES[1:-1])
     redone = STAGES[STAGES.index(restart_from):] if restart_from else ()
-    blocking = [k for k in changed if _first_stage(k) not in redone and (k in ("name", "model", "data") or (trained and k not in RERUN_FROM))]
+    # Settings of how training runs, not of what it computes, may change when it resumes.
+    computes = [f for f in fields if f.startswith("train.") and f.split(".")[1] not in RUN_ONLY_TRAIN]
+    blocking = [k for k in changed if _first_stage(k) not in redone and (k in ("name", "model", "data") or (trained and k not in RERUN_FROM))
+                and (k != "train" or computes)]
     if blocking:
         first = min((_first_stage(k) for k in blocking), key=STAGES.index)
         again = "run --restart" if first == "prepare" else f"{first} --restart"
-        what = [f"{k} (the template file {chat_template_file(recipe)} changed)" if k == "model" and template_changed and old.get(k) == new.get(k) else k for k in blocking]
+        what = []
+        for k in blocking:
+            if k == "model" and template_changed and k not in text_changed:
+                used = run_dir.model / "chat_template.jinja"
+                kept = f"; the copy this folder's run used is {used}" if used.is_file() else ""
+                what.append(f"model.chat_template (the file {chat_template_file(recipe)} was edited{kept})")
+            else:
+                named = [f for f in (computes if k == "train" else fields) if f.split(".")[0] == k]
+                what += named[:4] + ([f"{len(named) - 4} more {k} fields"] if len(named) > 4 else [])
         raise AlignpressError(
-            f"this folder holds a run of a different recipe (sections {', '.join(what)} differ); "
-            f"use another --output-dir, or `{again}` to redo it here",
+            f"this folder holds a run of a different recipe ({', '.join(what)} {'differs' if len(what) == 1 else 'differ'}); "
+            f"use another --output-dir (on SkyPilot: another --env RUN_NAME), or `{again}` to redo it here",
             source=str(path),
         )
     rerun = [RERUN_FROM[k] for k in changed if k in RERUN_FROM and run_dir.is_done(RERUN_FROM[k])]
@@ -121,8 +137,9 @@ def _check_same_recipe(recipe: Recipe, run_dir: RunDir, restart_from: str | None
         # away finished results the command does not redo (`publish` with a new eval gate used to
         # mark evaluate and export pending, then stop because export was not done).
         first = min(rerun, key=STAGES.index)
+        earlier = [k for k in changed if k in RERUN_FROM and STAGES.index(RERUN_FROM[k]) < STAGES.index(command) and run_dir.is_done(RERUN_FROM[k])]
         raise AlignpressError(
-            f"recipe sections {', '.join(k for k in changed if k in RERUN_FROM)} changed since the {first} stage ran, and `{command}` "
+            f"recipe sections {', '.join(earlier)} changed since the {first} stage ran, and `{command}` "
             f"does not redo it: run `{first}` first, or `run` (it redoes {first} and the stages after it)",
             source=str(path),
         )
@@ -134,37 +151,6 @@ def _check_same_recipe(recipe: Recipe, run_dir: RunDir, restart_from: str | None
         log.info("recipe sections %s changed: --restart redoes the stages that use them", ", ".join(changed))
     elif changed:
         log.info("recipe sections %s changed before the stages that use them ran", ", ".join(changed))
-
-
-def _with_new_defaults(old: dict, new: dict, cls) -> dict:
-    """The folder's resolved recipe with the fields a newer alignpress added filled in, where the
-    current recipe leaves them at their defaults: an upgrade alone never makes a run "different"."""
-    import dataclasses
-    import typing
-
-    if not isinstance(old, dict):
-        return old
-    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    hints = typing.get_type_hints(cls)
-    out = dict(old)
-    for name, f in fields.items():
-        if name not in new:
-            continue
-        tp = hints[name]
-        if name in out:
-            if dataclasses.is_dataclass(tp) and isinstance(out[name], dict) and isinstance(new[name], dict):
-                out[name] = _with_new_defaults(out[name], new[name], tp)
-            continue
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-            default = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
-        else:
-            continue
-        if new[name] == default:
-            out[name] = default
-    return out
 
 
 def _restart(run_dir: RunDir, first: str) -> None:
@@ -251,6 +237,7 @@ def _run_stage(name: str, recipe: Recipe, run_dir: RunDir) -> None:
             path = resolve_model_path(recipe)
             out = prepare.run(recipe, run_dir, load_tokenizer(recipe, path))
             run_dir.update(data_fingerprint=out["fingerprint"], base_model={"id": recipe.model.name_or_path, "path": path, "revision": base_model_revision(recipe, path)})
+            inputs.record(recipe, run_dir, path)
         elif name == "train":
             out = train.run(recipe, run_dir)
         elif name == "evaluate":
@@ -339,7 +326,7 @@ def _hub_preflight(recipe: Recipe) -> str:
 
     if not recipe.publish.repo_id:
         return "hub: publish.repo_id is not set: nothing would be pushed (set it, or sky/run.sh sets it from HUB_REPO)"
-    user = publish.preflight(recipe, RunDir(Path("outputs") / recipe.name, writer=False))
+    user = publish.preflight(recipe, RunDir(default_output_dir(recipe.name), writer=False))
     repos = ", ".join(dict.fromkeys(r for _, r, _ in publish.targets(recipe)))
     return f"hub: the token of '{user}' may push to {repos}; the Hub accepts the card's metadata"
 
@@ -348,6 +335,9 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "plan":
         return plan.main(args)
     recipe = args.loaded_recipe = load_recipe(args.recipe, args.overrides)
+    if os.environ.get("ALIGNPRESS_LAUNCHED") != "1":  # said once, by the command the user typed
+        for warning in unused_settings(recipe):
+            log.warning("%s", warning)
     if args.command == "validate":
         from .checks import check_judge, check_model, check_training_settings
         from .prepare import check_data_sources
@@ -369,7 +359,7 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
 
     state = processes.state()
     main = state is None or state.is_main_process
-    run_dir = RunDir(args.output_dir or Path("outputs") / recipe.name, writer=main)
+    run_dir = RunDir(args.output_dir or default_output_dir(recipe.name), writer=main)
     # Before anything is written: a refused run leaves no folder behind. prepare loads only the
     # tokenizer, so it needs no GPU (a 4-bit recipe can count its tokens on a laptop).
     preflight(recipe, needs_gpu=args.command != "prepare", training=args.command in ("run", "prepare", "train"))
@@ -387,7 +377,13 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
     need = NEEDS.get(args.command)
     if need and (status := processes.on_main(state, lambda: run_dir.status(need))) != "done":
         # Before the lock, --restart or anything else touches the folder.
-        raise AlignpressError(f"stage {args.command} needs {need} to be done first (run.json says {status})", source=str(run_dir.manifest_path))
+        given = "" if run_dir.root == default_output_dir(recipe.name) else f" --output-dir {run_dir.root}"
+        if not run_dir.manifest_path.exists():
+            raise AlignpressError(f"stage {args.command} needs {need} to be done first, and this folder holds no run (no run.json): "
+                                  f"run `entrypoint.py {need} {args.recipe}{given}` (or `run`) first, or give the folder of a run with --output-dir",
+                                  source=str(run_dir.root))
+        raise AlignpressError(f"stage {args.command} needs {need} to be done first (run.json says {status}): "
+                              f"run `entrypoint.py {need} {args.recipe}{given}` (or `run`)", source=str(run_dir.manifest_path))
     if args.command in ("run", "train", "evaluate", "export") and os.environ.get("ALIGNPRESS_LAUNCHED") != "1":
         # The disk: what training, evaluate and export will write, against the free space (a relaunched child's parent did it).
         todo = [s for s in STAGES if args.restart or not run_dir.is_done(s)] if args.command == "run" else [args.command]
@@ -407,6 +403,8 @@ def _execute_locked(args: argparse.Namespace, argv: list[str], recipe: Recipe, r
     restarting = restart_from and main and os.environ.get("ALIGNPRESS_LAUNCHED") != "1"
     before = _before_restart(run_dir) if restarting else None  # before any record changes
     processes.on_main(state, lambda: _check_same_recipe(recipe, run_dir, restart_from, args.command))
+    if restart_from not in ("prepare", "train"):  # those read the data afresh, or train anew
+        processes.on_main(state, lambda: inputs.check(recipe, run_dir, args.command))
     launched = state is not None or os.environ.get("ALIGNPRESS_LAUNCHED") == "1"
     if restarting:
         _restart(run_dir, restart_from)
@@ -463,6 +461,10 @@ def _execute_stages(args: argparse.Namespace, argv: list[str], recipe: Recipe, r
             if processes.on_main(state, lambda: run_dir.is_done(name)):
                 log.info("== %s: already done, skipping", name)
                 continue
+            if name == "export" and recipe.publish.repo_id:
+                from . import gate
+
+                processes.on_main(state, lambda: gate.check(recipe, run_dir, before_export=True))
             if name == "train" and prepared:
                 # The door counted one checkpoint: the number of pairs, and so of saves, is known now.
                 processes.on_main(state, lambda: _check_disk(recipe, run_dir, [s for s in ("train", "evaluate", "export") if not run_dir.is_done(s)]))
@@ -600,9 +602,17 @@ def _named(error: AlignpressError, args: argparse.Namespace) -> str:
     """The error's line, naming the `--set` flag instead of the recipe file when the field came from
     one (the stages raise with the recipe's file; the flag is where the user would fix it)."""
     text, recipe = str(error), getattr(args, "loaded_recipe", None)
-    if recipe is not None and error.field and error.source == recipe.source and text.startswith(f"{recipe.source}: "):
+    if recipe is None or not error.field:
+        return text
+    if error.source == recipe.source and text.startswith(f"{recipe.source}: "):
         text = recipe.where(error.field) + text[len(recipe.source):]
+    elif error.source is None and error.field.split(".")[0].split("[")[0] in _SECTIONS:
+        # Raised where only the field is known (the Hub's answers in publish): name the file too.
+        text = f"{recipe.where(error.field)}: {text}"
     return text
+
+
+_SECTIONS = {f.name for f in dataclasses.fields(Recipe)}
 
 
 def _unexpected(error: Exception, args: argparse.Namespace) -> str:

@@ -53,7 +53,8 @@ def _looks_hh(text: Any) -> bool:
 def describe_value(value: Any) -> str:
     """A short phrase for a value's type, for error messages: 'an integer (5)', 'a list of str'."""
     if value is None:
-        return "null"
+        # A table read from JSON lines fills a key a row lacks with null: the two look the same here.
+        return "missing (or null)"
     if isinstance(value, bool):
         return f"a boolean ({value})"
     if isinstance(value, int):
@@ -198,6 +199,8 @@ def _messages(value: Any, what: str) -> list[Message]:
 def _answer(value: Any, what: str) -> list[Message]:
     if isinstance(value, str):
         return [{"role": "assistant", "content": value}]
+    if not isinstance(value, list):
+        raise RowError(f"{what} is {describe_value(value)}, not text or a list of {{role, content}} messages")
     msgs = _messages(value, what)
     if len(msgs) != 1 or msgs[0]["role"] != "assistant":
         raise RowError(f"{what} must be exactly one assistant message")

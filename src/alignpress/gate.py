@@ -66,8 +66,9 @@ def verdict(recipe: Recipe, ev: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def check(recipe: Recipe, run_dir: RunDir) -> None:
-    """Raise StageFailed (nothing may be published) when the gate is set and the evaluation fails it."""
+def check(recipe: Recipe, run_dir: RunDir, before_export: bool = False) -> None:
+    """Raise StageFailed (nothing may be published) when the gate is set and the evaluation fails it.
+    `before_export`: `run` asks before the merge, which would cost GPU minutes for a model that will not be pushed."""
     if not enabled(recipe):
         return
     field = "eval.gate_min_gain" if recipe.eval.gate_min_gain is not None else "eval.gate_max_kl"
@@ -85,4 +86,5 @@ def check(recipe: Recipe, run_dir: RunDir) -> None:
     if v and not v["passed"]:
         first = v["reasons"][0]
         text = "; ".join(f"{r['field']}: {r['reason']}" if i else r["reason"] for i, r in enumerate(v["reasons"]))
-        raise StageFailed(f"publish gate: {text}. Nothing was pushed (numbers in {path})", source=recipe.source, field=first["field"])
+        nothing = ("Nothing was exported or pushed (`export` merges the model anyway)" if before_export else "Nothing was pushed")
+        raise StageFailed(f"publish gate: {text}. {nothing} (numbers in {path})", source=recipe.source, field=first["field"])

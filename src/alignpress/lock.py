@@ -113,8 +113,13 @@ class FolderLock:
 
     def _stale_reason(self, holder: dict) -> str | None:
         age = time.time() - float(holder.get("heartbeat", 0))
-        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
-            return f"its process {holder['pid']} on this host is gone"
+        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+            if not _pid_alive(holder["pid"]):
+                return f"its process {holder['pid']} on this host is gone"
+            if holder["pid"] == os.getpid():
+                # Our own pid, and not our lock: left by an earlier container of this hostname (whose
+                # job was pid 1 too, as `docker run --hostname` gives) or an earlier boot.
+                return f"its pid {holder['pid']} is this process's own, so it was left by an earlier container or boot"
         if age > timeout():
             return f"its heartbeat is {age:.0f} s old (more than {timeout():.0f} s)"
         return None

@@ -30,7 +30,8 @@ import yaml
 from .disk import size_text
 from .errors import AlignpressError
 from .flops import AUTO_MEMORY_SHARE, KNOWN_ARCHS, MASK_ALIGN, Arch, LengthDistribution, MemorySettings, arch_from_config, checkpointing_decision, dataset_flops, load_table, memory_estimate, packed_layout, padding_fraction, precompute_decision, recompute_share, truncate_pair
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe, changed_sections, load_recipe
+from .runstate import default_output_dir
 
 BENCH_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 BENCH_SCHEMA = "alignpress-bench/1"
@@ -46,9 +47,11 @@ def resolve_arch(recipe: Recipe, run_root: Path | None) -> tuple[Arch, str]:
     name = recipe.model.name_or_path
     folders = []
     if run_root is not None and (run_root / "run.json").exists():
-        path = (json.loads((run_root / "run.json").read_text()).get("base_model") or {}).get("path")
-        if path:
-            folders.append(Path(path))
+        base = json.loads((run_root / "run.json").read_text()).get("base_model") or {}
+        # The folder prepare resolved for this model (a Hub model's download); a run of another model
+        # (the recipe edited since) used to stand in for this one.
+        if base.get("path") and base.get("id") == name:
+            folders.append(Path(base["path"]))
     if name.startswith("builtin:"):
         from .demo import VERSION
         from .modeling import cache_home
@@ -86,7 +89,7 @@ def load_tokens(recipe: Recipe, run_root: Path, tokens_from: str | None) -> dict
         raise AlignpressError(f"no token counts: --tokens-from {tokens_from} is a folder with no stats.json or data/stats.json in it "
                               "(give a data/stats.json written by prepare, or a folder holding one)", source=recipe.source)
     if stats_path is None:
-        given = "" if run_root == Path("outputs") / recipe.name else f" --output-dir {run_root}"
+        given = "" if run_root == default_output_dir(recipe.name) else f" --output-dir {run_root}"
         raise AlignpressError(
             f"no token counts: {candidates[0]} does not exist. Run `entrypoint.py prepare {recipe.source}{given}` first "
             "(it needs no GPU), or give the output folder of a prepared run with --output-dir DIR, or its stats with --tokens-from STATS_JSON",
@@ -97,7 +100,7 @@ def load_tokens(recipe: Recipe, run_root: Path, tokens_from: str | None) -> dict
         train["tokens_per_epoch"], train["pairs"]
     except (ValueError, KeyError, TypeError) as e:
         raise AlignpressError(f"not a data/stats.json written by prepare ({type(e).__name__}: {e})", source=str(stats_path)) from None
-    out: dict[str, Any] = {"stats": train, "source": str(stats_path), "rows": None}
+    out: dict[str, Any] = {"stats": train, "source": str(stats_path), "rows": None, "other_recipe": _other_recipe(recipe, stats_path)}
     rows_path = stats_path.parent / "train.jsonl"
     if rows_path.is_file():
         rows = []
@@ -110,6 +113,21 @@ def load_tokens(recipe: Recipe, run_root: Path, tokens_from: str | None) -> dict
             out["rows"] = rows
             out["rows_source"] = str(rows_path)
     return out
+
+
+def _other_recipe(recipe: Recipe, stats_path: Path) -> str | None:
+    """A note when the token counts were prepared for a recipe whose model or data differ from this
+    one's (another recipe's folder given to --tokens-from, or this recipe edited since prepare)."""
+    resolved = stats_path.parent.parent / "recipe.resolved.yaml"
+    try:
+        old = yaml.safe_load(resolved.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None  # a stats.json on its own: nothing to compare it with
+    differ = [k for k in changed_sections(old, recipe.to_dict()) if k in ("model", "data")]
+    if not differ:
+        return None
+    return (f"the token counts were prepared for a recipe whose {' and '.join(differ)} differ from {recipe.source}'s "
+            f"({resolved}): run prepare for this recipe to count its own data")
 
 
 TIERS = ("on_demand", "spot")
@@ -411,7 +429,7 @@ def disk_need(recipe: Recipe, arch: Arch, pairs: int) -> dict[str, Any]:
     lora = arch.lora_params(recipe.lora.r, recipe.lora.target_modules) if recipe.lora.enabled else None
     sizes = ModelSizes(params=arch.total_params, trainable=lora or arch.total_params, stored_bytes=2)
     train_bytes = 4 if recipe.model.dtype == "float32" else 2
-    writes = estimate(recipe, RunDir(Path("outputs") / recipe.name), ["train", "evaluate", "export"], sizes, train_bytes=train_bytes, pairs=pairs, fresh=True)
+    writes = estimate(recipe, RunDir(default_output_dir(recipe.name)), ["train", "evaluate", "export"], sizes, train_bytes=train_bytes, pairs=pairs, fresh=True)
     parts = [part for w in writes for part in w.parts]
     if recipe.eval.enabled and recipe.eval.judge:
         parts.append(f"not counted: the judge {recipe.eval.judge}'s download")
@@ -429,7 +447,7 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
     t, d = recipe.train, recipe.dpo
     lora_r = recipe.lora.r if recipe.lora.enabled else None
     kw = {"lora_r": lora_r, "lora_targets": recipe.lora.target_modules}
-    notes: list[str] = list(price_notes)
+    notes: list[str] = list(price_notes) + ([data["other_recipe"]] if data["other_recipe"] else [])
 
     # Tokens and FLOPs of one epoch
     stats = data["stats"]
@@ -653,8 +671,10 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
         "notes": notes,
         "refuse": None if chosen["fits"] else (
             f"the memory estimate ({mem['total_gib']:.1f} GiB) exceeds the {gpu}'s {gpus[gpu]['memory_gib']} GiB. "
-            "Choose a larger GPU (--gpu), or lower the peak: train.gradient_checkpointing=true, a smaller "
-            "train.per_device_train_batch_size (raise gradient_accumulation_steps to keep the pairs per step), "
+            "Choose a larger GPU (--gpu), or lower the peak: "
+            # Suggested only when the estimate does not already recompute every layer (auto or true).
+            + ("" if ckpt == arch.layers else "train.gradient_checkpointing=true, ")
+            + "a smaller train.per_device_train_batch_size (raise gradient_accumulation_steps to keep the pairs per step), "
             "a smaller dpo.max_length, or model.load_in_4bit=true"
         ),
     }
@@ -775,13 +795,23 @@ def format_recommendation(rec: dict[str, Any], sky: dict[str, Any] | None = None
 # Command line (hooked into cli.py)
 
 
+def gpu_name(value: str, gpus) -> str:
+    """--gpu as the table names it: any case, or the one name it begins (H100 -> H100-80GB)."""
+    names = {g.lower(): g for g in gpus}
+    hits = [g for low, g in names.items() if low == value.lower()] or [g for low, g in names.items() if low.startswith(value.lower())]
+    if len(hits) != 1:
+        raise argparse.ArgumentTypeError(f"{'ambiguous' if hits else 'unknown'} GPU {value!r}; known: {', '.join(gpus)}")
+    return hits[0]
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     gpus = list(load_table("gpus.json")["gpus"])
     sp = subparsers.add_parser("plan", help="tokens, FLOPs, memory, time and cost of a recipe before renting a GPU; loads no model")
     sp.add_argument("recipe", help="recipe YAML file")
     sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field (dotted path)")
     sp.add_argument("--output-dir", help="the run's output folder, where prepare wrote data/ (default outputs/<recipe name>)")
-    sp.add_argument("--gpu", default="A100-40GB", choices=gpus, help="GPU the memory check refuses or warns for (default A100-40GB)")
+    sp.add_argument("--gpu", default="A100-40GB", type=lambda v: gpu_name(v, gpus), metavar="|".join(gpus),
+                    help="GPU the memory check refuses or warns for (default A100-40GB); any case, and H100 for H100-80GB")
     sp.add_argument("--tokens-from", metavar="STATS_JSON", help="token counts from this data/stats.json (or a folder holding one) instead of the output folder's")
     sp.add_argument("--prices", metavar="table|sky|FILE", help="prices: `table` (src/alignpress/data/gpu_prices.json), `sky` (SkyPilot's catalog via .venv-sky or $ALIGNPRESS_SKY_PYTHON, else the table) or a FILE in the table's layout; default: SkyPilot's catalog when one is cached, else the table")
     sp.add_argument("--bench-results", metavar="DIR", action="append", help="benchmark results folder(s) to take measured MFU from (default benchmarks/results)")
@@ -791,7 +821,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
-    root = Path(args.output_dir) if args.output_dir else Path("outputs") / recipe.name
+    root = Path(args.output_dir) if args.output_dir else default_output_dir(recipe.name)
     dirs = [Path(d) for d in args.bench_results] if args.bench_results else None
     p = plan(recipe, root, gpu=args.gpu, tokens_from=args.tokens_from, prices=args.prices, bench_dirs=dirs)
     print(json.dumps(p, indent=1, default=str) if args.json else format_plan(p))

@@ -68,8 +68,12 @@ def local_data_files(recipe: Recipe, src: SourceSection, prefix: str, split: str
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in LOCAL_BUILDERS)
         if not files:
             raise AlignpressError(f"folder {path} has no .jsonl/.json/.parquet/.csv files", source=recipe.where(ds_field), field=ds_field)
+        kinds = {LOCAL_BUILDERS[p.suffix.lower()]: p.name for p in files}
+        if len(kinds) > 1:  # the first file's type used to be read and the others skipped without a word
+            raise AlignpressError(f"folder {path} mixes file types ({', '.join(sorted(kinds.values()))}, ...): one type a folder, or "
+                                  "one source each (data.datasets)", source=recipe.where(ds_field), field=ds_field)
         suffix = files[0].suffix.lower()
-        data_files = [str(p) for p in files if p.suffix.lower() == suffix]
+        data_files = [str(p) for p in files]
     else:
         if suffix not in LOCAL_BUILDERS:
             raise AlignpressError(f"unsupported data file type {suffix!r}; use .jsonl, .json, .parquet or .csv", source=recipe.where(ds_field), field=ds_field)
@@ -469,6 +473,10 @@ def _examples(rows: list[int]) -> str:
     return ", ".join(map(str, rows[:EXAMPLE_ROWS])) + (", …" if len(rows) > EXAMPLE_ROWS else "")
 
 
+SHOWN_REASONS = 3  # in a message
+STORED_REASONS = 20  # in data/stats.json
+
+
 class DroppedRows:
     """Rows dropped for a reason (malformed, refused by the chat template): reason -> row indices."""
 
@@ -485,14 +493,21 @@ class DroppedRows:
     def first(self) -> str | None:
         return next(iter(self.by_reason), None)
 
+    def _common(self) -> list[tuple[str, list[int]]]:
+        # A reason quotes its row's value, so a column of bad values makes one reason a row: the
+        # most frequent first, the rest counted, so the line stays one line (it grew with the data).
+        return sorted(self.by_reason.items(), key=lambda kv: -len(kv[1]))
+
     def stored(self) -> dict[str, list[int]]:
-        return {reason: rows[:STORED_ROWS] for reason, rows in self.by_reason.items()}
+        return {reason: rows[:STORED_ROWS] for reason, rows in self._common()[:STORED_REASONS]}
 
     def summary(self) -> str:
-        """'reason (8 rows: 0, 1, 2, …); other reason (1 row: 5)'"""
-        parts = []
-        for reason, rows in self.by_reason.items():
-            parts.append(f"{reason} ({len(rows)} row{'s' if len(rows) != 1 else ''}: {_examples(rows)})")
+        """'reason (8 rows: 0, 1, 2, …); other reason (1 row: 5); 40 more reasons (52 rows)'"""
+        common = self._common()
+        parts = [f"{reason} ({len(rows)} row{'s' if len(rows) != 1 else ''}: {_examples(rows)})" for reason, rows in common[:SHOWN_REASONS]]
+        if rest := common[SHOWN_REASONS:]:
+            n = sum(len(rows) for _, rows in rest)
+            parts.append(f"{len(rest)} more reason{'s' if len(rest) != 1 else ''} ({n} row{'s' if n != 1 else ''})")
         return "; ".join(parts)
 
 

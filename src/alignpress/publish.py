@@ -79,6 +79,7 @@ from typing import Any, Callable, TypeVar
 
 from . import card, gate
 from .errors import AlignpressError, StageFailed, redact
+from .hubnames import token_problem, write_problem
 from .recipe import Recipe
 from .runstate import RunDir, owned_run_ids
 
@@ -433,17 +434,11 @@ def _transient(e: Exception) -> bool:
 def check_identity(hub: Hub, repo_ids: list[str]) -> str:
     """whoami: the token is valid and may write to every namespace this push targets."""
     me = hub.call("checking the token (whoami)", hub.api.whoami)
-    role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
-    if role == "read":
-        raise AlignpressError(f"the token of '{me['name']}' is read-only: create a token with write access (https://huggingface.co/settings/tokens)")
-    writable = {me["name"]} | {o["name"] for o in me.get("orgs", []) if o.get("roleInOrg") in ("admin", "write", "contributor")}
-    for ns in sorted({r.split("/")[0] for r in repo_ids}):
-        if ns not in writable:
-            raise AlignpressError(
-                f"the token belongs to '{me['name']}', who cannot write to the namespace '{ns}' "
-                f"(writable: {', '.join(sorted(writable))}); fix publish.repo_id or use another token",
-                field="publish.repo_id",
-            )
+    if problem := write_problem(me, repo_ids):
+        kind, text = problem
+        if kind == "token":
+            raise AlignpressError(text)
+        raise AlignpressError(f"{text}; fix publish.repo_id or use another token", field="publish.repo_id")
     return me["name"]
 
 
@@ -519,7 +514,7 @@ def check_repo(hub: Hub, recipe: Recipe, run_ids: list[str], repo_id: str, branc
         ours = ours or (got is not None and got in run_ids)
     if not (ours or empty or p.allow_update):
         raise AlignpressError(
-            f"{repo_id} already exists and was not published by this run (run {run_ids[0] if run_ids else None}): refusing to push to it. "
+            f"{repo_id} already exists and was not published by this run{f' (run {run_ids[0]})' if run_ids else ''}: refusing to push to it. "
             "Set publish.allow_update: true to add a commit to it, or choose another publish.repo_id",
             field="publish.allow_update",
         )
@@ -666,6 +661,11 @@ def _token_or_fail(run_dir: RunDir) -> str:
             f"or unset publish.repo_id to keep the model in {run_dir.model} only",
             field="publish.repo_id",
         )
+    if problem := token_problem(token):
+        # It would fail every request (a header cannot carry it) after retries, as a Hub failure,
+        # and the library's message quotes the header with the token in it.
+        where = "HF_TOKEN" if (os.environ.get("HF_TOKEN") or "").strip() else "the stored Hub token (hf auth login)"
+        raise AlignpressError(f"{where} {problem}: copy the token again from https://huggingface.co/settings/tokens")
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:

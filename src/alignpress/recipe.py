@@ -21,6 +21,7 @@ import yaml
 
 from . import yamlfile
 from .errors import AlignpressError
+from .hubnames import REPO_PART, check_repo_id
 
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", metadata_default: str | None = None, **kw: Any) -> Any:
@@ -125,7 +126,7 @@ class TrainSection:
     num_train_epochs: float = _f(1.0, help="Epochs over the training rows (ignored when max_steps > 0).")
     max_steps: int = _f(-1, help="Stop after this many optimizer steps; -1 = use num_train_epochs.")
     per_device_train_batch_size: int = _f(2, help="Pairs per device per forward.")
-    per_device_eval_batch_size: int = _f(4, help="Pairs per device per forward in evaluation.")
+    per_device_eval_batch_size: int = _f(4, help="Not used (training runs no evaluation; kept so older recipes load): the evaluate stage uses eval.batch_size.")
     gradient_accumulation_steps: int = _f(1, help="Forwards per optimizer step.")
     gradient_checkpointing: Literal["auto"] | bool = _f("auto", help="Recompute activations in backward to save memory (about 25% slower with LoRA when every layer recomputes). auto = on only when the memory estimate without it exceeds 90% of the GPU's free memory, and then for as few layers as bring it within (decided at run time for the longest micro-batch and again for each one, logged and recorded in run.json); off on the CPU.")
     checkpointed_layers: int | None = _f(None, help="With gradient checkpointing on: recompute only the first N decoder layers; the others keep their activations (faster, more memory). null = every layer when gradient_checkpointing is true; with auto, for each micro-batch the fewest layers whose memory estimate for its shape stays within 90% of the GPU's free memory.")
@@ -218,6 +219,50 @@ class Recipe:
         if p.is_absolute() or self.source.startswith("<"):
             return str(p)
         return str((Path(self.source).parent / p).resolve())
+
+
+def with_new_defaults(old: dict, new: dict, cls) -> dict:
+    """The folder's resolved recipe with the fields a newer alignpress added filled in, where the
+    current recipe leaves them at their defaults: an upgrade alone never makes a run "different"."""
+    if not isinstance(old, dict):
+        return old
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    hints = typing.get_type_hints(cls)
+    out = dict(old)
+    for name, f in fields.items():
+        if name not in new:
+            continue
+        tp = hints[name]
+        if name in out:
+            if dataclasses.is_dataclass(tp) and isinstance(out[name], dict) and isinstance(new[name], dict):
+                out[name] = with_new_defaults(out[name], new[name], tp)
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            default = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
+        else:
+            continue
+        if new[name] == default:
+            out[name] = default
+    return out
+
+
+def changed_sections(old: dict, new: dict) -> list[str]:
+    """The top-level sections of a resolved recipe (`old`, as a folder's recipe.resolved.yaml holds it)
+    that differ from `new` (Recipe.to_dict()), fields added by a newer alignpress not counted."""
+    return sorted({f.split(".")[0] for f in changed_fields(old, new)})
+
+
+def changed_fields(old: dict, new: dict) -> list[str]:
+    """changed_sections, field by field: dotted names (a list, such as data.datasets, counts whole)."""
+    def walk(a: Any, b: Any, prefix: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [f for k in sorted(set(a) | set(b), key=str) for f in walk(a.get(k), b.get(k), f"{prefix}{k}.")]
+        return [] if a == b else [prefix.rstrip(".")]
+
+    return walk(with_new_defaults(old, new, Recipe), new, "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,7 +487,6 @@ def _check(tp: Any, value: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 # Range checks and cross-field rules
 
-_REPO_PART = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
 _SPLIT = re.compile(r"^[A-Za-z0-9_.-]+(\[\s*[-+]?\d*%?\s*:\s*[-+]?\d*%?\s*\])?$")
 
 
@@ -454,7 +498,7 @@ def name_problem(r: "Recipe", value: str, what: str) -> str | None:
     if Path(value).suffix.lower() in (".jsonl", ".json", ".parquet", ".csv") or value.count("/") > 1:
         return None  # a local file or folder that is missing: reported, named, where it is read
     for part in value.split("/"):
-        if not _REPO_PART.match(part):
+        if not REPO_PART.match(part):
             return (f"{value!r} is neither a local path nor a valid Hub {what} id: '{part}' may hold only letters, digits, "
                     "'-', '_', '.' (no spaces), at most 96 characters")
     return None
@@ -464,20 +508,6 @@ def empty_slice(split: str) -> bool:
     """`train[2500:300]`: a slice of plain indices whose end is not after its start selects nothing."""
     m = re.search(r"\[\s*(\d+)\s*:\s*(\d+)\s*\]$", split)
     return bool(m) and int(m.group(2)) <= int(m.group(1))
-
-
-def check_repo_id(repo_id: str) -> str | None:
-    """The Hub's rules for namespace/name; returns what is wrong, or None."""
-    parts = repo_id.split("/")
-    if len(parts) != 2:
-        return "expected namespace/name (exactly one '/')"
-    for part in parts:
-        if not _REPO_PART.match(part):
-            return (f"'{part}' is not a valid Hub name: use letters, digits, '-', '_', '.', at most 96 characters, "
-                    "no '--' or '..', not starting or ending with '-' or '.'")
-    if parts[1].endswith(".git"):
-        return "a repo name cannot end with .git"
-    return None
 
 
 # The accelerate configs alignpress ships (ddp, zero2, zero3-offload), beside the shipped recipes:
@@ -771,6 +801,9 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
         fail("eval.gate_max_kl", "the KL estimate needs greedy generations: set eval.generation_rows >= 1")
     if not r.lora.enabled and r.publish.push in ("adapter", "both"):
         fail("publish.push", "there is no adapter to push when lora.enabled is false")
+    if r.publish.adapter_repo_id is not None and r.publish.push == "model":
+        # Read by nothing with push: model: the adapter the user meant to publish would go nowhere.
+        fail("publish.adapter_repo_id", "publish.push is model, which pushes no adapter: set publish.push: both (or adapter), or remove adapter_repo_id")
     for name in ("repo_id", "adapter_repo_id"):
         value = getattr(r.publish, name)
         if value is not None:
@@ -781,6 +814,25 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
         problem = check_tag(r.publish.tag)
         if problem:
             fail("publish.tag", f"{r.publish.tag!r}: {problem}")
+
+
+def unused_settings(r: Recipe) -> list[str]:
+    """Warnings for settings a valid recipe gives that nothing will read (LoRA's with LoRA off: a
+    shipped recipe with `--set lora.enabled=false` is fine, so this warns rather than refuses)."""
+    out = []
+    if not r.lora.enabled:
+        unused = [f"lora.{f.name}" for f in dataclasses.fields(LoraSection) if f.name != "enabled" and getattr(r.lora, f.name) != f.default]
+        if unused:
+            out.append(f"{r.where('lora.enabled')}: lora.enabled is false (every weight is trained), so {', '.join(unused)} "
+                       f"{'is' if len(unused) == 1 else 'are'} not used")
+    if r.dpo.precompute_ref_batch_size is not None and r.dpo.precompute_ref_log_probs is False:
+        out.append(f"{r.where('dpo.precompute_ref_batch_size')}: dpo.precompute_ref_log_probs is false, so dpo.precompute_ref_batch_size is not used")
+    if r.eval.behaviour_pattern is not None and r.eval.generation_rows == 0:
+        out.append(f"{r.where('eval.behaviour_pattern')}: eval.generation_rows is 0 (no generations), so eval.behaviour_pattern is not used")
+    if r.train.per_device_eval_batch_size != TrainSection.per_device_eval_batch_size:
+        out.append(f"{r.where('train.per_device_eval_batch_size')}: train.per_device_eval_batch_size is not used (training runs no "
+                   "evaluation); evaluate scores eval.batch_size pairs at a time")
+    return out
 
 
 def data_sources(d: DataSection) -> list[tuple[str, SourceSection]]:

@@ -30,6 +30,12 @@ STAGES = ("prepare", "train", "evaluate", "export", "publish")
 LIBRARIES = ("alignpress", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "huggingface_hub", "deepspeed", "bitsandbytes", "tokenizers", "safetensors")
 
 
+def default_output_dir(recipe_name: str) -> Path:
+    """Where a recipe's run goes without --output-dir: outputs/NAME, under ALIGNPRESS_OUTPUTS when set
+    (the image sets /outputs, its volume: a run there outlives the container)."""
+    return Path(os.environ.get("ALIGNPRESS_OUTPUTS") or "outputs") / recipe_name
+
+
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 

@@ -85,7 +85,8 @@ def render(recipe: Recipe, run_dir: RunDir, recipe_file: str, sets: list[str]) -
         cmd += ["--set", f"publish.repo_id={recipe.publish.repo_id or 'YOUR_NAME/' + recipe.name + '-dpo'}"]
         nexts.append("push it: HF_TOKEN=hf_... " + shlex.join(cmd))
     if gate_failed:
-        nexts.append(f"change the recipe (see {run_dir.metrics / 'report.md'}) and run again with --restart")
+        nexts.append(f"change the recipe (see {run_dir.metrics / 'report.md'}) and run again: a changed eval or publish section redoes "
+                     "evaluate onward in this folder; other changes need --restart (on SkyPilot: another --env RUN_NAME)")
     elif not os.environ.get("SKYPILOT_TASK_ID"):
         task = _sky_task(recipe_file)
         if task is not None:

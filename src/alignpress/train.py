@@ -45,28 +45,34 @@ FULL_CHECK_BYTES = 64 << 20  # smaller zips are CRC-checked in full; bigger ones
 
 
 def checkpoint_is_complete(path: Path) -> bool:
-    """All required files present and every file readable to the end: JSON parses, safetensors
-    headers and sizes agree, torch's zip files have their central directory (written last) and,
-    when small, intact contents."""
+    return checkpoint_problem(path) is None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What makes a checkpoint unusable, naming the file, or None when it is complete: every required
+    file present and readable to the end (JSON parses, safetensors headers and sizes agree, torch's
+    zip files have their central directory, written last, and, when small, intact contents)."""
     from safetensors import safe_open
 
     deepspeed = _deepspeed_states(path)
     if deepspeed is False:
-        return False
+        return "DeepSpeed's states (latest, global_step*/ model and optimizer states) are incomplete"
     # Under DeepSpeed the optimizer and scheduler are in its global_step*/ states, not optimizer.pt
     # and scheduler.pt (every DeepSpeed checkpoint used to be skipped, and training restarted at 0).
     required = ("trainer_state.json",) if deepspeed else CHECKPOINT_FILES
-    if not all((path / name).is_file() and (path / name).stat().st_size > 0 for name in required):
-        return False
+    for name in required:
+        if not (path / name).is_file() or (path / name).stat().st_size == 0:
+            return f"{name} is missing or empty"
     weights = list(path.glob("adapter_model.safetensors")) + list(path.glob("model*.safetensors"))
     if not weights and not deepspeed:  # ZeRO-3 may save no usable weights file: its states hold them
-        return False
-    try:
-        for f in sorted(path.rglob("*")):
-            if not f.is_file():
-                continue
-            if f.stat().st_size == 0:
-                return False
+        return "no weights file (adapter_model.safetensors or model*.safetensors)"
+    for f in sorted(path.rglob("*")):
+        if not f.is_file():
+            continue
+        name = f.relative_to(path)
+        if f.stat().st_size == 0:
+            return f"{name} is empty"
+        try:
             if f.suffix == ".json":
                 json.loads(f.read_text())
             elif f.suffix == ".safetensors":
@@ -76,10 +82,10 @@ def checkpoint_is_complete(path: Path) -> bool:
             elif f.suffix in TORCH_SUFFIXES:
                 with zipfile.ZipFile(f) as z:
                     if f.stat().st_size <= FULL_CHECK_BYTES and z.testzip() is not None:
-                        return False
-    except Exception:  # noqa: BLE001 - any unreadable part makes the checkpoint unusable
-        return False
-    return True
+                        return f"{name} is damaged"
+        except Exception as e:  # noqa: BLE001 - any unreadable part makes the checkpoint unusable
+            return f"{name} cannot be read ({type(e).__name__}: cut short?)"
+    return None
 
 
 def _deepspeed_states(path: Path) -> bool | None:
@@ -105,10 +111,10 @@ def complete_checkpoints(folder: Path) -> list[Path]:
             found.append((int(suffix), p))
     complete = []
     for step, p in sorted(found, reverse=True):
-        if checkpoint_is_complete(p):
+        if (problem := checkpoint_problem(p)) is None:
             complete.append(p)
         else:
-            log.warning("skipping incomplete checkpoint %s", p)
+            log.warning("skipping incomplete checkpoint %s: %s", p, problem)
     return complete
 
 
@@ -714,6 +720,12 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
     else:
         log.info("training: %d pairs, %s, %s on %s%s", len(rows), "LoRA r=%d" % recipe.lora.r if recipe.lora.enabled else "full fine-tuning", dtype, device,
                  f", prefix-shared ({recipe.dpo.pairs_per_row} pairs a row)" if recipe.dpo.prefix_sharing else "")
+    # The batch grows with the processes (a multi-node launch: 16 GPUs make the recipe's 4 pairs 64)
+    # while the learning rate stays the recipe's: said, so the change is seen.
+    a = trainer.args
+    log.info("each optimizer step: %d pairs (%d process%s x %d pairs x %d accumulation steps)%s", a.world_size * a.per_device_train_batch_size * a.gradient_accumulation_steps,
+             a.world_size, "es" if a.world_size > 1 else "", a.per_device_train_batch_size, a.gradient_accumulation_steps,
+             f"; train.learning_rate {a.learning_rate:g} as the recipe sets it, for {a.world_size}x the pairs of one process" if a.world_size > 1 else "")
     with spot:
         try:
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)

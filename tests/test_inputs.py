@@ -1,0 +1,72 @@
+"""Local inputs edited after prepare read them (alignpress.inputs): a data file with rows added, a
+base model folder overwritten. The commands that would use the folder's results refuse, naming the
+file; a copy with the same bytes (new mtimes) is the same input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from alignpress.inputs import changed_data, changed_model
+from alignpress.runstate import RunDir
+from conftest import ROOT, cli
+
+
+def prepared(tmp_path, tiny_phi3):
+    model = tmp_path / "base"
+    shutil.copytree(tiny_phi3, model)
+    data = tmp_path / "pairs.jsonl"
+    lines = (ROOT / "recipes/data/arithmetic-capybara.jsonl").read_text().splitlines()
+    data.write_text("\n".join(lines[:60]) + "\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: r\nmodel: {{name_or_path: {model}}}\ndata: {{dataset: pairs.jsonl, eval_fraction: 0.2}}\n"
+                      "train: {device: cpu}\n")
+    out = tmp_path / "out"
+    proc = cli("prepare", recipe, "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return recipe, model, data, out
+
+
+def test_a_data_file_edited_after_prepare_stops_run_and_train(tmp_path, tiny_phi3):
+    recipe, _, data, out = prepared(tmp_path, tiny_phi3)
+    recorded = json.loads((out / "run.json").read_text())["inputs"]
+    assert list(recorded["data"]) == [str(data)] and recorded["data"][str(data)]["size"] == data.stat().st_size
+    original = data.read_bytes()
+    # The same bytes with a new mtime (a copy, a checkout): unchanged.
+    os.utime(data, ns=(1, 1))
+    assert changed_data(RunDir(out)) == []
+    data.write_bytes(original + original.splitlines(keepends=True)[0])
+    assert changed_data(RunDir(out)) == [str(data)]
+    for command in ("run", "train"):
+        proc = cli(command, recipe, "--output-dir", out)
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"error: {recipe}: field 'data.dataset': {data} changed since this folder's prepare stage read it: its results are of the "
+            "old data. Run `entrypoint.py prepare` on this folder to prepare the new data (training then starts over), use another "
+            "--output-dir, or put the old file back")
+    assert not (out / "checkpoints").exists()
+    # `prepare` reads it again and records the new file.
+    assert cli("prepare", recipe, "--output-dir", out).returncode == 0
+    assert changed_data(RunDir(out)) == []
+
+
+def test_a_base_model_overwritten_after_prepare_stops_the_stages_that_load_it(tmp_path, tiny_phi3):
+    recipe, model, _, out = prepared(tmp_path, tiny_phi3)
+    weights = model / "model.safetensors"
+    saved = weights.read_bytes()
+    shutil.copy(weights, tmp_path / "copy.safetensors")
+    shutil.copy(tmp_path / "copy.safetensors", weights)  # the same bytes, a new mtime
+    assert changed_model(RunDir(out)) == []
+    weights.write_bytes(saved[:-4] + bytes(4))  # other weights of the same shape
+    (model / "extra.txt").write_text("new file")
+    assert changed_model(RunDir(out)) == ["extra.txt", "model.safetensors"]
+    proc = cli("train", recipe, "--output-dir", out)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {recipe}: field 'model.name_or_path': the base model's files changed since this folder's run began (extra.txt, "
+        f"model.safetensors in {model}): its checkpoints and adapter were trained on the old weights. Put them back, or `run --restart` "
+        "to train on the new ones (or use another --output-dir)")
+    weights.write_bytes(saved)
+    (model / "extra.txt").unlink()
+    assert changed_model(RunDir(out)) == []
