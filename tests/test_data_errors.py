@@ -57,6 +57,15 @@ def test_jsonl_with_bytes_that_are_not_utf8(tmp_path, tiny_phi3):
     refused(proc, out, f"error: {data}: row 3, column 'chosen': not UTF-8 text (byte 0xff at byte 4 of the value); save the file as UTF-8")
 
 
+def test_a_csv_saved_as_latin1_is_named_by_line(tmp_path, tiny_phi3):
+    """The CSV reader said only "'utf-8' codec can't decode byte 0xe9 in position 3"."""
+    data = tmp_path / "pairs.csv"
+    data.write_bytes(b"prompt,chosen,rejected\n" + b"".join(f"q{i},Good {i}.,bad {i}\n".encode() for i in range(5)) + b"caf\xe9?,Good.,bad\n")
+    out = tmp_path / "out"
+    proc = cli("prepare", recipe_for(tmp_path, tiny_phi3, data), "--output-dir", out)
+    refused(proc, out, f"error: {data}: line 7: not UTF-8 text (byte 0xe9 at column 4); save the file as UTF-8")
+
+
 def test_rating_column_holding_text(tmp_path, tiny_phi3):
     import pandas as pd
 

@@ -140,6 +140,9 @@ BASE = "name: t\nmodel: {name_or_path: x/y}\ndata: {dataset: d.jsonl}\n"
         ("train: {gradient_checkpointing: false, checkpointed_layers: 12}\n", [], "field 'train.checkpointed_layers': 12 layers to recompute, but "
                                                                                   "train.gradient_checkpointing is false: set it to true or auto, or drop this field"),
         ("", ["train.checkpointed_layers=true"], "field 'train.checkpointed_layers': expected an integer or null, got True"),
+        ("", ["train.learning_rate=0x10"], "--set train.learning_rate: field 'train.learning_rate': must be at most 1, got 16 (DPO learning rates are about 1e-7 to 1e-4)"),
+        ("", ["card.description=key: value"], "--set card.description: field 'card.description': expected a string or null, got {'key': 'value'}; "
+                                              "for text, quote it inside: --set 'card.description=\"...\"'"),
         ("publish: {repo_id: a/b, adapter_repo_id: a/b-lora}\n", [], "field 'publish.adapter_repo_id': publish.push is model, which pushes no adapter: "
                                                                      "set publish.push: both (or adapter), or remove adapter_repo_id"),
     ],

@@ -106,10 +106,10 @@ def test_entrypoint_validate_and_run_exit_2(tmp_path, tiny_phi3):
 
 def test_a_command_line_mistake_is_one_line():
     """argparse printed its usage block before its `error:` line; --help still prints the usage."""
-    gpus = "'L4', 'A10G', 'L40S', 'A100-40GB', 'A100-80GB', 'H100-80GB', 'H200'"
+    gpus = "L4, A10G, L40S, A100-40GB, A100-80GB, H100-80GB, H200"
     cases = [
         (["run", "recipes/demo.yaml", "--bogus"], "error: unrecognized arguments: --bogus; see `entrypoint.py run --help`"),
-        (["plan", "recipes/demo.yaml", "--gpu", "L5"], f"error: argument --gpu: invalid choice: 'L5' (choose from {gpus}); see `entrypoint.py plan --help`"),
+        (["plan", "recipes/demo.yaml", "--gpu", "L5"], f"error: argument --gpu: unknown GPU 'L5'; known: {gpus}; see `entrypoint.py plan --help`"),
         (["validate"], "error: the following arguments are required: recipe; see `entrypoint.py validate --help`"),
         (["nope"], "error: argument command: invalid choice: 'nope' (choose from 'run', 'validate', 'prepare', 'train', 'evaluate', "
                    "'export', 'publish', 'schema', 'plan'); see `entrypoint.py --help`"),
@@ -200,6 +200,25 @@ def test_validate_finds_local_data_problems(tmp_path, tiny_phi3, capsys):
     assert (rc, err, out.splitlines()[2]) == (0, "", "# data: argilla/distilabel-capybara-dpo-7k-binarized (Hub dataset: read by prepare; `validate --hub` checks its card)")
 
 
+def test_validate_prepares_local_data_in_a_scratch_folder(tmp_path, tiny_phi3, capsys):
+    """With local data and the tokenizer on this machine, validate runs prepare in a scratch folder:
+    what only rendering or the later filters find (answers all identical here) used to pass validate
+    and stop prepare on the rented VM. Nothing is written beside the recipe."""
+    recipe = write_recipe(tmp_path, tiny_phi3)
+    rc, out, err = call(capsys, "validate", recipe)
+    assert (rc, err) == (0, "")
+    assert out.splitlines()[3].startswith("# prepare (run in a scratch folder): ") and out.splitlines()[3].endswith(" eval pairs; format capybara")
+    same = tmp_path / "same.jsonl"
+    rows = [json.loads(x) for x in DATA.read_text().splitlines()]
+    same.write_text("".join(json.dumps({**r, "rejected": r["chosen"]}) + "\n" for r in rows))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    rc, out, err = call(capsys, "validate", recipe, "--set", f"data.dataset={same}")
+    assert (rc, out) == (2, "")
+    assert err.splitlines()[-1].startswith(f"error: {recipe}: field 'data.filters': no training rows left after filtering (60 loaded; ")
+    assert "chosen identical to rejected: -" in err.splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 def test_validate_refuses_an_evaluation_the_rating_filters_empty(tmp_path, tiny_phi3, capsys):
     """validate used to pass (and print "0 after the rating filters") an eval split the filters empty,
     which prepare then refused: the same refusal now comes at the door, unless eval is off or another
@@ -263,9 +282,9 @@ def test_the_judge_is_checked_before_training(tmp_path, tiny_phi3, capsys):
     rc, out, err = call(capsys, "validate", recipe, "--set", "eval.judge=someone/not-cached-reward-model")
     assert (rc, err, out.splitlines()[3]) == (0, "", "# judge check deferred: the config of 'someone/not-cached-reward-model' is not on this machine "
                                                      "(run and train check it before anything else; `validate --hub` fetches it now)")
-    # No judge, no judge line: the resolved recipe follows the model and data lines.
+    # No judge, no judge line: the scratch prepare's line follows the model and data lines, then the resolved recipe.
     rc, out, err = call(capsys, "validate", recipe)
-    assert (rc, err, out.splitlines()[3]) == (0, "", "name: t")
+    assert (rc, err, out.splitlines()[4]) == (0, "", "name: t") and out.splitlines()[3].startswith("# prepare (run in a scratch folder): ")
 
 
 def test_unexpected_failure_before_the_output_folder_is_one_line(monkeypatch, capsys, alignpress_home):

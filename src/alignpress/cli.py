@@ -320,6 +320,21 @@ def _check_disk(recipe: Recipe, run_dir: RunDir, stages: list[str], restart: boo
         log.info("%s", line)
 
 
+def _dry_prepare(recipe: Recipe, hub: bool) -> str:
+    """validate: prepare in a scratch folder when the data is local and the tokenizer is on this
+    machine (a local or builtin model; a Hub model's only with --hub, which may download it)."""
+    from . import prepare
+    from .modeling import load_tokenizer, resolve_model_path
+    from .recipe import data_sources
+
+    if any(prepare.local_data_files(recipe, spec, prefix, spec.split, f"{prefix}.split") is None for prefix, spec in data_sources(recipe.data)):
+        return "prepare: a Hub dataset is read by prepare itself (its rows are not downloaded here)"
+    path = resolve_model_path(recipe)
+    if not Path(path).is_dir() and not hub:
+        return f"prepare: not tried without {recipe.model.name_or_path}'s tokenizer (`validate --hub` fetches it)"
+    return prepare.dry_run(recipe, load_tokenizer(recipe, path))
+
+
 def _hub_preflight(recipe: Recipe) -> str:
     """`validate --hub`: run's Hub preflight, from a laptop before a cloud job is launched."""
     from . import publish
@@ -345,7 +360,8 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
         check_training_settings(recipe)
         # --hub fetches the configs of Hub models (a few kB) but never builds a builtin: model.
         local = not args.hub or recipe.model.name_or_path.startswith("builtin:")
-        notes = [check_model(recipe, local_only=local), check_data_sources(recipe, hub=args.hub), check_judge(recipe, local_only=not args.hub)]
+        notes = [check_model(recipe, local_only=local), check_data_sources(recipe, hub=args.hub), check_judge(recipe, local_only=not args.hub),
+                 _dry_prepare(recipe, args.hub)]
         if args.hub:
             notes.append(_hub_preflight(recipe))
         print(f"# {args.recipe}: valid")

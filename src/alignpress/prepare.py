@@ -139,6 +139,25 @@ def check_data_sources(recipe: Recipe, hub: bool = False) -> str:
     return "data: " + "; ".join(notes)
 
 
+def dry_run(recipe: Recipe, tok) -> str:
+    """`validate`'s last data check when the data is local and the tokenizer at hand: `run` (prepare)
+    in a scratch folder, so every refusal prepare would make on a rented VM is made here (answers
+    emptied or identical, duplicates, prompts also in the eval split, the chat template refusing
+    rows, pairs over the token cap). Warnings show; nothing is written. Returns a note."""
+    import contextlib
+    import io
+    import tempfile
+
+    level = log.level
+    log.setLevel(logging.WARNING)  # prepare's own progress lines: validate says what it found in one note
+    try:
+        with tempfile.TemporaryDirectory(prefix="alignpress-validate-") as scratch, contextlib.redirect_stdout(io.StringIO()):
+            out = run(recipe, RunDir(Path(scratch)), tok)
+    finally:
+        log.setLevel(level)
+    return f"prepare (run in a scratch folder): {out['train_pairs']} training pairs, {out['eval_pairs']} eval pairs; format {out['format']}"
+
+
 def _card_info(card: dict[str, Any], config_name: str | None) -> dict[str, Any] | None:
     """The `dataset_info` entry (features, splits) of a dataset card for one config, as the
     datasets library writes it when it pushes a dataset: a mapping, or a list with config_name."""
@@ -242,8 +261,8 @@ def load_split(recipe: Recipe, src: SourceSection, prefix: str, split: str, fiel
             if all(_has_no_rows(Path(file), suffix) for file in data_files):
                 # datasets says StopIteration, or 'Instruction "train" corresponds to no data!'.
                 raise AlignpressError(f"{path} has no rows", source=recipe.source, field=ds_field) from None
-            for file in data_files if suffix in (".jsonl", ".json") else []:
-                problem = json_file_problem(Path(file))
+            for file in data_files if suffix in (".jsonl", ".json", ".csv") else []:
+                problem = utf8_problem(Path(file)) or (json_file_problem(Path(file)) if suffix != ".csv" else None)
                 if problem:
                     raise AlignpressError(problem, source=file) from None
             raise AlignpressError(f"could not read {path}: {_read_error(e)}", source=recipe.source, field=ds_field) from None
@@ -274,6 +293,19 @@ def load_split(recipe: Recipe, src: SourceSection, prefix: str, split: str, fiel
         ds = ds.select(range(instr.from_, instr.to) if instr.to > instr.from_ else [])
     loaded = Rows(label, split, offset, list(ds.column_names), _to_rows(ds, label, offset), list(ds.column_names), whole)
     return _map_columns(recipe, src, prefix, loaded)
+
+
+def utf8_problem(path: Path) -> str | None:
+    """`line N: ...` where a text data file stops being UTF-8 (a CSV saved as Latin-1: the reader
+    said only "can't decode byte 0xe9 in position 3"), or None."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+        return None
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        return f"line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}); save the file as UTF-8"
 
 
 def _json_kind(value: Any) -> str | None:

@@ -411,7 +411,10 @@ def _coerce(tp: Any, value: Any, dotted: str, src: typing.Callable[[str], str]) 
         checked = _check(tp, value)
     except (TypeError, ValueError):
         shown = value if not isinstance(value, str) else repr(value)
-        raise AlignpressError(f"expected {_type_name(tp)}, got {shown}", source=src(dotted), field=dotted) from None
+        # A --set value is read as YAML: `key: value` in text became a mapping, 2024-01-01 a date.
+        hint = (f"; for text, quote it inside: --set '{dotted}=\"...\"'" if src(dotted).startswith("--set") and "str" in _type_name(tp) + str(tp)
+                and not isinstance(value, str) else "")
+        raise AlignpressError(f"expected {_type_name(tp)}, got {shown}{hint}", source=src(dotted), field=dotted) from None
     # nan and inf parse as numbers (YAML .nan/.inf, or the strings) but no field means them.
     bad = [v for v in _numbers(checked) if not math.isfinite(v)]
     if bad:
@@ -705,6 +708,8 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
         fail("dpo.label_smoothing", "loss type exo_pair needs label_smoothing > 0 (TRL refuses 0; the EXO paper uses 1e-3)")
     if r.train.learning_rate <= 0:
         fail("train.learning_rate", f"must be > 0, got {r.train.learning_rate} (training would change nothing)")
+    if r.train.learning_rate > 1:  # 0x10 is YAML for 16; any step that size wrecks the weights at once
+        fail("train.learning_rate", f"must be at most 1, got {r.train.learning_rate:g} (DPO learning rates are about 1e-7 to 1e-4)")
     for name in ("weight_decay", "max_grad_norm"):
         if getattr(r.train, name) < 0:
             fail(f"train.{name}", f"must be >= 0, got {getattr(r.train, name)}")
