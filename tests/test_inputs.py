@@ -13,7 +13,7 @@ from alignpress.runstate import RunDir
 from conftest import ROOT, cli
 
 
-def prepared(tmp_path, tiny_phi3):
+def prepared(tmp_path, tiny_phi3, extra="train: {device: cpu}\n"):
     model = tmp_path / "base"
     shutil.copytree(tiny_phi3, model)
     data = tmp_path / "pairs.jsonl"
@@ -21,7 +21,7 @@ def prepared(tmp_path, tiny_phi3):
     data.write_text("\n".join(lines[:60]) + "\n")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"name: r\nmodel: {{name_or_path: {model}}}\ndata: {{dataset: pairs.jsonl, eval_fraction: 0.2}}\n"
-                      "train: {device: cpu}\n")
+                      + extra)
     out = tmp_path / "out"
     proc = cli("prepare", recipe, "--output-dir", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -70,3 +70,30 @@ def test_a_base_model_overwritten_after_prepare_stops_the_stages_that_load_it(tm
     weights.write_bytes(saved)
     (model / "extra.txt").unlink()
     assert changed_model(RunDir(out)) == []
+
+
+def test_undoing_a_data_edit_gets_the_finished_stages_back(tmp_path, tiny_phi3):
+    """An edited data file prepared again set the finished stages aside (training starts over on new
+    data); putting the file back and preparing again used to leave them pending, and `run` retrained
+    from step 0 and deleted the old checkpoints. Now the stages of that data stand again."""
+    recipe, _, data, out = prepared(tmp_path, tiny_phi3, "eval: {max_rows: 8, generation_rows: 2, max_new_tokens: 8}\n"
+                                                          "train: {device: cpu, max_steps: 4, save_steps: 2, logging_steps: 1}\n")
+    proc = cli("run", recipe, "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    finished = json.loads((out / "run.json").read_text())["stages"]
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    original = data.read_bytes()
+    data.write_bytes(b"".join(original.splitlines(keepends=True)[:-5]))  # five pairs fewer
+    assert cli("prepare", recipe, "--output-dir", out).returncode == 0
+    stages = json.loads((out / "run.json").read_text())["stages"]
+    assert [stages[s]["status"] for s in ("train", "evaluate", "export", "publish")] == ["pending"] * 4
+    assert not (out / "checkpoints").exists() and (out / "checkpoints.previous").is_dir()
+    data.write_bytes(original)
+    proc = cli("prepare", recipe, "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "prepared data is again the data of the later stages' results" in proc.stderr
+    manifest = json.loads((out / "run.json").read_text())
+    assert {s: manifest["stages"][s] for s in ("train", "evaluate", "export", "publish")} == {s: finished[s] for s in ("train", "evaluate", "export", "publish")}
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == checkpoints and not (out / "checkpoints.previous").exists()
+    proc = cli("run", recipe, "--output-dir", out)
+    assert proc.returncode == 0 and "== train: already done, skipping" in proc.stderr

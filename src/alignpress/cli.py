@@ -275,6 +275,18 @@ def _after_stage(name: str, run_dir: RunDir, old_fingerprint: str | None) -> Non
             stay = ": later stages stay as they are" if run_dir.is_done(later[0]) else ""
             log.info("prepared data unchanged (fingerprint %s)%s", new_fingerprint[:12], stay)
             return
+        m = run_dir.load()
+        kept = m.get("later_stages_of_data") or {}
+        if kept.get("fingerprint") == new_fingerprint and not any(run_dir.checkpoints.glob("checkpoint-*")) and not any(run_dir.is_done(s) for s in later):
+            # The data is back to what the later stages were made from (an edit undone), and nothing
+            # replaced their results since: they stand, with the checkpoints set aside for the edit.
+            _put_back(run_dir, {"manifest": {"stages": kept["stages"]}}, list(later))
+            run_dir.update(later_stages_of_data=None)
+            log.info("prepared data is again the data of the later stages' results (fingerprint %s): they stand", new_fingerprint[:12])
+            return
+        if any(run_dir.is_done(s) for s in later) or run_dir.checkpoints.exists():
+            # Kept so that undoing the edit (prepare again on the old data) gets them back.
+            run_dir.update(later_stages_of_data={"fingerprint": old_fingerprint, "stages": {s: m.get("stages", {}).get(s, {}) for s in later}})
         if run_dir.checkpoints.exists():
             log.info("prepared data changed: the checkpoints of the old data move to %s.previous; training starts over", run_dir.checkpoints)
             run_dir.set_aside(run_dir.checkpoints)
