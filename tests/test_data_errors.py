@@ -166,7 +166,8 @@ def test_gemma_with_only_system_turns(tmp_path, tiny_gemma):
         proc,
         out,
         f"error: {data}: 8 of 8 rows of split 'train' cannot be used, more than data.max_malformed_fraction (0.05) allows: "
-        "TemplateError: System role not supported (8 rows: 0, 1, 2, …)",
+        f"TemplateError: System role not supported (8 rows: 0, 1, 2, …). Most were refused by the chat template: check the chat "
+        f"template of {tiny_gemma} with one of these rows",
     )
     assert f"{data}, train: the chat template refused 8 row(s): TemplateError: System role not supported (8 rows: 0, 1, 2, …)" in proc.stderr
 
@@ -215,8 +216,8 @@ def test_a_few_bad_rows_are_dropped_with_row_and_reason(tmp_path, tiny_gemma):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: {data}: 4 of 24 rows of split 'train' cannot be used, more than data.max_malformed_fraction (0.1) allows: "
-        "chosen is text ('Good answer 20.'), not a list of {role, content} messages (1 row: 20); "
         "chosen has a message with role 'bot'; expected one of system, user, assistant (2 rows: 22, 23); "
+        "chosen is text ('Good answer 20.'), not a list of {role, content} messages (1 row: 20); "
         "TemplateError: System role not supported (1 row: 21)"
     )
     assert {p.name: p.read_bytes() for p in (out / "data").iterdir()} == before

@@ -290,3 +290,21 @@ def test_the_disk_check_counts_a_hub_models_download_until_it_is_cached(hub_env,
         assert [p.name for p in Path(cache).rglob("*") if p.is_file() and p.stat().st_size > 4096] == []
     finally:
         subprocess.run(["umount", str(cache)], check=False)
+
+
+def test_a_card_license_other_than_the_bases_is_warned_about(hub_env, tiny_phi3, capsys):
+    """A recipe copied from the Phi-3 one keeps `card.license: mit`: for a base whose card says
+    apache-2.0, `validate --hub` (and run's preflight) says so; the Hub accepts either, so it is not refused."""
+    from alignpress.cli import main
+
+    api = hub_env.api()
+    api.create_repo("alice/base-apache")
+    api.upload_folder(folder_path=str(tiny_phi3), repo_id="alice/base-apache", ignore_patterns=["*.safetensors"])
+    api.upload_file(path_or_fileobj=b"---\nlicense: apache-2.0\n---\n# base\n", path_in_repo="README.md", repo_id="alice/base-apache")
+    args = ["validate", RECIPE, "--hub", "--set", "model.name_or_path=alice/base-apache", "--set", f"publish.repo_id={REPO}"]
+    assert main([*args, "--set", "card.license=mit"]) == 0
+    err = capsys.readouterr().err
+    assert ("[alignpress] --set card.license: card.license is mit, but the base model's card says apache-2.0: a fine-tune keeps its "
+            "base's license unless you mean otherwise; leave card.license unset to take the base's\n") in err
+    assert main([*args, "--set", "card.license=apache-2.0"]) == 0
+    assert "card.license is" not in capsys.readouterr().err

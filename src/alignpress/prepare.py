@@ -601,9 +601,14 @@ def _check_unusable(recipe: Recipe, data: Rows, checked: int, malformed: Dropped
     unusable = len(malformed) + len(refused)
     if checked and unusable / checked > limit:
         reasons = "; ".join(x for x in (malformed.summary(), refused.summary()) if x)
+        # Most of them refused by the chat template: the template is the likelier fault, not the data.
+        template = ""
+        if len(refused) > len(malformed):
+            which = f"model.chat_template ({recipe.model.chat_template})" if recipe.model.chat_template else f"the chat template of {recipe.model.name_or_path}"
+            template = f". Most were refused by the chat template: check {which} with one of these rows"
         raise AlignpressError(
             f"{unusable} of {checked} rows of split {data.split!r} cannot be used, more than data.max_malformed_fraction "
-            f"({limit:g}) allows: {reasons}",
+            f"({limit:g}) allows: {reasons}{template}",
             source=data.label,
         )
 

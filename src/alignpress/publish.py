@@ -699,6 +699,10 @@ def preflight(recipe: Recipe, run_dir: RunDir) -> str | None:
     finally:
         hub.close()
     log.info("publish preflight: the token of '%s' may push to %s; the Hub accepts the card's metadata", user, ", ".join(dict.fromkeys(r for _, r, _ in targets(recipe))))
+    if recipe.card.license and (base := card.base_license(recipe)) and base != recipe.card.license:
+        # A recipe copied from another model's keeps its license line (the Phi-3 recipe says mit).
+        log.warning("%s: card.license is %s, but the base model's card says %s: a fine-tune keeps its base's license unless "
+                    "you mean otherwise; leave card.license unset to take the base's", recipe.where("card.license"), recipe.card.license, base)
     return user
 
 
