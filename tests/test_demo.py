@@ -299,6 +299,21 @@ def test_resume_after_kill(tmp_path, demo_run):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
 
+def test_a_new_gate_threshold_alone_needs_no_new_evaluation(demo_copy):
+    """The verdict is made again on metrics/eval.json (the generations and scores of the finished
+    evaluation): evaluate is not redone, export is (its card states the gate)."""
+    ev_before = json.loads((demo_copy / "metrics/eval.json").read_text())
+    proc = cli("run", "recipes/demo.yaml", "--output-dir", demo_copy, "--set", "eval.gate_max_kl=100")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "== evaluate: already done, skipping" in proc.stderr and "== export" in proc.stderr
+    assert f"publish gate judged again on {demo_copy / 'metrics/eval.json'} with the new thresholds: passed" in proc.stderr
+    ev = json.loads((demo_copy / "metrics/eval.json").read_text())
+    assert ev["gate"]["max_kl"] == 100 and ev["gate"]["passed"] is True and ev_before["gate"] is None
+    assert {k: v for k, v in ev.items() if k != "gate"} == {k: v for k, v in ev_before.items() if k != "gate"}
+    assert "Publish gate passed" in (demo_copy / "model/README.md").read_text()
+    assert json.loads((demo_copy / "run.json").read_text())["stages"]["evaluate"]["gate_passed"] is True
+
+
 def test_changed_eval_settings_rerun_evaluate_only(demo_copy):
     proc = cli("run", "recipes/demo.yaml", "--output-dir", demo_copy, "--set", "eval.generation_rows=8")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -397,8 +397,8 @@ def test_a_stage_command_never_discards_stages_it_does_not_redo(demo_copy):
     proc = cli("publish", "recipes/demo.yaml", "--output-dir", demo_copy, "--set", "eval.gate_min_gain=0.5")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: {demo_copy}/recipe.resolved.yaml: recipe sections eval changed since the evaluate stage ran, and `publish` "
-        "does not redo it: run `evaluate` first, or `run` (it redoes evaluate and the stages after it)")
+        f"error: {demo_copy}/recipe.resolved.yaml: recipe sections eval changed since the export stage ran, and `publish` "
+        "does not redo it: run `export` first, or `run` (it redoes export and the stages after it)")
     assert tree(demo_copy) == before
 
 

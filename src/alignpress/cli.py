@@ -78,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # Sections whose change only re-runs later stages (the earliest stage each one affects).
 RERUN_FROM = {"eval": "evaluate", "export": "export", "card": "export", "publish": "publish"}
+GATE_FIELDS = {"eval.gate_min_gain", "eval.gate_max_kl"}
 # train fields that say how training runs, not what it computes: a resumed run may change them (a save
 # cadence for spot, a tracker, checkpointing for a GPU with less memory, the device sky/run.sh sets).
 RUN_ONLY_TRAIN = {"logging_steps", "save_steps", "save_minutes", "save_total_limit", "report_to", "per_device_eval_batch_size",
@@ -131,18 +132,26 @@ def _check_same_recipe(recipe: Recipe, run_dir: RunDir, restart_from: str | None
             f"use another --output-dir (on SkyPilot: another --env RUN_NAME), or `{again}` to redo it here",
             source=str(path),
         )
-    rerun = [RERUN_FROM[k] for k in changed if k in RERUN_FROM and run_dir.is_done(RERUN_FROM[k])]
+    # A new gate threshold alone needs no new evaluation: the verdict is made again on metrics/eval.json
+    # (below); the exported card, which states it, is written again.
+    gate_only = "eval" in changed and all(f in GATE_FIELDS for f in fields if f.split(".")[0] == "eval")
+    feeds = {**RERUN_FROM, "eval": "export"} if gate_only and run_dir.is_done("evaluate") else RERUN_FROM
+    rerun = [feeds[k] for k in changed if k in feeds and run_dir.is_done(feeds[k])]
     if rerun and command != "run" and STAGES.index(min(rerun, key=STAGES.index)) < STAGES.index(command):
         # A stage command redoes its own stage only: marking the earlier ones pending would throw
         # away finished results the command does not redo (`publish` with a new eval gate used to
         # mark evaluate and export pending, then stop because export was not done).
         first = min(rerun, key=STAGES.index)
-        earlier = [k for k in changed if k in RERUN_FROM and STAGES.index(RERUN_FROM[k]) < STAGES.index(command) and run_dir.is_done(RERUN_FROM[k])]
+        earlier = [k for k in changed if k in feeds and STAGES.index(feeds[k]) < STAGES.index(command) and run_dir.is_done(feeds[k])]
         raise AlignpressError(
             f"recipe sections {', '.join(earlier)} changed since the {first} stage ran, and `{command}` "
             f"does not redo it: run `{first}` first, or `run` (it redoes {first} and the stages after it)",
             source=str(path),
         )
+    if gate_only and run_dir.writer and run_dir.is_done("evaluate"):
+        from .evaluate import rejudge
+
+        rejudge(recipe, run_dir)
     if rerun and run_dir.writer:
         first = min(rerun, key=STAGES.index)
         log.info("recipe sections %s changed: stages from %s on will run again", ", ".join(changed), first)

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import json
 import math
 import re
 import statistics
@@ -463,6 +464,23 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     if verdict:
         out["gate_passed"] = verdict["passed"]
     return out
+
+
+def rejudge(recipe: Recipe, run_dir: RunDir) -> dict[str, Any] | None:
+    """The publish gate's verdict made again on metrics/eval.json with the recipe's thresholds, for a
+    recipe whose gate alone changed: eval.json, report.md and run.json say the new verdict, and no
+    new evaluation (generations, scoring: minutes of a GPU) is made."""
+    from . import gate
+
+    path = run_dir.metrics / "eval.json"
+    ev = json.loads(path.read_text())
+    ev["gate"] = verdict = gate.verdict(recipe, ev)
+    write_json(path, ev)
+    write_report(run_dir, ev, recipe)
+    run_dir.set_stage("evaluate", gate_passed=verdict["passed"] if verdict else None)
+    log.info("publish gate judged again on %s with the new thresholds: %s", path,
+             "not set" if verdict is None else "passed" if verdict["passed"] else "refused: " + "; ".join(r["reason"] for r in verdict["reasons"]))
+    return verdict
 
 
 def _show(x: Any) -> str:
