@@ -84,6 +84,9 @@ def test_model_card_sections_and_fields(demo_run):
     assert commit is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", commit)
     assert repro.startswith(f"\nalignpress 0.1.0{f', commit `{commit}`' if commit else ''}; recipe `demo` (from `recipes/demo.yaml`, every `--set` applied).")
     assert "```bash\npython entrypoint.py run recipe.yaml\n```" in repro
+    # Paths of the machine it ran on are said to be so (the builtin model is alignpress's own).
+    assert ("The recipe reads local files that are not in this repository: the data `data/arithmetic-capybara.jsonl`; put them where "
+            "it names them to run it.\n") in repro
     recipe_yaml = repro.split("```yaml\n", 1)[1].split("\n```", 1)[0]
     assert yaml.safe_load(recipe_yaml) == yaml.safe_load((out / "recipe.resolved.yaml").read_text())
 
@@ -134,3 +137,17 @@ Lots of data.
 """
     assert inherited_limitations(base) == ["#### Bias, Risks, and Limitations", "", "It may be wrong.", "", "##### Recommendations", "", "Review its answers.", ""]
     assert inherited_limitations("# M\n\nA small model.\nSecond line.\n\nMore.") == ["> A small model. Second line."]
+
+
+def test_card_names_the_local_files_a_recipe_reads(tmp_path, tiny_phi3):
+    """The card's recipe names a model folder, a template file and a data file of the machine it ran
+    on: the Reproduce section says they are not in the repo; a Hub dataset is not named."""
+    from alignpress.card import local_inputs
+    from alignpress.recipe import load_recipe
+
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n')
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: r\nmodel: {{name_or_path: {tiny_phi3}, chat_template: t.jinja}}\n"
+                      "data: {datasets: [{dataset: pairs.jsonl}, {dataset: someone/prefs}]}\n")
+    assert local_inputs(load_recipe(recipe)) == [f"the base model `{tiny_phi3}`", "the chat template `t.jinja`", "the data `pairs.jsonl`"]

@@ -14,7 +14,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from .modeling import built_builtin, resolve_model_path
-from .recipe import Recipe, data_sources, dump
+from .recipe import Recipe, chat_template_file, data_sources, dump
 from .runstate import RunDir
 
 log = logging.getLogger("alignpress")
@@ -258,6 +258,20 @@ def _render_prompt(folder: Path, messages: list[dict[str, str]]) -> str | None:
         return None
 
 
+def local_inputs(recipe: Recipe) -> list[str]:
+    """What the recipe reads from the machine it ran on (not a Hub id, not a builtin), for the card."""
+    out = []
+    name = recipe.model.name_or_path
+    if not name.startswith("builtin:") and (Path(name).expanduser().exists() or Path(recipe.resolve_path(name)).exists()):
+        out.append(f"the base model `{name}`")
+    if chat_template_file(recipe) is not None:
+        out.append(f"the chat template `{recipe.model.chat_template}`")
+    for _, src in data_sources(recipe.data):
+        if Path(src.dataset).expanduser().exists() or Path(recipe.resolve_path(src.dataset)).exists():
+            out.append(f"the data `{src.dataset}`")
+    return out
+
+
 def reproduce_lines(recipe: Recipe, manifest: dict[str, Any]) -> list[str]:
     ap = manifest.get("alignpress") or {}
     version = ap.get("version") or (manifest.get("versions") or {}).get("alignpress") or "?"
@@ -274,6 +288,8 @@ def reproduce_lines(recipe: Recipe, manifest: dict[str, Any]) -> list[str]:
         "",
         "The exact library versions are under Framework versions above (requirements.lock pins them for alignpress).",
         "",
+        *([f"The recipe reads local files that are not in this repository: {', '.join(local)}; put them where it names them to run it.", ""]
+          if (local := local_inputs(recipe)) else []),
         "### Recipe",
         "",
         "```yaml",
