@@ -20,10 +20,10 @@ TOOLS_STAMP := $(TOOLS_VENV)/.installed
 venv: $(STAMP)
 
 # torch is pinned in the lock: the pip configuration on the CPU machines points at the CPU wheel.
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock requirements-test.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q -r requirements.lock -r requirements-test.lock
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
@@ -93,7 +93,7 @@ bench-smoke: $(STAMP)
 GPU_WHEELS := trl transformers datasets dill multiprocess peft bitsandbytes pytest pluggy iniconfig pygments
 gpu-wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl \
-	  $(foreach p,$(GPU_WHEELS),$(shell grep -i '^$(p)==' requirements.lock)) $(shell grep -v '^\s*#' requirements-gpu.lock | grep '==')
+	  $(foreach p,$(GPU_WHEELS),$(shell grep -hi '^$(p)==' requirements.lock requirements-test.lock)) $(shell grep -v '^\s*#' requirements-gpu.lock | grep '==')
 	@ls .whl
 
 check-sky: $(SKY_STAMP)
