@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -301,17 +302,42 @@ def test_resume_after_kill(tmp_path, demo_run):
 
 def test_a_new_gate_threshold_alone_needs_no_new_evaluation(demo_copy):
     """The verdict is made again on metrics/eval.json (the generations and scores of the finished
-    evaluation): evaluate is not redone, export is (its card states the gate)."""
+    evaluation): evaluate is not redone, nor the merge; the exported card, which states the gate, is
+    written again."""
     ev_before = json.loads((demo_copy / "metrics/eval.json").read_text())
+    weights = (demo_copy / "model/model.safetensors").stat().st_mtime_ns
     proc = cli("run", "recipes/demo.yaml", "--output-dir", demo_copy, "--set", "eval.gate_max_kl=100")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "== evaluate: already done, skipping" in proc.stderr and "== export" in proc.stderr
+    assert "== evaluate: already done, skipping" in proc.stderr and "== export: already done, skipping" in proc.stderr
+    assert (demo_copy / "model/model.safetensors").stat().st_mtime_ns == weights
     assert f"publish gate judged again on {demo_copy / 'metrics/eval.json'} with the new thresholds: passed" in proc.stderr
     ev = json.loads((demo_copy / "metrics/eval.json").read_text())
     assert ev["gate"]["max_kl"] == 100 and ev["gate"]["passed"] is True and ev_before["gate"] is None
     assert {k: v for k, v in ev.items() if k != "gate"} == {k: v for k, v in ev_before.items() if k != "gate"}
     assert "Publish gate passed" in (demo_copy / "model/README.md").read_text()
     assert json.loads((demo_copy / "run.json").read_text())["stages"]["evaluate"]["gate_passed"] is True
+
+
+def test_a_card_change_writes_the_cards_again_without_a_new_merge(demo_copy, tmp_path):
+    """`card` and `description` reach only the cards: after export they are written again in place
+    (the merged weights stay), and they say what a new export would write."""
+    again = tmp_path / "exported"
+    shutil.copytree(demo_copy, again)
+    weights = (demo_copy / "model/model.safetensors").stat().st_mtime_ns
+    flags = ["--set", "description=Says the answer plainly.", "--set", "card.tags=[arithmetic]", "--set", "card.license=apache-2.0"]
+    proc = cli("run", "recipes/demo.yaml", "--output-dir", demo_copy, *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "== export: already done, skipping" in proc.stderr
+    assert f"recipe card or gate changed: {demo_copy / 'model/README.md'} written again (the merged model stays)" in proc.stderr
+    assert (demo_copy / "model/model.safetensors").stat().st_mtime_ns == weights
+    text = (demo_copy / "model/README.md").read_text()
+    assert "\nlicense: apache-2.0\n" in text and "- arithmetic\n" in text and "\nSays the answer plainly.\n" in text
+    assert "\nSays the answer plainly.\n" in (demo_copy / "adapter/README.md").read_text()
+    # The same cards as a new export of the same recipe writes.
+    exported = cli("export", "recipes/demo.yaml", "--output-dir", again, *flags)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    for name in ("model/README.md", "adapter/README.md"):
+        assert (demo_copy / name).read_text() == (again / name).read_text(), name
 
 
 def test_changed_eval_settings_rerun_evaluate_only(demo_copy):

@@ -86,9 +86,12 @@ def test_prepare_restart_with_the_same_recipe_and_data_keeps_the_later_stages(de
     proc = cli("prepare", "recipes/demo.yaml", "--output-dir", demo_copy, "--restart")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "prepared data unchanged (fingerprint " in proc.stderr and "later stages stay as they are" not in proc.stderr
-    assert "same recipe and prepared data as before --restart: the later stages' results stand (train, evaluate, export, publish done)" in proc.stderr
+    assert ("same recipe and prepared data as before --restart: the later stages' results stand (train, evaluate, export, publish done), "
+            f"and so does run {manifest['run_id']}") in proc.stderr
     assert statuses(demo_copy) == ["done"] * 5
     after = json.loads((demo_copy / "run.json").read_text())
+    # The same results are the same run (the card and the Hub tag name it)
+    assert (after["run_id"], after.get("previous_run_ids", [])) == (manifest["run_id"], manifest.get("previous_run_ids", []))
     assert [after["stages"][s] for s in STAGES[1:]] == [manifest["stages"][s] for s in STAGES[1:]]
     assert tree(demo_copy / "checkpoints") == ckpts and (demo_copy / "metrics/train.jsonl").read_bytes() == train_log
     assert not list(demo_copy.glob("*.previous")) and not list((demo_copy / "metrics").glob("*.previous"))
@@ -391,15 +394,28 @@ def test_writes_to_a_bucket_mount_land_in_rclones_cache(tmp_path):
 
 
 def test_a_stage_command_never_discards_stages_it_does_not_redo(demo_copy):
-    """`publish` with a new eval gate used to mark evaluate and export pending (the changed section
+    """`publish` with new eval settings used to mark evaluate and export pending (the changed section
     feeds evaluate), then stop because export was not done: two finished stages thrown away."""
     before = tree(demo_copy)
-    proc = cli("publish", "recipes/demo.yaml", "--output-dir", demo_copy, "--set", "eval.gate_min_gain=0.5")
+    proc = cli("publish", "recipes/demo.yaml", "--output-dir", demo_copy, "--set", "eval.generation_rows=8")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: {demo_copy}/recipe.resolved.yaml: recipe sections eval changed since the export stage ran, and `publish` "
-        "does not redo it: run `export` first, or `run` (it redoes export and the stages after it)")
+        f"error: {demo_copy}/recipe.resolved.yaml: recipe sections eval changed since the evaluate stage ran, and `publish` "
+        "does not redo it: run `evaluate` first, or `run` (it redoes evaluate and the stages after it)")
     assert tree(demo_copy) == before
+    # A new gate threshold needs no stage before publish again: the verdict is made again, the card
+    # written again, and publish's own gate refuses (the demo gains 0.69, less than 0.9) before it asks
+    # the Hub (none answers at this address).
+    proc = cli("publish", "recipes/demo.yaml", "--output-dir", demo_copy, "--set", "eval.gate_min_gain=0.9", "--set", "publish.repo_id=alice/demo",
+               env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_" + "x" * 30, "HF_HUB_OFFLINE": "0"})
+    ev = json.loads((demo_copy / "metrics/eval.json").read_text())
+    base, aligned = ev["base"]["preference_accuracy"], ev["aligned"]["preference_accuracy"]
+    assert proc.returncode == 3  # a refused run, not a mistake in the command
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: --set eval.gate_min_gain: field 'eval.gate_min_gain': publish gate: the aligned model does not beat the base on held-out "
+        f"preference accuracy by 0.9: {base:.4f} -> {aligned:.4f} (gain {aligned - base:+.4f}). Nothing was pushed (numbers in {demo_copy}/metrics/eval.json)")
+    assert statuses(demo_copy)[:4] == ["done"] * 4
+    assert "Publish gate failed: the aligned model does not beat the base on held-out preference accuracy by 0.9" in (demo_copy / "model/README.md").read_text()
 
 
 def test_prepare_again_keeps_what_its_data_did_not_change(demo_copy, tmp_path):

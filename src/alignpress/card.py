@@ -299,9 +299,11 @@ def reproduce_lines(recipe: Recipe, manifest: dict[str, Any]) -> list[str]:
     ]
 
 
-def metadata(recipe: Recipe, relation: str = "finetune") -> ModelCardData:
+def metadata(recipe: Recipe, relation: str = "finetune", base: dict[str, Any] | None = None) -> ModelCardData:
+    """The card's metadata block. `base`: export's record of the base model's license ({"base_license": ...}),
+    so a card written again later needs no Hub lookup."""
     c = recipe.card
-    license_ = c.license or base_license(recipe) or "other"
+    license_ = c.license or (base["base_license"] if base and "base_license" in base else base_license(recipe)) or "other"
     tags = list(dict.fromkeys(["dpo", "trl", "alignpress", *(["lora"] if recipe.lora.enabled else []), *c.tags]))
     data: dict[str, Any] = {
         "license": license_,
@@ -432,14 +434,28 @@ def render_model_card(
     return str(ModelCard(content))
 
 
-def write_adapter_card(recipe: Recipe, run_dir: RunDir) -> None:
+def write_adapter_card(recipe: Recipe, run_dir: RunDir, base: dict[str, Any] | None = None) -> None:
     """adapter/README.md: the card as a PEFT adapter's (library_name peft, base_model for a Hub base),
     in place of the empty template PEFT's save_pretrained writes."""
     from .publish import adapter_card_data
 
     if not (run_dir.adapter / "adapter_config.json").exists():
         return
-    text = render_model_card(recipe, run_dir, "adapter", data=adapter_card_data(metadata(recipe)), tokenizer_dir=run_dir.adapter)
+    text = render_model_card(recipe, run_dir, "adapter", data=adapter_card_data(metadata(recipe, base=base)), tokenizer_dir=run_dir.adapter)
     tmp = run_dir.adapter / ".README.md.tmp"
     tmp.write_text(text)
     tmp.replace(run_dir.adapter / "README.md")
+
+
+def write_again(recipe: Recipe, run_dir: RunDir) -> None:
+    """The exported cards (model/README.md, adapter/README.md) written again from the recipe, for a
+    change that reaches only the card (`card`, `description`, the publish gate): the merged weights
+    stay, and the merge (minutes and a base model in memory) is not redone."""
+    base = run_dir.load().get("stages", {}).get("export", {})
+    text = render_model_card(recipe, run_dir, data=metadata(recipe, base=base))
+    tmp = run_dir.model / ".README.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(run_dir.model / "README.md")
+    if recipe.lora.enabled:
+        write_adapter_card(recipe, run_dir, base=base)
+    log.info("recipe card or gate changed: %s written again (the merged model stays)", run_dir.model / "README.md")

@@ -77,8 +77,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # Sections whose change only re-runs later stages (the earliest stage each one affects).
-RERUN_FROM = {"eval": "evaluate", "export": "export", "card": "export", "publish": "publish"}
+RERUN_FROM = {"eval": "evaluate", "export": "export", "card": "export", "description": "export", "publish": "publish"}
 GATE_FIELDS = {"eval.gate_min_gain", "eval.gate_max_kl"}
+# Sections that reach only the exported card: a finished export gets its cards written again, not a new merge.
+CARD_ONLY = {"card", "description"}
 # train fields that say how training runs, not what it computes: a resumed run may change them (a save
 # cadence for spot, a tracker, checkpointing for a GPU with less memory, the device sky/run.sh sets).
 RUN_ONLY_TRAIN = {"logging_steps", "save_steps", "save_minutes", "save_total_limit", "report_to", "per_device_eval_batch_size",
@@ -133,9 +135,13 @@ def _check_same_recipe(recipe: Recipe, run_dir: RunDir, restart_from: str | None
             source=str(path),
         )
     # A new gate threshold alone needs no new evaluation: the verdict is made again on metrics/eval.json
-    # (below); the exported card, which states it, is written again.
+    # (below). It and the card sections reach only the exported card, which is written again (below):
+    # publish, which pushes the card, runs again; the merge is not redone.
     gate_only = "eval" in changed and all(f in GATE_FIELDS for f in fields if f.split(".")[0] == "eval")
-    feeds = {**RERUN_FROM, "eval": "export"} if gate_only and run_dir.is_done("evaluate") else RERUN_FROM
+    card_only = {"eval"} if gate_only and run_dir.is_done("evaluate") else set()
+    if run_dir.is_done("export"):
+        card_only |= CARD_ONLY
+    feeds = {**RERUN_FROM, **{k: "publish" for k in card_only}}
     rerun = [feeds[k] for k in changed if k in feeds and run_dir.is_done(feeds[k])]
     if rerun and command != "run" and STAGES.index(min(rerun, key=STAGES.index)) < STAGES.index(command):
         # A stage command redoes its own stage only: marking the earlier ones pending would throw
@@ -152,6 +158,10 @@ def _check_same_recipe(recipe: Recipe, run_dir: RunDir, restart_from: str | None
         from .evaluate import rejudge
 
         rejudge(recipe, run_dir)
+    if run_dir.writer and run_dir.is_done("export") and any(k in card_only for k in changed):
+        from .card import write_again
+
+        write_again(recipe, run_dir)
     if rerun and run_dir.writer:
         first = min(rerun, key=STAGES.index)
         log.info("recipe sections %s changed: stages from %s on will run again", ", ".join(changed), first)
@@ -467,8 +477,12 @@ def _keep_later_stages(run_dir: RunDir, before: dict, recipe: Recipe) -> None:
     same_recipe = before["recipe"] == dump(recipe) and m.get("chat_template_sha256") == before["manifest"].get("chat_template_sha256")
     if same_data and same_recipe:
         _put_back(run_dir, before, STAGES[1:])
+        # The same results are the same run: its id (the Hub tag, the card, the tracked run) stays.
+        old = before["manifest"]
+        run_dir.update(run_id=old.get("run_id"), previous_run_ids=old.get("previous_run_ids", []))
         done = [s for s in STAGES[1:] if run_dir.is_done(s)]
-        log.info("same recipe and prepared data as before --restart: the later stages' results stand (%s done)", ", ".join(done) or "none")
+        log.info("same recipe and prepared data as before --restart: the later stages' results stand (%s done), and so does run %s",
+                 ", ".join(done) or "none", old.get("run_id"))
 
 
 def _execute_stages(args: argparse.Namespace, argv: list[str], recipe: Recipe, run_dir: RunDir, state, launched: bool) -> int:

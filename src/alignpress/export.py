@@ -87,9 +87,11 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     merged.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
     plots.copy_into(run_dir, tmp)  # train_curves.png, eval_before_after.png: the card links them
-    (tmp / "README.md").write_text(card.render_model_card(recipe, run_dir, tokenizer_dir=tmp))
+    # The base card's license, looked up once: a card written again later (card.write_again) reuses it.
+    checks["base_license"] = card.base_license(recipe)
+    (tmp / "README.md").write_text(card.render_model_card(recipe, run_dir, data=card.metadata(recipe, base=checks), tokenizer_dir=tmp))
     if recipe.lora.enabled:
-        card.write_adapter_card(recipe, run_dir)  # replaces PEFT's empty template, now that the numbers exist
+        card.write_adapter_card(recipe, run_dir, base=checks)  # replaces PEFT's empty template, now that the numbers exist
     del base, merged
 
     # Reload the folder exactly as a user would.
