@@ -151,3 +151,14 @@ def test_card_names_the_local_files_a_recipe_reads(tmp_path, tiny_phi3):
     recipe.write_text(f"name: r\nmodel: {{name_or_path: {tiny_phi3}, chat_template: t.jinja}}\n"
                       "data: {datasets: [{dataset: pairs.jsonl}, {dataset: someone/prefs}]}\n")
     assert local_inputs(load_recipe(recipe)) == [f"the base model `{tiny_phi3}`", "the chat template `t.jinja`", "the data `pairs.jsonl`"]
+
+
+def test_the_card_says_what_was_held_out_when_the_recipe_names_no_split():
+    """With neither eval_split nor eval_fraction, prepare holds out 10% of the rows: the card says so
+    (it used to say "no held-out split" of a model evaluated on the held-out rows)."""
+    from alignpress.card import data_lines
+
+    lines = data_lines(load_recipe(ROOT / "recipes/demo.yaml", ["data.eval_split=null", "data.split=train"]))
+    assert lines[0] == "- source: `data/arithmetic-capybara.jsonl` (a local file), split `train`, format `auto`; held out: 0.1 of the rows (seeded)"
+    lines = data_lines(load_recipe(ROOT / "recipes/demo.yaml", ["data.eval_split=null", "data.split=train", "data.eval_fraction=0.25"]))
+    assert lines[0].endswith("; held out: 0.25 of the rows (seeded)")

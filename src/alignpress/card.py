@@ -14,7 +14,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from .modeling import built_builtin, resolve_model_path
-from .recipe import Recipe, chat_template_file, data_sources, dump
+from .recipe import DEFAULT_EVAL_FRACTION, Recipe, chat_template_file, data_sources, dump
 from .runstate import RunDir
 
 log = logging.getLogger("alignpress")
@@ -214,7 +214,8 @@ def data_lines(recipe: Recipe) -> list[str]:
     for _, source in data_sources(d):
         name = source.dataset
         src = f"[{name}](https://huggingface.co/datasets/{name})" if is_hub_id(name, recipe) else f"`{name}` (a local file)"
-        held = f"held out: split `{source.eval_split}`" if source.eval_split else (f"held out: {d.eval_fraction:g} of the rows" if d.eval_fraction else "no held-out split")
+        fraction = d.eval_fraction if d.eval_fraction is not None else DEFAULT_EVAL_FRACTION
+        held = f"held out: split `{source.eval_split}`" if source.eval_split else f"held out: {fraction:g} of the rows (seeded)"
         share = f"; {source.fraction:g} of its rows" if source.fraction else (f"; at most {source.max_rows} rows" if source.max_rows else "")
         lines.append(f"- source: {src}, split `{source.split}`, format `{source.format}`; {held}{share}")
         lines.append("- filters: " + filter_text(source.filters))

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 from .errors import AlignpressError
 from .formats import DETECT_ROWS, RowError, check_columns, common_prefix, describe_value, detect_format, normalise_row
-from .recipe import DATA_COLUMNS, FilterSection, Recipe, SourceSection, data_sources, token_cap
+from .recipe import DATA_COLUMNS, DEFAULT_EVAL_FRACTION, FilterSection, Recipe, SourceSection, data_sources, token_cap
 from .runstate import RunDir, write_json
 
 log = logging.getLogger("alignpress")
@@ -794,7 +794,7 @@ def run(recipe: Recipe, run_dir: RunDir, tok) -> dict[str, Any]:
         how = f"detected from {src.detect_rows} rows" if src.detect_rows else src.how
         log.info("data: %s, %d rows in %s; format %s (%s)", src.spec.dataset, len(src.train.rows), src.spec.split, src.fmt, how)
 
-    fraction = d.eval_fraction if d.eval_fraction is not None else 0.1
+    fraction = d.eval_fraction if d.eval_fraction is not None else DEFAULT_EVAL_FRACTION
     train_reports, eval_reports, train, evals = [], [], [], []
     for k, src in enumerate(sources):
         train_report = SplitReport(len(src.train.rows))

@@ -60,6 +60,7 @@ class FilterSection:
 
 # The columns a layout reads; data.datasets[].columns maps these names to a source's own columns.
 DATA_COLUMNS = ("prompt", "chosen", "rejected", "system", "question")
+DEFAULT_EVAL_FRACTION = 0.1  # held out from a source with no eval_split when data.eval_fraction is null
 
 
 @dataclass
@@ -83,7 +84,7 @@ class DataSection:
     datasets: list[SourceSection] = _f([], help="Several sources mixed into one training set, each with the fields data.datasets[].*; exclusive with data.dataset.")
     split: str = _f("train", help="Split to train on, with optional slice: train, train[300:2500], train[:90%].")
     eval_split: str | None = _f(None, help="Split (with slice) held out for evaluation, e.g. train[:300]. Exclusive with eval_fraction.")
-    eval_fraction: float | None = _f(None, help="Fraction of the filtered training rows held out for evaluation (seeded).")
+    eval_fraction: float | None = _f(None, help=f"Fraction of the filtered training rows held out for evaluation (seeded); null = {DEFAULT_EVAL_FRACTION:g} for the sources without an eval_split.")
     format: str = _f("auto", help=f"Preference layout: one of {', '.join(DATA_FORMATS)}. auto detects it.")
     columns: dict[str, str] = _f({}, help="Column mapping of data.dataset for layouts not in the format table, as in data.datasets[].columns: {prompt: question, chosen: good, rejected: bad}.")
     config_name: str | None = _f(None, help="Hub dataset configuration name, if the dataset has several.")
