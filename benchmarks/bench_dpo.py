@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -39,6 +40,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+# bitsandbytes warns at import on a CPU with AVX512-BF16 that its CPU 4-bit kernel is missing; nothing here runs 4-bit on the CPU
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from alignpress.flops import (  # noqa: E402
     GiB,

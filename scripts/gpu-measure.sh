@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU measurements issue 10 still needs, sized for a short lent GPU slot (about 9 minutes on an
-# H200: the 2026-11-27 call ran 8 variants in 560 s with start-up): the seed configuration and the
+# The GPU measurements issue 10 still needs, most telling first for a short lent GPU slot (the
+# 2026-11-27 call ran 8 variants in 560 s with start-up, so all of this is about 18 to 20 minutes on
+# an H200 and a 10-minute call keeps about the first 8): the seed configuration and the
 # candidates for the targets (>= 4x the seed's tokens/s within 36 GiB) for Phi-3-mini, then Gemma-2b,
 # then more Phi-3-mini variants (PHI3_MORE, into <out>/more/ so they do not replace the first run),
 # each variant in its own process, the report rewritten after every variant so that a slot ending
@@ -14,6 +15,12 @@
 # sets; an empty one is skipped. Writes <out>/<gpu>-<date>.json and .md (bench_dpo.py),
 # versions.txt and gpu.txt. Exit status: 1 when a variant failed (its reason is in the report).
 set -euo pipefail
+# Settings come from the environment: -h/--help prints the header above; other arguments are refused.
+case "${1-}" in
+  "") ;;
+  -h | --help) sed -n '2,/^set -euo pipefail/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "error: $(basename "$0") takes no arguments (its settings are environment variables; see --help): got '$1'" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 
 out=${OUT:-benchmarks/results}
@@ -48,7 +55,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.
 # FlexAttention (its targets were met on 2026-11-27); then Phi-3 with two
 # pairs a row, the reference each step (the precompute break-even), every layer checkpointed (with
 # tuned and tuned-40gb: the cost per recomputed layer) and TRL's layout. That is more than one
-# 9-minute call holds: what is cut comes last.
+# 10-minute call holds: what is cut comes last.
 phi3=${PHI3_VARIANTS-seed tuned tuned-compiled tuned-40gb tuned-40gb-compiled tuned-flex tuned-40gb-flex}
 gemma=${GEMMA_VARIANTS-seed tuned tuned-flex}
 phi3_more=${PHI3_MORE-tuned-40gb-packed tuned-flex-packed tuned-prefix-noref tuned-prefix-ckpt tuned-standard}

@@ -12,6 +12,12 @@
 # `--network host` is what the project's notes prescribe for builds; the demo itself runs with
 # `--network none` (tests/test_container.py).
 set -euo pipefail
+# Settings come from the environment: -h/--help prints the header above; other arguments are refused.
+case "${1-}" in
+  "") ;;
+  -h | --help) sed -n '2,/^set -euo pipefail/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "error: $(basename "$0") takes no arguments (its settings are environment variables; see --help): got '$1'" >&2; exit 2 ;;
+esac
 
 BASE_IMAGE="${BASE_IMAGE:-localhost/debian-base:bookworm}"
 SUITE="${SUITE:-bookworm}"

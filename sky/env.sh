@@ -25,6 +25,15 @@ IMAGE_VENV="${ALIGNPRESS_IMAGE_VENV:-/opt/venv}"
 # where there is none: the job checks them again); `check_launch hub` (setup.sh) also asks the Hub
 # whether the token may push to HUB_REPO; run.sh leaves that to the job's own preflight.
 launch_error() { echo "error: $*" >&2; exit 2; }
+# The scripts take their settings from the environment: -h/--help prints the calling script's header
+# comment; any other argument is refused (it would otherwise be ignored, and the script would start).
+script_args() {
+  case "${1-}" in
+    "") ;;
+    -h | --help) sed -n '2,/^set -euo pipefail/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+    *) launch_error "$(basename "$0") takes no arguments (its settings are environment variables; see --help): got '$1'" ;;
+  esac
+}
 check_launch() {
   [ -n "${HUB_REPO:-}" ] || launch_error "HUB_REPO is not set; launch with --env HUB_REPO=namespace/name"
   [ -n "${HF_TOKEN:-}" ] || launch_error "HF_TOKEN is not set; launch with --secret HF_TOKEN"

@@ -13,6 +13,7 @@
 set -euo pipefail
 # shellcheck source=sky/env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+script_args "$@"
 fail() { launch_error "$@"; }
 check_launch  # HUB_REPO, HF_TOKEN, RECIPE, BUCKET (setup.sh made the same checks before building)
 cd "$ALIGNPRESS_ROOT" || fail "cannot enter the checkout $ALIGNPRESS_ROOT"

@@ -18,6 +18,7 @@
 set -euo pipefail
 # shellcheck source=sky/env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+script_args "$@"
 check_launch hub
 
 UV_VERSION="0.13.9"

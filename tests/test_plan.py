@@ -882,3 +882,14 @@ def test_compiled_layers_are_rated_by_the_eager_measurement_and_say_so(phi3_out)
     compiled = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--gpu", "H200", "--bench-results", bench, "--set", "train.compile_layers=true")
     assert re.search(r"^H200 .*tok/s \(MFU 0\.250, measured\)", compiled.stdout, re.M), compiled.stdout
     assert "compile_layers off" not in compiled.stdout
+
+def test_the_readme_shows_plans_table_as_plan_prints_it(phi3_out):
+    """The README's example (the shipped Phi-3 recipe, this synthetic stats.json, the price table) is
+    what plan prints now: it went stale once when partial checkpointing changed the estimates."""
+    proc = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--prices", "table")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("GPU "))
+    end = next(i for i, line in enumerate(lines) if line.startswith("recommend spot:"))
+    readme = (ROOT / "README.md").read_text()
+    assert "```\n" + "\n".join(lines[start:end + 1]) + "\n```" in readme

@@ -543,3 +543,20 @@ def test_launch_without_hub_repo_or_bucket_stops_before_anything_is_rented():
                 f'To set it to be empty, use an empty string ({name}: "" in task YAML or --env {name}="" in CLI).')
 
     assert got == {str(p): [missing("HUB_REPO"), missing("BUCKET"), missing("HUB_REPO"), "alignpress-me-outputs"] for p in TASK_FILES}
+
+
+@pytest.mark.parametrize("script", ["sky/setup.sh", "sky/run.sh", "scripts/gpu-measure.sh", "scripts/podman-base.sh"])
+def test_the_scripts_print_their_header_for_help_and_refuse_arguments(script, tmp_path):
+    """Their settings are environment variables. `--help` used to start the script (gpu-measure.sh: a
+    full measurement; podman-base.sh: apt-get and debootstrap), and any argument was ignored."""
+    header = [line[2:] if line.startswith("# ") else line[1:] for line in (REPO / script).read_text().split("set -euo pipefail")[0].splitlines()[1:]]
+    # An empty environment: were the help or the refusal to fall through, the script would fail on its
+    # first check with another message.
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    for flag in ("--help", "-h"):
+        proc = subprocess.run(["bash", script, flag], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert (proc.returncode, proc.stdout.splitlines(), proc.stderr) == (0, header, "")
+    proc = subprocess.run(["bash", script, "now"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    name = Path(script).name
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        2, "", f"error: {name} takes no arguments (its settings are environment variables; see --help): got 'now'\n")
