@@ -97,3 +97,27 @@ def test_undoing_a_data_edit_gets_the_finished_stages_back(tmp_path, tiny_phi3):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == checkpoints and not (out / "checkpoints.previous").exists()
     proc = cli("run", recipe, "--output-dir", out)
     assert proc.returncode == 0 and "== train: already done, skipping" in proc.stderr
+
+
+def test_a_copy_with_new_mtimes_is_hashed_once(tmp_path, tiny_phi3, monkeypatch):
+    """The record takes the new mtime of a file whose bytes are the same: a 16 GB local base model copied
+    again is hashed by the next command only, not by every command after it."""
+    from alignpress import inputs
+    from alignpress.recipe import load_recipe
+
+    recipe, model, data, out = prepared(tmp_path, tiny_phi3)
+    os.utime(data, ns=(5, 5))
+    os.utime(model / "model.safetensors", ns=(7, 7))
+    inputs.check(load_recipe(recipe), RunDir(out), "train")
+    recorded = json.loads((out / "run.json").read_text())["inputs"]
+    assert recorded["data"][str(data)]["mtime_ns"] == 5 and recorded["model"]["files"]["model.safetensors"]["mtime_ns"] == 7
+
+    def no_hashing(path):
+        raise AssertionError(f"hashed {path} again")
+
+    monkeypatch.setattr(inputs, "file_sha256", no_hashing)
+    inputs.check(load_recipe(recipe), RunDir(out), "train")
+    # A changed file is still found, and its record is not touched.
+    data.write_text(data.read_text() + data.read_text().splitlines(keepends=True)[0])
+    assert inputs.changed_data(RunDir(out)) == [str(data)]
+    assert json.loads((out / "run.json").read_text())["inputs"] == recorded

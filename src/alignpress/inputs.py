@@ -5,12 +5,14 @@ adapter trained on other weights, and export merged it into them).
 
 Recorded in run.json `inputs`: {"data": {path: file}, "model": {"folder": path, "files": {name: file}}}
 with file = {size, mtime_ns, sha256}. A file whose size and mtime are as recorded is taken as unchanged;
-otherwise its sha256 decides (a copy with new mtimes is the same file). Hub datasets and models are
+otherwise its sha256 decides (a copy with new mtimes is the same file, and its record takes the new
+mtime so later commands do not hash it again). Hub datasets and models are
 not recorded: a Hub model is pinned by its revision, and builtin models are alignpress's own.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -59,21 +61,26 @@ def record(recipe: Recipe, run_dir: RunDir, model_path: str) -> None:
 
 
 def _changed(path: Path, was: dict[str, Any]) -> bool:
+    """Whether the file differs from its record. A copy with other mtimes and the same bytes does not,
+    and its record takes the new mtime (`was` is updated), so the next command does not hash it again."""
     if not path.is_file():
         return True
     st = path.stat()
     if (st.st_size, st.st_mtime_ns) == (was["size"], was["mtime_ns"]):
         return False
-    return st.st_size != was["size"] or file_sha256(path) != was["sha256"]
+    if st.st_size != was["size"] or file_sha256(path) != was["sha256"]:
+        return True
+    was["mtime_ns"] = st.st_mtime_ns
+    return False
 
 
-def changed_data(run_dir: RunDir) -> list[str]:
-    recorded = (run_dir.load().get("inputs") or {}).get("data") or {}
+def changed_data(run_dir: RunDir, inputs: dict[str, Any] | None = None) -> list[str]:
+    recorded = ((run_dir.load().get("inputs") if inputs is None else inputs) or {}).get("data") or {}
     return [p for p, was in recorded.items() if _changed(Path(p), was)]
 
 
-def changed_model(run_dir: RunDir) -> list[str]:
-    recorded = (run_dir.load().get("inputs") or {}).get("model")
+def changed_model(run_dir: RunDir, inputs: dict[str, Any] | None = None) -> list[str]:
+    recorded = ((run_dir.load().get("inputs") if inputs is None else inputs) or {}).get("model")
     if not recorded:
         return []
     folder = Path(recorded["folder"])
@@ -87,7 +94,17 @@ def check(recipe: Recipe, run_dir: RunDir, command: str) -> None:
     if not run_dir.is_done("prepare"):
         return  # prepare reads them afresh
     stages_left = [s for s in ("train", "evaluate", "export") if not run_dir.is_done(s)]
-    if command in ("run", "train") and (files := changed_data(run_dir)):
+    inputs = run_dir.load().get("inputs") or {}
+    before = json.dumps(inputs, sort_keys=True)
+    try:
+        _check(recipe, run_dir, command, inputs, stages_left)
+    finally:
+        if run_dir.writer and json.dumps(inputs, sort_keys=True) != before:
+            run_dir.update(inputs=inputs)  # the new mtimes of files whose bytes are the same
+
+
+def _check(recipe: Recipe, run_dir: RunDir, command: str, inputs: dict[str, Any], stages_left: list[str]) -> None:
+    if command in ("run", "train") and (files := changed_data(run_dir, inputs)):
         field = "data.dataset" if recipe.data.dataset else "data.datasets"
         raise AlignpressError(
             f"{', '.join(files[:3])}{' and more' if len(files) > 3 else ''} changed since this folder's prepare stage read "
@@ -95,7 +112,7 @@ def check(recipe: Recipe, run_dir: RunDir, command: str) -> None:
             "the new data (training then starts over), use another --output-dir, or put the old file back",
             source=recipe.where(field), field=field)
     uses_model = command in ("train", "evaluate", "export") or (command == "run" and stages_left)
-    if uses_model and (files := changed_model(run_dir)):
+    if uses_model and (files := changed_model(run_dir, inputs)):
         raise AlignpressError(
             f"the base model's files changed since this folder's run began ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''} in "
             f"{(run_dir.load().get('inputs') or {})['model']['folder']}): its checkpoints and adapter were trained on the old weights. "
