@@ -205,6 +205,23 @@ def test_settings_of_how_training_runs_may_change_when_it_resumes(demo_copy):
     assert json.loads((demo_copy / "run.json").read_text())["stages"]["train"]["status"] == "done"
 
 
+def test_a_resumed_training_saves_and_logs_at_the_recipes_new_cadence(demo_copy):
+    """The checkpoint's trainer_state.json carries the old save_steps and logging_steps, and the Trainer
+    used to take them on resume: a spot user who shortened save_steps got no more checkpoints."""
+    shutil.rmtree(demo_copy / "checkpoints" / "checkpoint-53")
+    manifest = json.loads((demo_copy / "run.json").read_text())
+    for s in ("train", "evaluate", "export", "publish"):
+        manifest["stages"][s] = {"status": "pending"}
+    (demo_copy / "run.json").write_text(json.dumps(manifest))
+    proc = cli("train", "recipes/demo.yaml", "--output-dir", demo_copy, "--set", "train.save_steps=6", "--set", "train.logging_steps=2",
+               "--set", "train.save_total_limit=10")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming training from {demo_copy / 'checkpoints' / 'checkpoint-40'} (step 40)" in proc.stderr
+    assert sorted(int(p.name.split("-")[1]) for p in (demo_copy / "checkpoints").glob("checkpoint-*")) == [40, 42, 48, 53]
+    steps = [json.loads(x)["step"] for x in (demo_copy / "metrics/train.jsonl").read_text().splitlines() if "loss" in json.loads(x)]
+    assert [s for s in steps if s > 40] == [42, 44, 46, 48, 50, 52]
+
+
 def test_folder_from_an_older_version_is_the_same_recipe(demo_copy):
     """Fields a newer alignpress added are missing from an old recipe.resolved.yaml: at their
     defaults they change nothing, so the finished run is kept; set to something else, they differ."""

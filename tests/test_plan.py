@@ -847,10 +847,11 @@ def test_plan_counts_the_disk_a_fresh_machine_needs(phi3_out):
             f"the merged model {size_text(merged)}; sky/phi3.yaml asks for 256 GB") in text
     assert "warning:   sky/phi3.yaml" not in text
 
-    # A full fine-tune keeping 20 checkpoints: 15 of 6 bytes a weight (bf16 weights, AdamW's two bf16 moments)
+    # A full fine-tune keeping 20 checkpoints: 15 of 12 bytes a weight (float32 weights, AdamW's two float32
+    # moments: modeling.full_weights_in_fp32)
     full = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--bench-results", phi3_out / "none", "--gpu", "H200",
                "--set", "lora.enabled=false", "--set", "train.save_total_limit=20", "--set", "train.optim=adamw_torch")
-    need = params * (2 + 15 * 6 + 2 + 2)  # download, checkpoints, the trained weights, the merged model
+    need = params * (2 + 15 * 12 + 4 + 2)  # download, checkpoints, the trained weights (float32), the merged model
     assert f"disk      at least {size_text(need)} written on a new machine" in full.stdout
     assert (f"warning:   sky/phi3.yaml asks for a 256 GB disk, less than the {size_text(need)} this run writes (the image and the "
             "pip and dataset caches come on top): raise its resources.disk_size, or launch it with --disk-size") in full.stdout

@@ -308,3 +308,16 @@ def test_a_card_license_other_than_the_bases_is_warned_about(hub_env, tiny_phi3,
             "base's license unless you mean otherwise; leave card.license unset to take the base's\n") in err
     assert main([*args, "--set", "card.license=apache-2.0"]) == 0
     assert "card.license is" not in capsys.readouterr().err
+
+
+def test_a_finished_folder_that_will_publish_asks_the_hub_before_the_stages_run_again(hub_env, demo_copy):
+    """The folder's publish stage is done (the demo pushes nothing): new flags that publish, with an eval
+    change that redoes evaluate and export, used to skip the Hub check (publish was done) and meet
+    the bad token only after those stages ran again."""
+    ev = (demo_copy / "metrics/eval.json").read_bytes()
+    proc = cli("run", "recipes/demo.yaml", "--output-dir", demo_copy, "--set", f"publish.repo_id={REPO}", "--set", "eval.max_rows=60",
+               env={"HF_TOKEN": INVALID_TOKEN})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: the Hub rejected the token while checking the token (whoami) (HTTP 401")
+    assert "== evaluate" not in proc.stderr and (demo_copy / "metrics/eval.json").read_bytes() == ev
+    assert [r.route for r in hub_env.server.requests] == ["whoami"]

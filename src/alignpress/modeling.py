@@ -98,6 +98,13 @@ def pick_dtype(recipe: Recipe, device: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def weights_dtype(recipe: Recipe, dtype: torch.dtype) -> torch.dtype:
+    """The dtype training loads the model's weights in, for the compute dtype `dtype` (pick_dtype)."""
+    from .disk import full_weights_in_fp32
+
+    return torch.float32 if full_weights_in_fp32(recipe) else dtype
+
+
 def preflight(recipe: Recipe, needs_gpu: bool = True, training: bool = False) -> None:
     """Environment checks that must fail before any data or model is loaded: the GPU and 4-bit
     needs (needs_gpu=False for prepare, which loads only the tokenizer); and for the commands that

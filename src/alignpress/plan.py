@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from .disk import size_text
+from .disk import full_weights_in_fp32, size_text
 from .errors import AlignpressError
 from .flops import AUTO_MEMORY_SHARE, KNOWN_ARCHS, MASK_ALIGN, Arch, LengthDistribution, MemorySettings, arch_from_config, checkpointing_decision, dataset_flops, load_table, memory_estimate, packed_layout, padding_fraction, precompute_decision, recompute_share, truncate_pair
 from .recipe import Recipe, changed_sections, load_recipe
@@ -428,7 +428,7 @@ def disk_need(recipe: Recipe, arch: Arch, pairs: int) -> dict[str, Any]:
 
     lora = arch.lora_params(recipe.lora.r, recipe.lora.target_modules) if recipe.lora.enabled else None
     sizes = ModelSizes(params=arch.total_params, trainable=lora or arch.total_params, stored_bytes=2)
-    train_bytes = 4 if recipe.model.dtype == "float32" else 2
+    train_bytes = 4 if recipe.model.dtype == "float32" or full_weights_in_fp32(recipe) else 2
     writes = estimate(recipe, RunDir(default_output_dir(recipe.name)), ["train", "evaluate", "export"], sizes, train_bytes=train_bytes, pairs=pairs, fresh=True)
     parts = [part for w in writes for part in w.parts]
     if recipe.eval.enabled and recipe.eval.judge:
@@ -495,7 +495,7 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
     else:
         longest = stats["prompt"]["max"] + max(stats["chosen"]["max"], stats["rejected"]["max"])
         longest = min(longest, d.max_length) if d.max_length else longest
-    weights = "nf4" if recipe.model.load_in_4bit else ("fp32" if recipe.model.dtype == "float32" else "bf16")
+    weights = "nf4" if recipe.model.load_in_4bit else ("fp32" if recipe.model.dtype == "float32" or full_weights_in_fp32(recipe) else "bf16")
     settings = MemorySettings(
         weights=weights,
         lora_r=lora_r,

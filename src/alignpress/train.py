@@ -28,7 +28,7 @@ from .checks import check_truncation
 from . import processes, tracking
 from .errors import AlignpressError, Preempted
 from .health import HealthCallback
-from .modeling import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
+from .modeling import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path, weights_dtype
 from .prepare import read_jsonl
 from .recipe import Recipe
 from .runstate import DiskFull, RunDir, disk_full, disk_full_message, written
@@ -657,12 +657,17 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
 
     # train.use_liger_kernel without the package on CUDA is refused by modeling.preflight, before prepare.
     gpu_gib = torch.cuda.mem_get_info()[0] / 1024**3 if device == "cuda" else None  # before the weights land
-    model = load_model(recipe, base_path, device=device, dtype=dtype, quantized=recipe.model.load_in_4bit, tokenizer=tok, training=True)
+    # Full fine-tuning: float32 weights, `dtype` the autocast compute (modeling.full_weights_in_fp32).
+    held = weights_dtype(recipe, dtype)
+    if held != dtype:
+        log.info("full fine-tuning: weights held in float32, computed in %s under autocast (bf16 weights would lose the small updates)",
+                 str(dtype).removeprefix("torch."))
+    model = load_model(recipe, base_path, device=device, dtype=held, quantized=recipe.model.load_in_4bit, tokenizer=tok, training=True)
     # One decision for every process: different ones (free memory differs a little per GPU, a stored
     # pass not yet visible on another node) would run different collectives and hang.
-    systems = processes.from_main(lambda: resolve_systems(recipe, rows, device, dtype, run_dir, config=model.config, gpu_gib=gpu_gib))
+    systems = processes.from_main(lambda: resolve_systems(recipe, rows, device, held, run_dir, config=model.config, gpu_gib=gpu_gib))
     log_systems(systems)
-    checkpointed = apply_checkpointing(model, systems, recipe, rows, dtype)
+    checkpointed = apply_checkpointing(model, systems, recipe, rows, held)
     compiled = apply_compile(model, systems)
 
     peft_config = None
@@ -688,6 +693,11 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
 
         def on_step_begin(self, args, state, control, **kwargs):
             started.append(True)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            # A resumed Trainer takes the checkpoint's save and logging cadence (its trainer_state.json
+            # replaces the one computed from these args): the recipe's, which may change on resume, wins.
+            state.compute_steps(args, state.max_steps)
 
     from .refcache import StableKeyDPOTrainer, fast_weights_hash
 
