@@ -449,3 +449,29 @@ def test_prepare_again_keeps_what_its_data_did_not_change(demo_copy, tmp_path):
     # Training finds no checkpoint to resume (it reads checkpoints/ only) and starts at step 0; the
     # old ones are dropped when it is done, as after `train --restart` (test_train_restart_keeps_...).
     assert (demo_copy / "checkpoints.previous").is_dir() and not (demo_copy / "checkpoints").exists()
+
+
+def test_a_finished_stage_whose_result_is_gone_runs_again(demo_copy):
+    """run.json said done, so `run` skipped the stage: a deleted model/ was reported as the model and
+    could not be published, a cut-short eval.json crashed the summary, a deleted adapter/ crashed
+    evaluate after the base model loaded. Now such a stage is pending again: `run` redoes it, and a
+    stage command that needs it names it."""
+    shutil.rmtree(demo_copy / "adapter")
+    proc = cli("evaluate", "recipes/demo.yaml", "--output-dir", demo_copy)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-2:] == [
+        f"[alignpress] train is marked done, but {demo_copy}/adapter/adapter_config.json is missing: it runs again",
+        f"error: {demo_copy}: stage evaluate needs the result of train, but {demo_copy}/adapter/adapter_config.json is missing: "
+        "run `train` (or `run`, which redoes it)"]
+    shutil.rmtree(demo_copy / "model")
+    ev = demo_copy / "metrics/eval.json"
+    ev.write_text(ev.read_text()[:300])
+    proc = cli("run", "recipes/demo.yaml", "--output-dir", demo_copy)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"evaluate is marked done, but {ev} cannot be read (JSONDecodeError): it runs again" in proc.stderr
+    assert f"export is marked done, but {demo_copy}/model/config.json, {demo_copy}/model/README.md are missing: it runs again" in proc.stderr
+    for name in ("train", "evaluate", "export"):
+        assert f"== {name}\n" in proc.stderr.replace(" done in", "\n")
+    assert (demo_copy / "adapter/adapter_model.safetensors").is_file() and (demo_copy / "model/config.json").is_file()
+    assert json.loads(ev.read_text())["aligned"]["preference_accuracy"] > 0.9
+    assert statuses(demo_copy) == ["done"] * 5

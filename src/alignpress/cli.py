@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -170,6 +171,61 @@ def _check_same_recipe(recipe: Recipe, run_dir: RunDir, restart_from: str | None
         log.info("recipe sections %s changed: --restart redoes the stages that use them", ", ".join(changed))
     elif changed:
         log.info("recipe sections %s changed before the stages that use them ran", ", ".join(changed))
+
+
+def _missing_output(name: str, recipe: Recipe, run_dir: RunDir) -> str | None:
+    """What is missing or unreadable of a finished stage's result, or None."""
+    if name == "prepare":
+        needed = [run_dir.data / "train.jsonl", run_dir.data / "stats.json"]
+    elif name == "train":
+        folder = run_dir.adapter if recipe.lora.enabled else run_dir.full
+        needed = [folder / ("adapter_config.json" if recipe.lora.enabled else "config.json")]
+        if folder.is_dir() and not any(folder.glob("*.safetensors")):
+            return f"{folder} has no weights (*.safetensors)"
+    elif name == "evaluate":
+        if not recipe.eval.enabled or run_dir.load().get("stages", {}).get("evaluate", {}).get("skipped"):
+            return None
+        needed = [run_dir.metrics / "eval.json"]
+        if needed[0].is_file():
+            try:
+                json.loads(needed[0].read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                return f"{needed[0]} cannot be read ({type(e).__name__})"
+    elif name == "export":
+        needed = [run_dir.model / "config.json", run_dir.model / "README.md"]
+        if run_dir.model.is_dir() and not any(run_dir.model.glob("*.safetensors")):
+            return f"{run_dir.model} has no weights (*.safetensors)"
+    else:
+        return None
+    gone = [str(p) for p in needed if not p.is_file()]
+    return f"{', '.join(gone)} {'is' if len(gone) == 1 else 'are'} missing" if gone else None
+
+
+def _recheck_outputs(recipe: Recipe, run_dir: RunDir, command: str) -> dict[str, str]:
+    """A stage run.json calls done whose result was deleted or cut short since is pending again, so
+    `run` redoes it (training resumes from its newest checkpoint) instead of skipping it and failing
+    later, or reporting a model that is not there. Nothing is deleted; its later stages run again
+    once it is done, as after any stage."""
+    if not run_dir.writer or not run_dir.manifest_path.exists():
+        return {}
+    found = {}
+    for name in STAGES:
+        if run_dir.is_done(name) and (missing := _missing_output(name, recipe, run_dir)):
+            log.warning("%s is marked done, but %s: it runs again", name, missing)
+            run_dir.set_stage(name, status="pending")
+            found[name] = missing
+    if command != "run" and (earlier := [n for n in found if STAGES.index(n) < STAGES.index(command)]):
+        raise AlignpressError(f"stage {command} needs the result of {earlier[0]}, but {found[earlier[0]]}: run `{earlier[0]}` "
+                              f"(or `run`, which redoes it)", source=str(run_dir.root))
+    return found
+
+
+def _published_as_is(recipe: Recipe, run_dir: RunDir) -> bool:
+    """The folder's run of this very recipe is published: a `run` has nothing to push, so it need not ask
+    the Hub. Any change to the recipe may lead to a push (a new card, model or numbers): the Hub is asked
+    before the stages before publish run again."""
+    resolved = run_dir.root / "recipe.resolved.yaml"
+    return run_dir.is_done("publish") and resolved.is_file() and resolved.read_text() == dump(recipe)
 
 
 def _restart(run_dir: RunDir, first: str) -> None:
@@ -418,7 +474,7 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
         # A run that will publish checks the Hub first: no GPU time for a push that would be refused.
         from . import publish
 
-        processes.on_main(state, lambda: None if run_dir.is_done("publish") and not args.restart else publish.preflight(recipe, run_dir))
+        processes.on_main(state, lambda: None if _published_as_is(recipe, run_dir) and not args.restart else publish.preflight(recipe, run_dir))
     args.run_dir = run_dir  # for the error log of an unexpected failure (main)
     restart_from = ("prepare" if args.command == "run" else args.command) if args.restart else None
     need = NEEDS.get(args.command)
@@ -449,6 +505,7 @@ def _execute_locked(args: argparse.Namespace, argv: list[str], recipe: Recipe, r
     # a relaunched child's parent keeps the records and restarts
     restarting = restart_from and main and os.environ.get("ALIGNPRESS_LAUNCHED") != "1"
     before = _before_restart(run_dir) if restarting else None  # before any record changes
+    processes.on_main(state, lambda: _recheck_outputs(recipe, run_dir, args.command))
     processes.on_main(state, lambda: _check_same_recipe(recipe, run_dir, restart_from, args.command))
     if restart_from not in ("prepare", "train"):  # those read the data afresh, or train anew
         processes.on_main(state, lambda: inputs.check(recipe, run_dir, args.command))
