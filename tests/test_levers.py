@@ -235,3 +235,35 @@ def test_a_full_fine_tune_holds_its_weights_in_float32(tmp_path):
     assert layers and all(trained[k].dtype.is_floating_point and trained[k].dtype.itemsize == 4 for k in layers)
     changed = sum(int((trained[k] != base[k].float()).sum()) for k in layers) / sum(trained[k].numel() for k in layers)
     assert changed > 0.9, changed
+
+
+@pytest.mark.parametrize(("sets", "p"), [([], 0.0), (["dpo.disable_dropout=false"], 0.3)])
+def test_lora_dropout_applies_only_when_trl_leaves_dropout_on(sets, p, tmp_path):
+    """TRL's DPOTrainer turns every dropout off after it wraps the model in the adapter (disable_dropout,
+    its default): lora.dropout applied to nothing, while the card said `dropout=0.05`. The card now says
+    what ran, and dpo.disable_dropout=false lets it apply."""
+    import torch
+    from datasets import Dataset
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from alignpress.card import render_model_card
+    from alignpress.recipe import load_recipe
+    from alignpress.refcache import StableKeyDPOTrainer
+    from alignpress.runstate import RunDir
+    from alignpress.tiny import phi3_tokenizer
+    from alignpress.train import dpo_config, lora_config
+    from conftest import ROOT
+
+    recipe = load_recipe(ROOT / "recipes/demo.yaml", ["lora.dropout=0.3", *sets])
+    tok = phi3_tokenizer()
+    model = Phi3ForCausalLM(Phi3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                       pad_token_id=tok.pad_token_id))
+    run_dir = RunDir(tmp_path / "run")
+    pair = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}
+    trainer = StableKeyDPOTrainer(model=model, args=dpo_config(recipe, run_dir, "cpu", torch.float32), train_dataset=Dataset.from_list([pair]),
+                                  processing_class=tok, peft_config=lora_config(recipe))
+    found = {m.p for name, m in trainer.model.named_modules() if "lora_dropout" in name and isinstance(m, torch.nn.Dropout)}
+    assert found == {p}
+    run_dir.init(recipe.name, "demo.yaml")
+    card = render_model_card(recipe, run_dir)
+    assert ("dropout=0.3, modules" if p else "dropout off (TRL's disable_dropout), modules") in card

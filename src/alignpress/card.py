@@ -352,7 +352,8 @@ def render_model_card(
     lines = [f"# {recipe.name}", ""]
     if recipe.card.description or recipe.description:
         lines += [recipe.card.description or recipe.description or "", ""]
-    what = f"LoRA (r={lo.r}, alpha={lo.alpha:g}, dropout={lo.dropout:g}, modules {lo.target_modules})" if lo.enabled else "full fine-tuning"
+    dropout = "dropout off (TRL's disable_dropout)" if d.disable_dropout else f"dropout={lo.dropout:g}"
+    what = f"LoRA (r={lo.r}, alpha={lo.alpha:g}, {dropout}, modules {lo.target_modules})" if lo.enabled else "full fine-tuning"
     quant = " on a 4-bit NF4 base (QLoRA)" if r.model.load_in_4bit else ""
     lines += [
         "## What was done",

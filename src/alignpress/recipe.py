@@ -100,7 +100,7 @@ class LoraSection:
     enabled: bool = _f(True, help="Train a LoRA adapter (true) or fine-tune every weight (false).")
     r: int = _f(16, help="LoRA rank.")
     alpha: float = _f(32, help="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = _f(0.05, help="Dropout on the LoRA input, in [0, 1).")
+    dropout: float = _f(0.05, help="Dropout on the LoRA input, in [0, 1). Applies only with dpo.disable_dropout false: TRL turns every dropout off by default, the adapter's included (it did for the seed notebook's 0.05 too).")
     target_modules: list[str] | str = _f("all-linear", help="Modules to adapt: all-linear or a list of module names.")
 
 
@@ -116,6 +116,7 @@ class DPOSection:
     precompute_ref_log_probs: Literal["auto"] | bool = _f("auto", help="Compute reference log-probs once before training (saves a forward per step) and keep them in the output folder for resumed runs. auto = when the run is long enough to repay the pass (alignpress.flops.precompute_decision: about 5.4 epochs on the measured GPU), or when this data's log-probs are already stored.")
     precompute_ref_batch_size: int | None = _f(None, help="Pairs per forward in the precompute pass (TRL precompute_ref_batch_size); None = train.per_device_train_batch_size. The pass needs no activations for backward, so it can take a larger batch.")
     prefix_sharing: bool = _f(False, help="Prefix-shared DPO (alignpress.prefix_dpo): each pair runs as one sequence [prompt | chosen | rejected] with a mask that hides the chosen answer from the rejected one, so the prompt is computed once, not twice; same numbers as TRL's path. Needs attention sdpa, eager or flex_attention.")
+    disable_dropout: bool = _f(True, help="TRL disable_dropout: every dropout module off while training (the model's and the LoRA adapter's), so the policy and the reference run the same network. false: lora.dropout and the model config's dropout apply (prefix-shared DPO then draws one dropout mask for the prompt both answers share, where TRL's path draws two).")
     pairs_per_row: int = _f(1, help="With prefix_sharing: pack this many pairs into one row (block-diagonal mask) instead of padding every pair to the longest; 1 = one pair a row.")
 
 

@@ -479,6 +479,7 @@ def dpo_config(recipe: Recipe, run_dir: RunDir, device: str, dtype, systems: dic
         label_smoothing=d.label_smoothing,
         max_length=d.max_length,
         truncation_mode=d.truncation_mode,
+        disable_dropout=d.disable_dropout,  # also the adapter's lora_dropout (TRL disables it after wrapping the model)
         precompute_ref_log_probs=systems["precompute_ref_log_probs"],
         precompute_ref_batch_size=systems.get("precompute_ref_batch_size"),
         # optimisation
