@@ -489,3 +489,22 @@ def test_a_stage_error_names_the_set_flag_that_gave_the_field(tmp_path, capsys):
     assert err.strip().splitlines()[-1] == "error: --set model.dtype: field 'model.dtype': float16 training is not supported on the CPU; use float32 or bfloat16"
     rc, _, err = call(capsys, "run", "recipes/demo.yaml", "--output-dir", str(out), "--set", "train.device=cpu", "--set", "train.report_to=wandb")
     assert rc == 2 and err.strip().splitlines()[-1].startswith("error: --set train.report_to: field 'train.report_to': ")
+
+
+def test_prefix_sharing_on_a_mixture_of_experts_model_is_refused_at_the_door(tmp_path):
+    """TRL's router load-balancing loss reads a [rows, positions] mask; the prefix-shared step, given a
+    4-D one, failed in the first step ("The size of tensor a (112) must match ... (6272)")."""
+    from transformers import MixtralConfig
+
+    from alignpress.errors import AlignpressError
+
+    folder = tmp_path / "moe"
+    MixtralConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                  num_local_experts=4, architectures=["MixtralForCausalLM"]).save_pretrained(folder)
+    sets = [f"model.name_or_path={folder}", "dpo.max_length=64"]
+    with pytest.raises(AlignpressError) as e:
+        check_model(load_recipe(ROOT / "recipes/demo.yaml", [*sets, "dpo.prefix_sharing=true"]))
+    assert (e.value.field, str(e.value)) == ("dpo.prefix_sharing", (
+        "--set dpo.prefix_sharing: field 'dpo.prefix_sharing': MixtralForCausalLM is a mixture-of-experts model: TRL adds its router's load-balancing loss (router_aux_loss_coef 0.001), "
+        "which needs the standard layout's attention mask; set dpo.prefix_sharing: false"))
+    assert check_model(load_recipe(ROOT / "recipes/demo.yaml", [*sets, "dpo.prefix_sharing=false"])).startswith("model checks passed on MixtralForCausalLM")

@@ -268,6 +268,17 @@ def _check_checkpointed_layers(recipe: Recipe, config, arch: str) -> None:
                                                          f"(config num_hidden_layers); at most {layers}, or null for every layer")
 
 
+def _check_router_loss(recipe: Recipe, config, arch: str) -> None:
+    """A mixture-of-experts model gets TRL's load-balancing loss (DPOTrainer.aux_loss_enabled: the config has
+    output_router_logits and a router_aux_loss_coef other than 0), which reads the batch's attention mask
+    as [rows, positions]: prefix-shared DPO passes a 4-D mask, and the step fails."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if recipe.dpo.prefix_sharing and hasattr(text, "output_router_logits") and getattr(text, "router_aux_loss_coef", 0.0):
+        raise _fail(recipe, "dpo.prefix_sharing", f"{arch} is a mixture-of-experts model: TRL adds its router's load-balancing loss "
+                                                  f"(router_aux_loss_coef {text.router_aux_loss_coef:g}), which needs the standard layout's "
+                                                  "attention mask; set dpo.prefix_sharing: false")
+
+
 def check_model(recipe: Recipe, local_only: bool = False) -> str:
     """Checks that need the model's shape, from its config alone. Returns a line saying what was
     checked, or why it was deferred (local_only: the config is not on this machine)."""
@@ -279,6 +290,7 @@ def check_model(recipe: Recipe, local_only: bool = False) -> str:
                 f"(run, prepare and train check LoRA targets, attention and lengths before anything else{hint})")
     config, where = found
     arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+    _check_router_loss(recipe, config, arch)
     model = _check_attention(recipe, config, arch)
     longest = _check_lengths(recipe, config, arch)
     _check_checkpointed_layers(recipe, config, arch)
