@@ -363,3 +363,16 @@ def test_changed_eval_settings_rerun_evaluate_only(demo_copy):
     assert "stages from evaluate on will run again" in proc.stderr
     assert "== train: already done, skipping" in proc.stderr
     assert json.loads((demo_copy / "metrics/eval.json").read_text())["n_generations"] == 8
+
+
+def test_export_saves_the_merged_model_in_export_dtype(demo_copy):
+    """The GPU recipes export bfloat16 (the default); the demo exports float32. A merged model saved
+    without the cast passed every other test."""
+    from safetensors import safe_open
+
+    proc = cli("export", "recipes/demo.yaml", "--output-dir", demo_copy, "--set", "export.dtype=bfloat16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with safe_open(demo_copy / "model/model.safetensors", "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == {"BF16"}
+    assert json.loads((demo_copy / "model/config.json").read_text())["dtype"] == "bfloat16"

@@ -323,3 +323,81 @@ def test_demo_training_is_healthy(demo_run):
     steps = load(out / "run.json")["stages"]["train"]["global_step"]
     assert health.check_logged_history(recipe(), RunDir(out / "replay"), history, max_steps=steps) == []
     assert "training health: 8 of 8 greedy answers to training prompts ended with an end-of-turn token" in proc.stderr
+
+
+class _FixedLogits:
+    """A stand-in model whose logits are given per row (the same for any input): divergence's maths alone."""
+
+    def __init__(self, logits):
+        import torch
+
+        self.logits = logits
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def parameters(self):
+        return iter([self.weight])
+
+    def __call__(self, input_ids, attention_mask):
+        return SimpleNamespace(logits=self.logits[: input_ids.shape[0], : input_ids.shape[1]])
+
+
+def test_divergence_is_kl_of_the_aligned_model_from_the_base():
+    """KL(pi || pi_ref) summed over the answer's positions, checked against torch's kl_div in float64. The
+    reverse direction (KL(pi_ref || pi)) gave the demo 0.272 instead of 0.362 and passed every test."""
+    import contextlib
+
+    import torch
+
+    torch.manual_seed(0)
+    aligned, base = torch.randn(2, 7, 11) * 2, torch.randn(2, 7, 11)
+    models = {"aligned": _FixedLogits(aligned), "base": _FixedLogits(base)}
+    policies = SimpleNamespace(use=contextlib.contextmanager(lambda side: iter([models[side]])))
+    gens = [evaluate.Generation([1, 2, 3], [4, 5, 6], True, ""), evaluate.Generation([1, 2], [7, 8], True, "")]
+    tok = SimpleNamespace(pad_token_id=0)
+    out = evaluate.divergence(policies, tok, gens, batch_size=2)
+    for j, g in enumerate(gens):
+        at = slice(len(g.prompt_ids) - 1, len(g.prompt_ids) - 1 + len(g.answer_ids))  # the positions predicting the answer
+        a, r = (torch.log_softmax(x[j, at].double(), -1) for x in (aligned, base))
+        kl = torch.nn.functional.kl_div(r, a, log_target=True, reduction="sum").item()
+        ratio = sum(a[i, t] - r[i, t] for i, t in enumerate(g.answer_ids)).item()
+        assert out[j][0] == pytest.approx(kl, rel=1e-5) and out[j][1] == pytest.approx(ratio, rel=1e-5) and out[j][2] == len(g.answer_ids)
+        reverse = torch.nn.functional.kl_div(a, r, log_target=True, reduction="sum").item()
+        assert abs(kl - reverse) > 0.1  # the test tells the two directions apart
+
+
+@pytest.mark.parametrize("arch", ["phi3", "gemma"])
+def test_answer_log_probs_are_trls(arch, tmp_path):
+    """evaluate's summed answer log-probs are the ones TRL's DPOTrainer trains on (its collator's
+    tokens, its policy forward), for answers of different lengths."""
+    import copy
+
+    import torch
+    from datasets import Dataset
+    from transformers import GemmaConfig, GemmaForCausalLM, Phi3Config, Phi3ForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from alignpress.tiny import gemma_tokenizer, phi3_tokenizer
+
+    torch.manual_seed(0)
+    if arch == "phi3":
+        tok = phi3_tokenizer()
+        model = Phi3ForCausalLM(Phi3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                           pad_token_id=tok.pad_token_id))
+    else:
+        tok = gemma_tokenizer()
+        model = GemmaForCausalLM(GemmaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                             num_key_value_heads=1, head_dim=16, pad_token_id=tok.pad_token_id))
+    model.eval()
+    pairs = [{"prompt": [{"role": "user", "content": f"What is 2 plus {i} ?"}], "chosen": [{"role": "assistant", "content": f"The answer is {i + 2} ."}],
+              "rejected": [{"role": "assistant", "content": f"Maybe it is {i} , I am not sure " * (i + 1)}]} for i in range(5)]
+    rows = [{"messages": p} for p in pairs]
+    ours = {w: torch.tensor(evaluate.answer_logps(model, tok, rows, w, batch_size=3, max_length=1024)) for w in ("chosen", "rejected")}
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=5, use_cpu=True, bf16=False, report_to="none", max_length=1024)
+    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=Dataset.from_list(pairs), processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(5)])
+    with torch.no_grad():
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        trl_logps = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels, fused_lm_head=True).log_probs.sum(1)
+    chosen, rejected = trl_logps.chunk(2)
+    assert (ours["chosen"] - chosen).abs().max().item() < 1e-4 and (ours["rejected"] - rejected).abs().max().item() < 1e-4
+    assert (ours["chosen"] - ours["rejected"]).abs().min().item() > 1e-2  # different answers: the comparison means something
