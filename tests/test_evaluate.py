@@ -365,10 +365,12 @@ def test_divergence_is_kl_of_the_aligned_model_from_the_base():
         assert abs(kl - reverse) > 0.1  # the test tells the two directions apart
 
 
-@pytest.mark.parametrize("arch", ["phi3", "gemma"])
-def test_answer_log_probs_are_trls(arch, tmp_path):
+@pytest.mark.parametrize(("arch", "max_length", "mode"), [("phi3", 1024, "keep_start"), ("gemma", 1024, "keep_start"),
+                                                          ("phi3", 24, "keep_start"), ("gemma", 24, "keep_end")])
+def test_answer_log_probs_are_trls(arch, max_length, mode, tmp_path):
     """evaluate's summed answer log-probs are the ones TRL's DPOTrainer trains on (its collator's
-    tokens, its policy forward), for answers of different lengths."""
+    tokens and truncation, its policy forward), for answers of different lengths. keep_end used to be
+    cut as keep_start (a pair whose prompt filled max_length scored 0 against 0)."""
     import copy
 
     import torch
@@ -391,13 +393,16 @@ def test_answer_log_probs_are_trls(arch, tmp_path):
     pairs = [{"prompt": [{"role": "user", "content": f"What is 2 plus {i} ?"}], "chosen": [{"role": "assistant", "content": f"The answer is {i + 2} ."}],
               "rejected": [{"role": "assistant", "content": f"Maybe it is {i} , I am not sure " * (i + 1)}]} for i in range(5)]
     rows = [{"messages": p} for p in pairs]
-    ours = {w: torch.tensor(evaluate.answer_logps(model, tok, rows, w, batch_size=3, max_length=1024)) for w in ("chosen", "rejected")}
-    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=5, use_cpu=True, bf16=False, report_to="none", max_length=1024)
+    ours = {w: torch.tensor(evaluate.answer_logps(model, tok, rows, w, batch_size=3, max_length=max_length, truncation_mode=mode))
+            for w in ("chosen", "rejected")}
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=5, use_cpu=True, bf16=False, report_to="none", max_length=max_length,
+                     truncation_mode=mode)
     trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=Dataset.from_list(pairs), processing_class=tok)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(5)])
     with torch.no_grad():
         labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
         trl_logps = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels, fused_lm_head=True).log_probs.sum(1)
     chosen, rejected = trl_logps.chunk(2)
+    assert (batch["input_ids"].shape[1] == max_length) == (max_length < 1024)  # the short cases do truncate
     assert (ours["chosen"] - chosen).abs().max().item() < 1e-4 and (ours["rejected"] - rejected).abs().max().item() < 1e-4
     assert (ours["chosen"] - ours["rejected"]).abs().min().item() > 1e-2  # different answers: the comparison means something

@@ -93,8 +93,10 @@ def progress(label: str | None, done: int, step: int, total: int, unit: str) -> 
 
 
 @torch.no_grad()
-def answer_logps(model, tok, rows: list[dict], which: str, *, batch_size: int, max_length: int, label: str | None = None) -> list[float]:
-    """Summed log-probability of each row's `which` answer given its prompt, tokenised as TRL does."""
+def answer_logps(model, tok, rows: list[dict], which: str, *, batch_size: int, max_length: int, truncation_mode: str = "keep_start",
+                 label: str | None = None) -> list[float]:
+    """Summed log-probability of each row's `which` answer given its prompt, tokenised and truncated as TRL
+    does (dpo.truncation_mode: keep_end drops the start of the prompt)."""
     device = next(model.parameters()).device
     seqs = []
     for r in rows:
@@ -102,6 +104,8 @@ def answer_logps(model, tok, rows: list[dict], which: str, *, batch_size: int, m
         p = _ids(tok, m["prompt"], gen=True)
         full = _ids(tok, m["prompt"] + m[which])
         n = common_prefix(p, full)
+        if truncation_mode == "keep_end" and len(full) > max_length:
+            n, full = max(n - (len(full) - max_length), 0), full[-max_length:]
         full = full[:max_length]
         seqs.append((full, min(n, len(full))))
     out: list[float] = []
@@ -260,8 +264,10 @@ def divergence(policies: Policies, tok, gens: list[Generation], *, batch_size: i
 def score(model, tok, rows, gen_rows, recipe: Recipe, extra_prompts: list[list[dict]] | None = None, side: str | None = None) -> dict[str, Any]:
     e = recipe.eval
     said = (lambda what: f"evaluate {side}: {what}") if side else (lambda what: None)
-    chosen = answer_logps(model, tok, rows, "chosen", batch_size=e.batch_size, max_length=recipe.dpo.max_length, label=said("chosen log-probs"))
-    rejected = answer_logps(model, tok, rows, "rejected", batch_size=e.batch_size, max_length=recipe.dpo.max_length, label=said("rejected log-probs"))
+    chosen = answer_logps(model, tok, rows, "chosen", batch_size=e.batch_size, max_length=recipe.dpo.max_length,
+                          truncation_mode=recipe.dpo.truncation_mode, label=said("chosen log-probs"))
+    rejected = answer_logps(model, tok, rows, "rejected", batch_size=e.batch_size, max_length=recipe.dpo.max_length,
+                            truncation_mode=recipe.dpo.truncation_mode, label=said("rejected log-probs"))
     prompts = [r["messages"]["prompt"] for r in gen_rows] + list(extra_prompts or [])
     all_gens = generate_ids(model, tok, prompts, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, label=said("greedy generation"))
     gens, extra = all_gens[: len(gen_rows)], all_gens[len(gen_rows) :]
@@ -378,7 +384,9 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     extra_prompts = [[{"role": "user", "content": p}] for p in e.prompts]
     device = pick_device(recipe)
     base_path = resolve_model_path(recipe)
-    # Score in float32: small log-prob differences decide preference accuracy.
+    # The CPU scores in float32. A GPU runs the weights in bfloat16, as training did (float32 would double
+    # the memory and the time of the generations); the log-softmax is float32 on both, and the base and the
+    # aligned model are scored alike, so the comparisons (accuracy, margins, KL) share the same rounding.
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     tok = load_tokenizer(recipe, base_path)
     torch.manual_seed(recipe.train.seed)
