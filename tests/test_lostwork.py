@@ -117,8 +117,7 @@ def test_sigterm_outside_training_marks_the_stage_and_frees_the_folder(demo_copy
             break
     err = "".join(seen) + proc.stderr.read()
     assert proc.wait(timeout=120) == 143, err[-3000:]
-    assert err.strip().splitlines()[-1] == ("error: stopped by SIGTERM; run the same command again to go on: finished stages are kept, "
-                                            "and training resumes from its newest checkpoint")
+    assert err.strip().splitlines()[-1] == "error: stopped by SIGTERM; run the same command again to go on: finished stages are kept"
     manifest = json.loads((demo_copy / "run.json").read_text())
     assert manifest["stages"]["evaluate"]["status"] == "interrupted"
     assert not (demo_copy / "run.lock").exists()
@@ -475,3 +474,18 @@ def test_a_finished_stage_whose_result_is_gone_runs_again(demo_copy):
     assert (demo_copy / "adapter/adapter_model.safetensors").is_file() and (demo_copy / "model/config.json").is_file()
     assert json.loads(ev.read_text())["aligned"]["preference_accuracy"] > 0.9
     assert statuses(demo_copy) == ["done"] * 5
+
+
+def test_train_on_a_finished_training_keeps_the_later_stages(demo_copy):
+    """It resumed at the last step, trained nothing, wrote the adapter again and sent evaluate, export
+    and publish back to pending (and replaced the train record with the resumed one's)."""
+    before = tree(demo_copy)
+    record = json.loads((demo_copy / "run.json").read_text())["stages"]["train"]
+    proc = cli("train", "recipes/demo.yaml", "--output-dir", demo_copy)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (f"train is done (step {record['global_step']}): nothing to train (`train --restart` trains again); the later stages stay as they are"
+            in proc.stderr)
+    assert statuses(demo_copy) == ["done"] * 5
+    assert json.loads((demo_copy / "run.json").read_text())["stages"]["train"] == record
+    after = tree(demo_copy)
+    assert {k: v for k, v in after.items() if not k.startswith("logs/")} == {k: v for k, v in before.items() if not k.startswith("logs/")}

@@ -544,6 +544,13 @@ def _keep_later_stages(run_dir: RunDir, before: dict, recipe: Recipe) -> None:
 
 def _execute_stages(args: argparse.Namespace, argv: list[str], recipe: Recipe, run_dir: RunDir, state, launched: bool) -> int:
     main = state is None or state.is_main_process
+    if args.command == "train" and not args.restart and not launched and run_dir.is_done("train"):
+        # Resuming a finished training trains no step, yet it would write the adapter again and send
+        # evaluate, export and publish back to pending.
+        steps = run_dir.load().get("stages", {}).get("train", {}).get("global_step")
+        log.info("train is done%s: nothing to train (`train --restart` trains again); the later stages stay as they are",
+                 f" (step {steps})" if steps else "")
+        return 0
     if recipe.train.accelerate_config and not launched and args.command in ("run", "train"):
         return _relaunch(recipe, argv)
     if main:
@@ -656,7 +663,12 @@ def setup_logging() -> None:
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
-AGAIN = "run the same command again to go on: finished stages are kept, and training resumes from its newest checkpoint"
+def _again(args: argparse.Namespace) -> str:
+    """What to do after an interruption: training's resume is mentioned only where training is still to come."""
+    stage = getattr(getattr(args, "run_dir", None), "current_stage", None)
+    later = STAGES[STAGES.index(stage):] if stage in STAGES else STAGES
+    training = ", and training resumes from its newest checkpoint" if "train" in later and args.command in ("run", "train") else ""
+    return f"run the same command again to go on: finished stages are kept{training}"
 
 
 class Stopped(BaseException):
@@ -667,7 +679,7 @@ class Stopped(BaseException):
 
 
 def _stopped(signum, frame) -> None:
-    raise Stopped(f"stopped by SIGTERM; {AGAIN}")
+    raise Stopped("stopped by SIGTERM")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -694,10 +706,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        print(f"error: interrupted; {AGAIN}", file=sys.stderr)
+        print(f"error: interrupted; {_again(args)}", file=sys.stderr)
         return 130
     except Stopped as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}; {_again(args)}", file=sys.stderr)
         return e.exit_code
     except Exception as e:  # noqa: BLE001 - anything unexpected: one line here, the traceback in a log file
         print(f"error: {redact(_unexpected(e, args))}", file=sys.stderr)
