@@ -184,14 +184,19 @@ def test_different_recipe_in_same_folder_refused(demo_copy):
     assert "holds a run of a different recipe (dpo.beta differs); use another --output-dir" in proc.stderr
 
 
+def _training_pending(folder):
+    """The folder as a training stopped before its end leaves it: train and the later stages pending."""
+    manifest = json.loads((folder / "run.json").read_text())
+    for s in ("train", "evaluate", "export", "publish"):
+        manifest["stages"][s] = {"status": "pending"}
+    (folder / "run.json").write_text(json.dumps(manifest))
+
+
 def test_settings_of_how_training_runs_may_change_when_it_resumes(demo_copy):
     """A save cadence for spot, the logging, the device: a resumed training may change them (it used
     to be refused as a different recipe, and `--restart` threw the finished steps away). A setting of
     what training computes is still refused, named by itself, not by its section."""
-    manifest = json.loads((demo_copy / "run.json").read_text())
-    for s in ("train", "evaluate", "export", "publish"):
-        manifest["stages"][s] = {"status": "pending"}
-    (demo_copy / "run.json").write_text(json.dumps(manifest))
+    _training_pending(demo_copy)
     proc = cli("train", "recipes/demo.yaml", "--output-dir", demo_copy, "--set", "train.seed=7", "--set", "train.save_minutes=5",
                "--set", "dpo.beta=0.2")
     assert proc.returncode == 2
@@ -209,10 +214,7 @@ def test_a_resumed_training_saves_and_logs_at_the_recipes_new_cadence(demo_copy)
     """The checkpoint's trainer_state.json carries the old save_steps and logging_steps, and the Trainer
     used to take them on resume: a spot user who shortened save_steps got no more checkpoints."""
     shutil.rmtree(demo_copy / "checkpoints" / "checkpoint-53")
-    manifest = json.loads((demo_copy / "run.json").read_text())
-    for s in ("train", "evaluate", "export", "publish"):
-        manifest["stages"][s] = {"status": "pending"}
-    (demo_copy / "run.json").write_text(json.dumps(manifest))
+    _training_pending(demo_copy)
     proc = cli("train", "recipes/demo.yaml", "--output-dir", demo_copy, "--set", "train.save_steps=6", "--set", "train.logging_steps=2",
                "--set", "train.save_total_limit=10")
     assert proc.returncode == 0, proc.stderr[-3000:]
