@@ -217,7 +217,7 @@ def test_compiled_layers_through_the_entry_point(demo_run, tmp_path):
 def test_a_full_fine_tune_holds_its_weights_in_float32(tmp_path):
     """model.dtype bfloat16 is the compute dtype: a full fine-tune's weights stay float32 (the Trainer's
     autocast on a GPU), because a bf16 weight of 0.02 rounds away an Adam step of lr 5e-6. Trained in
-    bf16 (as before), 4 steps changed about 7% of the weights; in float32 nearly all of them."""
+    bf16 (as before), 4 steps changed 5.5% of the weights; in float32 99.99%."""
     from safetensors.torch import load_file
 
     from alignpress.modeling import built_builtin
@@ -233,7 +233,8 @@ def test_a_full_fine_tune_holds_its_weights_in_float32(tmp_path):
     base = load_file(built_builtin("builtin:tiny-phi3-arithmetic") / "model.safetensors")
     layers = [k for k in trained if ".layers." in k and k.endswith("proj.weight")]
     assert layers and all(trained[k].dtype.is_floating_point and trained[k].dtype.itemsize == 4 for k in layers)
-    changed = sum(int((trained[k] != base[k].float()).sum()) for k in layers) / sum(trained[k].numel() for k in layers)
+    # against the base as the run held it (rounded to the trained dtype): only the updates count
+    changed = sum(int((trained[k] != base[k].to(trained[k].dtype)).sum()) for k in layers) / sum(trained[k].numel() for k in layers)
     assert changed > 0.9, changed
 
 
