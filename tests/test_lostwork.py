@@ -489,3 +489,24 @@ def test_train_on_a_finished_training_keeps_the_later_stages(demo_copy):
     assert json.loads((demo_copy / "run.json").read_text())["stages"]["train"] == record
     after = tree(demo_copy)
     assert {k: v for k, v in after.items() if not k.startswith("logs/")} == {k: v for k, v in before.items() if not k.startswith("logs/")}
+
+
+def test_checkpoints_of_another_recipe_are_not_resumed_when_the_records_are_gone(demo_copy):
+    """With run.json and recipe.resolved.yaml moved away, another recipe resumed the old checkpoints (and
+    recorded its beta for a model trained with another). Each checkpoint now says what made it."""
+    stamp = json.loads((demo_copy / "checkpoints/checkpoint-53/alignpress.json").read_text())
+    assert stamp["recipe"]["dpo"]["beta"] == 0.1 and len(stamp["data_fingerprint"]) == 64
+    (demo_copy / "run.json").unlink()
+    (demo_copy / "recipe.resolved.yaml").unlink()
+    before = tree(demo_copy)
+    proc = cli("run", "recipes/demo.yaml", "--output-dir", demo_copy, "--set", "dpo.beta=0.5", "--set", "train.learning_rate=1e-4")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {demo_copy}/checkpoints: checkpoint-53 was trained with another recipe or data (dpo.beta, train.learning_rate differ, "
+        "by its alignpress.json): use another --output-dir (on SkyPilot: another --env RUN_NAME), or `train --restart` to train anew here "
+        "(the checkpoints move aside)")
+    assert tree(demo_copy) == before
+    # The same recipe resumes them, as before.
+    proc = cli("run", "recipes/demo.yaml", "--output-dir", demo_copy)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming training from {demo_copy}/checkpoints/checkpoint-53 (step 53)" in proc.stderr

@@ -23,7 +23,7 @@ import yaml
 from . import inputs, plan, processes
 from .errors import AlignpressError, redact
 from .lock import FolderLock
-from .recipe import Recipe, changed_fields, chat_template_file, chat_template_sha256, describe, dump, load_recipe, unused_settings
+from .recipe import RUN_ONLY_TRAIN, Recipe, changed_fields, chat_template_file, chat_template_sha256, describe, dump, load_recipe, unused_settings
 from .runstate import STAGES, RunDir, default_output_dir, disk_full, write_text
 
 log = logging.getLogger("alignpress")
@@ -82,10 +82,6 @@ RERUN_FROM = {"eval": "evaluate", "export": "export", "card": "export", "descrip
 GATE_FIELDS = {"eval.gate_min_gain", "eval.gate_max_kl"}
 # Sections that reach only the exported card: a finished export gets its cards written again, not a new merge.
 CARD_ONLY = {"card", "description"}
-# train fields that say how training runs, not what it computes: a resumed run may change them (a save
-# cadence for spot, a tracker, checkpointing for a GPU with less memory, the device sky/run.sh sets).
-RUN_ONLY_TRAIN = {"logging_steps", "save_steps", "save_minutes", "save_total_limit", "report_to", "per_device_eval_batch_size",
-                  "device", "gradient_checkpointing", "checkpointed_layers"}
 
 
 def _first_stage(section: str) -> str:
@@ -228,11 +224,23 @@ def _published_as_is(recipe: Recipe, run_dir: RunDir) -> bool:
     return run_dir.is_done("publish") and resolved.is_file() and resolved.read_text() == dump(recipe)
 
 
+def _check_checkpoint_stamp(recipe: Recipe, run_dir: RunDir) -> None:
+    """Before prepare: the newest checkpoint a training would resume from was made by this recipe."""
+    if run_dir.is_done("train"):
+        return
+    from .train import latest_checkpoint, refuse_foreign_checkpoint
+
+    if (newest := latest_checkpoint(run_dir.checkpoints)) is not None:
+        refuse_foreign_checkpoint(newest, recipe)
+
+
 def _restart(run_dir: RunDir, first: str) -> None:
     """Mark `first` and later stages pending; nothing finished is deleted here. Each stage replaces
     its own folder when it finishes (NAME.partial swapped in). Training must not resume, so its
     checkpoints and step log move aside to NAME.previous, dropped once the new training is done."""
     if not run_dir.manifest_path.exists():
+        if STAGES.index(first) <= STAGES.index("train") and run_dir.checkpoints.exists():
+            run_dir.set_aside(run_dir.checkpoints)  # checkpoints without the folder's records: not resumed
         return
     log.info("--restart: stages from %s on will run again; finished results stay until replaced", first)
     if STAGES.index(first) <= STAGES.index("export"):
@@ -509,6 +517,8 @@ def _execute_locked(args: argparse.Namespace, argv: list[str], recipe: Recipe, r
     processes.on_main(state, lambda: _check_same_recipe(recipe, run_dir, restart_from, args.command))
     if restart_from not in ("prepare", "train"):  # those read the data afresh, or train anew
         processes.on_main(state, lambda: inputs.check(recipe, run_dir, args.command))
+    if args.command in ("run", "train") and restart_from is None:
+        processes.on_main(state, lambda: _check_checkpoint_stamp(recipe, run_dir))
     launched = state is not None or os.environ.get("ALIGNPRESS_LAUNCHED") == "1"
     if restarting:
         _restart(run_dir, restart_from)

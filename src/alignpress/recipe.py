@@ -251,6 +251,19 @@ def with_new_defaults(old: dict, new: dict, cls) -> dict:
     return out
 
 
+# train fields that say how training runs, not what it computes: a resumed run may change them (a save
+# cadence for spot, a tracker, checkpointing for a GPU with less memory, the device sky/run.sh sets).
+RUN_ONLY_TRAIN = {"logging_steps", "save_steps", "save_minutes", "save_total_limit", "report_to", "per_device_eval_batch_size",
+                  "device", "gradient_checkpointing", "checkpointed_layers"}
+TRAINING_SECTIONS = ("model", "data", "lora", "dpo", "train")
+
+
+def training_fields_changed(old: dict, new: dict) -> list[str]:
+    """changed_fields that change what training computes (not eval, export, card, publish, nor how it runs)."""
+    return [f for f in changed_fields(old, new)
+            if f.split(".")[0] in TRAINING_SECTIONS and not (f.startswith("train.") and f.split(".")[1] in RUN_ONLY_TRAIN)]
+
+
 def changed_sections(old: dict, new: dict) -> list[str]:
     """The top-level sections of a resolved recipe (`old`, as a folder's recipe.resolved.yaml holds it)
     that differ from `new` (Recipe.to_dict()), fields added by a newer alignpress not counted."""

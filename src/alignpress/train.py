@@ -30,8 +30,8 @@ from .errors import AlignpressError, Preempted
 from .health import HealthCallback
 from .modeling import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path, weights_dtype
 from .prepare import read_jsonl
-from .recipe import Recipe
-from .runstate import DiskFull, RunDir, disk_full, disk_full_message, written
+from .recipe import Recipe, training_fields_changed
+from .runstate import DiskFull, RunDir, disk_full, disk_full_message, write_json, written
 
 log = logging.getLogger("alignpress")
 
@@ -116,6 +116,48 @@ def complete_checkpoints(folder: Path) -> list[Path]:
         else:
             log.warning("skipping incomplete checkpoint %s: %s", p, problem)
     return complete
+
+
+STAMP = "alignpress.json"  # in each checkpoint: the recipe and data it was trained with
+
+
+def stamp_callback(recipe: Recipe, run_dir: RunDir):
+    """Writes STAMP into every checkpoint the Trainer saves (the main process), so a checkpoint found
+    without its folder's records (run.json moved away) can still be told apart from another recipe's."""
+    from transformers import TrainerCallback
+
+    class Stamp(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                write_json(folder / STAMP, {"recipe": recipe.to_dict(), "data_fingerprint": run_dir.load().get("data_fingerprint")})
+
+    return Stamp()
+
+
+def checkpoint_recipe_problem(checkpoint: Path, recipe: Recipe, data_fingerprint: str | None = None) -> str | None:
+    """Why `checkpoint` was trained by another recipe or on other data, or None (the same, or no stamp:
+    an older alignpress's checkpoint)."""
+    try:
+        stamp = json.loads((checkpoint / STAMP).read_text())
+    except (OSError, ValueError):
+        return None
+    fields = training_fields_changed(stamp.get("recipe") or {}, recipe.to_dict())
+    if fields:
+        return f"{', '.join(fields[:4])}{' and more' if len(fields) > 4 else ''} {'differs' if len(fields) == 1 else 'differ'}"
+    if data_fingerprint and stamp.get("data_fingerprint") not in (None, data_fingerprint):
+        return "the prepared data differs"
+    return None
+
+
+def refuse_foreign_checkpoint(checkpoint: Path, recipe: Recipe, data_fingerprint: str | None = None) -> None:
+    """Resuming another recipe's (or data's) training would continue it under this recipe's name. The
+    folder's records catch that first; this catches it when they were moved away."""
+    if problem := checkpoint_recipe_problem(checkpoint, recipe, data_fingerprint):
+        raise AlignpressError(
+            f"{checkpoint.name} was trained with another recipe or data ({problem}, by its {STAMP}): use another --output-dir "
+            "(on SkyPilot: another --env RUN_NAME), or `train --restart` to train anew here (the checkpoints move aside)",
+            source=str(checkpoint.parent))
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -607,6 +649,8 @@ def _inputs(run_dir: RunDir) -> tuple[list[dict[str, Any]], list[Path]]:
 def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     # Every process trains on the main process's pairs and resumes its checkpoint (processes.py).
     rows, candidates = processes.from_main(lambda: _inputs(run_dir))
+    if candidates:
+        refuse_foreign_checkpoint(candidates[0], recipe, run_dir.load().get("data_fingerprint"))
     truncated = check_truncation(recipe, rows)  # before the model loads: dpo.max_length may have changed since prepare
     failures = []
     while True:
@@ -715,7 +759,8 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
             train_dataset=dataset,
             processing_class=tok,
             peft_config=peft_config,
-            callbacks=[callback, spot.callback, HealthCallback(recipe, run_dir), FirstStep(), _no_stray_cards(), tracking.link_callback(recipe, run_dir)],
+            callbacks=[callback, spot.callback, HealthCallback(recipe, run_dir), FirstStep(), _no_stray_cards(), tracking.link_callback(recipe, run_dir),
+                       stamp_callback(recipe, run_dir)],
             **extra,
         )
     _quiet_progress(trainer)
