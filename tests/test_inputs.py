@@ -88,10 +88,13 @@ def test_undoing_a_data_edit_gets_the_finished_stages_back(tmp_path, tiny_phi3):
     stages = json.loads((out / "run.json").read_text())["stages"]
     assert [stages[s]["status"] for s in ("train", "evaluate", "export", "publish")] == ["pending"] * 4
     assert not (out / "checkpoints").exists() and (out / "checkpoints.previous").is_dir()
+    # A training on the edited data that saved a checkpoint and stopped (its files do not matter here)
+    (out / "checkpoints" / "checkpoint-2").mkdir(parents=True)
     data.write_bytes(original)
     proc = cli("prepare", recipe, "--output-dir", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "prepared data is again the data of the later stages' results" in proc.stderr
+    assert f"dropping {out / 'checkpoints'}: an unfinished training on the edited data" in proc.stderr
     manifest = json.loads((out / "run.json").read_text())
     assert {s: manifest["stages"][s] for s in ("train", "evaluate", "export", "publish")} == {s: finished[s] for s in ("train", "evaluate", "export", "publish")}
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == checkpoints and not (out / "checkpoints.previous").exists()

@@ -360,9 +360,15 @@ def _after_stage(name: str, run_dir: RunDir, old_fingerprint: str | None) -> Non
             return
         m = run_dir.load()
         kept = m.get("later_stages_of_data") or {}
-        if kept.get("fingerprint") == new_fingerprint and not any(run_dir.checkpoints.glob("checkpoint-*")) and not any(run_dir.is_done(s) for s in later):
+        if kept.get("fingerprint") == new_fingerprint and not any(run_dir.is_done(s) for s in later):
             # The data is back to what the later stages were made from (an edit undone), and nothing
             # replaced their results since: they stand, with the checkpoints set aside for the edit.
+            # Checkpoints of an unfinished training on the edited data are of data no longer prepared.
+            if any(run_dir.checkpoints.glob("checkpoint-*")):
+                import shutil
+
+                log.info("dropping %s: an unfinished training on the edited data", run_dir.checkpoints)
+                shutil.rmtree(run_dir.checkpoints)
             _put_back(run_dir, {"manifest": {"stages": kept["stages"]}}, list(later))
             run_dir.update(later_stages_of_data=None)
             log.info("prepared data is again the data of the later stages' results (fingerprint %s): they stand", new_fingerprint[:12])
