@@ -462,7 +462,12 @@ def test_a_token_no_header_can_carry_is_refused_at_the_door(hub_env, out, capsys
 
 def test_run_stops_before_the_merge_when_the_gate_refuses(hub_env, out):
     """The gate's verdict is known after evaluate: `run` stops there instead of merging and saving
-    a model (GPU minutes) that publish would then refuse. The old export stays as it was."""
+    a model (GPU minutes) that publish would then refuse. The old export stays as it was. (The folder
+    is as a run leaves it after evaluate: export still to come. With export done, a new threshold only
+    writes the cards again: test_lostwork.)"""
+    manifest = json.loads((out / "run.json").read_text())
+    manifest["stages"]["export"] = manifest["stages"]["publish"] = {"status": "pending"}
+    (out / "run.json").write_text(json.dumps(manifest))
     model_before = snapshot(out / "model")
     proc = cli("run", RECIPE, "--output-dir", out, "--set", f"publish.repo_id={REPO}", "--set", "eval.gate_max_kl=0.01")
     assert proc.returncode == 3, proc.stderr[-3000:]
