@@ -50,10 +50,10 @@ COPY recipes/ recipes/
 
 # Runs as root: SkyPilot's docker runtime sets up ssh and packages inside the container with
 # root (or passwordless sudo), and the job writes to whatever is mounted at /outputs.
-# ALIGNPRESS_OUTPUTS: without --output-dir a run goes to /outputs/<recipe name>, on the volume, not
-# into the container's own layer (gone with the container, checkpoints included).
+# ALIGNPRESS_OUTPUTS: without --output-dir a run goes to /outputs/<recipe name>, where the results are
+# meant to be mounted (docker run -v ...:/outputs; SkyPilot's bucket). No VOLUME: an anonymous volume
+# there would be a mount point on the VM's own disk, which sky/run.sh could not tell from the bucket.
 RUN mkdir -p /outputs "$HF_HOME"
 ENV ALIGNPRESS_OUTPUTS=/outputs
-VOLUME /outputs
 ENTRYPOINT ["python", "/app/entrypoint.py"]
 CMD ["--help"]

@@ -10,7 +10,8 @@ Runs in the SkyPilot environment (.venv-sky, requirements-sky.lock), never in th
 For each file: it parses (`sky.Task.from_yaml`, which validates SkyPilot's schema and refuses a key
 given twice); the checkout is
 the workdir and `setup` / `run` are exactly `bash sky/setup.sh` / `bash sky/run.sh` (the scripts
-the tests execute); an image, if one is named, is a docker: image; every resource candidate asks for
+the tests execute), and the checkout guard (a file mount from sky/launch_check.py) stops a launch
+from another folder; an image, if one is named, is a docker: image; every resource candidate asks for
 one of A100 / A100-80GB / H100 (and L40S on one-GPU tasks), all of them offered; single-node
 tasks allow spot, and every candidate has a managed-job recovery strategy; HF_TOKEN is a SkyPilot secret passed at launch (null in the
 file), never a plain env; RECIPE is an env and the recipe exists; HUB_REPO and BUCKET are envs
@@ -37,6 +38,9 @@ SETUP = "bash sky/setup.sh"
 RUN = "bash sky/run.sh"
 RUN_SCRIPT = REPO / "sky" / "run.sh"
 OUTPUTS = "/outputs"  # where sky/run.sh writes when BUCKET is set
+# A file mount whose source, relative to the launch's folder, exists only in the checkout: SkyPilot
+# stops a launch from anywhere else before renting (workdir: . would copy that folder to the VM).
+GUARD = ("/tmp/alignpress-launch-check.py", "sky/launch_check.py")
 # Envs each launch must set, null in the files: SkyPilot refuses a launch without them, before renting.
 REQUIRED_ENVS = ("HUB_REPO", "BUCKET")
 PLACEHOLDERS = {"HUB_REPO": "someone/model", "BUCKET": "alignpress-check-outputs"}
@@ -158,6 +162,9 @@ def check_scripts(task, raw: dict, problems: list) -> str:
         elif envs[name] is not None:
             problems.append(f"envs.{name}: has the default {envs[name]!r}; {why}: leave it null, so SkyPilot refuses a launch "
                             f"without --env {name}=... before renting anything")
+    if (task.file_mounts or {}).get(GUARD[0]) != GUARD[1]:
+        problems.append(f"file_mounts: no checkout guard ({GUARD[0]}: {GUARD[1]}); without it a launch from another "
+                        "folder copies that folder to the VM (workdir: .) and fails there, after renting")
     mounts = bucket_mounts(task)
     if OUTPUTS not in mounts:
         problems.append(f"file_mounts: no bucket mounted at {OUTPUTS} (MOUNT or MOUNT_CACHED), where sky/run.sh writes")

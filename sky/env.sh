@@ -41,11 +41,22 @@ check_launch() {
   if [ -n "${SKYPILOT_MANAGED_JOB_ID:-}" ] && [ -z "${BUCKET:-}" ]; then
     launch_error "BUCKET is not set; a managed job keeps its outputs in a bucket: launch with --env BUCKET=a-name-of-your-own"
   fi
+  if [ -d "$ALIGNPRESS_ROOT/$RECIPE" ] || [ -d "$RECIPE" ]; then
+    launch_error "RECIPE: $RECIPE is a folder, not a recipe (a .yaml file, such as recipes/phi3-mini-capybara.yaml)"
+  fi
   [ -f "$ALIGNPRESS_ROOT/$RECIPE" ] || [ -f "$RECIPE" ] || launch_error "RECIPE: $RECIPE does not exist in the checkout"
   case "$RECIPE" in
     *.yaml | *.yml) ;;
     *) launch_error "RECIPE: $RECIPE is not a recipe (a .yaml file, such as recipes/phi3-mini-capybara.yaml)" ;;
   esac
+  # The bucket is mounted before setup runs: a launch without it is refused before the build.
+  # A plain folder there (the image's /outputs) would take the run to the VM's disk, lost with the VM.
+  if [ -n "${BUCKET:-}" ]; then
+    local root="${OUTPUT_ROOT:-/outputs}"
+    if [ ! -d "$root" ] || { command -v mountpoint >/dev/null && ! mountpoint -q "$root"; }; then
+      launch_error "BUCKET is set ($BUCKET) but $root is not mounted; launch a task file from sky/"
+    fi
+  fi
   if [ -n "${ACCELERATE_CONFIG:-}" ] && ! accelerate_file >/dev/null; then
     launch_error "ACCELERATE_CONFIG: $ACCELERATE_CONFIG is neither a file in the checkout nor a shipped config ($(shipped_accelerate))"
   fi

@@ -15,16 +15,12 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 script_args "$@"
 fail() { launch_error "$@"; }
-check_launch  # HUB_REPO, HF_TOKEN, RECIPE, BUCKET (setup.sh made the same checks before building)
+check_launch  # HUB_REPO, HF_TOKEN, RECIPE, BUCKET and its mount (setup.sh made the same checks before building)
 cd "$ALIGNPRESS_ROOT" || fail "cannot enter the checkout $ALIGNPRESS_ROOT"
 PY="$(job_python)" || fail "the job's environment for requirements.lock + requirements-gpu.lock ($LOCK_HASH) is not built; run sky/setup.sh first"
 
 if [ -n "${BUCKET:-}" ]; then
-  OUTPUT_ROOT="${OUTPUT_ROOT:-/outputs}"
-  # A plain folder there (the image has one) would take the run to the VM's disk, lost with the VM.
-  if [ ! -d "$OUTPUT_ROOT" ] || { command -v mountpoint >/dev/null && ! mountpoint -q "$OUTPUT_ROOT"; }; then
-    fail "BUCKET is set ($BUCKET) but $OUTPUT_ROOT is not mounted; launch a task file from sky/"
-  fi
+  OUTPUT_ROOT="${OUTPUT_ROOT:-/outputs}"  # the task files' bucket mount (check_launch: it is a mount)
 else
   OUTPUT_ROOT="${OUTPUT_ROOT:-$HOME/alignpress-outputs}"
   echo "alignpress: no BUCKET: outputs go to $OUTPUT_ROOT on this VM's disk (gone after sky down)" >&2

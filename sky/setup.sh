@@ -4,9 +4,9 @@
 #
 #   bash sky/setup.sh     # from the checkout (SkyPilot's workdir); safe to run again
 #
-# First the launch's refusals (sky/env.sh check_launch: HUB_REPO, HF_TOKEN, RECIPE, BUCKET,
-# ACCELERATE_CONFIG, and the Hub's answer for the token and the repo's namespace), one line and
-# exit 2, so a launch that run.sh would refuse does not build the environment first.
+# First the launch's refusals (sky/env.sh check_launch: HUB_REPO, HF_TOKEN, RECIPE, BUCKET and its
+# mount at /outputs, ACCELERATE_CONFIG, and the Hub's answer for the token and the repo's
+# namespace), one line and exit 2, so a launch that run.sh would refuse does not build the environment first.
 # Idempotent: an environment already built for this lock (a stamp keyed on the lock's hash), or the
 # prebuilt image's /opt/venv when it holds the lock's versions, is used as it is; the second run
 # takes about a second (setup run again on the same cluster). A recovered managed job is on a new

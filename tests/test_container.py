@@ -88,3 +88,26 @@ def test_demo_runs_offline_in_container(podman, image, tmp_path):
     metrics = json.loads((demo / "metrics" / "eval.json").read_text())
     assert {"base", "aligned"} <= set(metrics)
 
+
+
+def test_the_image_refuses_a_run_that_would_lose_its_outputs_or_its_gpu(podman, image):
+    """Two launches on the image that used to go on and lose the rented hours: (1) SkyPilot's run
+    script with BUCKET set but no bucket mounted. The image used to declare `VOLUME /outputs`, an
+    anonymous volume that is a mount point on the VM's own disk, so the mount check passed and the
+    run went to the VM's disk. (2) The job with train.device auto in a GPU container whose GPU torch
+    cannot use: the CUDA base sets NVIDIA_VISIBLE_DEVICES, which stands in here for `--gpus all`."""
+    base = ["podman", "run", "--rm", "--runtime", "runc", "--network", "none"]
+    workdir = ["-v", f"{REPO}:/root/sky_workdir:ro", "-w", "/root/sky_workdir"]
+    launch = ["-e", "HUB_REPO=someone/model", "-e", "HF_TOKEN=hf_dummy", "-e", "RECIPE=recipes/demo.yaml", "-e", "BUCKET=my-bucket",
+              "-e", "SKYPILOT_MANAGED_JOB_ID=7"]
+    proc = subprocess.run([*base, *workdir, *launch, "--entrypoint", "bash", image, "sky/run.sh"],
+                          capture_output=True, text=True, timeout=300, env=podman)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == ["error: BUCKET is set (my-bucket) but /outputs is not mounted; launch a task file from sky/"]
+
+    proc = subprocess.run([*base, "-e", "NVIDIA_VISIBLE_DEVICES=all", image, "run", "recipes/demo.yaml"],
+                          capture_output=True, text=True, timeout=300, env=podman)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: recipes/demo.yaml: field 'train.device': train.device is auto and torch cannot use a CUDA GPU (")
+    assert "but NVIDIA_VISIBLE_DEVICES is 'all' (a GPU container): the run would go on on the CPU" in last

@@ -274,7 +274,7 @@ def test_stage_needs_its_inputs(tmp_path):
 
 
 def test_alignpress_outputs_moves_the_default_folder(tmp_path):
-    """The image sets ALIGNPRESS_OUTPUTS=/outputs: without --output-dir a run lands on its volume."""
+    """The image sets ALIGNPRESS_OUTPUTS=/outputs: without --output-dir a run lands where the results are mounted."""
     proc = cli("prepare", "recipes/demo.yaml", env={"ALIGNPRESS_OUTPUTS": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "demo" / "run.json").read_text())["stages"]["prepare"]["status"] == "done"

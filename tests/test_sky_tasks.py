@@ -85,6 +85,12 @@ def no_bucket():
     return task
 
 
+def no_checkout_guard():
+    task = _phi3()
+    del task["file_mounts"]["/tmp/alignpress-launch-check.py"]
+    return task
+
+
 def bucket_with_default():
     task = _phi3()
     task["envs"]["BUCKET"] = "alignpress-outputs"
@@ -158,6 +164,8 @@ NEGATIVE = {
     "no_bucket": (no_bucket, "file_mounts: no bucket mounted at /outputs"),
     "hub_repo_with_default": (hub_repo_with_default, "envs.HUB_REPO: has the default ''; the repo is the user's: leave it null, so SkyPilot "
                                                      "refuses a launch without --env HUB_REPO=... before renting anything"),
+    "no_checkout_guard": (no_checkout_guard, "file_mounts: no checkout guard (/tmp/alignpress-launch-check.py: sky/launch_check.py); "
+                                             "without it a launch from another folder copies that folder to the VM"),
     "bucket_with_default": (bucket_with_default, "envs.BUCKET: has the default 'alignpress-outputs'; bucket names are global"),
     "bucket_name_fixed": (bucket_name_fixed, "file_mounts./outputs.name: want ${BUCKET}"),
     "inline_run": (inline_run, "run: calls bare `python`"),
@@ -294,6 +302,7 @@ REFUSALS = {
         "error: HF_TOKEN holds whitespace at position 7, which no Hub token has: launch with --secret HF_TOKEN set to the token "
         "from https://huggingface.co/settings/tokens"),
     "RECIPE not a recipe": ({"RECIPE": "README.md"}, "error: RECIPE: README.md is not a recipe (a .yaml file, such as recipes/phi3-mini-capybara.yaml)"),
+    "RECIPE a folder": ({"RECIPE": "recipes"}, "error: RECIPE: recipes is a folder, not a recipe (a .yaml file, such as recipes/phi3-mini-capybara.yaml)"),
     "ACCELERATE_CONFIG unknown": (
         {"ACCELERATE_CONFIG": "zero9"},
         "error: ACCELERATE_CONFIG: zero9 is neither a file in the checkout nor a shipped config (recipes/accelerate/: ddp, zero2, zero3-offload)"),
@@ -318,10 +327,11 @@ def test_run_refuses_with_one_line_and_exit_2(tmp_path, case):
     assert proc.stdout == ""
 
 
-@pytest.mark.parametrize("case", sorted(set(REFUSALS) - {"BUCKET not mounted"}))
+@pytest.mark.parametrize("case", sorted(REFUSALS))
 def test_setup_refuses_the_same_before_it_builds_anything(tmp_path, case):
     """A launch that run.sh would refuse used to build the environment first (minutes of a rented GPU,
-    several GB of wheels): setup.sh now makes the same checks before anything else."""
+    several GB of wheels): setup.sh now makes the same checks before anything else. SkyPilot mounts
+    the bucket before setup, so a missing mount is found there too."""
     changes, message = REFUSALS[case]
     env = {**SET, "UV": str(tmp_path / "uv-must-not-run")}
     for name, value in changes.items():
@@ -543,6 +553,33 @@ def test_launch_without_hub_repo_or_bucket_stops_before_anything_is_rented():
                 f'To set it to be empty, use an empty string ({name}: "" in task YAML or --env {name}="" in CLI).')
 
     assert got == {str(p): [missing("HUB_REPO"), missing("BUCKET"), missing("HUB_REPO"), "alignpress-me-outputs"] for p in TASK_FILES}
+
+
+def test_a_launch_from_outside_the_checkout_stops_before_anything_is_rented(tmp_path):
+    """`workdir: .` is the folder the launch runs in. From a home folder SkyPilot used to copy that
+    folder (~/.cache/huggingface/token included) to a rented VM, whose setup then failed. What the
+    launch checks on this machine before anything else (sky.client.sdk.validate: the workdir and the
+    local file mounts) now stops it, from the guard's source path; from the checkout it passes."""
+    code = ("import json, os, sys, yaml, sky\n"
+            "def validate(p):\n"
+            "    task = sky.Task.from_yaml_config(yaml.safe_load(open(p)), env_overrides=[('HUB_REPO', 'me/m'), ('BUCKET', 'b')])\n"
+            "    try:\n"
+            "        task.expand_and_validate_workdir()\n"
+            "        task.expand_and_validate_file_mounts()\n"
+            "        return 'ok ' + task.workdir\n"
+            "    except ValueError as e:\n"
+            "        return str(e).strip()\n"
+            "out = {}\n"
+            "for where in sys.argv[1:3]:\n"
+            "    os.chdir(where)\n"
+            "    out[where] = [validate(p) for p in sys.argv[3:]]\n"
+            "print(json.dumps(out))")
+    proc = sky_python("-c", code, str(REPO), str(tmp_path), *map(str, TASK_FILES))
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.splitlines()[-1])
+    assert got == {str(REPO): [f"ok {REPO}"] * len(TASK_FILES),
+                   str(tmp_path): ["File mount source 'sky/launch_check.py' does not exist locally. To fix: check if it exists, "
+                                   "and correct the path."] * len(TASK_FILES)}
 
 
 @pytest.mark.parametrize("script", ["sky/setup.sh", "sky/run.sh", "scripts/gpu-measure.sh", "scripts/podman-base.sh"])

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import trl
@@ -16,6 +17,7 @@ import yaml
 
 from alignpress.checks import check_model, check_training_settings, check_truncation, trl_loss_types
 from alignpress.cli import main
+from alignpress.errors import AlignpressError
 from alignpress.recipe import load_recipe
 from conftest import ROOT, cli
 
@@ -317,6 +319,51 @@ def test_cuda_asked_but_unusable_stops_at_the_door(tmp_path):
     if torch.version.cuda is None:
         assert last.endswith(f": this torch ({torch.__version__}) is built without CUDA")
     assert not out.exists()
+
+
+def test_auto_device_without_a_usable_gpu_in_a_gpu_container_stops_at_the_door(tmp_path):
+    """`docker run --gpus all` with a driver older than the wheel's CUDA (or the CUDA image without
+    --gpus, whose base sets NVIDIA_VISIBLE_DEVICES): train.device auto used to fall back to the CPU
+    and train there, for days. The container's NVIDIA_VISIBLE_DEVICES says a GPU was meant."""
+    import torch
+
+    from alignpress.modeling import cuda_problem
+
+    out = tmp_path / "out"
+    proc = cli("run", "recipes/demo.yaml", "--output-dir", out, env={"NVIDIA_VISIBLE_DEVICES": "all"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: recipes/demo.yaml: field 'train.device': train.device is auto and torch cannot use a CUDA GPU ({cuda_problem()}), "
+        "but NVIDIA_VISIBLE_DEVICES is 'all' (a GPU container): the run would go on on the CPU. Make the GPU usable "
+        "(docker run --gpus all; a driver for this torch's CUDA), or set train.device=cpu to run on the CPU on purpose")
+    if torch.version.cuda is None:
+        assert cuda_problem() == f"this torch ({torch.__version__}) is built without CUDA"
+    assert not out.exists()
+
+
+def test_auto_device_falls_back_to_the_cpu_only_for_a_model_the_cpu_can_train(tmp_path, tiny_phi3, monkeypatch):
+    """A model of 1B parameters or more with no usable GPU is refused under train.device auto (a GPU
+    setup gone wrong), and allowed with train.device: cpu; the tiny models pass. Only the config is
+    read: the weights stay tiny, the check never loads them."""
+    from alignpress import modeling
+
+    monkeypatch.delenv("NVIDIA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(modeling.os.path, "exists", lambda path: False if path == "/dev/nvidia0" else Path(path).exists())
+    big = tmp_path / "phi3-mini-shape"
+    shutil.copytree(tiny_phi3, big)
+    config = json.loads((big / "config.json").read_text())
+    # Phi-3-mini's shape (shared/reference/models-and-data.md) with the tiny tokenizer's vocabulary
+    config.update(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32)
+    (big / "config.json").write_text(json.dumps(config))
+    recipe = load_recipe(write_recipe(tmp_path, big))
+    with pytest.raises(AlignpressError) as refused:
+        modeling.preflight(recipe, training=True)
+    assert refused.value.field == "train.device"
+    assert f"but {big} has 3.6B parameters (days of training on a CPU): the run would go on on the CPU" in str(refused.value)
+    # an evaluation or export of it on the CPU is slow, not days: allowed
+    assert modeling.gpu_expected(recipe, training=False) is None
+    modeling.preflight(dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, device="cpu")), training=True)
+    assert modeling.gpu_expected(load_recipe(write_recipe(tmp_path, tiny_phi3)), training=True) is None
 
 
 def test_a_mistake_in_the_file_names_the_file(tmp_path, tiny_gemma, capsys):

@@ -132,6 +132,14 @@ def preflight(recipe: Recipe, needs_gpu: bool = True, training: bool = False) ->
         except ImportError:
             raise AlignpressError("4-bit QLoRA needs the bitsandbytes package: pip install bitsandbytes", source=recipe.source, field="model.load_in_4bit") from None
     device = pick_device(recipe)
+    if recipe.train.device == "auto" and device == "cpu" and (expected := gpu_expected(recipe, training)):
+        raise AlignpressError(
+            f"train.device is auto and torch cannot use a CUDA GPU ({cuda_problem()}), but {expected}: the run would "
+            "go on on the CPU. Make the GPU usable (docker run --gpus all; a driver for this torch's CUDA), or set "
+            "train.device=cpu to run on the CPU on purpose",
+            source=recipe.source,
+            field="train.device",
+        )
     pick_dtype(recipe, device)
     if recipe.train.use_liger_kernel and device == "cuda" and (problem := liger_problem(device)):
         raise AlignpressError(problem, source=recipe.source, field="train.use_liger_kernel")
@@ -145,6 +153,29 @@ def preflight(recipe: Recipe, needs_gpu: bool = True, training: bool = False) ->
             source=recipe.source,
             field="model.attn_implementation",
         )
+
+
+# A model this large trains for days on a CPU: `auto` falling back to the CPU is then a broken GPU
+# setup, not a choice (train.device: cpu makes it one).
+CPU_TRAINING_MAX_PARAMS = 1_000_000_000
+
+
+def gpu_expected(recipe: Recipe, training: bool) -> str | None:
+    """Why this run is meant for a GPU although torch cannot use one, or None: an NVIDIA container
+    (`docker run --gpus`, and CUDA base images, set NVIDIA_VISIBLE_DEVICES), an NVIDIA device node
+    on the machine, or (training) a model too large for the CPU."""
+    visible = os.environ.get("NVIDIA_VISIBLE_DEVICES", "")
+    if visible not in ("", "void", "none"):
+        return f"NVIDIA_VISIBLE_DEVICES is {visible!r} (a GPU container)"
+    if os.path.exists("/dev/nvidia0"):
+        return "this machine has an NVIDIA GPU (/dev/nvidia0)"
+    if training:
+        from .checks import model_sizes
+
+        params = model_sizes(recipe).params
+        if params >= CPU_TRAINING_MAX_PARAMS:
+            return f"{recipe.model.name_or_path} has {params / 1e9:.1f}B parameters (days of training on a CPU)"
+    return None
 
 
 def compile_problem(device: str) -> str | None:

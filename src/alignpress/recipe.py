@@ -143,7 +143,7 @@ class TrainSection:
     save_steps: int = _f(50, help="Save a checkpoint every N optimizer steps.")
     save_minutes: float | None = _f(None, help="Also save a checkpoint when this many minutes have passed since the last one (spot instances).")
     save_total_limit: int | None = _f(2, help="Keep at most this many checkpoints.")
-    device: Literal["auto", "cpu", "cuda"] = _f("auto", help="Where to train: auto = cuda when available.")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", help="Where to train: auto = cuda when torch can use it, else the CPU, except where a GPU was meant (a GPU container, an NVIDIA device, a model of 1B parameters or more to train): that is refused, exit 2; cpu runs there on purpose.")
     accelerate_config: str | None = _f(None, help="Multi-GPU/DeepSpeed: a config name in the recipe folder's accelerate/, else alignpress's recipes/accelerate/ (ddp, zero2, zero3-offload), or a path; `run` relaunches itself under `accelerate launch` with it.")
     num_processes: int | None = _f(None, help="Processes for accelerate_config (default: the config's, else one per visible GPU).")
     report_to: str | list[str] = _f("tensorboard", help="Experiment tracker(s) transformers supports (tensorboard, wandb, trackio, mlflow, ...), or none. tensorboard writes event files to <output>/tensorboard/, no account needed.")

@@ -83,7 +83,9 @@ def render(recipe: Recipe, run_dir: RunDir, recipe_file: str, sets: list[str]) -
             if not s.startswith("publish.repo_id="):
                 cmd += ["--set", s]
         cmd += ["--set", f"publish.repo_id={recipe.publish.repo_id or 'YOUR_NAME/' + recipe.name + '-dpo'}"]
-        nexts.append("push it: HF_TOKEN=hf_... " + shlex.join(cmd))
+        # The token from `hf auth login` or an exported HF_TOKEN: one typed into a command line stays in
+        # the shell's history.
+        nexts.append("push it (after `hf auth login`): " + shlex.join(cmd))
     if gate_failed:
         nexts.append(f"change the recipe (see {run_dir.metrics / 'report.md'}) and run again: a changed eval or publish section redoes "
                      "evaluate onward in this folder; other changes need --restart (on SkyPilot: another --env RUN_NAME)")
