@@ -210,12 +210,12 @@ def test_gate_on_the_demo(demo_run):
         gate.check(recipe("eval.gate_min_gain=0.9"), run_dir)
 
 
-NO_CHANGE = ["--set", "train.max_steps=1", "--set", "train.warmup_steps=10"]
+NO_CHANGE = ["--set", "train.max_steps=1", "--set", "train.warmup_steps=0", "--set", "train.learning_rate=1e-30"]
 
 
 def test_gate_refuses_a_run_that_did_not_improve(tmp_path, demo_run):
-    """One step at the start of a warmup, where the learning rate is 0 (a learning_rate of 0 is refused
-    at the door): the adapter stays zero, the aligned model is the base; the gate must refuse it."""
+    """One step at a learning rate of 1e-30 (0 is refused at the door, and so is a warmup that never
+    ends): the adapter's update is below float rounding, the aligned model is the base; the gate must refuse it."""
     out = tmp_path / "lr0"
     proc = cli("run", "recipes/demo.yaml", "--output-dir", out, *NO_CHANGE, "--set", "eval.gate_min_gain=0.05",
                "--set", "eval.max_rows=30", "--set", "eval.generation_rows=8")
@@ -246,7 +246,7 @@ def test_gate_needs_an_evaluation(tmp_path):
 
 @pytest.mark.parametrize("override, field, message", [
     ("eval.gate_min_gain=2", "eval.gate_min_gain", "must be between -1 and 1"),
-    ("eval.gate_max_kl=-1", "eval.gate_max_kl", "must be >= 0"),
+    ("eval.gate_max_kl=-1", "eval.gate_max_kl", "must be > 0 (a KL divergence; 0 lets no trained model pass), got -1.0"),
     ('eval.prompts=["  "]', "eval.prompts", "prompt 1 is empty"),
 ])
 def test_gate_and_eval_settings_are_validated(override, field, message):

@@ -118,7 +118,7 @@ BASE = "name: t\nmodel: {name_or_path: x/y}\ndata: {dataset: d.jsonl}\n"
                                           "exo_pair, aot, aot_unpaired, not sigmoid; set it to 0 or choose one of those"),
         ("", ["dpo.loss_type=exo_pair"], "field 'dpo.label_smoothing': loss type exo_pair needs label_smoothing > 0"),
         ("", ["lora.target_modules=[qkv_proj, lm_head]"], "field 'lora.target_modules': lm_head cannot be adapted"),
-        ("", ["export.check_tolerance=-1"], "field 'export.check_tolerance': must be >= 0, got -1.0"),
+        ("", ["export.check_tolerance=-1"], "field 'export.check_tolerance': must be > 0 (a merge changes the logits by float rounding), got -1.0"),
         ("", ["train.save_total_limit=0"], "field 'train.save_total_limit': must be at least 1 or null (keep every checkpoint), got 0"),
         ("", ["train.max_grad_norm=-1"], "field 'train.max_grad_norm': must be >= 0, got -1.0"),
         ("eval: {behaviour_pattern: ''}\n", [], "field 'eval.behaviour_pattern': is empty, so every answer would match"),

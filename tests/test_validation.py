@@ -555,3 +555,102 @@ def test_prefix_sharing_on_a_mixture_of_experts_model_is_refused_at_the_door(tmp
         "--set dpo.prefix_sharing: field 'dpo.prefix_sharing': MixtralForCausalLM is a mixture-of-experts model: TRL adds its router's load-balancing loss (router_aux_loss_coef 0.001), "
         "which needs the standard layout's attention mask; set dpo.prefix_sharing: false"))
     assert check_model(load_recipe(ROOT / "recipes/demo.yaml", [*sets, "dpo.prefix_sharing=false"])).startswith("model checks passed on MixtralForCausalLM")
+
+
+FOUND_LATE = {
+    # --set: the one line validate (and run, before prepare) now gives; each used to pass the door and fail or
+    # waste the run later: after the model loaded (seed, optimizer package, schedule), or after training and
+    # evaluation (zero loss weights, check_tolerance 0, a gate no trained model passes)
+    "train.seed=-1": "field 'train.seed': must be between 0 and 2**32 - 1, got -1",
+    "train.seed=4294967296": "field 'train.seed': must be between 0 and 2**32 - 1, got 4294967296",
+    "data.seed=-5": "field 'data.seed': must be between 0 and 2**32 - 1, got -5",
+    "train.lr_scheduler_type=cosine_with_min_lr": (
+        "field 'train.lr_scheduler_type': transformers {tv} cannot set up the schedule 'cosine_with_min_lr': One of min_lr or min_lr_rate "
+        "should be set through the `lr_scheduler_kwargs` (a recipe gives no scheduler arguments)"),
+    "train.lr_scheduler_type=warmup_stable_decay": (
+        "field 'train.lr_scheduler_type': transformers {tv} cannot set up the schedule 'warmup_stable_decay': get_wsd_schedule() missing 1 "
+        "required positional argument: 'num_decay_steps' (a recipe gives no scheduler arguments)"),
+    "train.optim=schedule_free_adamw": (
+        "field 'train.optim': transformers {tv} cannot set up the optimizer 'schedule_free_adamw': You need to install `schedulefree` "
+        "in order to use schedulefree optimizers. Install it with `pip install schedulefree.`"),
+    "dpo.loss_weights=[0,0]": "field 'dpo.loss_weights': must be >= 0 with at least one above 0, got [0.0, 0.0]",
+    "dpo.loss_weights=[1,-1]": "field 'dpo.loss_weights': must be >= 0 with at least one above 0, got [1.0, -1.0]",
+    "export.check_tolerance=0": "field 'export.check_tolerance': must be > 0 (a merge changes the logits by float rounding), got 0.0",
+    "eval.gate_max_kl=0": "field 'eval.gate_max_kl': must be > 0 (a KL divergence; 0 lets no trained model pass), got 0.0",
+    "lora.r=100000": ("field 'lora.r': 100000 is larger than Phi3ForCausalLM's o_proj allows: a rank above 128 (the layer's smaller side) "
+                      "adds weights but no capacity"),
+    "train.report_to=wandb": ("field 'train.report_to': tracker 'wandb' needs the wandb package, which is not installed: install it, "
+                              "or choose another tracker (none turns tracking off)"),
+}
+
+
+@pytest.mark.parametrize("setting", sorted(FOUND_LATE))
+def test_mistakes_that_surfaced_late_are_refused_by_validate(setting, capsys):
+    import transformers
+
+    if setting.startswith(("train.optim=", "train.report_to=")):
+        package = {"train.optim=schedule_free_adamw": "schedulefree", "train.report_to=wandb": "wandb"}[setting]
+        if __import__("importlib.util").util.find_spec(package):
+            pytest.skip(f"{package} is installed here")
+    rc, out, err = call(capsys, "validate", "recipes/demo.yaml", "--set", setting)
+    field = setting.split("=")[0]
+    assert (rc, out) == (2, "")
+    assert err == f"error: --set {field}: {FOUND_LATE[setting].format(tv=transformers.__version__)}\n"
+
+
+def test_a_warmup_that_never_ends_is_refused(capsys):
+    """transformers' linear warmup gives step s the share s / warmup_steps of the learning rate: one
+    step with the demo's 5 warmup steps trains at 0; 3 steps reach 0.4 and are allowed."""
+    rc, out, err = call(capsys, "validate", "recipes/demo.yaml", "--set", "train.max_steps=1")
+    assert (rc, err) == (2, "error: recipes/demo.yaml: field 'train.warmup_steps': 5 warmup steps for a run of 1 optimizer steps: its "
+                            "largest learning rate would be 0 x train.learning_rate, so training would change almost nothing; lower train.warmup_steps\n")
+    assert call(capsys, "validate", "recipes/demo.yaml", "--set", "train.max_steps=3")[0] == 0
+
+
+def test_a_token_in_any_recipe_text_is_refused_without_printing_it(capsys, monkeypatch):
+    """A token typed into a text field reached recipe.resolved.yaml, run.json, the model cards and the
+    checkpoints, and (commit message, tag) the Hub unscanned. Any string field, by the token's form
+    or as this environment's HF_TOKEN."""
+    monkeypatch.setenv("HF_TOKEN", "localSecret42")
+    form = "hf_" + "A1b2C3d4" * 4
+    for setting, field in ((f"card.description=key {form}", "card.description"), ("publish.commit_message=deploy localSecret42", "publish.commit_message"),
+                           ("eval.prompts=[\"hi\", \"localSecret42\"]", "eval.prompts[1]")):
+        rc, out, err = call(capsys, "validate", "recipes/demo.yaml", "--set", setting)
+        assert (rc, out) == (2, "")
+        assert err.endswith(f"field '{field}': holds a Hub token: a recipe is written to the output folder, the model card and the Hub; "
+                            "give the token only through HF_TOKEN or `hf auth login`\n"), err
+        assert form not in err and "localSecret42" not in err
+
+
+def test_a_recipe_that_is_a_folder_or_not_utf8_is_named(tmp_path, capsys):
+    folder = tmp_path / "r.yaml"
+    folder.mkdir()
+    assert call(capsys, "validate", folder)[:3:2] == (2, f"error: {folder}: is a folder, not a recipe file (a .yaml file, such as recipes/demo.yaml)\n")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"# ok\nname: caf\xe9\n")
+    assert call(capsys, "validate", latin1)[:3:2] == (2, f"error: {latin1}: line 2: not UTF-8 (byte 0xe9); save the recipe as UTF-8\n")
+
+
+def test_a_schedule_that_cannot_train_stops_before_the_model_loads(tmp_path, demo_run):
+    """Known once prepare has counted the pairs: a warmup longer than the run, or an optimizer step
+    bigger than the data (one partial step). Both used to train and export a model that barely moved.
+    The step count is the Trainer's: the demo's training logged its last step as 53."""
+    from alignpress.train import optimizer_steps
+
+    demo = demo_run[0]
+    pairs = len((demo / "data" / "train.jsonl").read_text().splitlines())
+    last = json.loads((demo / "metrics" / "train.jsonl").read_text().splitlines()[-1])["step"]
+    assert optimizer_steps(load_recipe(ROOT / "recipes/demo.yaml"), pairs) == (8, last) == (8, 53)
+    for setting, line in (
+        ("train.warmup_steps=100000", "error: --set train.warmup_steps: field 'train.warmup_steps': 100000 warmup steps for a run of 53 optimizer "
+                                      "steps: its largest learning rate would be 0.00052 x train.learning_rate, so training would change almost "
+                                      "nothing; lower train.warmup_steps (417 training pairs, 8 a step)"),
+        ("train.gradient_accumulation_steps=100", "error: --set train.gradient_accumulation_steps: field 'train.gradient_accumulation_steps': "
+                                                  "each optimizer step takes 800 pairs (per_device_train_batch_size x gradient_accumulation_steps "
+                                                  "x processes), more than the 417 training pairs prepared: lower train.gradient_accumulation_steps"),
+    ):
+        out = tmp_path / setting.split("=")[0]
+        proc = cli("run", "recipes/demo.yaml", "--output-dir", out, "--set", setting)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == line, proc.stderr[-2000:]
+        assert "Loading weights" not in proc.stderr and not (out / "checkpoints").exists()
+        assert json.loads((out / "run.json").read_text())["stages"]["prepare"]["status"] == "done"

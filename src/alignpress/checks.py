@@ -119,9 +119,25 @@ def check_training_settings(recipe: Recipe) -> None:
 
     try:
         with _quiet():
-            dpo_config(recipe, RunDir(default_output_dir(recipe.name), writer=False), "cpu", torch.float32)
+            args = dpo_config(recipe, RunDir(default_output_dir(recipe.name), writer=False), "cpu", torch.float32)
     except Exception as e:  # noqa: BLE001 - every refusal of TRL/transformers names the field it concerns
         raise _fail(recipe, _field_named_in(str(e)) or "dpo", f"TRL {trl.__version__} refuses the training settings: {_first_line(e)}") from None
+    # The optimizer and the schedule as the Trainer builds them, on a stand-in parameter: a package
+    # the optimizer needs (galore_torch, torchao, schedulefree...) or scheduler arguments the recipe
+    # cannot give (cosine_with_min_lr, warmup_stable_decay) used to fail after the model had loaded.
+    from transformers import Trainer, get_scheduler
+
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(args)
+    except Exception as e:  # noqa: BLE001 - transformers' reason names the missing package
+        raise _fail(recipe, "train.optim", f"transformers {transformers.__version__} cannot set up the optimizer {recipe.train.optim!r}: "
+                                           f"{_first_line(e)}") from None
+    try:
+        stand_in = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        get_scheduler(args.lr_scheduler_type, stand_in, num_warmup_steps=1, num_training_steps=10, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise _fail(recipe, "train.lr_scheduler_type", f"transformers {transformers.__version__} cannot set up the schedule "
+                                                       f"{recipe.train.lr_scheduler_type!r}: {_first_line(e)} (a recipe gives no scheduler arguments)") from None
 
 
 def _field_named_in(message: str) -> str | None:
@@ -236,6 +252,14 @@ def _check_lora(recipe: Recipe, model, arch: str) -> list[str]:
             peft_model = get_peft_model(model, config, low_cpu_mem_usage=True)
     except Exception as e:  # noqa: BLE001
         raise _fail(recipe, "lora.target_modules", f"PEFT cannot adapt {arch} with these target modules: {_first_line(e)}") from None
+    adapted = {n: m for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "in_features")}
+    if adapted:
+        # A rank above a layer's smaller side adds weights and memory (found as an OOM on the GPU) but no expressive power.
+        narrowest = min(min(m.in_features, m.out_features) for m in adapted.values())
+        if recipe.lora.r > narrowest:
+            name = next(n.rsplit(".", 1)[-1] for n, m in adapted.items() if min(m.in_features, m.out_features) == narrowest)
+            raise _fail(recipe, "lora.r", f"{recipe.lora.r} is larger than {arch}'s {name} allows: a rank above {narrowest} "
+                                          f"(the layer's smaller side) adds weights but no capacity")
     return sorted({n.rsplit(".", 1)[-1] for n, m in peft_model.named_modules() if hasattr(m, "lora_A")})
 
 

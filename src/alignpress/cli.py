@@ -459,6 +459,9 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
         from .prepare import check_data_sources
 
         check_training_settings(recipe)
+        from . import tracking
+
+        tracking.check_installed(recipe)  # as run does: the lock installs no tracker, here or on a cloud VM
         # --hub fetches the configs of Hub models (a few kB) but never builds a builtin: model.
         local = not args.hub or recipe.model.name_or_path.startswith("builtin:")
         notes = [check_model(recipe, local_only=local), check_data_sources(recipe, hub=args.hub), check_judge(recipe, local_only=not args.hub),

@@ -9,6 +9,16 @@ _SECRETS = [(re.compile(r"(hf_|api_org_)[A-Za-z0-9]{20,}"), "<token>"),
             (re.compile(r"(?<=://)([^/\s:@]+):[^/\s@]+@"), r"\1:<password>@")]
 
 
+def holds_token(text: str) -> bool:
+    """Whether `text` holds a Hugging Face token: one by its form, or this environment's own
+    HF_TOKEN (whatever its form, e.g. a test server's)."""
+    import os
+
+    if _SECRETS[0][0].search(text):
+        return True
+    return any(len(tok) >= 8 and tok in text for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN") if (tok := os.environ.get(name, "").strip()))
+
+
 def redact(text: str) -> str:
     """`text` without the secrets an error message may quote (tokens never reach a log or a file)."""
     for pattern, replacement in _SECRETS:

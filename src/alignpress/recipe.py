@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from . import yamlfile
-from .errors import AlignpressError
+from .errors import AlignpressError, holds_token
 from .hubnames import REPO_PART, check_repo_id
 
 
@@ -108,7 +108,7 @@ class LoraSection:
 class DPOSection:
     beta: float = _f(0.1, help="DPO beta: strength of the KL pull towards the reference model (> 0).")
     loss_type: str | list[str] = _f("sigmoid", help="TRL loss_type: sigmoid (standard DPO), ipo, hinge, robust, ...; a list combines several (e.g. [sigmoid, sft] = RPO).")
-    loss_weights: list[float] | None = _f(None, help="Weights for a list of loss types (TRL loss_weights); None = 1.0 each.")
+    loss_weights: list[float] | None = _f(None, help="Weights for a list of loss types (TRL loss_weights), each >= 0 and not all 0; None = 1.0 each.")
     label_smoothing: float = _f(0.0, help="Label smoothing, in [0, 0.5): read by the loss types robust, exo_pair (needs > 0), aot and aot_unpaired only.")
     max_length: int = _f(1024, help="Truncate prompt + answer to this many tokens (TRL max_length).")
     truncation_mode: Literal["keep_start", "keep_end"] = _f("keep_start", help="Which end to keep when truncating.")
@@ -124,7 +124,7 @@ class DPOSection:
 class TrainSection:
     learning_rate: float = _f(5e-6, help="Peak learning rate.")
     lr_scheduler_type: str = _f("cosine", help="transformers scheduler name: cosine, linear, constant, ...")
-    warmup_steps: int = _f(0, help="Linear warm-up steps.")
+    warmup_steps: int = _f(0, help="Linear warm-up steps. A warmup that keeps every step of the run below 0.1 x learning_rate is refused.")
     num_train_epochs: float = _f(1.0, help="Epochs over the training rows (ignored when max_steps > 0).")
     max_steps: int = _f(-1, help="Stop after this many optimizer steps; -1 = use num_train_epochs.")
     per_device_train_batch_size: int = _f(2, help="Pairs per device per forward.")
@@ -167,7 +167,7 @@ class EvalSection:
 class ExportSection:
     merge: bool = _f(True, help="Merge the LoRA adapter into the base and save a full model in model/: always true (export, evaluate's card and publish's model push need model/); publish.push: adapter pushes the adapter alone.")
     dtype: Literal["bfloat16", "float16", "float32"] = _f("bfloat16", help="dtype of the saved model.")
-    check_tolerance: float = _f(1e-3, help="Max abs logit difference allowed between merged and adapter model (float32 probe).")
+    check_tolerance: float = _f(1e-3, help="Max abs logit difference allowed between merged and adapter model (float32 probe); > 0, since merging rounds.")
 
 
 @dataclass
@@ -288,10 +288,18 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override, type-check and validate a recipe file."""
     path = Path(path)
     source = str(path)
+    if path.is_dir():
+        raise AlignpressError("is a folder, not a recipe file (a .yaml file, such as recipes/demo.yaml)", source=source)
     if not path.is_file():
         raise AlignpressError("recipe file not found", source=source)
+    data = path.read_bytes()
     try:
-        raw = yamlfile.load(path.read_text())
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise AlignpressError(f"line {line}: not UTF-8 (byte 0x{data[e.start]:02x}); save the recipe as UTF-8", source=source) from None
+    try:
+        raw = yamlfile.load(text)
     except yaml.YAMLError as e:
         raise AlignpressError(f"not valid YAML: {yamlfile.describe(e)}", source=source) from None
     if raw is None:
@@ -550,6 +558,23 @@ def accelerate_config_path(r: Recipe) -> Path | None:
     return next((p for p in candidates if p.is_file()), None)
 
 
+# A run whose warmup keeps every step below this share of train.learning_rate trains to nearly nothing.
+WARMUP_MIN_PEAK = 0.1
+
+
+def warmup_problem(warmup: int, steps: int) -> str | None:
+    """Why `warmup` linear warmup steps leave a run of `steps` optimizer steps without training, or
+    None. transformers' warmup gives step s (from 0) the share s / warmup of the learning rate, so the
+    largest share a run reaches is (steps - 1) / warmup while it is still warming up."""
+    if warmup <= 0 or steps > warmup:
+        return None
+    peak = (steps - 1) / warmup
+    if peak >= WARMUP_MIN_PEAK:
+        return None
+    return (f"{warmup} warmup steps for a run of {steps:,} optimizer steps: its largest learning rate would be "
+            f"{peak:.3g} x train.learning_rate, so training would change almost nothing; lower train.warmup_steps")
+
+
 def token_cap(r: Recipe, filters: FilterSection | None = None) -> int:
     """The longest pair (prompt + longer answer, in tokens) prepare keeps: the filters' max_tokens
     (a source's own filters, else data.filters), or dpo.max_length when unset, so that TRL's
@@ -639,10 +664,31 @@ def check_tag(tag: str) -> str | None:
     return None
 
 
+def recipe_strings(obj: typing.Any, path: str = "") -> typing.Iterator[tuple[str, str]]:
+    """(field path, text) for every string in a recipe (sections, lists and mappings included)."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield from recipe_strings(getattr(obj, f.name), f"{path}.{f.name}" if path else f.name)
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from recipe_strings(value, f"{path}.{key}")
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from recipe_strings(value, f"{path}[{i}]")
+    elif isinstance(obj, str):
+        yield path, obj
+
+
 def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>") -> None:
     def fail(field_path: str, msg: str) -> typing.NoReturn:
         raise AlignpressError(msg, source=src(field_path), field=field_path)
 
+    # First: a token in any text field would reach run.json, recipe.resolved.yaml, the model card,
+    # the checkpoints and the Hub (a commit message or tag is not among the files publish scans).
+    for field_path, text in recipe_strings(r):
+        if holds_token(text):
+            fail(field_path, "holds a Hub token: a recipe is written to the output folder, the model card and the Hub; "
+                                "give the token only through HF_TOKEN or `hf auth login`")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", r.name):
         fail("name", f"{r.name!r}: use letters, digits, '.', '_', '-' (it names the output folder)")
     if not r.model.name_or_path.strip():
@@ -700,6 +746,9 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
         fail("dpo.loss_type", "must name at least one loss type")
     if r.dpo.loss_weights is not None and len(r.dpo.loss_weights) != len(types_):
         fail("dpo.loss_weights", f"has {len(r.dpo.loss_weights)} weights for {len(types_)} loss types")
+    if r.dpo.loss_weights is not None and (min(r.dpo.loss_weights) < 0 or not any(r.dpo.loss_weights)):
+        # all zero: no gradient, found only by export's check after the whole run; negative: that loss maximised
+        fail("dpo.loss_weights", f"must be >= 0 with at least one above 0, got {r.dpo.loss_weights}")
     if r.train.checkpointed_layers is not None:
         if r.train.checkpointed_layers < 1:
             fail("train.checkpointed_layers", f"must be at least 1 (or null: every layer), got {r.train.checkpointed_layers}; to recompute none, set train.gradient_checkpointing: false")
@@ -731,8 +780,9 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
     if r.train.save_total_limit is not None and r.train.save_total_limit < 1:
         fail("train.save_total_limit", f"must be at least 1 or null (keep every checkpoint), got {r.train.save_total_limit}; "
                                        "transformers would keep every checkpoint")
-    if r.export.check_tolerance < 0:
-        fail("export.check_tolerance", f"must be >= 0, got {r.export.check_tolerance}")
+    if r.export.check_tolerance <= 0:
+        # 0 can never pass: a merged model's float32 logits differ from the adapter's by rounding (~1e-6)
+        fail("export.check_tolerance", f"must be > 0 (a merge changes the logits by float rounding), got {r.export.check_tolerance}")
     if r.train.max_steps == 0 or r.train.max_steps < -1:
         fail("train.max_steps", f"must be -1 (use epochs) or at least 1, got {r.train.max_steps}")
     if r.train.max_steps == -1 and r.train.num_train_epochs <= 0:
@@ -769,6 +819,11 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
     tracking.validate(r, fail)
     if r.train.warmup_steps < 0:
         fail("train.warmup_steps", f"must be >= 0, got {r.train.warmup_steps}")
+    if r.train.max_steps > 0 and (problem := warmup_problem(r.train.warmup_steps, r.train.max_steps)):
+        fail("train.warmup_steps", problem)
+    for name, value in (("data.seed", r.data.seed), ("train.seed", r.train.seed)):
+        if not 0 <= value < 2**32:  # numpy's and torch's seeding refuse others, after the model has loaded
+            fail(name, f"must be between 0 and 2**32 - 1, got {value}")
     if not 0 <= r.lora.dropout < 1:
         fail("lora.dropout", f"must be in [0, 1), got {r.lora.dropout}")
     if r.lora.alpha <= 0:
@@ -811,8 +866,9 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
         fail("eval.judge", problem)
     if r.eval.gate_min_gain is not None and not -1 <= r.eval.gate_min_gain <= 1:
         fail("eval.gate_min_gain", f"must be between -1 and 1 (a difference of two accuracies), got {r.eval.gate_min_gain}")
-    if r.eval.gate_max_kl is not None and r.eval.gate_max_kl < 0:
-        fail("eval.gate_max_kl", f"must be >= 0 (a KL divergence), got {r.eval.gate_max_kl}")
+    if r.eval.gate_max_kl is not None and r.eval.gate_max_kl <= 0:
+        # 0 refuses every model that training changed (and export refuses one it did not change)
+        fail("eval.gate_max_kl", f"must be > 0 (a KL divergence; 0 lets no trained model pass), got {r.eval.gate_max_kl}")
     if not r.eval.enabled:
         for name in ("gate_min_gain", "gate_max_kl", "judge"):
             if getattr(r.eval, name) is not None:

@@ -30,7 +30,7 @@ from .errors import AlignpressError, Preempted
 from .health import HealthCallback
 from .modeling import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path, weights_dtype
 from .prepare import read_jsonl
-from .recipe import Recipe, training_fields_changed
+from .recipe import Recipe, training_fields_changed, warmup_problem
 from .runstate import DiskFull, RunDir, disk_full, disk_full_message, write_json, written
 
 log = logging.getLogger("alignpress")
@@ -652,6 +652,7 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     if candidates:
         refuse_foreign_checkpoint(candidates[0], recipe, run_dir.load().get("data_fingerprint"))
     truncated = check_truncation(recipe, rows)  # before the model loads: dpo.max_length may have changed since prepare
+    check_schedule(recipe, len(rows))
     failures = []
     while True:
         resume = candidates.pop(0) if candidates else None
@@ -667,6 +668,32 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
                     source=str(run_dir.checkpoints),
                 ) from None
             log.warning("resuming from %s failed (%s); falling back to %s", e.checkpoint, e, candidates[0])
+
+
+def optimizer_steps(recipe: Recipe, pairs: int) -> tuple[int, int]:
+    """(pairs per optimizer step, optimizer steps of the run) for `pairs` training pairs, counted as
+    transformers' Trainer counts them (micro-batches per epoch // accumulation, at least 1)."""
+    t = recipe.train
+    world = t.num_processes or int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
+    if t.max_steps > 0:
+        return per_step, t.max_steps
+    batches = math.ceil(pairs / (t.per_device_train_batch_size * world))
+    return per_step, math.ceil(t.num_train_epochs * max(batches // t.gradient_accumulation_steps, 1))
+
+
+def check_schedule(recipe: Recipe, pairs: int) -> None:
+    """Before the model loads: a schedule that cannot train. Warmup that never ends leaves the
+    learning rate near 0 for the whole run (the aligned model barely moved, and the run used to
+    finish and export it); an optimizer step larger than the data is one partial step."""
+    per_step, steps = optimizer_steps(recipe, pairs)
+    t = recipe.train
+    if per_step > pairs:
+        raise AlignpressError(f"each optimizer step takes {per_step:,} pairs (per_device_train_batch_size x gradient_accumulation_steps x processes), "
+                              f"more than the {pairs:,} training pairs prepared: lower train.gradient_accumulation_steps",
+                              source=recipe.source, field="train.gradient_accumulation_steps")
+    if problem := warmup_problem(t.warmup_steps, steps):
+        raise AlignpressError(f"{problem} ({pairs:,} training pairs, {per_step:,} a step)", source=recipe.source, field="train.warmup_steps")
 
 
 def _drop_incomplete(run_dir: RunDir) -> DiskFull:
