@@ -577,8 +577,8 @@ FOUND_LATE = {
     "dpo.loss_weights=[1,-1]": "field 'dpo.loss_weights': must be >= 0 with at least one above 0, got [1.0, -1.0]",
     "export.check_tolerance=0": "field 'export.check_tolerance': must be > 0 (a merge changes the logits by float rounding), got 0.0",
     "eval.gate_max_kl=0": "field 'eval.gate_max_kl': must be > 0 (a KL divergence; 0 lets no trained model pass), got 0.0",
-    "lora.r=100000": ("field 'lora.r': 100000 is larger than Phi3ForCausalLM's o_proj allows: a rank above 128 (the layer's smaller side) "
-                      "adds weights but no capacity"),
+    "lora.r=100000": ("field 'lora.r': 100000 is larger than any adapted layer of Phi3ForCausalLM can use: a rank above 128 (the largest "
+                      "smaller side among them) adds weights but no capacity"),
     "train.report_to=wandb": ("field 'train.report_to': tracker 'wandb' needs the wandb package, which is not installed: install it, "
                               "or choose another tracker (none turns tracking off)"),
 }

@@ -254,12 +254,13 @@ def _check_lora(recipe: Recipe, model, arch: str) -> list[str]:
         raise _fail(recipe, "lora.target_modules", f"PEFT cannot adapt {arch} with these target modules: {_first_line(e)}") from None
     adapted = {n: m for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "in_features")}
     if adapted:
-        # A rank above a layer's smaller side adds weights and memory (found as an OOM on the GPU) but no expressive power.
-        narrowest = min(min(m.in_features, m.out_features) for m in adapted.values())
-        if recipe.lora.r > narrowest:
-            name = next(n.rsplit(".", 1)[-1] for n, m in adapted.items() if min(m.in_features, m.out_features) == narrowest)
-            raise _fail(recipe, "lora.r", f"{recipe.lora.r} is larger than {arch}'s {name} allows: a rank above {narrowest} "
-                                          f"(the layer's smaller side) adds weights but no capacity")
+        # A rank above every adapted layer's smaller side adds weights and memory (found as an OOM on the
+        # GPU) but no expressive power. A narrow layer alone (a mixture-of-experts router, out = the
+        # number of experts) is no reason to refuse: the wider layers use the rank.
+        usable = max(min(m.in_features, m.out_features) for m in adapted.values())
+        if recipe.lora.r > usable:
+            raise _fail(recipe, "lora.r", f"{recipe.lora.r} is larger than any adapted layer of {arch} can use: a rank above {usable} "
+                                          f"(the largest smaller side among them) adds weights but no capacity")
     return sorted({n.rsplit(".", 1)[-1] for n, m in peft_model.named_modules() if hasattr(m, "lora_A")})
 
 
