@@ -894,3 +894,28 @@ def test_the_readme_shows_plans_table_as_plan_prints_it(phi3_out):
     end = next(i for i, line in enumerate(lines) if line.startswith("recommend spot:"))
     readme = (ROOT / "README.md").read_text()
     assert "```\n" + "\n".join(lines[start:end + 1]) + "\n```" in readme
+
+
+def test_estimates_take_the_models_own_efficiency_from_its_measurement(phi3_out):
+    """The base MFU (0.25) is one fit to Phi-3-mini; Gemma-2b measured 0.127 on the H200 where the fit
+    says 0.25 x (1 - 0.0905 padding of that run) = 0.2274, so its estimated rows were 1.8x too fast.
+    Now they are scaled by 0.127 / 0.2274, and with no measurement of the model nothing is scaled."""
+    gemma = "recipes/gemma-2b-it-capybara.yaml"
+    p = json.loads(cli("plan", gemma, "--output-dir", phi3_out, "--prices", "table", "--json").stdout)
+    factor = 0.127 / (0.25 * (1 - 0.0905))
+    cal = p["throughput"]["calibration"]
+    assert cal["factor"] == pytest.approx(factor) and cal["gpu"] == "H200"
+    assert cal["source"] == "2026-11-27-h200/H200-2026-11-27.json, variant tuned-prefix"
+    bare = json.loads(cli("plan", gemma, "--output-dir", phi3_out, "--prices", "table", "--json", "--bench-results", phi3_out / "none").stdout)
+    assert bare["throughput"]["calibration"] is None and "model" not in bare["throughput"]["factors"]
+    for row, unscaled in zip(p["gpus"], bare["gpus"]):
+        if row["mfu_source"].startswith("estimate"):
+            assert row["mfu"] == pytest.approx(unscaled["mfu"] * factor), row["gpu"]
+    assert p["throughput"]["factors"]["model"] == pytest.approx(factor)
+    assert p["throughput"]["estimated_mfu"] == pytest.approx(math.prod(p["throughput"]["factors"].values()))
+    text = cli("plan", gemma, "--output-dir", phi3_out, "--prices", "table").stdout
+    assert (f"note:      estimates scaled by {factor:.3f}, this model's measured MFU on the H200 (0.1270) over the estimate for that run "
+            "(0.2274; 2026-11-27-h200/H200-2026-11-27.json, variant tuned-prefix)") in text
+    # Phi-3-mini's shipped settings measured 0.2143 where the fit says 0.25 x (1 - 0.1186) = 0.2204
+    phi3 = json.loads(cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--prices", "table", "--json").stdout)
+    assert phi3["throughput"]["calibration"]["factor"] == pytest.approx(0.2143 / (0.25 * (1 - 0.1186)))

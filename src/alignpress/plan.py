@@ -566,36 +566,57 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
         pad_source = pad_source.replace("seeded random batches", "length-grouped batches (train.group_by_length)")
 
     # Throughput model (estimate) and its factors
-    def mfu_factors(share: float) -> dict[str, float]:
+    def mfu_factors(share: float, pad: float | None = None, model: float | None = None) -> dict[str, float]:
         factors = {"base": throughput["base_mfu"]}
+        if model is not None:
+            factors["model"] = model
         if share:
             # each recomputed layer runs its part of the policy forward once more
             factors["gradient_checkpointing"] = train_epoch["total"] / (train_epoch["total"] + train_epoch["policy_forward"] * share)
         if recipe.model.load_in_4bit:
             factors["load_in_4bit"] = throughput["load_in_4bit_factor"]
-        factors["padding"] = 1 - padding
+        factors["padding"] = 1 - (padding if pad is None else pad)
         return factors
 
-    factors = mfu_factors(recomputed_share(gpu, ckpt))
+    bench = bench_dirs if bench_dirs is not None else [BENCH_RESULTS]
+    found_on: dict[str, tuple[int, tuple[float, str, dict[str, Any]] | None]] = {}
+    for name in gpus:
+        row_ckpt = checkpointing_for(name)[0]
+        want = recipe_settings(recipe, row_ckpt > 0, precompute, row_ckpt if 0 < row_ckpt < arch.layers else None)
+        found = measured_mfu(arch, want, name, bench)
+        if found is None and want["compile_layers"]:
+            # No run compiled its layers yet: the same settings measured eager are the evidence at
+            # hand (a floor if compiling is no slower, as the CPU proxy has it); said so in the row.
+            eager = measured_mfu(arch, want | {"compile_layers": False}, name, bench)
+            if eager is not None:
+                found = (eager[0], f"{EAGER_SOURCE}{eager[1].removeprefix('measured')}", eager[2])
+        found_on[name] = (row_ckpt, found)
+
+    # The base MFU is one fit to Phi-3-mini. Where this model was measured with the recipe's settings
+    # (on that GPU itself), the estimate for the other GPUs takes the model's own efficiency from it:
+    # measured MFU over the estimate for that run (its GPU, its benchmark's padding). Gemma-2b's
+    # 256k-vocabulary head makes it 0.56 of the fit on the H200.
+    calibration = None
+    for name, (row_ckpt, found) in found_on.items():
+        if found and found[1].startswith("measured:") and found[2].get("padding_fraction") is not None:
+            expected = math.prod(mfu_factors(recomputed_share(name, row_ckpt), pad=found[2]["padding_fraction"]).values())
+            calibration = {"factor": found[0] / expected, "gpu": name, "source": found[1].removeprefix("measured: "), "measured_mfu": found[0], "expected_mfu": expected}
+            notes.append(f"estimates scaled by {calibration['factor']:.3f}, this model's measured MFU on the {name} ({found[0]:.4f}) over the "
+                         f"estimate for that run ({expected:.4f}; {calibration['source']})")
+            break
+    model_factor = calibration["factor"] if calibration else None
+
+    factors = mfu_factors(recomputed_share(gpu, ckpt), model=model_factor)
     estimated = math.prod(factors.values())
-    pre_mfu = throughput["base_mfu"] * factors.get("load_in_4bit", 1.0) * factors["padding"]
+    pre_mfu = throughput["base_mfu"] * (model_factor or 1.0) * factors.get("load_in_4bit", 1.0) * factors["padding"]
 
     rows = []
     for name in gpus:
         info = gpus[name]
-        row_ckpt = checkpointing_for(name)[0]
+        row_ckpt, found = found_on[name]
         row_mem = mem if name == gpu else memory_estimate(arch, with_checkpointing(row_ckpt))
-        some = row_ckpt if 0 < row_ckpt < arch.layers else None
-        want = recipe_settings(recipe, row_ckpt > 0, precompute, some)
-        found = measured_mfu(arch, want, name, bench_dirs if bench_dirs is not None else [BENCH_RESULTS])
-        if found is None and want["compile_layers"]:
-            # No run compiled its layers yet: the same settings measured eager are the evidence at
-            # hand (a floor if compiling is no slower, as the CPU proxy has it); said so in the row.
-            eager = measured_mfu(arch, want | {"compile_layers": False}, name, bench_dirs if bench_dirs is not None else [BENCH_RESULTS])
-            if eager is not None:
-                found = (eager[0], f"{EAGER_SOURCE}{eager[1].removeprefix('measured')}", eager[2])
         measured = found[2] if found else None
-        mfu, source = found[:2] if found else (math.prod(mfu_factors(recomputed_share(name, row_ckpt)).values()), "estimate: not measured")
+        mfu, source = found[:2] if found else (math.prod(mfu_factors(recomputed_share(name, row_ckpt), model=model_factor).values()), "estimate: not measured")
         price = offer_prices(price_table["gpus"].get(name))
         row_pre_mfu, pre_source = pre_mfu, "estimate: not measured"
         if pre_flops and measured and measured.get("precompute_tokens") and measured.get("setup_s"):
@@ -662,7 +683,7 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
         },
         "memory": mem | {"gpu": gpu},
         "disk": disk,
-        "throughput": {"estimated_mfu": estimated, "factors": factors, "assumptions": {k: v for k, v in throughput.items() if not isinstance(v, (int, float))}},
+        "throughput": {"estimated_mfu": estimated, "factors": factors, "calibration": calibration, "assumptions": {k: v for k, v in throughput.items() if not isinstance(v, (int, float))}},
         "gpus": rows,
         "prices": {"file": price_source},
         "recommendation": recommend(rows),
