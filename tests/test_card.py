@@ -66,7 +66,7 @@ def test_model_card_sections_and_fields(demo_run):
 
     data = section(text, "## Training data")
     assert "- source: `data/arithmetic-capybara.jsonl` (a local file), split `train[100:]`, format `auto`; held out: split `train[:100]`\n" in data
-    assert ("- filters: rating_chosen >= 4.5, rating_rejected <= 2.5, at most 2 messages, at most 64 tokens, no empty answers, "
+    assert ("- filters: rating_chosen >= 4.5, rating_rejected <= 2.5, at most 2 messages, at most 64 tokens, no empty prompts or answers, "
             "chosen differs from rejected, no duplicate pairs\n") in data
     for split, info in stats["splits"].items():
         assert f"- {split}: {info['loaded']} rows loaded, {info['kept']} kept" in data
@@ -162,3 +162,20 @@ def test_the_card_says_what_was_held_out_when_the_recipe_names_no_split():
     assert lines[0] == "- source: `data/arithmetic-capybara.jsonl` (a local file), split `train`, format `auto`; held out: 0.1 of the rows (seeded)"
     lines = data_lines(load_recipe(ROOT / "recipes/demo.yaml", ["data.eval_split=null", "data.split=train", "data.eval_fraction=0.25"]))
     assert lines[0].endswith("; held out: 0.25 of the rows (seeded)")
+
+
+def test_reproduce_keeps_a_copy_local_and_shows_no_local_path():
+    """The card's recipe names the author's repository: `run recipe.yaml` as the card said failed
+    for anyone else (no token, or another namespace). An absolute recipe path named the author's
+    home folder on a public card."""
+    from alignpress.card import reproduce_lines
+    from alignpress.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes/demo.yaml", ["publish.repo_id=alice/demo-dpo", "publish.push=both", "publish.adapter_repo_id=alice/demo-lora"])
+    lines = reproduce_lines(recipe, {"recipe_file": "/home/alice/work/recipes/demo.yaml", "alignpress": {"version": "0.1.0"}})
+    assert lines[2] == "alignpress 0.1.0; recipe `demo` (from `demo.yaml`, every `--set` applied). Save the recipe below as `recipe.yaml` and run:"
+    assert lines[5] == "python entrypoint.py run recipe.yaml --set publish.repo_id=null --set publish.adapter_repo_id=null"
+    assert lines[8].startswith("The `--set` keeps the result in `outputs/` instead of pushing it to this repository")
+    local = reproduce_lines(load_recipe(ROOT / "recipes/demo.yaml"), {"recipe_file": "recipes/demo.yaml"})
+    assert local[5] == "python entrypoint.py run recipe.yaml" and "from `recipes/demo.yaml`" in local[2]
+    assert not any(line.startswith("The `--set`") for line in local)

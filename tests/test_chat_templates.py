@@ -148,3 +148,23 @@ def test_an_edited_template_file_is_a_different_recipe(tiny_phi3, tmp_path, caps
     (tmp_path / "t.jinja").write_text(template.replace("<|end|>", "<|end|><|end|>"))
     assert main(["prepare", str(recipe), "--output-dir", str(out), "--restart"]) == 0
     assert main(["prepare", str(recipe), "--output-dir", str(out)]) == 0
+
+
+@pytest.mark.parametrize("kind, end", [("tiny_phi3", "<|end|>"), ("tiny_gemma", "<end_of_turn>")])
+def test_greedy_answers_stop_where_the_templates_turn_ends(kind, end, request):
+    """Training answers end with the template's end-of-turn token; gemma-2b-it's generation config
+    stops only at <eos> (id 1), so evaluation's greedy answers ran on past the turn. The stop ids
+    now hold the token the template writes after an answer, whatever the generation config says."""
+    from transformers import GenerationConfig
+
+    from alignpress.modeling import stop_token_ids, turn_end_id
+
+    tok = load_tokenizer(recipe_for(request.getfixturevalue(kind)))
+    end_id = tok.convert_tokens_to_ids(end)
+    assert turn_end_id(tok) == end_id
+    model = type("M", (), {"generation_config": GenerationConfig(eos_token_id=tok.eos_token_id)})()
+    assert stop_token_ids(tok, model) == [tok.eos_token_id, end_id]
+    model.generation_config = GenerationConfig(eos_token_id=[end_id, tok.eos_token_id])
+    assert stop_token_ids(tok, model) == [end_id, tok.eos_token_id]  # already there: nothing added
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # writes nothing after an answer
+    assert turn_end_id(tok) is None and stop_token_ids(tok) == [tok.eos_token_id]

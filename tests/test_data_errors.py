@@ -158,6 +158,41 @@ def test_every_row_malformed_says_why(tmp_path, tiny_phi3, make, reason):
     assert f"{data}, train: dropped 8 malformed row(s) for format capybara: {reason} (8 rows: 0, 1, 2, …)" in proc.stderr
 
 
+def _end_by_hand(i):
+    row = capy(i)
+    row["chosen"][1]["content"] += "<|end|>\n"  # the seed notebook's hand-written end of turn
+    return row
+
+
+def test_answers_holding_the_templates_own_tokens_are_refused(tmp_path, tiny_phi3):
+    """The tokenizer turns `<|end|>` in text into the special id: the answer would end its turn twice."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", [_end_by_hand(i) for i in range(8)])
+    out = tmp_path / "out"
+    proc = cli("prepare", recipe_for(tmp_path, tiny_phi3, data), "--output-dir", out)
+    refused(proc, out, f"error: {data}: 8 of 8 rows of split 'train' cannot be used, more than data.max_malformed_fraction (0.05) allows: "
+                       "chosen holds the special token '<|end|>' as text (the chat template writes it) (8 rows: 0, 1, 2, …)")
+
+
+def test_a_template_that_leaves_out_the_system_message_is_refused(tmp_path, tiny_phi3):
+    """Phi-3's first template had no system branch: the system prompts were dropped without a word."""
+    template = tmp_path / "no-system.jinja"
+    template.write_text("{% for m in messages %}{% if m['role'] in ['user', 'assistant'] %}{{ '<|' + m['role'] + '|>\n' + m['content'] + "
+                        "'<|end|>\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+    data = write_jsonl(tmp_path / "pairs.jsonl", [capy(i, system="Be brief.") for i in range(8)])
+    out = tmp_path / "out"
+    recipe = recipe_for(tmp_path, tiny_phi3, data)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["model"]["chat_template"] = template.name
+    recipe.write_text(yaml.safe_dump(raw))
+    proc = cli("prepare", recipe, "--output-dir", out)
+    refused(proc, out, f"error: {data}: 8 of 8 rows of split 'train' cannot be used, more than data.max_malformed_fraction (0.05) allows: "
+                       f"ValueError: the chat template leaves out the system message (8 rows: 0, 1, 2, …). Most were refused by the chat "
+                       f"template: check model.chat_template ({template.name}) with one of these rows")
+    # Without system turns the same template is fine
+    write_jsonl(data, [capy(i) for i in range(8)])
+    assert cli("prepare", recipe, "--output-dir", tmp_path / "out2").returncode == 0
+
+
 def test_gemma_with_only_system_turns(tmp_path, tiny_gemma):
     data = write_jsonl(tmp_path / "pairs.jsonl", [capy(i, system="Be brief.") for i in range(8)])
     out = tmp_path / "out"

@@ -245,7 +245,7 @@ def test_gate_needs_an_evaluation(tmp_path):
 
 
 @pytest.mark.parametrize("override, field, message", [
-    ("eval.gate_min_gain=2", "eval.gate_min_gain", "must be between -1 and 1"),
+    ("eval.gate_min_gain=2", "eval.gate_min_gain", "must be above -1 and below 1 (a difference of two accuracies as fractions: 0.01 is one percentage point), got 2"),
     ("eval.gate_max_kl=-1", "eval.gate_max_kl", "must be > 0 (a KL divergence; 0 lets no trained model pass), got -1.0"),
     ('eval.prompts=["  "]', "eval.prompts", "prompt 1 is empty"),
 ])

@@ -59,6 +59,29 @@ def test_hh_multi_turn():
 def test_implicit_strings_use_shared_prefix():
     row = {"chosen": "Q: 2+2? A: 4", "rejected": "Q: 2+2? A: 5"}
     assert normalise_row("implicit", row) == {"prompt": [U("Q: 2+2? A: ")], "chosen": [A("4")], "rejected": [A("5")]}
+    # Answers that begin with the same letters keep them: the prompt ends at the last shared word
+    row = {"chosen": "Q: what is 0 plus 0?\nA: The answer is 0.", "rejected": "Q: what is 0 plus 0?\nA: That is hard."}
+    assert normalise_row("implicit", row) == {"prompt": [U("Q: what is 0 plus 0?\nA: ")], "chosen": [A("The answer is 0.")],
+                                              "rejected": [A("That is hard.")]}
+    with pytest.raises(RowError, match="share no prefix"):
+        normalise_row("implicit", {"chosen": "Yes, fine.", "rejected": "Yeah."})
+
+
+def test_message_lists_written_as_text_are_refused():
+    """A CSV export writes a message list as its repr (pandas) or JSON; read as the standard layout,
+    the list's text became the answer and the conversation before it was lost."""
+    chosen = [U("Hi?"), A("Hello!")]
+    rows = [{"prompt": "Hi?", "chosen": str(chosen), "rejected": str([U("Hi?"), A("Go away.")])}]
+    with pytest.raises(AlignpressError) as e:
+        detect_format(["prompt", "chosen", "rejected"], rows, source="capy.csv")
+    assert str(e.value) == ("capy.csv: row 0, column 'chosen' holds a list of {role, content} messages written as text (a CSV keeps no "
+                            "lists); read the data from JSON lines or parquet, where lists stay lists: \"[{'role': 'user', 'content': 'Hi?'}, {'r\"")
+    as_json = {"prompt": "Hi?", "chosen": "Hello!", "rejected": __import__("json").dumps([A("No.")])}
+    with pytest.raises(RowError, match="^rejected holds a list of {role, content} messages written as text"):
+        normalise_row("standard", as_json)
+    # Text that only looks like it stays text: a list in an answer, brackets, the word role
+    for text in ["[{1, 2}] is a set in a list", "[{'x': 1}] has no role", "[{role}] of the day", "[{'role': 'user'"]:
+        assert normalise_row("standard", {"prompt": "p", "chosen": text, "rejected": "no"})["chosen"] == [A(text)]
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ ROWS = [capy(f"Question {i}?", f"Good answer {i}.", f"Bad answer {i}.") for i in
     capy("Same?", "Same.", "Same."),  # identical answers
     capy("Question 0?", "Good answer 0.", "Bad answer 0."),  # duplicate of row 0
     capy("Empty?", "", "Bad."),  # empty chosen
+    capy("  ", "Fine.", "Bad."),  # empty prompt: answers to nothing
     capy("Long?", "word " * 200, "Bad."),  # over max_tokens
 ]
 
@@ -64,6 +65,7 @@ def test_filters_report_exact_counts(tmp_path, tiny_phi3):
         "malformed for format capybara": 0,
         "more than 2 messages": 1,
         "empty answer": 1,
+        "empty prompt": 1,
         "chosen identical to rejected": 1,
         "duplicate pair": 1,
         "rejected by the chat template": 0,
@@ -71,7 +73,7 @@ def test_filters_report_exact_counts(tmp_path, tiny_phi3):
         "held out for evaluation (0.25, seed 3)": 2,
         "prompt also in the eval split": 0,
     }
-    assert stats["splits"]["train"]["loaded"] == 15 and stats["splits"]["train"]["kept"] == 6
+    assert stats["splits"]["train"]["loaded"] == 16 and stats["splits"]["train"]["kept"] == 6
     train = [json.loads(x) for x in (out / "data/train.jsonl").read_text().splitlines()]
     evals = [json.loads(x) for x in (out / "data/eval.jsonl").read_text().splitlines()]
     assert len(train) == 6 and len(evals) == 2
@@ -128,7 +130,7 @@ def assert_refused(proc, out, *message_parts):
 def test_everything_filtered_out(tmp_path, tiny_phi3):
     recipe = make_recipe(tmp_path, tiny_phi3, data__filters={"min": {"rating_chosen": 9}})
     out = tmp_path / "out"
-    assert_refused(cli("prepare", recipe, "--output-dir", out), out, f"{recipe}: field 'data.filters.min.rating_chosen': keeps none of the 15 rows of "
+    assert_refused(cli("prepare", recipe, "--output-dir", out), out, f"{recipe}: field 'data.filters.min.rating_chosen': keeps none of the 16 rows of "
                                                                  f"split 'train' of {tmp_path / 'pairs.jsonl'} (rating_chosen: its values there run from 3 to 5)")
 
 

@@ -106,7 +106,7 @@ BASE = "name: t\nmodel: {name_or_path: x/y}\ndata: {dataset: d.jsonl}\n"
         ("lora: {enabled: false}\nmodel: {name_or_path: x/y, load_in_4bit: true}\n", [], "field 'model.load_in_4bit': 4-bit training needs a LoRA adapter"),
         ("dpo: {loss_type: [sigmoid, sft], loss_weights: [1.0]}\n", [], "field 'dpo.loss_weights': has 1 weights for 2 loss types"),
         ("dpo: {beta: .nan}\n", [], "field 'dpo.beta': must be a finite number, got nan"),
-        ("data: {dataset: d.jsonl, filters: {min: {rating_chosen: -.inf}}}\n", [], "field 'data.filters.min': must be a finite number, got -inf"),
+        ("data: {dataset: d.jsonl, filters: {min: {rating_chosen: -.inf}}}\n", [], "field 'data.filters.min.rating_chosen': must be a finite number, got -inf"),
         ("", ["eval.gate_max_kl=inf"], "--set eval.gate_max_kl: field 'eval.gate_max_kl': must be a finite number, got inf"),
         ("lora: {target_modules: []}\n", [], "field 'lora.target_modules': the list is empty: name at least one module (e.g. [q_proj, v_proj]) or write all-linear"),
         ("lora: {target_modules: [q_proj, '']}\n", [], "field 'lora.target_modules': a module name is empty"),

@@ -654,3 +654,54 @@ def test_a_schedule_that_cannot_train_stops_before_the_model_loads(tmp_path, dem
         assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == line, proc.stderr[-2000:]
         assert "Loading weights" not in proc.stderr and not (out / "checkpoints").exists()
         assert json.loads((out / "run.json").read_text())["stages"]["prepare"]["status"] == "done"
+
+
+UNCLEAR = {
+    # --set: messages that used to be vague, cut short or aimed at the wrong field; now one line each
+    "eval.gate_min_gain=1": ("field 'eval.gate_min_gain': must be above -1 and below 1 (a difference of two accuracies as fractions: "
+                             "0.01 is one percentage point), got 1"),
+    "eval.judge=builtin:tiny-phi3-arithmetic": (
+        "field 'eval.judge': 'builtin:tiny-phi3-arithmetic': builtin: models are alignpress's generative demo models; a judge is a "
+        "reward model (sequence classification with one output): give its Hub id or folder"),
+    "name=" + "a" * 97: ("field 'name': is 97 characters; at most 96 (it names the output folder and the suggested Hub repo, whose "
+                         "names stop at 96)"),
+    "lora.target_modules=[qkv_proj,layers]": (
+        f"field 'lora.target_modules': 'layers' matches model.layers, a ModuleList, which LoRA cannot adapt; name linear layers "
+        f"(those of Phi3ForCausalLM: {PHI3_LINEAR})"),
+    "lora.target_modules=[mlp]": (
+        f"field 'lora.target_modules': 'mlp' matches model.layers.0.mlp, a Phi3MLP, which LoRA cannot adapt; name linear layers "
+        f"(those of Phi3ForCausalLM: {PHI3_LINEAR})"),
+    "data.filters.min.rating_chosen=abc": "field 'data.filters.min.rating_chosen': expected a number, got 'abc'",
+}
+
+
+@pytest.mark.parametrize("setting", sorted(UNCLEAR))
+def test_unclear_mistakes_get_a_clear_line(setting, capsys):
+    rc, out, err = call(capsys, "validate", "recipes/demo.yaml", "--set", setting)
+    assert (rc, out, err) == (2, "", f"error: --set {setting.split('=')[0]}: {UNCLEAR[setting]}\n")
+
+
+def test_data_files_read_without_complaint_but_not_rows_are_refused(tmp_path, capsys):
+    """A JSON object wrapping the rows was read as one row ("has no rows"); a null or {} line became an
+    all-null row that the rating filters dropped without a word."""
+    lines = DATA.read_text().splitlines()
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"data": [json.loads(x) for x in lines]}))
+    nulls = tmp_path / "nulls.jsonl"
+    nulls.write_text("\n".join(lines[:300] + ["null"] + lines[300:]) + "\n")
+    empty = tmp_path / "empty-row.jsonl"
+    empty.write_text("\n".join(lines[:250] + ["{}"] + lines[250:]) + "\n")
+    cases = {
+        wrapped: (f"error: --set data.dataset: field 'data.dataset': {wrapped} is one JSON object whose 'data' holds 640 items, not rows "
+                  "of pairs: write the rows one JSON object per line (.jsonl) or as a top-level array\n"),
+        nulls: f"error: {nulls}: line 301: a JSON null, not an object with the pair's columns\n",
+        empty: f"error: {empty}: row 250: empty (every column is null); remove it or fix the file\n",
+    }
+    for path, message in cases.items():
+        rc, out, err = call(capsys, "validate", "recipes/demo.yaml", "--set", f"data.dataset={path}")
+        assert (rc, out, err) == (2, "", message), path
+    # The same rows as a top-level array are fine.
+    listed = tmp_path / "listed.json"
+    listed.write_text(json.dumps([json.loads(x) for x in lines]))
+    rc, out, err = call(capsys, "validate", "recipes/demo.yaml", "--set", f"data.dataset={listed}")
+    assert (rc, err) == (0, "") and "540 rows in train[100:]" in out

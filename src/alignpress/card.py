@@ -228,7 +228,7 @@ def filter_text(f) -> str:
         rules.append(f"at most {f.max_messages} messages")
     if f.max_tokens:
         rules.append(f"at most {f.max_tokens} tokens")
-    rules += [text for on, text in ((f.drop_empty, "no empty answers"), (f.drop_identical, "chosen differs from rejected"),
+    rules += [text for on, text in ((f.drop_empty, "no empty prompts or answers"), (f.drop_identical, "chosen differs from rejected"),
                                     (f.drop_duplicates, "no duplicate pairs")) if on]
     return ", ".join(rules) if rules else "none"
 
@@ -273,20 +273,31 @@ def local_inputs(recipe: Recipe) -> list[str]:
     return out
 
 
+def shown_recipe_file(manifest: dict[str, Any]) -> str:
+    """The recipe's path as the card and the commit show it: a path outside the working folder is
+    the author's machine (/home/NAME/...), so only its file name."""
+    path = str(manifest.get("recipe_file") or "?")
+    return Path(path).name if Path(path).is_absolute() or path.startswith(("~", "..")) else path
+
+
 def reproduce_lines(recipe: Recipe, manifest: dict[str, Any]) -> list[str]:
     ap = manifest.get("alignpress") or {}
     version = ap.get("version") or (manifest.get("versions") or {}).get("alignpress") or "?"
     commit = ap.get("commit")
+    # The recipe names this repository: anyone else's token cannot push there, and run checks that first
+    unpublish = [f"--set publish.{f}=null" for f in ("repo_id", "adapter_repo_id") if getattr(recipe.publish, f)]
     return [
         "## Reproduce",
         "",
         f"alignpress {version}" + (f", commit `{commit}`" if commit else "") + f"; recipe `{recipe.name}` "
-        f"(from `{manifest.get('recipe_file', '?')}`, every `--set` applied). Save the recipe below as `recipe.yaml` and run:",
+        f"(from `{shown_recipe_file(manifest)}`, every `--set` applied). Save the recipe below as `recipe.yaml` and run:",
         "",
         "```bash",
-        "python entrypoint.py run recipe.yaml",
+        " ".join(["python entrypoint.py run recipe.yaml", *unpublish]),
         "```",
         "",
+        *(["The `--set` keeps the result in `outputs/` instead of pushing it to this repository; give `publish.repo_id` a repository of yours "
+           "to publish it.", ""] if unpublish else []),
         "The exact library versions are under Framework versions above (requirements.lock pins them for alignpress).",
         "",
         *([f"The recipe reads local files that are not in this repository: {', '.join(local)}; put them where it names them to run it.", ""]

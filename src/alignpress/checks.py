@@ -43,6 +43,11 @@ def _did_you_mean(value: str, known: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
+def _adaptable(module: Any) -> bool:
+    """Whether PEFT's LoRA can wrap `module`: a linear, embedding or convolution layer (GPT-2's Conv1D has nf)."""
+    return any(hasattr(module, a) for a in ("in_features", "num_embeddings", "in_channels", "nf"))
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -239,14 +244,18 @@ def _check_lora(recipe: Recipe, model, arch: str) -> list[str]:
     from .train import lora_config
 
     config = lora_config(recipe)
-    names = [n for n, _ in model.named_modules() if n]
     if isinstance(recipe.lora.target_modules, list):
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "in_features")})
         for target in recipe.lora.target_modules:
             one = lora_config(recipe, target_modules=[target])
-            if not any(check_target_module_exists(one, n) for n in names):
+            matched = [(n, m) for n, m in model.named_modules() if n and check_target_module_exists(one, n)]
+            if not matched:
                 raise _fail(recipe, "lora.target_modules", f"{target!r} matches no module of {arch}{_did_you_mean(target, linear)} "
                                                            f"(its linear layers: {', '.join(linear)})")
+            # PEFT refuses a container (a ModuleList, a decoder layer) with the container's whole repr
+            if other := next(((n, m) for n, m in matched if not _adaptable(m)), None):
+                raise _fail(recipe, "lora.target_modules", f"{target!r} matches {other[0]}, a {type(other[1]).__name__}, which LoRA cannot "
+                                                           f"adapt; name linear layers (those of {arch}: {', '.join(linear)})")
     try:
         with _quiet():
             peft_model = get_peft_model(model, config, low_cpu_mem_usage=True)

@@ -16,6 +16,8 @@ Layouts (name: columns):
 
 from __future__ import annotations
 
+import ast
+import json
 import re
 from typing import Any
 
@@ -48,6 +50,24 @@ class RowError(ValueError):
 
 def _looks_hh(text: Any) -> bool:
     return isinstance(text, str) and "\n\nHuman:" in text and "\n\nAssistant:" in text
+
+
+def written_messages(value: Any) -> bool:
+    """Whether text is a list of {role, content} messages written out (a CSV keeps no lists: pandas
+    writes Python's repr, other tools JSON), which the string layouts would train on as it stands."""
+    if not isinstance(value, str) or not value.lstrip().startswith("[{") or "role" not in value:
+        return False
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            parsed = parse(value.strip())
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+        return isinstance(parsed, list) and bool(parsed) and all(isinstance(m, dict) and "role" in m for m in parsed)
+    return False
+
+
+WRITTEN_MESSAGES = ("holds a list of {role, content} messages written as text (a CSV keeps no lists); read the data from "
+                    "JSON lines or parquet, where lists stay lists")
 
 
 def describe_value(value: Any) -> str:
@@ -144,6 +164,9 @@ def detect_format(columns: list[str], rows: dict[str, Any] | list[dict[str, Any]
             f"or set {prefix or 'data'}.format to one of: " + ", ".join(REQUIRED_COLUMNS),
             source=source,
         )
+    for i, row in enumerate(rows):
+        if written := next((c for c in ("prompt", "question", "chosen", "rejected") if c in cols and written_messages(row[c])), None):
+            raise AlignpressError(f"row {i}, column {written!r} {WRITTEN_MESSAGES}: {row[written][:40]!r}", source=source)
     seen: dict[str, list[int]] = {}
     first_bad: tuple[int, str] | None = None
     for i, row in enumerate(rows):
@@ -246,6 +269,8 @@ def common_prefix(a, b) -> int:
 
 def normalise_row(fmt: str, row: dict[str, Any]) -> dict[str, list[Message]]:
     """One raw row -> {prompt, chosen, rejected} as messages. Raises RowError when the row is malformed."""
+    if written := next((c for c in ("prompt", "question", "chosen", "rejected") if written_messages(row.get(c))), None):
+        raise RowError(f"{written} {WRITTEN_MESSAGES}")
     if fmt == "capybara":
         prompt, chosen, rejected = _split_conversation(_messages(row["chosen"], "chosen"), _messages(row["rejected"], "rejected"))
         return {"prompt": prompt, "chosen": [chosen], "rejected": [rejected]}
@@ -261,6 +286,10 @@ def normalise_row(fmt: str, row: dict[str, Any]) -> dict[str, list[Message]]:
         c, r = row["chosen"], row["rejected"]
         if isinstance(c, str) and isinstance(r, str):
             n = common_prefix(c, r)
+            # Back to a word boundary: answers that begin alike ("The answer is 4." / "That is hard") share
+            # letters that belong to the answers, not to the prompt
+            while n > 0 and not c[n - 1].isspace():
+                n -= 1
             if n == 0:
                 raise RowError("implicit-prompt strings share no prefix to use as the prompt")
             return {

@@ -290,7 +290,24 @@ def stop_token_ids(tok, model=None) -> list[int]:
         ids.extend(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tok.eos_token_id not in ids:
         ids.append(tok.eos_token_id)
+    if (end := turn_end_id(tok)) is not None and end not in ids:
+        ids.append(end)
     return ids
+
+
+def turn_end_id(tok) -> int | None:
+    """The special token the chat template writes right after an assistant's answer (Gemma's
+    <end_of_turn>, Phi-3's <|end|>), or None. Training answers end with it, but gemma-2b-it's
+    generation config stops only at <eos>, so greedy answers ran on past the end of the turn."""
+    mark = "Zq7Xv"
+    try:
+        text = tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": mark}], tokenize=False)
+    except Exception:  # noqa: BLE001 - no template, or one that refuses this conversation: no end token to add
+        return None
+    rest = text[text.rfind(mark) + len(mark):] if mark in text else ""
+    ids = tok(rest, add_special_tokens=False)["input_ids"] if rest else []
+    special = set(tok.all_special_ids) | {i for i, t in getattr(tok, "added_tokens_decoder", {}).items() if t.special}
+    return ids[0] if ids and ids[0] in special else None
 
 
 def load_model(recipe: Recipe, path: str, *, device: str, dtype: torch.dtype, quantized: bool = False, tokenizer=None, training: bool = False):

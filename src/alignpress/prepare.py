@@ -116,7 +116,7 @@ def check_data_sources(recipe: Recipe, hub: bool = False) -> str:
                 kept = _threshold(list(enumerate(rows.rows)), rows, source.spec.filters, source.filters_field, report, recipe, must_keep)
                 # Rows the format cannot read, as prepare counts them (the chat template's refusals,
                 # which prepare adds, need the tokenizer).
-                _check_unusable(recipe, rows, len(kept), _normalise(kept, rows, source.fmt)[1], DroppedRows())
+                _check_unusable(recipe, rows, len(kept), _normalise(kept, rows, source.fmt, [])[1], DroppedRows())
                 filtered = f" ({len(kept)} after the rating filters)" if len(kept) != len(rows.rows) else ""
                 counts.append(f"{len(rows.rows)} rows in {rows.split}{filtered}")
                 if not must_keep:
@@ -266,6 +266,7 @@ def load_split(recipe: Recipe, src: SourceSection, prefix: str, split: str, fiel
                 if problem:
                     raise AlignpressError(problem, source=file) from None
             raise AlignpressError(f"could not read {path}: {_read_error(e)}", source=recipe.source, field=ds_field) from None
+        _check_wrapped(ds, path, src, recipe, ds_field)
     else:
         label = name if base == "train" else f"{name} (split {base})"
         try:
@@ -292,7 +293,31 @@ def load_split(recipe: Recipe, src: SourceSection, prefix: str, split: str, fiel
         # A slice past the end is empty (datasets' select raised IndexError on it).
         ds = ds.select(range(instr.from_, instr.to) if instr.to > instr.from_ else [])
     loaded = Rows(label, split, offset, list(ds.column_names), _to_rows(ds, label, offset), list(ds.column_names), whole)
+    if local is not None:
+        _check_local_rows(loaded, local[1], local[2])
     return _map_columns(recipe, src, prefix, loaded)
+
+
+def _check_wrapped(ds, path: Path, src: SourceSection, recipe: Recipe, ds_field: str) -> None:
+    """One JSON object wrapping the rows ({"data": [...]}): datasets reads it as one row without a word."""
+    if len(ds) != 1 or "chosen" in ds.column_names or src.columns:
+        return
+    row = ds[0]
+    wrapped = [c for c, v in row.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+    if wrapped:
+        raise AlignpressError(f"{path} is one JSON object whose {wrapped[0]!r} holds {len(row[wrapped[0]])} items, not rows of pairs: "
+                              "write the rows one JSON object per line (.jsonl) or as a top-level array", source=recipe.source, field=ds_field)
+
+
+def _check_local_rows(data: Rows, suffix: str, files: list[str]) -> None:
+    """Empty rows, which datasets reads without a word: a `null` or `{}` line, a CSV line of commas."""
+    empty = next((i for i, row in enumerate(data.rows) if all(v is None for v in row.values())), None)
+    if empty is None:
+        return
+    for file in files if suffix in (".json", ".jsonl") else []:
+        if problem := json_file_problem(Path(file)):
+            raise AlignpressError(problem, source=file)
+    raise AlignpressError(f"row {data.offset + empty}: empty (every column is null); remove it or fix the file", source=data.label)
 
 
 def utf8_problem(path: Path) -> str | None:
@@ -441,6 +466,11 @@ def render_pair(tok, pair: dict[str, list[dict]]) -> dict[str, Any]:
     n = min(common_prefix(p_ids, c_ids), common_prefix(p_ids, r_ids))
     p_text, c_text, r_text = text(prompt, gen=True), text(prompt + chosen), text(prompt + rejected)
     cut = len(p_text) if c_text.startswith(p_text) and r_text.startswith(p_text) else 0
+    # A template may skip a role without a word (Phi-3's first template had no system branch).
+    # Assistant turns of the history are not checked: some templates rewrite them (reasoning dropped).
+    for m in prompt:
+        if m["role"] != "assistant" and m["content"].strip() not in p_text:
+            raise ValueError(f"the chat template leaves out the {m['role']} message")
     # A template that does not write the assistant's message leaves DPO nothing to compare.
     for which, answer_ids in (("chosen", c_ids), ("rejected", r_ids)):
         if len(answer_ids) <= n:
@@ -585,14 +615,36 @@ def _threshold(items, data: Rows, filters: FilterSection, filters_field: str, re
     return items
 
 
-def _normalise(items, data: Rows, fmt: str) -> tuple[list[tuple[int, dict]], DroppedRows]:
+def special_texts(tok) -> list[str]:
+    """The tokenizer's special tokens as text (<|end|>, <end_of_turn>, </s>): in a message's content the
+    tokenizer turns them into the special ids, so an answer holding `<|end|>` ends its turn twice."""
+    added = [t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if t.special]
+    return sorted({t for t in [*tok.all_special_tokens, *added] if t and t.strip()})
+
+
+def _special_in(pair: dict[str, list[dict]], specials: list[str]) -> str | None:
+    for part in ("chosen", "rejected", "prompt"):
+        for m in pair[part]:
+            if found := next((t for t in specials if t in m["content"]), None):
+                return f"{'the ' + m['role'] + ' message of the prompt' if part == 'prompt' else part} holds the special token {found!r} as text"
+    return None
+
+
+def _normalise(items, data: Rows, fmt: str, specials: list[str]) -> tuple[list[tuple[int, dict]], DroppedRows]:
     """Each (index, row) as a prompt/chosen/rejected pair of messages, and the rows that are not one."""
     pairs, malformed = [], DroppedRows()
     for i, r in items:
         try:
-            pairs.append((i, normalise_row(fmt, r)))
+            pair = normalise_row(fmt, r)
         except RowError as e:
             malformed.add(str(e), data.offset + i)
+            continue
+        if found := _special_in(pair, specials):
+            # The chat template writes the turn markers; text that already holds them (the seed notebook
+            # appended "<|end|>\n" by hand) would be trained as extra ones
+            malformed.add(f"{found} (the chat template writes it)", data.offset + i)
+            continue
+        pairs.append((i, pair))
     return pairs, malformed
 
 
@@ -621,7 +673,7 @@ def process_split(recipe: Recipe, tok, data: Rows, fmt: str, filters: FilterSect
     items = list(zip(range(len(data.rows)), data.rows))
     items = _threshold(items, data, f, filters_field, report, recipe, must_keep=training)
     checked = len(items)
-    pairs, malformed = _normalise(items, data, fmt)
+    pairs, malformed = _normalise(items, data, fmt, special_texts(tok))
     report.record(f"malformed for format {fmt}", len(items), len(pairs), malformed.first, malformed.stored())
     if malformed:
         log.warning("%s, %s: dropped %d malformed row(s) for format %s: %s", data.label, data.split, len(malformed), fmt, malformed.summary())
@@ -634,6 +686,10 @@ def process_split(recipe: Recipe, tok, data: Rows, fmt: str, filters: FilterSect
         before = len(pairs)
         pairs = [(i, p) for i, p in pairs if p["chosen"][0]["content"].strip() and p["rejected"][0]["content"].strip()]
         report.record("empty answer", before, len(pairs))
+        before = len(pairs)
+        # the turn being answered: with it empty the pair teaches answers to nothing
+        pairs = [(i, p) for i, p in pairs if p["prompt"] and str(p["prompt"][-1].get("content") or "").strip()]
+        report.record("empty prompt", before, len(pairs))
     if f.drop_identical:
         before = len(pairs)
         pairs = [(i, p) for i, p in pairs if p["chosen"][0]["content"].strip() != p["rejected"][0]["content"].strip()]

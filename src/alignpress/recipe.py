@@ -53,7 +53,7 @@ class FilterSection:
     max: dict[str, float] = _f({}, help="Keep rows whose column <= value, e.g. {rating_rejected: 2.5}.")
     max_messages: int | None = _f(None, help="Keep rows whose chosen conversation (prompt + answer) has at most this many messages.")
     max_tokens: int | None = _f(None, help="Keep rows whose prompt + longer answer is at most this many tokens after the chat template. None = dpo.max_length, so TRL never cuts a pair; a larger cap needs dpo.max_truncated_fraction.")
-    drop_empty: bool = _f(True, help="Drop rows with an empty chosen or rejected answer.")
+    drop_empty: bool = _f(True, help="Drop rows with an empty chosen or rejected answer, or an empty last prompt turn (the one answered).")
     drop_identical: bool = _f(True, help="Drop rows whose chosen and rejected answers are the same text.")
     drop_duplicates: bool = _f(True, help="Drop repeated (prompt, chosen, rejected) triples, keeping the first.")
 
@@ -430,6 +430,9 @@ def _coerce(tp: Any, value: Any, dotted: str, src: typing.Callable[[str], str]) 
         if not isinstance(value, list):
             raise AlignpressError(f"expected a list of mappings, got {value!r}", source=src(dotted), field=dotted)
         return [_build(args[0], v, f"{dotted}[{i}]", src) for i, v in enumerate(value)]
+    # A mapping's values one by one, so a bad one is named by its key (data.filters.min.rating_chosen).
+    if typing.get_origin(tp) is dict and isinstance(value, dict):
+        return {str(k): _coerce(args[1], v, f"{dotted}.{k}", src) for k, v in value.items()}
     try:
         checked = _check(tp, value)
     except (TypeError, ValueError):
@@ -512,6 +515,8 @@ def _check(tp: Any, value: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------
 # Range checks and cross-field rules
+
+NAME_MAX = 96  # the Hub's limit for a repo name (hubnames.REPO_PART)
 
 _SPLIT = re.compile(r"^[A-Za-z0-9_.-]+(\[\s*[-+]?\d*%?\s*:\s*[-+]?\d*%?\s*\])?$")
 
@@ -691,6 +696,9 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
                                 "give the token only through HF_TOKEN or `hf auth login`")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", r.name):
         fail("name", f"{r.name!r}: use letters, digits, '.', '_', '-' (it names the output folder)")
+    if len(r.name) > NAME_MAX:
+        fail("name", f"is {len(r.name)} characters; at most {NAME_MAX} (it names the output folder and the suggested Hub repo, "
+                     f"whose names stop at {NAME_MAX})")
     if not r.model.name_or_path.strip():
         fail("model.name_or_path", "must not be empty")
     if problem := name_problem(r, r.model.name_or_path, "model"):
@@ -862,10 +870,15 @@ def validate(r: Recipe, src: typing.Callable[[str], str] = lambda f: "<recipe>")
             fail("eval.prompts", f"prompt {i + 1} is empty")
     if r.eval.judge is not None and not r.eval.judge.strip():
         fail("eval.judge", "must name a reward model (Hub id or folder), or be null")
+    if r.eval.judge is not None and r.eval.judge.startswith("builtin:"):
+        fail("eval.judge", f"{r.eval.judge!r}: builtin: models are alignpress's generative demo models; a judge is a reward "
+                           "model (sequence classification with one output): give its Hub id or folder")
     if r.eval.judge is not None and (problem := name_problem(r, r.eval.judge, "model")):
         fail("eval.judge", problem)
-    if r.eval.gate_min_gain is not None and not -1 <= r.eval.gate_min_gain <= 1:
-        fail("eval.gate_min_gain", f"must be between -1 and 1 (a difference of two accuracies), got {r.eval.gate_min_gain}")
+    if r.eval.gate_min_gain is not None and not -1 < r.eval.gate_min_gain < 1:
+        # 1 passes only a perfect score over a base that got every pair wrong: meant as one point, 0.01
+        fail("eval.gate_min_gain", f"must be above -1 and below 1 (a difference of two accuracies as fractions: 0.01 is one "
+                                   f"percentage point), got {r.eval.gate_min_gain:g}")
     if r.eval.gate_max_kl is not None and r.eval.gate_max_kl <= 0:
         # 0 refuses every model that training changed (and export refuses one it did not change)
         fail("eval.gate_max_kl", f"must be > 0 (a KL divergence; 0 lets no trained model pass), got {r.eval.gate_max_kl}")
