@@ -160,10 +160,16 @@ def _iso(ts: float) -> str:
 class User:
     name: str
     orgs: dict[str, str] = field(default_factory=dict)  # org name -> "admin" | "write" | "read"
-    token_role: str = "write"  # "write" | "read"
+    token_role: str = "write"  # "write" | "read" | "fineGrained"
+    # fineGrained: the scopes whoami reports, [{"entity": {"type": "user"|"org"|"model", "name"}, "permissions": [...]}]
+    scoped: tuple = ()
 
-    def can_write(self, namespace: str) -> bool:
-        if self.token_role != "write":
+    def can_write(self, namespace: str, repo_id: str | None = None) -> bool:
+        if self.token_role == "fineGrained":
+            granted = {(s["entity"]["type"], s["entity"]["name"]) for s in self.scoped if "repo.write" in s["permissions"]}
+            if not granted & {("user", namespace), ("org", namespace), ("model", repo_id)}:
+                return False
+        elif self.token_role != "write":
             return False
         return namespace == self.name or self.orgs.get(namespace) in ("admin", "write")
 
@@ -489,10 +495,11 @@ class HubServer:
 
     # ---------------------------------------------------------------- users and repos (test setup)
 
-    def add_token(self, token: str, user: str, *, orgs: dict[str, str] | None = None, role: str = "write") -> None:
-        """Make ``token`` valid for ``user``; ``orgs`` maps org name -> role ("admin"/"write"/"read")."""
+    def add_token(self, token: str, user: str, *, orgs: dict[str, str] | None = None, role: str = "write", scoped: list | None = None) -> None:
+        """Make ``token`` valid for ``user``; ``orgs`` maps org name -> role ("admin"/"write"/"read");
+        ``scoped``: a fine-grained token's scopes (role "fineGrained"), as whoami reports them."""
         with self._lock:
-            self._tokens[token] = User(user, dict(orgs or {}), role)
+            self._tokens[token] = User(user, dict(orgs or {}), role, tuple(scoped or ()))
 
     def add_repo(
         self,
@@ -953,7 +960,7 @@ class HubServer:
             raise HubError(status, "Repository not found", "RepoNotFound")
         if write:
             user = self._require_user(req)
-            if not user.can_write(repo.namespace):
+            if not user.can_write(repo.namespace, repo.repo_id):
                 raise HubError(
                     403, f"You don't have the rights to write to {repo_type} {repo_id} (token role: {user.token_role})"
                 )
@@ -1020,7 +1027,9 @@ class HubServer:
                 "orgs": orgs,
                 "auth": {
                     "type": "access_token",
-                    "accessToken": {"displayName": "hubserver-test", "role": user.token_role},
+                    "accessToken": {"displayName": "hubserver-test", "role": user.token_role,
+                                    **({"fineGrained": {"canReadGatedRepos": True, "global": [], "scoped": list(user.scoped)}}
+                                       if user.token_role == "fineGrained" else {})},
                 },
             }
         )

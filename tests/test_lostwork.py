@@ -205,9 +205,14 @@ def test_resume_falls_back_when_a_checkpoint_fails_to_load(demo_copy, demo_run):
 
 
 def test_unexpected_failure_is_one_line_with_a_log(demo_copy):
-    """A truncated adapter makes safetensors raise deep inside peft: one line, the traceback in logs/."""
+    """An adapter whose header names a dtype safetensors does not know (its length and offsets intact,
+    so the check for cut-short weights passes it) makes safetensors raise deep inside peft: one line,
+    the traceback in logs/."""
     weights = demo_copy / "adapter/adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-100])
+    data = weights.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    assert b'"F32"' in data[8:8 + n]
+    weights.write_bytes(data[:8] + data[8:8 + n].replace(b'"F32"', b'"Q32"') + data[8 + n:])
     model = tree(demo_copy / "model")
     proc = cli("export", "recipes/demo.yaml", "--output-dir", demo_copy)
     assert proc.returncode == 1, proc.stderr[-3000:]
@@ -510,3 +515,30 @@ def test_checkpoints_of_another_recipe_are_not_resumed_when_the_records_are_gone
     proc = cli("run", "recipes/demo.yaml", "--output-dir", demo_copy)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resuming training from {demo_copy}/checkpoints/checkpoint-53 (step 53)" in proc.stderr
+
+
+def test_weights_cut_short_since_export_are_not_published(demo_copy):
+    """A model.safetensors cut short after export (a copy that stopped) was pushed and reported
+    "pushed", exit 0: the Hub then held a model nobody can load. Its header no longer describes the
+    file, so export is pending again: `publish` names it, `run` redoes the merge."""
+    from alignpress.cli import weights_problem
+
+    weights = demo_copy / "model/model.safetensors"
+    whole = weights.stat().st_size
+    assert weights_problem(demo_copy / "model") is None and weights_problem(demo_copy / "adapter") is None
+    with weights.open("r+b") as f:
+        f.truncate(whole - 1000)
+    problem = f"{weights} is cut short or damaged ({whole - 1000:,} bytes; its header does not describe them)"
+    assert weights_problem(demo_copy / "model") == problem
+    proc = cli("publish", "recipes/demo.yaml", "--output-dir", demo_copy, "--set", "publish.repo_id=alice/cut")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: {demo_copy}: stage publish needs the result of export, but {problem}: "
+                                                    "run `export` (or `run`, which redoes it)")
+    assert json.loads((demo_copy / "run.json").read_text())["stages"]["export"]["status"] == "pending"  # said so above
+    proc = cli("run", "recipes/demo.yaml", "--output-dir", demo_copy)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "== export done" in proc.stderr and "== train: already done, skipping" in proc.stderr
+    assert weights.stat().st_size == whole and weights_problem(demo_copy / "model") is None
+    # A shard the index names that is gone
+    (demo_copy / "model/model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00002-of-00002.safetensors"}}))
+    assert weights_problem(demo_copy / "model") == f"{demo_copy}/model/model-00002-of-00002.safetensors is missing (named in model.safetensors.index.json)"

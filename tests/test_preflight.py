@@ -321,3 +321,55 @@ def test_a_finished_folder_that_will_publish_asks_the_hub_before_the_stages_run_
     assert proc.stderr.strip().splitlines()[-1].startswith("error: the Hub rejected the token while checking the token (whoami) (HTTP 401")
     assert "== evaluate" not in proc.stderr and (demo_copy / "metrics/eval.json").read_bytes() == ev
     assert [r.route for r in hub_env.server.requests] == ["whoami"]
+
+
+def fine_grained(*scopes):
+    return [{"entity": {"_id": "x", "type": kind, "name": name}, "permissions": perms} for kind, name, perms in scopes]
+
+
+def test_a_fine_grained_token_without_repo_write_stops_before_prepare(hub_env, tmp_path):
+    """Only a read-only *classic* token was refused: a fine-grained token without write access passed
+    the preflight, trained, and was refused by the Hub at the push. Its scopes are in whoami."""
+    read_only = "hf_aliceFineGrainedRead000000000000"
+    hub_env.server.add_token(read_only, "alice", orgs={"acme": "write"}, role="fineGrained",
+                             scoped=fine_grained(("user", "alice", ["repo.content.read"]), ("org", "acme", ["repo.write"])))
+    out = tmp_path / "out"
+    line = refused(run(out, env={"HF_TOKEN": read_only}), out)
+    assert line == ("error: the fine-grained token of 'alice' may not write to alice/demo-dpo: give it \"Write access to contents/settings "
+                    "of all repos\" under 'alice' (repo.write), or create a token with write access (https://huggingface.co/settings/tokens)")
+    assert [r.route for r in hub_env.server.requests] == ["whoami"]
+
+
+@pytest.mark.parametrize("scope", [("user", "alice"), ("model", REPO)])
+def test_a_fine_grained_token_with_repo_write_publishes(hub_env, tmp_path, scope):
+    """Its own namespace, or the one repo (when the repo exists): the preflight lets it through, and
+    the test Hub, which checks the same scopes, takes the push."""
+    from alignpress.hubnames import write_problem
+
+    token = "hf_aliceFineGrainedWrite00000000000"
+    scoped = fine_grained((*scope, ["repo.content.read", "repo.write"]))
+    hub_env.server.add_token(token, "alice", role="fineGrained", scoped=scoped)
+    me = {"name": "alice", "orgs": [], "auth": {"accessToken": {"role": "fineGrained", "fineGrained": {"scoped": scoped}}}}
+    assert write_problem(me, [REPO]) is None
+    assert write_problem(me, ["alice/other"]) == (None if scope[0] == "user" else ("token", write_problem(me, ["alice/other"])[1]))
+    if scope[0] == "model":
+        hub_env.server.add_repo(REPO, private=True)
+    out = tmp_path / "out"
+    sets = ["publish.allow_update=true"] if scope[0] == "model" else []
+    proc = run(out, *sets, env={"HF_TOKEN": token})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "run.json").read_text())["stages"]["publish"]["pushed"] is True
+
+
+def test_a_tag_that_names_another_commit_stops_before_prepare(hub_env, tmp_path):
+    """publish.tag set to a tag the repo already has: a model yet to be trained cannot be the one it
+    names, and publish refused it after training and export."""
+    repo = hub_env.server.add_repo(REPO, private=True, files={"notes.txt": b"v1\n"})
+    repo.tags["v1"] = head = hub_env.server.head(REPO)
+    out = tmp_path / "out"
+    line = refused(run(out, "publish.allow_update=true", "publish.tag=v1"), out)
+    assert line == (f"error: --set publish.tag: field 'publish.tag': the tag 'v1' of {REPO} already names a commit ({head[:8]}), and this "
+                    "run's model is yet to be made: set publish.tag to a new name, or leave it unset (each run is then tagged with its run id)")
+    proc = run(out, "publish.allow_update=true", "publish.tag=v2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert hub_env.server.tags(REPO)["v1"] == head and "v2" in hub_env.server.tags(REPO)

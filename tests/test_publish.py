@@ -186,12 +186,35 @@ def test_a_restart_is_a_new_run_with_its_own_tag_in_the_same_repo(hub_env, out):
     assert f"model: pushed: {server.url}/{REPO} (tag {second}" in proc.stdout
 
 
+def test_a_changed_export_section_is_a_new_run_too(hub_env, out):
+    """Without --restart: `run` with another export.dtype redoes the merge by itself, and kept the old
+    run id, so its push was refused after the merge (the tag named a commit of other weights)."""
+    server = hub_env.server
+    assert run_process(out).returncode == 0
+    first, first_head = run_id(out), server.head(REPO)
+    proc = cli("run", RECIPE, "--output-dir", out, "--set", f"publish.repo_id={REPO}", "--set", "export.dtype=bfloat16", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second = run_id(out)
+    assert second != first and f"export changed: run {second} (was {first})" in proc.stderr
+    assert server.tags(REPO) == {first: first_head, second: server.head(REPO)} and server.head(REPO) != first_head
+    # A card-only change keeps the run and moves its tag (no new weights)
+    proc = cli("run", RECIPE, "--output-dir", out, "--set", f"publish.repo_id={REPO}", "--set", "export.dtype=bfloat16",
+               "--set", "description=Says the answer.", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run_id(out) == second and set(server.tags(REPO)) == {first, second}
+
+
 def test_push_both_puts_the_adapter_on_its_own_branch(hub_env, out):
     server = hub_env.server
     rid = run_id(out)
     assert run_cli(out, "publish.push=both") == 0
     assert sorted(server.files(REPO, "adapter")) == sorted([".gitattributes", "README.md", "alignpress.json", *ADAPTER_FILES])
-    assert {n: server.files(REPO, "adapter")[n] for n in ADAPTER_FILES} == {n: (out / "adapter" / n).stat().st_size for n in ADAPTER_FILES}
+    same = [n for n in ADAPTER_FILES if n != "adapter_config.json"]
+    assert {n: server.files(REPO, "adapter")[n] for n in same} == {n: (out / "adapter" / n).stat().st_size for n in same}
+    # PEFT wrote the local folder the builtin base loaded from: no use elsewhere, and a path of this machine
+    local = json.loads((out / "adapter/adapter_config.json").read_text())
+    pushed = json.loads(server.file_bytes(REPO, "adapter_config.json", "adapter"))
+    assert local["base_model_name_or_path"].startswith("/") and pushed == {**local, "base_model_name_or_path": None}
     assert sorted(server.files(REPO, "main")) == sorted([".gitattributes", "README.md", "alignpress.json", *MODEL_FILES, *PLOTS])
     # the branch starts at the repo's first commit: only the adapter in its history
     assert [c.title for c in server.commits(REPO, "adapter")] == ["initial commit", f"alignpress demo: adapter from run {rid}"]
@@ -199,7 +222,9 @@ def test_push_both_puts_the_adapter_on_its_own_branch(hub_env, out):
     readme = server.file_bytes(REPO, "README.md", "adapter").decode()
     data = ModelCard(readme).data.to_dict()
     assert data == {**CARD_METADATA, "library_name": "peft"}
-    assert f'from_pretrained("{REPO}", revision="adapter")' in readme
+    assert f'tok = AutoTokenizer.from_pretrained("{REPO}", revision="adapter")' in readme
+    assert ("base = AutoModelForCausalLM.from_pretrained(BASE)  # the base model `builtin:tiny-phi3-arithmetic`: not on the Hub\n"
+            f'model = PeftModel.from_pretrained(base, "{REPO}", revision="adapter")') in readme
     assert "merged into the base weights" not in readme and ".png" not in readme
 
     # Again: nothing new on either branch.
@@ -230,6 +255,16 @@ def test_existing_public_repo_is_refused_when_private_is_asked(hub_env, out, cap
     assert len(server.commits(REPO)) == 1 and server.requests_to("preupload") == [] and server.requests_to("commit") == []
     assert server.is_private(REPO) is False
     assert publish_stage(out)["status"] == "failed"
+
+
+def test_a_card_license_the_hub_refuses_stops_publish_before_any_commit(hub_env, out, capsys):
+    """A card-only change reaches `publish` without run's preflight: the Hub refused the README at the
+    commit, after the repo was created, and it read as a Hub failure to retry (exit 3)."""
+    assert run_cli(out, "card.license=mit-ish") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: --set card.license: field 'card.license': the Hub refuses the model card's metadata: \"license\" must be one of [apache-2.0, mit, "), err
+    assert hub_env.server.repo_ids() == [] and hub_env.server.requests_to("commit") == []
+    assert [r.route for r in hub_env.server.requests][-1] == "validate_yaml"
 
 
 def test_existing_repo_needs_allow_update(hub_env, out, capsys):

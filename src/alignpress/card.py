@@ -421,15 +421,22 @@ def render_model_card(
 
     prompt = usage_prompt(run_dir)
     rendered = _render_prompt(tokenizer_dir or run_dir.model, prompt)
+    if relation == "adapter" and not is_hub_id(recipe.model.name_or_path, recipe):
+        # The adapter names no base it can load (the base was a folder on the machine that trained it)
+        load = ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                f'tok = AutoTokenizer.from_pretrained("{repo}"{rev})',
+                f"base = AutoModelForCausalLM.from_pretrained(BASE)  # the base model `{recipe.model.name_or_path}`: not on the Hub",
+                f'model = PeftModel.from_pretrained(base, "{repo}"{rev})']
+    else:
+        load = ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                f'tok = AutoTokenizer.from_pretrained("{repo}"{rev})',
+                f'model = AutoModelForCausalLM.from_pretrained("{repo}"{rev})']
     lines += [
         "",
         "## Usage",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'tok = AutoTokenizer.from_pretrained("{repo}"{rev})',
-        f'model = AutoModelForCausalLM.from_pretrained("{repo}"{rev})',
+        *load,
         f"messages = {json.dumps(prompt, ensure_ascii=False)}",
         "inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
         f"out = model.generate(**inputs, max_new_tokens={recipe.eval.max_new_tokens})",

@@ -162,11 +162,40 @@ def _check_same_recipe(recipe: Recipe, run_dir: RunDir, restart_from: str | None
     if rerun and run_dir.writer:
         first = min(rerun, key=STAGES.index)
         log.info("recipe sections %s changed: stages from %s on will run again", ", ".join(changed), first)
+        if "export" in changed and run_dir.is_done("export") and not restart_from:  # --restart gives its own
+            # Other weights (export.dtype, say) are a new model: a new run, with its own Hub tag, as after
+            # `export --restart`; under the old id the push was refused after the merge (the tag names other files)
+            log.info("export changed: run %s (was %s)", run_dir.new_run_id(), run_dir.load()["previous_run_ids"][0])
         run_dir.invalidate_from(first)
     elif changed and redone and all(_first_stage(k) in redone for k in changed):
         log.info("recipe sections %s changed: --restart redoes the stages that use them", ", ".join(changed))
     elif changed:
         log.info("recipe sections %s changed before the stages that use them ran", ", ".join(changed))
+
+
+def weights_problem(folder: Path) -> str | None:
+    """A weights file cut short or damaged since it was written (a copy that stopped, a full disk), or
+    a shard the index names that is not there: from the safetensors headers alone, no tensor read."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            return f"{index} cannot be read ({type(e).__name__})"
+        if gone := [s for s in shards if not (folder / s).is_file()]:
+            return f"{folder / gone[0]} is missing (named in {index.name})"
+    for path in sorted(folder.glob("*.safetensors")):
+        size = path.stat().st_size
+        try:
+            with path.open("rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n)) if 8 + n <= size else None
+        except (OSError, ValueError, UnicodeDecodeError):
+            header = None
+        ends = [t["data_offsets"][1] for k, t in (header or {}).items() if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t]
+        if header is None or 8 + n + max(ends, default=0) != size:
+            return f"{path} is cut short or damaged ({size:,} bytes; its header does not describe them)"
+    return None
 
 
 def _missing_output(name: str, recipe: Recipe, run_dir: RunDir) -> str | None:
@@ -178,6 +207,8 @@ def _missing_output(name: str, recipe: Recipe, run_dir: RunDir) -> str | None:
         needed = [folder / ("adapter_config.json" if recipe.lora.enabled else "config.json")]
         if folder.is_dir() and not any(folder.glob("*.safetensors")):
             return f"{folder} has no weights (*.safetensors)"
+        if cut := weights_problem(folder):
+            return cut
     elif name == "evaluate":
         if not recipe.eval.enabled or run_dir.load().get("stages", {}).get("evaluate", {}).get("skipped"):
             return None
@@ -191,6 +222,8 @@ def _missing_output(name: str, recipe: Recipe, run_dir: RunDir) -> str | None:
         needed = [run_dir.model / "config.json", run_dir.model / "README.md"]
         if run_dir.model.is_dir() and not any(run_dir.model.glob("*.safetensors")):
             return f"{run_dir.model} has no weights (*.safetensors)"
+        if cut := weights_problem(run_dir.model):
+            return cut
     else:
         return None
     gone = [str(p) for p in needed if not p.is_file()]
@@ -480,6 +513,12 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
     state = processes.state()
     main = state is None or state.is_main_process
     run_dir = RunDir(args.output_dir or default_output_dir(recipe.name), writer=main)
+    if args.command == "run" and os.environ.get("ALIGNPRESS_LAUNCHED") != "1":
+        # A run that will publish checks the Hub first: no GPU time for a push that would be refused,
+        # and no minutes building the demo's builtin model (the model checks below) before a token is refused.
+        from . import publish
+
+        processes.on_main(state, lambda: None if _published_as_is(recipe, run_dir) and not args.restart else publish.preflight(recipe, run_dir))
     # Before anything is written: a refused run leaves no folder behind. prepare loads only the
     # tokenizer, so it needs no GPU (a 4-bit recipe can count its tokens on a laptop).
     preflight(recipe, needs_gpu=args.command != "prepare", training=args.command in ("run", "prepare", "train"))
@@ -487,11 +526,6 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
         from . import tracking
 
         tracking.check_installed(recipe)
-    if args.command == "run" and os.environ.get("ALIGNPRESS_LAUNCHED") != "1":
-        # A run that will publish checks the Hub first: no GPU time for a push that would be refused.
-        from . import publish
-
-        processes.on_main(state, lambda: None if _published_as_is(recipe, run_dir) and not args.restart else publish.preflight(recipe, run_dir))
     args.run_dir = run_dir  # for the error log of an unexpected failure (main)
     restart_from = ("prepare" if args.command == "run" else args.command) if args.restart else None
     need = NEEDS.get(args.command)

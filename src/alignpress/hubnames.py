@@ -43,4 +43,15 @@ def write_problem(me: dict[str, Any], repo_ids: list[str]) -> tuple[str, str] | 
     for ns in sorted({r.split("/")[0] for r in repo_ids}):
         if ns not in writable:
             return "namespace", f"the token belongs to '{me['name']}', who cannot write to the namespace '{ns}' (writable: {', '.join(sorted(writable))})"
+    fine = ((me.get("auth") or {}).get("accessToken") or {}).get("fineGrained")
+    if role == "fineGrained" and isinstance(fine, dict) and isinstance(fine.get("scoped"), list):
+        # A fine-grained token writes where one of its scopes grants repo.write: its user or an org
+        # (new repos too), or one repo
+        granted = {(str((s.get("entity") or {}).get("type")), str((s.get("entity") or {}).get("name")))
+                   for s in fine["scoped"] if isinstance(s, dict) and "repo.write" in (s.get("permissions") or [])}
+        for repo in repo_ids:
+            ns = repo.split("/")[0]
+            if not ({("user", ns), ("org", ns), ("model", repo)} & granted):
+                return "token", (f"the fine-grained token of '{me['name']}' may not write to {repo}: give it \"Write access to contents/settings of "
+                                 f"all repos\" under '{ns}' (repo.write), or create a token with write access (https://huggingface.co/settings/tokens)")
     return None

@@ -221,7 +221,8 @@ def plan(recipe: Recipe, run_dir: RunDir, token: str) -> list[Destination]:
         message = f"{p.commit_message} (adapter)" if p.commit_message else f"alignpress {recipe.name}: adapter from run {run_id}"
         d = Destination("adapter", repo, branch, tag if branch == "main" else f"{tag}-adapter", message, "", card_library="peft")
         text = card.render_model_card(recipe, run_dir, "adapter", data=adapter_card_data(exported), repo_id=repo, revision=branch)
-        dests.append(_fill(d, run_dir.adapter, ADAPTER_FILES, text, marker, manifest))
+        base_id = recipe.model.name_or_path if card.is_hub_id(recipe.model.name_or_path, recipe) else None
+        dests.append(_fill(d, run_dir.adapter, ADAPTER_FILES, text, marker, manifest, base_id))
     findings = [f for d in dests for u in d.files.values() if (f := scan(u, token))]
     if findings:
         raise AlignpressError(
@@ -232,7 +233,7 @@ def plan(recipe: Recipe, run_dir: RunDir, token: str) -> list[Destination]:
     return dests
 
 
-def _fill(d: Destination, folder: Path, patterns: tuple[str, ...], card_text: str, marker: bytes, manifest: dict) -> Destination:
+def _fill(d: Destination, folder: Path, patterns: tuple[str, ...], card_text: str, marker: bytes, manifest: dict, base_id: str | None = None) -> Destination:
     """Hash the folder's allow-listed files and the generated ones into `d`."""
     files, left = collect(folder, patterns)
     names = {f.name for f in files}
@@ -242,10 +243,17 @@ def _fill(d: Destination, folder: Path, patterns: tuple[str, ...], card_text: st
         raise AlignpressError(f"nothing to push: no {missing} here (run the earlier stages again)", source=str(folder))
     for path in files:
         d.files[path.name] = _hashed(path.name, source=path)
+    if d.kind == "adapter":
+        # PEFT wrote the path the base loaded from: a folder on this machine (/home/NAME/...) is no
+        # use elsewhere and says where the author keeps files. The Hub id when the base is on the Hub.
+        config = json.loads((folder / "adapter_config.json").read_text())
+        if config.get("base_model_name_or_path") != base_id:
+            config["base_model_name_or_path"] = base_id
+            d.files["adapter_config.json"] = _hashed("adapter_config.json", data=(json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     d.files["README.md"] = _hashed("README.md", data=card_text.encode())
     d.files[MARKER] = _hashed(MARKER, data=marker)
     d.description = (
-        f"Pushed by alignpress from recipe `{manifest.get('recipe')}` ({manifest.get('recipe_file')}), run `{manifest['run_id']}`: "
+        f"Pushed by alignpress from recipe `{manifest.get('recipe')}` ({card.shown_recipe_file(manifest)}), run `{manifest['run_id']}`: "
         f"the {d.kind}, {len(d.files)} files."
     )
     if left:
@@ -414,7 +422,7 @@ class Hub:
         if status == 403:
             return AlignpressError(f"the token may not do this while {what} ({detail}): use a token with write access to the namespace")
         tries = f" after {attempts} attempts" if attempts > 1 else ""
-        return StageFailed(f"publish failed while {what}{tries}: {detail}. {self.rerun}")
+        return StageFailed(f"publish failed while {what}{tries}: {detail.rstrip('.')}. {self.rerun}")
 
 
 def _status(e: Exception) -> int | None:
@@ -693,7 +701,16 @@ def preflight(recipe: Recipe, run_dir: RunDir) -> str | None:
     _quiet_http()
     hub = Hub(token, "Nothing was written: fix the problem and run again")
     try:
-        user, _ = check_access(hub, recipe, owned_run_ids(run_dir.load()))
+        user, tags = check_access(hub, recipe, owned_run_ids(run_dir.load()))
+        if recipe.publish.tag and not run_dir.is_done("export"):
+            # The model is yet to be made, so it cannot be the one an existing tag names: publish
+            # would refuse the tag after training
+            for _, repo, branch in targets(recipe):
+                tag = recipe.publish.tag if branch == "main" else f"{recipe.publish.tag}-adapter"
+                if commit := tags.get(repo, {}).get(tag):
+                    raise AlignpressError(f"the tag '{tag}' of {repo} already names a commit ({commit[:8]}), and this run's model is yet to be "
+                                          "made: set publish.tag to a new name, or leave it unset (each run is then tagged with its run id)",
+                                          field="publish.tag")
         kinds = [kind for kind, _, _ in targets(recipe)]
         check_card_metadata(hub, card.metadata(recipe), kinds)
     finally:
@@ -775,6 +792,9 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     hub = Hub(token, rerun)
     try:
         user, tags = check_access(hub, recipe, owned_run_ids(manifest))
+        # A card-only change (card.license, say) reaches publish without run's preflight: ask before
+        # the first commit, which would otherwise be refused half-way (exit 3, "try again")
+        check_card_metadata(hub, _exported_card_data(recipe, run_dir), [d.kind for d in dests])
         for repo_id, repo_tags in tags.items():
             check_tags(hub, repo_id, repo_tags, [d for d in dests if d.repo_id == repo_id])
         results = []
