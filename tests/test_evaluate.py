@@ -406,3 +406,20 @@ def test_answer_log_probs_are_trls(arch, max_length, mode, tmp_path):
     assert (batch["input_ids"].shape[1] == max_length) == (max_length < 1024)  # the short cases do truncate
     assert (ours["chosen"] - chosen).abs().max().item() < 1e-4 and (ours["rejected"] - rejected).abs().max().item() < 1e-4
     assert (ours["chosen"] - ours["rejected"]).abs().min().item() > 1e-2  # different answers: the comparison means something
+
+
+def test_the_gate_refuses_a_stale_evaluation_and_one_without_accuracy(demo_copy):
+    """An eval.json left from before evaluate was invalidated is not trusted; an evaluation with no
+    held-out accuracy cannot pass a minimum gain."""
+    from alignpress.runstate import RunDir
+
+    r = recipe("eval.gate_min_gain=0.05")
+    run_dir = RunDir(demo_copy)
+    gate.check(r, run_dir)  # the demo passes
+    run_dir.invalidate_from("evaluate")
+    assert (demo_copy / "metrics/eval.json").exists()
+    with pytest.raises(AlignpressError, match="field 'eval.gate_min_gain': the publish gate needs the evaluate stage's metrics/eval.json, and it is missing or stale"):
+        gate.check(r, run_dir)
+    v = gate.verdict(r, {"base": {}, "aligned": {}})
+    assert v["passed"] is False
+    assert v["reasons"] == [{"field": "eval.gate_min_gain", "reason": "no held-out preference accuracy to compare (no held-out pairs were scored)"}]

@@ -182,3 +182,16 @@ def test_missing_columns_named():
         "data.jsonl: field 'data.format': format 'system_question' needs columns question, chosen, rejected; "
         "missing question, rejected (the data has: chosen, system)"
     )
+
+
+def test_the_majority_layout_wins_even_when_the_first_row_is_odd():
+    odd = {**ROWS["capybara"], "chosen": "Hello!", "rejected": "Go away."}
+    rows = [odd] + [ROWS["capybara"]] * 3
+    assert detect_format(list(ROWS["capybara"]), rows) == ("capybara", {"standard": [0], "capybara": [1, 2, 3]})
+
+
+@pytest.mark.parametrize("answer", [[U("x"), A("y")], [A("x"), A("y")], [U("x")]])
+def test_an_answer_is_exactly_one_assistant_message(answer):
+    row = {"prompt": [U("Hi?")], "chosen": answer, "rejected": [A("No.")]}
+    with pytest.raises(RowError, match="^chosen must be exactly one assistant message$"):
+        normalise_row("conversational", row)

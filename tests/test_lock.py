@@ -138,3 +138,20 @@ print("still running")
     assert last.startswith(f"error: {tmp_path}: lost the output folder lock to host spot-vm-2, pid 777, `run recipes/demo.yaml` since 2026-11-18 11:06:40 UTC, last heartbeat "), last
     assert last.endswith(" s ago; stopping"), last
     assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == "newer"  # the new holder's lock stays
+
+
+def test_release_leaves_a_lock_another_holder_took_over(tmp_path):
+    """A holder that lost its lock (taken over as stale while it hung) must not delete the new
+    holder's lock on its way out: a third writer would get in."""
+    lock = FolderLock(tmp_path, command="run recipes/demo.yaml")
+    lock.acquire()
+    path = tmp_path / LOCK_NAME
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "token": "the-new-holder"}))
+    lock.release()
+    assert json.loads(path.read_text())["token"] == "the-new-holder"
+    path.unlink()
+    lock2 = FolderLock(tmp_path, command="run recipes/demo.yaml")
+    lock2.acquire()
+    lock2.release()
+    assert not path.exists()  # its own lock it removes

@@ -919,3 +919,15 @@ def test_estimates_take_the_models_own_efficiency_from_its_measurement(phi3_out)
     # Phi-3-mini's shipped settings measured 0.2143 where the fit says 0.25 x (1 - 0.1186) = 0.2204
     phi3 = json.loads(cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--prices", "table", "--json").stdout)
     assert phi3["throughput"]["calibration"]["factor"] == pytest.approx(0.2143 / (0.25 * (1 - 0.1186)))
+
+
+def test_packed_rows_of_an_odd_micro_batch_round_up():
+    """3 pairs, 2 a row: two rows (the second half full), not one; one row held the memory estimate
+    low enough to turn checkpointing off where it was needed."""
+    from alignpress.flops import MASK_ALIGN, packed_layout, prefix_segment
+
+    assert prefix_segment(10, 5, 5, None) == 21  # 15 + 15 positions, the 10-token prompt once (its last token twice)
+    pairs = [(10, 5, 5)] * 4
+    assert packed_layout(pairs, None, 3, 2) == (2, math.ceil(42 / MASK_ALIGN) * MASK_ALIGN)
+    assert packed_layout(pairs, None, 4, 2) == (2, math.ceil(42 / MASK_ALIGN) * MASK_ALIGN)
+    assert packed_layout(pairs, None, 1, 2) == (1, math.ceil(21 / MASK_ALIGN) * MASK_ALIGN)
