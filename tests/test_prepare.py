@@ -254,3 +254,20 @@ def test_dropped_rows_summary_stays_one_short_line():
         "rejected is text ('bad answer number 1'), not a list of {role, content} messages (1 row: 1); "
         "2998 more reasons (2998 rows)")
     assert len(dropped) == 3002 and len(dropped.stored()) == 20
+
+
+def test_duplicates_are_whole_pairs_and_the_longer_answer_decides_the_cap(tmp_path, tiny_phi3):
+    """UltraFeedback-style data has several pairs per prompt: only a pair seen before is a duplicate.
+    A pair is kept only when its longer answer fits: a long rejected answer alone drops it."""
+    rows = [capy(f"Question {i}?", f"Good answer {i}.", f"Bad answer {i}.") for i in range(6)] + [
+        capy("Question 0?", "Another good answer.", "Another bad answer."),  # same prompt, other pair: kept
+        capy("Question 1?", "Good answer 1.", "Bad answer 1."),  # the same pair again: dropped
+        capy("LongRej?", "Fine.", "word " * 200),  # the rejected answer is over max_tokens
+        capy("LongCho?", "word " * 200, "Bad."),
+    ]
+    recipe = make_recipe(tmp_path, tiny_phi3, rows=rows, data__filters={"max_tokens": 64})
+    out = tmp_path / "out"
+    proc = cli("prepare", recipe, "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr
+    removed = {f["filter"]: f["removed"] for f in json.loads((out / "data/stats.json").read_text())["splits"]["train"]["filters"]}
+    assert removed["duplicate pair"] == 1 and removed["longer than 64 tokens"] == 2

@@ -527,3 +527,25 @@ def test_a_token_with_its_newline_is_used_stripped_and_never_quoted(monkeypatch)
     quoted = "LocalProtocolError: Illegal header value b'Bearer hf_PROBESECRET1234567890abcdefghijklmnop\\n'"
     assert redact(quoted) == "LocalProtocolError: Illegal header value b'Bearer <token>\\n'"
     assert redact("https://alice:pw0rd@h.example/x, http://h:8080/y") == "https://alice:<password>@h.example/x, http://h:8080/y"
+
+
+def test_a_repo_another_run_published_needs_allow_update(hub_env, out, capsys):
+    """Its alignpress.json names another run (a colleague's, another recipe's): not this folder's to update."""
+    server = hub_env.server
+    server.add_repo(REPO, private=True, files={"alignpress.json": b'{"generator": "alignpress", "recipe": "demo", "run_id": "someone-else"}\n'})
+    assert run_cli(out) == 2
+    assert f"{REPO} already exists and was not published by this run (run {run_id(out)})" in capsys.readouterr().err
+    assert server.requests_to("commit") == []
+
+
+def test_a_tag_naming_other_weights_is_not_moved(hub_env, out, capsys):
+    """publish.tag kept across a new model: the tag names the first model's commit and stays there."""
+    server = hub_env.server
+    assert run_process(out, "publish.tag=v1").returncode == 0
+    tagged = server.tags(REPO)["v1"]
+    assert cli("export", RECIPE, "--output-dir", out, "--restart", "--set", "export.dtype=bfloat16", timeout=300).returncode == 0
+    proc = run_process(out, "publish.tag=v1", "export.dtype=bfloat16")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"error: --set publish.tag: field 'publish.tag': the tag 'v1' of {REPO} already names a commit with other files (")
+    assert server.tags(REPO)["v1"] == tagged and len(server.commits(REPO)) == 2
