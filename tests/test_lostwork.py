@@ -542,3 +542,40 @@ def test_weights_cut_short_since_export_are_not_published(demo_copy):
     # A shard the index names that is gone
     (demo_copy / "model/model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00002-of-00002.safetensors"}}))
     assert weights_problem(demo_copy / "model") == f"{demo_copy}/model/model-00002-of-00002.safetensors is missing (named in model.safetensors.index.json)"
+
+
+def test_checkpoints_already_written_are_not_counted_again(demo_run):
+    """A resumed training writes only what is not there yet: the checkpoints in the folder come off
+    the need (a resume on a nearly full disk was refused); --restart writes them all again."""
+    from alignpress import disk
+    from alignpress.checks import model_sizes
+    from alignpress.recipe import load_recipe
+    from alignpress.runstate import RunDir, folder_size
+
+    out = RunDir(demo_run[0], writer=False)
+    recipe = load_recipe(ROOT / "recipes/demo.yaml")
+    sizes = model_sizes(recipe)
+    there = folder_size(out.checkpoints)
+    assert there > 0
+    resumed = disk.estimate(recipe, out, ["train"], sizes, train_bytes=4, pairs=417)[-1]
+    again = disk.estimate(recipe, out, ["train"], sizes, train_bytes=4, pairs=417, restart=True)[-1]
+    assert again.need - resumed.need == there
+    assert resumed.parts[-1] == f"less {disk.size_text(there)} of checkpoints already there"
+    assert not any(p.startswith("less ") for p in again.parts)
+
+
+def test_set_aside_keeps_the_finished_previous(tmp_path):
+    """A second --restart after an interrupted one: `checkpoints.previous` holds the finished run's,
+    `checkpoints` the interrupted redo's. The finished ones stay; the redo's go."""
+    from alignpress.runstate import RunDir
+
+    run_dir = RunDir(tmp_path)
+    finished, redo = tmp_path / "checkpoints.previous" / "checkpoint-53", tmp_path / "checkpoints" / "checkpoint-5"
+    finished.mkdir(parents=True)
+    (finished / "w").write_text("finished")
+    redo.mkdir(parents=True)
+    run_dir.set_aside(tmp_path / "checkpoints")
+    assert tree(tmp_path) == {"checkpoints.previous/checkpoint-53/w": hashlib.sha256(b"finished").hexdigest()}
+    (tmp_path / "metrics.jsonl").write_text("x")
+    run_dir.set_aside(tmp_path / "metrics.jsonl")  # nothing aside yet: moved there
+    assert (tmp_path / "metrics.jsonl.previous").read_text() == "x" and not (tmp_path / "metrics.jsonl").exists()
