@@ -179,3 +179,14 @@ def test_reproduce_keeps_a_copy_local_and_shows_no_local_path():
     local = reproduce_lines(load_recipe(ROOT / "recipes/demo.yaml"), {"recipe_file": "recipes/demo.yaml"})
     assert local[5] == "python entrypoint.py run recipe.yaml" and "from `recipes/demo.yaml`" in local[2]
     assert not any(line.startswith("The `--set`") for line in local)
+
+
+def test_the_cards_gate_sentence_has_each_number_in_its_place(demo_run):
+    """Gain and minimum, KL and limit: each where the sentence says it is."""
+    from alignpress.card import evaluation_lines
+
+    evals = json.loads((demo_run[0] / "metrics/eval.json").read_text())
+    evals["gate"] = {"passed": True, "preference_accuracy_gain": 0.6889, "min_gain": 0.02, "kl_estimate": 0.3623, "max_kl": 50.0}
+    assert "Publish gate passed: preference accuracy gain 0.6889 (minimum 0.02), KL estimate 0.3623 (limit 50)." in evaluation_lines(evals)
+    evals["gate"] = {"passed": False, "reasons": [{"field": "eval.gate_max_kl", "reason": "the KL estimate exceeds the limit"}]}
+    assert "Publish gate failed: the KL estimate exceeds the limit." in evaluation_lines(evals)

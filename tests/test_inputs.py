@@ -67,6 +67,9 @@ def test_a_base_model_overwritten_after_prepare_stops_the_stages_that_load_it(tm
         f"error: {recipe}: field 'model.name_or_path': the base model's files changed since this folder's run began (extra.txt, "
         f"model.safetensors in {model}): its checkpoints and adapter were trained on the old weights. Put them back, or `run --restart` "
         "to train on the new ones (or use another --output-dir)")
+    proc = cli("run", recipe, "--output-dir", out)  # run too: it would resume training on the new weights
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+        f"error: {recipe}: field 'model.name_or_path': the base model's files changed since this folder's run began (extra.txt, ")
     weights.write_bytes(saved)
     (model / "extra.txt").unlink()
     assert changed_model(RunDir(out)) == []

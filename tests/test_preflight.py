@@ -359,6 +359,9 @@ def test_a_fine_grained_token_with_repo_write_publishes(hub_env, tmp_path, scope
     proc = run(out, *sets, env={"HF_TOKEN": token})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "run.json").read_text())["stages"]["publish"]["pushed"] is True
+    # the run's summary says where it went, and that it is private
+    row = next(line for line in proc.stdout.splitlines() if line.strip().startswith("published model"))
+    assert f"{hub_env.server.url}/{REPO} (tag " in row and row.endswith(", private)"), row
 
 
 def test_a_tag_that_names_another_commit_stops_before_prepare(hub_env, tmp_path):

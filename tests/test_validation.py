@@ -705,3 +705,20 @@ def test_data_files_read_without_complaint_but_not_rows_are_refused(tmp_path, ca
     listed.write_text(json.dumps([json.loads(x) for x in lines]))
     rc, out, err = call(capsys, "validate", "recipes/demo.yaml", "--set", f"data.dataset={listed}")
     assert (rc, err) == (0, "") and "540 rows in train[100:]" in out
+
+
+def test_the_sliding_window_binds_only_when_every_layer_slides():
+    """Gemma-2/3 and Mistral-style configs alternate sliding and full attention layers: a full layer
+    sees the whole sequence, so a sequence longer than the window is fine there; all sliding is not."""
+    from types import SimpleNamespace
+
+    from alignpress.checks import _check_lengths
+
+    recipe = load_recipe(ROOT / "recipes/demo.yaml")  # sequences up to 64 tokens
+    mixed = SimpleNamespace(max_position_embeddings=4096, sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+    assert _check_lengths(recipe, mixed, "Mixed") == 64
+    every = SimpleNamespace(max_position_embeddings=4096, sliding_window=16, layer_types=["sliding_attention"] * 2)
+    with pytest.raises(AlignpressError, match="longer than Every's sliding attention window of 16 tokens"):
+        _check_lengths(recipe, every, "Every")
+    with pytest.raises(AlignpressError, match="sliding attention window of 16"):
+        _check_lengths(recipe, SimpleNamespace(max_position_embeddings=4096, sliding_window=16), "NoTypes")
