@@ -149,6 +149,8 @@ def test_model_card(demo_run):
         assert heading in card.text, heading
     ev = load(demo_run[0] / "metrics/eval.json")
     assert f"| preference_accuracy | {ev['base']['preference_accuracy']:.4g} | {ev['aligned']['preference_accuracy']:.4g} |" in card.text
+    # The base's generation config already stops at <|end|>: nothing added, nothing said.
+    assert load(demo_run[0] / "run.json")["stages"]["export"]["eos_added"] is None and "Generation stops at" not in card.text
 
 
 def test_card_metadata_for_a_hub_base(tmp_path):
@@ -378,3 +380,45 @@ def test_export_saves_the_merged_model_in_export_dtype(demo_copy):
         dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
     assert dtypes == {"BF16"}
     assert json.loads((demo_copy / "model/config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_export_adds_the_templates_turn_end_to_a_generation_config_that_stops_only_at_eos(demo_run, tmp_path):
+    """gemma-2b-it's generation config stops only at <eos> (id 1), while its chat template ends each
+    answer with <end_of_turn>: the published model's `generate` ran on past its turn. The demo's base
+    here gets such a config (eos 3 only, where the template ends answers with <|end|> = 440)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignpress.modeling import built_builtin
+
+    base = tmp_path / "base"
+    shutil.copytree(built_builtin("builtin:tiny-phi3-arithmetic"), base)
+    config = load(base / "generation_config.json")
+    assert config["eos_token_id"] == [440, 3]
+    config["eos_token_id"] = 3
+    (base / "generation_config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    proc = cli("run", "recipes/demo.yaml", "--output-dir", out, "--set", f"model.name_or_path={base}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[alignpress] generation config: eos_token_id [3] -> [3, 440] (the chat template ends each answer with <|end|>; export.stop_at_turn_end)" in proc.stderr.splitlines()
+    assert load(out / "model/generation_config.json")["eos_token_id"] == [3, 440]
+    checks = load(out / "run.json")["stages"]["export"]
+    assert (checks["base_eos_token_id"], checks["eos_token_id"], checks["eos_added"]) == ([3], [3, 440], "<|end|>")
+    card = (out / "model/README.md").read_text()
+    assert ("Generation stops at `<|end|>`, the token the chat template ends each answer with: export added it to this model's "
+            "`generation_config.json` (`eos_token_id` [3, 440]). The base model's generation config stops only at `eos_token_id` [3].") in card
+    adapter_card = (out / "adapter/README.md").read_text()  # an adapter is used with the base's own config
+    assert "out = model.generate(**inputs, max_new_tokens=24, eos_token_id=[3, 440])" in adapter_card
+    assert "Generation stops at `<|end|>`, the token the chat template ends each answer with: `eos_token_id` in `generate` adds it." in adapter_card
+
+    # A user's plain generate now ends the answer at <|end|>.
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is 3 plus 4?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    answer = model.generate(**ids, max_new_tokens=24, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
+    assert answer[-1] == 440 and 440 not in answer[:-1] and 3 not in answer
+
+    # stop_at_turn_end: false keeps the base's config (a new export, under a new run id).
+    proc = cli("run", "recipes/demo.yaml", "--output-dir", out, "--set", f"model.name_or_path={base}", "--set", "export.stop_at_turn_end=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load(out / "model/generation_config.json")["eos_token_id"] == 3
+    assert "Generation stops at" not in (out / "model/README.md").read_text()

@@ -343,6 +343,7 @@ def render_model_card(
     repo_id: str | None = None,
     revision: str | None = None,
     tokenizer_dir: Path | None = None,
+    export: dict[str, Any] | None = None,
 ) -> str:
     """The card as Markdown with its metadata block.
 
@@ -350,6 +351,7 @@ def render_model_card(
     go into the usage snippet, and `data` (the exported card's metadata, adjusted for an adapter)
     replaces metadata(), so the published card never depends on a network lookup.
     `tokenizer_dir` (default model/): the tokenizer whose chat template renders the usage prompt.
+    `export`: export's checks (default: as run.json records them), for the stop tokens.
     """
     stats = _read(run_dir.data / "stats.json") or {}
     evals = _read(run_dir.metrics / "eval.json")
@@ -419,6 +421,11 @@ def render_model_card(
         lines.append("Not evaluated.")
     lines += plot_lines(run_dir, relation)
 
+    stops = export if export is not None else manifest.get("stages", {}).get("export", {})
+    added = stops.get("eos_added")
+    generate_args = f"max_new_tokens={recipe.eval.max_new_tokens}"
+    if added and relation == "adapter":  # the base's own generation config is loaded: name the stops
+        generate_args += f", eos_token_id={stops['eos_token_id']}"
     prompt = usage_prompt(run_dir)
     rendered = _render_prompt(tokenizer_dir or run_dir.model, prompt)
     if relation == "adapter" and not is_hub_id(recipe.model.name_or_path, recipe):
@@ -439,11 +446,17 @@ def render_model_card(
         *load,
         f"messages = {json.dumps(prompt, ensure_ascii=False)}",
         "inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
-        f"out = model.generate(**inputs, max_new_tokens={recipe.eval.max_new_tokens})",
+        f"out = model.generate(**inputs, {generate_args})",
         'print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
         "```",
         "",
     ]
+    if added:
+        base_ids = stops["base_eos_token_id"]
+        where = "`eos_token_id` in `generate` adds it" if relation == "adapter" else \
+            f"export added it to this model's `generation_config.json` (`eos_token_id` {stops['eos_token_id']})"
+        lines += [f"Generation stops at `{added}`, the token the chat template ends each answer with: {where}. "
+                  f"The base model's generation config stops only at `eos_token_id` {base_ids}.", ""]
     if rendered:
         lines += ["The prompt is the first one of the held-out split; the model's chat template turns it into:", "", "```text", rendered, "```", ""]
     lines += ["## Framework versions", ""]
@@ -461,7 +474,7 @@ def write_adapter_card(recipe: Recipe, run_dir: RunDir, base: dict[str, Any] | N
 
     if not (run_dir.adapter / "adapter_config.json").exists():
         return
-    text = render_model_card(recipe, run_dir, "adapter", data=adapter_card_data(metadata(recipe, base=base)), tokenizer_dir=run_dir.adapter)
+    text = render_model_card(recipe, run_dir, "adapter", data=adapter_card_data(metadata(recipe, base=base)), tokenizer_dir=run_dir.adapter, export=base)
     tmp = run_dir.adapter / ".README.md.tmp"
     tmp.write_text(text)
     tmp.replace(run_dir.adapter / "README.md")
@@ -472,7 +485,7 @@ def write_again(recipe: Recipe, run_dir: RunDir) -> None:
     change that reaches only the card (`card`, `description`, the publish gate): the merged weights
     stay, and the merge (minutes and a base model in memory) is not redone."""
     base = run_dir.load().get("stages", {}).get("export", {})
-    text = render_model_card(recipe, run_dir, data=metadata(recipe, base=base))
+    text = render_model_card(recipe, run_dir, data=metadata(recipe, base=base), export=base)
     tmp = run_dir.model / ".README.md.tmp"
     tmp.write_text(text)
     tmp.replace(run_dir.model / "README.md")

@@ -10,6 +10,9 @@ Checks, each an error when it fails:
 - they differ from the base model's (a merge that changed nothing is an error);
 - the saved folder loads with AutoModelForCausalLM/AutoTokenizer, gives the same logits
   (within the saved dtype's rounding) and generates through the chat template.
+
+The saved generation config stops at the chat template's end-of-turn token too (export.stop_at_turn_end):
+gemma-2b-it's stops only at <eos>, so its answers ran on past <end_of_turn> in a user's `generate`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 from . import card, plots
 from .errors import StageFailed
 from .evaluate import generate
-from .modeling import load_model, load_tokenizer, pick_device, resolve_model_path
+from .modeling import eos_ids, load_model, load_tokenizer, pick_device, resolve_model_path, turn_end_id
 from .prepare import read_jsonl
 from .recipe import Recipe
 from .runstate import RunDir
@@ -49,6 +52,19 @@ def logits(model, ids, attn):
     device = next(model.parameters()).device
     out = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
     return out * attn.to(device).unsqueeze(-1)  # ignore padded positions
+
+
+def generation_stops(recipe: Recipe, model, tok) -> dict[str, Any]:
+    """Adds the template's end-of-turn token to the model's generation config when it stops without it
+    (export.stop_at_turn_end). Returns the ids before and after, and the token added (or None), for the card."""
+    base = eos_ids(model.generation_config) or [tok.eos_token_id]
+    end = turn_end_id(tok)
+    if not recipe.export.stop_at_turn_end or end is None or end in base:
+        return {"base_eos_token_id": base, "eos_token_id": base, "eos_added": None}
+    model.generation_config.eos_token_id = [*base, end]
+    added = tok.convert_ids_to_tokens(end)
+    log.info("generation config: eos_token_id %s -> %s (the chat template ends each answer with %s; export.stop_at_turn_end)", base, [*base, end], added)
+    return {"base_eos_token_id": base, "eos_token_id": [*base, end], "eos_added": added}
 
 
 def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
@@ -81,6 +97,7 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     if change <= 1e-6:
         raise StageFailed("the merged model gives the same logits as the base model: training or the merge changed nothing")
 
+    checks.update(generation_stops(recipe, merged, tok))
     dtype = getattr(torch, recipe.export.dtype)
     merged = merged.to(dtype)
     tmp = run_dir.partial(run_dir.model)
@@ -89,7 +106,7 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     plots.copy_into(run_dir, tmp)  # train_curves.png, eval_before_after.png: the card links them
     # The base card's license, looked up once: a card written again later (card.write_again) reuses it.
     checks["base_license"] = card.base_license(recipe)
-    (tmp / "README.md").write_text(card.render_model_card(recipe, run_dir, data=card.metadata(recipe, base=checks), tokenizer_dir=tmp))
+    (tmp / "README.md").write_text(card.render_model_card(recipe, run_dir, data=card.metadata(recipe, base=checks), tokenizer_dir=tmp, export=checks))
     if recipe.lora.enabled:
         card.write_adapter_card(recipe, run_dir, base=checks)  # replaces PEFT's empty template, now that the numbers exist
     del base, merged

@@ -282,12 +282,15 @@ def fix_pad_token(tok) -> str:
     return "added"
 
 
+def eos_ids(generation_config) -> list[int]:
+    """A generation config's eos_token_id (None, one id or a list) as a list."""
+    eos = getattr(generation_config, "eos_token_id", None)
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
+
+
 def stop_token_ids(tok, model=None) -> list[int]:
     """Token ids that end an answer: the generation config's eos ids plus the tokenizer's eos."""
-    ids: list[int] = []
-    if model is not None and getattr(model, "generation_config", None) is not None:
-        eos = model.generation_config.eos_token_id
-        ids.extend(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    ids = eos_ids(getattr(model, "generation_config", None))
     if tok.eos_token_id not in ids:
         ids.append(tok.eos_token_id)
     if (end := turn_end_id(tok)) is not None and end not in ids:

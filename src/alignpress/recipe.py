@@ -168,6 +168,7 @@ class ExportSection:
     merge: bool = _f(True, help="Merge the LoRA adapter into the base and save a full model in model/: always true (export, evaluate's card and publish's model push need model/); publish.push: adapter pushes the adapter alone.")
     dtype: Literal["bfloat16", "float16", "float32"] = _f("bfloat16", help="dtype of the saved model.")
     check_tolerance: float = _f(1e-3, help="Max abs logit difference allowed between merged and adapter model (float32 probe); > 0, since merging rounds.")
+    stop_at_turn_end: bool = _f(True, help="Add the token the chat template ends each answer with (Gemma's <end_of_turn>) to the saved generation_config.json's eos_token_id when the base's config lacks it, so the model's generate stops at the end of its turn; false keeps the base's generation config.")
 
 
 @dataclass
