@@ -149,6 +149,13 @@ def test_model_card(demo_run):
         assert heading in card.text, heading
     ev = load(demo_run[0] / "metrics/eval.json")
     assert f"| preference_accuracy | {ev['base']['preference_accuracy']:.4g} | {ev['aligned']['preference_accuracy']:.4g} |" in card.text
+    # What the numbers were measured on, against the weights this card describes.
+    checks = load(demo_run[0] / "run.json")["stages"]["export"]
+    assert ev["scored"] == {"weights": "the base with the LoRA adapter", "dtype": "float32", "device": "cpu"}
+    assert ("Scored on the base with the LoRA adapter in float32 (cpu), before the merge. This model is the merge saved in float32: "
+            f"on export's probe prompts its logits are within {checks['reload_max_abs_diff']:.2g} of the float32 merge's, and the "
+            f"merge's within {checks['merge_max_abs_diff']:.2g} of the adapter model's.\n") in card.text
+    assert "\nScored on the base with the LoRA adapter in float32 (cpu).\n" in (demo_run[0] / "adapter/README.md").read_text()
     # The base's generation config already stops at <|end|>: nothing added, nothing said.
     assert load(demo_run[0] / "run.json")["stages"]["export"]["eos_added"] is None and "Generation stops at" not in card.text
 
@@ -380,6 +387,10 @@ def test_export_saves_the_merged_model_in_export_dtype(demo_copy):
         dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
     assert dtypes == {"BF16"}
     assert json.loads((demo_copy / "model/config.json").read_text())["dtype"] == "bfloat16"
+    checks = load(demo_copy / "run.json")["stages"]["export"]
+    assert 0 < checks["reload_max_abs_diff"] <= 0.5  # bfloat16 rounding, within export's reload tolerance
+    assert (f"This model is the merge saved in bfloat16: on export's probe prompts its logits are within "
+            f"{checks['reload_max_abs_diff']:.2g} of the float32 merge's") in (demo_copy / "model/README.md").read_text()
 
 
 def test_export_adds_the_templates_turn_end_to_a_generation_config_that_stops_only_at_eos(demo_run, tmp_path):

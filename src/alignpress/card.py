@@ -109,6 +109,22 @@ def _fmt(x: Any) -> str:
 CARD_SAMPLES = 5  # side-by-side generations shown in the card; metrics/report.md has them all
 
 
+def scored_lines(evals: dict[str, Any], export: dict[str, Any], dtype: str, relation: str) -> list[str]:
+    """Which weights the evaluation scored, against the merged model the card describes: with
+    export.dtype bfloat16 the published weights are rounded, and the numbers came from before the merge."""
+    s = evals.get("scored")
+    if not s:
+        return []
+    if relation == "adapter" or "reload_max_abs_diff" not in export:
+        return [f"Scored on {s['weights']} in {s['dtype']} ({s['device']}).", ""]
+    return [
+        f"Scored on {s['weights']} in {s['dtype']} ({s['device']}), before the merge. This model is the merge saved in {dtype}: "
+        f"on export's probe prompts its logits are within {export['reload_max_abs_diff']:.2g} of the float32 merge's, and the "
+        f"merge's within {export['merge_max_abs_diff']:.2g} of the adapter model's.",
+        "",
+    ]
+
+
 def evaluation_lines(evals: dict[str, Any]) -> list[str]:
     """The card's evaluation section from metrics/eval.json: before/after numbers, judge, gate, samples."""
     from .evaluate import _cell, number_rows
@@ -414,14 +430,15 @@ def render_model_card(
         if k in train_info:
             lines.append(f"| {k} | {_fmt(train_info[k])} |")
 
+    stops = export if export is not None else manifest.get("stages", {}).get("export", {})
     lines += ["", "## Evaluation (held-out pairs)", ""]
     if evals:
         lines += evaluation_lines(evals)
+        lines += scored_lines(evals, stops, recipe.export.dtype, relation)
     else:
         lines.append("Not evaluated.")
     lines += plot_lines(run_dir, relation)
 
-    stops = export if export is not None else manifest.get("stages", {}).get("export", {})
     added = stops.get("eos_added")
     generate_args = f"max_new_tokens={recipe.eval.max_new_tokens}"
     if added and relation == "adapter":  # the base's own generation config is loaded: name the stops

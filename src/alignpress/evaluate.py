@@ -436,6 +436,9 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
         "beta": beta,
         "behaviour_measure": f"matches /{e.behaviour_pattern}/" if e.behaviour_pattern else "closer to the chosen than the rejected answer (word-overlap F1)",
         "kl_method": KL_METHOD,
+        # What the numbers were measured on: the card tells it apart from the merged, exported weights
+        "scored": {"weights": "the base with the LoRA adapter" if recipe.lora.enabled else "the trained weights",
+                   "dtype": str(dtype).removeprefix("torch."), "device": device},
         "base": public(base_scores),
         "aligned": public(aligned_scores),
         "judge": judge_info,

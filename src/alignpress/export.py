@@ -104,11 +104,6 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     merged.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
     plots.copy_into(run_dir, tmp)  # train_curves.png, eval_before_after.png: the card links them
-    # The base card's license, looked up once: a card written again later (card.write_again) reuses it.
-    checks["base_license"] = card.base_license(recipe)
-    (tmp / "README.md").write_text(card.render_model_card(recipe, run_dir, data=card.metadata(recipe, base=checks), tokenizer_dir=tmp, export=checks))
-    if recipe.lora.enabled:
-        card.write_adapter_card(recipe, run_dir, base=checks)  # replaces PEFT's empty template, now that the numbers exist
     del base, merged
 
     # Reload the folder exactly as a user would.
@@ -124,6 +119,12 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     if not sample:
         raise StageFailed("the saved model generated an empty answer through its chat template")
     checks["sample_generation"] = sample
+    # The cards last, with every check's number. The base card's license is looked up once: a card
+    # written again later (card.write_again) reuses it.
+    checks["base_license"] = card.base_license(recipe)
+    (tmp / "README.md").write_text(card.render_model_card(recipe, run_dir, data=card.metadata(recipe, base=checks), tokenizer_dir=tmp, export=checks))
+    if recipe.lora.enabled:
+        card.write_adapter_card(recipe, run_dir, base=checks)  # replaces PEFT's empty template, now that the numbers exist
     run_dir.commit(tmp, run_dir.model)
     log.info("exported %s (%s); sample answer: %r", run_dir.model, recipe.export.dtype, sample)
     return checks
