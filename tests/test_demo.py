@@ -121,6 +121,13 @@ def test_train_metrics_logged(demo_run):
     assert steps == sorted(set(steps)) and steps[0] == 5
     assert all(k in lines[0] for k in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "learning_rate"))
     assert lines[-1]["step"] == load(demo_run[0] / "run.json")["stages"]["train"]["global_step"]
+    # The summary's loss and rewards come from one window: the last that logged a loss (steps 46-50
+    # of 53); the end of training logs 51-53 without a loss, and the rewards used to come from there.
+    train = load(demo_run[0] / "run.json")["stages"]["train"]
+    window = [x for x in lines if "loss" in x][-1]
+    assert (train["global_step"], window["step"], train["final_window_steps"]) == (53, 50, [46, 50])
+    assert [train[k] for k in ("final_loss", "rewards/accuracies", "rewards/margins")] == [window[k] for k in ("loss", "rewards/accuracies", "rewards/margins")]
+    assert "\nfinal_loss and rewards/*: means over the last logged window, steps 46–50.\n" in (demo_run[0] / "model/README.md").read_text()
 
 
 def test_exported_model_loads_and_generates(demo_run):
@@ -433,3 +440,26 @@ def test_export_adds_the_templates_turn_end_to_a_generation_config_that_stops_on
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert load(out / "model/generation_config.json")["eos_token_id"] == 3
     assert "Generation stops at" not in (out / "model/README.md").read_text()
+
+
+def test_builds_killed_before_the_end_leave_no_folders_behind(tmp_path, caplog):
+    """A build of the builtin model killed mid-way left its `.partial-PID` folder in the cache for
+    good. The next use removes the ones untouched for an hour; a younger one may be another
+    process's build in progress (a cache shared between containers: its PID means nothing here)."""
+    from alignpress.demo import STALE_BUILD_S, VERSION, build_builtin_model
+
+    final = tmp_path / f"tiny-phi3-arithmetic-v{VERSION}"
+    final.mkdir()
+    (final / "config.json").write_text("{}")
+    (final / ".complete").write_text("1s\n")
+    stale, fresh = final.with_name(f"{final.name}.partial-4242"), final.with_name(f"{final.name}.partial-4343")
+    for folder in (stale, fresh):
+        (folder / "sub").mkdir(parents=True)
+        (folder / "sub/model.safetensors").write_bytes(b"x")
+    old = time.time() - STALE_BUILD_S - 60
+    os.utime(stale, (old, old))
+    os.utime(fresh, (time.time() - STALE_BUILD_S + 60,) * 2)
+    with caplog.at_level("INFO", logger="alignpress"):
+        assert build_builtin_model("tiny-phi3-arithmetic", tmp_path) == final
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([final.name, fresh.name])
+    assert caplog.messages == [f"removed {stale}, left by a build that did not finish"]

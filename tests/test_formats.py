@@ -89,6 +89,8 @@ def test_message_lists_written_as_text_are_refused():
     [
         ("capybara", {"prompt": "p", "chosen": [U("a"), A("b")], "rejected": [U("DIFFERENT"), A("c")]}, "differ before the last answer"),
         ("capybara", {"prompt": "p", "chosen": [U("a")], "rejected": [U("a")]}, "last message of chosen and rejected must be the assistant"),
+        ("capybara", {"prompt": "p", "chosen": [A("b")], "rejected": [A("c")]},
+         "^chosen and rejected are one assistant message each, with no prompt before them: with the prompt as text in the prompt column, that is format standard$"),
         ("conversational", {"prompt": [{"role": "robot", "content": "x"}], "chosen": [A("b")], "rejected": [A("c")]}, "role 'robot'"),
         ("conversational", {"prompt": [U("a")], "chosen": [U("b")], "rejected": [A("c")]}, "chosen must be exactly one assistant message"),
         ("hh", {"chosen": "Human: no leading blank line", "rejected": "x"}, "HH transcript has text before"),
@@ -126,6 +128,17 @@ def test_unknown_layout_is_a_clear_error():
 def test_layouts_that_are_not_pairs(columns, what):
     with pytest.raises(AlignpressError, match=re.escape(f"hold {what}, not preference pairs")):
         detect_format(columns, [dict.fromkeys(columns, "x")])
+
+
+def test_a_text_prompt_with_one_assistant_message_per_answer_is_standard():
+    """A prompt string and chosen/rejected as one assistant message each (TRL's layout with a text
+    prompt) was detected as capybara, whose whole conversations then had no prompt: every row refused."""
+    row = {"prompt": "What is 2 plus 3?", "chosen": [A("5.")], "rejected": [A("6.")]}
+    assert detect_format(list(row), [row]) == ("standard", {"standard": [0]})
+    assert normalise_row("standard", row) == {"prompt": [U("What is 2 plus 3?")], "chosen": [A("5.")], "rejected": [A("6.")]}
+    # One side a whole conversation: capybara still, and its own refusals name what is wrong
+    mixed = {**row, "rejected": [U("What is 2 plus 3?"), A("6.")]}
+    assert detect_format(list(mixed), [mixed])[0] == "capybara"
 
 
 def test_detection_uses_every_given_row_and_reports_disagreement():

@@ -196,12 +196,21 @@ def test_a_changed_export_section_is_a_new_run_too(hub_env, out):
     assert proc.returncode == 0, proc.stderr[-3000:]
     second = run_id(out)
     assert second != first and f"export changed: run {second} (was {first})" in proc.stderr
-    assert server.tags(REPO) == {first: first_head, second: server.head(REPO)} and server.head(REPO) != first_head
+    second_head = server.head(REPO)
+    assert server.tags(REPO) == {first: first_head, second: second_head} and second_head != first_head
+    # run.json keeps every push (the publish stage only the latest), and the summary shows the earlier ones
+    pushes = json.loads((out / "run.json").read_text())["pushes"]
+    assert [(p["run_id"], p["kind"], p["repo_id"], p["branch"], p["tag"], p["commit"]) for p in pushes] == [
+        (first, "model", REPO, "main", first, first_head), (second, "model", REPO, "main", second, second_head)]
+    earlier = [line.split(None, 2)[2] for line in proc.stdout.splitlines() if line.split()[:2] == ["earlier", "model:"]]
+    assert earlier == [f"{server.url}/{REPO} (tag {first}, commit {first_head[:8]}, run {first})"]
     # A card-only change keeps the run and moves its tag (no new weights)
     proc = cli("run", RECIPE, "--output-dir", out, "--set", f"publish.repo_id={REPO}", "--set", "export.dtype=bfloat16",
                "--set", "description=Says the answer.", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert run_id(out) == second and set(server.tags(REPO)) == {first, second}
+    pushes = json.loads((out / "run.json").read_text())["pushes"]
+    assert [p["commit"] for p in pushes] == [first_head, second_head, server.head(REPO)] and pushes[-1]["tag"] == second
 
 
 def test_push_both_puts_the_adapter_on_its_own_branch(hub_env, out):

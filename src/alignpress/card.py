@@ -429,6 +429,8 @@ def render_model_card(
     for k in ("global_step", "train_runtime_s", "final_loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
         if k in train_info:
             lines.append(f"| {k} | {_fmt(train_info[k])} |")
+    if window := train_info.get("final_window_steps"):
+        lines += ["", f"final_loss and rewards/*: means over the last logged window, steps {window[0]}–{window[1]}."]
 
     stops = export if export is not None else manifest.get("stages", {}).get("export", {})
     lines += ["", "## Evaluation (held-out pairs)", ""]

@@ -102,6 +102,10 @@ def _kind(value: Any) -> str | None:
     return None
 
 
+def _one_answer(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) and value[0].get("role") == "assistant"
+
+
 def classify_row(columns: set[str], row: dict[str, Any]) -> tuple[str | None, str | None]:
     """(layout, None) for a row whose value types fit a layout, else (None, the column that fits none)."""
     if {"question", "chosen", "rejected"} <= columns:
@@ -119,7 +123,11 @@ def classify_row(columns: set[str], row: dict[str, Any]) -> tuple[str | None, st
             return None, "rejected"
         if p == "messages":
             return "conversational", None
-        return ("capybara" if c == "messages" else "standard"), None
+        # Whole conversations (capybara) hold the prompt's turns; one assistant message each is an answer
+        # to the prompt column's text (standard), and as a conversation it had no prompt at all.
+        if c == "messages" and not (_one_answer(row["chosen"]) and _one_answer(row["rejected"])):
+            return "capybara", None
+        return "standard", None
     if {"chosen", "rejected"} <= columns:
         for c in ("chosen", "rejected"):
             if _kind(row[c]) is None:
@@ -272,6 +280,9 @@ def normalise_row(fmt: str, row: dict[str, Any]) -> dict[str, list[Message]]:
     if written := next((c for c in ("prompt", "question", "chosen", "rejected") if written_messages(row.get(c))), None):
         raise RowError(f"{written} {WRITTEN_MESSAGES}")
     if fmt == "capybara":
+        if _one_answer(row["chosen"]) and _one_answer(row["rejected"]):
+            raise RowError("chosen and rejected are one assistant message each, with no prompt before them: "
+                           "with the prompt as text in the prompt column, that is format standard")
         prompt, chosen, rejected = _split_conversation(_messages(row["chosen"], "chosen"), _messages(row["rejected"], "rejected"))
         return {"prompt": prompt, "chosen": [chosen], "rejected": [rejected]}
     if fmt == "conversational":

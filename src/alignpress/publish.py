@@ -810,4 +810,14 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
             print(f"{d.kind}: {what}: {url} (tag {d.tag}, commit {out['commit'][:8]}, {len(d.files)} files, {'private' if private else 'public'})", flush=True)
     finally:
         hub.close()
+    record_pushes(run_dir, manifest["run_id"], results)
     return {"pushed": True, "user": user, "destinations": results}
+
+
+def record_pushes(run_dir: RunDir, run_id: str, results: list[dict[str, Any]]) -> None:
+    """run.json's `pushes`: every commit this folder pushed, oldest first. The publish stage records
+    only the latest push, and a changed publish.repo_id or a new run (export changed) replaced it."""
+    new = [{"run_id": run_id, **{k: r[k] for k in ("kind", "repo_id", "branch", "tag", "commit", "url")}} for r in results]
+    seen = {(p["repo_id"], p["commit"]) for p in new}
+    earlier = [p for p in run_dir.load().get("pushes", []) if (p["repo_id"], p["commit"]) not in seen]
+    run_dir.update(pushes=[*earlier, *new])

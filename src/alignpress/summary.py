@@ -74,6 +74,9 @@ def render(recipe: Recipe, run_dir: RunDir, recipe_file: str, sets: list[str]) -
     pushed = [d for d in pub.get("destinations", [])] if pub.get("pushed") else []
     for d in pushed:
         rows.append((f"published {d['kind']}", f"{d['url']} (tag {d['tag']}, commit {d['commit'][:8]}, {'private' if d['private'] else 'public'})"))
+    latest = {(d["repo_id"], d["commit"]) for d in pushed}
+    for d in [p for p in m.get("pushes", []) if (p["repo_id"], p["commit"]) not in latest]:
+        rows.append((f"earlier {d['kind']}", f"{d['url']} (tag {d['tag']}, commit {d['commit'][:8]}, run {d['run_id']})"))
 
     nexts: list[str] = []
     gate_failed = bool(ev and ev.get("gate") and not ev["gate"]["passed"])

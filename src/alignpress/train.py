@@ -855,9 +855,15 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     summary["world_size"] = trainer.args.world_size
     summary["deepspeed_zero_stage"] = plugin.zero_stage if plugin is not None else None
-    last = next((h for h in reversed(history) if "rewards/accuracies" in h), {})
+    # The loss and the rewards of one logging window: the last one that logged a loss. The end of
+    # training logs the steps after it (three, say) without a loss, and their rewards are noisier.
+    logged = [h for h in history if "loss" in h]
+    last = logged[-1] if logged else {}
     for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
         if key in last:
             summary[key] = last[key]
+    if last.get("step") is not None:  # a resumed run logs again the steps after its checkpoint: the latest earlier step
+        before = [h["step"] for h in logged if h.get("step") is not None and h["step"] < last["step"]]
+        summary["final_window_steps"] = [max(before, default=0) + 1, last["step"]]
     log.info("training done: %s", summary)
     return summary

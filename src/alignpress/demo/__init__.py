@@ -29,12 +29,28 @@ VERSION = 1
 BUILTINS = ("tiny-phi3-arithmetic",)
 
 
+STALE_BUILD_S = 3600  # a build takes minutes; a partial folder untouched this long was left by a killed one
+
+
+def remove_stale_builds(final: Path) -> None:
+    """Removes the `.partial-PID` folders of builds that were killed (SIGTERM, SIGKILL). Their age, not
+    their PID, says so: a cache shared between containers sees other PID namespaces."""
+    for old in final.parent.glob(f"{final.name}.partial-*"):
+        try:
+            if time.time() - old.stat().st_mtime > STALE_BUILD_S:
+                shutil.rmtree(old)
+                log.info("removed %s, left by a build that did not finish", old)
+        except FileNotFoundError:  # another process removed it first
+            continue
+
+
 def build_builtin_model(name: str, root: Path) -> Path:
     if name not in BUILTINS:
         from ..errors import AlignpressError
 
         raise AlignpressError(f"unknown builtin model {name!r}; known: {', '.join(BUILTINS)}", field="model.name_or_path")
     final = Path(root) / f"{name}-v{VERSION}"
+    remove_stale_builds(final)
     if (final / "config.json").exists() and (final / ".complete").exists():
         return final
     tmp = final.with_name(f"{final.name}.partial-{os.getpid()}")
