@@ -6,6 +6,8 @@ whitespace to their right; Gemma's bos + '<start_of_turn>{role}\\n{content}<end_
 'model' for the assistant.
 """
 
+import json
+
 import pytest
 from jinja2.exceptions import TemplateError
 
@@ -168,3 +170,34 @@ def test_greedy_answers_stop_where_the_templates_turn_ends(kind, end, request):
     assert stop_token_ids(tok, model) == [end_id, tok.eos_token_id]  # already there: nothing added
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # writes nothing after an answer
     assert turn_end_id(tok) is None and stop_token_ids(tok) == [tok.eos_token_id]
+
+
+def test_a_generation_prompt_the_answers_do_not_begin_with_is_said_at_prepare(tiny_phi3, tmp_path, capsys):
+    """A template whose generation prompt ends with more than the rendered conversation has before an
+    answer (a reasoning template's opened think block): TRL trains from where the two part and warns
+    once, at training. Prepare says it first, with the count and the text left out."""
+    import shutil
+
+    from alignpress.cli import main
+
+    tok = load_tokenizer(recipe_for(tiny_phi3))
+    assert "left_out" not in render_pair(tok, PAIR)
+    template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>\nThink first.{% endif %}")
+    tok.chat_template = template
+    row = render_pair(tok, PAIR)
+    assert row["left_out"] == "Think first." and row["prompt"].endswith("<|assistant|>\nThink first.")
+    ids = tok.apply_chat_template(PAIR["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert tok.decode(ids[:row["prompt_tokens"]]).endswith("<|assistant|>")
+
+    (tmp_path / "t.jinja").write_text(template)
+    shutil.copy("recipes/data/arithmetic-capybara.jsonl", tmp_path / "d.jsonl")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: t\nmodel: {{name_or_path: {tiny_phi3}, chat_template: t.jinja}}\n"
+                      "data: {dataset: d.jsonl, split: 'train[:40]', eval_split: 'train[40:50]'}\ntrain: {device: cpu}\n")
+    assert main(["prepare", str(recipe), "--output-dir", str(tmp_path / "out")]) == 0
+    said = [m for m in capsys.readouterr().err.splitlines() if "begin with" in m]
+    assert said == [f"[alignpress] {tmp_path}/d.jsonl, {split}: in {n} of {n} rows the chat template ends the prompt alone with 'Think first.', which the "
+                    "rendered answers do not begin with: training leaves it out, and generation (add_generation_prompt) puts it back"
+                    for split, n in (("train[:40]", 38), ("train[40:50]", 10))]  # 2 of 40 filtered out
+    assert all("left_out" not in json.loads(line) for line in (tmp_path / "out/data/train.jsonl").read_text().splitlines())

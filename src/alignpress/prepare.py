@@ -477,7 +477,7 @@ def render_pair(tok, pair: dict[str, list[dict]]) -> dict[str, Any]:
             raise ValueError(f"the chat template renders the {which} answer as no tokens: it does not write the assistant's message")
     if chosen != rejected and c_ids == r_ids:
         raise ValueError("the chat template renders the chosen and rejected answers as the same tokens: it does not write the assistant's message")
-    return {
+    out = {
         "prompt": p_text,
         "chosen": c_text[cut:],
         "rejected": r_text[cut:],
@@ -486,6 +486,9 @@ def render_pair(tok, pair: dict[str, list[dict]]) -> dict[str, Any]:
         "rejected_tokens": len(r_ids) - n,
         "messages": pair,
     }
+    if n < len(p_ids):  # the generation prompt's end that the rendered answers do not begin with (process_split warns)
+        out["left_out"] = tok.decode(p_ids[n:])
+    return out
 
 
 def show_pair(tok, row: dict[str, Any]) -> str:
@@ -713,6 +716,13 @@ def process_split(recipe: Recipe, tok, data: Rows, fmt: str, filters: FilterSect
     report.record("rejected by the chat template", len(pairs), len(rendered), refused.first, refused.stored())
     if refused:
         log.warning("%s, %s: the chat template refused %d row(s): %s", data.label, data.split, len(refused), refused.summary())
+    left_out = [r.pop("left_out") for r in rendered if "left_out" in r]
+    if left_out:
+        # TRL trains from where the prompt alone and the conversation part (warning once, at training):
+        # said here, before GPU time, with the count, since the model learns a context it will not see
+        log.warning("%s, %s: in %d of %d rows the chat template ends the prompt alone with %r, which the rendered answers do not "
+                    "begin with: training leaves it out, and generation (add_generation_prompt) puts it back",
+                    data.label, data.split, len(left_out), len(rendered), max(set(left_out), key=left_out.count))
 
     _check_unusable(recipe, data, checked, malformed, refused)
 
