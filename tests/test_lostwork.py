@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -103,9 +104,11 @@ def test_prepare_restart_with_the_same_recipe_and_data_keeps_the_later_stages(de
     assert tree(demo_copy / "checkpoints.previous") == ckpts
 
 
-def test_sigterm_outside_training_marks_the_stage_and_frees_the_folder(demo_copy):
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_sigterm_outside_training_marks_the_stage_and_frees_the_folder(demo_copy, signum, code):
     """SIGTERM during evaluate (a preemption, `docker stop`): exit 143 with one line saying what to do,
-    the stage marked interrupted, the lock released; the next run finishes it."""
+    the stage marked interrupted, the lock released; the next run finishes it. SIGHUP (a closed SSH
+    session) too: it used to end the process at once, with the lock held and the stage `running`."""
     set_pending(demo_copy, "evaluate", "export", "publish")
     args = [sys.executable, str(ROOT / "entrypoint.py"), "evaluate", "recipes/demo.yaml", "--output-dir", str(demo_copy)]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -113,11 +116,11 @@ def test_sigterm_outside_training_marks_the_stage_and_frees_the_folder(demo_copy
     for line in proc.stderr:  # the stage has started: it loads two models and scores 90 pairs each
         seen.append(line)
         if "evaluate base: chosen log-probs" in line:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signum)
             break
     err = "".join(seen) + proc.stderr.read()
-    assert proc.wait(timeout=120) == 143, err[-3000:]
-    assert err.strip().splitlines()[-1] == "error: stopped by SIGTERM; run the same command again to go on: finished stages are kept"
+    assert proc.wait(timeout=120) == code, err[-3000:]
+    assert err.strip().splitlines()[-1] == f"error: stopped by {signal.Signals(signum).name}; run the same command again to go on: finished stages are kept"
     manifest = json.loads((demo_copy / "run.json").read_text())
     assert manifest["stages"]["evaluate"]["status"] == "interrupted"
     assert not (demo_copy / "run.lock").exists()
@@ -473,7 +476,8 @@ def test_a_finished_stage_whose_result_is_gone_runs_again(demo_copy):
     proc = cli("run", "recipes/demo.yaml", "--output-dir", demo_copy)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"evaluate is marked done, but {ev} cannot be read (JSONDecodeError): it runs again" in proc.stderr
-    assert f"export is marked done, but {demo_copy}/model/config.json, {demo_copy}/model/README.md are missing: it runs again" in proc.stderr
+    assert (f"export is marked done, but {demo_copy}/model/config.json, {demo_copy}/model/README.md, {demo_copy}/model/tokenizer_config.json "
+            "are missing: it runs again") in proc.stderr
     for name in ("train", "evaluate", "export"):
         assert f"== {name}\n" in proc.stderr.replace(" done in", "\n")
     assert (demo_copy / "adapter/adapter_model.safetensors").is_file() and (demo_copy / "model/config.json").is_file()
@@ -579,3 +583,106 @@ def test_set_aside_keeps_the_finished_previous(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("x")
     run_dir.set_aside(tmp_path / "metrics.jsonl")  # nothing aside yet: moved there
     assert (tmp_path / "metrics.jsonl.previous").read_text() == "x" and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_prepared_data_an_evaluation_or_a_tokenizer_gone_since_are_not_trusted(demo_copy):
+    """Each was trusted as done: training `resumed` on a cut-short train.jsonl and trained no step;
+    without eval.jsonl every run failed in evaluate; an eval.json of `{}` was pushed as no evaluation;
+    a model folder without its tokenizer was pushed. Each is now pending again: `run` redoes it, and a
+    stage command that needs it names it."""
+    d = demo_copy
+    lines = (d / "data/train.jsonl").read_text().splitlines(keepends=True)
+    (d / "data/train.jsonl").write_text("".join(lines[:200]))
+    proc = cli("train", "recipes/demo.yaml", "--output-dir", d)
+    changed = f"{d}/data/train.jsonl or eval.jsonl changed since prepare wrote them (sha256 differs from run.json data_fingerprint)"
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-2:] == [
+        f"[alignpress] prepare is marked done, but {changed}: it runs again",
+        f"error: {d}: stage train needs the result of prepare, but {changed}: run `prepare` (or `run`, which redoes it)"]
+    fingerprint = json.loads((d / "run.json").read_text())["data_fingerprint"]
+    assert cli("prepare", "recipes/demo.yaml", "--output-dir", d).returncode == 0
+    assert json.loads((d / "run.json").read_text())["data_fingerprint"] == fingerprint  # the same data again
+    assert len((d / "data/train.jsonl").read_text().splitlines()) == len(lines)
+    (d / "data/eval.jsonl").unlink()
+    proc = cli("train", "recipes/demo.yaml", "--output-dir", d)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: {d}: stage train needs the result of prepare, but {d}/data/eval.jsonl is missing: run `prepare` (or `run`, which redoes it)")
+    assert cli("prepare", "recipes/demo.yaml", "--output-dir", d).returncode == 0
+
+    ev = d / "metrics/eval.json"
+    ev.write_text("{}")
+    proc = cli("export", "recipes/demo.yaml", "--output-dir", d)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: {d}: stage export needs the result of evaluate, but {ev} holds no evaluation (no n_pairs, base and aligned): "
+        "run `evaluate` (or `run`, which redoes it)")
+
+    (d / "model/tokenizer.json").unlink()
+    proc = cli("run", "recipes/demo.yaml", "--output-dir", d)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (f"export is marked done, but {d}/model has no tokenizer vocabulary (tokenizer.json, tokenizer.model, vocab.json, vocab.txt): "
+            "it runs again") in proc.stderr
+    assert (d / "model/tokenizer.json").is_file() and json.loads(ev.read_text())["n_pairs"] == 90
+
+
+def test_a_refused_command_changes_nothing(demo_copy):
+    """A recipe change (export.dtype) and a data file changed since prepare: the refusal of the data
+    came after the change had been applied, so the refused command left a new run id and export and
+    publish pending, and the next run redid the merge for the unchanged recipe under a new Hub tag."""
+    d = demo_copy
+    manifest = json.loads((d / "run.json").read_text())
+    (path, record), = manifest["inputs"]["data"].items()
+    record["size"] += 1  # as if the file had grown since prepare read it
+    (d / "run.json").write_text(json.dumps(manifest, indent=2))
+    before = {p: (d / p).read_bytes() for p in ("run.json", "recipe.resolved.yaml", "model/README.md")}
+    proc = cli("run", "recipes/demo.yaml", "--output-dir", d, "--set", "export.dtype=bfloat16", "--set", "card.tags=[other]")
+    assert proc.returncode == 2
+    assert f"{path} changed since this folder's prepare stage read it" in proc.stderr.strip().splitlines()[-1]
+    assert {p: (d / p).read_bytes() for p in before} == before
+    assert "export changed" not in proc.stderr and "written again" not in proc.stderr
+
+
+def test_an_empty_checkpoints_folder_is_not_a_started_training(tmp_path, tiny_phi3):
+    """A kill before the first save leaves checkpoints/ empty: a training field may still change."""
+    from test_inputs import prepared
+
+    recipe, _, _, out = prepared(tmp_path, tiny_phi3)
+    (out / "checkpoints").mkdir()
+    proc = cli("prepare", recipe, "--output-dir", out, "--set", "train.learning_rate=3e-4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[alignpress] recipe sections train changed before the stages that use them ran" in proc.stderr.splitlines()
+    (out / "checkpoints/checkpoint-5").mkdir()
+    proc = cli("prepare", recipe, "--output-dir", out, "--set", "train.learning_rate=1e-4")
+    assert proc.returncode == 2 and "holds a run of a different recipe (train.learning_rate differs)" in proc.stderr
+
+
+def test_a_killed_restart_that_replaced_a_result_keeps_its_stages_pending(demo_copy):
+    """`evaluate --restart` killed after it wrote eval.json, before the stage was marked done: the
+    undo put the old records back ("as it was") next to the new eval.json, and the next run pushed a
+    card with the killed evaluation's numbers. Results written since the restart began now keep its
+    records. And the advice after an interrupted --restart drops --restart, which would start over."""
+    import argparse
+
+    from alignpress.cli import _again, _before_restart, _restart, _undo_restart
+    from alignpress.runstate import RunDir
+
+    run_dir = RunDir(demo_copy)
+    before = _before_restart(run_dir)
+    _restart(run_dir, "evaluate")
+    assert _undo_restart(run_dir, before, "evaluate") is True  # nothing written yet: put back
+    assert json.loads((demo_copy / "run.json").read_text()) == before["manifest"]
+
+    before = _before_restart(run_dir)
+    _restart(run_dir, "evaluate")
+    ev = demo_copy / "metrics/eval.json"
+    ev.write_text(ev.read_text())  # the killed evaluation's file
+    assert _undo_restart(run_dir, before, "evaluate") is False
+    stages = json.loads((demo_copy / "run.json").read_text())["stages"]
+    assert [stages[s]["status"] for s in ("train", "evaluate", "export", "publish")] == ["done", "pending", "pending", "pending"]
+
+    args = argparse.Namespace(command="run", restart=True)
+    args.run_dir = types.SimpleNamespace(current_stage="evaluate")
+    assert _again(args) == "run the same command without --restart to go on: finished stages are kept"
+    args.restart_undone = True
+    assert _again(args) == "the folder is as it was before --restart: run the same command again to redo it"
+    args.restart, args.run_dir.current_stage = False, "train"
+    assert _again(args) == "run the same command again to go on: finished stages are kept, and training resumes from its newest checkpoint"

@@ -139,3 +139,28 @@ def test_sigterm_reaches_the_workers_of_a_relaunched_run(tmp_path, demo_run):
     assert alive == []
     assert json.loads((out / "run.json").read_text())["stages"]["train"]["status"] == "interrupted"
     assert checkpoint_is_complete(latest_checkpoint(out / "checkpoints"))
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGHUP, 129)])
+def test_ctrl_c_and_a_closed_terminal_save_like_sigterm(tmp_path, demo_run, signum, code):
+    """Ctrl-C and SIGHUP (a closed SSH session) during training lost every step since the last
+    checkpoint: SIGINT exited 130 with nothing saved, SIGHUP killed the process with the lock held.
+    Both now save after the current step, as SIGTERM does, and the stage is `interrupted`."""
+    out = tmp_path / "stopped"
+    args = ["run", "recipes/demo.yaml", "--output-dir", str(out), "--set", "train.logging_steps=1"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py"), *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "metrics/train.jsonl").exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+    name = signal.Signals(signum).name
+    assert proc.returncode == code, err[-3000:]
+    saved = latest_checkpoint(out / "checkpoints")
+    assert saved is not None and int(saved.name.split("-")[1]) < 53
+    assert err.strip().splitlines()[-1] == (f"error: stopped by {name} at step {saved.name.split('-')[1]}; a checkpoint was saved in "
+                                            f"{out}/checkpoints. Run `run` or `train` again, without --restart, to resume from it")
+    assert f"{name} received: saving a checkpoint after this step, then stopping" in err
+    assert json.loads((out / "run.json").read_text())["stages"]["train"]["status"] == "interrupted"
+    assert not (out / "run.lock").exists()

@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -89,8 +90,17 @@ def _first_stage(section: str) -> str:
     return "prepare" if section in ("name", "model", "data") else RERUN_FROM.get(section, "train")
 
 
-def _check_same_recipe(recipe: Recipe, run_dir: RunDir, restart_from: str | None = None, command: str = "run") -> None:
-    """Refuse to mix two recipes in one output folder.
+def _no_change() -> None:
+    return None
+
+
+_no_change.redo_from = None  # type: ignore[attr-defined]
+
+
+def _check_same_recipe(recipe: Recipe, run_dir: RunDir, restart_from: str | None = None, command: str = "run") -> Callable[[], None]:
+    """Refuse to mix two recipes in one output folder. Returns what the change does to the folder
+    (stages pending again, a new run id, cards written again), to be applied once every other door
+    check passed: a refused command changes nothing.
 
     The prepared data depends on `name`, `model` and `data`: those may never change. Training
     settings may change until training has started (checkpoints or a trained stage exist).
@@ -99,7 +109,7 @@ def _check_same_recipe(recipe: Recipe, run_dir: RunDir, restart_from: str | None
     """
     path = run_dir.root / "recipe.resolved.yaml"
     if not path.exists():
-        return
+        return _no_change
     new = recipe.to_dict()
     fields = changed_fields(yaml.safe_load(path.read_text()) or {}, new)
     changed = text_changed = sorted({f.split(".")[0] for f in fields})
@@ -108,7 +118,8 @@ def _check_same_recipe(recipe: Recipe, run_dir: RunDir, restart_from: str | None
         # The recipe text is the same but the template file it names was edited: the prepared
         # data, and the tokenizer later stages save with the model, used the old template.
         changed = sorted(changed + ["model"])
-    trained = run_dir.checkpoints.exists() or any(run_dir.is_done(s) for s in STAGES[1:-1])
+    # A checkpoint, not an empty folder (a kill before the first save): training has started
+    trained = any(run_dir.checkpoints.glob("checkpoint-*")) or any(run_dir.is_done(s) for s in STAGES[1:-1])
     redone = STAGES[STAGES.index(restart_from):] if restart_from else ()
     # Settings of how training runs, not of what it computes, may change when it resumes.
     computes = [f for f in fields if f.startswith("train.") and f.split(".")[1] not in RUN_ONLY_TRAIN]
@@ -151,26 +162,32 @@ def _check_same_recipe(recipe: Recipe, run_dir: RunDir, restart_from: str | None
             f"does not redo it: run `{first}` first, or `run` (it redoes {first} and the stages after it)",
             source=str(path),
         )
-    if gate_only and run_dir.writer and run_dir.is_done("evaluate"):
-        from .evaluate import rejudge
 
-        rejudge(recipe, run_dir)
-    if run_dir.writer and run_dir.is_done("export") and any(k in card_only for k in changed):
-        from .card import write_again
+    def apply() -> None:
+        # Nothing is written again for a stage --restart redoes: a killed restart would leave it changed
+        if gate_only and run_dir.writer and run_dir.is_done("evaluate") and "evaluate" not in redone:
+            from .evaluate import rejudge
 
-        write_again(recipe, run_dir)
-    if rerun and run_dir.writer:
-        first = min(rerun, key=STAGES.index)
-        log.info("recipe sections %s changed: stages from %s on will run again", ", ".join(changed), first)
-        if "export" in changed and run_dir.is_done("export") and not restart_from:  # --restart gives its own
-            # Other weights (export.dtype, say) are a new model: a new run, with its own Hub tag, as after
-            # `export --restart`; under the old id the push was refused after the merge (the tag names other files)
-            log.info("export changed: run %s (was %s)", run_dir.new_run_id(), run_dir.load()["previous_run_ids"][0])
-        run_dir.invalidate_from(first)
-    elif changed and redone and all(_first_stage(k) in redone for k in changed):
-        log.info("recipe sections %s changed: --restart redoes the stages that use them", ", ".join(changed))
-    elif changed:
-        log.info("recipe sections %s changed before the stages that use them ran", ", ".join(changed))
+            rejudge(recipe, run_dir)
+        if run_dir.writer and run_dir.is_done("export") and any(k in card_only for k in changed) and "export" not in redone:
+            from .card import write_again
+
+            write_again(recipe, run_dir)
+        if rerun and run_dir.writer:
+            first = min(rerun, key=STAGES.index)
+            log.info("recipe sections %s changed: stages from %s on will run again", ", ".join(changed), first)
+            if "export" in changed and run_dir.is_done("export") and not restart_from:  # --restart gives its own
+                # Other weights (export.dtype, say) are a new model: a new run, with its own Hub tag, as after
+                # `export --restart`; under the old id the push was refused after the merge (the tag names other files)
+                log.info("export changed: run %s (was %s)", run_dir.new_run_id(), run_dir.load()["previous_run_ids"][0])
+            run_dir.invalidate_from(first)
+        elif changed and redone and all(_first_stage(k) in redone for k in changed):
+            log.info("recipe sections %s changed: --restart redoes the stages that use them", ", ".join(changed))
+        elif changed:
+            log.info("recipe sections %s changed before the stages that use them ran", ", ".join(changed))
+
+    apply.redo_from = min(rerun, key=STAGES.index) if rerun and run_dir.writer else None  # type: ignore[attr-defined]
+    return apply
 
 
 def weights_problem(folder: Path) -> str | None:
@@ -198,10 +215,32 @@ def weights_problem(folder: Path) -> str | None:
     return None
 
 
+# One of these holds a saved tokenizer's vocabulary (fast, SentencePiece, BPE / WordPiece tokenizers)
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def _data_fingerprint(run_dir: RunDir) -> str:
+    """prepare's fingerprint of the prepared data (sha256 of train.jsonl, a zero byte, eval.jsonl), read in chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for i, name in enumerate(("train.jsonl", "eval.jsonl")):
+        if i:
+            h.update(b"\0")
+        with open(run_dir.data / name, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def _missing_output(name: str, recipe: Recipe, run_dir: RunDir) -> str | None:
     """What is missing or unreadable of a finished stage's result, or None."""
     if name == "prepare":
-        needed = [run_dir.data / "train.jsonl", run_dir.data / "stats.json"]
+        needed = [run_dir.data / "train.jsonl", run_dir.data / "eval.jsonl", run_dir.data / "stats.json"]
+        recorded = run_dir.load().get("data_fingerprint")
+        if recorded and all(p.is_file() for p in needed) and _data_fingerprint(run_dir) != recorded:
+            # cut short or edited since prepare wrote them: training would take them as they are
+            return f"{run_dir.data}/train.jsonl or eval.jsonl changed since prepare wrote them (sha256 differs from run.json data_fingerprint)"
     elif name == "train":
         folder = run_dir.adapter if recipe.lora.enabled else run_dir.full
         needed = [folder / ("adapter_config.json" if recipe.lora.enabled else "config.json")]
@@ -215,11 +254,16 @@ def _missing_output(name: str, recipe: Recipe, run_dir: RunDir) -> str | None:
         needed = [run_dir.metrics / "eval.json"]
         if needed[0].is_file():
             try:
-                json.loads(needed[0].read_text())
+                ev = json.loads(needed[0].read_text())
             except (ValueError, UnicodeDecodeError) as e:
                 return f"{needed[0]} cannot be read ({type(e).__name__})"
+            if not isinstance(ev, dict) or not all(k in ev for k in ("n_pairs", "base", "aligned")):
+                return f"{needed[0]} holds no evaluation (no n_pairs, base and aligned)"
     elif name == "export":
-        needed = [run_dir.model / "config.json", run_dir.model / "README.md"]
+        # the card's usage loads the tokenizer from the repo: a model pushed without one is no use
+        needed = [run_dir.model / "config.json", run_dir.model / "README.md", run_dir.model / "tokenizer_config.json"]
+        if run_dir.model.is_dir() and not any((run_dir.model / n).is_file() for n in TOKENIZER_VOCAB_FILES):
+            return f"{run_dir.model} has no tokenizer vocabulary ({', '.join(TOKENIZER_VOCAB_FILES)})"
         if run_dir.model.is_dir() and not any(run_dir.model.glob("*.safetensors")):
             return f"{run_dir.model} has no weights (*.safetensors)"
         if cut := weights_problem(run_dir.model):
@@ -290,7 +334,18 @@ def _before_restart(run_dir: RunDir) -> dict | None:
     if not run_dir.manifest_path.exists():
         return None
     recipe_path = run_dir.root / "recipe.resolved.yaml"
-    return {"manifest": run_dir.load(), "recipe": recipe_path.read_text() if recipe_path.exists() else None}
+    return {"manifest": run_dir.load(), "recipe": recipe_path.read_text() if recipe_path.exists() else None, "started": time.time()}
+
+
+def _results(run_dir: RunDir, stage: str) -> list[Path]:
+    """What each stage writes in place of its earlier result (train's checkpoints are looked at apart)."""
+    return {
+        "prepare": [run_dir.data],
+        "train": [run_dir.adapter, run_dir.full],
+        "evaluate": [run_dir.metrics / "eval.json", run_dir.metrics / "report.md"],
+        "export": [run_dir.model, run_dir.adapter / "README.md"],
+        "publish": [],
+    }[stage]
 
 
 def _put_back(run_dir: RunDir, before: dict, stages: list[str]) -> None:
@@ -319,6 +374,12 @@ def _undo_restart(run_dir: RunDir, before: dict, first: str) -> bool:
     try:
         retrained = STAGES.index(first) <= STAGES.index("train") and any(run_dir.checkpoints.glob("checkpoint-*"))
         if any(run_dir.is_done(s) for s in redone) or retrained:
+            return False
+        # A result written before the stage was marked done (eval.json, then the kill): the records stay
+        # as the restart left them, its stages pending, so that nothing trusts the old records with it
+        replaced = [p for s in redone for p in _results(run_dir, s) if p.exists() and p.stat().st_mtime >= before["started"]]
+        if replaced:
+            log.info("--restart replaced %s before it stopped: its stages stay pending", ", ".join(map(str, replaced)))
             return False
         _put_back(run_dir, before, redone)
         run_dir.save(before["manifest"])  # all of it: nothing the failed attempt recorded stands
@@ -557,11 +618,14 @@ def _execute_locked(args: argparse.Namespace, argv: list[str], recipe: Recipe, r
     restarting = restart_from and main and os.environ.get("ALIGNPRESS_LAUNCHED") != "1"
     before = _before_restart(run_dir) if restarting else None  # before any record changes
     processes.on_main(state, lambda: _recheck_outputs(recipe, run_dir, args.command))
-    processes.on_main(state, lambda: _check_same_recipe(recipe, run_dir, restart_from, args.command))
+    changes: list[Callable[[], None]] = []  # kept on the main process: a function is not broadcast
+    processes.on_main(state, lambda: changes.append(_check_same_recipe(recipe, run_dir, restart_from, args.command)))
     if restart_from not in ("prepare", "train"):  # those read the data afresh, or train anew
-        processes.on_main(state, lambda: inputs.check(recipe, run_dir, args.command))
+        redo_from = restart_from or getattr(changes[0], "redo_from", None) if changes else restart_from
+        processes.on_main(state, lambda: inputs.check(recipe, run_dir, args.command, redo_from))
     if args.command in ("run", "train") and restart_from is None:
         processes.on_main(state, lambda: _check_checkpoint_stamp(recipe, run_dir))
+    processes.on_main(state, lambda: changes[0]())  # every door check passed: now the folder changes
     launched = state is not None or os.environ.get("ALIGNPRESS_LAUNCHED") == "1"
     if restarting:
         _restart(run_dir, restart_from)
@@ -569,10 +633,10 @@ def _execute_locked(args: argparse.Namespace, argv: list[str], recipe: Recipe, r
         code = _execute_stages(args, argv, recipe, run_dir, state, launched)
     except BaseException:
         if before is not None:
-            _undo_restart(run_dir, before, restart_from)
+            args.restart_undone = _undo_restart(run_dir, before, restart_from)
         raise
     if before is not None and code != 0:  # the relaunched processes failed
-        _undo_restart(run_dir, before, restart_from)
+        args.restart_undone = _undo_restart(run_dir, before, restart_from)
     elif before is not None and args.command == "prepare":
         _keep_later_stages(run_dir, before, recipe)
     return code
@@ -721,18 +785,25 @@ def _again(args: argparse.Namespace) -> str:
     stage = getattr(getattr(args, "run_dir", None), "current_stage", None)
     later = STAGES[STAGES.index(stage):] if stage in STAGES else STAGES
     training = ", and training resumes from its newest checkpoint" if "train" in later and args.command in ("run", "train") else ""
+    if getattr(args, "restart", False):
+        if getattr(args, "restart_undone", False):
+            return "the folder is as it was before --restart: run the same command again to redo it"
+        # Again with --restart would set aside what this one finished, and start over
+        return f"run the same command without --restart to go on: finished stages are kept{training}"
     return f"run the same command again to go on: finished stages are kept{training}"
 
 
 class Stopped(BaseException):
-    """SIGTERM outside training. Not an Exception: a library's `except Exception` (a retry loop)
-    must not swallow it and carry on."""
+    """SIGTERM or SIGHUP outside training. Not an Exception: a library's `except Exception` (a retry
+    loop) must not swallow it and carry on."""
 
     exit_code = 143  # RunDir.stage marks the stage interrupted
 
 
 def _stopped(signum, frame) -> None:
-    raise Stopped("stopped by SIGTERM")
+    stop = Stopped(f"stopped by {signal.Signals(signum).name}")
+    stop.exit_code = 128 + signum
+    raise stop
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -743,7 +814,9 @@ def main(argv: list[str] | None = None) -> int:
     # `docker stop`, a preemption, `sky cancel` outside training (loading, the precompute pass,
     # evaluate, export, publish): the stage is marked interrupted, the folder's lock released and
     # the line says what to do. Training itself saves a checkpoint first (train.SpotSafety).
+    # SIGHUP (a closed terminal or SSH session) likewise: it used to end the process with the lock held.
     previous = signal.signal(signal.SIGTERM, _stopped)
+    previous_hup = signal.signal(signal.SIGHUP, _stopped)
     try:
         if args.command == "schema":
             for dotted, tp, default, help_ in describe(Recipe):
@@ -769,6 +842,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGHUP, previous_hup)
 
 
 def _named(error: AlignpressError, args: argparse.Namespace) -> str:

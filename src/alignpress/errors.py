@@ -51,6 +51,6 @@ class StageFailed(AlignpressError):
 
 
 class Preempted(AlignpressError):
-    """SIGTERM (a spot preemption notice) stopped training after saving a checkpoint."""
+    """SIGTERM (a spot preemption notice), SIGHUP or Ctrl-C stopped training after saving a checkpoint."""
 
     exit_code = 143

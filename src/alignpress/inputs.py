@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import AlignpressError
 from .recipe import Recipe, data_sources
-from .runstate import RunDir, file_sha256
+from .runstate import STAGES, RunDir, file_sha256
 
 log = logging.getLogger("alignpress")
 
@@ -89,11 +89,13 @@ def changed_model(run_dir: RunDir, inputs: dict[str, Any] | None = None) -> list
     return gone_or_new + [n for n, was in recorded["files"].items() if n in now and _changed(folder / n, was)]
 
 
-def check(recipe: Recipe, run_dir: RunDir, command: str) -> None:
-    """Refuse (exit 2) a command that would use results of inputs changed since prepare read them."""
+def check(recipe: Recipe, run_dir: RunDir, command: str, redo_from: str | None = None) -> None:
+    """Refuse (exit 2) a command that would use results of inputs changed since prepare read them.
+    `redo_from`: the first stage a recipe change will send back to pending (it runs again too)."""
     if not run_dir.is_done("prepare"):
         return  # prepare reads them afresh
-    stages_left = [s for s in ("train", "evaluate", "export") if not run_dir.is_done(s)]
+    again = STAGES[STAGES.index(redo_from):] if redo_from else ()
+    stages_left = [s for s in ("train", "evaluate", "export") if not run_dir.is_done(s) or s in again]
     inputs = run_dir.load().get("inputs") or {}
     before = json.dumps(inputs, sort_keys=True)
     try:

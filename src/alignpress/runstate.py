@@ -270,7 +270,7 @@ class RunDir:
         try:
             yield info
         except BaseException as e:
-            status = "interrupted" if isinstance(e, KeyboardInterrupt) or getattr(e, "exit_code", None) == 143 else "failed"
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) or getattr(e, "exit_code", None) in (129, 130, 143) else "failed"
             error = self.disk_full_error() if not isinstance(e, DiskFull) and disk_full(e, self.root) else e
             try:
                 self.set_stage(name, status=status, finished=now(), seconds=round(time.time() - started, 2), error=redact(str(error))[:2000])

@@ -265,14 +265,18 @@ def _no_stray_cards():
 
 
 class SpotSafety:
-    """Checkpoints every `save_minutes` and on SIGTERM (the preemption notice), then stops."""
+    """Checkpoints every `save_minutes`, and on SIGTERM (the preemption notice), SIGHUP (a closed
+    terminal or SSH session) or a first Ctrl-C, then stops. A second Ctrl-C stops at once."""
+
+    SIGNALS = ("SIGTERM", "SIGHUP", "SIGINT")
 
     def __init__(self, save_minutes: float | None):
         from transformers import TrainerCallback
 
         self.every = save_minutes * 60 if save_minutes else None
         self.last_save = time.monotonic()
-        self.sigterm = False
+        self.sigterm = False  # a stop was asked for: save, then stop
+        self.signum = signal.SIGTERM  # the one that asked (another process's: SIGTERM)
         outer = self
 
         class _Callback(TrainerCallback):
@@ -298,18 +302,24 @@ class SpotSafety:
 
     def __enter__(self):
         def handler(signum, frame):
-            log.warning("SIGTERM received: saving a checkpoint after this step, then stopping")
-            self.sigterm = True
+            name = signal.Signals(signum).name
+            if self.sigterm and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # asked twice: stop now, without the save
+            again = "; Ctrl-C again stops at once, without it" if signum == signal.SIGINT else ""
+            log.warning("%s received: saving a checkpoint after this step, then stopping%s", name, again)
+            self.sigterm, self.signum = True, signum
 
-        try:
-            self._previous = signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not the main thread
-            self._previous = None
+        self._previous = {}
+        for name in self.SIGNALS:
+            try:
+                self._previous[name] = signal.signal(getattr(signal, name), handler)
+            except ValueError:  # not the main thread
+                break
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for name, previous in self._previous.items():
+            signal.signal(getattr(signal, name), previous)
         return False
 
 
@@ -824,8 +834,10 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
                 raise _ResumeFailed(resume, e) from e
             raise
     if spot.sigterm:
-        raise Preempted(f"stopped by SIGTERM at step {trainer.state.global_step}; a checkpoint was saved in {run_dir.checkpoints}. "
-                        "Run `run` or `train` again, without --restart, to resume from it")
+        stop = Preempted(f"stopped by {signal.Signals(spot.signum).name} at step {trainer.state.global_step}; a checkpoint was saved in "
+                         f"{run_dir.checkpoints}. Run `run` or `train` again, without --restart, to resume from it")
+        stop.exit_code = 128 + spot.signum  # 143 SIGTERM, 130 Ctrl-C, 129 SIGHUP: as if the signal had ended it
+        raise stop
 
     history = processes.from_main(lambda: [json.loads(line) for line in (run_dir.metrics / "train.jsonl").read_text().splitlines() if line.strip()])
     losses = [h["loss"] for h in history if "loss" in h]
