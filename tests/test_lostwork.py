@@ -207,6 +207,23 @@ def test_resume_falls_back_when_a_checkpoint_fails_to_load(demo_copy, demo_run):
     assert adapter_diff(out, demo_run[0]) < 1e-4
 
 
+def test_a_fallback_checkpoint_of_other_data_is_refused(demo_copy):
+    """Only the newest checkpoint's stamp was checked: when it failed to load, training fell back to
+    an older one trained on other data (a folder whose records were moved away) and resumed it."""
+    ckpts = demo_copy / "checkpoints"
+    torch.save({"state": {}, "param_groups": []}, ckpts / "checkpoint-53/optimizer.pt")
+    stamp = json.loads((ckpts / "checkpoint-40/alignpress.json").read_text())
+    stamp["data_fingerprint"] = "0" * 64
+    (ckpts / "checkpoint-40/alignpress.json").write_text(json.dumps(stamp))
+    set_pending(demo_copy, "train", "evaluate", "export", "publish")
+    proc = cli("train", "recipes/demo.yaml", "--output-dir", demo_copy)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "falling back to" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {ckpts}: checkpoint-40 was trained with another recipe or data (") and "alignpress.json" in last
+    assert statuses(demo_copy)[1] == "failed" and (ckpts / "checkpoint-40").is_dir() and (ckpts / "checkpoint-53").is_dir()  # nothing deleted
+
+
 def test_unexpected_failure_is_one_line_with_a_log(demo_copy):
     """An adapter whose header names a dtype safetensors does not know (its length and offsets intact,
     so the check for cut-short weights passes it) makes safetensors raise deep inside peft: one line,

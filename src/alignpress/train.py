@@ -659,13 +659,16 @@ def _inputs(run_dir: RunDir) -> tuple[list[dict[str, Any]], list[Path]]:
 def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     # Every process trains on the main process's pairs and resumes its checkpoint (processes.py).
     rows, candidates = processes.from_main(lambda: _inputs(run_dir))
+    fingerprint = run_dir.load().get("data_fingerprint")
     if candidates:
-        refuse_foreign_checkpoint(candidates[0], recipe, run_dir.load().get("data_fingerprint"))
+        refuse_foreign_checkpoint(candidates[0], recipe, fingerprint)
     truncated = check_truncation(recipe, rows)  # before the model loads: dpo.max_length may have changed since prepare
     check_schedule(recipe, len(rows))
     failures = []
     while True:
         resume = candidates.pop(0) if candidates else None
+        if resume is not None:  # a fallback too: an older checkpoint may be another recipe's
+            refuse_foreign_checkpoint(resume, recipe, fingerprint)
         try:
             return {**_train(recipe, run_dir, rows, resume), "truncated_pairs": truncated}
         except _ResumeFailed as e:
