@@ -184,3 +184,18 @@ def test_sigterm_to_one_process_stops_them_all_at_one_checkpoint(tmp_path, demo_
 
     assert checkpoint_is_complete(out / "checkpoints" / f"checkpoint-{step}")
     assert json.loads((out / "run.json").read_text())["stages"]["train"]["status"] == "interrupted"
+
+
+def test_one_node_of_several_gpus_is_not_several_nodes(monkeypatch):
+    """`auto` turns the precomputed reference off across nodes only (TRL's main process writes it where
+    the other nodes cannot read it); one node with 2 GPUs keeps it."""
+    from alignpress.processes import several_nodes
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert several_nodes() is False
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert several_nodes() is True
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert several_nodes() is False

@@ -299,6 +299,31 @@ def test_health_warns_on_too_easy_pairs_and_collapsing_chosen(tmp_path):
         {"step": s, "loss": 0.5, "rewards/accuracies": 1.0 if s > 20 else 0.6, "rewards/chosen": (-1) ** s * 0.1 - s / 100} for s in range(1, 100, 5)
     ], max_steps=100)
     assert quiet == []
+    # Chosen rewards that fall but stay positive: the policy still prefers the chosen answers more than the reference does
+    falling = [{"step": s, "loss": 0.5, "rewards/chosen": c} for s, c in zip(range(10, 60, 10), (0.5, 0.4, 0.3, 0.2, 0.1))]
+    assert health.check_logged_history(recipe(), RunDir(tmp_path / "f"), falling, max_steps=100) == []
+
+
+def test_health_is_quiet_when_some_answers_stop(tmp_path, monkeypatch):
+    """The eos warning is for answers that never stop: one of two stopping is no warning."""
+    run_dir = RunDir(tmp_path)
+    run_dir.init("demo", "recipes/demo.yaml")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/train.jsonl").write_text(json.dumps({"messages": {"prompt": [{"role": "user", "content": "Hi"}]}}) + "\n")
+    some = [evaluate.Generation([1], [5, 2], True, "a"), evaluate.Generation([1], [5] * 24, False, "b")]
+    monkeypatch.setattr(evaluate, "generate_ids", lambda *a, **k: some)
+    model = SimpleNamespace(training=True, eval=lambda: None, train=lambda mode=True: None)
+    health.HealthCallback(recipe(), run_dir).on_train_end(SimpleNamespace(world_size=1), _state(100), None, model=model, processing_class=object())
+    assert run_dir.load().get("warnings", []) == []
+
+
+def test_answer_length_leaves_out_the_stop_token_and_no_overlap_is_no_behaviour():
+    assert evaluate.Generation([1], [5, 6, 2], True, "").n_tokens == 2
+    assert evaluate.Generation([1], [5, 6], False, "").n_tokens == 2
+    row = {"messages": {"chosen": [{"role": "assistant", "content": "The answer is 12."}], "rejected": [{"role": "assistant", "content": "Maybe 11"}]}}
+    for answer in ("", "xyz"):  # shares no word with either: it shows neither behaviour
+        assert evaluate.shows_chosen_behaviour(answer, row, None) is False
+    assert evaluate.shows_chosen_behaviour("The answer is 12", row, None) is True
 
 
 def test_health_warns_when_eos_is_never_generated(tmp_path, monkeypatch):

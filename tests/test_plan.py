@@ -149,6 +149,28 @@ def test_memory_components_by_hand():
     assert liger["parts_gib"]["activations"] * GiB == pytest.approx(tokens * 2 * (per_layer - 2 * (3.4 * 8 + 0.45 * 16)))
 
 
+def test_eager_scores_with_checkpointing_and_packed_masks_by_hand():
+    """Eager attention keeps each layer's scores: with every layer recomputed, the one layer being
+    recomputed still holds them (they were left out). The packed rows' masks are as wide as the
+    dtype the model computes in: fp32 masks were counted at 2 bytes. Gemma-2 builds two masks."""
+    from transformers import Gemma2Config, Phi3Config
+
+    from alignpress.flops import arch_from_config
+
+    a = Arch("t", hidden=8, layers=2, heads=2, kv_heads=2, head_dim=4, intermediate=16, vocab=32, tied_embeddings=True)
+
+    def activations(attn, ckpt):
+        s = MemorySettings(weights="bf16", attn_implementation=attn, gradient_checkpointing=ckpt, micro_batch_pairs=1, seq_len=8)
+        return memory_estimate(a, s)["parts_gib"]["activations"] * GiB
+
+    every_layer = activations("eager", False) - activations("sdpa", False)
+    assert every_layer == 2 * 1024  # 2 layers, each: 2 rows x 2 heads x 8 x 8 scores x 4 bytes
+    assert activations("eager", True) - activations("sdpa", True) == 1024  # the recomputed layer's
+    masks = lambda w: memory_estimate(a, MemorySettings(weights=w, packed_rows=2, packed_len=16))["parts_gib"]["attention_masks"] * GiB  # noqa: E731
+    assert (masks("fp32"), masks("bf16")) == (2 * 16 * 16 * 4, 2 * 16 * 16 * 2)
+    assert arch_from_config(Gemma2Config(num_hidden_layers=4)).mask_kinds == 2 and arch_from_config(Phi3Config()).mask_kinds == 1
+
+
 def test_memory_estimate_grows_with_the_levers():
     seed = MemorySettings(weights="nf4", gradient_checkpointing=True, micro_batch_pairs=2, seq_len=2048)
     no_ckpt = MemorySettings(weights="bf16", gradient_checkpointing=False, micro_batch_pairs=4, seq_len=2048)

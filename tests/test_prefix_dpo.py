@@ -20,7 +20,7 @@ from datasets import Dataset
 from transformers import Gemma2Config, Gemma2ForCausalLM, GemmaConfig, GemmaForCausalLM, Phi3Config, Phi3ForCausalLM
 from trl import DPOConfig, DPOTrainer
 
-from alignpress.prefix_dpo import PrefixSharedCollator, PrefixSharedDPOTrainer, token_savings
+from alignpress.prefix_dpo import PrefixSharedCollator, PrefixSharedDPOTrainer, pack, token_savings, truncated_pair
 from alignpress.tiny import gemma_tokenizer, phi3_tokenizer
 
 DEVICE = os.environ.get("ALIGNPRESS_TEST_DEVICE", "cpu")
@@ -41,6 +41,9 @@ def words(n, offset):
 SHAPES = [(3, 1, 25), (30, 4, 2), (10, 20, 20), (1, 2, 3), (18, 30, 6), (6, 6, 6)]
 ROWS = [{"prompt": [{"role": "user", "content": words(p, i)}], "chosen": [{"role": "assistant", "content": words(c, i + 3)}],
          "rejected": [{"role": "assistant", "content": words(r, i + 5)}]} for i, (p, c, r) in enumerate(SHAPES)]
+# The (6, 6, 6) pair's answers begin with the same five words: the shared prefix stops at the prompt's
+# end, or the log-probs of the answers' first tokens would be left out of the loss.
+ROWS[5]["chosen"][0]["content"], ROWS[5]["rejected"][0]["content"] = "The capital of France is Paris", "The capital of France is dog"
 
 
 def tokenizer(kind):
@@ -222,6 +225,18 @@ def test_collator_layout():
     assert out["shared_targets"].tolist() == [[-1, -1, 2, 3, -1, 10, -1, 4, -1, 12, 13, -1] + [-1] * 4]
 
 
+def test_answers_with_the_same_first_token_share_only_the_prompt():
+    collator = PrefixSharedCollator(pad_token_id=0, max_length=None, pairs_per_row=1)
+    out = collator([{"prompt_ids": [11, 12, 13], "chosen_ids": [14, 15], "rejected_ids": [14, 16]}])
+    assert out["shared_input_ids"].tolist() == [[11, 12, 13, 14, 15, 13, 14, 16]]
+    assert out["shared_labels"].tolist() == [[-100, -100, 14, 15, -100, 14, 16, -100]]
+    assert out["shared_targets"].tolist() == [[-1, -1, 2, 3, -1, 6, 7, -1]]
+    assert out["shared_position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3, 4]]
+    assert truncated_pair([11, 12, 13], [14, 15], [14, 16], None)[4] == 3
+    # At most pairs_per_row pairs in a row, the longest first into the shortest row
+    assert pack([100, 1, 1, 1], 2) == [[0, 3], [1, 2]]
+
+
 @pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
 def test_packed_layout_bounds_every_batch(mode):
     """flops.packed_layout (what the memory estimate counts) bounds the packed rows the collator
@@ -324,6 +339,8 @@ def test_token_savings():
     assert token_savings([(10, 5, 3), (12, 1, 1)], 12) == {"pairs": 1, "standard_tokens": 24, "prefix_shared_tokens": 15, "saved_fraction": 0.375}
     # keep_end cutting the prompt differently for the two answers: nothing is shared.
     assert token_savings([(10, 5, 3)], 12, "keep_end")["saved_fraction"] == 0.0
+    # keep_end keeps a pair whose prompt fills max_length (TRL cuts its start): it counts
+    assert token_savings([(10, 5, 3), (12, 1, 1)], 12, "keep_end") == {"pairs": 2, "standard_tokens": 48, "prefix_shared_tokens": 38, "saved_fraction": 0.2083}
 
 
 def test_recipe_refuses_unsupported(tmp_path):

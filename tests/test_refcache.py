@@ -167,5 +167,7 @@ def test_content_fingerprint_reads_ids_in_order():
     for other in (content_fingerprint(Dataset.from_dict(moved), 32, "keep_start"), content_fingerprint(Dataset.from_dict(ids), 31, "keep_start"),
                   content_fingerprint(Dataset.from_dict(ids), 32, "keep_end"), content_fingerprint(Dataset.from_dict({k: v[::-1] for k, v in ids.items()}), 32, "keep_start")):
         assert other != base
+    for column in ("chosen_ids", "rejected_ids"):  # only one answer column changed (a fixed dataset): other log-probs
+        assert content_fingerprint(Dataset.from_dict({**ids, column: [[7], [9]] if column == "rejected_ids" else [[4], [5, 9]]}), 32, "keep_start") != base
     big = Dataset.from_dict({k: [v[i % 2] for i in range(3000)] for k, v in ids.items()})  # several arrow batches
     assert content_fingerprint(big, 32, "keep_start") == content_fingerprint(Dataset.from_dict(big.to_dict()), 32, "keep_start")
