@@ -141,7 +141,7 @@ def test_sigterm_reaches_the_workers_of_a_relaunched_run(tmp_path, demo_run):
     assert checkpoint_is_complete(latest_checkpoint(out / "checkpoints"))
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGHUP, 129)])
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), pytest.param(signal.SIGHUP, 129, marks=pytest.mark.slow)])
 def test_ctrl_c_and_a_closed_terminal_save_like_sigterm(tmp_path, demo_run, signum, code):
     """Ctrl-C and SIGHUP (a closed SSH session) during training lost every step since the last
     checkpoint: SIGINT exited 130 with nothing saved, SIGHUP killed the process with the lock held.
