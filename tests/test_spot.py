@@ -21,17 +21,23 @@ def adapter_diff(a, b):
     return max((x[k] - y[k]).abs().max().item() for k in x)
 
 
-def test_sigterm_saves_and_resumes(tmp_path, demo_run):
-    out = tmp_path / "spot"
+def signal_in_training(out, signum):
+    """The demo run with a step logged every step, sent `signum` once training has logged; (exit code, stderr)."""
     args = ["run", "recipes/demo.yaml", "--output-dir", str(out), "--set", "train.logging_steps=1"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py"), *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (out / "metrics/train.jsonl").exists():
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 143, err[-3000:]
+    return proc.returncode, err
+
+
+def test_sigterm_saves_and_resumes(tmp_path, demo_run):
+    out = tmp_path / "spot"
+    code, err = signal_in_training(out, signal.SIGTERM)
+    assert code == 143, err[-3000:]
     assert "error: stopped by SIGTERM at step" in err
     stage = json.loads((out / "run.json").read_text())["stages"]["train"]
     assert stage["status"] == "interrupted"
@@ -147,16 +153,9 @@ def test_ctrl_c_and_a_closed_terminal_save_like_sigterm(tmp_path, demo_run, sign
     checkpoint: SIGINT exited 130 with nothing saved, SIGHUP killed the process with the lock held.
     Both now save after the current step, as SIGTERM does, and the stage is `interrupted`."""
     out = tmp_path / "stopped"
-    args = ["run", "recipes/demo.yaml", "--output-dir", str(out), "--set", "train.logging_steps=1"]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py"), *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (out / "metrics/train.jsonl").exists():
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        time.sleep(0.02)
-    proc.send_signal(signum)
-    _, err = proc.communicate(timeout=300)
+    exit_code, err = signal_in_training(out, signum)
     name = signal.Signals(signum).name
-    assert proc.returncode == code, err[-3000:]
+    assert exit_code == code, err[-3000:]
     saved = latest_checkpoint(out / "checkpoints")
     assert saved is not None and int(saved.name.split("-")[1]) < 53
     assert err.strip().splitlines()[-1] == (f"error: stopped by {name} at step {saved.name.split('-')[1]}; a checkpoint was saved in "
