@@ -225,6 +225,14 @@ def test_a_key_given_twice_is_refused(tmp_path):
     recipe = load_recipe(write(tmp_path, base.replace("d.jsonl}", "d.jsonl, seed: 3}") + "train: {seed: 7, max_steps: 2}\n"))
     assert (recipe.data.seed, recipe.train.seed, recipe.train.max_steps) == (3, 7, 2)
     assert yamlfile.load("a: &a {x: 1, y: 2}\nb: {<<: *a, y: 3}\n") == {"a": {"x": 1, "y": 2}, "b": {"x": 1, "y": 3}}
+    # Two merge keys in one mapping: PyYAML lets the second win where both anchors set a key, one
+    # `<<: [*a, *c]` lets the first win. Refused, naming the list form.
+    anchors = "a: &a {x: 1, y: 2}\nc: &c {y: 5, z: 6}\n"
+    with pytest.raises(yaml.YAMLError) as e:
+        yamlfile.load(anchors + "b:\n  <<: *a\n  <<: *c\n")
+    assert yamlfile.describe(e.value) == ("line 5, column 3: key '<<' is given twice in one mapping (first on line 4); YAML would "
+                                          "keep only the last, dropping the first silently: write one `<<: [*first, *second]` (earlier anchors win)")
+    assert yamlfile.load(anchors + "b: {<<: [*a, *c]}\n")["b"] == {"x": 1, "y": 2, "z": 6}
 
 
 @pytest.mark.parametrize(

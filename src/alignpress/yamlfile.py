@@ -26,16 +26,19 @@ class StrictLoader(yaml.SafeLoader):
             seen: dict[tuple[str, str], Any] = {}
             for key_node, _ in node.value:
                 # `<<: *anchor` merges may be overridden by an explicit key: that is YAML's meaning.
-                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == MERGE_TAG:
+                if not isinstance(key_node, yaml.ScalarNode):
                     continue
                 key = (key_node.tag, key_node.value)
                 if key in seen:
                     first = seen[key].line + 1
+                    # Two `<<` keys are merged with the last winning where they share a key, the
+                    # opposite of one `<<: [*a, *b]` list (the first wins): say which to write.
+                    fix = "write one `<<: [*first, *second]` (earlier anchors win)" if key_node.tag == MERGE_TAG else "merge them"
                     raise yaml.constructor.ConstructorError(
                         None,
                         None,
                         f"key {key_node.value!r} is given twice in one mapping (first on line {first}); "
-                        "YAML would keep only the last, dropping the first silently: merge them",
+                        f"YAML would keep only the last, dropping the first silently: {fix}",
                         key_node.start_mark,
                     )
                 seen[key] = key_node.start_mark
