@@ -106,6 +106,23 @@ def test_demo_under_deepspeed_zero2(tmp_path, demo_run):
     assert abs(ev["aligned"]["preference_accuracy"] - reference["aligned"]["preference_accuracy"]) <= 0.05
 
 
+def test_a_relaunched_run_ends_on_its_own_error_and_exit_code(tmp_path):
+    """`accelerate launch` exits 1 for any failure of its processes and ends on torch's report of
+    them. The command the user typed says the main process's error line again, last, and exits with
+    its code: 3 here, a failed export check (a tolerance no merge meets), not 1."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = cli("run", "recipes/demo.yaml", "--output-dir", tmp_path / "run", "--set", "train.accelerate_config=ddp", "--set", "train.num_processes=1",
+               "--set", "train.max_steps=4", "--set", "export.check_tolerance=1e-30", env={"TMPDIR": str(tmp)})
+    assert "relaunching under accelerate" in proc.stderr
+    assert "ChildFailedError" in proc.stderr  # torch's report is still there, above
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith("error: merged model's logits differ from the adapter model's by ") and last.endswith(" (> export.check_tolerance 1e-30)"), proc.stderr[-3000:]
+    assert proc.returncode == 3
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["stages"]["export"]["status"] == "failed"
+    assert not list(tmp.glob("alignpress-exit-*"))  # the file that carried them is gone
+
+
 def free_port() -> int:
     import socket
 

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from .runstate import STAGES, RunDir, default_output_dir, disk_full, write_text
 
 log = logging.getLogger("alignpress")
 
+# Where a relaunched main process leaves its exit code and error line for the command the user typed.
+EXIT_FILE = "ALIGNPRESS_EXIT_FILE"
 NEEDS = {"train": "prepare", "evaluate": "train", "export": "train", "publish": "export"}
 
 
@@ -492,7 +495,9 @@ def _relaunch(recipe: Recipe, argv: list[str]) -> int:
     # The launcher and its workers get a process group of their own, and the signals this process
     # receives go to all of them: a SIGTERM (`docker stop`, a preemption) used to stop this process
     # alone, leaving the workers training on with no checkpoint asked for, and the folder's lock free.
-    child = subprocess.Popen(cmd, env=dict(os.environ, ALIGNPRESS_LAUNCHED="1"), start_new_session=True)
+    fd, exit_file = tempfile.mkstemp(prefix="alignpress-exit-", suffix=".json")
+    os.close(fd)
+    child = subprocess.Popen(cmd, env=dict(os.environ, ALIGNPRESS_LAUNCHED="1", **{EXIT_FILE: exit_file}), start_new_session=True)
 
     def forward(signum, frame):
         try:
@@ -502,8 +507,16 @@ def _relaunch(recipe: Recipe, argv: list[str]) -> int:
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
-        return child.wait()
+        code = child.wait()
+        # The main process's own exit code and line (`_fail`): the launcher says 1 for every failure
+        # (a refusal, a failed check, a signal) and ends on torch's report, not on the error.
+        said = json.loads(Path(exit_file).read_text() or "{}")
+        if code != 0 and said:
+            print(said["line"], file=sys.stderr)
+            return said["code"]
+        return code
     finally:
+        Path(exit_file).unlink(missing_ok=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -824,25 +837,35 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return execute(args, argv)
     except AlignpressError as e:
-        print(f"error: {redact(_named(e, args))}", file=sys.stderr)
-        return e.exit_code
+        return _fail(f"error: {redact(_named(e, args))}", e.exit_code)
     except BrokenPipeError:
         # The reader of stdout went away (`schema | head`): not an error of the command. Python would
         # report the pipe again when it flushes stdout at exit, so stdout goes nowhere from here.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        print(f"error: interrupted; {_again(args)}", file=sys.stderr)
-        return 130
+        return _fail(f"error: interrupted; {_again(args)}", 130)
     except Stopped as e:
-        print(f"error: {e}; {_again(args)}", file=sys.stderr)
-        return e.exit_code
+        return _fail(f"error: {e}; {_again(args)}", e.exit_code)
     except Exception as e:  # noqa: BLE001 - anything unexpected: one line here, the traceback in a log file
-        print(f"error: {redact(_unexpected(e, args))}", file=sys.stderr)
-        return 1
+        return _fail(f"error: {redact(_unexpected(e, args))}", 1)
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGHUP, previous_hup)
+
+
+def _fail(line: str, code: int) -> int:
+    """Print the error's line and return its exit code. Under a relaunch (`_relaunch`) the main
+    process also leaves both for the command the user typed, which says them again last: the
+    launcher's own exit status is 1 for any failure, after torch's report of the failed processes."""
+    print(line, file=sys.stderr)
+    path = os.environ.get(EXIT_FILE)
+    if path and os.environ.get("RANK", "0") == "0":
+        try:
+            Path(path).write_text(json.dumps({"code": code, "line": line}))
+        except OSError:
+            pass  # the launcher's status still says it failed
+    return code
 
 
 def _named(error: AlignpressError, args: argparse.Namespace) -> str:
