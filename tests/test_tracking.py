@@ -160,3 +160,67 @@ def test_the_link_is_recorded_and_the_card_shows_it(demo_copy, monkeypatch):
     card = render_model_card(recipe, run_dir)
     results = card.split("## Training results\n", 1)[1].split("\n## ", 1)[0]
     assert results.startswith(f"\nTraining run, with its loss curves: [{url}]({url})\n\n| metric | value |")
+
+
+@pytest.fixture
+def logged(monkeypatch):
+    """The alignpress logger's messages, whatever handlers an earlier test in this process set up."""
+    import logging
+
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("alignpress")
+    monkeypatch.setattr(logger, "handlers", [handler])
+    monkeypatch.setattr(logger, "propagate", False)
+    level = logger.level
+    logger.setLevel(logging.INFO)  # setLevel, not the attribute: it also clears the logger's cached decisions
+    yield lines
+    logger.setLevel(level)
+
+
+def test_the_evaluation_reaches_wandb_in_the_tracked_run(tmp_path, monkeypatch, logged):
+    """log_eval's other paths. wandb is not installed here (no account, no network): a stand-in
+    module records the calls, as wandb's `init`/`log`/`finish` take them. The scalars are eval.json's
+    numbers (booleans and text left out), the judge's win rate, at the last training step; mlflow
+    is told nothing (it gets the training metrics only); a tracker that fails is a warning."""
+    from alignpress.recipe import load_recipe
+    from alignpress.tracking import log_eval
+
+    calls = []
+    fake = SimpleNamespace(init=lambda **kw: calls.append(("init", kw)), log=lambda scalars, step: calls.append(("log", scalars, step)),
+                           finish=lambda: calls.append(("finish",)))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    run_dir = RunDir(tmp_path)
+    run_dir.init("demo", RECIPE)
+    run_dir.update(tracking={"run_id": "run-7"}, stages={"train": {"status": "done", "global_step": 42}})
+    recipe = load_recipe(ROOT / RECIPE, ["train.report_to=[wandb, mlflow]"])
+    log_eval(recipe, run_dir)  # no eval.json yet: nothing sent
+    assert calls == []
+    (run_dir.metrics / "eval.json").parent.mkdir(parents=True, exist_ok=True)
+    (run_dir.metrics / "eval.json").write_text(json.dumps({
+        "base": {"preference_accuracy": 0.25, "behaviour": 0, "scored": True, "note": "x"},
+        "aligned": {"preference_accuracy": 0.75, "kl_estimate": 0.5},
+        "judge": {"win_rate": 0.625}}))
+    log_eval(recipe, run_dir)
+    assert calls == [("init", {"project": "alignpress", "id": "run-7", "resume": "allow"}),
+                     ("log", {"eval/base/preference_accuracy": 0.25, "eval/base/behaviour": 0.0, "eval/aligned/preference_accuracy": 0.75,
+                              "eval/aligned/kl_estimate": 0.5, "eval/judge/win_rate": 0.625}, 42),
+                     ("finish",)]
+    assert logged == [f"tracking: mlflow gets the training metrics only; the evaluation is in {run_dir.metrics / 'eval.json'}"]
+    # The user's own WANDB_PROJECT and WANDB_RUN_ID win; a tracker that fails leaves the evaluation done.
+    calls.clear()
+    monkeypatch.setenv("WANDB_PROJECT", "mine")
+    monkeypatch.setenv("WANDB_RUN_ID", "their-id")
+    log_eval(recipe, run_dir)
+    assert calls[0] == ("init", {"project": "mine", "id": "their-id", "resume": "allow"})
+
+    def refused(scalars, step):
+        raise ConnectionError("wandb.ai unreachable\nretrying")
+
+    fake.log = refused
+    logged.clear()
+    log_eval(recipe, run_dir)
+    assert logged[0] == "tracking: could not send the evaluation to wandb: ConnectionError: wandb.ai unreachable"
