@@ -14,6 +14,14 @@ sys.path.insert(0, str(ROOT / "src"))
 
 pytest_plugins = ["conftest_hub"]
 
+# Several pytest workers share the machine's cores. torch's default, one thread per core in every
+# process, makes each worker's job processes fight for them (OpenMP threads spin while they wait):
+# tests/test_demo.py and test_preflight.py on 2 workers, 2 cores took 296 s so, 216 s with one
+# thread each. Each worker's processes get their share instead, unless the user set a number.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _workers))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def alignpress_home(tmp_path_factory):
