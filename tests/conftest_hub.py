@@ -126,6 +126,11 @@ def hub_env(hub_server: HubServer, monkeypatch: pytest.MonkeyPatch, tmp_path_fac
             monkeypatch.setattr(constants, name, value)
     if hasattr(constants, "HF_URL_HOSTS"):  # hosts whose URLs parse as Hub URLs (utils/_hf_uris.py)
         monkeypatch.setattr(constants, "HF_URL_HOSTS", constants.HF_URL_HOSTS | {urlsplit(endpoint).hostname})
+    # transformers keeps one HfApi per process (transformers.utils.hub.hf_api), bound to the endpoint
+    # of the server it first met: a tokenizer loaded in-process in a later test asked the previous,
+    # stopped server for its file list and retried with backoff for 90 s before giving up.
+    if "transformers.utils.hub" in sys.modules:
+        monkeypatch.setattr(sys.modules["transformers.utils.hub"], "_hf_api", None, raising=False)
 
     yield HubEnv(
         server=hub_server,
