@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -30,8 +31,8 @@ from .runstate import STAGES, RunDir, default_output_dir, disk_full, write_text
 
 log = logging.getLogger("alignpress")
 
-# Where a relaunched main process leaves its exit code and error line for the command the user typed.
-EXIT_FILE = "ALIGNPRESS_EXIT_FILE"
+# The folder where each relaunched process leaves its exit code and error line for the command the user typed.
+EXIT_DIR = "ALIGNPRESS_EXIT_DIR"
 NEEDS = {"train": "prepare", "evaluate": "train", "export": "train", "publish": "export"}
 
 
@@ -495,9 +496,8 @@ def _relaunch(recipe: Recipe, argv: list[str]) -> int:
     # The launcher and its workers get a process group of their own, and the signals this process
     # receives go to all of them: a SIGTERM (`docker stop`, a preemption) used to stop this process
     # alone, leaving the workers training on with no checkpoint asked for, and the folder's lock free.
-    fd, exit_file = tempfile.mkstemp(prefix="alignpress-exit-", suffix=".json")
-    os.close(fd)
-    child = subprocess.Popen(cmd, env=dict(os.environ, ALIGNPRESS_LAUNCHED="1", **{EXIT_FILE: exit_file}), start_new_session=True)
+    exits = Path(tempfile.mkdtemp(prefix="alignpress-exit-"))
+    child = subprocess.Popen(cmd, env=dict(os.environ, ALIGNPRESS_LAUNCHED="1", **{EXIT_DIR: str(exits)}), start_new_session=True)
 
     def forward(signum, frame):
         try:
@@ -508,17 +508,31 @@ def _relaunch(recipe: Recipe, argv: list[str]) -> int:
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         code = child.wait()
-        # The main process's own exit code and line (`_fail`): the launcher says 1 for every failure
-        # (a refusal, a failed check, a signal) and ends on torch's report, not on the error.
-        said = json.loads(Path(exit_file).read_text() or "{}")
-        if code != 0 and said:
-            print(said["line"], file=sys.stderr)
-            return said["code"]
-        return code
+        return code if code == 0 else _launched_failure(exits, code)
     finally:
-        Path(exit_file).unlink(missing_ok=True)
+        shutil.rmtree(exits, ignore_errors=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _launched_failure(exits: Path, code: int) -> int:
+    """The relaunched processes failed: say the first failure's line again, last, and exit with its
+    code (`_fail`). The launcher says 1 for every failure (a refusal, a failed check, a signal) and
+    ends on torch's report. The first by time, since the others follow from it: a process that
+    fails stops the rest (torch's agent sends them SIGTERM; they save a checkpoint and say so)."""
+    said = []
+    for path in exits.glob("*.json"):
+        try:
+            said.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue  # written as the process was killed
+    if not said:
+        print(f"error: the processes launched under accelerate ended (exit {code}) without an error line of their own: killed "
+              "(SIGKILL, out of host memory) or failed while starting; torch's report above gives each one's exit code", file=sys.stderr)
+        return code
+    first = min(said, key=lambda s: s["time"])
+    print(first["line"] if first["rank"] == "0" else f"{first['line']} (process {first['rank']})", file=sys.stderr)
+    return first["code"]
 
 
 def _check_disk(recipe: Recipe, run_dir: RunDir, stages: list[str], restart: bool = False) -> None:
@@ -855,14 +869,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(line: str, code: int) -> int:
-    """Print the error's line and return its exit code. Under a relaunch (`_relaunch`) the main
-    process also leaves both for the command the user typed, which says them again last: the
-    launcher's own exit status is 1 for any failure, after torch's report of the failed processes."""
+    """Print the error's line and return its exit code. Under a relaunch (`_relaunch`) each process
+    also leaves both for the command the user typed, which says the first failure's again, last."""
     print(line, file=sys.stderr)
-    path = os.environ.get(EXIT_FILE)
-    if path and os.environ.get("RANK", "0") == "0":
+    if folder := os.environ.get(EXIT_DIR):
+        rank = os.environ.get("RANK", "0")
         try:
-            Path(path).write_text(json.dumps({"code": code, "line": line}))
+            Path(folder, f"{rank}.json").write_text(json.dumps({"code": code, "line": line, "rank": rank, "time": time.time()}))
         except OSError:
             pass  # the launcher's status still says it failed
     return code
