@@ -120,11 +120,9 @@ def test_output_folder_not_writable(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {blocker / 'out'}: output folder is not writable")
 
 
-def test_sigterm_reaches_the_workers_of_a_relaunched_run(tmp_path, demo_run):
-    """`run` with train.accelerate_config relaunches itself under `accelerate launch`. A SIGTERM to
-    the command (`docker stop`, a preemption) used to stop it alone: the worker trained on, asked for
-    no checkpoint, and the folder's lock was free for a second command while it still wrote there."""
-    out = tmp_path / "relaunched"
+def relaunched_in_training(out):
+    """The demo's `run`, relaunched under `accelerate launch` (train.accelerate_config, one process),
+    once it has logged a training step: the command's process, and the pids of its launcher and worker."""
     args = ["run", "recipes/demo.yaml", "--output-dir", str(out), "--set", "train.logging_steps=1",
             "--set", "train.accelerate_config=ddp", "--set", "train.num_processes=1"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py"), *args], cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -133,8 +131,16 @@ def test_sigterm_reaches_the_workers_of_a_relaunched_run(tmp_path, demo_run):
     while time.time() < deadline and not (out / "metrics/train.jsonl").exists():
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         time.sleep(0.05)
-    workers = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
-    workers = [int(p) for p in workers if int(p) != proc.pid]
+    pids = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    return proc, [int(p) for p in pids if int(p) != proc.pid]
+
+
+def test_sigterm_reaches_the_workers_of_a_relaunched_run(tmp_path, demo_run):
+    """`run` with train.accelerate_config relaunches itself under `accelerate launch`. A SIGTERM to
+    the command (`docker stop`, a preemption) used to stop it alone: the worker trained on, asked for
+    no checkpoint, and the folder's lock was free for a second command while it still wrote there."""
+    out = tmp_path / "relaunched"
+    proc, workers = relaunched_in_training(out)
     assert workers  # the accelerate launcher and its worker
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
@@ -152,16 +158,7 @@ def test_sigterm_reaches_the_workers_of_a_relaunched_run(tmp_path, demo_run):
 def test_a_relaunched_run_whose_worker_is_killed_says_so_last(tmp_path, demo_run):
     """SIGKILL (the kernel's out-of-memory killer) leaves the worker no time for a line: the command
     the user typed ends on one that says what is known, not on torch's report, with the launcher's code."""
-    out = tmp_path / "killed"
-    args = ["run", "recipes/demo.yaml", "--output-dir", str(out), "--set", "train.logging_steps=1",
-            "--set", "train.accelerate_config=ddp", "--set", "train.num_processes=1"]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py"), *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    while time.time() < deadline and not (out / "metrics/train.jsonl").exists():
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        time.sleep(0.05)
-    pids = [int(p) for p in subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()]
+    proc, pids = relaunched_in_training(tmp_path / "killed")
     (worker,) = [p for p in pids if "RANK=0" in open(f"/proc/{p}/environ").read().split("\0")]
     os.kill(worker, signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
