@@ -109,18 +109,67 @@ def test_demo_under_deepspeed_zero2(tmp_path, demo_run):
 def test_a_relaunched_run_ends_on_its_own_error_and_exit_code(tmp_path):
     """`accelerate launch` exits 1 for any failure of its processes and ends on torch's report of
     them. The command the user typed says the main process's error line again, last, and exits with
-    its code: 3 here, a failed export check (a tolerance no merge meets), not 1."""
+    its code: 3 here, a failed export check (a tolerance no merge meets), not 1. Two processes: the
+    other one's copy of the main process's error comes later, and is not said last."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    proc = cli("run", "recipes/demo.yaml", "--output-dir", tmp_path / "run", "--set", "train.accelerate_config=ddp", "--set", "train.num_processes=1",
+    proc = cli("run", "recipes/demo.yaml", "--output-dir", tmp_path / "run", "--set", "train.accelerate_config=ddp", "--set", "train.num_processes=2",
                "--set", "train.max_steps=4", "--set", "export.check_tolerance=1e-30", env={"TMPDIR": str(tmp)})
     assert "relaunching under accelerate" in proc.stderr
     assert "ChildFailedError" in proc.stderr  # torch's report is still there, above
+    # the other process says the main process's error again; that copy is not the cause
+    assert "error: the main process failed: merged model's logits differ" in proc.stderr
     last = proc.stderr.splitlines()[-1]
     assert last.startswith("error: merged model's logits differ from the adapter model's by ") and last.endswith(" (> export.check_tolerance 1e-30)"), proc.stderr[-3000:]
     assert proc.returncode == 3
     assert json.loads((tmp_path / "run" / "run.json").read_text())["stages"]["export"]["status"] == "failed"
     assert not list(tmp.glob("alignpress-exit-*"))  # the file that carried them is gone
+
+
+def test_a_relaunched_restart_that_failed_ends_on_its_error_after_the_folder_is_put_back(demo_copy):
+    """`run --restart` under a relaunch whose prepare refuses (a filter that keeps no row): the
+    command puts the folder back, then says the workers' error, last."""
+    before = json.loads((demo_copy / "run.json").read_text())
+    proc = cli("run", "recipes/demo.yaml", "--output-dir", demo_copy, "--restart", "--set", "train.accelerate_config=ddp",
+               "--set", "train.num_processes=1", "--set", "data.filters.min.rating_chosen=100")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: --set data.filters.min.rating_chosen: field 'data.filters.min.rating_chosen': keeps none of the "), proc.stderr[-3000:]
+    assert lines[-2].startswith("[alignpress] --restart failed before it replaced any result: "), proc.stderr[-3000:]
+    assert json.loads((demo_copy / "run.json").read_text())["run_id"] == before["run_id"]
+
+
+def test_which_launched_process_failure_is_said_last(tmp_path):
+    """The choice among the launched processes' records (cli._launched_failure), each case built
+    as the processes write them, since which one writes first is a race in a real launch."""
+    from alignpress.cli import _launched_failure
+
+    def records(*rows):
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        for rank, fields in rows:
+            (folder / f"{rank}.json").write_text(json.dumps({"rank": str(rank), **fields}))
+        return folder
+
+    def said(folder):
+        e = _launched_failure(folder, 1)
+        return str(e), e.exit_code, e.again_prefix
+
+    main_error = {"code": 3, "line": "error: the check failed", "time": 2.0}
+    echo = {"code": 3, "line": "error: the main process failed: the check failed", "time": 1.0, "echo": True}
+    # the main process's error, though the other's copy was written first
+    assert said(records((0, main_error), (1, echo))) == ("the check failed", 3, None)
+    # a failure, not the SIGTERM that torch's agent then sent the other process
+    stopped = {"code": 143, "line": "error: stopped by SIGTERM; run again", "time": 1.0, "again_prefix": "stopped by SIGTERM"}
+    lost = {"code": 1, "line": "error: RuntimeError: connection reset", "time": 2.0}
+    assert said(records((0, stopped), (1, lost))) == ("RuntimeError: connection reset (process 1)", 1, None)
+    # a preemption: every process stopped; the first line, and its advice to be made again
+    assert said(records((0, stopped), (1, {**stopped, "time": 3.0}))) == ("stopped by SIGTERM; run again", 143, "stopped by SIGTERM")
+    # a process that started and never ended: killed, named first, with the launcher's code
+    assert said(records((0, lost), (1, {"time": 0.5}))) == (
+        "process 1 launched under accelerate ended without an error line (killed: SIGKILL, out of host memory?); "
+        "the first error line of the others: RuntimeError: connection reset", 1, None)
+    assert said(records())[0].startswith("the processes launched under accelerate ended (exit 1) without an error line of their own")
 
 
 def free_port() -> int:

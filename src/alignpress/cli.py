@@ -496,43 +496,69 @@ def _relaunch(recipe: Recipe, argv: list[str]) -> int:
     # The launcher and its workers get a process group of their own, and the signals this process
     # receives go to all of them: a SIGTERM (`docker stop`, a preemption) used to stop this process
     # alone, leaving the workers training on with no checkpoint asked for, and the folder's lock free.
-    exits = Path(tempfile.mkdtemp(prefix="alignpress-exit-"))
-    child = subprocess.Popen(cmd, env=dict(os.environ, ALIGNPRESS_LAUNCHED="1", **{EXIT_DIR: str(exits)}), start_new_session=True)
+    child = None
 
     def forward(signum, frame):
         try:
-            os.killpg(child.pid, signum)
+            if child is not None:
+                os.killpg(child.pid, signum)
         except ProcessLookupError:
             pass
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    exits = Path(tempfile.mkdtemp(prefix="alignpress-exit-"))
     try:
+        child = subprocess.Popen(cmd, env=dict(os.environ, ALIGNPRESS_LAUNCHED="1", **{EXIT_DIR: str(exits)}), start_new_session=True)
         code = child.wait()
-        return code if code == 0 else _launched_failure(exits, code)
+        if code != 0:
+            raise _launched_failure(exits, code)
+        return 0
     finally:
         shutil.rmtree(exits, ignore_errors=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _launched_failure(exits: Path, code: int) -> int:
-    """The relaunched processes failed: say the first failure's line again, last, and exit with its
-    code (`_fail`). The launcher says 1 for every failure (a refusal, a failed check, a signal) and
-    ends on torch's report. The first by time, since the others follow from it: a process that
-    fails stops the rest (torch's agent sends them SIGTERM; they save a checkpoint and say so)."""
-    said = []
+class LaunchedFailure(AlignpressError):
+    """The relaunched processes failed; raised by the command the user typed, so that its own
+    cleanup (a --restart put back) comes first and `main` says the line last (`_fail`)."""
+
+    def __init__(self, line: str, code: int, again_prefix: str | None = None):
+        super().__init__(line.removeprefix("error: "))
+        self.exit_code = code
+        self.again_prefix = again_prefix  # an interruption: its advice is made again here (_again)
+
+
+def _launched_failure(exits: Path, code: int) -> LaunchedFailure:
+    """What the relaunched processes' records (`_fail`, `_started`) say failed. The launcher says 1
+    for every failure (a refusal, a failed check, a signal) and ends on torch's report.
+    - A process that started and left no exit record was killed without a word (SIGKILL: the
+      out-of-memory killer); the others' errors follow from it (a lost connection), so it is named
+      first, with the launcher's code.
+    - Else the first failure by time, its own code: a process that fails stops the others (torch's
+      agent sends them SIGTERM: they save a checkpoint and say so), and the main process's error,
+      said again by the others (`processes.on_main`), is not theirs. A signal's line only when no
+      other failure is there (a preemption stops them all)."""
+    records = []
     for path in exits.glob("*.json"):
         try:
-            said.append(json.loads(path.read_text()))
+            records.append(json.loads(path.read_text()))
         except (OSError, ValueError):
             continue  # written as the process was killed
-    if not said:
-        print(f"error: the processes launched under accelerate ended (exit {code}) without an error line of their own: killed "
-              "(SIGKILL, out of host memory) or failed while starting; torch's report above gives each one's exit code", file=sys.stderr)
-        return code
-    first = min(said, key=lambda s: s["time"])
-    print(first["line"] if first["rank"] == "0" else f"{first['line']} (process {first['rank']})", file=sys.stderr)
-    return first["code"]
+    failed = [r for r in records if r.get("code") and not r.get("echo")]
+    killed = sorted((r["rank"] for r in records if "code" not in r), key=int)
+    if killed:
+        who = f"process {killed[0]}" if len(killed) == 1 else f"processes {', '.join(killed)}"
+        first = min(failed, key=lambda r: r["time"])["line"].removeprefix("error: ") if failed else None
+        return LaunchedFailure(f"{who} launched under accelerate ended without an error line (killed: SIGKILL, out of host memory?); "
+                               + (f"the first error line of the others: {first}" if first else "torch's report above gives each one's exit code"), code)
+    if not failed:
+        return LaunchedFailure(f"the processes launched under accelerate ended (exit {code}) without an error line of their own: "
+                               "killed (SIGKILL, out of host memory) or failed while starting; torch's report above gives each one's exit code", code)
+    causes = [r for r in failed if r["code"] not in (129, 130, 143)] or failed
+    first = min(causes, key=lambda r: (r["time"], int(r["rank"])))
+    line = first["line"] if first["rank"] == "0" else f"{first['line']} (process {first['rank']})"
+    return LaunchedFailure(line, first["code"], first.get("again_prefix"))
 
 
 def _check_disk(recipe: Recipe, run_dir: RunDir, stages: list[str], restart: bool = False) -> None:
@@ -844,23 +870,29 @@ def main(argv: list[str] | None = None) -> int:
     # SIGHUP (a closed terminal or SSH session) likewise: it used to end the process with the lock held.
     previous = signal.signal(signal.SIGTERM, _stopped)
     previous_hup = signal.signal(signal.SIGHUP, _stopped)
+    _exit_record()  # started (a relaunched process)
     try:
         if args.command == "schema":
             for dotted, tp, default, help_ in describe(Recipe):
                 print(f"{dotted}  ({tp}; default {default})\n    {help_}")
             return 0
-        return execute(args, argv)
+        code = execute(args, argv)
+        _exit_record(code=code)
+        return code
     except AlignpressError as e:
-        return _fail(f"error: {redact(_named(e, args))}", e.exit_code)
+        if getattr(e, "again_prefix", None) and getattr(args, "restart_undone", False):
+            # The workers' advice predates this command's put-back of the folder (--restart).
+            return _fail(f"error: {e.again_prefix}; {_again(args)}", e.exit_code)
+        return _fail(f"error: {redact(_named(e, args))}", e.exit_code, echo=getattr(e, "echo", False))
     except BrokenPipeError:
         # The reader of stdout went away (`schema | head`): not an error of the command. Python would
         # report the pipe again when it flushes stdout at exit, so stdout goes nowhere from here.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        return _fail(f"error: interrupted; {_again(args)}", 130)
+        return _fail(f"error: interrupted; {_again(args)}", 130, again_prefix="interrupted")
     except Stopped as e:
-        return _fail(f"error: {e}; {_again(args)}", e.exit_code)
+        return _fail(f"error: {e}; {_again(args)}", e.exit_code, again_prefix=str(e))
     except Exception as e:  # noqa: BLE001 - anything unexpected: one line here, the traceback in a log file
         return _fail(f"error: {redact(_unexpected(e, args))}", 1)
     finally:
@@ -868,17 +900,23 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGHUP, previous_hup)
 
 
-def _fail(line: str, code: int) -> int:
+def _fail(line: str, code: int, echo: bool = False, again_prefix: str | None = None) -> int:
     """Print the error's line and return its exit code. Under a relaunch (`_relaunch`) each process
     also leaves both for the command the user typed, which says the first failure's again, last."""
     print(line, file=sys.stderr)
+    _exit_record(code=code, line=line, echo=echo, again_prefix=again_prefix)
+    return code
+
+
+def _exit_record(**fields) -> None:
+    """This launched process's record for `_launched_failure`: written when it starts, and again
+    with its exit code when it ends; one that still has no code was killed without a word."""
     if folder := os.environ.get(EXIT_DIR):
         rank = os.environ.get("RANK", "0")
         try:
-            Path(folder, f"{rank}.json").write_text(json.dumps({"code": code, "line": line, "rank": rank, "time": time.time()}))
+            Path(folder, f"{rank}.json").write_text(json.dumps({"rank": rank, "time": time.time(), **fields}))
         except OSError:
             pass  # the launcher's status still says it failed
-    return code
 
 
 def _named(error: AlignpressError, args: argparse.Namespace) -> str:

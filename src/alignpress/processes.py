@@ -72,6 +72,7 @@ def on_main(st, fn: Callable[[], Any]) -> Any:
         if payload[0][0] == "error" and error is None:
             err = AlignpressError(f"the main process failed: {payload[0][1][0]}")
             err.exit_code = payload[0][1][1]
+            err.echo = True  # the main process's error, said again: not a failure of this one (cli._fail)
             raise err
         value = payload[0][1] if error is None else None
     if error is not None:
