@@ -659,9 +659,12 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
     lock = FolderLock(run_dir.root, command=f"{args.command} {args.recipe}")
     processes.on_main(state, lambda: (run_dir.ensure_writable(), lock.acquire()))
     try:
-        return _execute_locked(args, argv, recipe, run_dir, state, restart_from)
+        code = _execute_locked(args, argv, recipe, run_dir, state, restart_from)
     finally:
         lock.release()
+    if code == 0:
+        processes.leave(state)
+    return code
 
 
 def _execute_locked(args: argparse.Namespace, argv: list[str], recipe: Recipe, run_dir: RunDir, state, restart_from: str | None) -> int:
