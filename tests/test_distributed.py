@@ -1,9 +1,11 @@
 """Multi-process training on the CPU: gloo DDP and DeepSpeed ZeRO-2, through the real entry point."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -111,15 +113,14 @@ def test_a_relaunched_run_ends_on_its_own_error_and_exit_code(tmp_path):
     """`accelerate launch` exits 1 for any failure of its processes and ends on torch's report of
     them. The command the user typed says the main process's error line again, last, and exits with
     its code: 3 here, a failed export check (a tolerance no merge meets), not 1. Two processes: the
-    other one's copy of the main process's error comes later, and is not said last."""
+    other one ended after training with 0, and is not the cause."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     proc = cli("run", "recipes/demo.yaml", "--output-dir", tmp_path / "run", "--set", "train.accelerate_config=ddp", "--set", "train.num_processes=2",
                "--set", "train.max_steps=4", "--set", "export.check_tolerance=1e-30", env={"TMPDIR": str(tmp)})
     assert "relaunching under accelerate" in proc.stderr
     assert "ChildFailedError" in proc.stderr  # torch's report is still there, above
-    # the other process says the main process's error again; that copy is not the cause
-    assert "error: the main process failed: merged model's logits differ" in proc.stderr
+    assert "[alignpress] training is done: process 1 ends here; the main process evaluates, exports and publishes alone\n" in proc.stderr
     last = proc.stderr.splitlines()[-1]
     assert last.startswith("error: merged model's logits differ from the adapter model's by ") and last.endswith(" (> export.check_tolerance 1e-30)"), proc.stderr[-3000:]
     assert proc.returncode == 3
@@ -129,11 +130,13 @@ def test_a_relaunched_run_ends_on_its_own_error_and_exit_code(tmp_path):
 
 def test_a_relaunched_restart_that_failed_ends_on_its_error_after_the_folder_is_put_back(demo_copy):
     """`run --restart` under a relaunch whose prepare refuses (a filter that keeps no row): the
-    command puts the folder back, then says the workers' error, last."""
+    command puts the folder back, then says the workers' error, last. Two processes: the other one
+    says the main process's error again, and that copy is not the line said last."""
     before = json.loads((demo_copy / "run.json").read_text())
     proc = cli("run", "recipes/demo.yaml", "--output-dir", demo_copy, "--restart", "--set", "train.accelerate_config=ddp",
-               "--set", "train.num_processes=1", "--set", "data.filters.min.rating_chosen=100")
+               "--set", "train.num_processes=2", "--set", "data.filters.min.rating_chosen=100")
     assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: the main process failed: recipes/demo.yaml: field 'data.filters.min.rating_chosen': keeps none of the " in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: --set data.filters.min.rating_chosen: field 'data.filters.min.rating_chosen': keeps none of the "), proc.stderr[-3000:]
     assert lines[-2].startswith("[alignpress] --restart failed before it replaced any result: "), proc.stderr[-3000:]
@@ -188,14 +191,17 @@ def torchrun(*args, nodes=1, node_rank=0, procs=1, port=None, script=ROOT / "ent
             str(script), *map(str, args)]
 
 
-def entrypoint_saying_if_the_process_group_is_open_at_exit(folder: Path) -> Path:
+def entrypoint_saying_if_the_process_group_is_open_at_exit(folder: Path, default_timeout_s: float | None = None) -> Path:
     """entrypoint.py, and a line at the process's exit: is torch's process group still open? A process
     that exits with it open can abort in its teardown (SIGABRT); that happened 6 times in 20 two-node
-    exits, so a test that only runs the job would fail now and then. This line fails every time."""
+    exits, so a test that only runs the job would fail now and then. This line fails every time.
+    `default_timeout_s`: torch's default timeout for a process group, shortened (gloo's is 30 minutes)."""
     script = folder / "entrypoint_then_say.py"
+    shorter = ("import datetime, torch.distributed.distributed_c10d as c10d\n"
+               f"c10d.default_pg_timeout = datetime.timedelta(seconds={default_timeout_s})\n") if default_timeout_s else ""
     script.write_text(
         "import atexit, runpy, sys\n"
-        "import torch.distributed as dist\n"
+        "import torch.distributed as dist\n" + shorter +
         "atexit.register(lambda: print('process group open at exit:', dist.is_initialized(), file=sys.stderr))\n"
         f"sys.argv[0] = {str(ROOT / 'entrypoint.py')!r}\n"
         f"runpy.run_path({str(ROOT / 'entrypoint.py')!r}, run_name='__main__')\n")
@@ -235,11 +241,37 @@ def test_a_second_node_never_reads_what_the_main_process_wrote(tmp_path, demo_ru
     assert (main_view / "model" / "model.safetensors").exists()
 
 
+def test_the_other_processes_end_after_training_and_never_wait_on_torchs_shorter_timeout(tmp_path, demo_run):
+    """Two processes run the demo. After training, the main process evaluates, exports and publishes
+    alone, and the other one ends at once: it used to wait for all of it in a collective, which NCCL's
+    watchdog ends after its timeout, killing the job while a large model uploaded. The process group
+    waits as long as the Trainer would have it (TrainingArguments.ddp_timeout, 30 minutes), not torch's
+    default for NCCL (10 minutes). NCCL cannot run here: torch's default for gloo (30 minutes, the same
+    as the Trainer's) is shortened to 0.05 s in these processes to stand for it."""
+    out = prepared_copy(demo_run, tmp_path / "run")
+    exits = tmp_path / "exits"  # each process's exit record (cli._exit_record), kept: no relaunching parent reads them
+    exits.mkdir()
+    script = entrypoint_saying_if_the_process_group_is_open_at_exit(tmp_path, default_timeout_s=0.05)
+    proc = subprocess.run(torchrun("run", "recipes/demo.yaml", "--output-dir", out, "--set", "train.max_steps=4", procs=2, script=script),
+                          cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "ALIGNPRESS_EXIT_DIR": str(exits)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("process group open at exit: False") == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("[alignpress] finished: ") == 1
+    manifest = json.loads((out / "run.json").read_text())
+    assert [manifest["stages"][s]["status"] for s in ("prepare", "train", "evaluate", "export", "publish")] == ["done"] * 5
+    assert manifest["stages"]["train"]["world_size"] == 2
+    ended = {r["rank"]: r for r in (json.loads(p.read_text()) for p in exits.glob("*.json"))}
+    assert (ended["0"]["code"], ended["1"]["code"]) == (0, 0)
+    # Process 1 ended before the main process began its export (run.json's times are to the second).
+    export_started = datetime.fromisoformat(manifest["stages"]["export"]["started"]).timestamp()
+    assert ended["1"]["time"] < export_started <= ended["0"]["time"]
+    assert "[alignpress] training is done: process 1 ends here; the main process evaluates, exports and publishes alone\n" in proc.stderr
+
+
 def test_sigterm_to_one_process_stops_them_all_at_one_checkpoint(tmp_path, demo_run):
     """A SIGTERM reaches one process (a preempted node; the others are elsewhere). Every process saves
     the same checkpoint and stops; before, the one that got it saved and stopped alone and the others
     waited for it in their next collective."""
-    import os
     import signal
     import time
 

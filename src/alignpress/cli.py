@@ -746,6 +746,15 @@ def _execute_stages(args: argparse.Namespace, argv: list[str], recipe: Recipe, r
     if args.command == "run":
         prepared = False
         for name in STAGES:
+            if name == "evaluate" and state is not None:
+                # Training is over: the main process evaluates, exports and publishes alone. The others
+                # used to wait for all of it in a collective, which NCCL's watchdog ends after its timeout
+                # (processes.trainer_timeout), killing the job while a large model uploads; they end here.
+                processes.leave(state)
+                if not main:
+                    log.info("training is done: process %s ends here; the main process evaluates, exports and publishes alone", state.process_index)
+                    return 0
+                state = None
             if processes.on_main(state, lambda: run_dir.is_done(name)):
                 log.info("== %s: already done, skipping", name)
                 continue

@@ -52,15 +52,32 @@ def state():
     from accelerate import PartialState
 
     # Without cpu=True a CPU-only launch (gloo) is seen as one process and every rank thinks it is the main one.
-    return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=trainer_timeout())
+
+
+def trainer_timeout():
+    """How long a collective may wait: the Trainer's own default (TrainingArguments.ddp_timeout,
+    30 minutes). The Trainer would have set it, but the process group exists before the Trainer
+    does, and without it NCCL's default is 10 minutes (PyTorch's ProcessGroupNCCL): the other
+    processes, waiting for the main one's prepare of a large dataset, would be killed by NCCL's
+    watchdog after 10 minutes. (On the CPU, gloo's default is the same 30 minutes.)"""
+    from dataclasses import fields
+    from datetime import timedelta
+
+    from transformers import TrainingArguments
+
+    return timedelta(seconds=next(f.default for f in fields(TrainingArguments) if f.name == "ddp_timeout"))
 
 
 def leave(st) -> None:
-    """After a successful command: every process waits for the others, then leaves the process group.
+    """After a successful command, or a `run`'s training: every process waits for the others, then
+    leaves the process group (once; later calls do nothing).
     A process that exits with it still open can abort in its teardown ("terminate called without an
     active exception", SIGABRT): 6 of 20 two-node gloo exits did here, and the node's launcher then
     exits 1 for a job that succeeded. Not after a failure: the others may never reach the wait."""
-    if st is not None:
+    import torch.distributed as dist
+
+    if st is not None and dist.is_initialized():
         st.wait_for_everyone()
         st.destroy_process_group()
 
