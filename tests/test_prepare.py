@@ -271,3 +271,19 @@ def test_duplicates_are_whole_pairs_and_the_longer_answer_decides_the_cap(tmp_pa
     assert proc.returncode == 0, proc.stderr
     removed = {f["filter"]: f["removed"] for f in json.loads((out / "data/stats.json").read_text())["splits"]["train"]["filters"]}
     assert removed["duplicate pair"] == 1 and removed["longer than 64 tokens"] == 2
+
+
+def test_a_local_model_that_fails_to_load_is_not_blamed_on_the_hub(tmp_path, tiny_phi3):
+    """A model folder on this machine whose tokenizer does not load: the loader's error, without the
+    advice to check the Hub id, the network and HF_TOKEN (it was given for a DeepSpeed assertion)."""
+    import shutil
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_phi3, broken)
+    (broken / "tokenizer.json").write_text("{not json")
+    recipe = make_recipe(tmp_path, broken)
+    proc = cli("prepare", recipe, "--output-dir", tmp_path / "out")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {recipe}: field 'model.name_or_path': could not load '{broken}': "), last
+    assert last.endswith(f". {broken} is a folder on this machine: the error is its loader's, not the Hub's"), last

@@ -189,7 +189,7 @@ def _local_config(recipe: Recipe, local_only: bool) -> tuple[Any, str] | None:
     except Exception as e:  # noqa: BLE001
         if local_only and not Path(path).is_dir():
             return None
-        raise _hub_error(recipe, name, e) from None
+        raise _hub_error(recipe, name, e, path) from None
 
 
 def _meta_model(recipe: Recipe, config, attn: str | None):

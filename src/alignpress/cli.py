@@ -773,6 +773,14 @@ def _execute_stages(args: argparse.Namespace, argv: list[str], recipe: Recipe, r
 
             print(render(recipe, run_dir, str(args.recipe), args.overrides), flush=True)
     else:
+        if args.command != "train" and state is not None:
+            # prepare, evaluate, export, publish: the main process's alone, for as long as it takes
+            # (the others would wait in a collective that times out); the others end here.
+            processes.leave(state)
+            if not main:
+                log.info("process %s ends here: the main process runs %s alone", state.process_index, args.command)
+                return 0
+            state = None
         stage(args.command)  # the later stages are marked pending once it is done (_run_stage)
     return 0
 

@@ -234,10 +234,14 @@ def liger_problem(device: str) -> str | None:
     return None
 
 
-def _hub_error(recipe: Recipe, name: str, e: Exception) -> AlignpressError:
+def _hub_error(recipe: Recipe, name: str, e: Exception, path: str | None = None) -> AlignpressError:
+    """A model that did not load. The Hub's advice only where the Hub was asked: a folder on this
+    machine (a builtin model, a local one) failed in its loader, and the advice sent users to check
+    a token for a DeepSpeed assertion."""
+    advice = (f"{path} is a folder on this machine: the error is its loader's, not the Hub's" if path and Path(path).is_dir()
+              else "Check the Hub id and revision, your network, and HF_TOKEN for gated models")
     return AlignpressError(
-        f"could not load {name!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
-        "Check the Hub id and revision, your network, and HF_TOKEN for gated models",
+        f"could not load {name!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. {advice}",
         source=recipe.source,
         field="model.name_or_path",
     )
@@ -255,7 +259,7 @@ def load_tokenizer(recipe: Recipe, path: str | None = None):
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
     except Exception as e:  # noqa: BLE001 - every loading failure gets the same clear message
-        raise _hub_error(recipe, recipe.model.name_or_path, e) from None
+        raise _hub_error(recipe, recipe.model.name_or_path, e, path) from None
     if recipe.model.chat_template:
         tok.chat_template = chat_template_text(recipe)
     if not getattr(tok, "chat_template", None):
@@ -339,7 +343,7 @@ def load_model(recipe: Recipe, path: str, *, device: str, dtype: torch.dtype, qu
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as e:  # noqa: BLE001
-        raise _hub_error(recipe, recipe.model.name_or_path, e) from None
+        raise _hub_error(recipe, recipe.model.name_or_path, e, path) from None
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     if tokenizer is not None:

@@ -681,6 +681,18 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
                     source=str(run_dir.checkpoints),
                 ) from None
             log.warning("resuming from %s failed (%s); falling back to %s", e.checkpoint, e, candidates[0])
+        finally:
+            _forget_deepspeed()
+
+
+def _forget_deepspeed() -> None:
+    """After training: the Trainer leaves transformers' DeepSpeed config set (a weak reference that
+    lives until the garbage collector breaks the Trainer's reference cycles), and a later
+    from_pretrained (evaluate, export) then built the model under ZeRO-3's zero.Init: a collective,
+    among processes that have left (cli._execute_stages). It failed the whole ZeRO-3 run."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
 
 
 def optimizer_steps(recipe: Recipe, pairs: int) -> tuple[int, int]:
