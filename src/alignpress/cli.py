@@ -903,7 +903,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(e, "again_prefix", None) and getattr(args, "restart_undone", False):
             # The workers' advice predates this command's put-back of the folder (--restart).
             return _fail(f"error: {e.again_prefix}; {_again(args)}", e.exit_code)
-        return _fail(f"error: {redact(_named(e, args))}", e.exit_code, echo=getattr(e, "echo", False))
+        echo = getattr(e, "echo", False)
+        text = f"the main process failed: {_named(e, args)}" if echo else _named(e, args)
+        return _fail(f"error: {redact(text)}", e.exit_code, echo=echo)
     except BrokenPipeError:
         # The reader of stdout went away (`schema | head`): not an error of the command. Python would
         # report the pipe again when it flushes stdout at exit, so stdout goes nowhere from here.

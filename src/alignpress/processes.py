@@ -94,11 +94,14 @@ def on_main(st, fn: Callable[[], Any]) -> Any:
         except BaseException as e:
             error = e
     if st is not None:
-        payload = [("ok", value) if error is None else ("error", (str(error), getattr(error, "exit_code", 1)))]
+        # The error's file and field travel with it, so every process names the same `--set` flag (cli._named).
+        said = (str(error), getattr(error, "exit_code", 1), getattr(error, "source", None), getattr(error, "field", None))
+        payload = [("ok", value) if error is None else ("error", said)]
         broadcast_object_list(payload, from_process=0)
         if payload[0][0] == "error" and error is None:
-            err = AlignpressError(f"the main process failed: {payload[0][1][0]}")
-            err.exit_code = payload[0][1][1]
+            text, code, source, field = payload[0][1]
+            err = AlignpressError(text)
+            err.exit_code, err.source, err.field = code, source, field
             err.echo = True  # the main process's error, said again: not a failure of this one (cli._fail)
             raise err
         value = payload[0][1] if error is None else None
