@@ -92,6 +92,10 @@ BASE = "name: t\nmodel: {name_or_path: x/y}\ndata: {dataset: d.jsonl}\n"
         ("publish: {repo_id: 'no-namespace'}\n", [], "field 'publish.repo_id': 'no-namespace': expected namespace/name"),
         ("publish: {repo_id: 'me/bad--name'}\n", [], "field 'publish.repo_id': 'me/bad--name': 'bad--name' is not a valid Hub name"),
         ("", ["dpo.bta=0.2"], "--set dpo.bta: unknown field 'dpo.bta'; did you mean 'beta'?"),
+        # TRL's DPOConfig holds beta, max_length and learning_rate together: a field of another section is named there
+        ("train: {beta: 0.2}\n", [], "field 'train.beta'... unknown field 'train.beta'; did you mean 'dpo.beta'?"),
+        ("", ["dpo.learning_rate=1e-5"], "--set dpo.learning_rate: unknown field 'dpo.learning_rate'; did you mean 'train.learning_rate'?"),
+        ("", ["seed=1"], "--set seed: unknown field 'seed'; did you mean 'data.seed' or 'train.seed'?"),
         ("", ["model.name_or_path=microsoft/Phi 3 mini"], "--set model.name_or_path: field 'model.name_or_path': 'microsoft/Phi 3 mini' is neither a local path "
                                                           "nor a valid Hub model id: 'Phi 3 mini' may hold only letters, digits, '-', '_', '.' (no spaces), at most 96 characters"),
         ("", ["data.dataset=argilla distilabel"], "field 'data.dataset': 'argilla distilabel' is neither a local path nor a valid Hub dataset id"),

@@ -376,8 +376,16 @@ def _hints(cls: Any) -> dict[str, Any]:
 
 def _unknown(key: str, names: typing.Iterable[str], prefix: str) -> str:
     where = f"'{prefix}.{key}'" if prefix else f"'{key}'"
+    # A field of another section (TRL's DPOConfig has beta, max_length and learning_rate side by side):
+    # name where it lives, before a close spelling in this section.
+    elsewhere = [dotted for dotted, *_ in describe() if dotted.rsplit(".", 1)[-1] == key and "[]" not in dotted]
     close = difflib.get_close_matches(key, list(names), n=1, cutoff=0.6)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; known fields: {', '.join(sorted(names))}"
+    if elsewhere:
+        hint = f"; did you mean {' or '.join(repr(d) for d in elsewhere)}?"
+    elif close:
+        hint = f"; did you mean '{close[0]}'?"
+    else:
+        hint = f"; known fields: {', '.join(sorted(names))}"
     return f"unknown field {where}{hint}"
 
 
