@@ -264,6 +264,8 @@ JSON_CASES = {
     # name: (file text, expected problem); lines are counted from 1, as an editor shows them
     "not_json": ('{"prompt": "q"}\n\n{"prompt": "q", "chosen": "a"\n', "line 3: not valid JSON: Expecting ',' delimiter (column 30); each line must be one JSON object"),
     "array_line": ('{"prompt": "q"}\n[1, 2]\n{"prompt": \n', "line 2: a JSON array, not an object with the pair's columns"),
+    # a file that starts with `[` is read as one array, unless the array ends before the file does
+    "array_first_line": ('[1, 2]\n{"prompt": "q"}\n', "line 1: a JSON array, not an object with the pair's columns"),
     "type_changes": ('{"chosen": [], "x": null}\n{"chosen": null, "x": 1}\n{"chosen": "a", "x": 2.5}\n',
                      "line 3: column 'chosen' is a JSON string, but a JSON array on line 1; one column holds one type"),
     "json_array_syntax": ('[\n  {"prompt": "q"},\n  {"prompt": "q",}\n]\n', "line 3: not valid JSON: Expecting property name enclosed in double quotes (column 18)"),

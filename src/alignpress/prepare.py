@@ -348,14 +348,14 @@ def json_file_problem(path: Path) -> str | None:
     JSON lines: each line one object, each top-level column of one JSON type throughout (null aside).
     A .json file that starts with `[`: one array of such objects."""
     text = path.read_text(encoding="utf-8", errors="replace")
+    numbered: Iterator[tuple[str, Any]] = _json_lines(text)
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
+            numbered = ((f"item {i} of the array", row) for i, row in enumerate(rows if isinstance(rows, list) else []))
         except json.JSONDecodeError as e:
-            return f"line {e.lineno}: not valid JSON: {e.msg} (column {e.colno})"
-        numbered = ((f"item {i} of the array", row) for i, row in enumerate(rows if isinstance(rows, list) else []))
-    else:
-        numbered = _json_lines(text)
+            if e.msg != "Extra data":  # else an array ends before the file does: JSON lines whose first line is an array
+                return f"line {e.lineno}: not valid JSON: {e.msg} (column {e.colno})"
     kinds: dict[str, tuple[str, str]] = {}
     for where, row in numbered:
         if isinstance(row, json.JSONDecodeError):
