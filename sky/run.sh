@@ -41,13 +41,22 @@ NODES="${SKYPILOT_NUM_NODES:-1}"
 if [ "$NODES" -gt 1 ]; then
   # One launcher per node; SkyPilot sets these on every node (sky/skylet/constants.py), head first.
   HEAD_IP="$(echo "$SKYPILOT_NODE_IPS" | head -n1)"
-  exec "$(dirname "$PY")/accelerate" launch \
+  # The launcher exits 1 for every failure and ends on torch's report: each process leaves a record
+  # of its line and exit code, and the first failure's is said last, with its code (2, 3, 143).
+  EXITS="$(mktemp -d)"
+  trap 'rm -rf "$EXITS"' EXIT
+  code=0
+  ALIGNPRESS_EXIT_DIR="$EXITS" "$(dirname "$PY")/accelerate" launch \
     --config_file "$(accelerate_file)" \
     --num_machines "$NODES" \
     --machine_rank "$SKYPILOT_NODE_RANK" \
     --main_process_ip "$HEAD_IP" \
     --main_process_port "${MAIN_PROCESS_PORT:-29500}" \
     --num_processes "$((NODES * SKYPILOT_NUM_GPUS_PER_NODE))" \
-    "${JOB[@]}"
+    "${JOB[@]}" || code=$?
+  if [ "$code" -ne 0 ]; then
+    PYTHONPATH="$ALIGNPRESS_ROOT/src${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m alignpress.node_exit "$EXITS" "$code" || code=$?
+  fi
+  exit "$code"
 fi
 exec "$PY" "${JOB[@]}"

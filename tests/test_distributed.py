@@ -160,9 +160,9 @@ def test_a_relaunched_restart_that_failed_ends_on_its_error_after_the_folder_is_
 
 
 def test_which_launched_process_failure_is_said_last(tmp_path):
-    """The choice among the launched processes' records (cli._launched_failure), each case built
+    """The choice among the launched processes' records (cli.launched_failure), each case built
     as the processes write them, since which one writes first is a race in a real launch."""
-    from alignpress.cli import _launched_failure
+    from alignpress.cli import launched_failure
 
     def records(*rows):
         folder = tmp_path / str(len(list(tmp_path.iterdir())))
@@ -172,13 +172,15 @@ def test_which_launched_process_failure_is_said_last(tmp_path):
         return folder
 
     def said(folder):
-        e = _launched_failure(folder, 1)
+        e = launched_failure(folder, 1)
         return str(e), e.exit_code, e.again_prefix
 
     main_error = {"code": 3, "line": "error: the check failed", "time": 2.0}
     echo = {"code": 3, "line": "error: the main process failed: the check failed", "time": 1.0, "echo": True}
     # the main process's error, though the other's copy was written first
     assert said(records((0, main_error), (1, echo))) == ("the check failed", 3, None)
+    # a node without the main process (sky/run.sh on several nodes) has only the copies: it says one
+    assert said(records((1, echo), (2, {**echo, "time": 1.5}))) == ("the main process failed: the check failed", 3, None)
     # a failure, not the SIGTERM that torch's agent then sent the other process
     stopped = {"code": 143, "line": "error: stopped by SIGTERM; run again", "time": 1.0, "again_prefix": "stopped by SIGTERM"}
     lost = {"code": 1, "line": "error: RuntimeError: connection reset", "time": 2.0}
@@ -255,6 +257,30 @@ def test_a_second_node_never_reads_what_the_main_process_wrote(tmp_path, demo_ru
     assert "already done, skipping" in outputs[1][1]  # node 1 skipped prepare because the main process said so
     assert not (other_view / "data").exists() and not (other_view / "run.json").exists()
     assert (main_view / "model" / "model.safetensors").exists()
+
+
+def test_each_node_ends_on_the_main_processs_refusal_with_its_code(tmp_path):
+    """Two "nodes" (two torchrun launches, one process each) whose prepare refuses (a filter that keeps
+    no row), found by the main process alone. Each launcher exits 1; sky/run.sh then says its node's
+    line and code from the records its processes left (`python -m alignpress.node_exit`): the main
+    process's refusal on the head node, the other process's copy of it on the second, both with 2."""
+    port = free_port()
+    exits = [tmp_path / f"exits{rank}" for rank in (0, 1)]
+    procs = []
+    for rank in (0, 1):
+        exits[rank].mkdir()
+        procs.append(subprocess.Popen(torchrun("run", "recipes/demo.yaml", "--output-dir", tmp_path / f"node{rank}", "--set", "data.filters.min.rating_chosen=100",
+                                               nodes=2, node_rank=rank, port=port), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env={**os.environ, "ALIGNPRESS_EXIT_DIR": str(exits[rank])}))
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], [err[-2000:] for _, err in outputs]  # torchrun's, as accelerate launch's
+    said = [subprocess.run([sys.executable, "-m", "alignpress.node_exit", str(folder), "1"], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT / "src")}) for folder in exits]
+    refusal = "--set data.filters.min.rating_chosen: field 'data.filters.min.rating_chosen': keeps none of the "
+    assert [p.returncode for p in said] == [2, 2]
+    assert said[0].stderr.startswith(f"error: {refusal}"), said[0].stderr
+    assert said[1].stderr.startswith(f"error: the main process failed: {refusal}"), said[1].stderr
+    assert [len(p.stderr.splitlines()) for p in said] == [1, 1]
 
 
 def test_the_other_processes_end_after_training_and_never_wait_on_torchs_shorter_timeout(tmp_path, demo_run):

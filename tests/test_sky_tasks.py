@@ -11,6 +11,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -430,6 +431,38 @@ def test_multinode_run_wires_skypilot_node_variables_into_accelerate(tmp_path):
         "--machine_rank", "1", "--main_process_ip", "10.0.0.5", "--main_process_port", "29500",
         "--num_processes", "16", "entrypoint.py", "run", "recipes/demo.yaml", "--set",
         "publish.repo_id=someone/model", "--output-dir", str(bucket / "r"), "--set", "train.device=cuda"]
+
+
+@pytest.mark.parametrize("records, code, last", [
+    # the head node: the main process's refusal, not its copy in the other process
+    ({"0": {"code": 2, "line": "error: recipes/demo.yaml: field 'dpo.beta': must be > 0, got 0.0", "time": 2.0},
+      "1": {"code": 2, "line": "error: the main process failed: recipes/demo.yaml: field 'dpo.beta': must be > 0, got 0.0", "time": 1.0, "echo": True}},
+     2, "error: recipes/demo.yaml: field 'dpo.beta': must be > 0, got 0.0"),
+    # a node without the main process: its processes' copy of it
+    ({"2": {"code": 3, "line": "error: the main process failed: the check failed", "time": 1.0, "echo": True}},
+     3, "error: the main process failed: the check failed"),
+    # a process killed without a word (SIGKILL): named, with the launcher's code
+    ({"1": {"time": 1.0}}, 1, "error: process 1 launched under accelerate ended without an error line (killed: SIGKILL, out of host "
+                             "memory?); torch's report above gives each one's exit code"),
+])
+def test_multinode_run_ends_on_its_processes_error_and_code(tmp_path, records, code, last):
+    """On several nodes run.sh starts `accelerate launch` itself, which exits 1 for every failure and
+    ends on torch's report. Each process leaves a record of its line and code (cli._exit_record); the
+    launcher here is a stand-in that leaves the records a real one's processes would and exits 1
+    (two real nodes need GPUs; tests/test_distributed.py runs two CPU nodes under torchrun). The
+    records are read by the job's python (the checkout's), which says the failure last."""
+    venv, bucket = fake_env(tmp_path), tmp_path / "bucket"
+    bucket.mkdir()
+    (venv / "bin" / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    writes = "".join(f"printf '%s' {shlex.quote(json.dumps({'rank': rank, **r}))} > \"$ALIGNPRESS_EXIT_DIR/{rank}.json\"\n" for rank, r in records.items())
+    (venv / "bin" / "accelerate").write_text(f"#!/bin/sh\n{writes}echo 'torch.distributed.elastic.multiprocessing.errors.ChildFailedError:' >&2\n"
+                                             "echo \"$ALIGNPRESS_EXIT_DIR\" > " + shlex.quote(str(tmp_path / "exit-dir")) + "\nexit 1\n")
+    proc = sky_run(tmp_path, {**SET, "ALIGNPRESS_VENV": str(venv), "BUCKET": "mine", "OUTPUT_ROOT": str(bucket), "PATH": fake_mountpoint(tmp_path),
+                              "SKYPILOT_NUM_NODES": "2", "SKYPILOT_NODE_RANK": "0", "SKYPILOT_NODE_IPS": "10.0.0.5\n10.0.0.6",
+                              "SKYPILOT_NUM_GPUS_PER_NODE": "1"})
+    assert proc.stderr.splitlines()[-2:] == ["torch.distributed.elastic.multiprocessing.errors.ChildFailedError:", last]
+    assert proc.returncode == code
+    assert not Path((tmp_path / "exit-dir").read_text().strip()).exists()  # the records' folder is gone
 
 
 @pytest.mark.parametrize(("value", "config_file"), [(None, "recipes/accelerate/ddp.yaml"), ("zero2", "recipes/accelerate/zero2.yaml")])

@@ -511,7 +511,7 @@ def _relaunch(recipe: Recipe, argv: list[str]) -> int:
         child = subprocess.Popen(cmd, env=dict(os.environ, ALIGNPRESS_LAUNCHED="1", **{EXIT_DIR: str(exits)}), start_new_session=True)
         code = child.wait()
         if code != 0:
-            raise _launched_failure(exits, code)
+            raise launched_failure(exits, code)
         return 0
     finally:
         shutil.rmtree(exits, ignore_errors=True)
@@ -529,7 +529,7 @@ class LaunchedFailure(AlignpressError):
         self.again_prefix = again_prefix  # an interruption: its advice is made again here (_again)
 
 
-def _launched_failure(exits: Path, code: int) -> LaunchedFailure:
+def launched_failure(exits: Path, code: int) -> LaunchedFailure:
     """What the relaunched processes' records (`_fail`, `_started`) say failed. The launcher says 1
     for every failure (a refusal, a failed check, a signal) and ends on torch's report.
     - A process that started and left no exit record was killed without a word (SIGKILL: the
@@ -538,14 +538,16 @@ def _launched_failure(exits: Path, code: int) -> LaunchedFailure:
     - Else the first failure by time, its own code: a process that fails stops the others (torch's
       agent sends them SIGTERM: they save a checkpoint and say so), and the main process's error,
       said again by the others (`processes.on_main`), is not theirs. A signal's line only when no
-      other failure is there (a preemption stops them all)."""
+      other failure is there (a preemption stops them all).
+    - Only copies of the main process's error: a node without the main process (sky/run.sh, via
+      `python -m alignpress.node_exit`) says that copy, with the main process's code."""
     records = []
     for path in exits.glob("*.json"):
         try:
             records.append(json.loads(path.read_text()))
         except (OSError, ValueError):
             continue  # written as the process was killed
-    failed = [r for r in records if r.get("code") and not r.get("echo")]
+    failed = [r for r in records if r.get("code") and not r.get("echo")] or [r for r in records if r.get("code")]
     killed = sorted((r["rank"] for r in records if "code" not in r), key=int)
     if killed:
         who = f"process {killed[0]}" if len(killed) == 1 else f"processes {', '.join(killed)}"
@@ -557,7 +559,7 @@ def _launched_failure(exits: Path, code: int) -> LaunchedFailure:
                                "killed (SIGKILL, out of host memory) or failed while starting; torch's report above gives each one's exit code", code)
     causes = [r for r in failed if r["code"] not in (129, 130, 143)] or failed
     first = min(causes, key=lambda r: (r["time"], int(r["rank"])))
-    line = first["line"] if first["rank"] == "0" else f"{first['line']} (process {first['rank']})"
+    line = first["line"] if first["rank"] == "0" or first.get("echo") else f"{first['line']} (process {first['rank']})"
     return LaunchedFailure(line, first["code"], first.get("again_prefix"))
 
 
@@ -931,7 +933,7 @@ def _fail(line: str, code: int, echo: bool = False, again_prefix: str | None = N
 
 
 def _exit_record(**fields) -> None:
-    """This launched process's record for `_launched_failure`: written when it starts, and again
+    """This launched process's record for `launched_failure`: written when it starts, and again
     with its exit code when it ends; one that still has no code was killed without a word."""
     if folder := os.environ.get(EXIT_DIR):
         rank = os.environ.get("RANK", "0")
