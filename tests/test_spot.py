@@ -117,7 +117,11 @@ def test_output_folder_not_writable(tmp_path):
     blocker.write_text("not a folder")
     proc = cli("run", "recipes/demo.yaml", "--output-dir", blocker / "out")
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {blocker / 'out'}: output folder is not writable")
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {blocker / 'out'}: output folder cannot be made: {blocker} is a file, not a folder; give --output-dir a folder"
+    proc = cli("run", "recipes/demo.yaml", "--output-dir", blocker)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {blocker}: output folder is a file, not a folder; give --output-dir a folder"
+    assert blocker.read_text() == "not a folder"
 
 
 def relaunched_in_training(out, procs=1):

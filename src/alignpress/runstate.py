@@ -180,6 +180,12 @@ class RunDir:
         return self.root / "metrics"
 
     def ensure_writable(self) -> None:
+        for folder in (self.root, *self.root.parents):
+            if folder.exists():
+                if not folder.is_dir():
+                    what = "is a file" if folder == self.root else f"cannot be made: {folder} is a file"
+                    raise AlignpressError(f"output folder {what}, not a folder; give --output-dir a folder", source=str(self.root))
+                break
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".write-test-{os.getpid()}"
