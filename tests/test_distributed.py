@@ -134,6 +134,8 @@ def test_a_relaunched_run_ends_on_its_own_error_and_exit_code(tmp_path):
     proc = cli("run", "recipes/demo.yaml", "--output-dir", tmp_path / "run", "--set", "train.accelerate_config=ddp", "--set", "train.num_processes=2",
                "--set", "train.max_steps=4", "--set", "export.check_tolerance=1e-30", env={"TMPDIR": str(tmp)})
     assert "relaunching under accelerate" in proc.stderr
+    # prepared by the command's process before the launch; the launched ones find it done
+    assert proc.stderr.index("[alignpress] == prepare done in ") < proc.stderr.index("relaunching under accelerate") < proc.stderr.index("== prepare: already done, skipping")
     assert "ChildFailedError" in proc.stderr  # torch's report is still there, above
     assert "[alignpress] training is done: process 1 ends here; the main process evaluates, exports and publishes alone\n" in proc.stderr
     last = proc.stderr.splitlines()[-1]
@@ -143,20 +145,21 @@ def test_a_relaunched_run_ends_on_its_own_error_and_exit_code(tmp_path):
     assert not list(tmp.glob("alignpress-exit-*"))  # the file that carried them is gone
 
 
-def test_a_relaunched_restart_that_failed_ends_on_its_error_after_the_folder_is_put_back(demo_copy):
-    """`run --restart` under a relaunch whose prepare refuses (a filter that keeps no row): the
-    command puts the folder back, then says the workers' error, last. Two processes: the other one
-    says the main process's error again, and that copy is not the line said last."""
+def test_a_relaunched_run_prepares_before_the_launch_and_a_refusal_there_launches_nothing(demo_copy):
+    """`run --restart` with train.accelerate_config prepares in the command's own process, before the
+    launch: the launched processes used to wait for the main one's prepare in a collective that ends
+    after 30 minutes, each holding its GPU. A prepare that refuses (a filter that keeps no row) then
+    launches nothing, puts the folder back and says its error once, last."""
     before = json.loads((demo_copy / "run.json").read_text())
     proc = cli("run", "recipes/demo.yaml", "--output-dir", demo_copy, "--restart", "--set", "train.accelerate_config=ddp",
                "--set", "train.num_processes=2", "--set", "data.filters.min.rating_chosen=100")
     assert proc.returncode == 2, proc.stderr[-3000:]
-    # The other process's copy names the flag too: the error's field travels with it.
-    assert "error: the main process failed: --set data.filters.min.rating_chosen: field 'data.filters.min.rating_chosen': keeps none of the " in proc.stderr
+    assert "[alignpress] preparing the data before the launch, in this process alone\n" in proc.stderr
+    assert "relaunching under accelerate" not in proc.stderr and "the main process failed" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: --set data.filters.min.rating_chosen: field 'data.filters.min.rating_chosen': keeps none of the "), proc.stderr[-3000:]
     assert lines[-2].startswith("[alignpress] --restart failed before it replaced any result: "), proc.stderr[-3000:]
-    assert json.loads((demo_copy / "run.json").read_text())["run_id"] == before["run_id"]
+    assert json.loads((demo_copy / "run.json").read_text()) == before
 
 
 def test_which_launched_process_failure_is_said_last(tmp_path):

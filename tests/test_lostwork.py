@@ -79,6 +79,32 @@ def test_restart_refused_in_prepare_leaves_the_folder_as_it_was(demo_copy):
         assert f"== {stage}: already done, skipping" in again.stderr
 
 
+def test_relaunched_train_restart_stopped_before_a_checkpoint_puts_the_folder_back(demo_copy):
+    """`train --restart` relaunched under accelerate (train.accelerate_config), stopped by SIGTERM as
+    its launched process starts training, before a first checkpoint: the command the user typed
+    puts the folder back (the old checkpoints too, not left in checkpoints.previous) and its last
+    line says to run the same command again, not the launched process's "without --restart"."""
+    before = tree(demo_copy)
+    args = [sys.executable, str(ROOT / "entrypoint.py"), "train", "recipes/demo.yaml", "--output-dir", str(demo_copy), "--restart",
+            "--set", "train.accelerate_config=ddp", "--set", "train.num_processes=1"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "[alignpress] == train\n" in line:  # said by the launched process
+            proc.send_signal(signal.SIGTERM)
+            break
+    err = "".join(seen) + proc.stderr.read()
+    assert proc.wait(timeout=120) == 143, err[-3000:]
+    assert "relaunching under accelerate" in err
+    lines = err.strip().splitlines()
+    assert lines[-2:] == [f"[alignpress] --restart failed before it replaced any result: {demo_copy} is as it was (run.json, recipe.resolved.yaml, checkpoints)",
+                          "error: stopped by SIGTERM; the folder is as it was before --restart: run the same command again to redo it"], err[-3000:]
+    after = tree(demo_copy)
+    assert after == before, sorted(set(after.items()) ^ set(before.items()))
+    assert statuses(demo_copy) == ["done"] * 5
+
+
 def test_prepare_restart_with_the_same_recipe_and_data_keeps_the_later_stages(demo_copy):
     """`prepare --restart` that prepares the same data for the same recipe: the trained, evaluated and
     exported results stand, and the checkpoints are back where training resumes from them."""

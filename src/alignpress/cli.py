@@ -726,8 +726,7 @@ def _execute_stages(args: argparse.Namespace, argv: list[str], recipe: Recipe, r
         log.info("train is done%s: nothing to train (`train --restart` trains again); the later stages stay as they are",
                  f" (step {steps})" if steps else "")
         return 0
-    if recipe.train.accelerate_config and not launched and args.command in ("run", "train"):
-        return _relaunch(recipe, argv)
+    relaunch = recipe.train.accelerate_config and not launched and args.command in ("run", "train")
     if main:
         run_dir.init(recipe.name, str(args.recipe))
         from .version import git_commit, version
@@ -735,6 +734,14 @@ def _execute_stages(args: argparse.Namespace, argv: list[str], recipe: Recipe, r
         run_dir.update(alignpress={"version": version(), "commit": git_commit()})  # for the card's "reproduce"
         write_text(run_dir.root / "recipe.resolved.yaml", dump(recipe))
         run_dir.update(chat_template_sha256=chat_template_sha256(recipe))
+    if relaunch:
+        if args.command == "run" and not run_dir.is_done("prepare"):
+            # Prepared here, by one process, before the launch: the launched processes would wait
+            # for it in a collective that ends after 30 minutes (large data), each holding its GPU.
+            log.info("preparing the data before the launch, in this process alone")
+            _run_stage("prepare", recipe, run_dir)
+            _check_disk(recipe, run_dir, [s for s in ("train", "evaluate", "export") if not run_dir.is_done(s)])
+        return _relaunch(recipe, argv)
     if state is not None:
         state.wait_for_everyone()
 
