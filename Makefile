@@ -99,5 +99,9 @@ gpu-wheels:
 check-sky: $(SKY_STAMP)
 	$(SKY_VENV)/bin/python sky/check_tasks.py
 
+# Caches only. outputs/ holds finished runs (a default --output-dir: hours of a GPU on your own
+# machine), which no make target deletes: remove a run's folder yourself.
 clean:
-	rm -rf outputs .pytest_cache
+	rm -rf .pytest_cache
+	find . \( -path ./outputs -o -path './.venv*' -o -path ./.git \) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+	@if [ -d outputs ]; then echo "outputs/ kept: it holds finished runs; delete a run's folder yourself"; fi

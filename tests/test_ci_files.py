@@ -6,6 +6,7 @@ steps), hadolint for the Dockerfile, shellcheck for sky/*.sh and scripts/*.sh, a
 rules for the Python code.
 """
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -104,3 +105,21 @@ def test_no_tracked_symlink_or_environment():
             if not target.resolve().is_relative_to(REPO):
                 bad.append(f"{path}: a link out of the repo")
     assert bad == []
+
+
+def test_make_clean_keeps_finished_runs(tmp_path):
+    """`make clean` used to delete outputs/, where `run` writes by default: on a user's own GPU
+    machine, a trained and exported model. It removes caches only, and says outputs/ is kept."""
+    work = tmp_path / "checkout"
+    for name in ("Makefile", "requirements-sky.lock", "entrypoint.py"):
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, work / name)
+    for folder in ("src/alignpress/__pycache__", "tests/__pycache__", ".pytest_cache/v", "outputs/phi3/model", "outputs/phi3/__pycache__",
+                   ".venv/lib/__pycache__"):
+        (work / folder).mkdir(parents=True)
+        (work / folder / "f").write_text("x")
+    proc = subprocess.run(["make", "clean"], cwd=work, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "outputs/ kept: it holds finished runs; delete a run's folder yourself"
+    left = sorted(str(p.relative_to(work)) for p in work.rglob("f"))
+    assert left == [".venv/lib/__pycache__/f", "outputs/phi3/__pycache__/f", "outputs/phi3/model/f"]
