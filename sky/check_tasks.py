@@ -180,8 +180,9 @@ def check_scripts(task, raw: dict, problems: list) -> str:
                 problems.append(f"sky/run.sh: multi-node launch does not pass {flag}")
                 continue
             value = m.group(1)
-            # Follow one level of shell variable (HEAD_IP=$(... SKYPILOT_NODE_IPS ...), NODES=...).
-            for local in re.findall(r"\$\{?(\w+)", value):
+            # Follow one level of shell variable (HEAD_IP=$(... SKYPILOT_NODE_IPS ...), NODES=...), in
+            # arithmetic too ($((NODES * GPUS))).
+            for local in re.findall(r"\b([A-Z][A-Z0-9_]*)\b", value):
                 assign = re.search(r"^\s*" + local + r"=(.*)$", flat, re.M)
                 if assign:
                     value += " " + assign.group(1)

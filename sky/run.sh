@@ -6,8 +6,8 @@
 #
 # Envs: HUB_REPO (required), HF_TOKEN (required; a SkyPilot secret), RECIPE, RUN_NAME (the output
 # folder; keep it across relaunches to resume), BUCKET (the bucket the task file mounts at
-# /outputs; required for a managed job, whose VM can vanish), ACCELERATE_CONFIG and
-# MAIN_PROCESS_PORT (multi-node). Without BUCKET, outputs go to the VM's own disk
+# /outputs; required for a managed job, whose VM can vanish), ACCELERATE_CONFIG (several GPUs or
+# nodes; default ddp) and MAIN_PROCESS_PORT (multi-node). Without BUCKET, outputs go to the VM's own disk
 # ($HOME/alignpress-outputs), which `sky down` deletes: fine for a cluster you keep and ssh into.
 # Every refusal is one line and exit 2; setup.sh makes the launch's refusals before it builds anything.
 set -euo pipefail
@@ -38,9 +38,13 @@ fi
 echo "alignpress: ${JOB[*]} ($set_by)" >&2
 
 NODES="${SKYPILOT_NUM_NODES:-1}"
-if [ "$NODES" -gt 1 ]; then
+GPUS="${SKYPILOT_NUM_GPUS_PER_NODE:-0}"
+# Several GPUs, on one node too (`--gpus L40S:4`): one process per GPU under accelerate launch. One
+# process would see them all, and transformers would train with DataParallel on GPUS x the recipe's
+# micro-batch (the job refuses that at its door).
+if [ "$NODES" -gt 1 ] || [ "$GPUS" -gt 1 ]; then
   # One launcher per node; SkyPilot sets these on every node (sky/skylet/constants.py), head first.
-  HEAD_IP="$(echo "$SKYPILOT_NODE_IPS" | head -n1)"
+  HEAD_IP="$(echo "${SKYPILOT_NODE_IPS:-127.0.0.1}" | head -n1)"
   # The launcher exits 1 for every failure and ends on torch's report: each process leaves a record
   # of its line and exit code, and the first failure's is said last, with its code (2, 3, 143).
   EXITS="$(mktemp -d)"
@@ -49,10 +53,10 @@ if [ "$NODES" -gt 1 ]; then
   ALIGNPRESS_EXIT_DIR="$EXITS" "$(dirname "$PY")/accelerate" launch \
     --config_file "$(accelerate_file)" \
     --num_machines "$NODES" \
-    --machine_rank "$SKYPILOT_NODE_RANK" \
+    --machine_rank "${SKYPILOT_NODE_RANK:-0}" \
     --main_process_ip "$HEAD_IP" \
     --main_process_port "${MAIN_PROCESS_PORT:-29500}" \
-    --num_processes "$((NODES * SKYPILOT_NUM_GPUS_PER_NODE))" \
+    --num_processes "$((NODES * GPUS))" \
     "${JOB[@]}" || code=$?
   if [ "$code" -ne 0 ]; then
     PYTHONPATH="$ALIGNPRESS_ROOT/src${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m alignpress.node_exit "$EXITS" "$code" || code=$?

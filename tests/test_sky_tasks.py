@@ -433,6 +433,21 @@ def test_multinode_run_wires_skypilot_node_variables_into_accelerate(tmp_path):
         "publish.repo_id=someone/model", "--output-dir", str(bucket / "r"), "--set", "train.device=cuda"]
 
 
+def test_one_node_with_several_gpus_runs_one_process_per_gpu(tmp_path):
+    """`--gpus L40S:4` on one node: run.sh started one process, which saw the four GPUs and (in
+    transformers) trained with DataParallel on 4x the recipe's micro-batch. Now it starts
+    `accelerate launch` with one process per GPU, as on several nodes (ACCELERATE_CONFIG, ddp)."""
+    venv = fake_env(tmp_path)
+    proc = sky_run(tmp_path, {**SET, "ALIGNPRESS_VENV": str(venv), "RUN_NAME": "r", "SKYPILOT_NUM_GPUS_PER_NODE": "4"})
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "home" / "alignpress-outputs" / "r"
+    assert proc.stdout.splitlines() == [
+        "accelerate", "launch", "--config_file", str(REPO / "recipes/accelerate/ddp.yaml"), "--num_machines", "1",
+        "--machine_rank", "0", "--main_process_ip", "127.0.0.1", "--main_process_port", "29500",
+        "--num_processes", "4", "entrypoint.py", "run", "recipes/demo.yaml", "--set",
+        "publish.repo_id=someone/model", "--output-dir", str(out), "--set", "train.device=cuda"]
+
+
 @pytest.mark.parametrize("records, code, last", [
     # the head node: the main process's refusal, not its copy in the other process
     ({"0": {"code": 2, "line": "error: recipes/demo.yaml: field 'dpo.beta': must be > 0, got 0.0", "time": 2.0},

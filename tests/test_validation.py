@@ -366,6 +366,47 @@ def test_auto_device_falls_back_to_the_cpu_only_for_a_model_the_cpu_can_train(tm
     assert modeling.gpu_expected(load_recipe(write_recipe(tmp_path, tiny_phi3)), training=True) is None
 
 
+def test_one_process_that_sees_several_gpus_is_refused_before_training(tmp_path, tiny_phi3, monkeypatch, capsys, demo_run):
+    """One process that sees several GPUs (`docker run --gpus all` on a 4-GPU host, a VM rented with
+    --gpus L40S:4): transformers would train with DataParallel on 4x the recipe's micro-batch while
+    the run's records said one process and its batch. Refused at the door, nothing written. This
+    machine has no GPU: torch's CUDA answers are stood in for, and preflight's own GPU checks (bf16,
+    4-bit, Liger; tested above) are skipped."""
+    import torch
+
+    from alignpress import modeling
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(modeling, "preflight", lambda *a, **k: None)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    recipe = write_recipe(tmp_path, tiny_phi3)
+    out = tmp_path / "out"
+    rc, _, err = call(capsys, "run", recipe, "--output-dir", out)
+    assert rc == 2
+    assert err.strip().splitlines()[-1] == (
+        f"error: {recipe}: field 'train.accelerate_config': 4 CUDA GPUs are visible to this one process: transformers would train with "
+        "DataParallel on 4x train.per_device_train_batch_size pairs per micro-batch, not the recipe's batch. Use them all, one process "
+        "each: --set train.accelerate_config=ddp (each optimizer step then takes 4x the pairs); or one: CUDA_VISIBLE_DEVICES=0 "
+        "(docker run --gpus device=0)")
+    assert not out.exists()
+    # A launched process (one per GPU), a recipe that relaunches itself, one GPU: nothing to refuse
+    loaded = load_recipe(recipe)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    modeling.check_gpus(loaded)
+    monkeypatch.delenv("LOCAL_RANK")
+    modeling.check_gpus(load_recipe(recipe, ["train.accelerate_config=ddp"]))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    modeling.check_gpus(loaded)
+    # A finished training trains nothing: `train` on the demo's folder says so, not the refusal
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    done = tmp_path / "done"
+    shutil.copytree(demo_run[0], done)
+    rc, _, err = call(capsys, "train", ROOT / "recipes/demo.yaml", "--output-dir", done)
+    assert rc == 0, err[-3000:]
+    assert "train is done (step " in err and "CUDA GPUs are visible" not in err
+
+
 def test_a_mistake_in_the_file_names_the_file(tmp_path, tiny_gemma, capsys):
     recipe = write_recipe(tmp_path, tiny_gemma, lora={"target_modules": ["q_proj", "v_projj"]})
     rc, out, err = call(capsys, "validate", recipe)

@@ -638,6 +638,10 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
     # Before anything is written: a refused run leaves no folder behind. prepare loads only the
     # tokenizer, so it needs no GPU (a 4-bit recipe can count its tokens on a laptop).
     preflight(recipe, needs_gpu=args.command != "prepare", training=args.command in ("run", "prepare", "train"))
+    if args.command in ("run", "train") and state is None and (args.restart or not run_dir.is_done("train")):
+        from .modeling import check_gpus
+
+        check_gpus(recipe)
     if args.command in ("run", "train"):
         from . import tracking
 

@@ -155,6 +155,26 @@ def preflight(recipe: Recipe, needs_gpu: bool = True, training: bool = False) ->
         )
 
 
+def check_gpus(recipe: Recipe) -> None:
+    """One process that sees several CUDA GPUs, not started by a launcher and with no
+    train.accelerate_config to relaunch under: transformers would train with torch's DataParallel
+    (4-bit: on the first GPU alone) on GPUs x train.per_device_train_batch_size pairs per micro-batch,
+    not the recipe's batch, while the run's records say one process. Refused before anything loads."""
+    if recipe.train.accelerate_config or "LOCAL_RANK" in os.environ or pick_device(recipe) != "cuda":
+        return
+    n = torch.cuda.device_count()
+    if n < 2:
+        return
+    raise AlignpressError(
+        f"{n} CUDA GPUs are visible to this one process: transformers would train with DataParallel on {n}x "
+        f"train.per_device_train_batch_size pairs per micro-batch, not the recipe's batch. Use them all, one process each: "
+        f"--set train.accelerate_config=ddp (each optimizer step then takes {n}x the pairs); or one: CUDA_VISIBLE_DEVICES=0 "
+        "(docker run --gpus device=0)",
+        source=recipe.source,
+        field="train.accelerate_config",
+    )
+
+
 # A model this large trains for days on a CPU: `auto` falling back to the CPU is then a broken GPU
 # setup, not a choice (train.device: cpu makes it one).
 CPU_TRAINING_MAX_PARAMS = 1_000_000_000
