@@ -75,6 +75,19 @@ accelerate_file() {
   done
   return 1
 }
+# The recipe's own train.accelerate_config as a file ("" when it has none, or when the recipe does
+# not load: the job then says why, at its door). Needs the job's python ($PY).
+recipe_accelerate_config() {
+  PYTHONPATH="$ALIGNPRESS_ROOT/src${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c '
+import sys
+from alignpress.recipe import accelerate_config_path, load_recipe
+try:
+    recipe = load_recipe(sys.argv[1], [])
+except Exception:
+    sys.exit(0)
+print(accelerate_config_path(recipe) or "")
+' "$RECIPE" 2>/dev/null || true
+}
 shipped_accelerate() {
   local f names=()
   for f in "$ALIGNPRESS_ROOT"/recipes/accelerate/*.yaml; do names+=("$(basename "$f" .yaml)"); done

@@ -34,17 +34,26 @@ if [ "${SKYPILOT_NUM_GPUS_PER_NODE:-0}" -gt 0 ]; then
   JOB+=(--set train.device=cuda)
   set_by+=", train.device=cuda for the rented GPUs"
 fi
+NODES="${SKYPILOT_NUM_NODES:-1}"
+GPUS="${SKYPILOT_NUM_GPUS_PER_NODE:-0}"
+if [ "$NODES" -eq 1 ] && [ "$GPUS" -gt 1 ]; then
+  # Several GPUs on one node (`--gpus L40S:4`): one process per GPU, which the job starts itself
+  # under the recipe's train.accelerate_config. One process would see them all, and transformers
+  # would train with DataParallel on GPUS x the recipe's micro-batch (the job refuses that). A recipe
+  # without one gets ACCELERATE_CONFIG (default ddp); ACCELERATE_CONFIG also replaces the recipe's.
+  if [ -n "${ACCELERATE_CONFIG:-}" ] || [ -z "$(recipe_accelerate_config)" ]; then
+    config="${ACCELERATE_CONFIG:-ddp}"
+    [ -f "$ALIGNPRESS_ROOT/recipes/accelerate/$config.yaml" ] || config="$(accelerate_file)"
+    JOB+=(--set "train.accelerate_config=$config")
+    set_by+=", train.accelerate_config=$config: one process for each of the node's $GPUS GPUs"
+  fi
+fi
 # The job's messages name these --set flags, which the user did not type: say where they come from.
 echo "alignpress: ${JOB[*]} ($set_by)" >&2
 
-NODES="${SKYPILOT_NUM_NODES:-1}"
-GPUS="${SKYPILOT_NUM_GPUS_PER_NODE:-0}"
-# Several GPUs, on one node too (`--gpus L40S:4`): one process per GPU under accelerate launch. One
-# process would see them all, and transformers would train with DataParallel on GPUS x the recipe's
-# micro-batch (the job refuses that at its door).
-if [ "$NODES" -gt 1 ] || [ "$GPUS" -gt 1 ]; then
+if [ "$NODES" -gt 1 ]; then
   # One launcher per node; SkyPilot sets these on every node (sky/skylet/constants.py), head first.
-  HEAD_IP="$(echo "${SKYPILOT_NODE_IPS:-127.0.0.1}" | head -n1)"
+  HEAD_IP="$(echo "$SKYPILOT_NODE_IPS" | head -n1)"
   # The launcher exits 1 for every failure and ends on torch's report: each process leaves a record
   # of its line and exit code, and the first failure's is said last, with its code (2, 3, 143).
   EXITS="$(mktemp -d)"
@@ -53,7 +62,7 @@ if [ "$NODES" -gt 1 ] || [ "$GPUS" -gt 1 ]; then
   ALIGNPRESS_EXIT_DIR="$EXITS" "$(dirname "$PY")/accelerate" launch \
     --config_file "$(accelerate_file)" \
     --num_machines "$NODES" \
-    --machine_rank "${SKYPILOT_NODE_RANK:-0}" \
+    --machine_rank "$SKYPILOT_NODE_RANK" \
     --main_process_ip "$HEAD_IP" \
     --main_process_port "${MAIN_PROCESS_PORT:-29500}" \
     --num_processes "$((NODES * GPUS))" \

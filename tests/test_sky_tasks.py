@@ -245,6 +245,8 @@ def fake_env(tmp_path: Path) -> Path:
         exe = venv / "bin" / tool
         exe.write_text('#!/bin/sh\nprintf "%s\\n" "$(basename "$0")" "$@"\n')
         exe.chmod(0o755)
+    # run.sh reads the recipe's train.accelerate_config with `python -c` (sky/env.sh): that one runs
+    (venv / "bin" / "python").write_text(f'#!/bin/sh\n[ "$1" != -c ] || exec {sys.executable} "$@"\nprintf "%s\\n" "$(basename "$0")" "$@"\n')
     lock_hash = lock_key()
     (venv / f".alignpress-lock-{lock_hash}").touch()
     return venv
@@ -433,19 +435,33 @@ def test_multinode_run_wires_skypilot_node_variables_into_accelerate(tmp_path):
         "publish.repo_id=someone/model", "--output-dir", str(bucket / "r"), "--set", "train.device=cuda"]
 
 
-def test_one_node_with_several_gpus_runs_one_process_per_gpu(tmp_path):
+@pytest.mark.parametrize("accelerate_env, recipe_config, added", [
+    (None, None, "ddp"),  # a recipe without one: ddp
+    ("zero2", None, "zero2"),  # ACCELERATE_CONFIG, by name
+    (None, "zero2", None),  # the recipe's own: the job relaunches itself under it
+    ("ddp", "zero2", "ddp"),  # ACCELERATE_CONFIG replaces the recipe's
+])
+def test_one_node_with_several_gpus_runs_one_process_per_gpu(tmp_path, accelerate_env, recipe_config, added):
     """`--gpus L40S:4` on one node: run.sh started one process, which saw the four GPUs and (in
-    transformers) trained with DataParallel on 4x the recipe's micro-batch. Now it starts
-    `accelerate launch` with one process per GPU, as on several nodes (ACCELERATE_CONFIG, ddp)."""
+    transformers) trained with DataParallel on 4x the recipe's micro-batch. Now the job relaunches
+    itself with one process per GPU under train.accelerate_config: the recipe's own, else
+    ACCELERATE_CONFIG or ddp, set by run.sh and said where it comes from."""
+    recipe = yaml.safe_load((REPO / "recipes/demo.yaml").read_text())
+    if recipe_config:
+        recipe["train"]["accelerate_config"] = recipe_config
+    path = tmp_path / "recipes" / "mine.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(recipe))
     venv = fake_env(tmp_path)
-    proc = sky_run(tmp_path, {**SET, "ALIGNPRESS_VENV": str(venv), "RUN_NAME": "r", "SKYPILOT_NUM_GPUS_PER_NODE": "4"})
+    proc = sky_run(tmp_path, {**SET, "RECIPE": str(path), "ALIGNPRESS_VENV": str(venv), "RUN_NAME": "r", "SKYPILOT_NUM_GPUS_PER_NODE": "4",
+                              **({"ACCELERATE_CONFIG": accelerate_env} if accelerate_env else {})})
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "home" / "alignpress-outputs" / "r"
-    assert proc.stdout.splitlines() == [
-        "accelerate", "launch", "--config_file", str(REPO / "recipes/accelerate/ddp.yaml"), "--num_machines", "1",
-        "--machine_rank", "0", "--main_process_ip", "127.0.0.1", "--main_process_port", "29500",
-        "--num_processes", "4", "entrypoint.py", "run", "recipes/demo.yaml", "--set",
-        "publish.repo_id=someone/model", "--output-dir", str(out), "--set", "train.device=cuda"]
+    extra = ["--set", f"train.accelerate_config={added}"] if added else []
+    assert proc.stdout.splitlines() == ["python", "entrypoint.py", "run", str(path), "--set", "publish.repo_id=someone/model",
+                                        "--output-dir", str(out), "--set", "train.device=cuda", *extra]
+    said = ", train.accelerate_config=" + added + ": one process for each of the node's 4 GPUs" if added else ""
+    assert proc.stderr.splitlines()[-1].endswith(f"(publish.repo_id from HUB_REPO, train.device=cuda for the rented GPUs{said})")
 
 
 @pytest.mark.parametrize("records, code, last", [
