@@ -52,6 +52,11 @@ fi
 echo "alignpress: ${JOB[*]} ($set_by)" >&2
 
 if [ "$NODES" -gt 1 ]; then
+  # The launch's config: ACCELERATE_CONFIG, else the recipe's train.accelerate_config, else ddp.
+  config="$(accelerate_file)"
+  if [ -z "${ACCELERATE_CONFIG:-}" ] && recipe_config="$(recipe_accelerate_config)" && [ -n "$recipe_config" ]; then
+    config="$recipe_config"
+  fi
   # One launcher per node; SkyPilot sets these on every node (sky/skylet/constants.py), head first.
   HEAD_IP="$(echo "$SKYPILOT_NODE_IPS" | head -n1)"
   # The launcher exits 1 for every failure and ends on torch's report: each process leaves a record
@@ -60,7 +65,7 @@ if [ "$NODES" -gt 1 ]; then
   trap 'rm -rf "$EXITS"' EXIT
   code=0
   ALIGNPRESS_EXIT_DIR="$EXITS" "$(dirname "$PY")/accelerate" launch \
-    --config_file "$(accelerate_file)" \
+    --config_file "$config" \
     --num_machines "$NODES" \
     --machine_rank "$SKYPILOT_NODE_RANK" \
     --main_process_ip "$HEAD_IP" \

@@ -496,13 +496,25 @@ def test_multinode_run_ends_on_its_processes_error_and_code(tmp_path, records, c
     assert not Path((tmp_path / "exit-dir").read_text().strip()).exists()  # the records' folder is gone
 
 
-@pytest.mark.parametrize(("value", "config_file"), [(None, "recipes/accelerate/ddp.yaml"), ("zero2", "recipes/accelerate/zero2.yaml")])
-def test_multinode_accelerate_config_by_name(tmp_path, value, config_file):
+@pytest.mark.parametrize(("value", "recipe_config", "config_file"), [
+    (None, None, "recipes/accelerate/ddp.yaml"),
+    ("zero2", None, "recipes/accelerate/zero2.yaml"),
+    (None, "zero3-offload", "recipes/accelerate/zero3-offload.yaml"),  # the recipe's own, as a single node uses it
+    ("zero2", "zero3-offload", "recipes/accelerate/zero2.yaml"),  # ACCELERATE_CONFIG, given, replaces it
+])
+def test_multinode_accelerate_config_by_name(tmp_path, value, recipe_config, config_file):
     """ACCELERATE_CONFIG takes a shipped config's name, as train.accelerate_config does (a name used to
-    reach `accelerate launch` as it was, which failed on every node after they were built)."""
+    reach `accelerate launch` as it was, which failed on every node after they were built). Not given,
+    the recipe's train.accelerate_config is launched (it used to be replaced by ddp: a ZeRO-3 recipe
+    then ran out of memory on every node), else ddp."""
     bucket = tmp_path / "bucket"
     bucket.mkdir()
-    proc = sky_run(tmp_path, {**SET, "ALIGNPRESS_VENV": str(fake_env(tmp_path)), "BUCKET": "mine", "OUTPUT_ROOT": str(bucket),
+    recipe = yaml.safe_load((REPO / "recipes/demo.yaml").read_text())
+    if recipe_config:
+        recipe["train"]["accelerate_config"] = recipe_config
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    proc = sky_run(tmp_path, {**SET, "RECIPE": str(path), "ALIGNPRESS_VENV": str(fake_env(tmp_path)), "BUCKET": "mine", "OUTPUT_ROOT": str(bucket),
                               "PATH": fake_mountpoint(tmp_path), "SKYPILOT_NUM_NODES": "2", "SKYPILOT_NODE_RANK": "0",
                               "SKYPILOT_NODE_IPS": "10.0.0.5\n10.0.0.6", "SKYPILOT_NUM_GPUS_PER_NODE": "1",
                               **({"ACCELERATE_CONFIG": value} if value else {})})
