@@ -396,6 +396,12 @@ def test_one_process_that_sees_several_gpus_is_refused_before_training(tmp_path,
     modeling.check_gpus(loaded)
     monkeypatch.delenv("LOCAL_RANK")
     modeling.check_gpus(load_recipe(recipe, ["train.accelerate_config=ddp"]))
+    # More processes than GPUs: those past the last one would fail on their device after loading
+    with pytest.raises(AlignpressError) as refused:
+        modeling.check_gpus(load_recipe(recipe, ["train.accelerate_config=ddp", "train.num_processes=8"]))
+    assert str(refused.value) == (f"{recipe}: field 'train.num_processes': is 8, but this machine has 4 CUDA GPUs: one process per GPU, "
+                                  "so at most 4 (or leave it unset: one per visible GPU)")
+    modeling.check_gpus(load_recipe(recipe, ["train.accelerate_config=ddp", "train.num_processes=4"]))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     modeling.check_gpus(loaded)
     # A finished training trains nothing: `train` on the demo's folder says so, not the refusal

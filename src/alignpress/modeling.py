@@ -159,11 +159,17 @@ def check_gpus(recipe: Recipe) -> None:
     """One process that sees several CUDA GPUs, not started by a launcher and with no
     train.accelerate_config to relaunch under: transformers would train with torch's DataParallel
     (4-bit: on the first GPU alone) on GPUs x train.per_device_train_batch_size pairs per micro-batch,
-    not the recipe's batch, while the run's records say one process. Refused before anything loads."""
-    if recipe.train.accelerate_config or "LOCAL_RANK" in os.environ or pick_device(recipe) != "cuda":
+    not the recipe's batch, while the run's records say one process. And a relaunch asked for more
+    processes (train.num_processes) than there are GPUs. Refused before anything loads."""
+    if "LOCAL_RANK" in os.environ or pick_device(recipe) != "cuda":
         return
     n = torch.cuda.device_count()
-    if n < 2:
+    wanted = recipe.train.num_processes
+    if recipe.train.accelerate_config and wanted and wanted > n:
+        # The relaunch would start them all; those past the last GPU fail on their device, after loading.
+        raise AlignpressError(f"is {wanted}, but this machine has {n} CUDA GPU{'s' if n != 1 else ''}: one process per GPU, "
+                              f"so at most {n} (or leave it unset: one per visible GPU)", source=recipe.source, field="train.num_processes")
+    if recipe.train.accelerate_config or n < 2:
         return
     raise AlignpressError(
         f"{n} CUDA GPUs are visible to this one process: transformers would train with DataParallel on {n}x "
