@@ -64,6 +64,10 @@ def test_model_card_sections_and_fields(demo_run):
     assert "From the base model's card (`builtin:tiny-phi3-arithmetic`):\n\n> A 4-layer Phi-3-architecture model built by alignpress" in limits
     assert "Not useful for anything else." in limits
 
+    # One process: each optimizer step took 8 pairs x 1 accumulation step
+    assert section(text, "## Hyperparameters").strip().splitlines()[-4:] == [
+        "| optim | adamw_torch |", "| seed | 42 |", "| training processes | 1 |", "| pairs per optimizer step | 8 |"]
+
     data = section(text, "## Training data")
     assert "- source: `data/arithmetic-capybara.jsonl` (a local file), split `train[100:]`, format `auto`; held out: split `train[:100]`\n" in data
     assert ("- filters: rating_chosen >= 4.5, rating_rejected <= 2.5, at most 2 messages, at most 64 tokens, no empty prompts or answers, "

@@ -120,6 +120,8 @@ def test_demo_under_deepspeed_zero3_with_two_processes(tmp_path):
     stages = json.loads((out / "run.json").read_text())["stages"]
     assert [stages[s]["status"] for s in ("prepare", "train", "evaluate", "export", "publish")] == ["done"] * 5
     assert (stages["train"]["deepspeed_zero_stage"], stages["train"]["world_size"], stages["train"]["global_step"]) == (3, 2, 4)
+    card = (out / "model/README.md").read_text()
+    assert "| training processes | 2 |\n| pairs per optimizer step | 16 |\n" in card  # 2 processes x 8 pairs x 1 accumulation step
     # the merged model gives the adapter model's logits, and differs from the base: trained weights were gathered
     assert stages["export"]["merge_max_abs_diff"] < 1e-4 and stages["export"]["change_from_base_max_abs_diff"] > 0.01
 

@@ -407,6 +407,10 @@ def render_model_card(
         ("gradient_accumulation_steps", t.gradient_accumulation_steps), ("optim", t.optim), ("seed", t.seed),
     ]:
         lines.append(f"| {k} | {_fmt(v)} |")
+    if processes := train_info.get("world_size"):
+        # Several GPUs: each optimizer step took their pairs together (the same rate, more pairs).
+        lines.append(f"| training processes | {processes} |")
+        lines.append(f"| pairs per optimizer step | {processes * t.per_device_train_batch_size * t.gradient_accumulation_steps} |")
 
     lines += ["", "## Training data", ""]
     lines += data_lines(recipe)
