@@ -370,3 +370,32 @@ def test_one_node_of_several_gpus_is_not_several_nodes(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert several_nodes() is False
+
+
+def test_a_checkpoint_is_not_resumed_by_another_number_of_processes(tmp_path, demo_run):
+    """A training interrupted under one process, resumed under two (another --gpus count, a hand
+    launch): the Trainer would skip the steps done as if each had taken two processes' pairs, and go
+    on with other batches (a DeepSpeed checkpoint does not load at all). Refused at the door, before
+    any model loads, on both processes; the checkpoints stay. The same count resumes."""
+    out = tmp_path / "run"
+    shutil.copytree(demo_run[0], out)
+    manifest = json.loads((out / "run.json").read_text())
+    manifest["stages"]["train"] = {"status": "interrupted"}
+    (out / "run.json").write_text(json.dumps(manifest))
+    from alignpress.train import STAMP, latest_checkpoint
+
+    newest = latest_checkpoint(out / "checkpoints")
+    assert json.loads((newest / STAMP).read_text())["processes"] == 1
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    proc = subprocess.run(torchrun("train", "recipes/demo.yaml", "--output-dir", out, procs=2), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # torchrun's for any failure (sky/run.sh and a relaunch say the process's 2)
+    refusal = (f"error: {out / 'checkpoints'}: {newest.name} was trained by 1 process (8 pairs per optimizer step), and this run has 2 (16): "
+               "resumed, it would go on with other batches. Resume it with 1 (as many GPUs; train.num_processes), or `train --restart` "
+               "to train anew here (the checkpoints move aside)")
+    assert f"{refusal}\n" in proc.stderr and f"error: the main process failed: {refusal.removeprefix('error: ')}\n" in proc.stderr
+    assert "[alignpress] == train\n" not in proc.stderr  # the stage never started
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    assert json.loads((out / "run.json").read_text())["stages"]["train"]["status"] == "interrupted"
+    again = cli("train", "recipes/demo.yaml", "--output-dir", out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming training from {newest}" in again.stderr

@@ -404,6 +404,15 @@ def test_one_process_that_sees_several_gpus_is_refused_before_training(tmp_path,
     modeling.check_gpus(load_recipe(recipe, ["train.accelerate_config=ddp", "train.num_processes=4"]))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     modeling.check_gpus(loaded)
+    # The processes a resumed training will have (a checkpoint of another count is refused: test_distributed)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert modeling.planned_processes(loaded) == 1
+    assert modeling.planned_processes(load_recipe(recipe, ["train.accelerate_config=ddp"])) == 4  # one per visible GPU
+    assert modeling.planned_processes(load_recipe(recipe, ["train.accelerate_config=ddp", "train.num_processes=3"])) == 3
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert modeling.planned_processes(loaded) == 2
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     # A finished training trains nothing: `train` on the demo's folder says so, not the refusal
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     done = tmp_path / "done"

@@ -313,6 +313,10 @@ def _check_checkpoint_stamp(recipe: Recipe, run_dir: RunDir) -> None:
 
     if (newest := latest_checkpoint(run_dir.checkpoints)) is not None:
         refuse_foreign_checkpoint(newest, recipe)
+        from .modeling import planned_processes
+        from .train import refuse_other_processes
+
+        refuse_other_processes(newest, recipe, planned_processes(recipe))
 
 
 def _restart(run_dir: RunDir, first: str) -> None:

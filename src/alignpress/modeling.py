@@ -181,6 +181,26 @@ def check_gpus(recipe: Recipe) -> None:
     )
 
 
+def planned_processes(recipe: Recipe) -> int | None:
+    """How many processes this command trains with: the launcher's (WORLD_SIZE), the relaunch's
+    (train.num_processes, its accelerate config's, else one per visible GPU), or 1; None when the
+    launch decides it and this process cannot tell (a relaunch on the CPU without a number)."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if not recipe.train.accelerate_config:
+        return 1
+    if recipe.train.num_processes:
+        return recipe.train.num_processes
+    import yaml
+
+    from .recipe import accelerate_config_path
+
+    config = yaml.safe_load(Path(accelerate_config_path(recipe)).read_text()) or {}
+    if config.get("num_processes"):
+        return int(config["num_processes"])
+    return torch.cuda.device_count() if pick_device(recipe) == "cuda" else None
+
+
 # A model this large trains for days on a CPU: `auto` falling back to the CPU is then a broken GPU
 # setup, not a choice (train.device: cpu makes it one).
 CPU_TRAINING_MAX_PARAMS = 1_000_000_000

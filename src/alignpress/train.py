@@ -130,7 +130,8 @@ def stamp_callback(recipe: Recipe, run_dir: RunDir):
         def on_save(self, args, state, control, **kwargs):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if state.is_world_process_zero and folder.is_dir():
-                write_json(folder / STAMP, {"recipe": recipe.to_dict(), "data_fingerprint": run_dir.load().get("data_fingerprint")})
+                write_json(folder / STAMP, {"recipe": recipe.to_dict(), "data_fingerprint": run_dir.load().get("data_fingerprint"),
+                                            "processes": args.world_size})
 
     return Stamp()
 
@@ -148,6 +149,24 @@ def checkpoint_recipe_problem(checkpoint: Path, recipe: Recipe, data_fingerprint
     if data_fingerprint and stamp.get("data_fingerprint") not in (None, data_fingerprint):
         return "the prepared data differs"
     return None
+
+
+def refuse_other_processes(checkpoint: Path, recipe: Recipe, processes: int | None) -> None:
+    """A checkpoint resumed by another number of processes would go on with other batches: the
+    Trainer skips the steps done as if each had taken this run's pairs, and the schedule's length
+    changes (a DeepSpeed ZeRO checkpoint does not load at all). `processes`: None when not known."""
+    try:
+        had = json.loads((checkpoint / STAMP).read_text()).get("processes")
+    except (OSError, ValueError):
+        return
+    if not had or not processes or had == processes:
+        return
+    pairs = recipe.train.per_device_train_batch_size * recipe.train.gradient_accumulation_steps
+    raise AlignpressError(
+        f"{checkpoint.name} was trained by {had} process{'es' if had != 1 else ''} ({had * pairs} pairs per optimizer step), and this run "
+        f"has {processes} ({processes * pairs}): resumed, it would go on with other batches. Resume it with {had} (as many GPUs; "
+        "train.num_processes), or `train --restart` to train anew here (the checkpoints move aside)",
+        source=str(checkpoint.parent))
 
 
 def refuse_foreign_checkpoint(checkpoint: Path, recipe: Recipe, data_fingerprint: str | None = None) -> None:
