@@ -118,7 +118,9 @@ def test_make_clean_keeps_finished_runs(tmp_path):
                    ".venv/lib/__pycache__"):
         (work / folder).mkdir(parents=True)
         (work / folder / "f").write_text("x")
-    proc = subprocess.run(["make", "clean"], cwd=work, capture_output=True, text=True)
+    # as a user types it: not a sub-make of `make test` (whose MAKEFLAGS add "Entering directory" lines)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    proc = subprocess.run(["make", "clean"], cwd=work, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "outputs/ kept: it holds finished runs; delete a run's folder yourself"
     left = sorted(str(p.relative_to(work)) for p in work.rglob("f"))
