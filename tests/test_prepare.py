@@ -187,7 +187,10 @@ def test_hub_model_offline_is_clear(tmp_path):
     recipe = make_recipe(tmp_path, "microsoft/Phi-3-mini-4k-instruct")
     out = tmp_path / "out"
     proc = cli("prepare", recipe, "--output-dir", out, env={"HF_HUB_OFFLINE": "1"})
-    assert_refused(proc, out, "field 'model.name_or_path': could not load 'microsoft/Phi-3-mini-4k-instruct'")
+    assert_refused(proc, out, "field 'model.name_or_path': could not load 'microsoft/Phi-3-mini-4k-instruct': OSError: ")
+    # transformers' sentence ends where ours begins: one period between them, not two.
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "couldn't find them in the cached files. Check the Hub id and revision, your network, and HF_TOKEN for gated models")
 
 
 def test_tokenizer_without_chat_template(tmp_path, tiny_no_template):

@@ -59,7 +59,7 @@ CASES = [
     ("lora.target_modules=[qkv_proj,gate_projj]", "lora.target_modules", f"'gate_projj' matches no module of Phi3ForCausalLM; did you mean 'gate_up_proj'? (its linear layers: {PHI3_LINEAR})"),
     ("model.attn_implementation=flash_attention_3", "model.attn_implementation",
      "'flash_attention_3' cannot be used for Phi3ForCausalLM with the installed libraries: FlashAttention3 has been toggled on, "
-     "but it cannot be used due to the following error: the package for FlashAttention3 doesn't seem to be installed."),
+     "but it cannot be used due to the following error: the package for FlashAttention3 doesn't seem to be installed"),
     ("dpo.beta=nan", "dpo.beta", "must be a finite number, got nan"),
     ("train.learning_rate=inf", "train.learning_rate", "must be a finite number, got inf"),
     ("dpo.loss_weights=[1.0,.inf]", "dpo.loss_weights", "must be a finite number, got inf"),
@@ -452,7 +452,7 @@ def test_hub_model_not_on_this_machine_is_deferred_but_attention_still_checked(t
     assert rc == 2
     assert err.strip() == ("error: --set model.attn_implementation: field 'model.attn_implementation': 'flash_attention_3' cannot be used with the "
                            "installed libraries: FlashAttention3 has been toggled on, but it cannot be used due to the following error: "
-                           "the package for FlashAttention3 doesn't seem to be installed.")
+                           "the package for FlashAttention3 doesn't seem to be installed")
     # run needs the config before anything else; offline it names the model field and writes nothing.
     out_dir = tmp_path / "out"
     rc, out, err = call(capsys, "run", recipe, "--output-dir", out_dir)

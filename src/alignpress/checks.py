@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import AlignpressError
+from .errors import AlignpressError, first_line
 from .recipe import Recipe, longest_sequence, token_cap
 
 log = logging.getLogger("alignpress")
@@ -49,8 +49,7 @@ def _adaptable(module: Any) -> bool:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    return first_line(e) or type(e).__name__
 
 
 @contextlib.contextmanager

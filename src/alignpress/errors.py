@@ -26,6 +26,14 @@ def redact(text: str) -> str:
     return text
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, for quoting inside one of ours: without its closing
+    period (ours follows: "...cached files. Check the Hub id", not "files.. Check"); "" when empty."""
+    text = str(e).strip()
+    line = text.splitlines()[0].rstrip() if text else ""
+    return line[:-1] if line.endswith(".") and not line.endswith("..") else line
+
+
 class AlignpressError(Exception):
     """A problem with the user's input or environment, reported as one clear line and exit code 2."""
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import AlignpressError
+from .errors import AlignpressError, first_line
 from .recipe import Recipe, chat_template_text
 
 log = logging.getLogger("alignpress")
@@ -287,7 +287,7 @@ def _hub_error(recipe: Recipe, name: str, e: Exception, path: str | None = None)
     advice = (f"{path} is a folder on this machine: the error is its loader's, not the Hub's" if path and Path(path).is_dir()
               else "Check the Hub id and revision, your network, and HF_TOKEN for gated models")
     return AlignpressError(
-        f"could not load {name!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. {advice}",
+        f"could not load {name!r}: {type(e).__name__}: {first_line(e)}. {advice}",
         source=recipe.source,
         field="model.name_or_path",
     )

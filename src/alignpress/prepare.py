@@ -22,7 +22,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import AlignpressError
+from .errors import AlignpressError, first_line
 from .formats import DETECT_ROWS, RowError, check_columns, common_prefix, describe_value, detect_format, normalise_row
 from .recipe import DATA_COLUMNS, DEFAULT_EVAL_FRACTION, FilterSection, Recipe, SourceSection, data_sources, token_cap
 from .runstate import RunDir, write_json
@@ -190,7 +190,7 @@ def check_hub_dataset(recipe: Recipe, prefix: str, src: SourceSection, splits: l
     try:
         info = HfApi().dataset_info(name)
     except Exception as e:  # noqa: BLE001 - missing, private, gated, offline: the library's reason
-        raise AlignpressError(f"could not find Hub dataset {name!r}: {type(e).__name__}: {_first_line(e)}. Check the id, your network, "
+        raise AlignpressError(f"could not find Hub dataset {name!r}: {type(e).__name__}: {first_line(e)}. Check the id, your network, "
                               "and HF_TOKEN for gated or private datasets", source=recipe.where(ds_field), field=ds_field) from None
     card = info.card_data.to_dict() if info.card_data is not None else {}
     entry = _card_info(card, src.config_name)
@@ -273,11 +273,11 @@ def load_split(recipe: Recipe, src: SourceSection, prefix: str, split: str, fiel
             ds = datasets.load_dataset(name, src.config_name, split=base)
         except ValueError as e:
             if "split" in str(e).lower():
-                raise AlignpressError(f"{split!r}: {_first_line(e)}", source=recipe.source, field=field_name) from None
-            raise AlignpressError(f"could not load Hub dataset {name!r}: {_first_line(e)}", source=recipe.source, field=ds_field) from None
+                raise AlignpressError(f"{split!r}: {first_line(e)}", source=recipe.source, field=field_name) from None
+            raise AlignpressError(f"could not load Hub dataset {name!r}: {first_line(e)}", source=recipe.source, field=ds_field) from None
         except Exception as e:  # noqa: BLE001 - offline, missing, gated: one clear message
             raise AlignpressError(
-                f"could not load Hub dataset {name!r}: {type(e).__name__}: {_first_line(e)}. "
+                f"could not load Hub dataset {name!r}: {type(e).__name__}: {first_line(e)}. "
                 f"Check the id, your network (HF_HUB_OFFLINE), and HF_TOKEN for gated datasets; or point {ds_field} at a local file",
                 source=recipe.source,
                 field=ds_field,
@@ -288,7 +288,7 @@ def load_split(recipe: Recipe, src: SourceSection, prefix: str, split: str, fiel
         try:
             (instr,) = datasets.ReadInstruction.from_spec(split).to_absolute({base: len(ds)})
         except (ValueError, AssertionError) as e:
-            raise AlignpressError(f"{split!r}: {_first_line(e)}", source=recipe.source, field=field_name) from None
+            raise AlignpressError(f"{split!r}: {first_line(e)}", source=recipe.source, field=field_name) from None
         offset = instr.from_
         # A slice past the end is empty (datasets' select raised IndexError on it).
         ds = ds.select(range(instr.from_, instr.to) if instr.to > instr.from_ else [])
@@ -402,7 +402,7 @@ def _read_error(e: BaseException) -> str:
     """The innermost cause's first line (Arrow's parse error, say), not the wrapper's."""
     while (e.__cause__ or e.__context__) is not None and str(e).startswith("An error occurred while generating the dataset"):
         e = e.__cause__ or e.__context__
-    return f"{type(e).__name__}: {_first_line(e)}"
+    return f"{type(e).__name__}: {first_line(e)}"
 
 
 def _to_rows(ds, label: str, offset: int) -> list[dict[str, Any]]:
@@ -441,11 +441,6 @@ def _map_columns(recipe: Recipe, src: SourceSection, prefix: str, data: Rows) ->
     moved = {c for c in src.columns.values() if c in DATA_COLUMNS and c not in src.columns}
     data.columns = list(dict.fromkeys([c for c in data.columns if c not in moved] + list(src.columns)))
     return data
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -712,7 +707,7 @@ def process_split(recipe: Recipe, tok, data: Rows, fmt: str, filters: FilterSect
         try:
             rendered.append(render_pair(tok, p))
         except Exception as e:  # noqa: BLE001 - the template refused this conversation (e.g. a system turn for Gemma)
-            refused.add(f"{type(e).__name__}: {_first_line(e)}", data.offset + i)
+            refused.add(f"{type(e).__name__}: {first_line(e)}", data.offset + i)
     report.record("rejected by the chat template", len(pairs), len(rendered), refused.first, refused.stored())
     if refused:
         log.warning("%s, %s: the chat template refused %d row(s): %s", data.label, data.split, len(refused), refused.summary())
