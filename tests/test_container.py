@@ -9,6 +9,7 @@ and a host folder mounted at /outputs, then checks what the job left there. Take
 """
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -59,9 +60,24 @@ def podman_run(env, image, *args, volumes=(), timeout=1800):
     return subprocess.run([*cmd, image, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_validate_demo_recipe_in_container(podman, image):
+def test_validate_demo_recipe_in_container(podman, image, tmp_path):
     proc = podman_run(podman, image, "validate", "recipes/demo.yaml", timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # A user's own recipe, as the README shows it: its folder mounted read-only, the data file named
+    # relative to the recipe. Validate reads and prepares that data in a scratch folder.
+    mine = tmp_path / "my-recipes"
+    (mine / "data").mkdir(parents=True)
+    shutil.copy(REPO / "recipes" / "data" / "arithmetic-capybara.jsonl", mine / "data" / "pairs.jsonl")
+    text = (REPO / "recipes" / "demo.yaml").read_text().replace("name: demo\n", "name: mine\n")
+    (mine / "mine.yaml").write_text(text.replace("dataset: data/arithmetic-capybara.jsonl", "dataset: data/pairs.jsonl"))
+    proc = podman_run(podman, image, "validate", "/recipes/mine.yaml", volumes=[(mine, "/recipes:ro")], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "# /recipes/mine.yaml: valid" in proc.stdout.splitlines()
+    assert "\nname: mine\n" in proc.stdout and "/recipes/data/pairs.jsonl" in proc.stdout, proc.stdout[:3000]
+    proc = podman_run(podman, image, "validate", "/recipes/mine.yaml", "--set", "data.dataset=data/missing.jsonl",
+                      volumes=[(mine, "/recipes:ro")], timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+        "error: --set data.dataset: field 'data.dataset': "), proc.stderr[-3000:]
     # The code is not pip-installed in the image: the version comes from the pyproject.toml copied in
     # (without it every command failed at start-up).
     import tomllib
