@@ -67,6 +67,44 @@ def test_sigterm_saves_and_resumes(tmp_path, demo_run):
     assert [h["step"] for h in history if "train_runtime" in h] == [history[-1]["step"]] == [losses[-1][0]]
 
 
+def train_again(out):
+    """The `train` stage again in a copy of the finished demo: training and what follows it marked pending."""
+    manifest = json.loads((out / "run.json").read_text())
+    for s in ("train", "evaluate", "export", "publish"):
+        manifest["stages"][s] = {"status": "pending"}
+    (out / "run.json").write_text(json.dumps(manifest))
+    shutil.rmtree(out / "adapter")
+    return cli("train", "recipes/demo.yaml", "--output-dir", out)
+
+
+def test_rotation_keeps_the_newest_complete_checkpoints_by_step_whatever_their_times(tmp_path, demo_run):
+    """transformers rotates checkpoints by their folders' times (Trainer._save_checkpoint: use_mtime=True). A
+    folder restored from a bucket (a parallel copy) or read through a cloud mount has times in no useful
+    order, and a save cut short leaves an incomplete folder newer than the complete ones: transformers then
+    kept the incomplete one and deleted the newest complete ones. alignpress rotates by step, counting
+    complete checkpoints only, and removes the incomplete ones older than the save."""
+    out = tmp_path / "restored"
+    shutil.copytree(demo_run[0], out)
+    ck = out / "checkpoints"
+    shutil.rmtree(ck / "checkpoint-53")  # resume from 40: the one save left is the final one, 53
+    for step in (20, 30, 45):
+        shutil.copytree(ck / "checkpoint-40", ck / f"checkpoint-{step}")
+    (ck / "checkpoint-45" / "optimizer.pt").unlink()
+    now = time.time()
+    for age, step in ((400, 40), (300, 30), (200, 20), (100, 45)):  # the newest by step is the oldest by time
+        os.utime(ck / f"checkpoint-{step}", (now - age, now - age))
+    proc = train_again(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming training from {ck / 'checkpoint-40'} (step 40)" in proc.stderr
+    # save_total_limit 2: the checkpoint resumed from and the new one.
+    assert sorted(p.name for p in ck.glob("checkpoint-*")) == ["checkpoint-40", "checkpoint-53"]
+    removed = [line.split("] ", 1)[-1] for line in proc.stderr.splitlines() if "removing checkpoint" in line]
+    assert removed == [f"removing checkpoint {ck / 'checkpoint-20'}: train.save_total_limit 2 keeps checkpoint-40 and checkpoint-53",
+                       f"removing checkpoint {ck / 'checkpoint-30'}: train.save_total_limit 2 keeps checkpoint-40 and checkpoint-53",
+                       f"removing checkpoint {ck / 'checkpoint-45'}: incomplete (optimizer.pt is missing or empty), left by a save cut short"], proc.stderr[-3000:]
+    assert adapter_diff(out, demo_run[0]) < 1e-4
+
+
 def test_corrupt_newest_checkpoint_is_skipped(tmp_path, demo_run):
     out = tmp_path / "corrupt"
     shutil.copytree(demo_run[0], out)
@@ -99,12 +137,7 @@ def test_corrupt_newest_checkpoint_is_skipped(tmp_path, demo_run):
     optimizer.write_bytes(saved)
 
     # Train again from the surviving checkpoint: it reaches the uninterrupted result.
-    manifest = json.loads((out / "run.json").read_text())
-    for s in ("train", "evaluate", "export", "publish"):
-        manifest["stages"][s] = {"status": "pending"}
-    (out / "run.json").write_text(json.dumps(manifest))
-    shutil.rmtree(out / "adapter")
-    proc = cli("train", "recipes/demo.yaml", "--output-dir", out)
+    proc = train_again(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"skipping incomplete checkpoint {ckpts[-1]}: rng_state.pth cannot be read (BadZipFile: cut short?)\n" in proc.stderr
     assert f"resuming training from {ckpts[0]} (step 40)" in proc.stderr

@@ -118,6 +118,42 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     return complete
 
 
+def rotation_callback(limit: int | None, complete: list[Path]):
+    """Keeps the newest `limit` complete checkpoints by step (train.save_total_limit; transformers is
+    given none). transformers rotates by the folders' times (use_mtime=True), which a folder restored
+    from a bucket by a parallel copy, or read through a cloud mount, has in no useful order; and it
+    counts a checkpoint a cut-short save left, newer than the complete ones, as one to keep. Here
+    `complete` (found complete before training) and the saves of this run are the complete ones; any
+    other checkpoint-N older than a save is a leftover of an interrupted save and is removed. A
+    checkpoint newer than the save (one that could not be resumed) is left alone."""
+    from transformers import TrainerCallback
+
+    known = {int(p.name.removeprefix("checkpoint-")) for p in complete}
+
+    class Rotation(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            now = state.global_step
+            known.add(now)
+            older = {int(p.name.removeprefix("checkpoint-")): p for p in Path(args.output_dir).glob("checkpoint-*")
+                     if p.name.removeprefix("checkpoint-").isdigit() and int(p.name.removeprefix("checkpoint-")) < now}
+            kept = [s for s in sorted(older, reverse=True) if s in known][: limit - 1] if limit else list(known)
+            for step, path in sorted(older.items()):
+                if step in kept:
+                    continue
+                if step in known:
+                    names = [f"checkpoint-{s}" for s in sorted([*kept, now])]
+                    names = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+                    log.info("removing checkpoint %s: train.save_total_limit %d keeps %s", path, limit, names)
+                    known.discard(step)
+                else:
+                    log.info("removing checkpoint %s: incomplete (%s), left by a save cut short", path, checkpoint_problem(path) or "not complete when training started")
+                shutil.rmtree(path, ignore_errors=True)
+
+    return Rotation()
+
+
 STAMP = "alignpress.json"  # in each checkpoint: the recipe and data it was trained with
 
 
@@ -580,7 +616,7 @@ def dpo_config(recipe: Recipe, run_dir: RunDir, device: str, dtype, systems: dic
         logging_steps=t.logging_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # rotation_callback keeps train.save_total_limit of them, by step
         eval_strategy="no",
         **(trackers or {"report_to": "none"}),  # report_to, run_name, project (alignpress.tracking)
         # Tokens are never given to the trainer: it would pickle them into training_args.bin.
@@ -678,6 +714,7 @@ def _inputs(run_dir: RunDir) -> tuple[list[dict[str, Any]], list[Path]]:
 def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     # Every process trains on the main process's pairs and resumes its checkpoint (processes.py).
     rows, candidates = processes.from_main(lambda: _inputs(run_dir))
+    complete = list(candidates)
     fingerprint = run_dir.load().get("data_fingerprint")
     if candidates:
         refuse_foreign_checkpoint(candidates[0], recipe, fingerprint)
@@ -689,7 +726,7 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
         if resume is not None:  # a fallback too: an older checkpoint may be another recipe's
             refuse_foreign_checkpoint(resume, recipe, fingerprint)
         try:
-            return {**_train(recipe, run_dir, rows, resume), "truncated_pairs": truncated}
+            return {**_train(recipe, run_dir, rows, resume, complete), "truncated_pairs": truncated}
         except _ResumeFailed as e:
             failures.append(f"{e.checkpoint.name}: {e}")
             _free_memory()
@@ -762,7 +799,7 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: Path | None) -> dict[str, Any]:
+def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: Path | None, complete: list[Path]) -> dict[str, Any]:
     from transformers import TrainerCallback
 
     device = pick_device(recipe)
@@ -831,7 +868,7 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
             processing_class=tok,
             peft_config=peft_config,
             callbacks=[callback, spot.callback, HealthCallback(recipe, run_dir), FirstStep(), _no_stray_cards(), tracking.link_callback(recipe, run_dir),
-                       stamp_callback(recipe, run_dir)],
+                       stamp_callback(recipe, run_dir), rotation_callback(recipe.train.save_total_limit, complete)],
             **extra,
         )
     _quiet_progress(trainer)
