@@ -206,6 +206,28 @@ def test_a_relaunched_run_whose_worker_is_killed_says_so_last(tmp_path, demo_run
                                                    "SIGKILL, out of host memory?); the first error line of the others: "), err[-3000:]
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_while_the_error_is_reported_does_not_cut_its_line(monkeypatch, capsys, signum):
+    """The race the test above met once in CI, made certain: the surviving worker was writing its own
+    error's traceback to the log when torch's launcher sent it SIGTERM, and it ended with Python's
+    traceback of the signal instead of its error line. In process, with the real signal."""
+    from alignpress import cli as cli_module
+
+    def failing(args, argv):
+        raise RuntimeError("the connection to process 1 was lost")
+
+    def reporting(error, args):
+        os.kill(os.getpid(), signum)  # delivered to this thread before kill returns
+        return f"{type(error).__name__}: {error}"
+
+    monkeypatch.setattr(cli_module, "execute", failing)
+    monkeypatch.setattr(cli_module, "_unexpected", reporting)
+    before = signal.getsignal(signum)
+    assert cli_module.main(["train", "recipes/demo.yaml"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: RuntimeError: the connection to process 1 was lost"
+    assert signal.getsignal(signum) == before  # handlers put back as they were
+
+
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), pytest.param(signal.SIGHUP, 129, marks=pytest.mark.slow)])
 def test_ctrl_c_and_a_closed_terminal_save_like_sigterm(tmp_path, demo_run, signum, code):
     """Ctrl-C and SIGHUP (a closed SSH session) during training lost every step since the last

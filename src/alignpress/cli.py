@@ -917,6 +917,7 @@ def main(argv: list[str] | None = None) -> int:
         _exit_record(code=code)
         return code
     except AlignpressError as e:
+        _reporting()
         if getattr(e, "again_prefix", None) and getattr(args, "restart_undone", False):
             # The workers' advice predates this command's put-back of the folder (--restart).
             return _fail(f"error: {e.again_prefix}; {_again(args)}", e.exit_code)
@@ -929,14 +930,26 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
+        _reporting()
         return _fail(f"error: interrupted; {_again(args)}", 130, again_prefix="interrupted")
     except Stopped as e:
+        _reporting()
         return _fail(f"error: {e}; {_again(args)}", e.exit_code, again_prefix=str(e))
     except Exception as e:  # noqa: BLE001 - anything unexpected: one line here, the traceback in a log file
+        _reporting()
         return _fail(f"error: {redact(_unexpected(e, args))}", 1)
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGHUP, previous_hup)
+
+
+def _reporting() -> None:
+    """The command has failed and now only says why: a SIGTERM or SIGHUP from here on is ignored. When
+    one launched process fails, torch's launcher sends SIGTERM to the others, and one that was
+    writing its own error's traceback to the log (slow: linecache reads every source file) was cut
+    short there, leaving Python's traceback of the signal instead of its error line."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def _fail(line: str, code: int, echo: bool = False, again_prefix: str | None = None) -> int:
