@@ -24,6 +24,9 @@ if [ -n "${BUCKET:-}" ]; then
 else
   OUTPUT_ROOT="${OUTPUT_ROOT:-$HOME/alignpress-outputs}"
   echo "alignpress: no BUCKET: outputs go to $OUTPUT_ROOT on this VM's disk (gone after sky down)" >&2
+  # On the prebuilt image (--image-id) that disk is the container's own, which lives as long as the
+  # cluster: the job would refuse it as it refuses a `docker run` without a volume.
+  export ALIGNPRESS_ALLOW_CONTAINER_OUTPUTS=1
 fi
 OUT="$OUTPUT_ROOT/${RUN_NAME:-$(basename "$RECIPE" .yaml)}"
 JOB=(entrypoint.py run "$RECIPE" --set "publish.repo_id=$HUB_REPO" --output-dir "$OUT")

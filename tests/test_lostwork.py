@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from alignpress.errors import AlignpressError
+from alignpress.runstate import RunDir
 from alignpress.train import checkpoint_is_complete, latest_checkpoint
 from conftest import ROOT, cli
 from test_spot import adapter_diff
@@ -423,6 +425,75 @@ def test_filesystem_type_reads_mountinfo():
     assert filesystem_type(Path("/out"), mountinfo) == "tmpfs"
     assert filesystem_type(Path("/root/.cache/huggingface/hub"), mountinfo) == "ext4"
     assert filesystem_type(Path("/"), "") == ""
+
+
+def test_a_run_into_the_containers_own_filesystem_is_refused(tmp_path, monkeypatch):
+    """`docker run` without a volume for the outputs: the run would train into the container's
+    writable layer, which --rm deletes and the next `docker run` does not see. The mountinfo lines
+    are those of a podman container on this machine (`podman run -v /tmp/mnt-x:/outputs ...`), with
+    the mount points moved under tmp_path (the folders are resolved on this machine's disk).
+    tests/test_container.py runs the real image without a volume."""
+    from alignpress.disk import check_container_outputs
+
+    monkeypatch.delenv("ALIGNPRESS_ALLOW_CONTAINER_OUTPUTS", raising=False)
+    (tmp_path / "outputs").mkdir()
+    lower = "lowerdir=/var/lib/containers/storage/overlay/l/SF256IIGAD3HJQYLK6BNMJNH55,upperdir=/var/lib/containers/storage/overlay/88ac/diff"
+    container = "\n".join([
+        f"82 56 0:40 / / rw,relatime - overlay overlay rw,{lower},workdir=/var/lib/containers/storage/overlay/88ac/work",
+        "83 82 0:43 / /proc rw,nosuid,nodev,noexec,relatime - proc proc rw",
+        "91 84 0:39 / /dev/shm rw,nosuid,nodev,noexec,relatime - tmpfs shm rw,size=64000k",
+        f"85 84 254:0 /tmp/mnt-x {tmp_path}/outputs rw,relatime - ext4 /dev/vda rw,discard",
+    ])
+    inside = RunDir(tmp_path / "app" / "outputs" / "demo")  # the image's working folder, /app: no --output-dir, no ALIGNPRESS_OUTPUTS
+    with pytest.raises(AlignpressError) as caught:
+        check_container_outputs(inside, container)
+    assert str(caught.value) == (
+        f"{inside.root}: the output folder is in this container's own filesystem (overlay at /, no volume mounted there): a new "
+        "`docker run` could not resume a killed or failed run from it, and --rm deletes the results. Mount a host folder at "
+        "/outputs (docker run -v $PWD/outputs:/outputs ...; runs go to /outputs/<recipe name>) or at --output-dir; "
+        "ALIGNPRESS_ALLOW_CONTAINER_OUTPUTS=1 writes into the container anyway")
+    assert caught.value.exit_code == 2
+    # rootless podman mounts the layer with fuse-overlayfs
+    with pytest.raises(AlignpressError, match=r"\(fuse\.fuse-overlayfs at /, no volume"):
+        check_container_outputs(inside, container.replace(" - overlay overlay ", " - fuse.fuse-overlayfs fuse-overlayfs "))
+    # the mounted volume, a folder not made yet in it, and the volume itself
+    for folder in (tmp_path / "outputs" / "phi3", tmp_path / "outputs" / "phi3" / "deeper", tmp_path / "outputs"):
+        assert check_container_outputs(RunDir(folder), container) is None
+    # a machine's own disk at / (this one's), and no mountinfo (macOS)
+    host = "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw,discard"
+    assert check_container_outputs(inside, host) is None
+    assert check_container_outputs(inside, "") is None
+    # on purpose (sky/run.sh without a BUCKET: the VM's disk, kept with the cluster)
+    monkeypatch.setenv("ALIGNPRESS_ALLOW_CONTAINER_OUTPUTS", "1")
+    assert check_container_outputs(inside, container) is None
+
+
+def test_run_and_train_check_where_the_outputs_land_first(tmp_path, monkeypatch, capsys):
+    """The command's wiring, in this process (alignpress.cli.main, what entrypoint.py calls) with
+    the container's mountinfo in a file: no container runs in `make test` (`make test-container`
+    runs the real image without a volume). Refused before anything loads or is written."""
+    from alignpress import disk
+    from alignpress.cli import main
+
+    monkeypatch.delenv("ALIGNPRESS_ALLOW_CONTAINER_OUTPUTS")
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text("82 56 0:40 / / rw,relatime - overlay overlay rw,lowerdir=/l,upperdir=/u,workdir=/w\n"
+                         "83 82 0:43 / /proc rw,nosuid,nodev,noexec,relatime - proc proc rw\n")
+    monkeypatch.setattr(disk, "MOUNTINFO", mountinfo)
+    out = tmp_path / "out"
+    for command in ("run", "train"):
+        assert main([command, "recipes/demo.yaml", "--output-dir", str(out)]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: {out}: the output folder is in this container's own filesystem (overlay at /, no volume mounted there): a new "
+            "`docker run` could not resume a killed or failed run from it, and --rm deletes the results. Mount a host folder at "
+            "/outputs (docker run -v $PWD/outputs:/outputs ...; runs go to /outputs/<recipe name>) or at --output-dir; "
+            "ALIGNPRESS_ALLOW_CONTAINER_OUTPUTS=1 writes into the container anyway")
+        assert not out.exists()
+    # a volume at the output folder's parent: the check passes, and the next one speaks (train needs prepare)
+    (tmp_path / "volume").mkdir()
+    mountinfo.write_text(mountinfo.read_text() + f"85 82 254:0 /tmp/x {tmp_path}/volume rw,relatime - ext4 /dev/vda rw\n")
+    assert main(["train", "recipes/demo.yaml", "--output-dir", str(tmp_path / "volume" / "demo")]) == 2
+    assert "stage train needs prepare to be done first" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_writes_to_a_bucket_mount_land_in_rclones_cache(tmp_path):

@@ -246,7 +246,10 @@ def fake_env(tmp_path: Path) -> Path:
         exe.write_text('#!/bin/sh\nprintf "%s\\n" "$(basename "$0")" "$@"\n')
         exe.chmod(0o755)
     # run.sh reads the recipe's train.accelerate_config with `python -c` (sky/env.sh): that one runs
-    (venv / "bin" / "python").write_text(f'#!/bin/sh\n[ "$1" != -c ] || exec {sys.executable} "$@"\nprintf "%s\\n" "$(basename "$0")" "$@"\n')
+    # and it says when run.sh lets the job write into a container's own filesystem (no BUCKET)
+    (venv / "bin" / "python").write_text(f'#!/bin/sh\n[ "$1" != -c ] || exec {sys.executable} "$@"\n'
+                                         '[ -z "$ALIGNPRESS_ALLOW_CONTAINER_OUTPUTS" ] || echo "ALIGNPRESS_ALLOW_CONTAINER_OUTPUTS=$ALIGNPRESS_ALLOW_CONTAINER_OUTPUTS"\n'
+                                         'printf "%s\\n" "$(basename "$0")" "$@"\n')
     lock_hash = lock_key()
     (venv / f".alignpress-lock-{lock_hash}").touch()
     return venv
@@ -404,7 +407,7 @@ def test_run_without_bucket_writes_to_the_vm_disk(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"alignpress: no BUCKET: outputs go to {tmp_path / 'home' / 'alignpress-outputs'} on this VM's disk (gone after sky down)",
         f"alignpress: entrypoint.py run recipes/demo.yaml --set publish.repo_id=someone/model --output-dir {out} (publish.repo_id from HUB_REPO)"]
-    assert proc.stdout.splitlines() == ["python", "entrypoint.py", "run", "recipes/demo.yaml",
+    assert proc.stdout.splitlines() == ["ALIGNPRESS_ALLOW_CONTAINER_OUTPUTS=1", "python", "entrypoint.py", "run", "recipes/demo.yaml",
                                         "--set", "publish.repo_id=someone/model", "--output-dir", str(out)]
 
 
@@ -458,7 +461,7 @@ def test_one_node_with_several_gpus_runs_one_process_per_gpu(tmp_path, accelerat
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "home" / "alignpress-outputs" / "r"
     extra = ["--set", f"train.accelerate_config={added}"] if added else []
-    assert proc.stdout.splitlines() == ["python", "entrypoint.py", "run", str(path), "--set", "publish.repo_id=someone/model",
+    assert proc.stdout.splitlines() == ["ALIGNPRESS_ALLOW_CONTAINER_OUTPUTS=1", "python", "entrypoint.py", "run", str(path), "--set", "publish.repo_id=someone/model",
                                         "--output-dir", str(out), "--set", "train.device=cuda", *extra]
     said = ", train.accelerate_config=" + added + ": one process for each of the node's 4 GPUs" if added else ""
     assert proc.stderr.splitlines()[-1].endswith(f"(publish.repo_id from HUB_REPO, train.device=cuda for the rented GPUs{said})")
@@ -531,7 +534,7 @@ def test_a_gpu_vm_trains_on_the_gpu_or_not_at_all(tmp_path, gpus, extra):
                               **({"SKYPILOT_NUM_GPUS_PER_NODE": gpus} if gpus is not None else {})})
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "home" / "alignpress-outputs" / "demo"
-    assert proc.stdout.splitlines() == ["python", "entrypoint.py", "run", "recipes/demo.yaml",
+    assert proc.stdout.splitlines() == ["ALIGNPRESS_ALLOW_CONTAINER_OUTPUTS=1", "python", "entrypoint.py", "run", "recipes/demo.yaml",
                                         "--set", "publish.repo_id=someone/model", "--output-dir", str(out), *extra]
 
 

@@ -633,6 +633,11 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
     state = processes.state()
     main = state is None or state.is_main_process
     run_dir = RunDir(args.output_dir or default_output_dir(recipe.name), writer=main)
+    if args.command in ("run", "train") and os.environ.get("ALIGNPRESS_LAUNCHED") != "1":
+        # First of all: `docker run` without a volume for the outputs trains for hours into the container.
+        from .disk import check_container_outputs
+
+        processes.on_main(state, lambda: check_container_outputs(run_dir))
     if args.command == "run" and os.environ.get("ALIGNPRESS_LAUNCHED") != "1":
         # A run that will publish checks the Hub first: no GPU time for a push that would be refused,
         # and no minutes building the demo's builtin model (the model checks below) before a token is refused.

@@ -224,14 +224,17 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def filesystem_type(path: Path, mountinfo: str | None = None) -> str:
-    """The type of the filesystem holding `path` ('ext4', 'fuse.rclone', ...), from
-    /proc/self/mountinfo; '' where that is not available (macOS)."""
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+def mount_of(path: Path, mountinfo: str | None = None) -> tuple[str, str]:
+    """The mount point holding `path` and its filesystem type ('ext4', 'fuse.rclone', ...), from
+    /proc/self/mountinfo; ('', '') where that is not available (macOS)."""
     if mountinfo is None:
         try:
-            mountinfo = Path("/proc/self/mountinfo").read_text()
+            mountinfo = MOUNTINFO.read_text()
         except OSError:
-            return ""
+            return "", ""
     where = str(path)
     best, kind = "", ""
     for line in mountinfo.splitlines():
@@ -242,9 +245,44 @@ def filesystem_type(path: Path, mountinfo: str | None = None) -> str:
         # mountinfo escapes space, tab, newline and backslash in octal (\040)
         point = fields[4].encode().decode("unicode_escape")
         inside = where == point or where.startswith(point.rstrip("/") + "/")
-        if inside and len(point) >= len(best):
+        if inside and len(point) >= len(best):  # a later mount on the same point hides the earlier
             best, kind = point, right.split()[0]
-    return kind
+    return best, kind
+
+
+def filesystem_type(path: Path, mountinfo: str | None = None) -> str:
+    """The type of the filesystem holding `path`; '' where /proc/self/mountinfo is not available."""
+    return mount_of(path, mountinfo)[1]
+
+
+# A container's own writable layer, as docker (overlay2), podman (overlay; rootless:
+# fuse-overlayfs), containerd and old docker (aufs) mount it at /.
+CONTAINER_LAYERS = ("overlay", "fuse.fuse-overlayfs", "aufs")
+CONTAINER_ENV = "ALIGNPRESS_ALLOW_CONTAINER_OUTPUTS"
+
+
+def container_layer(folder: Path, mountinfo: str | None = None) -> str | None:
+    """The filesystem type when `folder` would be written into a container's own filesystem (the
+    root's writable layer, nothing mounted there), else None. What is written there goes with the
+    container: `docker run --rm` deletes it, and the next `docker run` starts from the image again,
+    so a killed or failed run cannot resume and its finished stages are done again."""
+    if os.environ.get(CONTAINER_ENV) == "1":
+        return None
+    point, kind = mount_of(_existing(folder), mountinfo)
+    return kind if point == "/" and kind in CONTAINER_LAYERS else None
+
+
+def check_container_outputs(run_dir: RunDir, mountinfo: str | None = None) -> None:
+    """Refuses (exit 2) a run or training whose output folder is in the container's own filesystem:
+    hours of GPU time whose checkpoints and results would not outlive the container."""
+    if kind := container_layer(run_dir.root, mountinfo):
+        raise AlignpressError(
+            f"the output folder is in this container's own filesystem ({kind} at /, no volume mounted there): a new "
+            "`docker run` could not resume a killed or failed run from it, and --rm deletes the results. Mount a host "
+            "folder at /outputs (docker run -v $PWD/outputs:/outputs ...; runs go to /outputs/<recipe name>) or at "
+            f"--output-dir; {CONTAINER_ENV}=1 writes into the container anyway",
+            source=str(run_dir.root),
+        )
 
 
 RCLONE_CACHE = Path("~/.cache/rclone")  # rclone's default cache, and SkyPilot's for MOUNT_CACHED (its --cache-dir)
