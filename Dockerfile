@@ -53,7 +53,9 @@ COPY recipes/ recipes/
 # ALIGNPRESS_OUTPUTS: without --output-dir a run goes to /outputs/<recipe name>, where the results are
 # meant to be mounted (docker run -v ...:/outputs; SkyPilot's bucket). No VOLUME: an anonymous volume
 # there would be a mount point on the VM's own disk, which sky/run.sh could not tell from the bucket.
-RUN mkdir -p /outputs "$HF_HOME"
+# Writable by any user: `docker run --user "$(id -u):$(id -g)"` (results on the volume owned by you)
+# with no volume for the Hub cache downloads into the image's.
+RUN mkdir -p /outputs "$HF_HOME" && chmod 1777 /outputs "$HF_HOME"
 ENV ALIGNPRESS_OUTPUTS=/outputs
 ENTRYPOINT ["python", "/app/entrypoint.py"]
 CMD ["--help"]

@@ -53,8 +53,10 @@ def image(podman):
     return IMAGE
 
 
-def podman_run(env, image, *args, volumes=(), timeout=1800):
+def podman_run(env, image, *args, volumes=(), timeout=1800, user=None):
     cmd = ["podman", "run", "--rm", "--runtime", "runc", "--network", "none"]
+    if user:
+        cmd += ["--user", user]
     for host, inside in volumes:
         cmd += ["-v", f"{host}:{inside}"]
     return subprocess.run([*cmd, image, *args], capture_output=True, text=True, timeout=timeout, env=env)
@@ -88,13 +90,22 @@ def test_validate_demo_recipe_in_container(podman, image, tmp_path):
 
 
 def test_demo_runs_offline_in_container(podman, image, tmp_path):
+    """As `docker run --user "$(id -u):$(id -g)"` runs it, so that the results on the volume are the
+    user's, not root's: a user the image has no account for, whose HOME (podman: the working
+    folder /app; Docker: /) it cannot write. It used to fail at once, unable to make ~/.cache.
+    (As root: tests/test_sky_container.py, SkyPilot's way.)"""
     outputs = tmp_path / "outputs"
     outputs.mkdir()
+    os.chown(outputs, 1000, 1000)
     # No --output-dir: the image's ALIGNPRESS_OUTPUTS puts the run on the volume, /outputs/demo.
-    proc = podman_run(podman, image, "run", "recipes/demo.yaml", volumes=[(outputs, "/outputs")])
+    proc = podman_run(podman, image, "run", "recipes/demo.yaml", volumes=[(outputs, "/outputs")], user="1000:1000")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[alignpress] HOME (/app) is not a folder this user (uid 1000) can write: caches and logs go to /tmp/alignpress-home-1000 instead" \
+        in proc.stderr.splitlines()
 
     demo = outputs / "demo"
+    owners = {(p.stat().st_uid, p.stat().st_gid) for p in demo.rglob("*")}
+    assert owners == {(1000, 1000)}, owners
     manifest = json.loads((demo / "run.json").read_text())
     statuses = {name: stage.get("status") for name, stage in manifest["stages"].items()}
     assert statuses == {name: "done" for name in STAGES}

@@ -496,6 +496,32 @@ def test_run_and_train_check_where_the_outputs_land_first(tmp_path, monkeypatch,
     assert "stage train needs prepare to be done first" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_a_home_that_is_not_a_folder_gets_one_in_the_temporary_folder(tmp_path, monkeypatch):
+    """`docker run --user 1000:1000`: HOME is / (Docker) or the working folder (podman), which that
+    user cannot write. Root writes anywhere, so here HOME is a folder that does not exist, or
+    unset (the other ways it is unusable); tests/test_container.py runs the image's demo as uid 1000."""
+    import tempfile
+
+    from alignpress.cli import writable_home
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    own = tmp_path / f"alignpress-home-{os.getuid()}"
+    for home, said in (("/nonexistent", "/nonexistent"), (None, "unset")):
+        if home:
+            monkeypatch.setenv("HOME", home)
+        else:
+            monkeypatch.delenv("HOME")
+        assert writable_home() == f"HOME ({said}) is not a folder this user (uid {os.getuid()}) can write: caches and logs go to {own} instead"
+        assert os.environ["HOME"] == str(own) and oct(own.stat().st_mode & 0o777) == "0o700"
+        # the job's own folders follow it (ALIGNPRESS_HOME unset)
+        monkeypatch.delenv("ALIGNPRESS_HOME", raising=False)
+        from alignpress.modeling import cache_home
+
+        assert cache_home() == own / ".cache" / "alignpress"
+    assert writable_home() is None  # a HOME the user can write stays
+    assert os.environ["HOME"] == str(own)
+
+
 def test_writes_to_a_bucket_mount_land_in_rclones_cache(tmp_path):
     """SkyPilot's MOUNT_CACHED (rclone, --vfs-cache-mode full) keeps each file written in the VM's
     ~/.cache/rclone until it is uploaded: that disk is checked. Other FUSE mounts are not."""

@@ -901,11 +901,32 @@ def _stopped(signum, frame) -> None:
     raise stop
 
 
+def writable_home() -> str | None:
+    """`docker run --user UID` (files on the volume owned by you, not root) with a UID the image
+    has no account for: HOME is / (Docker) or the working folder (podman), which that user cannot
+    write, and what keeps files under it failed: alignpress's logs and built models, and on the GPU
+    Triton's compiled kernels (Liger's, at the first step) and DeepSpeed's ops. Such a process gets
+    a HOME of its own in the temporary folder, before any library reads it (the launched processes
+    inherit it); returns the line that says so, or None when HOME is fine."""
+    home = os.environ.get("HOME", "")
+    if home and os.path.isdir(home) and os.access(home, os.W_OK | os.X_OK):
+        return None
+    import tempfile
+
+    own = Path(tempfile.gettempdir()) / f"alignpress-home-{os.getuid()}"
+    own.mkdir(mode=0o700, exist_ok=True)
+    os.environ["HOME"] = str(own)
+    return f"HOME ({home or 'unset'}) is not a folder this user (uid {os.getuid()}) can write: caches and logs go to {own} instead"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    moved_home = writable_home()
     processes.configure_cuda_allocator()  # before torch is loaded: the GPU stages' children inherit it
     setup_logging()
+    if moved_home:
+        log.info("%s", moved_home)
     # `docker stop`, a preemption, `sky cancel` outside training (loading, the precompute pass,
     # evaluate, export, publish): the stage is marked interrupted, the folder's lock released and
     # the line says what to do. Training itself saves a checkpoint first (train.SpotSafety).
