@@ -7,6 +7,7 @@ imported once; `test_entrypoint_*` run entrypoint.py itself as a user would.
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -364,6 +365,53 @@ def test_auto_device_falls_back_to_the_cpu_only_for_a_model_the_cpu_can_train(tm
     assert modeling.gpu_expected(recipe, training=False) is None
     modeling.preflight(dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, device="cpu")), training=True)
     assert modeling.gpu_expected(load_recipe(write_recipe(tmp_path, tiny_phi3)), training=True) is None
+
+
+def test_several_gpu_processes_need_shared_memory_for_nccl(tmp_path, tiny_phi3, monkeypatch):
+    """`docker run --gpus all ... --set train.accelerate_config=ddp`: NCCL keeps its buffers in
+    /dev/shm, which Docker makes 64 MB, and failed as the processes started, after the relaunch,
+    with a line about /dev/shm/nccl-*. A real 64 MB tmpfs stands for the container's /dev/shm;
+    torch's CUDA answers are stood in for (no GPU here)."""
+    import subprocess
+
+    import torch
+
+    from alignpress import modeling
+
+    if os.geteuid() != 0:
+        pytest.skip("mounts a 64 MB tmpfs, which needs root")
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(shm)], capture_output=True).returncode != 0:
+        pytest.skip("this machine does not let root mount a tmpfs")
+    try:
+        recipe = write_recipe(tmp_path, tiny_phi3)
+        ddp = load_recipe(recipe, ["train.accelerate_config=ddp"])
+        with pytest.raises(AlignpressError) as refused:
+            modeling.check_shared_memory(ddp, 4, shm=shm)
+        assert str(refused.value) == (
+            f"{recipe}: field 'train.accelerate_config': the 4 GPU processes would talk through NCCL, which keeps its buffers in {shm}, "
+            f"and {shm} holds 64.0 MB (Docker gives a container 64 MB unless told): NCCL would fail as they start. Give the container "
+            "more, as NCCL's guide asks: docker run --shm-size=1g (or --ipc=host)")
+        assert refused.value.exit_code == 2
+        modeling.check_shared_memory(ddp, 1, shm=shm)  # one process: no NCCL
+        monkeypatch.setenv("NCCL_SHM_DISABLE", "1")
+        modeling.check_shared_memory(ddp, 4, shm=shm)  # NCCL told not to use it
+        monkeypatch.delenv("NCCL_SHM_DISABLE")
+        modeling.check_shared_memory(ddp, 4, shm=tmp_path / "absent")  # no /dev/shm: not Linux
+        # check_gpus asks it for the relaunch's processes, one per visible GPU (this machine's /dev/shm when not told)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+        monkeypatch.setattr(modeling, "SHM", shm)
+        with pytest.raises(AlignpressError, match=r"the 4 GPU processes would talk through NCCL"):
+            modeling.check_gpus(ddp)
+        with pytest.raises(AlignpressError, match=r"the 2 GPU processes would talk through NCCL"):
+            modeling.check_gpus(load_recipe(recipe, ["train.accelerate_config=ddp", "train.num_processes=2"]))
+        modeling.check_gpus(load_recipe(recipe, ["train.accelerate_config=ddp", "train.num_processes=1"]))
+    finally:
+        subprocess.run(["umount", str(shm)], check=True)
 
 
 def test_one_process_that_sees_several_gpus_is_refused_before_training(tmp_path, tiny_phi3, monkeypatch, capsys, demo_run):

@@ -169,6 +169,8 @@ def check_gpus(recipe: Recipe) -> None:
         # The relaunch would start them all; those past the last GPU fail on their device, after loading.
         raise AlignpressError(f"is {wanted}, but this machine has {n} CUDA GPU{'s' if n != 1 else ''}: one process per GPU, "
                               f"so at most {n} (or leave it unset: one per visible GPU)", source=recipe.source, field="train.num_processes")
+    if recipe.train.accelerate_config:
+        check_shared_memory(recipe, planned_processes(recipe) or n)
     if recipe.train.accelerate_config or n < 2:
         return
     raise AlignpressError(
@@ -179,6 +181,36 @@ def check_gpus(recipe: Recipe) -> None:
         source=recipe.source,
         field="train.accelerate_config",
     )
+
+
+# NCCL's troubleshooting guide asks a container for --shm-size=1g: below that it may fail to start.
+NCCL_SHM_BYTES = 1 << 30
+SHM = Path("/dev/shm")
+
+
+def check_shared_memory(recipe: Recipe, processes: int, shm: Path | None = None) -> None:
+    """Several GPU processes on one machine talk through NCCL, which keeps buffers in /dev/shm and
+    fails as they start ("failed to extend /dev/shm/nccl-...") when it is small: Docker gives a
+    container 64 MiB unless told otherwise (SkyPilot's containers get more). Refused before the
+    launch; NCCL_SHM_DISABLE=1 (NCCL without it) is the user's own choice."""
+    if processes < 2 or os.environ.get("NCCL_SHM_DISABLE") == "1":
+        return
+    import shutil
+
+    shm = shm or SHM
+
+    try:
+        total = shutil.disk_usage(shm).total
+    except OSError:
+        return  # no /dev/shm (not Linux): NCCL does not run there either
+    if total < NCCL_SHM_BYTES:
+        from .disk import size_text
+
+        raise AlignpressError(
+            f"the {processes} GPU processes would talk through NCCL, which keeps its buffers in {shm}, and {shm} holds "
+            f"{size_text(total)} (Docker gives a container 64 MB unless told): NCCL would fail as they start. Give the container more, "
+            "as NCCL's guide asks: docker run --shm-size=1g (or --ipc=host)",
+            source=recipe.source, field="train.accelerate_config")
 
 
 def planned_processes(recipe: Recipe) -> int | None:
