@@ -117,15 +117,16 @@ def test_demo_runs_offline_in_container(podman, image, tmp_path):
 
 
 
-def test_the_image_refuses_a_run_that_would_lose_its_outputs_or_its_gpu(podman, image):
-    """Three launches on the image that used to go on and lose the rented hours: (1) SkyPilot's run
+def test_the_image_refuses_a_run_that_would_lose_its_outputs_or_its_gpu(podman, image, tmp_path):
+    """Launches on the image that used to go on, or fail later with a misleading line: (1) SkyPilot's run
     script with BUCKET set but no bucket mounted. The image used to declare `VOLUME /outputs`, an
     anonymous volume that is a mount point on the VM's own disk, so the mount check passed and the
     run went to the VM's disk. (2) `docker run` without a volume at /outputs: the run trained into
-    the container's own filesystem, gone with --rm, and a second `docker run` started over. (3) The
-    job with train.device auto in a GPU container whose GPU torch cannot use: the CUDA base sets
-    NVIDIA_VISIBLE_DEVICES, which stands in here for `--gpus all`; ALIGNPRESS_ALLOW_CONTAINER_OUTPUTS=1
-    lets (2) through, so the next check speaks."""
+    the container's own filesystem, gone with --rm, and a second `docker run` started over. (4) A
+    Hub cache folder the user cannot write (below). (3) The job with train.device auto in a GPU
+    container whose GPU torch cannot use: the CUDA base sets NVIDIA_VISIBLE_DEVICES, which stands
+    in here for `--gpus all`; ALIGNPRESS_ALLOW_CONTAINER_OUTPUTS=1 lets (2) through, so the next
+    check speaks."""
     base = ["podman", "run", "--rm", "--runtime", "runc", "--network", "none"]
     workdir = ["-v", f"{REPO}:/root/sky_workdir:ro", "-w", "/root/sky_workdir"]
     launch = ["-e", "HUB_REPO=someone/model", "-e", "HF_TOKEN=hf_dummy", "-e", "RECIPE=recipes/demo.yaml", "-e", "BUCKET=my-bucket",
@@ -142,6 +143,21 @@ def test_the_image_refuses_a_run_that_would_lose_its_outputs_or_its_gpu(podman, 
         "a new `docker run` could not resume a killed or failed run from it, and --rm deletes the results. Mount a host folder "
         "at /outputs (docker run -v $PWD/outputs:/outputs ...; runs go to /outputs/<recipe name>) or at --output-dir; "
         "ALIGNPRESS_ALLOW_CONTAINER_OUTPUTS=1 writes into the container anyway")
+
+    # (4) `docker run --user` with a host folder for the Hub cache that Docker made as root's: prepare
+    # failed on it, blaming the recipe's data file
+    cache, outputs = tmp_path / "hf-cache", tmp_path / "outputs"
+    cache.mkdir()
+    outputs.mkdir()
+    os.chown(outputs, 1000, 1000)
+    proc = subprocess.run([*base, "--user", "1000:1000", "-v", f"{cache}:/cache/hf", "-v", f"{outputs}:/outputs", image, "run", "recipes/demo.yaml"],
+                          capture_output=True, text=True, timeout=300, env=podman)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: /cache/hf: owned by uid 0 with mode 755: this user (uid 1000) cannot make /cache/hf/hub, where the Hub's downloads go; "
+        "point HF_HOME at a folder this user owns, or with `docker run -v HOST:/cache/hf` create HOST first (Docker makes a missing "
+        "one, as root's)")
+    assert list(outputs.iterdir()) == []
 
     proc = subprocess.run([*base, "-e", "NVIDIA_VISIBLE_DEVICES=all", "-e", "ALIGNPRESS_ALLOW_CONTAINER_OUTPUTS=1", image, "run", "recipes/demo.yaml"],
                           capture_output=True, text=True, timeout=300, env=podman)

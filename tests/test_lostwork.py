@@ -522,6 +522,30 @@ def test_a_home_that_is_not_a_folder_gets_one_in_the_temporary_folder(tmp_path, 
     assert os.environ["HOME"] == str(own)
 
 
+def test_a_cache_folder_that_cannot_be_written_is_refused_at_the_door(tmp_path):
+    """HF_HOME where this user cannot write: prepare failed there, and its line blamed the recipe's
+    data file ("could not read ...: PermissionError: ... '/cache/hf/datasets'"). Root writes
+    anywhere, so here the cache is under a file; tests/test_container.py mounts a root-owned
+    folder for uid 1000."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    out = tmp_path / "out"
+    tail = ("point HF_HOME at a folder this user owns, or with `docker run -v HOST:/cache/hf` create HOST first "
+            "(Docker makes a missing one, as root's)")
+    for command in ("prepare", "run", "train", "evaluate", "export"):
+        proc = cli(command, "recipes/demo.yaml", "--output-dir", out, env={"HF_HOME": str(blocker / "hf")})
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"error: {blocker}: a file, not a folder: this user (uid {os.getuid()}) cannot make {blocker / 'hf' / 'hub'}, "
+            f"where the Hub's downloads go; {tail}")
+        assert not out.exists()
+    # the datasets library's own cache setting is honoured too
+    hub = tmp_path / "hub"
+    proc = cli("prepare", "recipes/demo.yaml", "--output-dir", out, env={"HF_HUB_CACHE": str(hub), "HF_DATASETS_CACHE": str(blocker)})
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: {blocker}: a file, not a folder: this user (uid {os.getuid()}) cannot write in {blocker}, where the datasets cache goes; {tail}")
+
+
 def test_writes_to_a_bucket_mount_land_in_rclones_cache(tmp_path):
     """SkyPilot's MOUNT_CACHED (rclone, --vfs-cache-mode full) keeps each file written in the VM's
     ~/.cache/rclone until it is uploaded: that disk is checked. Other FUSE mounts are not."""

@@ -638,6 +638,10 @@ def execute(args: argparse.Namespace, argv: list[str]) -> int:
         from .disk import check_container_outputs
 
         processes.on_main(state, lambda: check_container_outputs(run_dir))
+    if args.command in ("run", "prepare", "train", "evaluate", "export"):
+        from .disk import check_caches_writable
+
+        check_caches_writable()  # every process: each one reads the model and the data through them
     if args.command == "run" and os.environ.get("ALIGNPRESS_LAUNCHED") != "1":
         # A run that will publish checks the Hub first: no GPU time for a push that would be refused,
         # and no minutes building the demo's builtin model (the model checks below) before a token is refused.

@@ -272,6 +272,34 @@ def container_layer(folder: Path, mountinfo: str | None = None) -> str | None:
     return kind if point == "/" and kind in CONTAINER_LAYERS else None
 
 
+def hub_caches() -> list[tuple[str, Path]]:
+    """Where the Hub's downloads (models, tokenizers, Hub datasets) and the datasets library's cache
+    (every dataset it reads, local files included) are written, as the two libraries decide it."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    return [("the Hub's downloads go", Path(huggingface_hub.constants.HF_HUB_CACHE)),
+            ("the datasets cache goes", Path(datasets.config.HF_DATASETS_CACHE))]
+
+
+def check_caches_writable() -> None:
+    """Refuses (exit 2) a cache folder this user cannot write or make: `docker run --user` with a
+    host folder for the Hub cache that Docker made (as root) because it did not exist. prepare
+    failed on it, naming the recipe's data file as unreadable."""
+    for what, folder in hub_caches():
+        anchor = _existing(folder)
+        if anchor.is_dir() and os.access(anchor, os.W_OK | os.X_OK):
+            continue
+        st = anchor.stat()
+        found = "a file, not a folder" if not anchor.is_dir() else f"owned by uid {st.st_uid} with mode {st.st_mode & 0o7777:o}"
+        verb = "write in" if anchor == folder else "make"
+        raise AlignpressError(
+            f"{found}: this user (uid {os.getuid()}) cannot {verb} {folder}, where {what}; point HF_HOME at a folder this "
+            "user owns, or with `docker run -v HOST:/cache/hf` create HOST first (Docker makes a missing one, as root's)",
+            source=str(anchor),
+        )
+
+
 def check_container_outputs(run_dir: RunDir, mountinfo: str | None = None) -> None:
     """Refuses (exit 2) a run or training whose output folder is in the container's own filesystem:
     hours of GPU time whose checkpoints and results would not outlive the container."""
