@@ -520,6 +520,19 @@ def test_a_home_that_is_not_a_folder_gets_one_in_the_temporary_folder(tmp_path, 
         assert cache_home() == own / ".cache" / "alignpress"
     assert writable_home() is None  # a HOME the user can write stays
     assert os.environ["HOME"] == str(own)
+    # that name taken by a link (someone else's, in a shared temporary folder): a folder of its own
+    for target in (tmp_path / "elsewhere", tmp_path / "dangling"):
+        if own.is_symlink():
+            own.unlink()
+        else:
+            shutil.rmtree(own)
+        (tmp_path / "elsewhere").mkdir(exist_ok=True)
+        own.symlink_to(target)
+        monkeypatch.setenv("HOME", "/nonexistent")
+        line = writable_home()
+        home = Path(os.environ["HOME"])
+        assert home.parent == tmp_path and home.name.startswith(f"alignpress-home-{os.getuid()}-") and home.is_dir() and not home.is_symlink()
+        assert line.endswith(f"caches and logs go to {home} instead")
 
 
 def test_a_cache_folder_that_cannot_be_written_is_refused_at_the_door(tmp_path):

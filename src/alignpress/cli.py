@@ -918,7 +918,13 @@ def writable_home() -> str | None:
     import tempfile
 
     own = Path(tempfile.gettempdir()) / f"alignpress-home-{os.getuid()}"
-    own.mkdir(mode=0o700, exist_ok=True)
+    try:
+        own.mkdir(mode=0o700, exist_ok=True)
+        mine = not own.is_symlink() and own.stat().st_uid == os.getuid()
+    except OSError:
+        mine = False
+    if not mine:  # that name is taken by someone else's, in a shared temporary folder
+        own = Path(tempfile.mkdtemp(prefix=f"alignpress-home-{os.getuid()}-"))
     os.environ["HOME"] = str(own)
     return f"HOME ({home or 'unset'}) is not a folder this user (uid {os.getuid()}) can write: caches and logs go to {own} instead"
 
