@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -98,7 +99,11 @@ def test_rotation_keeps_the_newest_complete_checkpoints_by_step_whatever_their_t
     assert f"resuming training from {ck / 'checkpoint-40'} (step 40)" in proc.stderr
     # save_total_limit 2: the checkpoint resumed from and the new one.
     assert sorted(p.name for p in ck.glob("checkpoint-*")) == ["checkpoint-40", "checkpoint-53"]
-    removed = [line.split("] ", 1)[-1] for line in proc.stderr.splitlines() if "removing checkpoint" in line]
+    lines = [line for line in proc.stderr.split("\n") if "removing checkpoint" in line]
+    # each on a line of its own, above the progress bar (cli.AboveTheBars clears the bar first: "\r   \r"),
+    # not glued to the end of the bar's line ("... 2.1it/s][alignpress] removing ...")
+    assert all(re.fullmatch(r"[\r ]*\[alignpress\] removing checkpoint [^\r]*", line) for line in lines), lines
+    removed = [line.split("[alignpress] ", 1)[1] for line in lines]
     assert removed == [f"removing checkpoint {ck / 'checkpoint-20'}: train.save_total_limit 2 keeps checkpoint-40 and checkpoint-53",
                        f"removing checkpoint {ck / 'checkpoint-30'}: train.save_total_limit 2 keeps checkpoint-40 and checkpoint-53",
                        f"removing checkpoint {ck / 'checkpoint-45'}: incomplete (optimizer.pt is missing or empty), left by a save cut short"], proc.stderr[-3000:]

@@ -839,18 +839,35 @@ class _DeepSpeedToStderr(logging.Filter):
         return False
 
 
+class AboveTheBars(logging.StreamHandler):
+    """A log line during training goes above the progress bar (tqdm's, which transformers draws),
+    which is drawn again below it; written plainly, it was glued to the end of the bar's line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            # one write, as logging.StreamHandler's: the line of one process is not split by another's
+            tqdm.write(self.format(record) + self.terminator, file=self.stream, end="")
+            self.flush()
+        except RecursionError:
+            raise
+        except Exception:  # noqa: BLE001 - as logging.StreamHandler: a failed write is reported, not raised
+            self.handleError(record)
+
+
 def setup_logging() -> None:
     """alignpress's own lines as `[alignpress] ...` at ALIGNPRESS_LOG (default INFO); other libraries'
     warnings once each, under their own name."""
     ours = logging.getLogger("alignpress")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = AboveTheBars(sys.stderr)
     handler.setFormatter(logging.Formatter("[alignpress] %(message)s"))
     ours.handlers = [handler]
     ours.setLevel(os.environ.get("ALIGNPRESS_LOG", "INFO"))
     ours.propagate = False
     root = logging.getLogger()
     root.handlers = [h for h in root.handlers if not getattr(h, "_alignpress", False)]
-    other = logging.StreamHandler(sys.stderr)
+    other = AboveTheBars(sys.stderr)
     other.setFormatter(logging.Formatter("[%(name)s] %(levelname)s: %(message)s"))
     other.addFilter(_NotHandledElsewhere())
     other._alignpress = True  # type: ignore[attr-defined]
@@ -860,7 +877,7 @@ def setup_logging() -> None:
     # Set before DeepSpeed is imported: its logger keeps the filters of an existing one
     deepspeed = logging.getLogger("DeepSpeed")
     deepspeed.filters = [f for f in deepspeed.filters if not isinstance(f, _DeepSpeedToStderr)]
-    to_stderr = logging.StreamHandler(sys.stderr)
+    to_stderr = AboveTheBars(sys.stderr)
     to_stderr.setFormatter(other.formatter)
     deepspeed.addFilter(_DeepSpeedToStderr(to_stderr))
     # bitsandbytes 0.50 on a CPU with AVX512-BF16 warns at import that it cannot fetch its CPU 4-bit
