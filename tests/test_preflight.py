@@ -254,6 +254,30 @@ def test_the_disk_check_counts_a_hub_models_download_until_it_is_cached(hub_env,
     before = disk.estimate(recipe, out, ["train", "export"], sizes, train_bytes=4, pairs=None)
     assert [(w.folder, w.need, w.parts) for w in before[:1]] == [(hub_env.cache_dir, sizes.params * 4, [f"the base model's download {disk.size_text(sizes.params * 4)}"])]
     assert before[1].folder == out.root
+    # In a container with nothing mounted on the Hub cache (the mountinfo of one, in a file: no
+    # container runs in `make test`), the download is said to go with the container; not refused.
+    import logging
+
+    container = tmp_path / "mountinfo"
+    container.write_text("82 56 0:40 / / rw,relatime - overlay overlay rw,lowerdir=/l,upperdir=/u,workdir=/w\n")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("alignpress").addHandler(handler)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(disk, "MOUNTINFO", container)
+            disk.check(recipe, out, ["train", "export"])
+        need = disk.size_text(sizes.params * 4)
+        assert [r.getMessage() for r in records if r.levelno == logging.WARNING] == [
+            f"the Hub cache {hub_env.cache_dir} is in this container's own filesystem (overlay at /): the base model's download {need} "
+            "there goes with the container, and every `docker run` downloads it again; mount a host folder for it "
+            "(docker run -v $HOME/.cache/huggingface:/cache/hf ...)"]
+        records.clear()
+        disk.check(recipe, out, ["train", "export"])  # this machine's own disk: nothing to say
+        assert [r for r in records if r.levelno == logging.WARNING] == []
+    finally:
+        logging.getLogger("alignpress").removeHandler(handler)
     snapshot_download("alice/tiny-phi3-weights")
     assert [w.folder for w in disk.estimate(recipe, out, ["train", "export"], sizes, train_bytes=4, pairs=None)] == [out.root]
 

@@ -30,6 +30,7 @@ filesystem whose free space misleads, such as one that compresses).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -41,6 +42,7 @@ from .recipe import Recipe
 from .runstate import RunDir, folder_size
 
 SKIP_ENV = "ALIGNPRESS_SKIP_DISK_CHECK"
+log = logging.getLogger("alignpress")
 
 
 def size_text(n: float) -> str:
@@ -268,6 +270,11 @@ def container_layer(folder: Path, mountinfo: str | None = None) -> str | None:
     so a killed or failed run cannot resume and its finished stages are done again."""
     if os.environ.get(CONTAINER_ENV) == "1":
         return None
+    return in_container_layer(folder, mountinfo)
+
+
+def in_container_layer(folder: Path, mountinfo: str | None = None) -> str | None:
+    """container_layer, whatever ALIGNPRESS_ALLOW_CONTAINER_OUTPUTS says (it is about the outputs)."""
     point, kind = mount_of(_existing(folder), mountinfo)
     return kind if point == "/" and kind in CONTAINER_LAYERS else None
 
@@ -344,6 +351,8 @@ def check(recipe: Recipe, run_dir: RunDir, stages: list[str], *, restart: bool =
     from .checks import judge_sizes, model_sizes
     from .modeling import pick_device, pick_dtype, weights_dtype
 
+    from huggingface_hub import constants
+
     sizes = model_sizes(recipe)
     train_bytes = weights_dtype(recipe, pick_dtype(recipe, pick_device(recipe))).itemsize
     pairs = None if prepare_first else prepared_pairs(run_dir)
@@ -356,6 +365,11 @@ def check(recipe: Recipe, run_dir: RunDir, stages: list[str], *, restart: bool =
     groups: dict[int, tuple[Path, list[tuple[Writes, str]]]] = {}
     lines = []
     for w in writes:
+        if w.folder == Path(constants.HF_HUB_CACHE) and (kind := in_container_layer(w.folder)):
+            # not refused (the run keeps nothing there), but every `docker run` pays for it again
+            log.warning("the Hub cache %s is in this container's own filesystem (%s at /): %s there goes with the container, "
+                        "and every `docker run` downloads it again; mount a host folder for it (docker run -v "
+                        "$HOME/.cache/huggingface:/cache/hf ...)", w.folder, kind, " and ".join(w.parts))
         if (landed := landing(w.folder)) is None:
             lines.append(f"{w.folder}: not checked, on a FUSE mount ({filesystem_type(_existing(w.folder))}) whose free space means nothing")
             continue
