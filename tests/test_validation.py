@@ -116,6 +116,14 @@ def test_a_command_line_mistake_is_one_line():
         (["validate"], "error: the following arguments are required: recipe; see `entrypoint.py validate --help`"),
         (["nope"], "error: argument command: invalid choice: 'nope' (choose from 'run', 'validate', 'prepare', 'train', 'evaluate', "
                    "'export', 'publish', 'schema', 'plan'); see `entrypoint.py --help`"),
+        # the recipe without its command; a program name, as `docker run IMAGE bash` passes it to the entrypoint
+        (["recipes/demo.yaml"], "error: argument command: invalid choice: 'recipes/demo.yaml' (choose from 'run', 'validate', 'prepare', "
+                                "'train', 'evaluate', 'export', 'publish', 'schema', 'plan'); to run every stage of a recipe: "
+                                "`entrypoint.py run recipes/demo.yaml`; see `entrypoint.py --help`"),
+        (["bash"], "error: argument command: invalid choice: 'bash' (choose from 'run', 'validate', 'prepare', 'train', 'evaluate', "
+                   "'export', 'publish', 'schema', 'plan'); this is alignpress's command line (in the image it is the entrypoint, so "
+                   "`docker run IMAGE bash` arrives here); to run bash in the image instead: docker run -it --entrypoint bash IMAGE ...; "
+                   "see `entrypoint.py --help`"),
     ]
     for args, line in cases:
         proc = cli(*args)

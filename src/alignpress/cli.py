@@ -41,7 +41,11 @@ class _OneLineParser(argparse.ArgumentParser):
     exit 2, and where the usage is (argparse printed its whole usage block first). Subparsers are
     made with this class too (add_subparsers passes it on); --help is unchanged."""
 
+    hint = ""
+
     def parse_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        self.hint = _command_hint(args)
         # Unknown arguments after a command come back to the top parser: name the command in the hint.
         parsed, extra = self.parse_known_args(args, namespace)
         if extra:
@@ -49,10 +53,28 @@ class _OneLineParser(argparse.ArgumentParser):
         return parsed
 
     def error(self, message):
-        self._fail(message, self.prog.partition(" ")[2])
+        command = self.prog.partition(" ")[2]
+        self._fail(message + (self.hint if not command and message.startswith("argument command: invalid choice") else ""), command)
 
     def _fail(self, message: str, command: str | None):
         self.exit(2, f"error: {message}; see `entrypoint.py {command + ' ' if command else ''}--help`\n")
+
+
+# What a first word that is not a command was probably meant as. In the image, alignpress is the
+# entrypoint: `docker run IMAGE bash` reaches here as the command `bash`.
+PROGRAMS = {"bash", "sh", "python", "python3", "pip", "nvidia-smi", "accelerate", "huggingface-cli", "hf"}
+
+
+def _command_hint(args: list[str]) -> str:
+    first = next((a for a in args if not a.startswith("-")), None)
+    if first is None:
+        return ""
+    if first.endswith((".yaml", ".yml")) or Path(first).is_file():
+        return f"; to run every stage of a recipe: `entrypoint.py run {first}`"
+    if first in PROGRAMS:
+        return (f"; this is alignpress's command line (in the image it is the entrypoint, so `docker run IMAGE {first}` "
+                f"arrives here); to run {first} in the image instead: docker run -it --entrypoint {first} IMAGE ...")
+    return ""
 
 
 def _parser() -> argparse.ArgumentParser:
