@@ -258,7 +258,10 @@ def filesystem_type(path: Path, mountinfo: str | None = None) -> str:
 
 
 # A container's own writable layer, as docker (overlay2), podman (overlay; rootless:
-# fuse-overlayfs), containerd and old docker (aufs) mount it at /.
+# fuse-overlayfs), containerd and old docker (aufs) mount it at /. Docker's rarer storage drivers
+# (btrfs, zfs, vfs) mount a filesystem a host also uses at /, and are not told apart: /.dockerenv
+# would, but it also stays in VMs made from an image (this development machine has it, with its own
+# ext4 disk at /), where refusing would be wrong.
 CONTAINER_LAYERS = ("overlay", "fuse.fuse-overlayfs", "aufs")
 CONTAINER_ENV = "ALIGNPRESS_ALLOW_CONTAINER_OUTPUTS"
 
