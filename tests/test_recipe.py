@@ -168,6 +168,26 @@ def test_bad_recipes_name_file_and_field(tmp_path, extra, overrides, expected):
         assert part.strip() in message, message
 
 
+def test_a_choice_under_another_name_gets_a_guess_and_a_close_spelling_does_not():
+    """bf16/fp16 are accelerate's and TrainingArguments' names, a GPU is cuda; a close spelling is not
+    guessed: 'gpu' is nearest 'cpu', 'keep_begin' nearest 'keep_end'."""
+    cases = [
+        ("model.dtype=bf16", "expected one of 'auto', 'bfloat16', 'float16', 'float32', got 'bf16'; did you mean 'bfloat16'?"),
+        ("export.dtype=FP16", "expected one of 'bfloat16', 'float16', 'float32', got 'FP16'; did you mean 'float16'?"),
+        ("train.device=gpu", "expected one of 'auto', 'cpu', 'cuda', got 'gpu'; did you mean 'cuda'?"),
+        ("train.device=CUDA", "expected one of 'auto', 'cpu', 'cuda', got 'CUDA'; did you mean 'cuda'?"),
+        ("train.gradient_checkpointing=Auto", "expected one of 'auto' or true or false, got 'Auto'; did you mean 'auto'?"),
+        ("publish.push=merged", "expected one of 'model', 'adapter', 'both', got 'merged'; did you mean 'model'?"),
+        ("dpo.truncation_mode=keep_begin", "expected one of 'keep_start', 'keep_end', got 'keep_begin'"),
+        ("export.dtype=auto", "expected one of 'bfloat16', 'float16', 'float32', got 'auto'"),
+    ]
+    for override, expected in cases:
+        field = override.split("=")[0]
+        with pytest.raises(AlignpressError) as e:
+            load_recipe(ROOT / "recipes/demo.yaml", [override])
+        assert str(e.value) == f"--set {field}: field '{field}': {expected}", override
+
+
 def test_missing_accelerate_config_named_before_any_gpu_time():
     with pytest.raises(AlignpressError) as e:
         load_recipe(ROOT / "recipes/demo.yaml", ["train.accelerate_config=zero4"])

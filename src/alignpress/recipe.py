@@ -448,13 +448,37 @@ def _coerce(tp: Any, value: Any, dotted: str, src: typing.Callable[[str], str]) 
         shown = value if not isinstance(value, str) else repr(value)
         # A --set value is read as YAML: `key: value` in text became a mapping, 2024-01-01 a date.
         hint = (f"; for text, quote it inside: --set '{dotted}=\"...\"'" if src(dotted).startswith("--set") and "str" in _type_name(tp) + str(tp)
-                and not isinstance(value, str) else "")
+                and not isinstance(value, str) else _choice_hint(tp, value))
         raise AlignpressError(f"expected {_type_name(tp)}, got {shown}{hint}", source=src(dotted), field=dotted) from None
     # nan and inf parse as numbers (YAML .nan/.inf, or the strings) but no field means them.
     bad = [v for v in _numbers(checked) if not math.isfinite(v)]
     if bad:
         raise AlignpressError(f"must be a finite number, got {bad[0]}", source=src(dotted), field=dotted)
     return checked
+
+
+# Other names for these choices (accelerate's and TrainingArguments' bf16/fp16, a GPU for cuda). Only
+# these and case differences get a guess: a close spelling can mean the opposite ('gpu' is nearest 'cpu').
+CHOICE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32",
+                  "gpu": "cuda", "merged": "model"}
+
+
+def _choices(tp: Any) -> list[str]:
+    if typing.get_origin(tp) is Literal:
+        return [a for a in typing.get_args(tp) if isinstance(a, str)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return [c for a in typing.get_args(tp) for c in _choices(a)]
+    return []
+
+
+def _choice_hint(tp: Any, value: Any) -> str:
+    """'; did you mean ...?' for another name of one of a field's choices ('bf16', 'Auto', 'gpu')."""
+    options = _choices(tp)
+    if not isinstance(value, str) or not options:
+        return ""
+    key = value.strip().lower()
+    guess = {o.lower(): o for o in options}.get(key) or CHOICE_ALIASES.get(key)
+    return f"; did you mean {guess!r}?" if guess in options else ""
 
 
 def _numbers(value: Any) -> list[float]:
