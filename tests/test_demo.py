@@ -41,7 +41,7 @@ def test_demo_artifacts(demo_run):
 def test_demo_stdout_holds_results_and_stderr_one_line_per_log(demo_run):
     """stdout: the rendered pair, the push line and the summary, nothing else (no Trainer log dicts,
     no DeepSpeed line). stderr: one progress line per logged step, from the values in train.jsonl."""
-    from alignpress.train import progress_line
+    from alignpress.train import done_line, progress_line
 
     out, proc = demo_run
     lines = proc.stdout.splitlines()
@@ -56,6 +56,8 @@ def test_demo_stdout_holds_results_and_stderr_one_line_per_log(demo_run):
     shown = [part for line in proc.stderr.splitlines() for part in line.split("\r") if part.startswith("[alignpress] step ")]
     assert shown == expected
     assert "Setting accelerator to CPU" not in proc.stdout + proc.stderr
+    train = load(out / "run.json")["stages"]["train"]
+    assert f"[alignpress] {done_line(train)}\n" in proc.stderr and "training done: {" not in proc.stderr
 
 
 def test_progress_line():
@@ -65,6 +67,17 @@ def test_progress_line():
     assert progress_line(4, 12, logs) == "step 4/12: loss 0.6931, reward accuracy 0.5, margin -4.511e-05, grad norm 8.267, lr 5e-06"
     assert progress_line(12, 12, {"train_runtime": 3.0, "train_loss": 0.69, "loss": 0.69}) is None
     assert progress_line(12, 12, {"eval_loss": 0.69}) is None
+
+
+def test_done_line():
+    """The closing line of training: what a user reads (it used to be the summary's dict, systems decisions and all)."""
+    from alignpress.train import done_line
+
+    summary = {"global_step": 53, "resumed_from_step": 0, "train_runtime_s": 4.33, "final_loss": 1.1378824, "systems": {"device": "cpu"},
+               "rewards/accuracies": 1.0, "rewards/margins": 0.12875094, "final_window_steps": [46, 50]}
+    assert done_line(summary) == "training done: 53 steps in 4.3 s; steps 46-50: loss 1.138, reward accuracy 1, margin 0.1288 (run.json: stages.train)"
+    resumed = {"global_step": 53, "resumed_from_step": 40, "train_runtime_s": 1.0, "final_loss": None}
+    assert done_line(resumed) == "training done: 53 steps in 1.0 s (resumed from step 40) (run.json: stages.train)"
 
 
 def test_deepspeed_warnings_go_to_stderr():

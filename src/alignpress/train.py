@@ -948,5 +948,17 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
     if last.get("step") is not None:  # a resumed run logs again the steps after its checkpoint: the latest earlier step
         before = [h["step"] for h in logged if h.get("step") is not None and h["step"] < last["step"]]
         summary["final_window_steps"] = [max(before, default=0) + 1, last["step"]]
-    log.info("training done: %s", summary)
+    log.info("%s", done_line(summary))
     return summary
+
+
+def done_line(summary: dict[str, Any]) -> str:
+    """`training done: 53 steps in 4.3 s; steps 46-50: loss 1.138, ...` (the whole summary, with the
+    systems decisions logged as training started, is run.json's stages.train)."""
+    resumed = f" (resumed from step {summary['resumed_from_step']})" if summary.get("resumed_from_step") else ""
+    line = f"training done: {summary['global_step']} steps in {summary['train_runtime_s']:.1f} s{resumed}"
+    shown = [f"{label} {summary[key]:.4g}" for key, label in (("final_loss", "loss"), *PROGRESS_KEYS[1:3]) if isinstance(summary.get(key), (int, float))]
+    if shown:
+        window = summary.get("final_window_steps")
+        line += f"; {'steps {}-{}'.format(*window) if window else 'last logged'}: {', '.join(shown)}"
+    return line + " (run.json: stages.train)"
