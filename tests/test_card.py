@@ -194,3 +194,15 @@ def test_the_cards_gate_sentence_has_each_number_in_its_place(demo_run):
     assert "Publish gate passed: preference accuracy gain 0.6889 (minimum 0.02), KL estimate 0.3623 (limit 50)." in evaluation_lines(evals)
     evals["gate"] = {"passed": False, "reasons": [{"field": "eval.gate_max_kl", "reason": "the KL estimate exceeds the limit"}]}
     assert "Publish gate failed: the KL estimate exceeds the limit." in evaluation_lines(evals)
+
+
+def test_the_training_table_says_what_a_resumed_runs_time_covers():
+    from alignpress.card import training_result_lines
+
+    info = {"global_step": 53, "resumed_from_step": 20, "train_runtime_s": 9.46, "final_loss": 1.1378824, "final_window_steps": [46, 50]}
+    assert training_result_lines(info) == [
+        "| metric | value |", "| --- | --- |", "| global_step | 53 |", "| train_runtime_s | 9.46 |", "| final_loss | 1.138 |",
+        "", "final_loss and rewards/*: means over the last logged window, steps 46–50.",
+        "", "Training resumed from the checkpoint of step 20 (the run had been stopped); train_runtime_s counts steps 21–53 only.",
+    ]
+    assert training_result_lines(info | {"resumed_from_step": 0})[-1] == "final_loss and rewards/*: means over the last logged window, steps 46–50."

@@ -125,6 +125,21 @@ def scored_lines(evals: dict[str, Any], export: dict[str, Any], dtype: str, rela
     ]
 
 
+def training_result_lines(train_info: dict[str, Any]) -> list[str]:
+    """The training table from run.json's stages.train, and what its numbers cover."""
+    lines = ["| metric | value |", "| --- | --- |"]
+    for k in ("global_step", "train_runtime_s", "final_loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+        if k in train_info:
+            lines.append(f"| {k} | {_fmt(train_info[k])} |")
+    if window := train_info.get("final_window_steps"):
+        lines += ["", f"final_loss and rewards/*: means over the last logged window, steps {window[0]}–{window[1]}."]
+    if resumed := train_info.get("resumed_from_step"):
+        # A stopped or preempted run went on from its checkpoint: the same steps, but the timer restarted.
+        lines += ["", f"Training resumed from the checkpoint of step {resumed} (the run had been stopped); train_runtime_s counts "
+                      f"steps {resumed + 1}–{train_info.get('global_step', '?')} only."]
+    return lines
+
+
 def evaluation_lines(evals: dict[str, Any]) -> list[str]:
     """The card's evaluation section from metrics/eval.json: before/after numbers, judge, gate, samples."""
     from .evaluate import _cell, number_rows
@@ -428,13 +443,7 @@ def render_model_card(
     url = (manifest.get("tracking") or {}).get("url")
     if url:  # only a public address (alignpress.tracking.public_url); local event files are not linked
         lines += [f"Training run, with its loss curves: [{url}]({url})", ""]
-    lines.append("| metric | value |")
-    lines.append("| --- | --- |")
-    for k in ("global_step", "train_runtime_s", "final_loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
-        if k in train_info:
-            lines.append(f"| {k} | {_fmt(train_info[k])} |")
-    if window := train_info.get("final_window_steps"):
-        lines += ["", f"final_loss and rewards/*: means over the last logged window, steps {window[0]}–{window[1]}."]
+    lines += training_result_lines(train_info)
 
     stops = export if export is not None else manifest.get("stages", {}).get("export", {})
     lines += ["", "## Evaluation (held-out pairs)", ""]
