@@ -172,9 +172,10 @@ def test_model_card(demo_run):
     # What the numbers were measured on, against the weights this card describes.
     checks = load(demo_run[0] / "run.json")["stages"]["export"]
     assert ev["scored"] == {"weights": "the base with the LoRA adapter", "dtype": "float32", "device": "cpu"}
+    assert checks["reload_max_abs_diff"] == 0.0  # saved in float32: the merge itself
     assert ("Scored on the base with the LoRA adapter in float32 (cpu), before the merge. This model is the merge saved in float32: "
-            f"on export's probe prompts its logits are within {checks['reload_max_abs_diff']:.2g} of the float32 merge's, and the "
-            f"merge's within {checks['merge_max_abs_diff']:.2g} of the adapter model's.\n") in card.text
+            "on export's probe prompts its logits equal the float32 merge's, and the "
+            f"merge's are within {checks['merge_max_abs_diff']:.2g} of the adapter model's.\n") in card.text
     assert "\nScored on the base with the LoRA adapter in float32 (cpu).\n" in (demo_run[0] / "adapter/README.md").read_text()
     # The base's generation config already stops at <|end|>: nothing added, nothing said.
     assert load(demo_run[0] / "run.json")["stages"]["export"]["eos_added"] is None and "Generation stops at" not in card.text

@@ -117,10 +117,12 @@ def scored_lines(evals: dict[str, Any], export: dict[str, Any], dtype: str, rela
         return []
     if relation == "adapter" or "reload_max_abs_diff" not in export:
         return [f"Scored on {s['weights']} in {s['dtype']} ({s['device']}).", ""]
+    reload = export["reload_max_abs_diff"]
+    # float32 saves the merge as it is: the same logits, not "within 0" of them
+    same = "equal the float32 merge's" if reload == 0 else f"are within {reload:.2g} of the float32 merge's"
     return [
         f"Scored on {s['weights']} in {s['dtype']} ({s['device']}), before the merge. This model is the merge saved in {dtype}: "
-        f"on export's probe prompts its logits are within {export['reload_max_abs_diff']:.2g} of the float32 merge's, and the "
-        f"merge's within {export['merge_max_abs_diff']:.2g} of the adapter model's.",
+        f"on export's probe prompts its logits {same}, and the merge's are within {export['merge_max_abs_diff']:.2g} of the adapter model's.",
         "",
     ]
 
