@@ -57,6 +57,9 @@ def test_model_card_sections_and_fields(demo_run):
     assert section(text, "## Intended use").strip().startswith(
         "A version of alignpress's built-in toy model `builtin:tiny-phi3-arithmetic`, made to demonstrate and test the alignment job."
     )
+    assert ("`builtin:tiny-phi3-arithmetic` aligned with Direct Preference Optimization (TRL `DPOTrainer`, loss `sigmoid` + `sft`, beta 0.1) "
+            "on `data/arithmetic-capybara.jsonl` (capybara format)") in section(text, "## What was done")
+    assert "\n| loss_type | sigmoid, sft |\n| max_length | 64 |\n" in section(text, "## Hyperparameters")
     limits = section(text, "## Limitations and bias")
     assert "DPO moves the model towards the chosen answers of `data/arithmetic-capybara.jsonl`" in limits
     assert "Its behaviour score checks the form of an answer (matching `^The answer is \\d+\\.$`), not whether the answer is correct." in limits
@@ -206,3 +209,12 @@ def test_the_training_table_says_what_a_resumed_runs_time_covers():
         "", "Training resumed from the checkpoint of step 20 (the run had been stopped); train_runtime_s counts steps 21–53 only.",
     ]
     assert training_result_lines(info | {"resumed_from_step": 0})[-1] == "final_loss and rewards/*: means over the last logged window, steps 46–50."
+
+
+def test_the_loss_is_written_as_trl_sums_it():
+    from alignpress.card import _fmt, loss_text
+
+    assert loss_text("sigmoid", None) == "`sigmoid`"
+    assert loss_text(["sigmoid", "sft"], None) == "`sigmoid` + `sft`"
+    assert loss_text(["sigmoid", "sft"], [1.0, 0.5]) == "1 x `sigmoid` + 0.5 x `sft`"
+    assert (_fmt(["sigmoid", "sft"]), _fmt([1.0, 0.25])) == ("sigmoid, sft", "1, 0.25")

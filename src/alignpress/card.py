@@ -103,6 +103,8 @@ def _read(path: Path) -> Any:
 def _fmt(x: Any) -> str:
     if isinstance(x, float):
         return f"{x:.4g}"
+    if isinstance(x, list):  # a list of loss types or weights: as the recipe writes it, not Python's repr
+        return ", ".join(_fmt(v) for v in x)
     return "–" if x is None else str(x)
 
 
@@ -125,6 +127,14 @@ def scored_lines(evals: dict[str, Any], export: dict[str, Any], dtype: str, rela
         f"on export's probe prompts its logits {same}, and the merge's are within {export['merge_max_abs_diff']:.2g} of the adapter model's.",
         "",
     ]
+
+
+def loss_text(loss_type: str | list[str], weights: list[float] | None) -> str:
+    """`sigmoid`, or a weighted sum as TRL computes it: `sigmoid` + `sft`, 1 x `sigmoid` + 0.5 x `sft`."""
+    types_ = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    if weights is None:
+        return " + ".join(f"`{t}`" for t in types_)
+    return " + ".join(f"{w:g} x `{t}`" for w, t in zip(weights, types_, strict=True))
 
 
 def training_result_lines(train_info: dict[str, Any]) -> list[str]:
@@ -405,7 +415,7 @@ def render_model_card(
         "## What was done",
         "",
         f"`{r.model.name_or_path}`" + (f" (revision `{r.model.revision}`)" if r.model.revision else "")
-        + f" aligned with Direct Preference Optimization (TRL `DPOTrainer`, loss `{d.loss_type}`, beta {d.beta:g}) "
+        + f" aligned with Direct Preference Optimization (TRL `DPOTrainer`, loss {loss_text(d.loss_type, d.loss_weights)}, beta {d.beta:g}) "
         f"on {', '.join(f'`{s.dataset}`' for _, s in data_sources(r.data))} ({stats.get('format', '?')} format), with {what}{quant}."
         + (" The adapter was merged into the base weights." if lo.enabled and relation != "adapter" else ""),
         f"Built with alignpress recipe `{r.name}`, run `{manifest.get('run_id', '?')}`.",
@@ -418,7 +428,8 @@ def render_model_card(
         "| --- | --- |",
     ]
     for k, v in [
-        ("beta", d.beta), ("loss_type", d.loss_type), ("max_length", d.max_length), ("learning_rate", t.learning_rate),
+        ("beta", d.beta), ("loss_type", d.loss_type), *([("loss_weights", d.loss_weights)] if d.loss_weights else []),
+        ("max_length", d.max_length), ("learning_rate", t.learning_rate),
         ("lr_scheduler_type", t.lr_scheduler_type), ("warmup_steps", t.warmup_steps), ("num_train_epochs", t.num_train_epochs),
         ("max_steps", t.max_steps), ("per_device_train_batch_size", t.per_device_train_batch_size),
         ("gradient_accumulation_steps", t.gradient_accumulation_steps), ("optim", t.optim), ("seed", t.seed),
