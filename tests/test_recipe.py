@@ -1,5 +1,6 @@
 """The recipe schema: every shipped recipe validates; every kind of mistake names its file and field."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,32 @@ def test_a_choice_under_another_name_gets_a_guess_and_a_close_spelling_does_not(
         with pytest.raises(AlignpressError) as e:
             load_recipe(ROOT / "recipes/demo.yaml", [override])
         assert str(e.value) == f"--set {field}: field '{field}': {expected}", override
+
+
+def test_schema_lists_every_field_with_its_type_and_default_as_a_recipe_writes_them(capsys):
+    from alignpress.cli import main
+
+    assert main(["schema"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for line in ("model.dtype  (one of 'auto', 'bfloat16', 'float16', 'float32'; default 'auto')",
+                 "model.revision  (a string or null; default null)",
+                 "model.load_in_4bit  (true or false; default false)",
+                 "model.name_or_path  (a string; default required)",
+                 "lora.target_modules  (a list of strings or a string; default 'all-linear')",
+                 "data.filters.min  (a mapping of names to numbers; default {})",
+                 "train.learning_rate  (a number; default 5.0e-06)",
+                 "dpo.precompute_ref_log_probs  (one of 'auto' or true or false; default 'auto')",
+                 "card.language  (a list of strings; default [])"):
+        assert line in lines, line
+    # every field of a resolved recipe, and nothing else, with its help on the next line
+    def fields(tree, prefix=""):
+        return [k for key, v in tree.items() for k in (fields(v, f"{prefix}{key}.") if isinstance(v, dict) and key not in ("min", "max", "columns") else [prefix + key])]
+    resolved = dataclasses.asdict(load_recipe(ROOT / "recipes/demo.yaml"))
+    del resolved["source"]  # where the recipe was read from: not a field a recipe writes
+    shown = [line.split("  (")[0] for line in lines if not line.startswith(" ")]
+    assert [f for f in shown if "[]" not in f] == fields(resolved)
+    assert len(lines) == 2 * len(shown)  # one line of help each
+    assert all(line.startswith("    ") and len(line) > 8 for line in lines[1::2])
 
 
 def test_missing_accelerate_config_named_before_any_gpu_time():

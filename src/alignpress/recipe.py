@@ -420,10 +420,14 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        return f"a list of {_plural(typing.get_args(tp)[0])}"
     if origin is dict:
-        return f"a mapping of names to {_type_name(typing.get_args(tp)[1])}"
+        return f"a mapping of names to {_plural(typing.get_args(tp)[1])}"
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _plural(tp: Any) -> str:
+    return {str: "strings", int: "integers", float: "numbers", bool: "true or false values"}.get(tp) or _type_name(tp)
 
 
 def _coerce(tp: Any, value: Any, dotted: str, src: typing.Callable[[str], str]) -> Any:
@@ -1052,6 +1056,13 @@ def validate_data(r: Recipe, fail: typing.Callable[[str, str], typing.NoReturn])
 # Documentation, generated from the schema (used by `entrypoint.py schema` and the README)
 
 
+def _yaml_text(value: Any) -> str:
+    """A default as a recipe writes it (null, true, [en]), with text quoted as the types say it ('auto')."""
+    if isinstance(value, str):
+        return repr(value)
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n").removesuffix("\n...")
+
+
 def describe(cls: Any = Recipe, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(dotted field, type, default, help) for every field, recursively."""
     rows = []
@@ -1069,9 +1080,9 @@ def describe(cls: Any = Recipe, prefix: str = "") -> list[tuple[str, str, str, s
             rows.extend(describe(typing.get_args(tp)[0], dotted + "[]"))
             continue
         if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
+            default = _yaml_text(f.default)
         elif f.default_factory is not dataclasses.MISSING:
-            default = repr(f.default_factory())
+            default = _yaml_text(f.default_factory())
         else:
             default = f.metadata.get("default", "required")
         rows.append((dotted, _type_name(tp), default, f.metadata.get("help", "")))
