@@ -8,6 +8,7 @@ rules for the Python code.
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,20 @@ def test_ruff_catches_a_function_defined_twice(tmp_path):
     proc = tool("ruff", "check", "--isolated", "--no-cache", "--select", "F", "--output-format", "concise", "twice.py", cwd=tmp_path)
     assert proc.returncode == 1
     assert proc.stdout.splitlines()[0] == "twice.py:9:5: F811 Redefinition of unused `offers` from line 5: `offers` redefined here"
+
+
+def test_pyproject_builds_without_setuptools_deprecations(tmp_path):
+    """`make venv` builds the package with the newest setuptools; a deprecated pyproject field (the
+    license table: "by 2027-Feb-18 ... your builds will no longer be supported") would one day stop
+    `make demo` on a fresh machine. Setuptools' own reading of the file, its warnings made errors."""
+    code = ("import warnings, setuptools.config.pyprojecttoml as p\n"
+            "warnings.simplefilter('error')\n"
+            "from setuptools.dist import Distribution\n"
+            "d = Distribution()\n"
+            "p.apply_configuration(d, 'pyproject.toml')\n"
+            "print(d.metadata.license_expression, d.get_version())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert (proc.returncode, proc.stdout) == (0, "Apache-2.0 0.1.0\n"), proc.stderr[-2000:]
 
 
 def test_no_tracked_symlink_or_environment():
