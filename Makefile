@@ -19,8 +19,13 @@ TOOLS_STAMP := $(TOOLS_VENV)/.installed
 
 venv: $(STAMP)
 
+# The lock's transformers, numpy and pandas need Python >= 3.11; an older python3 (Ubuntu 22.04's
+# 3.10) got pages of pip resolver errors instead of this line.
+PYTHON_CHECK := import sys; v = sys.version_info[:3]; sys.exit(0 if v >= (3, 11) else "error: alignpress needs Python >= 3.11 (the locked transformers, numpy and pandas need it), and $(PYTHON) is %s: give another, e.g. make $(or $(MAKECMDGOALS),demo) PYTHON=python3.12" % ".".join(map(str, v)))
+
 # torch is pinned in the lock: the pip configuration on the CPU machines points at the CPU wheel.
 $(STAMP): requirements.lock requirements-test.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -c '$(PYTHON_CHECK)'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.lock -r requirements-test.lock

@@ -106,6 +106,21 @@ def test_pyproject_builds_without_setuptools_deprecations(tmp_path):
     assert (proc.returncode, proc.stdout) == (0, "Apache-2.0 0.1.0\n"), proc.stderr[-2000:]
 
 
+def test_make_says_when_python_is_too_old(tmp_path):
+    """Ubuntu 22.04's python3 is 3.10: `make demo` used to start pip, which failed on the lock with
+    pages of resolver errors. A stand-in for it: this python, reporting 3.10.12."""
+    old = tmp_path / "python3.10"
+    old.write_text(f'#!/bin/sh\nif [ "$1" = "-c" ]; then exec {sys.executable} -c "import sys; sys.version_info = (3, 10, 12, \'final\', 0); '
+                   f'exec(sys.argv[1])" "$2"; fi\nexec {sys.executable} "$@"\n')
+    old.chmod(0o755)
+    venv = tmp_path / "venv"
+    proc = subprocess.run(["make", "demo", f"PYTHON={old}", f"VENV={venv}"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines()[0] == (f"error: alignpress needs Python >= 3.11 (the locked transformers, numpy and pandas need it), and {old} "
+                                           "is 3.10.12: give another, e.g. make demo PYTHON=python3.12")
+    assert not venv.exists()
+
+
 def test_no_tracked_symlink_or_environment():
     """A clean checkout must build its own environments: a tracked `.venv*` or a link that points
     outside the repo (a helper's `.venv-tools -> /elsewhere`) breaks `make test` on CI."""
