@@ -863,3 +863,66 @@ def test_a_killed_restart_that_replaced_a_result_keeps_its_stages_pending(demo_c
     assert _again(args) == "the folder is as it was before --restart: run the same command again to redo it"
     args.restart, args.run_dir.current_stage = False, "train"
     assert _again(args) == "run the same command again to go on: finished stages are kept, and training resumes from its newest checkpoint"
+
+
+CUDA_OOM = ("CUDA out of memory. Tried to allocate 1.95 GiB. GPU 0 has a total capacity of 39.38 GiB of which 1.06 GiB is free. Including "
+            "non-PyTorch memory, this process has 38.31 GiB memory in use. Of the allocated memory 36.12 GiB is allocated by PyTorch, and "
+            "1.67 GiB is reserved by PyTorch but unallocated.")
+
+
+def test_out_of_gpu_memory_in_training_says_how_to_go_on(tmp_path, capsys, monkeypatch):
+    """An out-of-memory error hours into training used to end on torch's message and a traceback
+    file. A stand-in, as no GPU runs here: torch's own OutOfMemoryError, with the text CUDA's
+    allocator gives, raised by the 12th training step of the real demo training (checkpoints every 5).
+    Then the way the line names: the same command with every layer recomputed resumes from the
+    checkpoint and finishes."""
+    from trl import DPOTrainer
+
+    from alignpress.cli import main
+
+    out = tmp_path / "demo"
+    steps, original = [], DPOTrainer.training_step
+
+    def step(self, *args, **kwargs):
+        steps.append(self.state.global_step)
+        if len(steps) == 12:
+            raise torch.OutOfMemoryError(CUDA_OOM)
+        return original(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DPOTrainer, "training_step", step)
+        assert main(["run", "recipes/demo.yaml", "--output-dir", str(out), "--set", "train.save_steps=5"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "error: recipes/demo.yaml: field 'train.gradient_checkpointing': CUDA out of memory at step 11 (1.95 GiB more asked, 1.06 GiB of "
+        "39.38 GiB free; no layer recomputed (gradient checkpointing off)): run again with --set train.gradient_checkpointing=true "
+        "--set train.checkpointed_layers=null (every layer recomputes: the least activation memory, about a quarter slower with LoRA); "
+        "a resumed run may change it, and resumes from checkpoint-10")
+    assert latest_checkpoint(out / "checkpoints").name == "checkpoint-10"
+    assert json.loads((out / "run.json").read_text())["stages"]["train"]["status"] == "failed"
+
+    assert main(["train", "recipes/demo.yaml", "--output-dir", str(out), "--set", "train.save_steps=5",
+                 "--set", "train.gradient_checkpointing=true", "--set", "train.checkpointed_layers=null"]) == 0
+    err = capsys.readouterr().err
+    assert f"resuming training from {out / 'checkpoints' / 'checkpoint-10'} (step 10)" in err
+    train = json.loads((out / "run.json").read_text())["stages"]["train"]
+    assert (train["status"], train["global_step"], train["resumed_from_step"], train["systems"]["gradient_checkpointing"]) == ("done", 53, 10, True)
+
+
+def test_out_of_gpu_memory_with_every_layer_recomputed_names_the_batch():
+    from alignpress.recipe import load_recipe
+    from alignpress.train import out_of_memory
+
+    recipe = load_recipe(ROOT / "recipes/phi3-mini-capybara.yaml")
+    error = out_of_memory(torch.OutOfMemoryError(CUDA_OOM), recipe, {"gradient_checkpointing": True, "checkpointed_layers": 32, "layers": 32},
+                          480, Path("/outputs/phi3/checkpoints/checkpoint-400"))
+    assert (error.exit_code, str(error)) == (1, (
+        f"{recipe.source}: field 'train.per_device_train_batch_size': CUDA out of memory at step 480 (1.95 GiB more asked, 1.06 GiB of "
+        "39.38 GiB free; every layer recomputed (gradient checkpointing on)): lower train.per_device_train_batch_size (raising "
+        "train.gradient_accumulation_steps to keep the pairs per step) or data.filters.max_tokens, and run with --restart (a checkpoint "
+        "resumes only with the batches it was trained on)"))
+    partial = out_of_memory(torch.OutOfMemoryError("CUDA out of memory."), recipe, {"gradient_checkpointing": True, "checkpointed_layers": 8, "layers": 32}, 3, None)
+    assert str(partial).endswith("CUDA out of memory at step 3 (at most 8 of 32 layers recomputed (gradient checkpointing)): run again with "
+                                 "--set train.gradient_checkpointing=true --set train.checkpointed_layers=null (every layer recomputes: the "
+                                 "least activation memory, about a quarter slower with LoRA); a resumed run may change it, and starts again "
+                                 "from step 0 (no checkpoint yet)")

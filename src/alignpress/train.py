@@ -221,6 +221,41 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[0] if found else None
 
 
+class OutOfGpuMemory(AlignpressError):
+    """Training ran out of GPU memory: a failure while running (exit 1), with the setting that fixes it."""
+
+    exit_code = 1
+
+
+def out_of_memory(error: BaseException, recipe: Recipe, systems: dict[str, Any], step: int, checkpoint: Path | None) -> OutOfGpuMemory:
+    """The line for a CUDA out-of-memory error in training: torch's numbers, how much was recomputed,
+    and the way on. Gradient checkpointing may change on a resumed run, so while some layers keep
+    their activations the fix keeps the checkpoint; after that, the micro-batch or the pairs' length
+    must shrink, which changes what is computed: --restart."""
+    import re
+
+    text = str(error)
+    asked = re.search(r"Tried to allocate ([\d.]+ \w+)", text)
+    room = re.search(r"total capacity of ([\d.]+ \w+) of which ([\d.]+ \w+) is free", text)
+    numbers = ", ".join(part for part in (f"{asked[1]} more asked" if asked else "", f"{room[2]} of {room[1]} free" if room else "") if part)
+    layers = systems.get("layers")
+    if not systems.get("gradient_checkpointing"):
+        recomputed, every = "no layer recomputed (gradient checkpointing off)", False
+    elif systems.get("checkpointed_layers") is None or (layers and systems["checkpointed_layers"] >= layers):
+        recomputed, every = "every layer recomputed (gradient checkpointing on)", True
+    else:
+        recomputed, every = f"at most {systems['checkpointed_layers']} of {layers or '?'} layers recomputed (gradient checkpointing)", False
+    kept = f"resumes from {checkpoint.name}" if checkpoint is not None else "starts again from step 0 (no checkpoint yet)"
+    if not every:
+        way = (f"run again with --set train.gradient_checkpointing=true --set train.checkpointed_layers=null (every layer recomputes: "
+               f"the least activation memory, about a quarter slower with LoRA); a resumed run may change it, and {kept}")
+    else:
+        way = ("lower train.per_device_train_batch_size (raising train.gradient_accumulation_steps to keep the pairs per step) or "
+               "data.filters.max_tokens, and run with --restart (a checkpoint resumes only with the batches it was trained on)")
+    return OutOfGpuMemory(f"CUDA out of memory at step {step} ({numbers + '; ' if numbers else ''}{recomputed}): {way}",
+                          source=recipe.source, field="train.gradient_checkpointing" if not every else "train.per_device_train_batch_size")
+
+
 class _ResumeFailed(Exception):
     """Loading a checkpoint failed before the first training step."""
 
@@ -900,6 +935,8 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
                     cb.training_bar = None
             if disk_full(e, run_dir.root) and run_dir.writer:
                 raise _drop_incomplete(run_dir) from e
+            if isinstance(e, torch.OutOfMemoryError):
+                raise out_of_memory(e, recipe, systems, trainer.state.global_step, latest_checkpoint(run_dir.checkpoints)) from e
             if resume is not None and not started and not isinstance(e, AlignpressError):
                 log.debug("resume from %s failed", resume, exc_info=True)
                 raise _ResumeFailed(resume, e) from e
