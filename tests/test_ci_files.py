@@ -114,7 +114,9 @@ def test_make_says_when_python_is_too_old(tmp_path):
                    f'exec(sys.argv[1])" "$2"; fi\nexec {sys.executable} "$@"\n')
     old.chmod(0o755)
     venv = tmp_path / "venv"
-    proc = subprocess.run(["make", "demo", f"PYTHON={old}", f"VENV={venv}"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    # not as a sub-make of `make test` (it would say "Entering directory" and take its flags)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    proc = subprocess.run(["make", "demo", f"PYTHON={old}", f"VENV={venv}"], capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.splitlines()[0] == (f"error: alignpress needs Python >= 3.11 (the locked transformers, numpy and pandas need it), and {old} "
                                            "is 3.10.12: give another, e.g. make demo PYTHON=python3.12")

@@ -865,12 +865,24 @@ def test_a_killed_restart_that_replaced_a_result_keeps_its_stages_pending(demo_c
     assert _again(args) == "run the same command again to go on: finished stages are kept, and training resumes from its newest checkpoint"
 
 
+@pytest.fixture
+def environment_restored():
+    """cli.main run in this process sets variables for the libraries it drives (TENSORBOARD_LOGGING_DIR,
+    PYTORCH_ALLOC_CONF): put back afterwards, or the later tests' subprocesses in this worker inherit
+    them (test_spot's run wrote its TensorBoard files into this test's folder)."""
+    before = dict(os.environ)
+    yield
+    for name in set(os.environ) - set(before):
+        del os.environ[name]
+    os.environ.update(before)
+
+
 CUDA_OOM = ("CUDA out of memory. Tried to allocate 1.95 GiB. GPU 0 has a total capacity of 39.38 GiB of which 1.06 GiB is free. Including "
             "non-PyTorch memory, this process has 38.31 GiB memory in use. Of the allocated memory 36.12 GiB is allocated by PyTorch, and "
             "1.67 GiB is reserved by PyTorch but unallocated.")
 
 
-def test_out_of_gpu_memory_in_training_says_how_to_go_on(tmp_path, capsys, monkeypatch):
+def test_out_of_gpu_memory_in_training_says_how_to_go_on(tmp_path, capsys, monkeypatch, environment_restored):
     """An out-of-memory error hours into training used to end on torch's message and a traceback
     file. A stand-in, as no GPU runs here: torch's own OutOfMemoryError, with the text CUDA's
     allocator gives, raised by the 12th training step of the real demo training (checkpoints every 5).
@@ -909,9 +921,35 @@ def test_out_of_gpu_memory_in_training_says_how_to_go_on(tmp_path, capsys, monke
     assert (train["status"], train["global_step"], train["resumed_from_step"], train["systems"]["gradient_checkpointing"]) == ("done", 53, 10, True)
 
 
+def test_out_of_gpu_memory_in_the_reference_pass_names_its_batch(tmp_path, capsys, monkeypatch, environment_restored):
+    """TRL runs the precompute pass while the trainer is built, before the first step. The same
+    stand-in (torch's error with CUDA's text, no GPU here) raised by the pass of the real demo; then
+    the command the line names, which starts over and finishes."""
+    from trl import DPOTrainer
+
+    from alignpress.cli import main
+
+    out = tmp_path / "demo"
+    args = ["run", "recipes/demo.yaml", "--output-dir", str(out), "--set", "dpo.precompute_ref_log_probs=true"]
+
+    def fail(self, dataset, name, batch_size):
+        raise torch.OutOfMemoryError(CUDA_OOM)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DPOTrainer, "_precompute_ref_logps", fail)
+        assert main(args) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: recipes/demo.yaml: field 'dpo.precompute_ref_batch_size': CUDA out of memory in the reference log-prob pass before "
+        "training (1.95 GiB more asked, 1.06 GiB of 39.38 GiB free; 8 pairs a forward): run again with --set "
+        "dpo.precompute_ref_batch_size=4 and --restart (nothing was trained yet)")
+    assert main([*args, "--set", "dpo.precompute_ref_batch_size=4", "--restart"]) == 0
+    train = json.loads((out / "run.json").read_text())["stages"]["train"]
+    assert (train["status"], train["global_step"], train["systems"]["precompute_ref_batch_size"]) == ("done", 53, 4)
+
+
 def test_out_of_gpu_memory_with_every_layer_recomputed_names_the_batch():
     from alignpress.recipe import load_recipe
-    from alignpress.train import out_of_memory
+    from alignpress.train import out_of_memory, precompute_out_of_memory
 
     recipe = load_recipe(ROOT / "recipes/phi3-mini-capybara.yaml")
     error = out_of_memory(torch.OutOfMemoryError(CUDA_OOM), recipe, {"gradient_checkpointing": True, "checkpointed_layers": 32, "layers": 32},
@@ -926,3 +964,7 @@ def test_out_of_gpu_memory_with_every_layer_recomputed_names_the_batch():
                                  "--set train.gradient_checkpointing=true --set train.checkpointed_layers=null (every layer recomputes: the "
                                  "least activation memory, about a quarter slower with LoRA); a resumed run may change it, and starts again "
                                  "from step 0 (no checkpoint yet)")
+    one = precompute_out_of_memory(torch.OutOfMemoryError("CUDA out of memory."), recipe, 1)
+    assert str(one) == (f"{recipe.source}: field 'dpo.precompute_ref_log_probs': CUDA out of memory in the reference log-prob pass before "
+                        "training (torch gave no numbers; 1 pair a forward): lower data.filters.max_tokens (the longest pairs), or set "
+                        "dpo.precompute_ref_log_probs: false (the reference runs with each step), and run with --restart")

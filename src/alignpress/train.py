@@ -232,12 +232,7 @@ def out_of_memory(error: BaseException, recipe: Recipe, systems: dict[str, Any],
     and the way on. Gradient checkpointing may change on a resumed run, so while some layers keep
     their activations the fix keeps the checkpoint; after that, the micro-batch or the pairs' length
     must shrink, which changes what is computed: --restart."""
-    import re
-
-    text = str(error)
-    asked = re.search(r"Tried to allocate ([\d.]+ \w+)", text)
-    room = re.search(r"total capacity of ([\d.]+ \w+) of which ([\d.]+ \w+) is free", text)
-    numbers = ", ".join(part for part in (f"{asked[1]} more asked" if asked else "", f"{room[2]} of {room[1]} free" if room else "") if part)
+    numbers = _oom_numbers(str(error))
     layers = systems.get("layers")
     if not systems.get("gradient_checkpointing"):
         recomputed, every = "no layer recomputed (gradient checkpointing off)", False
@@ -254,6 +249,27 @@ def out_of_memory(error: BaseException, recipe: Recipe, systems: dict[str, Any],
                "data.filters.max_tokens, and run with --restart (a checkpoint resumes only with the batches it was trained on)")
     return OutOfGpuMemory(f"CUDA out of memory at step {step} ({numbers + '; ' if numbers else ''}{recomputed}): {way}",
                           source=recipe.source, field="train.gradient_checkpointing" if not every else "train.per_device_train_batch_size")
+
+
+def precompute_out_of_memory(error: BaseException, recipe: Recipe, batch: int) -> OutOfGpuMemory:
+    """The line for a CUDA out-of-memory error in TRL's pass over the reference model, before the
+    first step: its batch is its own setting (the log-probs do not depend on it), and nothing was
+    trained yet, so starting over loses nothing."""
+    smaller = max(1, batch // 2)
+    way = (f"run again with --set dpo.precompute_ref_batch_size={smaller} and --restart (nothing was trained yet)" if batch > 1 else
+           "lower data.filters.max_tokens (the longest pairs), or set dpo.precompute_ref_log_probs: false (the reference runs with each step), and run with --restart")
+    return OutOfGpuMemory(f"CUDA out of memory in the reference log-prob pass before training ({_oom_numbers(str(error)) or 'torch gave no numbers'}; "
+                          f"{batch} pair{'s' if batch != 1 else ''} a forward): {way}",
+                          source=recipe.source, field="dpo.precompute_ref_batch_size" if batch > 1 else "dpo.precompute_ref_log_probs")
+
+
+def _oom_numbers(text: str) -> str:
+    """'1.95 GiB more asked, 1.06 GiB of 39.38 GiB free' from the message of CUDA's allocator."""
+    import re
+
+    asked = re.search(r"Tried to allocate ([\d.]+ \w+)", text)
+    room = re.search(r"total capacity of ([\d.]+ \w+) of which ([\d.]+ \w+) is free", text)
+    return ", ".join(part for part in (f"{asked[1]} more asked" if asked else "", f"{room[2]} of {room[1]} free" if room else "") if part)
 
 
 class _ResumeFailed(Exception):
@@ -896,16 +912,21 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
         trainer_class, extra = PrefixSharedDPOTrainer, {"pairs_per_row": recipe.dpo.pairs_per_row}
 
     with fast_weights_hash() as hashing:  # TRL's cache key for precomputed log-probs, 14x faster (refcache.py)
-        trainer = trainer_class(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tok,
-            peft_config=peft_config,
-            callbacks=[callback, spot.callback, HealthCallback(recipe, run_dir), FirstStep(), _no_stray_cards(), tracking.link_callback(recipe, run_dir),
-                       stamp_callback(recipe, run_dir), rotation_callback(recipe.train.save_total_limit, complete)],
-            **extra,
-        )
+        try:
+            trainer = trainer_class(
+                model=model,
+                args=args,
+                train_dataset=dataset,
+                processing_class=tok,
+                peft_config=peft_config,
+                callbacks=[callback, spot.callback, HealthCallback(recipe, run_dir), FirstStep(), _no_stray_cards(), tracking.link_callback(recipe, run_dir),
+                           stamp_callback(recipe, run_dir), rotation_callback(recipe.train.save_total_limit, complete)],
+                **extra,
+            )
+        except torch.OutOfMemoryError as e:  # TRL runs the precompute pass while the trainer is built
+            if not systems["precompute_ref_log_probs"]:
+                raise
+            raise precompute_out_of_memory(e, recipe, systems["precompute_ref_batch_size"]) from e
     _quiet_progress(trainer)
     if systems["precompute_ref_log_probs"]:
         folder = Path(dataset.cache_files[0]["filename"]).parent
