@@ -947,6 +947,33 @@ def test_out_of_gpu_memory_in_the_reference_pass_names_its_batch(tmp_path, capsy
     assert (train["status"], train["global_step"], train["systems"]["precompute_ref_batch_size"]) == ("done", 53, 4)
 
 
+def test_out_of_gpu_memory_in_evaluate_names_its_batch(tmp_path, capsys, monkeypatch, environment_restored):
+    """The evaluate stage's generations (the same stand-in: torch's error with CUDA's text, no GPU
+    here); eval.batch_size is evaluate's own, so `run` with a smaller one goes on from the trained
+    adapter: training is not done again."""
+    from alignpress import evaluate
+    from alignpress.cli import main
+
+    out = tmp_path / "demo"
+    args = ["run", "recipes/demo.yaml", "--output-dir", str(out)]
+
+    def fail(*args, **kwargs):
+        raise torch.OutOfMemoryError(CUDA_OOM)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate, "generate_ids", fail)
+        assert main(args) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: recipes/demo.yaml: field 'eval.batch_size': CUDA out of memory in the evaluate stage (1.95 GiB more asked, 1.06 GiB "
+        "of 39.38 GiB free; 8 sequences a forward): run again with --set eval.batch_size=4 (training and its adapter are kept)")
+    stages = json.loads((out / "run.json").read_text())["stages"]
+    assert (stages["train"]["status"], stages["evaluate"]["status"]) == ("done", "failed")
+    assert main([*args, "--set", "eval.batch_size=4"]) == 0
+    err = capsys.readouterr().err
+    assert "== train: already done, skipping" in err and "== evaluate done in" in err
+    assert json.loads((out / "metrics/eval.json").read_text())["aligned"]["behaviour"] is not None
+
+
 def test_out_of_gpu_memory_with_every_layer_recomputed_names_the_batch():
     from alignpress.recipe import load_recipe
     from alignpress.train import out_of_memory, precompute_out_of_memory
@@ -968,3 +995,9 @@ def test_out_of_gpu_memory_with_every_layer_recomputed_names_the_batch():
     assert str(one) == (f"{recipe.source}: field 'dpo.precompute_ref_log_probs': CUDA out of memory in the reference log-prob pass before "
                         "training (torch gave no numbers; 1 pair a forward): lower data.filters.max_tokens (the longest pairs), or set "
                         "dpo.precompute_ref_log_probs: false (the reference runs with each step), and run with --restart")
+    from alignpress.evaluate import out_of_memory as evaluate_out_of_memory
+
+    single = load_recipe(ROOT / "recipes/demo.yaml", ["eval.batch_size=1"])
+    assert str(evaluate_out_of_memory(torch.OutOfMemoryError("CUDA out of memory."), single)) == (
+        f"{single.source}: field 'eval.max_new_tokens': CUDA out of memory in the evaluate stage (torch gave no numbers; 1 sequence "
+        "a forward): run again with a lower eval.max_new_tokens (now 24; training and its adapter are kept)")

@@ -62,3 +62,16 @@ class Preempted(AlignpressError):
     """SIGTERM (a spot preemption notice), SIGHUP or Ctrl-C stopped training after saving a checkpoint."""
 
     exit_code = 143
+
+
+class OutOfGpuMemory(AlignpressError):
+    """A stage ran out of GPU memory: a failure while running (exit 1), with the setting that fixes it."""
+
+    exit_code = 1
+
+
+def cuda_oom_numbers(text: str) -> str:
+    """'1.95 GiB more asked, 1.06 GiB of 39.38 GiB free' from the message of CUDA's allocator; '' without them."""
+    asked = re.search(r"Tried to allocate ([\d.]+ \w+)", text)
+    room = re.search(r"total capacity of ([\d.]+ \w+) of which ([\d.]+ \w+) is free", text)
+    return ", ".join(part for part in (f"{asked[1]} more asked" if asked else "", f"{room[2]} of {room[1]} free" if room else "") if part)

@@ -63,7 +63,7 @@ from typing import Any, Iterator
 import torch
 
 from .checks import judge_path
-from .errors import AlignpressError
+from .errors import AlignpressError, OutOfGpuMemory, cuda_oom_numbers
 from .formats import common_prefix
 from .modeling import load_model, load_tokenizer, pick_device, resolve_model_path, stop_token_ids
 from .prepare import read_jsonl
@@ -373,6 +373,19 @@ def run_judge(recipe: Recipe, device: str, dtype, prompts: list[list[dict]], bas
 # The stage
 
 
+def out_of_memory(error: BaseException, recipe: Recipe) -> OutOfGpuMemory:
+    """The line for a CUDA out-of-memory error while scoring or generating: eval.batch_size is the
+    evaluate stage's own (a new one changes no finished stage), so `run` goes on from here with it."""
+    e = recipe.eval
+    numbers = cuda_oom_numbers(str(error)) or "torch gave no numbers"
+    if e.batch_size > 1:
+        way, field = f"run again with --set eval.batch_size={e.batch_size // 2} (training and its adapter are kept)", "eval.batch_size"
+    else:
+        way, field = f"run again with a lower eval.max_new_tokens (now {e.max_new_tokens}; training and its adapter are kept)", "eval.max_new_tokens"
+    return OutOfGpuMemory(f"CUDA out of memory in the evaluate stage ({numbers}; {e.batch_size} sequence{'s' if e.batch_size != 1 else ''} "
+                          f"a forward): {way}", source=recipe.source, field=field)
+
+
 def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     from . import gate, health, plots
 
@@ -393,9 +406,12 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
 
     policies = Policies(recipe, run_dir, device, dtype, tok)
     scores = {}
-    for side in ("base", "aligned"):
-        with policies.use(side) as model:
-            scores[side] = score(model, tok, rows, gen_rows, recipe, extra_prompts, side=side)
+    try:
+        for side in ("base", "aligned"):
+            with policies.use(side) as model:
+                scores[side] = score(model, tok, rows, gen_rows, recipe, extra_prompts, side=side)
+    except torch.OutOfMemoryError as error:
+        raise out_of_memory(error, recipe) from error
     base_scores, aligned_scores = scores["base"], scores["aligned"]
 
     beta = recipe.dpo.beta
@@ -407,7 +423,10 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     aligned_scores["mean_reward_chosen"] = _mean(rc)
     aligned_scores["mean_reward_rejected"] = _mean(rr)
 
-    div = divergence(policies, tok, aligned_scores["_gens"], batch_size=e.batch_size)
+    try:
+        div = divergence(policies, tok, aligned_scores["_gens"], batch_size=e.batch_size)
+    except torch.OutOfMemoryError as error:
+        raise out_of_memory(error, recipe) from error
     tokens = sum(n for _, _, n in div)
     aligned_scores["kl_estimate"] = _mean([k for k, _, _ in div])
     aligned_scores["kl_per_token"] = round(sum(k for k, _, _ in div) / tokens, 6) if tokens else None

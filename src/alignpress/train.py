@@ -26,7 +26,7 @@ from typing import Any
 
 from .checks import check_truncation
 from . import processes, tracking
-from .errors import AlignpressError, Preempted
+from .errors import AlignpressError, OutOfGpuMemory, Preempted, cuda_oom_numbers
 from .health import HealthCallback
 from .modeling import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path, weights_dtype
 from .prepare import read_jsonl
@@ -221,18 +221,12 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[0] if found else None
 
 
-class OutOfGpuMemory(AlignpressError):
-    """Training ran out of GPU memory: a failure while running (exit 1), with the setting that fixes it."""
-
-    exit_code = 1
-
-
 def out_of_memory(error: BaseException, recipe: Recipe, systems: dict[str, Any], step: int, checkpoint: Path | None) -> OutOfGpuMemory:
     """The line for a CUDA out-of-memory error in training: torch's numbers, how much was recomputed,
     and the way on. Gradient checkpointing may change on a resumed run, so while some layers keep
     their activations the fix keeps the checkpoint; after that, the micro-batch or the pairs' length
     must shrink, which changes what is computed: --restart."""
-    numbers = _oom_numbers(str(error))
+    numbers = cuda_oom_numbers(str(error))
     layers = systems.get("layers")
     if not systems.get("gradient_checkpointing"):
         recomputed, every = "no layer recomputed (gradient checkpointing off)", False
@@ -258,18 +252,9 @@ def precompute_out_of_memory(error: BaseException, recipe: Recipe, batch: int) -
     smaller = max(1, batch // 2)
     way = (f"run again with --set dpo.precompute_ref_batch_size={smaller} and --restart (nothing was trained yet)" if batch > 1 else
            "lower data.filters.max_tokens (the longest pairs), or set dpo.precompute_ref_log_probs: false (the reference runs with each step), and run with --restart")
-    return OutOfGpuMemory(f"CUDA out of memory in the reference log-prob pass before training ({_oom_numbers(str(error)) or 'torch gave no numbers'}; "
+    return OutOfGpuMemory(f"CUDA out of memory in the reference log-prob pass before training ({cuda_oom_numbers(str(error)) or 'torch gave no numbers'}; "
                           f"{batch} pair{'s' if batch != 1 else ''} a forward): {way}",
                           source=recipe.source, field="dpo.precompute_ref_batch_size" if batch > 1 else "dpo.precompute_ref_log_probs")
-
-
-def _oom_numbers(text: str) -> str:
-    """'1.95 GiB more asked, 1.06 GiB of 39.38 GiB free' from the message of CUDA's allocator."""
-    import re
-
-    asked = re.search(r"Tried to allocate ([\d.]+ \w+)", text)
-    room = re.search(r"total capacity of ([\d.]+ \w+) of which ([\d.]+ \w+) is free", text)
-    return ", ".join(part for part in (f"{asked[1]} more asked" if asked else "", f"{room[2]} of {room[1]} free" if room else "") if part)
 
 
 class _ResumeFailed(Exception):
