@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -54,10 +55,22 @@ def test_demo_stdout_holds_results_and_stderr_one_line_per_log(demo_run):
     expected = [f"[alignpress] {progress_line(e['step'], steps, e)}" for e in logged if "loss" in e and "train_runtime" not in e]
     assert len(expected) == 10 and expected[0].startswith("[alignpress] step 5/53: loss ")
     shown = [part for line in proc.stderr.splitlines() for part in line.split("\r") if part.startswith("[alignpress] step ")]
-    assert shown == expected
+    # each line goes on with the time since training started and the time left at that pace
+    timing = re.compile(r"; (\S.*) so far, about (\S.*) left$")
+    assert [line[: line.index("; ")] for line in shown] == expected and all(timing.search(line) for line in shown), shown
+    times = [[seconds(x) for x in timing.search(line).groups()] for line in shown]
+    assert times == sorted(times, key=lambda t: t[0]) and times[-1][1] < times[-1][0]  # step 50 of 53: little left
     assert "Setting accelerator to CPU" not in proc.stdout + proc.stderr
     train = load(out / "run.json")["stages"]["train"]
     assert f"[alignpress] {done_line(train)}\n" in proc.stderr and "training done: {" not in proc.stderr
+
+
+def seconds(text: str) -> float:
+    """duration_text's words back to seconds: `4.3 s`, `2 min 05 s`, `1 h 58 min`."""
+    units = {"s": 1, "min": 60, "h": 3600}
+    words = text.split()
+    assert len(words) in (2, 4) and all(w in units for w in words[1::2]), text
+    return sum(float(n) * units[u] for n, u in zip(words[::2], words[1::2]))
 
 
 def test_progress_line():
@@ -67,6 +80,17 @@ def test_progress_line():
     assert progress_line(4, 12, logs) == "step 4/12: loss 0.6931, reward accuracy 0.5, margin -4.511e-05, grad norm 8.267, lr 5e-06"
     assert progress_line(12, 12, {"train_runtime": 3.0, "train_loss": 0.69, "loss": 0.69}) is None
     assert progress_line(12, 12, {"eval_loss": 0.69}) is None
+    # 10 steps in 30 s since a resume from step 10: 100 steps to go take 300 s at that pace
+    assert progress_line(20, 120, {"loss": 0.5}, (30.0, 10)) == "step 20/120: loss 0.5; 30.0 s so far, about 5 min 00 s left"
+    assert progress_line(12, 12, {"loss": 0.5}, (7261.0, 0)) == "step 12/12: loss 0.5; 2 h 01 min so far, about 0.0 s left"
+    assert progress_line(10, 120, {"loss": 0.5}, (0.5, 10)) == "step 10/120: loss 0.5"  # no step since the start: no pace yet
+
+
+def test_duration_text():
+    from alignpress.runstate import duration_text
+
+    assert [duration_text(s) for s in (0.04, 4.33, 59.94, 59.96, 125.4, 3599.4, 3599.6, 7079, 86400 * 2 + 61)] == [
+        "0.0 s", "4.3 s", "59.9 s", "1 min 00 s", "2 min 05 s", "59 min 59 s", "1 h 00 min", "1 h 58 min", "48 h 01 min"]
 
 
 def test_done_line():
@@ -78,6 +102,7 @@ def test_done_line():
     assert done_line(summary) == "training done: 53 steps in 4.3 s; steps 46-50: loss 1.138, reward accuracy 1, margin 0.1288 (run.json: stages.train)"
     resumed = {"global_step": 53, "resumed_from_step": 40, "train_runtime_s": 1.0, "final_loss": None}
     assert done_line(resumed) == "training done: 53 steps in 1.0 s (resumed from step 40) (run.json: stages.train)"
+    assert done_line({**resumed, "train_runtime_s": 7234.5}).startswith("training done: 53 steps in 2 h 01 min (resumed")
 
 
 def test_deepspeed_warnings_go_to_stderr():

@@ -27,7 +27,7 @@ from . import inputs, plan, processes
 from .errors import AlignpressError, redact
 from .lock import FolderLock
 from .recipe import RUN_ONLY_TRAIN, Recipe, changed_fields, chat_template_file, chat_template_sha256, describe, dump, load_recipe, unused_settings
-from .runstate import STAGES, RunDir, default_output_dir, disk_full, write_text
+from .runstate import STAGES, RunDir, default_output_dir, disk_full, duration_text, write_text
 
 log = logging.getLogger("alignpress")
 
@@ -463,7 +463,7 @@ def _run_stage(name: str, recipe: Recipe, run_dir: RunDir) -> None:
         run_dir.drop_aside(run_dir.metrics / "train.jsonl")
     if run_dir.writer:
         _after_stage(name, run_dir, old_fingerprint)
-    log.info("== %s done in %.1f s", name, time.time() - started)
+    log.info("== %s done in %s", name, duration_text(time.time() - started))
 
 
 def _after_stage(name: str, run_dir: RunDir, old_fingerprint: str | None) -> None:

@@ -30,6 +30,17 @@ STAGES = ("prepare", "train", "evaluate", "export", "publish")
 LIBRARIES = ("alignpress", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "huggingface_hub", "deepspeed", "bitsandbytes", "tokenizers", "safetensors")
 
 
+def duration_text(seconds: float) -> str:
+    """`4.3 s`, `2 min 05 s`, `1 h 58 min`: what a log line says of a time."""
+    if seconds < 59.95:
+        return f"{seconds:.1f} s"
+    whole = round(seconds)
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
 def default_output_dir(recipe_name: str) -> Path:
     """Where a recipe's run goes without --output-dir: outputs/NAME, under ALIGNPRESS_OUTPUTS when set
     (the image sets /outputs, its volume: a run there outlives the container)."""

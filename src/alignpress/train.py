@@ -31,7 +31,7 @@ from .health import HealthCallback
 from .modeling import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path, weights_dtype
 from .prepare import read_jsonl
 from .recipe import Recipe, training_fields_changed, warmup_problem
-from .runstate import DiskFull, RunDir, disk_full, disk_full_message, write_json, written
+from .runstate import DiskFull, RunDir, disk_full, disk_full_message, duration_text, write_json, written
 
 log = logging.getLogger("alignpress")
 
@@ -301,25 +301,38 @@ def _metrics_callback(path: Path, resume_step: int, truncate: bool = True):
 PROGRESS_KEYS = (("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "margin"), ("grad_norm", "grad norm"), ("learning_rate", "lr"))
 
 
-def progress_line(step: int, max_steps: int, logs: dict[str, Any]) -> str | None:
-    """`step 5/53: loss 1.277, reward accuracy 0.55, ...` for a training log event; None for others
-    (the closing train_runtime summary: `training done` says it)."""
+def progress_line(step: int, max_steps: int, logs: dict[str, Any], timing: tuple[float, int] | None = None) -> str | None:
+    """`step 5/53: loss 1.277, reward accuracy 0.55, ...; 1.2 s so far, about 11.5 s left` for a
+    training log event; None for others (the closing train_runtime summary: `training done` says it).
+    timing: (seconds since this process started training, the step it started from: a resumed run's
+    checkpoint), from which the time left is the pace so far over the steps still to go."""
     if "loss" not in logs or "train_runtime" in logs:
         return None
     shown = ", ".join(f"{label} {logs[k]:.4g}" for k, label in PROGRESS_KEYS if isinstance(logs.get(k), (int, float)))
-    return f"step {step}/{max_steps}: {shown}"
+    line = f"step {step}/{max_steps}: {shown}"
+    if timing is not None and step > timing[1]:
+        elapsed, start = timing
+        line += f"; {duration_text(elapsed)} so far, about {duration_text(elapsed / (step - start) * (max_steps - step))} left"
+    return line
 
 
 def _quiet_progress(trainer) -> None:
     """The Trainer's progress bar stays, but its log events become one short line on stderr (our
-    logger's) instead of a dict of every metric on stdout, which stays for results."""
+    logger's) instead of a dict of every metric on stdout, which stays for results. The line says
+    the time left, for a log read where the bar is not drawn (a log file, `docker logs`)."""
     import sys
 
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    clock: dict[str, float] = {}
+
+    def begin(state) -> None:
+        clock.update(started=time.monotonic(), step=state.global_step)
+
     def emit(state, logs, bar) -> None:
-        line = progress_line(state.global_step, state.max_steps, logs or {})
+        timing = (time.monotonic() - clock["started"], int(clock["step"])) if clock else None
+        line = progress_line(state.global_step, state.max_steps, logs or {}, timing)
         if not (state.is_world_process_zero and line and log.isEnabledFor(logging.INFO)):
             return
         if bar is not None:
@@ -328,10 +341,17 @@ def _quiet_progress(trainer) -> None:
             log.info(line)
 
     class BarAndLines(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            begin(state)
+            return super().on_train_begin(args, state, control, **kwargs)
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             emit(state, logs, self.training_bar)
 
     class Lines(TrainerCallback):  # train.disable_tqdm-like settings: no bar (PrinterCallback's place)
+        def on_train_begin(self, args, state, control, **kwargs):
+            begin(state)
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             emit(state, logs, None)
 
@@ -999,7 +1019,7 @@ def done_line(summary: dict[str, Any]) -> str:
     """`training done: 53 steps in 4.3 s; steps 46-50: loss 1.138, ...` (the whole summary, with the
     systems decisions logged as training started, is run.json's stages.train)."""
     resumed = f" (resumed from step {summary['resumed_from_step']})" if summary.get("resumed_from_step") else ""
-    line = f"training done: {summary['global_step']} steps in {summary['train_runtime_s']:.1f} s{resumed}"
+    line = f"training done: {summary['global_step']} steps in {duration_text(summary['train_runtime_s'])}{resumed}"
     shown = [f"{label} {summary[key]:.4g}" for key, label in (("final_loss", "loss"), *PROGRESS_KEYS[1:3]) if isinstance(summary.get(key), (int, float))]
     if shown:
         window = summary.get("final_window_steps")
