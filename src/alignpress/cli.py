@@ -589,11 +589,19 @@ def launched_failure(exits: Path, code: int) -> LaunchedFailure:
     return LaunchedFailure(line, first["code"], first.get("again_prefix"))
 
 
-def _check_disk(recipe: Recipe, run_dir: RunDir, stages: list[str], restart: bool = False) -> None:
+def _check_disk(recipe: Recipe, run_dir: RunDir, stages: list[str], restart: bool = False, memory: bool = True) -> None:
+    """The door's checks of this machine's room for the stages still to run: disk, and host memory
+    for export's float32 merge (memory: False once prepare is done, the same then)."""
     from . import disk
 
     if line := disk.check(recipe, run_dir, stages, restart=restart):
         log.info("%s", line)
+    if memory and "export" in stages:
+        from .checks import model_sizes
+        from .export import check_host_memory
+
+        if line := check_host_memory(recipe, model_sizes(recipe).params):
+            log.info("%s", line)
 
 
 def _dry_prepare(recipe: Recipe, hub: bool) -> str:
@@ -779,7 +787,7 @@ def _execute_stages(args: argparse.Namespace, argv: list[str], recipe: Recipe, r
             # for it in a collective that ends after 30 minutes (large data), each holding its GPU.
             log.info("preparing the data before the launch, in this process alone")
             _run_stage("prepare", recipe, run_dir)
-            _check_disk(recipe, run_dir, [s for s in ("train", "evaluate", "export") if not run_dir.is_done(s)])
+            _check_disk(recipe, run_dir, [s for s in ("train", "evaluate", "export") if not run_dir.is_done(s)], memory=False)
         return _relaunch(recipe, argv)
     if state is not None:
         state.wait_for_everyone()
@@ -812,7 +820,7 @@ def _execute_stages(args: argparse.Namespace, argv: list[str], recipe: Recipe, r
                 processes.on_main(state, lambda: gate.check(recipe, run_dir, before_export=True))
             if name == "train" and prepared:
                 # The door counted one checkpoint: the number of pairs, and so of saves, is known now.
-                processes.on_main(state, lambda: _check_disk(recipe, run_dir, [s for s in ("train", "evaluate", "export") if not run_dir.is_done(s)]))
+                processes.on_main(state, lambda: _check_disk(recipe, run_dir, [s for s in ("train", "evaluate", "export") if not run_dir.is_done(s)], memory=False))
             stage(name)
             prepared = prepared or name == "prepare"
         log.info("finished: %s", run_dir.root)

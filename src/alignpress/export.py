@@ -13,17 +13,27 @@ Checks, each an error when it fails:
 
 The saved generation config stops at the chat template's end-of-turn token too (export.stop_at_turn_end):
 gemma-2b-it's stops only at <eos>, so its answers ran on past <end_of_turn> in a user's `generate`.
+
+Memory: the merge holds the model in float32 (4 bytes a weight), in host memory first (from_pretrained
+loads there) and then on the GPU. The job checks the host's at the door (check_host_memory: a
+7B model after QLoRA on a 16 GB-RAM VM was killed by the kernel at export, hours in), and export
+merges on the CPU when the GPU has no room for the float32 model (export_device), which is slower
+but finishes.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import card, plots
-from .errors import StageFailed
+from .disk import size_text
+from .errors import AlignpressError, StageFailed
 from .evaluate import generate
 from .modeling import eos_ids, load_model, load_tokenizer, pick_device, resolve_model_path, turn_end_id
 from .prepare import read_jsonl
@@ -34,10 +44,125 @@ log = logging.getLogger("alignpress")
 
 # Max abs logit difference expected from rounding float32 weights to each saved dtype, for the reload check.
 RELOAD_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.5, "float16": 0.05}
+# The probe's rows are cut to this many tokens: the merge check needs every layer's output, not
+# long rows, and each logits tensor kept is rows x tokens x vocabulary floats (Gemma: 256k a token).
+PROBE_TOKENS = 128
+SKIP_MEMORY_ENV = "ALIGNPRESS_SKIP_MEMORY_CHECK"
+
+
+def float32_bytes(params: int) -> int:
+    """The merge's model: every weight in float32."""
+    return 4 * params
+
+
+def _numbers(path: Path) -> dict[str, int]:
+    """A cgroup stat file's `key value` lines."""
+    return {k: int(v) for k, v in (line.split() for line in path.read_text().splitlines() if line.strip())}
+
+
+def cgroup_memory_room(root: Path = Path("/sys/fs/cgroup"), membership: str | None = None) -> tuple[int, str] | None:
+    """What this process's memory cgroup still allows (its limit less the memory its processes
+    hold, page cache not counted: the kernel drops that first), and the file it comes from; None
+    without a limit. membership: /proc/self/cgroup's text. The process's own cgroup folder is used
+    where the mount shows it (no cgroup namespace), else the mount's root (a container's own)."""
+    if membership is None:
+        try:
+            membership = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            membership = ""
+    paths = {}
+    for line in membership.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            for controller in parts[1].split(",") if parts[1] else [""]:
+                paths[controller] = parts[2].lstrip("/")
+    try:
+        if (root / "cgroup.controllers").exists():  # v2: memory.max on the path down to this cgroup
+            own = root / paths.get("", "")
+            folder = own if (own / "memory.max").exists() else root
+            limits = [(int(text), f) for f in [folder, *folder.parents] if f.is_relative_to(root) and (f / "memory.max").exists()
+                      and (text := (f / "memory.max").read_text().strip()) != "max"]
+            if not limits:
+                return None
+            limit, at = min(limits)
+            return limit - _numbers(folder / "memory.stat")["anon"], f"the memory limit in {at / 'memory.max'}, less what its processes hold"
+        memory = root / "memory"  # v1: the limit counting the parents' (hierarchical_memory_limit)
+        own = memory / paths.get("memory", "")
+        folder = own if (own / "memory.stat").exists() else memory
+        stats = _numbers(folder / "memory.stat")
+        limit = stats.get("hierarchical_memory_limit", 2**63)
+        if limit >= 2**60:
+            return None
+        return limit - stats["total_rss"], f"the memory limit in {folder / 'memory.stat'}, less what its processes hold"
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def host_memory_available(meminfo: Path = Path("/proc/meminfo"), cgroup: tuple[int, str] | None = None) -> tuple[int, str] | None:
+    """What this process may still allocate, and where that number comes from: the kernel's
+    MemAvailable plus free swap, or less under a cgroup memory limit (`docker run --memory`, a
+    Kubernetes limit: /proc/meminfo shows the host's memory there). None when neither is readable."""
+    try:
+        fields = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)}
+        best = (fields["MemAvailable"] + fields.get("SwapFree", 0), f"{meminfo}: MemAvailable + SwapFree")
+    except (OSError, KeyError, ValueError, IndexError):
+        best = None
+    room = cgroup if cgroup is not None else cgroup_memory_room()
+    if room is not None and (best is None or room[0] < best[0]):
+        best = room
+    return best
+
+
+def check_host_memory(recipe: Recipe, params: int, available: tuple[int, str] | None = None) -> str | None:
+    """Refuses (exit 2) a machine whose memory cannot hold the float32 merge: export would be killed
+    by the kernel (SIGKILL, no message) after training. The need counted is the float32 weights
+    alone, a lower bound (measured on the CPU, a 0.40 B-weight model: 4.4 bytes a weight saving
+    float32, 6.2 saving bfloat16, plus 0.3 GB for python and torch), so a run that fits is never
+    refused. Returns the log line."""
+    if os.environ.get(SKIP_MEMORY_ENV) == "1":
+        return f"host memory check skipped ({SKIP_MEMORY_ENV}=1)"
+    available = available or host_memory_available()
+    if available is None:
+        return None
+    free, how = available
+    need = float32_bytes(params)
+    loads = "merges the adapter into the base" if recipe.lora.enabled else "loads the trained weights"
+    what = f"at least {size_text(need)} (export {loads} in float32: {count_text(params)} weights x 4 bytes)"
+    if need > free:
+        raise AlignpressError(f"not enough memory for export: {what}, and this machine has {size_text(free)} available ({how}); "
+                              f"the kernel would kill the job at export, after training. Run on a machine with more memory (a cloud VM "
+                              f"with more vCPUs has more); {SKIP_MEMORY_ENV}=1 skips this check", source=recipe.source, field="model.name_or_path")
+    return f"host memory for export: {what}, {size_text(free)} available"
+
+
+def count_text(n: int) -> str:
+    """`3.82 B`, `403.6 M`, `0.73 M`."""
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e7 else f"{n / 1e6:.2f} M"
+
+
+def export_device(device: str, params: int, probe_rows: int, probe_tokens: int, vocab: int, free: int | None) -> tuple[str, str | None]:
+    """Where the merge runs: the recipe's device, unless it is a GPU without room (`free` bytes) for
+    the float32 model and the probe's logits (two of them at once, 4 bytes a float, plus 1 GiB for
+    the forward's own work): then the CPU, slower but not short of memory (the door checked it).
+    The line says which and why, with the numbers."""
+    if device != "cuda" or free is None:
+        return device, None
+    weights = float32_bytes(params)
+    need = weights + 2 * probe_rows * probe_tokens * vocab * 4 + 2**30
+    if need <= free:
+        return "cuda", f"export merges on the GPU: the float32 model and its probe need about {size_text(need)}, {size_text(free)} free"
+    return "cpu", (f"export merges on the CPU: the float32 model ({size_text(weights)}) and its probe need about {size_text(need)} "
+                   f"of GPU memory and the GPU has {size_text(free)} free; slower, the same result")
+
+
+def gpu_free_bytes() -> int:
+    """Free GPU memory, counting what torch's allocator holds unused (training's, reusable here)."""
+    return torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
 
 
 def probe_batch(tok, rows: list[dict], n: int = 4):
-    seqs = [tok.apply_chat_template(r["messages"]["prompt"] + r["messages"]["chosen"], tokenize=True, return_dict=True)["input_ids"] for r in rows[:n]]
+    seqs = [tok.apply_chat_template(r["messages"]["prompt"] + r["messages"]["chosen"], tokenize=True, return_dict=True)["input_ids"][:PROBE_TOKENS]
+            for r in rows[:n]]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
@@ -51,7 +176,7 @@ def probe_batch(tok, rows: list[dict], n: int = 4):
 def logits(model, ids, attn):
     device = next(model.parameters()).device
     out = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
-    return out * attn.to(device).unsqueeze(-1)  # ignore padded positions
+    return (out * attn.to(device).unsqueeze(-1)).cpu()  # ignore padded positions; kept on the host, off the GPU's budget
 
 
 def generation_stops(recipe: Recipe, model, tok) -> dict[str, Any]:
@@ -68,11 +193,16 @@ def generation_stops(recipe: Recipe, model, tok) -> dict[str, Any]:
 
 
 def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
-    device = pick_device(recipe)
     base_path = resolve_model_path(recipe)
     tok = load_tokenizer(recipe, base_path)
     rows = read_jsonl(run_dir.data / "eval.jsonl") or read_jsonl(run_dir.data / "train.jsonl")
     ids, attn = probe_batch(tok, rows)
+    device = pick_device(recipe)
+    if device == "cuda":
+        from .checks import model_sizes
+
+        device, line = export_device(device, model_sizes(recipe).params, *ids.shape, len(tok), gpu_free_bytes())
+        log.info("%s", line)
 
     # Merge in float32 from an unquantized base: merging into 4-bit weights would round the adapter away.
     base = load_model(recipe, base_path, device=device, dtype=torch.float32, tokenizer=tok).eval()
@@ -84,7 +214,7 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
         adapter_logits = logits(model, ids, attn)
         merged = model.merge_and_unload()
     else:
-        merged = load_model(recipe, str(run_dir.full), device=device, dtype=torch.float32, tokenizer=tok).eval()
+        merged = model = load_model(recipe, str(run_dir.full), device=device, dtype=torch.float32, tokenizer=tok).eval()
         adapter_logits = logits(merged, ids, attn)
     merged_logits = logits(merged, ids, attn)
 
@@ -104,7 +234,13 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     merged.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
     plots.copy_into(run_dir, tmp)  # train_curves.png, eval_before_after.png: the card links them
-    del base, merged
+    # The merged weights go before the reload: base, the PEFT wrapper and merged are one model, and
+    # one still held would keep a second copy beside the reloaded float32 one (host memory first:
+    # from_pretrained loads there).
+    del base, merged, model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
     # Reload the folder exactly as a user would.
     from transformers import AutoModelForCausalLM, AutoTokenizer
