@@ -114,15 +114,22 @@ def answer_logps(model, tok, rows: list[dict], which: str, *, batch_size: int, m
         width = max(len(s) for s, _ in chunk)
         ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
         attn = torch.zeros((len(chunk), width), dtype=torch.long)
-        answer = torch.zeros((len(chunk), width), dtype=torch.bool)
-        for j, (s, n) in enumerate(chunk):
+        for j, (s, _) in enumerate(chunk):
             ids[j, : len(s)] = torch.tensor(s)
             attn[j, : len(s)] = 1
-            answer[j, n : len(s)] = True
-        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
-        mask = answer[:, 1:].to(device)
-        out.extend((logp * mask).sum(-1).tolist())
+        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
+        # Row by row, and only the positions that predict answer tokens, in float32: the whole
+        # batch's float32 log-softmax was 3 copies of rows x tokens x vocabulary beside the model
+        # (Gemma: 256k floats a token). Measured on the CPU, 8 rows of 128 tokens, vocabulary 256k,
+        # float32 model: 1.09 GB above the model (its logits) instead of 2.99 GB, 1.2 s instead of 3.9 s.
+        for j, (s, n) in enumerate(chunk):
+            start = max(n, 1)  # the first token has no position predicting it (keep_end may cut the whole prompt)
+            if start >= len(s):
+                out.append(0.0)  # nothing of the answer left after truncation
+                continue
+            target = torch.tensor(s[start:], device=logits.device).unsqueeze(-1)
+            out.append(torch.log_softmax(logits[j, start - 1 : len(s) - 1].float(), dim=-1).gather(-1, target).sum().item())
+        del logits
         progress(label, len(out), len(chunk), len(seqs), "pairs")
     return out
 
