@@ -49,7 +49,7 @@ def test_demo_stdout_holds_results_and_stderr_one_line_per_log(demo_run):
     assert lines[0] == "One rendered pair (text, then tokens; ║ marks where the answer starts):"
     assert [line.split()[0] for line in lines[1:5]] == ["prompt", "chosen", "rejected", "tokens"]
     assert lines[5].startswith("no publish.repo_id: skipped the push") and lines[6].startswith("summary of run demo-")
-    assert all(line.startswith("  ") for line in lines[7:]) and len(lines) == 16, lines
+    assert all(line.startswith("  ") for line in lines[7:]) and len(lines) == 17, lines
     steps = load(out / "run.json")["stages"]["train"]["global_step"]
     logged = [json.loads(line) for line in (out / "metrics/train.jsonl").read_text().splitlines()]
     expected = [f"[alignpress] {progress_line(e['step'], steps, e)}" for e in logged if "loss" in e and "train_runtime" not in e]

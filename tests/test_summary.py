@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from alignpress.runstate import STAGES, duration_text
 from alignpress.version import version
 from conftest import ROOT, cli
 
@@ -21,6 +22,15 @@ def test_version():
     assert version() == "0.1.0"
 
 
+def test_stage_times():
+    from alignpress.summary import stage_times
+
+    stages = {"prepare": {"status": "done", "seconds": 12.04}, "train": {"status": "done", "seconds": 7079.2, "resumed_from_step": 400},
+              "evaluate": {"status": "done", "seconds": 250.0}, "export": {"status": "failed", "seconds": 3.0}, "publish": {"status": "pending"}}
+    assert stage_times(stages) == "prepare 12.0 s, train 1 h 58 min (resumed from step 400), evaluate 4 min 10 s"
+    assert stage_times({"prepare": {"status": "pending"}}) is None
+
+
 def test_run_ends_with_a_summary(demo_copy):
     out = demo_copy
     # Every stage is done: `run` skips them all and prints the same summary as at the end of the run.
@@ -29,6 +39,8 @@ def test_run_ends_with_a_summary(demo_copy):
     ev = json.loads((out / "metrics" / "eval.json").read_text())
     rid = json.loads((out / "run.json").read_text())["run_id"]
     b, a = ev["base"], ev["aligned"]
+    stages = json.loads((out / "run.json").read_text())["stages"]
+    times = ", ".join(f"{s} {duration_text(stages[s]['seconds'])}" for s in STAGES)
     assert ev["behaviour_measure"] == r"matches /^The answer is \d+\.$/"
     assert proc.stdout == "\n".join([
         f"summary of run {rid} (demo):",
@@ -36,6 +48,7 @@ def test_run_ends_with_a_summary(demo_copy):
         f"  preference accuracy: {_show(b['preference_accuracy'])} -> {_show(a['preference_accuracy'])} (90 held-out pairs)",
         f"  KL estimate:         {_show(a['kl_estimate'])} nats per answer",
         "  gate:                not set (eval.gate_min_gain, eval.gate_max_kl)",
+        f"  time:                {times}",
         f"  model:               {out}/model (card: {out}/model/README.md)",
         f"  report:              {out}/metrics/report.md",
         f"  plots:               {out}/plots/eval_before_after.png, {out}/plots/train_curves.png",

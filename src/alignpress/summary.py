@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .recipe import Recipe
-from .runstate import RunDir
+from .runstate import STAGES, RunDir, duration_text
 
 # The seed recipe a user goes on to after the demo, and the SkyPilot task that runs it.
 SKY_DEFAULT = ("sky/phi3.yaml", "phi3-mini-capybara-dpo")
@@ -41,6 +41,19 @@ def _sky_task(recipe_file: str) -> Path | None:
     return None
 
 
+def stage_times(stages: dict[str, Any]) -> str | None:
+    """`prepare 0.3 s, train 41.1 s, evaluate 16.9 s, export 3.1 s, publish 0.0 s`: each stage's
+    last run (a resumed training's time since its checkpoint, which the line says)."""
+    parts = []
+    for name in STAGES:
+        stage = stages.get(name) or {}
+        if stage.get("status") != "done" or not isinstance(stage.get("seconds"), (int, float)):
+            continue
+        resumed = f" (resumed from step {stage['resumed_from_step']})" if name == "train" and stage.get("resumed_from_step") else ""
+        parts.append(f"{name} {duration_text(stage['seconds'])}{resumed}")
+    return ", ".join(parts) or None
+
+
 def render(recipe: Recipe, run_dir: RunDir, recipe_file: str, sets: list[str]) -> str:
     m = run_dir.load()
     stages = m.get("stages", {})
@@ -64,6 +77,8 @@ def render(recipe: Recipe, run_dir: RunDir, recipe_file: str, sets: list[str]) -
             rows.append(("gate", "FAILED, publish refuses this model: " + "; ".join(r["reason"] for r in g["reasons"])))
     else:
         rows.append(("evaluation", stages.get("evaluate", {}).get("skipped") or "not run"))
+    if times := stage_times(stages):
+        rows.append(("time", times))
     rows.append(("model", f"{run_dir.model} (card: {run_dir.model / 'README.md'})"))
     if (run_dir.metrics / "report.md").exists():
         rows.append(("report", str(run_dir.metrics / "report.md")))
