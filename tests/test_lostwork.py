@@ -974,6 +974,34 @@ def test_out_of_gpu_memory_in_evaluate_names_its_batch(tmp_path, capsys, monkeyp
     assert json.loads((out / "metrics/eval.json").read_text())["aligned"]["behaviour"] is not None
 
 
+def test_out_of_gpu_memory_in_export_merges_on_the_cpu_instead(demo_copy, capsys, monkeypatch, environment_restored):
+    """Export on a GPU that ran short (stand-ins, no GPU here: the device said to be cuda with room to
+    spare, and the merge there raising torch's error with CUDA's text): the same merge runs on the
+    CPU, in the same command, and the stage is done."""
+    from alignpress import export
+    from alignpress.cli import main
+
+    real, devices = export.merge_and_save, []
+
+    def merge(*args):
+        devices.append(args[-1])
+        if args[-1] == "cuda":
+            raise torch.OutOfMemoryError(CUDA_OOM)
+        return real(*args)
+
+    monkeypatch.setattr(export, "pick_device", lambda recipe: "cuda")
+    monkeypatch.setattr(export, "gpu_free_bytes", lambda: 40 * 2**30)
+    monkeypatch.setattr(export, "merge_and_save", merge)
+    assert main(["export", "recipes/demo.yaml", "--output-dir", str(demo_copy), "--restart"]) == 0
+    err = capsys.readouterr().err
+    assert devices == ["cuda", "cpu"]
+    assert "[alignpress] export merges on the GPU: the float32 model and its probe need about 1.0 GB, 40.0 GB free\n" in err
+    assert ("[alignpress] CUDA out of memory in the export stage (1.95 GiB more asked, 1.06 GiB of 39.38 GiB free): merging on the "
+            "CPU instead (slower, the same result)\n") in err, err[-2000:]
+    stage = json.loads((demo_copy / "run.json").read_text())["stages"]["export"]
+    assert (stage["status"], stage["device"]) == ("done", "cpu") and stage["merge_max_abs_diff"] < 1e-4
+
+
 def test_out_of_gpu_memory_with_every_layer_recomputed_names_the_batch():
     from alignpress.recipe import load_recipe
     from alignpress.train import out_of_memory, precompute_out_of_memory

@@ -33,7 +33,7 @@ import torch
 
 from . import card, plots
 from .disk import size_text
-from .errors import AlignpressError, StageFailed
+from .errors import AlignpressError, StageFailed, cuda_oom_numbers
 from .evaluate import generate
 from .modeling import eos_ids, load_model, load_tokenizer, pick_device, resolve_model_path, turn_end_id
 from .prepare import read_jsonl
@@ -203,7 +203,22 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
 
         device, line = export_device(device, model_sizes(recipe).params, *ids.shape, len(tok), gpu_free_bytes())
         log.info("%s", line)
+    if device == "cuda":
+        numbers = None
+        try:
+            return merge_and_save(recipe, run_dir, tok, base_path, rows, ids, attn, "cuda")
+        except torch.OutOfMemoryError as e:
+            numbers = cuda_oom_numbers(str(e)) or "torch gave no numbers"
+        # Out of the except block: its traceback held the GPU tensors of the failed attempt.
+        gc.collect()
+        torch.cuda.empty_cache()
+        log.warning("CUDA out of memory in the export stage (%s): merging on the CPU instead (slower, the same result)", numbers)
+        device = "cpu"
+    return merge_and_save(recipe, run_dir, tok, base_path, rows, ids, attn, device)
 
+
+def merge_and_save(recipe: Recipe, run_dir: RunDir, tok, base_path: str, rows: list[dict], ids, attn, device: str) -> dict[str, Any]:
+    """The merge, its checks, the saved folder and its cards, on `device`."""
     # Merge in float32 from an unquantized base: merging into 4-bit weights would round the adapter away.
     base = load_model(recipe, base_path, device=device, dtype=torch.float32, tokenizer=tok).eval()
     base_logits = logits(base, ids, attn)
@@ -220,7 +235,7 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
 
     merge_error = (merged_logits - adapter_logits).abs().max().item()
     change = (merged_logits - base_logits).abs().max().item()
-    checks = {"merge_max_abs_diff": merge_error, "change_from_base_max_abs_diff": change}
+    checks = {"device": device, "merge_max_abs_diff": merge_error, "change_from_base_max_abs_diff": change}
     log.info("export checks: merged vs adapter %.2e (tolerance %.0e), merged vs base %.3e", merge_error, recipe.export.check_tolerance, change)
     if merge_error > recipe.export.check_tolerance:
         raise StageFailed(f"merged model's logits differ from the adapter model's by {merge_error:.3g} (> export.check_tolerance {recipe.export.check_tolerance:g})")
