@@ -868,6 +868,8 @@ def test_plan_counts_the_disk_a_fresh_machine_needs(phi3_out):
             f"2 checkpoints of {size_text(checkpoint)} (3 while the oldest is rotated out); the trained adapter {size_text(lora * 2)}; "
             f"the merged model {size_text(merged)}; sky/phi3.yaml asks for 256 GB") in text
     assert "warning:   sky/phi3.yaml" not in text
+    assert f"\nhost RAM  at least {size_text(4 * params)} available for export's float32 merge (3.82 B weights x 4 bytes; `run` checks it at the door)\n" in text
+    assert json.loads(proc.stdout)["host_memory"] == {"need_bytes": 4 * params}
 
     # A full fine-tune keeping 20 checkpoints: 15 of 12 bytes a weight (float32 weights, AdamW's two float32
     # moments: modeling.full_weights_in_fp32)

@@ -683,6 +683,8 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
         },
         "memory": mem | {"gpu": gpu},
         "disk": disk,
+        # export's float32 merge in host memory, the lower bound `run` checks at the door (export.check_host_memory)
+        "host_memory": {"need_bytes": 4 * arch.total_params},
         "throughput": {"estimated_mfu": estimated, "factors": factors, "calibration": calibration, "assumptions": {k: v for k, v in throughput.items() if not isinstance(v, (int, float))}},
         "gpus": rows,
         "prices": {"file": price_source},
@@ -748,6 +750,8 @@ def format_plan(p: dict[str, Any]) -> str:
     sky = p.get("sky_task") or {}
     lines.append(f"disk      at least {size_text(p['disk']['need_bytes'])} written on a new machine: " + "; ".join(p["disk"]["parts"])
                  + (f"; {sky['task']} asks for {sky['disk_gb']} GB" if sky.get("disk_gb") else ""))
+    lines.append(f"host RAM  at least {size_text(p['host_memory']['need_bytes'])} available for export's float32 merge ({_si(m['params'])} weights x 4 bytes; "
+                 "`run` checks it at the door)")
     lines += [
         "",
         f"{'GPU':<10} {'memory':<19} {'throughput':<40} {'time':>8}  {'on-demand':<22} spot",
