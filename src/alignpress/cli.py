@@ -591,16 +591,17 @@ def launched_failure(exits: Path, code: int) -> LaunchedFailure:
 
 def _check_disk(recipe: Recipe, run_dir: RunDir, stages: list[str], restart: bool = False, memory: bool = True) -> None:
     """The door's checks of this machine's room for the stages still to run: disk, and host memory
-    for export's float32 merge (memory: False once prepare is done, the same then)."""
+    (alignpress.hostmemory; memory: False once prepare is done, the same then)."""
     from . import disk
 
     if line := disk.check(recipe, run_dir, stages, restart=restart):
         log.info("%s", line)
-    if memory and "export" in stages:
+    if memory and ("export" in stages or "train" in stages and recipe.train.accelerate_config):
+        from . import hostmemory
         from .checks import model_sizes
-        from .export import check_host_memory
 
-        if line := check_host_memory(recipe, model_sizes(recipe).params):
+        sizes = model_sizes(recipe)
+        for line in hostmemory.check(recipe, stages, sizes.params, sizes.trainable):
             log.info("%s", line)
 
 

@@ -72,15 +72,20 @@ def optimizer_state_bytes(optim: str, weight_bytes: int) -> float:
     return count * (weight_bytes if each is None else each)
 
 
-def deepspeed_stage(recipe: Recipe) -> int | None:
-    """The ZeRO stage of the recipe's accelerate config, or None without DeepSpeed."""
+def accelerate_settings(recipe: Recipe) -> dict:
+    """The recipe's accelerate config (train.accelerate_config) as a mapping; {} without one."""
     if not recipe.train.accelerate_config:
-        return None
+        return {}
     import yaml
 
     from .recipe import accelerate_config_path
 
-    config = yaml.safe_load(Path(accelerate_config_path(recipe)).read_text()) or {}
+    return yaml.safe_load(Path(accelerate_config_path(recipe)).read_text()) or {}
+
+
+def deepspeed_stage(recipe: Recipe) -> int | None:
+    """The ZeRO stage of the recipe's accelerate config, or None without DeepSpeed."""
+    config = accelerate_settings(recipe)
     if str(config.get("distributed_type", "")).upper() != "DEEPSPEED":
         return None
     return int((config.get("deepspeed_config") or {}).get("zero_stage", 0) or 0)

@@ -15,25 +15,22 @@ The saved generation config stops at the chat template's end-of-turn token too (
 gemma-2b-it's stops only at <eos>, so its answers ran on past <end_of_turn> in a user's `generate`.
 
 Memory: the merge holds the model in float32 (4 bytes a weight), in host memory first (from_pretrained
-loads there) and then on the GPU. The job checks the host's at the door (check_host_memory: a
-7B model after QLoRA on a 16 GB-RAM VM was killed by the kernel at export, hours in), and export
-merges on the CPU when the GPU has no room for the float32 model (export_device), which is slower
-but finishes.
+loads there) and then on the GPU. The job checks the host's at the door (alignpress.hostmemory),
+and export merges on the CPU when the GPU has no room for the float32 model (export_device), or
+when the GPU runs out of memory after all: slower, the same result.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import card, plots
 from .disk import size_text
-from .errors import AlignpressError, StageFailed, cuda_oom_numbers
+from .errors import StageFailed, cuda_oom_numbers
 from .evaluate import generate
 from .modeling import eos_ids, load_model, load_tokenizer, pick_device, resolve_model_path, turn_end_id
 from .prepare import read_jsonl
@@ -47,97 +44,6 @@ RELOAD_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.5, "float16": 0.05}
 # The probe's rows are cut to this many tokens: the merge check needs every layer's output, not
 # long rows, and each logits tensor kept is rows x tokens x vocabulary floats (Gemma: 256k a token).
 PROBE_TOKENS = 128
-SKIP_MEMORY_ENV = "ALIGNPRESS_SKIP_MEMORY_CHECK"
-
-
-def float32_bytes(params: int) -> int:
-    """The merge's model: every weight in float32."""
-    return 4 * params
-
-
-def _numbers(path: Path) -> dict[str, int]:
-    """A cgroup stat file's `key value` lines."""
-    return {k: int(v) for k, v in (line.split() for line in path.read_text().splitlines() if line.strip())}
-
-
-def cgroup_memory_room(root: Path = Path("/sys/fs/cgroup"), membership: str | None = None) -> tuple[int, str] | None:
-    """What this process's memory cgroup still allows (its limit less the memory its processes
-    hold, page cache not counted: the kernel drops that first), and the file it comes from; None
-    without a limit. membership: /proc/self/cgroup's text. The process's own cgroup folder is used
-    where the mount shows it (no cgroup namespace), else the mount's root (a container's own)."""
-    if membership is None:
-        try:
-            membership = Path("/proc/self/cgroup").read_text()
-        except OSError:
-            membership = ""
-    paths = {}
-    for line in membership.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) == 3:
-            for controller in parts[1].split(",") if parts[1] else [""]:
-                paths[controller] = parts[2].lstrip("/")
-    try:
-        if (root / "cgroup.controllers").exists():  # v2: memory.max on the path down to this cgroup
-            own = root / paths.get("", "")
-            folder = own if (own / "memory.max").exists() else root
-            limits = [(int(text), f) for f in [folder, *folder.parents] if f.is_relative_to(root) and (f / "memory.max").exists()
-                      and (text := (f / "memory.max").read_text().strip()) != "max"]
-            if not limits:
-                return None
-            limit, at = min(limits)
-            return limit - _numbers(folder / "memory.stat")["anon"], f"the memory limit in {at / 'memory.max'}, less what its processes hold"
-        memory = root / "memory"  # v1: the limit counting the parents' (hierarchical_memory_limit)
-        own = memory / paths.get("memory", "")
-        folder = own if (own / "memory.stat").exists() else memory
-        stats = _numbers(folder / "memory.stat")
-        limit = stats.get("hierarchical_memory_limit", 2**63)
-        if limit >= 2**60:
-            return None
-        return limit - stats["total_rss"], f"the memory limit in {folder / 'memory.stat'}, less what its processes hold"
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def host_memory_available(meminfo: Path = Path("/proc/meminfo"), cgroup: tuple[int, str] | None = None) -> tuple[int, str] | None:
-    """What this process may still allocate, and where that number comes from: the kernel's
-    MemAvailable plus free swap, or less under a cgroup memory limit (`docker run --memory`, a
-    Kubernetes limit: /proc/meminfo shows the host's memory there). None when neither is readable."""
-    try:
-        fields = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)}
-        best = (fields["MemAvailable"] + fields.get("SwapFree", 0), f"{meminfo}: MemAvailable + SwapFree")
-    except (OSError, KeyError, ValueError, IndexError):
-        best = None
-    room = cgroup if cgroup is not None else cgroup_memory_room()
-    if room is not None and (best is None or room[0] < best[0]):
-        best = room
-    return best
-
-
-def check_host_memory(recipe: Recipe, params: int, available: tuple[int, str] | None = None) -> str | None:
-    """Refuses (exit 2) a machine whose memory cannot hold the float32 merge: export would be killed
-    by the kernel (SIGKILL, no message) after training. The need counted is the float32 weights
-    alone, a lower bound (measured on the CPU, a 0.40 B-weight model: 4.4 bytes a weight saving
-    float32, 6.2 saving bfloat16, plus 0.3 GB for python and torch), so a run that fits is never
-    refused. Returns the log line."""
-    if os.environ.get(SKIP_MEMORY_ENV) == "1":
-        return f"host memory check skipped ({SKIP_MEMORY_ENV}=1)"
-    available = available or host_memory_available()
-    if available is None:
-        return None
-    free, how = available
-    need = float32_bytes(params)
-    loads = "merges the adapter into the base" if recipe.lora.enabled else "loads the trained weights"
-    what = f"at least {size_text(need)} (export {loads} in float32: {count_text(params)} weights x 4 bytes)"
-    if need > free:
-        raise AlignpressError(f"not enough memory for export: {what}, and this machine has {size_text(free)} available ({how}); "
-                              f"the kernel would kill the job at export, after training. Run on a machine with more memory (a cloud VM "
-                              f"with more vCPUs has more); {SKIP_MEMORY_ENV}=1 skips this check", source=recipe.source, field="model.name_or_path")
-    return f"host memory for export: {what}, {size_text(free)} available"
-
-
-def count_text(n: int) -> str:
-    """`3.82 B`, `403.6 M`, `0.73 M`."""
-    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e7 else f"{n / 1e6:.2f} M"
 
 
 def export_device(device: str, params: int, probe_rows: int, probe_tokens: int, vocab: int, free: int | None) -> tuple[str, str | None]:
@@ -147,7 +53,7 @@ def export_device(device: str, params: int, probe_rows: int, probe_tokens: int, 
     The line says which and why, with the numbers."""
     if device != "cuda" or free is None:
         return device, None
-    weights = float32_bytes(params)
+    weights = 4 * params
     need = weights + 2 * probe_rows * probe_tokens * vocab * 4 + 2**30
     if need <= free:
         return "cuda", f"export merges on the GPU: the float32 model and its probe need about {size_text(need)}, {size_text(free)} free"

@@ -1,4 +1,4 @@
-"""Export's memory: the host's checked at the door (the float32 merge), the GPU's decided at export.
+"""Host memory checked at the door (export's float32 merge, DeepSpeed's CPU offload), and the GPU's decided at export.
 
 The refusals run the real entry point: once against this machine's /proc/meminfo (a model whose
 float32 weights exceed it, built on the meta device from a config alone, no weights), once in a
@@ -22,7 +22,7 @@ MEMORY_FIX = "Run on a machine with more memory (a cloud VM with more vCPUs has 
 
 
 def test_host_memory_from_meminfo_and_cgroups(tmp_path):
-    from alignpress.export import cgroup_memory_room, host_memory_available
+    from alignpress.hostmemory import cgroup_memory_room, host_memory_available
 
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       24684084 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\nSwapTotal: 2097148 kB\nSwapFree:        1048576 kB\n")
@@ -55,21 +55,55 @@ def test_host_memory_from_meminfo_and_cgroups(tmp_path):
 
 
 def test_host_memory_check_lines(monkeypatch):
+    from alignpress import hostmemory
     from alignpress.errors import AlignpressError
-    from alignpress.export import check_host_memory
     from alignpress.recipe import load_recipe
 
     recipe = load_recipe(ROOT / "recipes/demo.yaml")
     params = 3_821_079_552  # Phi-3-mini
-    assert check_host_memory(recipe, params, (32 * 2**30, "/proc/meminfo: MemAvailable + SwapFree")) == (
-        "host memory for export: at least 14.2 GB (export merges the adapter into the base in float32: 3.82 B weights x 4 bytes), 32.0 GB available")
+    meminfo = "/proc/meminfo: MemAvailable + SwapFree"
+    assert hostmemory.check(recipe, ["export"], params, 25_165_824, (32 * 2**30, meminfo)) == [
+        "host memory for export: at least 14.2 GB (export merges the adapter into the base in float32: 3.82 B weights x 4 bytes), 32.0 GB available"]
+    assert hostmemory.check(recipe, ["train", "evaluate"], params, 25_165_824, (1, meminfo)) == []  # no offload: training holds little there
     with pytest.raises(AlignpressError) as e:
-        check_host_memory(recipe, 7_241_732_096, (15 * 2**30, "/proc/meminfo: MemAvailable + SwapFree"))  # Mistral-7B on a 16 GB VM
-    assert str(e.value) == (f"{recipe.source}: field 'model.name_or_path': not enough memory for export: at least 27.0 GB (export merges the adapter into "
-                            "the base in float32: 7.24 B weights x 4 bytes), and this machine has 15.0 GB available (/proc/meminfo: MemAvailable + "
+        hostmemory.check(recipe, ["export"], 7_241_732_096, 41_943_040, (15 * 2**30, meminfo))  # Mistral-7B on a 16 GB VM
+    assert str(e.value) == (f"{recipe.source}: field 'model.name_or_path': not enough memory for export: at least 27.0 GB (export merges the adapter "
+                            "into the base in float32: 7.24 B weights x 4 bytes), and this machine has 15.0 GB available (/proc/meminfo: MemAvailable + "
                             f"SwapFree); the kernel would kill the job at export, after training. {MEMORY_FIX}")
+    full = load_recipe(ROOT / "recipes/demo.yaml", ["lora.enabled=false"])
+    assert hostmemory.check(full, ["export"], params, params, (32 * 2**30, meminfo))[0].startswith(
+        "host memory for export: at least 14.2 GB (export loads the trained weights in float32: ")
     monkeypatch.setenv("ALIGNPRESS_SKIP_MEMORY_CHECK", "1")
-    assert check_host_memory(recipe, 7_241_732_096, (15 * 2**30, "x")) == "host memory check skipped (ALIGNPRESS_SKIP_MEMORY_CHECK=1)"
+    assert hostmemory.check(recipe, ["export"], 7_241_732_096, 0, (15 * 2**30, "x")) == ["host memory check skipped (ALIGNPRESS_SKIP_MEMORY_CHECK=1)"]
+
+
+def test_deepspeed_cpu_offload_counts_adams_states_per_node(monkeypatch):
+    """recipes/accelerate/zero3-offload.yaml: Adam's float32 weights and moments (12 bytes a trained
+    weight) and the 16-bit weights (2 bytes) in host memory, shared by the nodes; ZeRO-2 without
+    offload holds none there."""
+    from alignpress import hostmemory
+    from alignpress.errors import AlignpressError
+    from alignpress.recipe import load_recipe
+
+    monkeypatch.delenv("SKYPILOT_NUM_NODES", raising=False)
+    params = 3_821_079_552
+    full = load_recipe(ROOT / "recipes/demo.yaml", ["lora.enabled=false", "train.accelerate_config=zero3-offload"])
+    assert hostmemory.offload_need(full, params, params) == (
+        14 * params, "training under DeepSpeed offloads to host memory Adam's float32 weights and two moments, 12 bytes x 3.82 B trained weights; "
+                     "the 16-bit weights, 2 bytes x 3.82 B")
+    with pytest.raises(AlignpressError) as e:
+        hostmemory.check(full, ["train", "evaluate", "export"], params, params, (32 * 2**30, "/proc/meminfo: MemAvailable + SwapFree"))
+    assert str(e.value) == (f"{full.source}: field 'train.accelerate_config': not enough memory for training: at least 49.8 GB (training under "
+                            "DeepSpeed offloads to host memory Adam's float32 weights and two moments, 12 bytes x 3.82 B trained weights; the "
+                            "16-bit weights, 2 bytes x 3.82 B), and this machine has 32.0 GB available (/proc/meminfo: MemAvailable + SwapFree); "
+                            f"the kernel would kill the job while training. {MEMORY_FIX}")
+    monkeypatch.setenv("SKYPILOT_NUM_NODES", "2")
+    assert hostmemory.offload_need(full, params, params)[0] == 7 * params
+    assert hostmemory.check(full, ["train"], params, params, (32 * 2**30, "m")) == [
+        "host memory for training: at least 24.9 GB (training under DeepSpeed offloads to host memory Adam's float32 weights and two moments, "
+        "12 bytes x 3.82 B trained weights; the 16-bit weights, 2 bytes x 3.82 B, shared by 2 nodes), 32.0 GB available"]
+    assert hostmemory.offload_need(load_recipe(ROOT / "recipes/demo.yaml", ["train.accelerate_config=zero2"]), params, 25_165_824) is None
+    assert hostmemory.offload_need(load_recipe(ROOT / "recipes/demo.yaml"), params, 25_165_824) is None
 
 
 def test_export_device_moves_the_merge_to_the_cpu_when_the_gpu_has_no_room():
@@ -127,7 +161,7 @@ def _params(hidden: int, layers: int) -> int:
 def test_a_machine_too_small_for_the_float32_merge_is_refused_at_the_door(tmp_path, demo_run):
     """This machine's own MemAvailable: a model 4 x its memory in float32 is refused before prepare."""
     from alignpress.disk import size_text
-    from alignpress.export import count_text, host_memory_available
+    from alignpress.hostmemory import count_text, host_memory_available
 
     available, _ = host_memory_available(cgroup=(2**62, "none"))
     hidden, layers = 4096, max(1, int(4 * available / 4 / (16 * 4096 * 4096)) + 1)
@@ -149,8 +183,10 @@ def test_a_machine_too_small_for_the_float32_merge_is_refused_at_the_door(tmp_pa
 
 def test_a_cgroup_memory_limit_is_what_counts(tmp_path, demo_run):
     """In a real memory cgroup limited to 2 GiB (v1, as root), a 0.8 B-weight model (3.2 GB in
-    float32) is refused, naming the cgroup; /proc/meminfo still shows the whole machine there."""
-    from alignpress.export import count_text
+    float32) is refused, naming the cgroup; /proc/meminfo still shows the whole machine there. The
+    same model fully fine-tuned under ZeRO-3 with CPU offload is refused for training's share."""
+    from alignpress.disk import size_text
+    from alignpress.hostmemory import count_text
 
     group = Path("/sys/fs/cgroup/memory") / f"alignpress-test-{uuid.uuid4().hex[:8]}"
     try:
@@ -179,6 +215,17 @@ def test_a_cgroup_memory_limit_is_what_counts(tmp_path, demo_run):
         assert f" GB available (the memory limit in {group}/memory.stat, less what its processes hold); " in last, last
         shown = float(last.split(", and this machine has ")[1].split(" GB available")[0])
         assert 1.0 < shown < 2.0  # 2 GiB less the python process at the door
+        # a full fine-tune under ZeRO-3 with CPU offload: training's share is refused first
+        offload = ["--set", "lora.enabled=false", "--set", "train.accelerate_config=zero3-offload"]
+        proc = subprocess.run(["sh", "-c", script, "sh", sys.executable, str(ROOT / "entrypoint.py"), "run", str(recipe), "--output-dir", str(out),
+                               "--set", "train.device=cpu", *offload], capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: --set train.accelerate_config: field 'train.accelerate_config': not enough memory for training: at least "
+                               f"{size_text(14 * params)} (training under DeepSpeed offloads to host memory Adam's float32 weights and two moments, "
+                               f"12 bytes x {count_text(params)} trained weights; the 16-bit weights, 2 bytes x {count_text(params)}), and this "
+                               "machine has "), last
+        assert last.endswith("; the kernel would kill the job while training. " + MEMORY_FIX) and not out.exists()
     finally:
         for _ in range(50):
             try:
