@@ -233,6 +233,12 @@ class Policies:
             yield self.base
 
 
+def _answer_log_softmax(logits: torch.Tensor, row: int, g: Generation) -> torch.Tensor:
+    """Row `row`'s log-softmax at the positions that predict g's answer tokens, in float32."""
+    start = len(g.prompt_ids) - 1
+    return torch.log_softmax(logits[row, start : start + len(g.answer_ids)].float(), dim=-1)
+
+
 @torch.no_grad()
 def divergence(policies: Policies, tok, gens: list[Generation], *, batch_size: int) -> list[tuple[float, float, int]]:
     """(summed next-token KL(pi || pi_ref), log pi(y|x) - log pi_ref(y|x), answer tokens) for each answer y."""
@@ -246,25 +252,28 @@ def divergence(policies: Policies, tok, gens: list[Generation], *, batch_size: i
         for j, s in enumerate(seqs):
             ids[j, : len(s)] = torch.tensor(s)
             attn[j, : len(s)] = 1
-        logps: dict[str, list[torch.Tensor]] = {}
-        for side in ("aligned", "base"):
-            with policies.use(side) as model:
-                device = next(model.parameters()).device
-                logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
-                # Only the positions that predict answer tokens, in float32.
-                logps[side] = [
-                    torch.log_softmax(logits[j, len(g.prompt_ids) - 1 : len(g.prompt_ids) - 1 + len(g.answer_ids)].float(), dim=-1)
-                    for j, g in enumerate(chunk)
-                ]
-                del logits
-        for g, a, r in zip(chunk, logps["aligned"], logps["base"]):
-            if not g.answer_ids:
-                out.append((0.0, 0.0, 0))
-                continue
-            kl = (a.exp() * (a - r)).sum(-1).clamp_min(0).sum().item()
-            target = torch.tensor(g.answer_ids, device=a.device).unsqueeze(-1)
-            ratio = (a.gather(-1, target) - r.gather(-1, target)).sum().item()
-            out.append((kl, ratio, len(g.answer_ids)))
+        # The aligned side's rows are kept; the base side's are made one at a time beside them and
+        # dropped once their row is scored (both sides kept was twice the memory: a row is answer
+        # tokens x vocabulary floats, 256k a token for Gemma).
+        with policies.use("aligned") as model:
+            device = next(model.parameters()).device
+            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
+            aligned: list[torch.Tensor | None] = [_answer_log_softmax(logits, j, g) for j, g in enumerate(chunk)]
+            del logits
+        with policies.use("base") as model:
+            device = next(model.parameters()).device
+            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
+            for j, g in enumerate(chunk):
+                a, aligned[j] = aligned[j], None
+                if not g.answer_ids:
+                    out.append((0.0, 0.0, 0))
+                    continue
+                r = _answer_log_softmax(logits, j, g)
+                kl = (a.exp() * (a - r)).sum(-1).clamp_min(0).sum().item()
+                target = torch.tensor(g.answer_ids, device=a.device).unsqueeze(-1)
+                ratio = (a.gather(-1, target) - r.gather(-1, target)).sum().item()
+                out.append((kl, ratio, len(g.answer_ids)))
+            del logits
     return out
 
 
