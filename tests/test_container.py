@@ -165,3 +165,43 @@ def test_the_image_refuses_a_run_that_would_lose_its_outputs_or_its_gpu(podman, 
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: recipes/demo.yaml: field 'train.device': train.device is auto and torch cannot use a CUDA GPU (")
     assert "but NVIDIA_VISIBLE_DEVICES is 'all' (a GPU container): the run would go on on the CPU" in last
+
+
+def test_a_memory_limit_too_small_for_export_is_refused_at_the_door(podman, image, tmp_path):
+    """`docker run --memory 1g` (a cgroup limit; /proc/meminfo in the container shows the whole
+    machine): a user's model of 0.8 B weights, 3.2 GB in float32 for export's merge, is refused
+    before prepare, naming the limit. The model is a config and a tokenizer, no weights: the door
+    builds it on the meta device."""
+    from transformers import Phi3Config
+
+    from alignpress.disk import size_text
+    from alignpress.hostmemory import count_text
+    from alignpress.tiny import phi3_tokenizer
+
+    mine = tmp_path / "recipes"
+    model = mine / "big"
+    (mine / "data").mkdir(parents=True)
+    tok = phi3_tokenizer()
+    tok.save_pretrained(model)
+    hidden, layers = 2048, 12
+    Phi3Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=32,
+               num_key_value_heads=32, max_position_embeddings=4096, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+               eos_token_id=tok.eos_token_id).save_pretrained(model)
+    params = layers * (16 * hidden * hidden + 2 * hidden) + 2 * len(tok) * hidden + hidden
+    shutil.copy(REPO / "recipes" / "data" / "arithmetic-capybara.jsonl", mine / "data" / "pairs.jsonl")
+    text = (REPO / "recipes" / "demo.yaml").read_text().replace("name: demo\n", "name: big\n").replace("builtin:tiny-phi3-arithmetic", "big")
+    (mine / "big.yaml").write_text(text.replace("dataset: data/arithmetic-capybara.jsonl", "dataset: data/pairs.jsonl"))
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    cmd = ["podman", "run", "--rm", "--runtime", "runc", "--network", "none", "--memory", "1g", "-e", "ALIGNPRESS_SKIP_DISK_CHECK=1",
+           "-v", f"{mine}:/recipes:ro", "-v", f"{outputs}:/outputs", image, "run", "/recipes/big.yaml", "--set", "train.device=cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=podman)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: /recipes/big.yaml: field 'model.name_or_path': not enough memory for export: at least {size_text(4 * params)} "
+                           f"(export merges the adapter into the base in float32: {count_text(params)} weights x 4 bytes), and this machine has "), last
+    room = last.split(", and this machine has ")[1].split(" available (")[0]
+    assert room.endswith(" MB") and 300 < float(room.split()[0]) < 1024, last  # 1 GiB less the python process at the door
+    assert " available (the memory limit in /sys/fs/cgroup/memory/memory.stat, less what its processes hold); " in last or \
+        " available (the memory limit in /sys/fs/cgroup/memory.max, less what its processes hold); " in last, last  # cgroup v1 or v2
+    assert "== prepare" not in proc.stderr and list(outputs.iterdir()) == []
