@@ -299,3 +299,24 @@ def test_a_worker_past_its_time_is_killed_with_what_it_started(tmp_path):
         raise AssertionError(f"the worker's child {child} outlived it")
     done = bench_dpo.run_worker([sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"], timeout=30)
     assert (done.returncode, done.stdout, done.stderr) == (3, "out\n", "err\n")
+
+
+def test_host_memory_benchmark_runs_and_scoring_holds_one_batch_of_logits(tmp_path):
+    """benchmarks/bench_host_memory.py on a tiny model (its numbers mean little there), and its
+    scoring part at a size where they do: 8 rows of 128 tokens, vocabulary 65,536 (256 MiB of float32
+    logits). evaluate.answer_logps once held three such tensors (the logits in float32 and the whole
+    log-softmax); now the peak above the model stays under one and a half."""
+    out = tmp_path / "hostmem.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_host_memory.py"), "--hidden", "64", "--layers", "2", "--vocab", "65536",
+                           "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from alignpress.tiny import phi3_tokenizer
+
+    result = json.loads(out.read_text())
+    vocab = len(phi3_tokenizer())
+    assert set(result["export"]) == {"float32", "bfloat16"} and result["params"] == 2 * (16 * 64 * 64 + 2 * 64) + 2 * vocab * 64 + 64
+    assert all(e["peak_bytes"] > result["baseline_bytes"] > 100 * 2**20 for e in result["export"].values())
+    scoring = result["scoring"]
+    assert scoring["tokens"] == 128 and scoring["logits_bytes"] == 8 * 128 * 65536 * 4
+    assert 0.9 * scoring["logits_bytes"] < scoring["above_model_bytes"] < 1.5 * scoring["logits_bytes"], scoring
+    assert "scoring 8 rows of 128 tokens, vocabulary 65,536: peak " in proc.stdout

@@ -6,9 +6,9 @@ available memory (MemAvailable plus free swap, or less under a cgroup limit), wh
 to run hold at least:
 - export: the model in float32 (4 bytes a weight): it merges the adapter there, and
   from_pretrained loads into host memory first, on a GPU machine too. A 7B model after QLoRA on a
-  16 GB-RAM VM was killed at export, hours in. Measured on the CPU, a 0.40 B-weight model: export's
-  process peaked at 4.4 bytes a weight saving float32, 6.2 saving bfloat16, plus 0.3 GB for python
-  and torch; 4 bytes is the lower bound counted.
+  16 GB-RAM VM was killed at export, hours in. Measured on the CPU (benchmarks/bench_host_memory.py,
+  a 0.40 B-weight model): export's process peaked at 4.6 bytes a weight saving float32, 6.2 saving
+  bfloat16, plus 0.3 GB for python and the libraries; 4 bytes is the lower bound counted.
 - train under DeepSpeed with CPU offload (the accelerate config's offload_optimizer_device /
   offload_param_device: cpu, as recipes/accelerate/zero3-offload.yaml): Adam's float32 weights
   and two moments for each trained weight (12 bytes; the offloaded float32 gradients come on top),
