@@ -202,9 +202,11 @@ def test_the_cards_gate_sentence_has_each_number_in_its_place(demo_run):
 def test_the_training_table_says_what_a_resumed_runs_time_covers():
     from alignpress.card import training_result_lines
 
-    info = {"global_step": 53, "resumed_from_step": 20, "train_runtime_s": 9.46, "final_loss": 1.1378824, "final_window_steps": [46, 50]}
+    info = {"global_step": 53, "resumed_from_step": 20, "train_runtime_s": 9.46, "hardware": "1 x NVIDIA L40S", "final_loss": 1.1378824,
+            "final_window_steps": [46, 50]}
     assert training_result_lines(info) == [
-        "| metric | value |", "| --- | --- |", "| global_step | 53 |", "| train_runtime_s | 9.46 |", "| final_loss | 1.138 |",
+        "| metric | value |", "| --- | --- |", "| global_step | 53 |", "| train_runtime_s | 9.46 |", "| hardware | 1 x NVIDIA L40S |",
+        "| final_loss | 1.138 |",
         "", "final_loss and rewards/*: means over the last logged window, steps 46–50.",
         "", "Training resumed from the checkpoint of step 20 (the run had been stopped); train_runtime_s counts steps 21–53 only.",
     ]

@@ -193,6 +193,9 @@ def test_model_card(demo_run):
     for heading in ("## What was done", "## Hyperparameters", "## Training data", "## Training results", "## Evaluation (held-out pairs)", "## Usage", "## Framework versions", "## Reproduce", "### Recipe", "## Citations"):
         assert heading in card.text, heading
     ev = load(demo_run[0] / "metrics/eval.json")
+    # what trained it, next to how long: on this machine, the CPU with its cores
+    train = load(demo_run[0] / "run.json")["stages"]["train"]
+    assert train["hardware"] == f"CPU ({os.cpu_count()} cores)" and f"| hardware | CPU ({os.cpu_count()} cores) |" in card.text
     assert f"| preference_accuracy | {ev['base']['preference_accuracy']:.4g} | {ev['aligned']['preference_accuracy']:.4g} |" in card.text
     # What the numbers were measured on, against the weights this card describes.
     checks = load(demo_run[0] / "run.json")["stages"]["export"]

@@ -140,7 +140,7 @@ def loss_text(loss_type: str | list[str], weights: list[float] | None) -> str:
 def training_result_lines(train_info: dict[str, Any]) -> list[str]:
     """The training table from run.json's stages.train, and what its numbers cover."""
     lines = ["| metric | value |", "| --- | --- |"]
-    for k in ("global_step", "train_runtime_s", "final_loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+    for k in ("global_step", "train_runtime_s", "hardware", "final_loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
         if k in train_info:
             lines.append(f"| {k} | {_fmt(train_info[k])} |")
     if window := train_info.get("final_window_steps"):

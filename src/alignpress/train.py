@@ -1000,6 +1000,7 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
     }
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     summary["world_size"] = trainer.args.world_size
+    summary["hardware"] = hardware_text(systems["device"], trainer.args.world_size)
     summary["deepspeed_zero_stage"] = plugin.zero_stage if plugin is not None else None
     # The loss and the rewards of one logging window: the last one that logged a loss. The end of
     # training logs the steps after it (three, say) without a loss, and their rewards are noisier.
@@ -1013,6 +1014,15 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
         summary["final_window_steps"] = [max(before, default=0) + 1, last["step"]]
     log.info("%s", done_line(summary))
     return summary
+
+
+def hardware_text(device: str, processes: int) -> str:
+    """What trained: `1 x NVIDIA L40S`, `CPU (2 cores)`, `CPU (2 processes)`, for run.json and the card."""
+    import torch
+
+    if device == "cuda":
+        return f"{processes} x {torch.cuda.get_device_name()}"
+    return f"CPU ({processes} processes)" if processes > 1 else f"CPU ({os.cpu_count()} cores)"
 
 
 def done_line(summary: dict[str, Any]) -> str:
