@@ -868,8 +868,10 @@ def test_plan_counts_the_disk_a_fresh_machine_needs(phi3_out):
             f"2 checkpoints of {size_text(checkpoint)} (3 while the oldest is rotated out); the trained adapter {size_text(lora * 2)}; "
             f"the merged model {size_text(merged)}; sky/phi3.yaml asks for 256 GB") in text
     assert "warning:   sky/phi3.yaml" not in text
-    assert f"\nhost RAM  at least {size_text(4 * params)} available for export's float32 merge (3.82 B weights x 4 bytes; `run` checks it at the door)\n" in text
-    assert json.loads(proc.stdout)["host_memory"] == {"need_bytes": 4 * params}
+    export_line = (f"host RAM  at least {size_text(4 * params)} available for export (export merges the adapter into the base in float32: "
+                   "3.82 B weights x 4 bytes; `run` checks it at the door)")
+    assert f"\n{export_line}\n" in text
+    assert [h["need_bytes"] for h in json.loads(proc.stdout)["host_memory"]] == [4 * params]
 
     # A full fine-tune keeping 20 checkpoints: 15 of 12 bytes a weight (float32 weights, AdamW's two float32
     # moments: modeling.full_weights_in_fp32)
@@ -877,6 +879,14 @@ def test_plan_counts_the_disk_a_fresh_machine_needs(phi3_out):
                "--set", "lora.enabled=false", "--set", "train.save_total_limit=20", "--set", "train.optim=adamw_torch")
     need = params * (2 + 15 * 12 + 4 + 2)  # download, checkpoints, the trained weights (float32), the merged model
     assert f"disk      at least {size_text(need)} written on a new machine" in full.stdout
+    # under DeepSpeed's CPU offload, training's share of host memory comes first
+    offload = cli("plan", "recipes/phi3-mini-capybara.yaml", "--output-dir", phi3_out, "--bench-results", phi3_out / "none", "--gpu", "H200",
+                  "--set", "lora.enabled=false", "--set", "train.accelerate_config=zero3-offload")
+    host = [line for line in offload.stdout.splitlines() if line.startswith("host RAM")]
+    assert host == [f"host RAM  at least {size_text(14 * params)} available for training (training under DeepSpeed offloads to host memory Adam's "
+                    "float32 weights and two moments, 12 bytes x 3.82 B trained weights; the 16-bit weights, 2 bytes x 3.82 B; `run` checks it at "
+                    "the door)", f"host RAM  at least {size_text(4 * params)} available for export (export loads the trained weights in float32: "
+                    "3.82 B weights x 4 bytes; `run` checks it at the door)"], offload.stdout + offload.stderr
     assert (f"warning:   sky/phi3.yaml asks for a 256 GB disk, less than the {size_text(need)} this run writes (the image and the "
             "pip and dataset caches come on top): raise its resources.disk_size, or launch it with --disk-size") in full.stdout
 

@@ -113,16 +113,23 @@ def offload_need(recipe: Recipe, params: int, trainable: int) -> tuple[float, st
     return need / nodes, f"training under DeepSpeed offloads to host memory {'; '.join(parts)}{shared}"
 
 
+def needs(recipe: Recipe, stages: list[str], params: int, trainable: int) -> list[tuple[str, str, float, str]]:
+    """(stage, the field that decides it, bytes at least, what they are) for each of `stages` that
+    holds much in host memory: training under DeepSpeed's CPU offload, export."""
+    out = []
+    if "train" in stages and (offload := offload_need(recipe, params, trainable)):
+        out.append(("training", "train.accelerate_config", *offload))
+    if "export" in stages:
+        loads = "merges the adapter into the base" if recipe.lora.enabled else "loads the trained weights"
+        out.append(("export", "model.name_or_path", 4 * params, f"export {loads} in float32: {count_text(params)} weights x 4 bytes"))
+    return out
+
+
 def check(recipe: Recipe, stages: list[str], params: int, trainable: int, available: tuple[int, str] | None = None) -> list[str]:
     """Refuses (exit 2) a machine whose memory cannot hold what `stages` hold at least; returns the
     log lines (one a stage that holds much)."""
-    needs = []
-    if "train" in stages and (offload := offload_need(recipe, params, trainable)):
-        needs.append(("training", "train.accelerate_config", *offload))
-    if "export" in stages:
-        loads = "merges the adapter into the base" if recipe.lora.enabled else "loads the trained weights"
-        needs.append(("export", "model.name_or_path", 4 * params, f"export {loads} in float32: {count_text(params)} weights x 4 bytes"))
-    if not needs:
+    held = needs(recipe, stages, params, trainable)
+    if not held:
         return []
     if os.environ.get(SKIP_ENV) == "1":
         return [f"host memory check skipped ({SKIP_ENV}=1)"]
@@ -131,7 +138,7 @@ def check(recipe: Recipe, stages: list[str], params: int, trainable: int, availa
         return []
     free, how = available
     lines = []
-    for stage, field, need, what in needs:
+    for stage, field, need, what in held:
         if need > free:
             raise AlignpressError(f"not enough memory for {stage}: at least {size_text(need)} ({what}), and this machine has {size_text(free)} "
                                   f"available ({how}); the kernel would kill the job "

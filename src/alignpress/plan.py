@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from .disk import full_weights_in_fp32, size_text
+from . import hostmemory
 from .errors import AlignpressError
 from .flops import AUTO_MEMORY_SHARE, KNOWN_ARCHS, MASK_ALIGN, Arch, LengthDistribution, MemorySettings, arch_from_config, checkpointing_decision, dataset_flops, load_table, memory_estimate, packed_layout, padding_fraction, precompute_decision, recompute_share, truncate_pair
 from .recipe import Recipe, changed_sections, load_recipe
@@ -683,8 +684,9 @@ def plan(recipe: Recipe, run_root: Path, *, gpu: str = "A100-40GB", tokens_from:
         },
         "memory": mem | {"gpu": gpu},
         "disk": disk,
-        # export's float32 merge in host memory, the lower bound `run` checks at the door (export.check_host_memory)
-        "host_memory": {"need_bytes": 4 * arch.total_params},
+        # what the stages hold in host memory at least, the lower bounds `run` checks at the door (alignpress.hostmemory)
+        "host_memory": [{"stage": stage, "need_bytes": need, "what": what} for stage, _, need, what in hostmemory.needs(
+            recipe, ["train", "export"], arch.total_params, arch.lora_params(recipe.lora.r, recipe.lora.target_modules) if recipe.lora.enabled else arch.total_params)],
         "throughput": {"estimated_mfu": estimated, "factors": factors, "calibration": calibration, "assumptions": {k: v for k, v in throughput.items() if not isinstance(v, (int, float))}},
         "gpus": rows,
         "prices": {"file": price_source},
@@ -750,8 +752,8 @@ def format_plan(p: dict[str, Any]) -> str:
     sky = p.get("sky_task") or {}
     lines.append(f"disk      at least {size_text(p['disk']['need_bytes'])} written on a new machine: " + "; ".join(p["disk"]["parts"])
                  + (f"; {sky['task']} asks for {sky['disk_gb']} GB" if sky.get("disk_gb") else ""))
-    lines.append(f"host RAM  at least {size_text(p['host_memory']['need_bytes'])} available for export's float32 merge ({_si(m['params'])} weights x 4 bytes; "
-                 "`run` checks it at the door)")
+    for held in p["host_memory"]:
+        lines.append(f"host RAM  at least {size_text(held['need_bytes'])} available for {held['stage']} ({held['what']}; `run` checks it at the door)")
     lines += [
         "",
         f"{'GPU':<10} {'memory':<19} {'throughput':<40} {'time':>8}  {'on-demand':<22} spot",
