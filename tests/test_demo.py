@@ -80,10 +80,23 @@ def test_progress_line():
     assert progress_line(4, 12, logs) == "step 4/12: loss 0.6931, reward accuracy 0.5, margin -4.511e-05, grad norm 8.267, lr 5e-06"
     assert progress_line(12, 12, {"train_runtime": 3.0, "train_loss": 0.69, "loss": 0.69}) is None
     assert progress_line(12, 12, {"eval_loss": 0.69}) is None
-    # 10 steps in 30 s since a resume from step 10: 100 steps to go take 300 s at that pace
-    assert progress_line(20, 120, {"loss": 0.5}, (30.0, 10)) == "step 20/120: loss 0.5; 30.0 s so far, about 5 min 00 s left"
-    assert progress_line(12, 12, {"loss": 0.5}, (7261.0, 0)) == "step 12/12: loss 0.5; 2 h 01 min so far, about 0.0 s left"
-    assert progress_line(10, 120, {"loss": 0.5}, (0.5, 10)) == "step 10/120: loss 0.5"  # no step since the start: no pace yet
+    # 3 s a step: 100 steps to go take 300 s at that pace
+    assert progress_line(20, 120, {"loss": 0.5}, (30.0, 3.0)) == "step 20/120: loss 0.5; 30.0 s so far, about 5 min 00 s left"
+    assert progress_line(12, 12, {"loss": 0.5}, (7261.0, 600.0)) == "step 12/12: loss 0.5; 2 h 01 min so far, about 0.0 s left"
+    assert progress_line(10, 120, {"loss": 0.5}) == "step 10/120: loss 0.5"
+
+
+def test_the_pace_leaves_out_what_the_first_steps_pay_once():
+    """A resumed run from step 100: its first 10 steps took 60 s (a compile, say), the next 10 took
+    20 s. The first line's pace is the only one there is (6 s a step); the second's is from the first
+    line on (2 s a step), not the 4 s a step of the whole."""
+    from alignpress.train import step_pace
+
+    clock = {"started": 1000.0, "step": 100}
+    assert step_pace(1000.0, 100, clock) is None  # no step taken yet
+    assert step_pace(1060.0, 110, clock) == (60.0, 6.0)
+    assert step_pace(1080.0, 120, clock) == (80.0, 2.0)
+    assert step_pace(1081.0, 120, clock) == (81.0, 2.1)  # the last line again, at the end of training
 
 
 def test_duration_text():

@@ -301,19 +301,37 @@ def _metrics_callback(path: Path, resume_step: int, truncate: bool = True):
 PROGRESS_KEYS = (("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "margin"), ("grad_norm", "grad norm"), ("learning_rate", "lr"))
 
 
-def progress_line(step: int, max_steps: int, logs: dict[str, Any], timing: tuple[float, int] | None = None) -> str | None:
+def progress_line(step: int, max_steps: int, logs: dict[str, Any], timing: tuple[float, float] | None = None) -> str | None:
     """`step 5/53: loss 1.277, reward accuracy 0.55, ...; 1.2 s so far, about 11.5 s left` for a
     training log event; None for others (the closing train_runtime summary: `training done` says it).
-    timing: (seconds since this process started training, the step it started from: a resumed run's
-    checkpoint), from which the time left is the pace so far over the steps still to go."""
+    timing: (seconds since this process started training, seconds a step at the pace measured), from
+    which the time left is that pace over the steps still to go."""
     if "loss" not in logs or "train_runtime" in logs:
         return None
     shown = ", ".join(f"{label} {logs[k]:.4g}" for k, label in PROGRESS_KEYS if isinstance(logs.get(k), (int, float)))
     line = f"step {step}/{max_steps}: {shown}"
-    if timing is not None and step > timing[1]:
-        elapsed, start = timing
-        line += f"; {duration_text(elapsed)} so far, about {duration_text(elapsed / (step - start) * (max_steps - step))} left"
+    if timing is not None:
+        elapsed, per_step = timing
+        line += f"; {duration_text(elapsed)} so far, about {duration_text(per_step * (max_steps - step))} left"
     return line
+
+
+def step_pace(now: float, step: int, clock: dict[str, float]) -> tuple[float, float] | None:
+    """(seconds since training started, seconds a step) for a log line at `step`: the pace since the
+    first log line once there is one, so that what the first steps pay once (CUDA's start, compiled
+    layers, a resumed run's data skipping) does not stretch every later estimate; until then, the
+    pace since the start. clock: `started` and `step` when training began (a resumed run's
+    checkpoint step), and `first_at`, `first_step` once the first line was logged. None before any
+    step was taken."""
+    if step <= clock["step"]:
+        return None
+    elapsed = now - clock["started"]
+    if "first_at" in clock and step > clock["first_step"]:
+        per_step = (now - clock["first_at"]) / (step - clock["first_step"])
+    else:
+        per_step = elapsed / (step - clock["step"])
+        clock.update(first_at=now, first_step=step)
+    return elapsed, per_step
 
 
 def _quiet_progress(trainer) -> None:
@@ -331,7 +349,7 @@ def _quiet_progress(trainer) -> None:
         clock.update(started=time.monotonic(), step=state.global_step)
 
     def emit(state, logs, bar) -> None:
-        timing = (time.monotonic() - clock["started"], int(clock["step"])) if clock else None
+        timing = step_pace(time.monotonic(), state.global_step, clock) if clock else None
         line = progress_line(state.global_step, state.max_steps, logs or {}, timing)
         if not (state.is_world_process_zero and line and log.isEnabledFor(logging.INFO)):
             return
