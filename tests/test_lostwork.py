@@ -1029,3 +1029,10 @@ def test_out_of_gpu_memory_with_every_layer_recomputed_names_the_batch():
     assert str(evaluate_out_of_memory(torch.OutOfMemoryError("CUDA out of memory."), single)) == (
         f"{single.source}: field 'eval.max_new_tokens': CUDA out of memory in the evaluate stage (torch gave no numbers; 1 sequence "
         "a forward): run again with a lower eval.max_new_tokens (now 24; training and its adapter are kept)")
+    from alignpress.evaluate import judge_out_of_memory
+
+    judged = load_recipe(ROOT / "recipes/demo.yaml", ["eval.judge=OpenAssistant/reward-model-deberta-v3-large-v2"])
+    assert str(judge_out_of_memory(torch.OutOfMemoryError(CUDA_OOM), judged)) == (
+        f"{judged.source}: field 'eval.judge': CUDA out of memory scoring answers with the judge OpenAssistant/reward-model-deberta-v3-large-v2 "
+        "(1.95 GiB more asked, 1.06 GiB of 39.38 GiB free; one answer at a time, alone on the GPU): name a smaller judge, or set "
+        "eval.judge: null, and run again (training and its adapter are kept)")

@@ -402,6 +402,15 @@ def out_of_memory(error: BaseException, recipe: Recipe) -> OutOfGpuMemory:
                           f"a forward): {way}", source=recipe.source, field=field)
 
 
+def judge_out_of_memory(error: BaseException, recipe: Recipe) -> OutOfGpuMemory:
+    """The line for a CUDA out-of-memory error in the judge's scoring: it scores one answer at a time,
+    alone on the GPU (the policies are gone by then), so no batch size helps: the judge is too large."""
+    numbers = cuda_oom_numbers(str(error)) or "torch gave no numbers"
+    return OutOfGpuMemory(f"CUDA out of memory scoring answers with the judge {recipe.eval.judge} ({numbers}; one answer at a time, "
+                          "alone on the GPU): name a smaller judge, or set eval.judge: null, and run again (training and its adapter are kept)",
+                          source=recipe.source, field="eval.judge")
+
+
 def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     from . import gate, health, plots
 
@@ -459,7 +468,10 @@ def run(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     if e.judge:
         prompts = [r["messages"]["prompt"] for r in gen_rows] + extra_prompts
         judged = samples + prompt_samples
-        judge_info, sb, sa = run_judge(recipe, device, dtype, prompts, [s["base"] for s in judged], [s["aligned"] for s in judged])
+        try:
+            judge_info, sb, sa = run_judge(recipe, device, dtype, prompts, [s["base"] for s in judged], [s["aligned"] for s in judged])
+        except torch.OutOfMemoryError as error:
+            raise judge_out_of_memory(error, recipe) from error
         for s, b, a in zip(judged, sb, sa):
             s["judge_base"], s["judge_aligned"] = round(b, 6), round(a, 6)
 
