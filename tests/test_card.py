@@ -7,6 +7,7 @@ PEFT card, not PEFT's empty template).
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import yaml
@@ -197,6 +198,24 @@ def test_the_cards_gate_sentence_has_each_number_in_its_place(demo_run):
     assert "Publish gate passed: preference accuracy gain 0.6889 (minimum 0.02), KL estimate 0.3623 (limit 50)." in evaluation_lines(evals)
     evals["gate"] = {"passed": False, "reasons": [{"field": "eval.gate_max_kl", "reason": "the KL estimate exceeds the limit"}]}
     assert "Publish gate failed: the KL estimate exceeds the limit." in evaluation_lines(evals)
+
+
+def test_hardware_text(monkeypatch):
+    """What trained, as run.json and the card say it (the GPU's name from torch: a stand-in here)."""
+    import torch
+
+    from alignpress.train import hardware_text
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert hardware_text("cpu", 1) == f"CPU ({os.cpu_count()} cores)"
+    assert hardware_text("cpu", 2) == "CPU (2 processes)"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    assert hardware_text("cuda", 1) == "1 x NVIDIA H100 80GB HBM3"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert hardware_text("cuda", 16) == "16 x NVIDIA H100 80GB HBM3 on 2 nodes"
+    assert hardware_text("cuda", 8) == "8 x NVIDIA H100 80GB HBM3"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert hardware_text("cpu", 2) == "CPU (2 processes on 2 nodes)"
 
 
 def test_the_training_table_says_what_a_resumed_runs_time_covers():

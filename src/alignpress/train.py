@@ -1035,12 +1035,15 @@ def _train(recipe: Recipe, run_dir: RunDir, rows: list[dict[str, Any]], resume: 
 
 
 def hardware_text(device: str, processes: int) -> str:
-    """What trained: `1 x NVIDIA L40S`, `CPU (2 cores)`, `CPU (2 processes)`, for run.json and the card."""
+    """What trained: `1 x NVIDIA L40S`, `16 x NVIDIA H100 80GB HBM3 on 2 nodes`, `CPU (2 cores)`,
+    `CPU (2 processes)`, for run.json and the card."""
     import torch
 
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or processes)
+    nodes = f" on {processes // per_node} nodes" if processes > per_node > 0 else ""
     if device == "cuda":
-        return f"{processes} x {torch.cuda.get_device_name()}"
-    return f"CPU ({processes} processes)" if processes > 1 else f"CPU ({os.cpu_count()} cores)"
+        return f"{processes} x {torch.cuda.get_device_name()}{nodes}"
+    return f"CPU ({processes} processes{nodes})" if processes > 1 else f"CPU ({os.cpu_count()} cores)"
 
 
 def done_line(summary: dict[str, Any]) -> str:
