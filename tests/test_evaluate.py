@@ -448,3 +448,23 @@ def test_the_gate_refuses_a_stale_evaluation_and_one_without_accuracy(demo_copy)
     v = gate.verdict(r, {"base": {}, "aligned": {}})
     assert v["passed"] is False
     assert v["reasons"] == [{"field": "eval.gate_min_gain", "reason": "no held-out preference accuracy to compare (no held-out pairs were scored)"}]
+
+
+def test_progress_lines_say_the_time_so_far_and_left(caplog, monkeypatch):
+    """A line at each quarter, with the pace so far; the last one says the whole time (the clock a
+    stand-in: 12 s after the start at every line)."""
+    import logging
+
+    from alignpress import evaluate
+
+    monkeypatch.setattr(evaluate.time, "monotonic", lambda: 1012.0)
+    with caplog.at_level(logging.INFO, logger="alignpress"):
+        for done in (8, 16, 24, 32, 40, 48, 56, 64):
+            evaluate.progress("evaluate base: greedy generation", done, 8, 64, "answers", started=1000.0)
+        evaluate.progress(None, 64, 8, 64, "answers", started=1000.0)  # no label: no line
+    assert [r.getMessage() for r in caplog.records] == [
+        "evaluate base: greedy generation: 16/64 answers; 12.0 s so far, about 36.0 s left",
+        "evaluate base: greedy generation: 32/64 answers; 12.0 s so far, about 12.0 s left",
+        "evaluate base: greedy generation: 48/64 answers; 12.0 s so far, about 4.0 s left",
+        "evaluate base: greedy generation: 64/64 answers in 12.0 s",
+    ]

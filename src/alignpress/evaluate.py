@@ -56,6 +56,7 @@ import json
 import math
 import re
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -68,7 +69,7 @@ from .formats import common_prefix
 from .modeling import load_model, load_tokenizer, pick_device, resolve_model_path, stop_token_ids
 from .prepare import read_jsonl
 from .recipe import Recipe
-from .runstate import RunDir, write_json
+from .runstate import RunDir, duration_text, write_json
 
 log = logging.getLogger("alignpress")
 
@@ -83,13 +84,20 @@ def _ids(tok, messages, gen=False) -> list[int]:
     return tok.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True, return_dict=True)["input_ids"]
 
 
-def progress(label: str | None, done: int, step: int, total: int, unit: str) -> None:
-    """A log line when `done` passes a quarter of `total` (scoring and generating take minutes on a real model)."""
+def progress(label: str | None, done: int, step: int, total: int, unit: str, started: float | None = None) -> None:
+    """A log line when `done` passes a quarter of `total` (scoring and generating take minutes on a real
+    model), with the time so far and left at that pace (`started`: time.monotonic() at the start), or
+    the whole time on the last line."""
     if not label or not total:
         return
     every = max(1, math.ceil(total / 4))
     if done >= total or done // every > (done - step) // every:
-        log.info("%s: %d/%d %s", label, min(done, total), total, unit)
+        timing = ""
+        if started is not None:
+            elapsed = time.monotonic() - started
+            timing = f" in {duration_text(elapsed)}" if done >= total else \
+                f"; {duration_text(elapsed)} so far, about {duration_text(elapsed / done * (total - done))} left"
+        log.info("%s: %d/%d %s%s", label, min(done, total), total, unit, timing)
 
 
 @torch.no_grad()
@@ -109,6 +117,7 @@ def answer_logps(model, tok, rows: list[dict], which: str, *, batch_size: int, m
         full = full[:max_length]
         seqs.append((full, min(n, len(full))))
     out: list[float] = []
+    started = time.monotonic()
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i : i + batch_size]
         width = max(len(s) for s, _ in chunk)
@@ -130,7 +139,7 @@ def answer_logps(model, tok, rows: list[dict], which: str, *, batch_size: int, m
             target = torch.tensor(s[start:], device=logits.device).unsqueeze(-1)
             out.append(torch.log_softmax(logits[j, start - 1 : len(s) - 1].float(), dim=-1).gather(-1, target).sum().item())
         del logits
-        progress(label, len(out), len(chunk), len(seqs), "pairs")
+        progress(label, len(out), len(chunk), len(seqs), "pairs", started)
     return out
 
 
@@ -154,6 +163,7 @@ def generate_ids(model, tok, prompts: list[list[dict]], *, max_new_tokens: int, 
     tok.padding_side = "left"
     stops = stop_token_ids(tok, model)
     out: list[Generation] = []
+    started = time.monotonic()
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
         texts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in chunk]
@@ -170,7 +180,7 @@ def generate_ids(model, tok, prompts: list[list[dict]], *, max_new_tokens: int, 
                     stopped = True
                     break
             out.append(Generation(prompt, answer, stopped, tok.decode(answer, skip_special_tokens=True).strip()))
-        progress(label, len(out), len(chunk), len(prompts), "answers")
+        progress(label, len(out), len(chunk), len(prompts), "answers", started)
     return out
 
 
