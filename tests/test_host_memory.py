@@ -55,6 +55,7 @@ def test_host_memory_from_meminfo_and_cgroups(tmp_path):
 
 
 def test_host_memory_check_lines(monkeypatch):
+    monkeypatch.delenv("SKYPILOT_TASK_ID", raising=False)
     from alignpress import hostmemory
     from alignpress.errors import AlignpressError
     from alignpress.recipe import load_recipe
@@ -73,6 +74,13 @@ def test_host_memory_check_lines(monkeypatch):
     full = load_recipe(ROOT / "recipes/demo.yaml", ["lora.enabled=false"])
     assert hostmemory.check(full, ["export"], params, params, (32 * 2**30, meminfo))[0].startswith(
         "host memory for export: at least 14.2 GB (export loads the trained weights in float32: ")
+    # on a SkyPilot VM the way on is a launch flag: 27.0 GB x 1.6 + 4 = 47.2, so 48 GB
+    monkeypatch.setenv("SKYPILOT_TASK_ID", "sky-2026-11-29-10-00-00-000000_ap_1")
+    with pytest.raises(AlignpressError) as e:
+        hostmemory.check(recipe, ["export"], 7_241_732_096, 41_943_040, (15 * 2**30, meminfo))
+    assert str(e.value).endswith("the kernel would kill the job at export, after training. Relaunch the same command with --memory 48+ (a VM "
+                                 "with at least 48 GB of RAM: 1.6 x this bound, as measured, plus 4 GB); it resumes from the bucket; "
+                                 "ALIGNPRESS_SKIP_MEMORY_CHECK=1 skips this check"), str(e.value)
     monkeypatch.setenv("ALIGNPRESS_SKIP_MEMORY_CHECK", "1")
     assert hostmemory.check(recipe, ["export"], 7_241_732_096, 0, (15 * 2**30, "x")) == ["host memory check skipped (ALIGNPRESS_SKIP_MEMORY_CHECK=1)"]
 
@@ -86,6 +94,7 @@ def test_deepspeed_cpu_offload_counts_adams_states_per_node(monkeypatch):
     from alignpress.recipe import load_recipe
 
     monkeypatch.delenv("SKYPILOT_NUM_NODES", raising=False)
+    monkeypatch.delenv("SKYPILOT_TASK_ID", raising=False)
     params = 3_821_079_552
     full = load_recipe(ROOT / "recipes/demo.yaml", ["lora.enabled=false", "train.accelerate_config=zero3-offload"])
     assert hostmemory.offload_need(full, params, params) == (
