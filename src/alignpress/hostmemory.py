@@ -6,7 +6,7 @@ available memory (MemAvailable plus free swap, or less under a cgroup limit), wh
 to run hold at least:
 - export: the model in float32 (4 bytes a weight): it merges the adapter there, and
   from_pretrained loads into host memory first, on a GPU machine too. A 7B model after QLoRA on a
-  16 GB-RAM VM was killed at export, hours in. Measured on the CPU (benchmarks/bench_host_memory.py,
+  16 GB-RAM VM (27 GB in float32) would be killed at export, hours in. Measured on the CPU (benchmarks/bench_host_memory.py,
   a 0.40 B-weight model): export's process peaked at 4.6 bytes a weight saving float32, 6.2 saving
   bfloat16, plus 0.3 GB for python and the libraries; 4 bytes is the lower bound counted.
 - train under DeepSpeed with CPU offload (the accelerate config's offload_optimizer_device /
