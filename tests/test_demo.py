@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import torch
@@ -134,6 +135,46 @@ def test_deepspeed_warnings_go_to_stderr():
     assert proc.stdout == ("cuda\n" if torch.cuda.is_available() else "cpu\n")
     ours = [line for line in proc.stderr.splitlines() if "DeepSpeed" in line or "accelerator" in line]
     assert ours == ["[DeepSpeed] WARNING: a DeepSpeed warning"], proc.stderr
+
+
+def test_hub_retries_say_one_line_a_request():
+    """huggingface_hub's own retry loop (http_backoff), run for real: against a closed port (no answer)
+    and a local server that answers 503 twice, then 200. The retries happen (the call succeeds on the
+    third try); their lines shrink to one a request."""
+    code = textwrap.dedent("""
+        import http.server, socket, sys, threading
+        from alignpress.cli import setup_logging
+        setup_logging()
+        from huggingface_hub.utils import http_backoff
+        answers = [503, 503, 200]
+        class Flaky(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(answers.pop(0)); self.send_header("Content-Length", "0"); self.end_headers()
+            def log_message(self, *a):
+                pass
+        server = http.server.HTTPServer(("127.0.0.1", 0), Flaky)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        print(http_backoff("GET", f"http://127.0.0.1:{server.server_port}/flaky", base_wait_time=0.01).status_code, flush=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0)); closed = s.getsockname()[1]
+        print(f"closed {closed}", flush=True)
+        try:
+            http_backoff("HEAD", f"http://127.0.0.1:{closed}/gone", max_retries=3, base_wait_time=0.01)
+        except Exception as e:
+            print(type(e).__name__, file=sys.stderr)
+        print(len(answers))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"} | {"PYTHONPATH": str(ROOT / "src")}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    status, closed, left = proc.stdout.splitlines()
+    assert status == "200" and left == "0"  # three requests made: two retried 503s, then the answer
+    port = re.search(r"http://127\.0\.0\.1:(\d+)/flaky", proc.stderr)
+    assert port, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"HTTP Error 503 thrown while requesting GET http://127.0.0.1:{port.group(1)}/flaky; retrying up to 5 times (those lines not shown)",
+        f"'[Errno 111] Connection refused' thrown while requesting HEAD http://127.0.0.1:{closed.split()[1]}/gone; retrying up to 3 times (those lines not shown)",
+        "ConnectError",
+    ]
 
 
 def test_demo_data_counts(demo_run):

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -870,6 +871,32 @@ class _DeepSpeedToStderr(logging.Filter):
         return False
 
 
+class _HubRetriesOnce(logging.Filter):
+    """huggingface_hub retries a request that gets no answer (no network, a 5xx) up to 5 times, about
+    23 s, with two lines an attempt: 11 lines stood before the one error line when the Hub could not
+    be reached. The retries stay; their lines shrink to one a request: the first failure, and that it
+    is being retried. How it ended shows next (the error line, or the command going on)."""
+
+    FAILED = re.compile(r"^(?:'.*'|HTTP Error \d+) thrown while requesting ", re.S)
+    RETRY = re.compile(r"^Retrying in \S+s \[Retry (\d+)/(\d+)\]\.$")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failure: dict[int | None, str] = {}  # thread -> its latest failed attempt's line
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.FAILED.match(message):
+            self.failure[record.thread] = message
+            return False
+        if retry := self.RETRY.match(message):
+            failure = self.failure.pop(record.thread, None)
+            if retry.group(1) != "1" or failure is None:
+                return False
+            record.msg, record.args = f"{failure}; retrying up to {retry.group(2)} times (those lines not shown)", ()
+        return True
+
+
 class AboveTheBars(logging.StreamHandler):
     """A log line during training goes above the progress bar (tqdm's, which transformers draws),
     which is drawn again below it; written plainly, it was glued to the end of the bar's line."""
@@ -911,6 +938,9 @@ def setup_logging() -> None:
     to_stderr = AboveTheBars(sys.stderr)
     to_stderr.setFormatter(other.formatter)
     deepspeed.addFilter(_DeepSpeedToStderr(to_stderr))
+    hub_http = logging.getLogger("huggingface_hub.utils._http")
+    hub_http.filters = [f for f in hub_http.filters if not isinstance(f, _HubRetriesOnce)]
+    hub_http.addFilter(_HubRetriesOnce())
     # bitsandbytes 0.50 on a CPU with AVX512-BF16 warns at import that it cannot fetch its CPU 4-bit
     # kernel (the `kernels` package): alignpress never runs 4-bit on the CPU (refused at the door), so the
     # line only stood before every command's output there, a refusal's one line included.
