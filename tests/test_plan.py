@@ -299,6 +299,10 @@ def test_plan_needs_prepared_data(tmp_path):
     proc = cli("plan", recipe, "--tokens-from", tmp_path)
     assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", f"error: {recipe}: no token counts: --tokens-from {tmp_path} is a folder with no "
                                                                   "stats.json or data/stats.json in it (give a data/stats.json written by prepare, or a folder holding one)\n")
+    # /dev/null exists but is neither: it was called "a folder with no stats.json"
+    proc = cli("plan", recipe, "--tokens-from", "/dev/null")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", f"error: {recipe}: no token counts: --tokens-from /dev/null is neither a file nor a "
+                                                                  "folder (give a data/stats.json written by prepare, or a folder holding one)\n")
 
 
 def test_plan_prices_override_and_measured_mfu(phi3_out, tmp_path):

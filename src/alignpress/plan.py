@@ -82,6 +82,9 @@ def load_tokens(recipe: Recipe, run_root: Path, tokens_from: str | None) -> dict
         if not p.exists():
             raise AlignpressError(f"no token counts: --tokens-from {p} does not exist (give a data/stats.json written by prepare, or a folder "
                                   "holding one)", source=recipe.source)
+        if not p.is_file() and not p.is_dir():
+            raise AlignpressError(f"no token counts: --tokens-from {p} is neither a file nor a folder (give a data/stats.json written by "
+                                  "prepare, or a folder holding one)", source=recipe.source)
         candidates = [p] if p.is_file() else [p / "stats.json", p / "data" / "stats.json"]
     else:
         candidates = [run_root / "data" / "stats.json"]
