@@ -1,6 +1,7 @@
 """The recipe schema: every shipped recipe validates; every kind of mistake names its file and field."""
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -253,6 +254,13 @@ def test_missing_required_field(tmp_path):
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(AlignpressError, match="nope.yaml: recipe file not found"):
         load_recipe(tmp_path / "nope.yaml")
+    # a pipe (`validate <(cat r.yaml)`) was "recipe file not found"
+    fifo = tmp_path / "piped.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(AlignpressError) as e:
+        load_recipe(fifo)
+    assert str(e.value) == (f"{fifo}: not a regular file (a pipe or a device): give the recipe's own path, since its relative paths "
+                            "(data, chat template) are read from its folder")
     # One line, with where: PyYAML's own message spans four lines with a caret drawing.
     with pytest.raises(AlignpressError) as e:
         load_recipe(write(tmp_path, "name: t\nmodel: [unclosed\n"))

@@ -291,6 +291,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     source = str(path)
     if path.is_dir():
         raise AlignpressError("is a folder, not a recipe file (a .yaml file, such as recipes/demo.yaml)", source=source)
+    if path.exists() and not path.is_file():
+        # a pipe (`<(...)`) or a device: a recipe's relative paths are read from its folder, which these lack
+        raise AlignpressError("not a regular file (a pipe or a device): give the recipe's own path, since its relative paths "
+                              "(data, chat template) are read from its folder", source=source)
     if not path.is_file():
         raise AlignpressError("recipe file not found", source=source)
     data = path.read_bytes()
