@@ -452,7 +452,7 @@ def test_the_gate_refuses_a_stale_evaluation_and_one_without_accuracy(demo_copy)
 
 def test_progress_lines_say_the_time_so_far_and_left(caplog, monkeypatch):
     """A line at each quarter, with the pace so far; the last one says the whole time (the clock a
-    stand-in: 12 s after the start at every line)."""
+    stand-in: 12 s after the start at every line). A quick pass says only the last."""
     import logging
 
     from alignpress import evaluate
@@ -468,3 +468,10 @@ def test_progress_lines_say_the_time_so_far_and_left(caplog, monkeypatch):
         "evaluate base: greedy generation: 48/64 answers; 12.0 s so far, about 4.0 s left",
         "evaluate base: greedy generation: 64/64 answers in 12.0 s",
     ]
+    # a quick pass (5 s so far at each quarter): the last line only
+    caplog.clear()
+    monkeypatch.setattr(evaluate.time, "monotonic", lambda: 1005.0)
+    with caplog.at_level(logging.INFO, logger="alignpress"):
+        for done in (8, 16, 24, 32, 40, 48, 56, 64):
+            evaluate.progress("evaluate base: chosen log-probs", done, 8, 64, "pairs", started=1000.0)
+    assert [r.getMessage() for r in caplog.records] == ["evaluate base: chosen log-probs: 64/64 pairs in 5.0 s"]
