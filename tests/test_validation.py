@@ -132,6 +132,25 @@ def test_a_command_line_mistake_is_one_line():
     assert (proc.returncode, proc.stderr) == (0, "") and proc.stdout.startswith("usage: alignpress run [-h]")
 
 
+def test_help_examples_parse():
+    """`--help` ends with examples; each one is a command the parser takes (RECIPE and COMMAND filled in),
+    so they stay right as the options change."""
+    import shlex
+
+    from alignpress.cli import _parser
+
+    proc = cli("--help")
+    assert (proc.returncode, proc.stderr) == (0, "")
+    examples = proc.stdout.split("\nexamples:\n", 1)[1].split("\n\n")[0].splitlines()
+    commands = [shlex.split(line.split("#")[0])[2:] for line in examples]
+    assert [c[0] for c in commands] == ["run", "validate", "prepare", "plan", "run", "COMMAND"]
+    for words in commands:
+        if words == ["COMMAND", "--help"]:
+            continue
+        parsed = _parser().parse_args([w.replace("RECIPE", "recipes/demo.yaml") for w in words])
+        assert parsed.command == words[0] and parsed.recipe.endswith("demo.yaml"), words
+
+
 def test_a_section_given_twice_stops_validate_in_one_line(tmp_path, tiny_phi3, capsys):
     """The second `train:` would have replaced the first, learning rate and all, without a word."""
     recipe = write_recipe(tmp_path, tiny_phi3)

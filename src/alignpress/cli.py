@@ -78,10 +78,24 @@ def _command_hint(args: list[str]) -> str:
     return ""
 
 
+# `--help` ends with the commands a first use needs (the image's entrypoint takes the same arguments:
+# docker run IMAGE run RECIPE ...); README.md has the rest.
+EXAMPLES = """examples:
+  python entrypoint.py run recipes/demo.yaml           # the whole job offline on the CPU, in minutes
+  python entrypoint.py validate RECIPE --hub           # the recipe, its data and the Hub, before renting a GPU
+  python entrypoint.py prepare RECIPE                  # the data alone (no GPU), then:
+  python entrypoint.py plan RECIPE                     # time and cost on each GPU
+  python entrypoint.py run RECIPE --set publish.repo_id=YOU/NAME    # align and push (HF_TOKEN set)
+  python entrypoint.py COMMAND --help                  # a command's own options
+
+Bad input exits 2 with one line naming the file and field; README.md has the rest."""
+
+
 def _parser() -> argparse.ArgumentParser:
     from .version import version
 
-    p = _OneLineParser(prog="alignpress", description="Align a chat model with DPO and publish it.")
+    p = _OneLineParser(prog="alignpress", description="Align a chat model with DPO and publish it.", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"alignpress {version()}")
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in [
