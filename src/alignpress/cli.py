@@ -88,6 +88,7 @@ EXAMPLES = """examples:
   python entrypoint.py run RECIPE --set publish.repo_id=YOU/NAME    # align and push (HF_TOKEN set)
   python entrypoint.py COMMAND --help                  # a command's own options
 
+In the Docker image the same arguments follow the image's name: docker run --gpus all ... IMAGE run RECIPE.
 Bad input exits 2 with one line naming the file and field; README.md has the rest."""
 
 
