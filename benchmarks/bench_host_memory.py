@@ -7,9 +7,10 @@ samples that process's anonymous memory (RssAnon in /proc/PID/status) every 5 ms
 peak, the baseline of a process that imported the same libraries, and the bytes a weight above it:
 what alignpress.hostmemory's lower bound (4 bytes a weight) is compared with.
 
-Scoring: evaluate.answer_logps on rows of about --tokens tokens against a model whose vocabulary
-is --vocab (256k: Gemma's), in its own process; the peak above the loaded model, next to the
-batch's logits alone (rows x tokens x vocabulary x 4 bytes).
+Scoring: evaluate.answer_logps on rows of --tokens tokens, the last --answer of them (about) the
+answer, against a model whose vocabulary is --vocab (256k: Gemma's), in its own process; the peak
+above the loaded model, next to the batch's float32 logits at every position (rows x tokens x
+vocabulary x 4 bytes) and at the answers' positions only.
 
     python benchmarks/bench_host_memory.py                          # about 2 minutes on 2 cores
     python benchmarks/bench_host_memory.py --hidden 64 --layers 2 --vocab 4096   # seconds (tests)
@@ -82,14 +83,20 @@ import json, sys, threading, time, torch
 from transformers import GemmaConfig, GemmaForCausalLM
 from alignpress import evaluate
 from alignpress.tiny import phi3_tokenizer
-vocab, rows, tokens = map(int, sys.argv[1:4])
+vocab, rows, tokens, answer = map(int, sys.argv[1:5])
 tok = phi3_tokenizer()
 torch.manual_seed(0)
 model = GemmaForCausalLM(GemmaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                                      num_key_value_heads=1, head_dim=32, pad_token_id=tok.pad_token_id)).eval()
-words = "What is 7 plus 5 ? " * tokens
-pair = {"prompt": [{"role": "user", "content": words}], "chosen": [{"role": "assistant", "content": "The answer is 12 ."}]}
-ids = tok.apply_chat_template(pair["prompt"] + pair["chosen"], tokenize=True, return_dict=True)["input_ids"]
+# a prompt that fills the row but for about `answer` tokens, then an answer cut at the row's end (max_length)
+def count(messages, gen=False):
+    return len(tok.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True, return_dict=True)["input_ids"])
+words = []
+while count([{"role": "user", "content": " ".join(words + ["seven"])}], gen=True) <= tokens - answer:
+    words.append("seven")
+prompt = [{"role": "user", "content": " ".join(words)}]
+pair = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "twelve " * tokens}]}
+scored = tokens - count(prompt, gen=True)
 data = [{"messages": pair}] * rows
 def anon():
     return int(open("/proc/self/status").read().split("RssAnon:")[1].split()[0]) * 1024
@@ -101,7 +108,7 @@ def sample():
 threading.Thread(target=sample, daemon=True).start()
 start = time.perf_counter()
 evaluate.answer_logps(model, tok, data, "chosen", batch_size=rows, max_length=tokens)
-print(json.dumps({"tokens": min(len(ids), tokens), "above_model_bytes": peak[0] - before, "seconds": time.perf_counter() - start}))
+print(json.dumps({"tokens": tokens, "answer_tokens": scored, "above_model_bytes": peak[0] - before, "seconds": time.perf_counter() - start}))
 """
 
 
@@ -112,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=256000, help="the scoring model's vocabulary")
     p.add_argument("--rows", type=int, default=8, help="rows scored in one batch")
     p.add_argument("--tokens", type=int, default=128, help="tokens a scored row")
+    p.add_argument("--answer", type=int, default=32, help="of which answer tokens (the rest is the prompt)")
     p.add_argument("--json", type=Path, help="also write the numbers here")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
@@ -145,15 +153,18 @@ def main(argv: list[str] | None = None) -> int:
             results["export"][dtype] = {"peak_bytes": peak, "bytes_per_weight": round(per_weight, 2)}
             print(f"  export.dtype {dtype:<9} peak {peak / MiB:>8,.0f} MiB: {per_weight:.1f} bytes a weight above the baseline (the door counts 4)")
 
-    proc = subprocess.run([sys.executable, "-c", SCORING, str(args.vocab), str(args.rows), str(args.tokens)], capture_output=True, text=True, env=env, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-c", SCORING, str(args.vocab), str(args.rows), str(args.tokens), str(args.answer)],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)
         return 1
     scoring = json.loads(proc.stdout.strip().splitlines()[-1])
     logits = args.rows * scoring["tokens"] * args.vocab * 4
-    results["scoring"] = {**scoring, "vocab": args.vocab, "rows": args.rows, "logits_bytes": logits}
-    print(f"scoring {args.rows} rows of {scoring['tokens']} tokens, vocabulary {args.vocab:,}: peak {scoring['above_model_bytes'] / MiB:,.0f} MiB "
-          f"above the model (the batch's float32 logits alone: {logits / MiB:,.0f} MiB), {scoring['seconds']:.2f} s")
+    answers = args.rows * scoring["answer_tokens"] * args.vocab * 4
+    results["scoring"] = {**scoring, "vocab": args.vocab, "rows": args.rows, "logits_bytes": logits, "answer_logits_bytes": answers}
+    print(f"scoring {args.rows} rows of {scoring['tokens']} tokens ({scoring['answer_tokens']} of them answer), vocabulary {args.vocab:,}: "
+          f"peak {scoring['above_model_bytes'] / MiB:,.0f} MiB above the model (the batch's float32 logits: {logits / MiB:,.0f} MiB at every "
+          f"position, {answers / MiB:,.0f} MiB at the answers'), {scoring['seconds']:.2f} s")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0

@@ -303,9 +303,10 @@ def test_a_worker_past_its_time_is_killed_with_what_it_started(tmp_path):
 
 def test_host_memory_benchmark_runs_and_scoring_holds_one_batch_of_logits(tmp_path):
     """benchmarks/bench_host_memory.py on a tiny model (its numbers mean little there), and its
-    scoring part at a size where they do: 8 rows of 128 tokens, vocabulary 65,536 (256 MiB of float32
-    logits). evaluate.answer_logps once held three such tensors (the logits in float32 and the whole
-    log-softmax); now the peak above the model stays under one and a half."""
+    scoring part at a size where they do: 8 rows of 128 tokens, 36 of them answer, vocabulary 65,536
+    (256 MiB of float32 logits at every position, 72 MiB at the answers'). evaluate.answer_logps once
+    held three whole-batch tensors (the logits, in float32, and the whole log-softmax: 3 x 256 MiB),
+    then one (262 MiB measured); now the logits at the answers' positions only (74 MiB measured)."""
     out = tmp_path / "hostmem.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_host_memory.py"), "--hidden", "64", "--layers", "2", "--vocab", "65536",
                            "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -317,6 +318,8 @@ def test_host_memory_benchmark_runs_and_scoring_holds_one_batch_of_logits(tmp_pa
     assert set(result["export"]) == {"float32", "bfloat16"} and result["params"] == 2 * (16 * 64 * 64 + 2 * 64) + 2 * vocab * 64 + 64
     assert all(e["peak_bytes"] > result["baseline_bytes"] > 100 * 2**20 for e in result["export"].values())
     scoring = result["scoring"]
-    assert scoring["tokens"] == 128 and scoring["logits_bytes"] == 8 * 128 * 65536 * 4
-    assert 0.9 * scoring["logits_bytes"] < scoring["above_model_bytes"] < 1.5 * scoring["logits_bytes"], scoring
-    assert "scoring 8 rows of 128 tokens, vocabulary 65,536: peak " in proc.stdout
+    assert (scoring["tokens"], scoring["answer_tokens"]) == (128, 36) and scoring["logits_bytes"] == 8 * 128 * 65536 * 4
+    assert scoring["answer_logits_bytes"] == 8 * 36 * 65536 * 4
+    assert 0.9 * scoring["answer_logits_bytes"] < scoring["above_model_bytes"] < 1.5 * scoring["answer_logits_bytes"], scoring
+    assert scoring["above_model_bytes"] < 0.5 * scoring["logits_bytes"]  # never the whole batch's logits
+    assert "scoring 8 rows of 128 tokens (36 of them answer), vocabulary 65,536: peak " in proc.stdout

@@ -390,6 +390,63 @@ def test_divergence_is_kl_of_the_aligned_model_from_the_base():
         assert abs(kl - reverse) > 0.1  # the test tells the two directions apart
 
 
+@pytest.mark.parametrize("arch", ["phi3", "gemma", "gemma2"])
+def test_span_logits_and_divergence_read_only_the_answer_positions(arch, monkeypatch):
+    """span_logits sends only the answer positions through the LM head (a boolean logits_to_keep) for
+    transformers' own classes under a LoRA adapter, Gemma-2's logit soft-capping included, and gives
+    the logits of the whole forward there; the KL estimate is the same either way."""
+    import contextlib
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GemmaConfig, GemmaForCausalLM, Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, pad_token_id=0)
+    if arch == "phi3":
+        model = Phi3ForCausalLM(Phi3Config(**small))
+    elif arch == "gemma":
+        model = GemmaForCausalLM(GemmaConfig(**small, num_key_value_heads=1, head_dim=16))
+    else:
+        model = Gemma2ForCausalLM(Gemma2Config(**small, num_key_value_heads=1, head_dim=16, final_logit_softcapping=3.0, sliding_window=4))
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+    assert evaluate._keeps_positions(model)
+    gens = [evaluate.Generation([5, 6, 7, 8], [9, 10, 11], True, ""), evaluate.Generation([5, 6], [12, 13, 14, 15, 16], False, ""),
+            evaluate.Generation([5, 6, 7], [], False, "")]
+    width = max(len(g.prompt_ids) + len(g.answer_ids) for g in gens)
+    ids, attn = torch.zeros(len(gens), width, dtype=torch.long), torch.zeros(len(gens), width, dtype=torch.long)
+    for j, g in enumerate(gens):
+        ids[j, : len(g.prompt_ids) + len(g.answer_ids)] = torch.tensor(g.prompt_ids + g.answer_ids)
+        attn[j, : len(g.prompt_ids) + len(g.answer_ids)] = 1
+    spans = [(len(g.prompt_ids) - 1, len(g.prompt_ids) - 1 + len(g.answer_ids)) for g in gens]
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=attn).logits
+        kept = evaluate.span_logits(model, ids, attn, spans)
+    assert [tuple(k.shape) for k in kept] == [(3, 97), (5, 97), (0, 97)]
+    for j, (first, end) in enumerate(spans):
+        assert torch.allclose(kept[j], full[j, first:end], atol=1e-6, rtol=0), j
+    if arch == "gemma2":
+        assert full.abs().max().item() <= 3.0 and kept[1].abs().max().item() <= 3.0  # soft-capped on the kept positions too
+
+    @contextlib.contextmanager
+    def use(side):
+        if side == "aligned":
+            yield model
+        else:
+            with model.disable_adapter():
+                yield model
+
+    policies = SimpleNamespace(use=use)
+    tok = SimpleNamespace(pad_token_id=0)
+    with torch.no_grad():
+        ours = evaluate.divergence(policies, tok, gens, batch_size=3)
+        monkeypatch.setattr(evaluate, "_keeps_positions", lambda model: False)  # the whole forward's logits instead
+        whole = evaluate.divergence(policies, tok, gens, batch_size=3)
+    assert ours[2] == whole[2] == (0.0, 0.0, 0)
+    for (kl, ratio, n), (kl_whole, ratio_whole, n_whole) in zip(ours[:2], whole[:2]):
+        assert n == n_whole and kl > 1e-3 and kl == pytest.approx(kl_whole, rel=1e-5) and ratio == pytest.approx(ratio_whole, rel=1e-5, abs=1e-6)
+
+
 @pytest.mark.parametrize(("arch", "max_length", "mode"), [("phi3", 1024, "keep_start"), ("gemma", 1024, "keep_start"),
                                                           ("phi3", 24, "keep_start"), ("gemma", 24, "keep_end")])
 def test_answer_log_probs_are_trls(arch, max_length, mode, tmp_path):

@@ -51,6 +51,7 @@ metrics/eval.json, schema version 2 (every number is a mean over the held-out pa
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import json
 import math
@@ -108,12 +109,41 @@ def progress(label: str | None, done: int, step: int, total: int, unit: str, sta
         log.info("%s: %d/%d %s%s", label, min(done, total), total, unit, timing)
 
 
+def _keeps_positions(model) -> bool:
+    """Whether the model's forward takes transformers' `logits_to_keep` as a boolean (rows, positions)
+    mask (slice_logits_to_keep: transformers' own model classes); remote code may slice an int only."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(base).__module__.startswith("transformers.") and "logits_to_keep" in inspect.signature(type(base).forward).parameters
+
+
+def span_logits(model, ids: torch.Tensor, attn: torch.Tensor, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Row j's logits at positions spans[j] = (first, end), end exclusive (the positions that predict
+    its answer tokens). Only those positions go through the LM head where the model takes a boolean
+    logits_to_keep: the whole batch's logits were rows x tokens x vocabulary (Gemma: 256k a token),
+    most of them at prompt positions that nothing reads. No forward when no row has a span."""
+    sizes = [max(end - first, 0) for first, end in spans]
+    device = next(model.parameters()).device
+    if not any(sizes):
+        return [torch.empty(0, 0, device=device) for _ in spans]
+    if _keeps_positions(model):
+        mask = torch.zeros(ids.shape, dtype=torch.bool)
+        for j, (first, end) in enumerate(spans):
+            mask[j, first:end] = True
+        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), logits_to_keep=mask.to(device)).logits
+        if logits.ndim == 2 and logits.shape[0] == sum(sizes):  # the kept positions, row after row
+            return list(logits.split(sizes))
+        if logits.ndim != 3 or logits.shape[1] != ids.shape[1]:
+            raise RuntimeError(f"{type(model).__name__} returned logits of shape {tuple(logits.shape)} for logits_to_keep over {sum(sizes)} positions")
+    else:
+        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
+    return [logits[j, first:end] if end > first else logits[j, :0] for j, (first, end) in enumerate(spans)]
+
+
 @torch.no_grad()
 def answer_logps(model, tok, rows: list[dict], which: str, *, batch_size: int, max_length: int, truncation_mode: str = "keep_start",
                  label: str | None = None) -> list[float]:
     """Summed log-probability of each row's `which` answer given its prompt, tokenised and truncated as TRL
     does (dpo.truncation_mode: keep_end drops the start of the prompt)."""
-    device = next(model.parameters()).device
     seqs = []
     for r in rows:
         m = r["messages"]
@@ -134,19 +164,20 @@ def answer_logps(model, tok, rows: list[dict], which: str, *, batch_size: int, m
         for j, (s, _) in enumerate(chunk):
             ids[j, : len(s)] = torch.tensor(s)
             attn[j, : len(s)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
-        # Row by row, and only the positions that predict answer tokens, in float32: the whole
-        # batch's float32 log-softmax was 3 copies of rows x tokens x vocabulary beside the model
-        # (Gemma: 256k floats a token). Measured on the CPU, 8 rows of 128 tokens, vocabulary 256k,
-        # float32 model: 1.09 GB above the model (its logits) instead of 2.99 GB, 1.2 s instead of 3.9 s.
-        for j, (s, n) in enumerate(chunk):
-            start = max(n, 1)  # the first token has no position predicting it (keep_end may cut the whole prompt)
+        # Only the positions that predict answer tokens, row by row, in float32: the whole batch's
+        # float32 log-softmax was 3 copies of rows x tokens x vocabulary beside the model (Gemma: 256k
+        # floats a token), and the batch's logits at every position one more (span_logits).
+        # The first token has no position predicting it (keep_end may cut the whole prompt); a row
+        # with nothing of its answer left after truncation scores 0.
+        starts = [max(n, 1) for s, n in chunk]
+        rows_logits = span_logits(model, ids, attn, [(start - 1, len(s) - 1) if start < len(s) else (0, 0) for start, (s, _) in zip(starts, chunk)])
+        for (s, _), start, row in zip(chunk, starts, rows_logits):
             if start >= len(s):
-                out.append(0.0)  # nothing of the answer left after truncation
+                out.append(0.0)
                 continue
-            target = torch.tensor(s[start:], device=logits.device).unsqueeze(-1)
-            out.append(torch.log_softmax(logits[j, start - 1 : len(s) - 1].float(), dim=-1).gather(-1, target).sum().item())
-        del logits
+            target = torch.tensor(s[start:], device=row.device).unsqueeze(-1)
+            out.append(torch.log_softmax(row.float(), dim=-1).gather(-1, target).sum().item())
+        del rows_logits
         progress(label, len(out), len(chunk), len(seqs), "pairs", started)
     return out
 
@@ -251,12 +282,6 @@ class Policies:
             yield self.base
 
 
-def _answer_log_softmax(logits: torch.Tensor, row: int, g: Generation) -> torch.Tensor:
-    """Row `row`'s log-softmax at the positions that predict g's answer tokens, in float32."""
-    start = len(g.prompt_ids) - 1
-    return torch.log_softmax(logits[row, start : start + len(g.answer_ids)].float(), dim=-1)
-
-
 @torch.no_grad()
 def divergence(policies: Policies, tok, gens: list[Generation], *, batch_size: int) -> list[tuple[float, float, int]]:
     """(summed next-token KL(pi || pi_ref), log pi(y|x) - log pi_ref(y|x), answer tokens) for each answer y."""
@@ -270,28 +295,26 @@ def divergence(policies: Policies, tok, gens: list[Generation], *, batch_size: i
         for j, s in enumerate(seqs):
             ids[j, : len(s)] = torch.tensor(s)
             attn[j, : len(s)] = 1
-        # The aligned side's rows are kept; the base side's are made one at a time beside them and
-        # dropped once their row is scored (both sides kept was twice the memory: a row is answer
-        # tokens x vocabulary floats, 256k a token for Gemma).
+        # Answer positions only (span_logits). The aligned side's float32 log-softmax rows are kept;
+        # the base side's are made one at a time beside them and dropped once their row is scored
+        # (both sides kept was twice the memory: a row is answer tokens x vocabulary floats, 256k a
+        # token for Gemma).
+        spans = [(len(g.prompt_ids) - 1, len(g.prompt_ids) - 1 + len(g.answer_ids)) for g in chunk]
         with policies.use("aligned") as model:
-            device = next(model.parameters()).device
-            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
-            aligned: list[torch.Tensor | None] = [_answer_log_softmax(logits, j, g) for j, g in enumerate(chunk)]
-            del logits
+            aligned: list[torch.Tensor | None] = [torch.log_softmax(row.float(), dim=-1) for row in span_logits(model, ids, attn, spans)]
         with policies.use("base") as model:
-            device = next(model.parameters()).device
-            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
+            base = span_logits(model, ids, attn, spans)
             for j, g in enumerate(chunk):
                 a, aligned[j] = aligned[j], None
+                row, base[j] = base[j], None
                 if not g.answer_ids:
                     out.append((0.0, 0.0, 0))
                     continue
-                r = _answer_log_softmax(logits, j, g)
+                r = torch.log_softmax(row.float(), dim=-1)
                 kl = (a.exp() * (a - r)).sum(-1).clamp_min(0).sum().item()
                 target = torch.tensor(g.answer_ids, device=a.device).unsqueeze(-1)
                 ratio = (a.gather(-1, target) - r.gather(-1, target)).sum().item()
                 out.append((kl, ratio, len(g.answer_ids)))
-            del logits
     return out
 
 
