@@ -351,19 +351,20 @@ def test_demo_training_is_healthy(demo_run):
 
 
 class _FixedLogits:
-    """A stand-in model whose logits are given per row (the same for any input): divergence's maths alone."""
+    """A stand-in model whose logits at a position are a fixed row of `table` chosen by the token
+    there (no context): divergence's maths alone, whatever order its batches take the answers in."""
 
-    def __init__(self, logits):
+    def __init__(self, table):
         import torch
 
-        self.logits = logits
+        self.table = table
         self.weight = torch.nn.Parameter(torch.zeros(1))
 
     def parameters(self):
         return iter([self.weight])
 
     def __call__(self, input_ids, attention_mask):
-        return SimpleNamespace(logits=self.logits[: input_ids.shape[0], : input_ids.shape[1]])
+        return SimpleNamespace(logits=self.table[input_ids])
 
 
 def test_divergence_is_kl_of_the_aligned_model_from_the_base():
@@ -374,15 +375,17 @@ def test_divergence_is_kl_of_the_aligned_model_from_the_base():
     import torch
 
     torch.manual_seed(0)
-    aligned, base = torch.randn(2, 7, 11) * 2, torch.randn(2, 7, 11)
+    aligned, base = torch.randn(11, 11) * 2, torch.randn(11, 11)  # logits by the token at the position
     models = {"aligned": _FixedLogits(aligned), "base": _FixedLogits(base)}
     policies = SimpleNamespace(use=contextlib.contextmanager(lambda side: iter([models[side]])))
-    gens = [evaluate.Generation([1, 2, 3], [4, 5, 6], True, ""), evaluate.Generation([1, 2], [7, 8], True, "")]
+    # shortest first: divergence scores longest first, so its answers come back in another order
+    gens = [evaluate.Generation([1, 2], [7, 8], True, ""), evaluate.Generation([1, 2, 3], [4, 5, 6], True, ""),
+            evaluate.Generation([3, 2, 1], [9, 10, 4, 5], True, "")]
     tok = SimpleNamespace(pad_token_id=0)
     out = evaluate.divergence(policies, tok, gens, batch_size=2)
     for j, g in enumerate(gens):
-        at = slice(len(g.prompt_ids) - 1, len(g.prompt_ids) - 1 + len(g.answer_ids))  # the positions predicting the answer
-        a, r = (torch.log_softmax(x[j, at].double(), -1) for x in (aligned, base))
+        at = (g.prompt_ids + g.answer_ids)[len(g.prompt_ids) - 1 : -1]  # the tokens at the positions predicting the answer
+        a, r = (torch.log_softmax(x[at].double(), -1) for x in (aligned, base))
         kl = torch.nn.functional.kl_div(r, a, log_target=True, reduction="sum").item()
         ratio = sum(a[i, t] - r[i, t] for i, t in enumerate(g.answer_ids)).item()
         assert out[j][0] == pytest.approx(kl, rel=1e-5) and out[j][1] == pytest.approx(ratio, rel=1e-5) and out[j][2] == len(g.answer_ids)

@@ -109,6 +109,11 @@ def progress(label: str | None, done: int, step: int, total: int, unit: str, sta
         log.info("%s: %d/%d %s%s", label, min(done, total), total, unit, timing)
 
 
+def longest_first(lengths: list[int]) -> list[int]:
+    """Indices of `lengths`, longest first (ties in their order)."""
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
 def _keeps_positions(model) -> bool:
     """Whether the model's forward takes transformers' `logits_to_keep` as a boolean (rows, positions)
     mask (slice_logits_to_keep: transformers' own model classes); remote code may slice an int only."""
@@ -154,10 +159,15 @@ def answer_logps(model, tok, rows: list[dict], which: str, *, batch_size: int, m
             n, full = max(n - (len(full) - max_length), 0), full[-max_length:]
         full = full[:max_length]
         seqs.append((full, min(n, len(full))))
-    out: list[float] = []
+    out: list[float] = [0.0] * len(seqs)
+    done = 0
     started = time.monotonic()
+    # Longest rows first: a batch pads to its longest row, so rows of like length together pad least,
+    # and the batch most likely to run out of memory is the first one, not one near the end.
+    order = longest_first([len(s) for s, _ in seqs])
     for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i : i + batch_size]
+        at = order[i : i + batch_size]
+        chunk = [seqs[k] for k in at]
         width = max(len(s) for s, _ in chunk)
         ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
         attn = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -171,14 +181,13 @@ def answer_logps(model, tok, rows: list[dict], which: str, *, batch_size: int, m
         # with nothing of its answer left after truncation scores 0.
         starts = [max(n, 1) for s, n in chunk]
         rows_logits = span_logits(model, ids, attn, [(start - 1, len(s) - 1) if start < len(s) else (0, 0) for start, (s, _) in zip(starts, chunk)])
-        for (s, _), start, row in zip(chunk, starts, rows_logits):
-            if start >= len(s):
-                out.append(0.0)
-                continue
-            target = torch.tensor(s[start:], device=row.device).unsqueeze(-1)
-            out.append(torch.log_softmax(row.float(), dim=-1).gather(-1, target).sum().item())
+        for k, (s, _), start, row in zip(at, chunk, starts, rows_logits):
+            if start < len(s):
+                target = torch.tensor(s[start:], device=row.device).unsqueeze(-1)
+                out[k] = torch.log_softmax(row.float(), dim=-1).gather(-1, target).sum().item()
         del rows_logits
-        progress(label, len(out), len(chunk), len(seqs), "pairs", started)
+        done += len(chunk)
+        progress(label, done, len(chunk), len(seqs), "pairs", started)
     return out
 
 
@@ -285,9 +294,11 @@ class Policies:
 @torch.no_grad()
 def divergence(policies: Policies, tok, gens: list[Generation], *, batch_size: int) -> list[tuple[float, float, int]]:
     """(summed next-token KL(pi || pi_ref), log pi(y|x) - log pi_ref(y|x), answer tokens) for each answer y."""
-    out: list[tuple[float, float, int]] = []
+    out: list[tuple[float, float, int]] = [(0.0, 0.0, 0)] * len(gens)
+    order = longest_first([len(g.prompt_ids) + len(g.answer_ids) for g in gens])  # as in answer_logps
     for i in range(0, len(gens), batch_size):
-        chunk = gens[i : i + batch_size]
+        at = order[i : i + batch_size]
+        chunk = [gens[k] for k in at]
         seqs = [g.prompt_ids + g.answer_ids for g in chunk]
         width = max(len(s) for s in seqs)
         ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
@@ -304,17 +315,16 @@ def divergence(policies: Policies, tok, gens: list[Generation], *, batch_size: i
             aligned: list[torch.Tensor | None] = [torch.log_softmax(row.float(), dim=-1) for row in span_logits(model, ids, attn, spans)]
         with policies.use("base") as model:
             base = span_logits(model, ids, attn, spans)
-            for j, g in enumerate(chunk):
+            for j, (k, g) in enumerate(zip(at, chunk)):
                 a, aligned[j] = aligned[j], None
                 row, base[j] = base[j], None
                 if not g.answer_ids:
-                    out.append((0.0, 0.0, 0))
                     continue
                 r = torch.log_softmax(row.float(), dim=-1)
                 kl = (a.exp() * (a - r)).sum(-1).clamp_min(0).sum().item()
                 target = torch.tensor(g.answer_ids, device=a.device).unsqueeze(-1)
                 ratio = (a.gather(-1, target) - r.gather(-1, target)).sum().item()
-                out.append((kl, ratio, len(g.answer_ids)))
+                out[k] = (kl, ratio, len(g.answer_ids))
     return out
 
 
