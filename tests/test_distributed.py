@@ -225,7 +225,8 @@ def entrypoint_saying_if_the_process_group_is_open_at_exit(folder: Path, default
     script.write_text(
         "import atexit, runpy, sys\n"
         "import torch.distributed as dist\n" + shorter +
-        "atexit.register(lambda: print('process group open at exit:', dist.is_initialized(), file=sys.stderr))\n"
+        # one write: print() writes its parts apart, and the other process's lines came in between
+        "atexit.register(lambda: sys.stderr.write(f'process group open at exit: {dist.is_initialized()}\\n'))\n"
         f"sys.argv[0] = {str(ROOT / 'entrypoint.py')!r}\n"
         f"runpy.run_path({str(ROOT / 'entrypoint.py')!r}, run_name='__main__')\n")
     return script
