@@ -10,7 +10,9 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import trl
@@ -853,3 +855,15 @@ def test_the_sliding_window_binds_only_when_every_layer_slides():
         _check_lengths(recipe, every, "Every")
     with pytest.raises(AlignpressError, match="sliding attention window of 16"):
         _check_lengths(recipe, SimpleNamespace(max_position_embeddings=4096, sliding_window=16), "NoTypes")
+
+
+def test_the_error_line_is_one_write(monkeypatch):
+    """Launched processes share one stderr, which Python writes through: print() wrote the line and its
+    newline apart, and another process's line could land between them (seen in CI with a test's own line)."""
+    from alignpress import cli as cli_module
+
+    writes = []
+    monkeypatch.setattr(sys, "stderr", SimpleNamespace(write=writes.append, flush=lambda: None))
+    monkeypatch.delenv("ALIGNPRESS_EXIT_DIR", raising=False)
+    assert cli_module._fail("error: recipe.yaml: field 'dpo.beta': expected a number", 2) == 2
+    assert writes == ["error: recipe.yaml: field 'dpo.beta': expected a number\n"]

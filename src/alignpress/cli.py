@@ -1084,7 +1084,10 @@ def _reporting() -> None:
 def _fail(line: str, code: int, echo: bool = False, again_prefix: str | None = None) -> int:
     """Print the error's line and return its exit code. Under a relaunch (`_relaunch`) each process
     also leaves both for the command the user typed, which says the first failure's again, last."""
-    print(line, file=sys.stderr)
+    # one write, line and newline: print() writes them apart, and Python's stderr writes through, so
+    # another launched process's line could come in between
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
     _exit_record(code=code, line=line, echo=echo, again_prefix=again_prefix)
     return code
 

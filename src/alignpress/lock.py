@@ -184,7 +184,8 @@ class FolderLock:
             holder = self._read()
             if holder is not None and holder.get("token") not in (None, self.token):
                 # Someone took over while we stalled: stop at once, before writing anything more.
-                print(f"error: {self.root}: lost the output folder lock to {self._describe(holder)}; stopping", file=sys.stderr, flush=True)
+                sys.stderr.write(f"error: {self.root}: lost the output folder lock to {self._describe(holder)}; stopping\n")  # one write
+                sys.stderr.flush()
                 os._exit(2)
             try:
                 self._beat()
