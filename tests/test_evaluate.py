@@ -450,6 +450,35 @@ def test_span_logits_and_divergence_read_only_the_answer_positions(arch, monkeyp
         assert n == n_whole and kl > 1e-3 and kl == pytest.approx(kl_whole, rel=1e-5) and ratio == pytest.approx(ratio_whole, rel=1e-5, abs=1e-6)
 
 
+def test_span_logits_when_the_model_ignores_the_mask_or_answers_in_another_shape():
+    """A model whose forward takes logits_to_keep but returns every position's logits anyway gives the
+    same rows; one that returns some other shape is an error that names it, not rows read at the wrong
+    positions."""
+    import torch
+
+    class IgnoresTheMask(torch.nn.Module):
+        def __init__(self, table, shape=None):
+            super().__init__()
+            self.table, self.shape = torch.nn.Parameter(table), shape
+
+        def forward(self, input_ids, attention_mask=None, logits_to_keep=0):
+            logits = self.table[input_ids]
+            return SimpleNamespace(logits=logits if self.shape is None else logits.reshape(self.shape))
+
+    IgnoresTheMask.__module__ = "transformers.models.stand_in"  # taken for one of transformers' own classes
+    torch.manual_seed(0)
+    table = torch.randn(20, 7)
+    ids, attn = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 0, 0]]), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    spans = [(2, 4), (1, 2)]
+    model = IgnoresTheMask(table)
+    assert evaluate._keeps_positions(model)
+    with torch.no_grad():
+        rows = evaluate.span_logits(model, ids, attn, spans)
+    assert [r.tolist() for r in rows] == [table[[3, 4]].tolist(), table[[7]].tolist()]
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"^IgnoresTheMask returned logits of shape \(2, 35\) for logits_to_keep over 3 positions$"):
+        evaluate.span_logits(IgnoresTheMask(table, shape=(2, 35)), ids, attn, spans)
+
+
 @pytest.mark.parametrize(("arch", "max_length", "mode"), [("phi3", 1024, "keep_start"), ("gemma", 1024, "keep_start"),
                                                           ("phi3", 24, "keep_start"), ("gemma", 24, "keep_end")])
 def test_answer_log_probs_are_trls(arch, max_length, mode, tmp_path):
