@@ -564,3 +564,35 @@ def test_progress_lines_say_the_time_so_far_and_left(caplog, monkeypatch):
         for done in (8, 16, 24, 32, 40, 48, 56, 64):
             evaluate.progress("evaluate base: chosen log-probs", done, 8, 64, "pairs", started=1000.0)
     assert [r.getMessage() for r in caplog.records] == ["evaluate base: chosen log-probs: 64/64 pairs in 5.0 s"]
+
+
+def test_generations_run_longest_prompt_first_and_come_back_in_the_prompts_order():
+    """generate_ids batches the longest prompts first (least padding; a batch that runs out of memory
+    is the first one, not one an hour in) and returns each answer at its prompt's place: the same
+    greedy answers as one prompt at a time."""
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from alignpress.tiny import phi3_tokenizer
+
+    torch.manual_seed(0)
+    tok = phi3_tokenizer()
+    model = Phi3ForCausalLM(Phi3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).eval()
+    prompts = [[{"role": "user", "content": "What is 2 plus 3 ? " * n}] for n in (1, 4, 2, 5, 3)]
+    widths = []
+    generate = model.generate
+
+    def recording(**kw):
+        widths.append((kw["input_ids"].shape[0], kw["input_ids"].shape[1]))
+        return generate(**kw)
+
+    model.generate = recording
+    batched = evaluate.generate_ids(model, tok, prompts, max_new_tokens=6, batch_size=2)
+    lengths = [len(tok(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]) for p in prompts]
+    assert [len(g.prompt_ids) for g in batched] == lengths
+    assert widths == [(2, lengths[3]), (2, lengths[4]), (1, lengths[0])]  # prompts of 5 and 4 times, then 3 and 2, then 1
+    alone = [evaluate.generate_ids(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    assert [(g.prompt_ids, g.answer_ids) for g in batched] == [(g.prompt_ids, g.answer_ids) for g in alone]
+    assert len({tuple(g.answer_ids) for g in batched}) > 1  # the answers differ: a mix-up would show
+    assert evaluate.generate_ids(model, tok, [], max_new_tokens=6, batch_size=2) == []

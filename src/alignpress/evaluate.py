@@ -210,16 +210,22 @@ def generate_ids(model, tok, prompts: list[list[dict]], *, max_new_tokens: int, 
     device = next(model.parameters()).device
     tok.padding_side = "left"
     stops = stop_token_ids(tok, model)
-    out: list[Generation] = []
+    if not prompts:
+        return []
+    out: list[Generation | None] = [None] * len(prompts)
+    done = 0
     started = time.monotonic()
+    texts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+    # Longest prompts first, as in answer_logps: a batch's prompts pad to its longest, and the batch
+    # most likely to run out of memory (the longest prompts, then max_new_tokens more) is the first.
+    order = longest_first([len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]])
     for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        texts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in chunk]
+        at = order[i : i + batch_size]
         # The template already wrote bos where the model wants it.
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        enc = tok([texts[k] for k in at], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id)
         width = enc["input_ids"].shape[1]
-        for j in range(len(chunk)):
+        for j, k in enumerate(at):
             prompt = enc["input_ids"][j][enc["attention_mask"][j].bool()].tolist()
             answer, stopped = [], False
             for t in gen[j, width:].tolist():
@@ -227,9 +233,10 @@ def generate_ids(model, tok, prompts: list[list[dict]], *, max_new_tokens: int, 
                 if t in stops:
                     stopped = True
                     break
-            out.append(Generation(prompt, answer, stopped, tok.decode(answer, skip_special_tokens=True).strip()))
-        progress(label, len(out), len(chunk), len(prompts), "answers", started)
-    return out
+            out[k] = Generation(prompt, answer, stopped, tok.decode(answer, skip_special_tokens=True).strip())
+        done += len(at)
+        progress(label, done, len(at), len(prompts), "answers", started)
+    return out  # type: ignore[return-value]  # every index was filled
 
 
 def generate(model, tok, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int) -> list[str]:
