@@ -39,11 +39,27 @@ $(SKY_STAMP): requirements-sky.lock
 	$(SKY_VENV)/bin/python -m pip install -q -r requirements-sky.lock
 	touch $@
 
+# The launch check (sky/policy/alignpress_launch_policy.py): SkyPilot applies the admin policy that
+# `.sky.yaml` names when a launch starts in this folder, on this machine, before anything is rented;
+# a .pth file puts the policy's folder on .venv-sky's path. A .sky.yaml of your own is left as it is.
+SKY_POLICY := $(SKY_VENV)/.launch-check
+POLICY_LINE := admin_policy: alignpress_launch_policy.LaunchCheck
+$(SKY_POLICY): $(SKY_STAMP)
+	echo "$(CURDIR)/sky/policy" > "$$($(SKY_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/alignpress-launch-check.pth"
+	@if [ ! -e .sky.yaml ]; then \
+	  printf '%s\n' "# Written by make (alignpress): sky launch / sky jobs launch started here first check the recipe on" \
+	    "# this machine (sky/policy/alignpress_launch_policy.py). Delete this file to launch without the check." \
+	    "$(POLICY_LINE)" > .sky.yaml; \
+	elif ! grep -qx '$(POLICY_LINE)' .sky.yaml; then \
+	  echo "note: .sky.yaml is your own and names no alignpress launch check; add the line '$(POLICY_LINE)' for it"; \
+	fi
+	touch $@
+
 # The launcher: SkyPilot from its lock, plus the cloud SDKs named in CLOUDS, which are not pinned (they
 # follow the clouds' APIs). SkyPilot stays at the locked version; pip may move a few shared packages
 # off the lock for an SDK (botocore needs python-dateutil<3, the lock has 4.0.0), so the lock is not
 # used as a constraint. Then `.venv-sky/bin/sky check` says which clouds are enabled.
-sky: $(SKY_STAMP)
+sky: $(SKY_STAMP) $(SKY_POLICY)
 ifneq ($(strip $(CLOUDS)),)
 	$(SKY_VENV)/bin/python -m pip install -q "skypilot[$(CLOUDS)]==$(SKY_VERSION)"
 endif
@@ -63,7 +79,7 @@ demo: $(STAMP)
 # Two pytest workers (pytest-xdist), one test file each at a time: most tests start entrypoint.py, whose
 # ~10 s of single-threaded imports (TRL, peft) leave the second core idle in a serial run.
 TEST_WORKERS ?= 2
-test: $(STAMP) $(SKY_STAMP) $(TOOLS_STAMP)
+test: $(STAMP) $(SKY_STAMP) $(SKY_POLICY) $(TOOLS_STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Builds the Docker image with podman on a local Debian base and runs the demo inside it (~3 min warm, more cold).

@@ -1,0 +1,113 @@
+"""The launch check: SkyPilot asks this policy before it rents anything, and it checks the recipe here.
+
+A mistake in a recipe used to surface on the rented VM: after provisioning and sky/setup.sh (minutes
+the first time), the job refused it in a second. `make sky` registers this module as a client-side
+SkyPilot admin policy (`.sky.yaml` at the checkout's root: `admin_policy:
+alignpress_launch_policy.LaunchCheck`, and a .pth file in .venv-sky that puts this folder on the
+path), so `sky launch` and `sky jobs launch` of an alignpress task file, started in the checkout,
+first run the job's own `entrypoint.py validate --hub` on this machine with the launch's RECIPE and
+HUB_REPO, and a refusal stops the launch with the validate line, before anything is rented.
+
+What only the run's folder in the bucket can tell is left to the job on the VM: whether an existing
+repo or tag at HUB_REPO is this run's (a relaunch that resumes a push), so the check runs with
+publish.allow_update and publish.tag relaxed. ALIGNPRESS_LAUNCH_CHECK=offline skips the Hub's
+checks (no network to the Hub from here), =off the whole check. Other tasks (no alignpress
+checkout guard in their file_mounts) and other requests pass unchanged.
+
+Runs in SkyPilot's process (.venv-sky): standard library and SkyPilot only; the check itself runs in
+the job's environment (.venv, `make venv`) as a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import sky
+
+ROOT = Path(__file__).resolve().parents[2]
+JOB_PYTHON = ROOT / ".venv" / "bin" / "python"
+GUARD = "/tmp/alignpress-launch-check.py"  # every alignpress task file mounts it: this marks one
+SETTING = "ALIGNPRESS_LAUNCH_CHECK"  # hub (the default), offline, off
+REQUESTS = {"launch", "jobs.launch"}  # the requests that rent a machine
+TIMEOUT_S = 600
+# Decided on the VM with the bucket's folder, which says which pushes were this run's.
+RELAXED = ["publish.allow_update=true", "publish.tag=null"]
+
+
+def say(line: str) -> None:
+    print(f"alignpress: {line}", file=sys.stderr, flush=True)
+
+
+def ignored_by_git(path: str) -> bool:
+    """SkyPilot copies the checkout without what .gitignore lists: such a recipe is not on the VM."""
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", "--", path], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False  # no git here: sky/run.sh still refuses a recipe it does not find
+
+
+def refusal(envs: dict, secrets: dict) -> str | None:
+    """The line that stops the launch, or None to go on."""
+    mode = (os.environ.get(SETTING) or "hub").strip().lower()
+    if mode not in ("hub", "offline", "off"):
+        return f"error: {SETTING}={mode!r}: expected hub (the default), offline or off"
+    if mode == "off":
+        say(f"{SETTING}=off: the recipe is not checked before renting")
+        return None
+    recipe, repo = envs.get("RECIPE") or "", envs.get("HUB_REPO") or ""
+    if not recipe:
+        return "error: RECIPE is not set; launch with --env RECIPE=recipes/NAME.yaml"
+    if not repo:
+        return "error: HUB_REPO is not set; launch with --env HUB_REPO=namespace/name"
+    path = Path(recipe)
+    if path.is_absolute() or not (ROOT / path).resolve().is_relative_to(ROOT):
+        return f"error: RECIPE: {recipe} is not a path inside the checkout, which is what the VM gets; launch with --env RECIPE=recipes/NAME.yaml"
+    if (ROOT / path).is_file() and ignored_by_git(recipe):
+        return f"error: RECIPE: {recipe} is ignored by git (.gitignore), so SkyPilot does not copy it to the VM; keep it under recipes/"
+    if not JOB_PYTHON.exists():
+        say(f"{recipe} is not checked before renting: no job environment here ({JOB_PYTHON.relative_to(ROOT)}; `make venv` builds it); "
+            "the job checks it on the VM after setup")
+        return None
+    args = ["entrypoint.py", "validate", recipe, *(["--hub"] if mode == "hub" else []), "--set", f"publish.repo_id={repo}"]
+    for item in RELAXED if mode == "hub" else []:
+        args += ["--set", item]
+    shown = " ".join(shlex.quote(a) for a in [str(JOB_PYTHON.relative_to(ROOT)), *args])
+    say(f"checking {recipe} before renting anything: {shown}")
+    env = dict(os.environ)
+    env.setdefault("ALIGNPRESS_LOG", "WARNING")  # its warnings, not the steps of a check
+    env.setdefault("TQDM_DISABLE", "1")
+    token = secrets.get("HF_TOKEN")
+    token = token.get_secret_value() if hasattr(token, "get_secret_value") else token  # SkyPilot holds it as a pydantic SecretStr
+    if token:
+        env["HF_TOKEN"] = str(token)  # the launch's secret, as the job on the VM gets it
+    started = time.monotonic()
+    try:
+        proc = subprocess.run([str(JOB_PYTHON), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"error: the launch check ({shown}) ran past {TIMEOUT_S} s; {SETTING}=offline skips the Hub's checks, =off the check"
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    for line in lines:
+        if line not in errors[-1:]:
+            print(line, file=sys.stderr)  # warnings (a license other than the base's, settings no stage reads)
+    if proc.returncode == 0:
+        say(f"{recipe} passed ({time.monotonic() - started:.0f} s)")
+        return None
+    say(f"the launch check refused {recipe} before anything was rented ({SETTING}=offline skips the Hub's checks, =off the check)")
+    return errors[-1] if errors else f"error: the launch check ({shown}) failed with exit code {proc.returncode}: {lines[-1] if lines else 'no output'}"
+
+
+class LaunchCheck(sky.AdminPolicy):
+    @classmethod
+    def validate_and_mutate(cls, user_request: sky.UserRequest) -> sky.MutatedUserRequest:
+        task = user_request.task
+        if user_request.at_client_side and user_request.request_name.value in REQUESTS and GUARD in (task.file_mounts or {}):
+            line = refusal(dict(task.envs or {}), dict(task.secrets or {}))
+            if line:
+                raise sky.exceptions.UserRequestRejectedByPolicy(line)
+        return sky.MutatedUserRequest(task=task, skypilot_config=user_request.skypilot_config)
