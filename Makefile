@@ -63,7 +63,7 @@ sky: $(SKY_STAMP) $(SKY_POLICY)
 ifneq ($(strip $(CLOUDS)),)
 	$(SKY_VENV)/bin/python -m pip install -q "skypilot[$(CLOUDS)]==$(SKY_VERSION)"
 endif
-	@echo "SkyPilot $(SKY_VERSION) in $(SKY_VENV), clouds: $(if $(strip $(CLOUDS)),$(CLOUDS),none (make sky CLOUDS=aws$(comma)gcp)). Next: $(SKY_VENV)/bin/sky check"
+	@echo "SkyPilot $(SKY_VERSION) in $(SKY_VENV), clouds: $(if $(strip $(CLOUDS)),$(CLOUDS),none (make sky CLOUDS=aws$(comma)gcp)). Launches started here check the recipe first (.sky.yaml: the launch check). Next: $(SKY_VENV)/bin/sky check"
 
 # Linters the tests run (actionlint, hadolint, shellcheck), from PyPI wheels.
 tools: $(TOOLS_STAMP)
