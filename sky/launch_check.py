@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from alignpress.errors import holds_token  # noqa: E402
 from alignpress.hubnames import check_repo_id, token_problem, write_problem  # noqa: E402
 
 
@@ -28,6 +29,8 @@ def refuse(text: str) -> None:
 
 def main() -> None:
     repo, token = os.environ["HUB_REPO"], os.environ["HF_TOKEN"].strip()
+    if holds_token(repo):  # the token pasted as HUB_REPO: the line below would have quoted it into the VM's log
+        refuse("HUB_REPO holds a Hub token (not shown); launch with --env HUB_REPO=namespace/name and the token only in --secret HF_TOKEN")
     if problem := check_repo_id(repo):
         refuse(f"HUB_REPO: {repo!r}: {problem}; launch with --env HUB_REPO=namespace/name")
     if problem := token_problem(token):

@@ -134,3 +134,12 @@ def test_off_skips_the_check_and_other_tasks_are_not_checked(sky_home, hub_env, 
         other.unlink()
     assert ours == [] and "Applying client admin policy: LaunchCheck" in proc.stdout + proc.stderr, proc.stderr
     assert hub_env.server.requests == []
+
+
+@pytest.mark.parametrize("repo", ["hf_" + "a1" * 17, "alice/{token}"], ids=["a token by its form", "the launch's token"])
+def test_a_token_given_as_hub_repo_is_refused_and_never_shown(sky_home, hub_env, repo):
+    repo = repo.format(token=hub_env.token)
+    proc, ours = launch(sky_home, recipe="recipes/demo.yaml", repo=repo)
+    assert proc.returncode == 1 and ours == [REFUSED + "error: HUB_REPO holds a Hub token (not shown); launch with the token only in --secret HF_TOKEN"]
+    assert repo.removeprefix("alice/") not in proc.stdout + proc.stderr
+    assert hub_env.server.requests == []

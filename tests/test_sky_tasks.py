@@ -303,6 +303,13 @@ REFUSALS = {
         {"HUB_REPO": "me/bad--name"},
         "error: HUB_REPO: 'me/bad--name': 'bad--name' is not a valid Hub name: use letters, digits, '-', '_', '.', at most 96 "
         "characters, no '--' or '..', not starting or ending with '-' or '.'; launch with --env HUB_REPO=namespace/name"),
+    # the token pasted as HUB_REPO: the line above quoted it into the VM's log (by its form, or HF_TOKEN's value)
+    "HUB_REPO a token": (
+        {"HUB_REPO": "hf_" + "a1" * 17},
+        "error: HUB_REPO holds a Hub token (not shown); launch with --env HUB_REPO=namespace/name and the token only in --secret HF_TOKEN"),
+    "HUB_REPO the token": (
+        {"HUB_REPO": "me/" + SET["HF_TOKEN"]},
+        "error: HUB_REPO holds a Hub token (not shown); launch with --env HUB_REPO=namespace/name and the token only in --secret HF_TOKEN"),
     "HF_TOKEN with a newline inside": (
         {"HF_TOKEN": "hf_abc\ndef"},
         "error: HF_TOKEN holds whitespace at position 7, which no Hub token has: launch with --secret HF_TOKEN set to the token "

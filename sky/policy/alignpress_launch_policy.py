@@ -20,6 +20,7 @@ the job's environment (.venv, `make venv`) as a subprocess.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shlex
 import subprocess
@@ -37,6 +38,15 @@ REQUESTS = {"launch", "jobs.launch"}  # the requests that rent a machine
 TIMEOUT_S = 600
 # Decided on the VM with the bucket's folder, which says which pushes were this run's.
 RELAXED = ["publish.allow_update=true", "publish.tag=null"]
+
+
+def _holds_token():
+    """alignpress.errors.holds_token (standard library only), loaded from its file: SkyPilot's
+    environment does not have the job's packages."""
+    spec = importlib.util.spec_from_file_location("alignpress_errors", ROOT / "src" / "alignpress" / "errors.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.holds_token
 
 
 def say(line: str) -> None:
@@ -60,6 +70,12 @@ def refusal(envs: dict, secrets: dict) -> str | None:
         say(f"{SETTING}=off: the recipe is not checked before renting")
         return None
     recipe, repo = envs.get("RECIPE") or "", envs.get("HUB_REPO") or ""
+    token = secrets.get("HF_TOKEN")
+    token = str(token.get_secret_value() if hasattr(token, "get_secret_value") else token or "")  # SkyPilot holds it as a pydantic SecretStr
+    holds_token = _holds_token()
+    for name, value in (("RECIPE", recipe), ("HUB_REPO", repo)):
+        if holds_token(value) or (len(token.strip()) >= 8 and token.strip() in value):  # never shown, here or in a log
+            return f"error: {name} holds a Hub token (not shown); launch with the token only in --secret HF_TOKEN"
     if not recipe:
         return "error: RECIPE is not set; launch with --env RECIPE=recipes/NAME.yaml"
     if not repo:
@@ -81,10 +97,8 @@ def refusal(envs: dict, secrets: dict) -> str | None:
     env = dict(os.environ)
     env.setdefault("ALIGNPRESS_LOG", "WARNING")  # its warnings, not the steps of a check
     env.setdefault("TQDM_DISABLE", "1")
-    token = secrets.get("HF_TOKEN")
-    token = token.get_secret_value() if hasattr(token, "get_secret_value") else token  # SkyPilot holds it as a pydantic SecretStr
     if token:
-        env["HF_TOKEN"] = str(token)  # the launch's secret, as the job on the VM gets it
+        env["HF_TOKEN"] = token  # the launch's secret, as the job on the VM gets it
     started = time.monotonic()
     try:
         proc = subprocess.run([str(JOB_PYTHON), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
