@@ -9,8 +9,8 @@ cloud is enabled here: a launch the check lets through stops at SkyPilot's next 
 catalog, offline here), never at the check.
 """
 import os
+import socket
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -22,17 +22,22 @@ REFUSED = "sky.exceptions.UserRequestRejectedByPolicy: "
 
 @pytest.fixture(scope="module")
 def sky_home(tmp_path_factory):
+    """HOME and port of the tests' own SkyPilot API server: not one a user of this machine runs on
+    the default port 46580 (which the client would use, and `sky api stop` stop)."""
     if not SKY.exists():
         pytest.fail(f"{SKY} is missing: run `make sky` (SkyPilot's own environment)")
-    home = tmp_path_factory.mktemp("sky-home")
-    yield home
-    subprocess.run([str(SKY), "api", "stop"], env={**os.environ, "HOME": str(home)}, capture_output=True, timeout=120)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"HOME": str(tmp_path_factory.mktemp("sky-home")), "SKYPILOT_API_SERVER_LOCAL_PORT": str(port)}
+    yield env
+    subprocess.run([str(SKY), "api", "stop"], env={**os.environ, **env}, capture_output=True, timeout=120)
 
 
-def launch(home: Path, *args: str, recipe: str, repo: str = "alice/x", jobs: bool = False, task: str = "sky/phi3.yaml", **env: str):
+def launch(sky_env: dict, *args: str, recipe: str, repo: str = "alice/x", jobs: bool = False, task: str = "sky/phi3.yaml", **env: str):
     command = [str(SKY), "jobs", "launch", "-y"] if jobs else [str(SKY), "launch", "--dryrun", "-y"]
     command += [task, "--env", f"RECIPE={recipe}", "--env", f"HUB_REPO={repo}", "--env", "BUCKET=alignpress-test-bucket", "--secret", "HF_TOKEN", *args]
-    proc = subprocess.run(command, cwd=ROOT, env={**os.environ, "HOME": str(home), **env}, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(command, cwd=ROOT, env={**os.environ, **sky_env, **env}, capture_output=True, text=True, timeout=300)
     ours = [line for line in proc.stderr.splitlines() if line.startswith(("alignpress: ", REFUSED))]
     return proc, ours
 
