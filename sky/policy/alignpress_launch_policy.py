@@ -104,6 +104,8 @@ def refusal(envs: dict, secrets: dict) -> str | None:
         proc = subprocess.run([str(JOB_PYTHON), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return f"error: the launch check ({shown}) ran past {TIMEOUT_S} s; {SETTING}=offline skips the Hub's checks, =off the check"
+    except OSError as e:  # a job environment whose python is gone (a venv made with a python since removed)
+        return f"error: the launch check could not start {JOB_PYTHON.relative_to(ROOT)}: {e.strerror or e}; `make venv` rebuilds it, or {SETTING}=off"
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error: ")]
     for line in lines:
