@@ -41,12 +41,15 @@ $(SKY_STAMP): requirements-sky.lock
 
 # The launch check (sky/policy/alignpress_launch_policy.py): SkyPilot applies the admin policy that
 # `.sky.yaml` names when a launch starts in this folder, on this machine, before anything is rented;
-# a .pth file puts the policy's folder on .venv-sky's path. A .sky.yaml of your own is left as it is.
+# a .pth file puts the policy's folder on .venv-sky's path. A .sky.yaml of your own is left as it is,
+# and none is written when your SkyPilot config names an admin policy (a project's would replace it).
 SKY_POLICY := $(SKY_VENV)/.launch-check
 POLICY_LINE := admin_policy: alignpress_launch_policy.LaunchCheck
 $(SKY_POLICY): $(SKY_STAMP)
 	echo "$(CURDIR)/sky/policy" > "$$($(SKY_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/alignpress-launch-check.pth"
-	@if [ ! -e .sky.yaml ]; then \
+	@if grep -qs '^admin_policy:' "$${SKYPILOT_GLOBAL_CONFIG:-$$HOME/.sky/config.yaml}"; then \
+	  echo "note: your SkyPilot config names an admin policy, which a .sky.yaml here would replace: no launch check (validate recipes by hand)"; \
+	elif [ ! -e .sky.yaml ]; then \
 	  printf '%s\n' "# Written by make (alignpress): sky launch / sky jobs launch started here first check the recipe on" \
 	    "# this machine (sky/policy/alignpress_launch_policy.py). Delete this file to launch without the check." \
 	    "$(POLICY_LINE)" > .sky.yaml; \
