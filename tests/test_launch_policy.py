@@ -148,3 +148,21 @@ def test_a_token_given_as_hub_repo_is_refused_and_never_shown(sky_home, hub_env,
     assert proc.returncode == 1 and ours == [REFUSED + "error: HUB_REPO holds a Hub token (not shown); launch with the token only in --secret HF_TOKEN"]
     assert repo.removeprefix("alice/") not in proc.stdout + proc.stderr
     assert hub_env.server.requests == []
+
+
+def test_an_image_of_another_lock_is_said_before_renting(sky_home, hub_env):
+    """--image-id of an alignpress image tagged with another lock hash than the checkout's: setup would
+    build the environment on the VM after all (minutes, again after each recovery). Said, not refused:
+    setup compares package versions, the tag hashes the locks' bytes (comments too)."""
+    import hashlib
+
+    ours = hashlib.sha256((ROOT / "requirements.lock").read_bytes() + (ROOT / "requirements-gpu.lock").read_bytes()).hexdigest()[:12]
+    proc, ours_lines = launch(sky_home, "--image-id", "docker:ghcr.io/me/alignpress:0.1.0-0123456789ab", recipe="recipes/demo.yaml",
+                              ALIGNPRESS_LAUNCH_CHECK="offline")
+    assert ours_lines[0] == ("alignpress: --image-id ghcr.io/me/alignpress:0.1.0-0123456789ab was built from another lock (0123456789ab) than "
+                             f"this checkout's ({ours}): unless only the locks' comments differ, sky/setup.sh builds the environment on the VM "
+                             f"(minutes of a rented GPU, again after every recovery); the image for this checkout is tagged ...-{ours}"), proc.stderr
+    assert ours_lines[-1].startswith("alignpress: recipes/demo.yaml passed (") and REFUSED not in proc.stderr
+    for image in (f"docker:ghcr.io/me/alignpress:0.1.0-{ours}", "docker:ghcr.io/me/alignpress:0.1.0"):  # this lock's, or no hash to compare
+        proc, ours_lines = launch(sky_home, "--image-id", image, recipe="recipes/demo.yaml", ALIGNPRESS_LAUNCH_CHECK="offline")
+        assert ours_lines[0].startswith("alignpress: checking recipes/demo.yaml") and ours_lines[-1].startswith("alignpress: recipes/demo.yaml passed ("), proc.stderr

@@ -20,8 +20,10 @@ the job's environment (.venv, `make venv`) as a subprocess.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -49,6 +51,26 @@ def _holds_token():
     return module.holds_token
 
 
+def lock_hash() -> str:
+    """The key of the job's environment, as sky/env.sh and the image workflow compute it (the image tag's suffix)."""
+    return hashlib.sha256((ROOT / "requirements.lock").read_bytes() + (ROOT / "requirements-gpu.lock").read_bytes()).hexdigest()[:12]
+
+
+def image_warning(images: set[str]) -> str | None:
+    """An alignpress image whose tag names another lock than this checkout's: sky/setup.sh then builds
+    the environment on the VM (minutes of a rented GPU, again after every spot recovery) unless the
+    image's packages still match the lock's versions (setup compares versions; the tag hashes bytes,
+    comments included), so this is said, not refused."""
+    ours = lock_hash()
+    for image in sorted(images):
+        tagged = re.search(r"alignpress:[^:/@\s]*-([0-9a-f]{12})$", image)
+        if tagged and tagged[1] != ours:
+            return (f"--image-id {image.removeprefix('docker:')} was built from another lock ({tagged[1]}) than this checkout's "
+                    f"({ours}): unless only the locks' comments differ, sky/setup.sh builds the environment on the VM (minutes of a "
+                    f"rented GPU, again after every recovery); the image for this checkout is tagged ...-{ours}")
+    return None
+
+
 def say(line: str) -> None:
     print(f"alignpress: {line}", file=sys.stderr, flush=True)
 
@@ -61,7 +83,7 @@ def ignored_by_git(path: str) -> bool:
         return False  # no git here: sky/run.sh still refuses a recipe it does not find
 
 
-def refusal(envs: dict, secrets: dict) -> str | None:
+def refusal(envs: dict, secrets: dict, images: set[str] = frozenset()) -> str | None:
     """The line that stops the launch, or None to go on."""
     mode = (os.environ.get(SETTING) or "hub").strip().lower()
     if mode not in ("hub", "offline", "off"):
@@ -69,6 +91,8 @@ def refusal(envs: dict, secrets: dict) -> str | None:
     if mode == "off":
         say(f"{SETTING}=off: the recipe is not checked before renting")
         return None
+    if warning := image_warning(images):
+        say(warning)
     recipe, repo = envs.get("RECIPE") or "", envs.get("HUB_REPO") or ""
     token = secrets.get("HF_TOKEN")
     token = str(token.get_secret_value() if hasattr(token, "get_secret_value") else token or "")  # SkyPilot holds it as a pydantic SecretStr
@@ -123,7 +147,8 @@ class LaunchCheck(sky.AdminPolicy):
     def validate_and_mutate(cls, user_request: sky.UserRequest) -> sky.MutatedUserRequest:
         task = user_request.task
         if user_request.at_client_side and user_request.request_name.value in REQUESTS and GUARD in (task.file_mounts or {}):
-            line = refusal(dict(task.envs or {}), dict(task.secrets or {}))
+            images = {image for r in task.resources for image in (r.image_id or {}).values() if image}
+            line = refusal(dict(task.envs or {}), dict(task.secrets or {}), images)
             if line:
                 raise sky.exceptions.UserRequestRejectedByPolicy(line)
         return sky.MutatedUserRequest(task=task, skypilot_config=user_request.skypilot_config)
