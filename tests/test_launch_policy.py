@@ -11,6 +11,7 @@ catalog, offline here), never at the check.
 import os
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -166,3 +167,62 @@ def test_an_image_of_another_lock_is_said_before_renting(sky_home, hub_env):
     for image in (f"docker:ghcr.io/me/alignpress:0.1.0-{ours}", "docker:ghcr.io/me/alignpress:0.1.0"):  # this lock's, or no hash to compare
         proc, ours_lines = launch(sky_home, "--image-id", image, recipe="recipes/demo.yaml", ALIGNPRESS_LAUNCH_CHECK="offline")
         assert ours_lines[0].startswith("alignpress: checking recipes/demo.yaml") and ours_lines[-1].startswith("alignpress: recipes/demo.yaml passed ("), proc.stderr
+
+
+def fake_checkout(tmp_path: Path, python: str | None) -> Path:
+    """A checkout around a copy of the policy (it finds the job's environment next to itself), with
+    .venv/bin/python as given: None (not built), or a script's text."""
+    import shutil
+
+    root = tmp_path / "checkout"
+    (root / "sky" / "policy").mkdir(parents=True)
+    shutil.copy(ROOT / "sky" / "policy" / "alignpress_launch_policy.py", root / "sky" / "policy")
+    for name in ("src", "entrypoint.py"):
+        (root / name).symlink_to(ROOT / name)
+    shutil.copytree(ROOT / "recipes", root / "recipes")  # a recipe behind a symlink out of the checkout is refused
+    for name in ("requirements.lock", "requirements-gpu.lock"):
+        shutil.copy(ROOT / name, root / name)
+    if python is not None:
+        (root / ".venv" / "bin").mkdir(parents=True)
+        (root / ".venv" / "bin" / "python").write_text(python)
+        (root / ".venv" / "bin" / "python").chmod(0o755)
+    return root
+
+
+def call_refusal(root: Path, **env: str) -> subprocess.CompletedProcess:
+    """The policy's refusal() for the demo recipe, in SkyPilot's environment; prints its answer."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import alignpress_launch_policy as p; "
+            "print(p.refusal({'RECIPE': 'recipes/demo.yaml', 'HUB_REPO': 'alice/x'}, {}))")
+    return subprocess.run([str(ROOT / ".venv-sky" / "bin" / "python"), "-c", code, str(root / "sky" / "policy")],
+                          env={**os.environ, "ALIGNPRESS_LAUNCH_CHECK": "offline", **env}, capture_output=True, text=True, timeout=300)
+
+
+def test_without_a_job_environment_the_launch_goes_on_and_says_so(tmp_path):
+    proc = call_refusal(fake_checkout(tmp_path, None))
+    assert (proc.returncode, proc.stdout) == (0, "None\n"), proc.stderr
+    assert proc.stderr.splitlines() == ["alignpress: recipes/demo.yaml is not checked before renting: no job environment here (.venv/bin/python; "
+                                        "`make venv` builds it); the job checks it on the VM after setup"]
+
+
+def test_a_job_environment_that_cannot_start_is_one_line(tmp_path):
+    proc = call_refusal(fake_checkout(tmp_path, "#!/nonexistent/python3\n"))
+    assert proc.stdout == ("error: the launch check could not start .venv/bin/python: No such file or directory; `make venv` rebuilds it, "
+                           "or ALIGNPRESS_LAUNCH_CHECK=off\n"), proc.stderr
+
+
+def test_an_environment_older_than_the_lock_is_said(tmp_path):
+    """After a pull that changed requirements.lock, the check runs with the old libraries: a refusal may
+    come from them, and `make venv` updates them (make's own rule: the lock newer than the stamp)."""
+    root = fake_checkout(tmp_path, f'#!/bin/sh\nexec "{ROOT / ".venv" / "bin" / "python"}" "$@"\n')
+    stamp = root / ".venv" / ".installed"
+    stamp.touch()
+    os.utime(stamp, (1_000_000_000, 1_000_000_000))
+    proc = call_refusal(root)
+    assert proc.stdout == "None\n", proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[0] == ("alignpress: the job environment (.venv) is older than requirements.lock: `make venv` updates it; a refusal below "
+                        "may come from its older libraries")
+    assert lines[1].startswith("alignpress: checking recipes/demo.yaml before renting anything: .venv/bin/python entrypoint.py validate")
+    assert lines[-1].startswith("alignpress: recipes/demo.yaml passed (")
+    os.utime(stamp)  # installed after the lock's change: nothing said
+    assert "older than requirements.lock" not in call_refusal(root).stderr

@@ -113,6 +113,10 @@ def refusal(envs: dict, secrets: dict, images: set[str] = frozenset()) -> str | 
         say(f"{recipe} is not checked before renting: no job environment here ({JOB_PYTHON.relative_to(ROOT)}; `make venv` builds it); "
             "the job checks it on the VM after setup")
         return None
+    stamp = JOB_PYTHON.parents[1] / ".installed"  # make's: the environment was installed from the locks then
+    if stamp.exists() and (ROOT / "requirements.lock").stat().st_mtime > stamp.stat().st_mtime:
+        say(f"the job environment ({JOB_PYTHON.parents[1].relative_to(ROOT)}) is older than requirements.lock: `make venv` updates "
+            "it; a refusal below may come from its older libraries")
     args = ["entrypoint.py", "validate", recipe, *(["--hub"] if mode == "hub" else []), "--set", f"publish.repo_id={repo}"]
     for item in RELAXED if mode == "hub" else []:
         args += ["--set", item]
