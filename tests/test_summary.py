@@ -53,7 +53,7 @@ def test_run_ends_with_a_summary(demo_copy):
         f"  report:              {out}/metrics/report.md",
         f"  plots:               {out}/plots/eval_before_after.png, {out}/plots/train_curves.png",
         f"  next:                push it (after `hf auth login`): python entrypoint.py publish recipes/demo.yaml --output-dir {out} --set publish.repo_id=YOUR_NAME/demo-dpo",
-        "                       align a real model on a cloud GPU: sky jobs launch sky/phi3.yaml --env HUB_REPO=YOUR_NAME/phi3-mini-capybara-dpo --secret HF_TOKEN --env BUCKET=YOUR_BUCKET",
+        "                       align a real model on a cloud GPU (after `make sky`): .venv-sky/bin/sky jobs launch sky/phi3.yaml --env HUB_REPO=YOUR_NAME/phi3-mini-capybara-dpo --secret HF_TOKEN --env BUCKET=YOUR_BUCKET",
         "",
     ])
     assert "[alignpress] == prepare: already done, skipping" in proc.stderr

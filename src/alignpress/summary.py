@@ -110,9 +110,9 @@ def render(recipe: Recipe, run_dir: RunDir, recipe_file: str, sets: list[str]) -
     elif not os.environ.get("SKYPILOT_TASK_ID"):
         task = _sky_task(recipe_file)
         if task is not None:
-            nexts.append(f"on a cloud GPU: sky jobs launch {task} --env HUB_REPO=YOUR_NAME/{recipe.name}-dpo --secret HF_TOKEN --env BUCKET=YOUR_BUCKET")
+            nexts.append(f"on a cloud GPU (after `make sky`): .venv-sky/bin/sky jobs launch {task} --env HUB_REPO=YOUR_NAME/{recipe.name}-dpo --secret HF_TOKEN --env BUCKET=YOUR_BUCKET")
         elif recipe.model.name_or_path.startswith("builtin:"):
-            nexts.append(f"align a real model on a cloud GPU: sky jobs launch {SKY_DEFAULT[0]} --env HUB_REPO=YOUR_NAME/{SKY_DEFAULT[1]} --secret HF_TOKEN --env BUCKET=YOUR_BUCKET")
+            nexts.append(f"align a real model on a cloud GPU (after `make sky`): .venv-sky/bin/sky jobs launch {SKY_DEFAULT[0]} --env HUB_REPO=YOUR_NAME/{SKY_DEFAULT[1]} --secret HF_TOKEN --env BUCKET=YOUR_BUCKET")
 
     width = max(len(k) for k, _ in rows) + 1
     lines = [f"summary of run {m.get('run_id', '?')} ({recipe.name}):"]
